@@ -1,0 +1,107 @@
+//! QUIC endpoint plumbing shared by the relay and its clients.
+//!
+//! * UDP sockets get large kernel buffers ([`UDP_BUFFER_BYTES`], 4 MiB): with the default ~200 KiB,
+//!   loopback and busy relays drop bursts of packets, which QUIC then treats as congestion.
+//! * One transport configuration for the outer link: DATAGRAM frames enabled with room for a burst of
+//!   video, keep-alives well inside the idle timeout so that NAT bindings stay open.
+
+use std::net::{SocketAddr, UdpSocket};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Kernel send and receive buffer asked for on every UDP socket.
+pub const UDP_BUFFER_BYTES: usize = 4 * 1024 * 1024;
+/// An idle outer connection is closed after this long without any packet.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Clients send a keep-alive this often, so NAT bindings and the idle timer stay fresh.
+pub const KEEP_ALIVE: Duration = Duration::from_secs(5);
+
+#[derive(Debug, thiserror::Error)]
+pub enum NetError {
+    #[error("cannot bind UDP socket on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("cannot create QUIC endpoint: {0}")]
+    Endpoint(std::io::Error),
+}
+
+/// Binds a UDP socket with enlarged buffers. A kernel that caps the size (net.core.rmem_max) gives
+/// less; that is logged, not fatal.
+pub fn bind_udp(addr: SocketAddr) -> Result<UdpSocket, NetError> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let err = |source| NetError::Bind { addr, source };
+    let sock =
+        Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP)).map_err(err)?;
+    if addr.is_ipv6() {
+        // Dual-stack where the OS allows it, so `[::]` serves IPv4 too.
+        let _ = sock.set_only_v6(false);
+    }
+    for (what, res) in [
+        ("receive", sock.set_recv_buffer_size(UDP_BUFFER_BYTES)),
+        ("send", sock.set_send_buffer_size(UDP_BUFFER_BYTES)),
+    ] {
+        if let Err(e) = res {
+            tracing::warn!(error = %e, "could not enlarge UDP {what} buffer");
+        }
+    }
+    sock.bind(&addr.into()).map_err(err)?;
+    Ok(sock.into())
+}
+
+/// Transport settings of the outer link (relay side and client side alike).
+pub fn transport_config(keep_alive: bool) -> quinn::TransportConfig {
+    let mut t = quinn::TransportConfig::default();
+    // quinn's default 30 s idle timeout, made explicit.
+    if let Ok(idle) = quinn::IdleTimeout::try_from(IDLE_TIMEOUT) {
+        t.max_idle_timeout(Some(idle));
+    }
+    if keep_alive {
+        t.keep_alive_interval(Some(KEEP_ALIVE));
+    }
+    // Room for a burst of datagrams (a keyframe) in both directions.
+    t.datagram_receive_buffer_size(Some(2 * 1024 * 1024));
+    t.datagram_send_buffer_size(2 * 1024 * 1024);
+    // The control plane needs one bidirectional stream; payload streams are unidirectional.
+    t.max_concurrent_bidi_streams(4u32.into());
+    t.max_concurrent_uni_streams(16u32.into());
+    t
+}
+
+/// A client endpoint on an ephemeral port of the right address family.
+pub fn client_endpoint(
+    remote: SocketAddr,
+    config: quinn::ClientConfig,
+) -> Result<quinn::Endpoint, NetError> {
+    let local: SocketAddr = if remote.is_ipv6() {
+        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+    } else {
+        (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
+    };
+    let sock = bind_udp(local)?;
+    let mut ep = quinn::Endpoint::new(
+        quinn::EndpointConfig::default(),
+        None,
+        sock,
+        Arc::new(quinn::TokioRuntime),
+    )
+    .map_err(NetError::Endpoint)?;
+    ep.set_default_client_config(config);
+    Ok(ep)
+}
+
+/// A server endpoint bound to `addr`.
+pub fn server_endpoint(
+    addr: SocketAddr,
+    config: quinn::ServerConfig,
+) -> Result<quinn::Endpoint, NetError> {
+    let sock = bind_udp(addr)?;
+    quinn::Endpoint::new(
+        quinn::EndpointConfig::default(),
+        Some(config),
+        sock,
+        Arc::new(quinn::TokioRuntime),
+    )
+    .map_err(NetError::Endpoint)
+}

@@ -1,0 +1,581 @@
+//! Tandem's relay control plane: the typed messages an agent or a console exchanges with the relay on
+//! the *outer* QUIC connection, and their framing.
+//!
+//! This crate is pure: no sockets, no clocks, no tasks. Everything here can be tested (and fuzzed)
+//! deterministically. The I/O lives in `tandem-relay-server` and `tandem-client`.
+//!
+//! # Wire format
+//! * The QUIC connection negotiates ALPN [`ALPN`] (`tandem-relay/1`); the number is the protocol version.
+//!   A peer speaking another version fails the TLS handshake instead of misreading messages.
+//! * The client opens exactly one bidirectional stream, the *control stream*. Each message on it is a
+//!   frame: a 4-byte big-endian length followed by that many bytes of [postcard]-encoded message.
+//!   Frames are limited to [`MAX_CONTROL_FRAME`] bytes; a larger length closes the connection with
+//!   [`ErrorCode::Oversized`] before anything is buffered.
+//! * After pairing, opaque payloads travel as QUIC DATAGRAM frames, or, when larger than the current
+//!   datagram size, on a unidirectional *payload stream* with the same 4-byte length framing, limited to
+//!   [`MAX_PAYLOAD_FRAME`]. The relay never looks inside a payload.
+
+use serde::{Deserialize, Serialize};
+use std::fmt;
+
+/// ALPN protocol name of the outer relay link; the trailing number is the protocol version.
+pub const ALPN: &[u8] = b"tandem-relay/1";
+/// Version of the control protocol (also carried in [`ALPN`]).
+pub const PROTOCOL_VERSION: u16 = 1;
+/// Largest control frame body either side accepts.
+pub const MAX_CONTROL_FRAME: usize = 16 * 1024;
+/// Largest payload frame body on the payload stream.
+pub const MAX_PAYLOAD_FRAME: usize = 64 * 1024;
+/// Length of the frame header (big-endian `u32` body length).
+pub const FRAME_HEADER: usize = 4;
+/// Longest free-text field (names, reasons, software strings) accepted in a message.
+pub const MAX_TEXT: usize = 256;
+/// Longest token accepted in [`ClientMsg::Authenticate`].
+pub const MAX_TOKEN: usize = 256;
+
+/// Shortest and longest slot, in decimal digits.
+pub const SLOT_MIN_DIGITS: usize = 3;
+pub const SLOT_MAX_DIGITS: usize = 9;
+
+/// A slot: the short, relay-allocated part of a session code (`417` in `417-382-905`).
+/// Always 3 to 9 ASCII digits; validated on construction and on deserialization.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(transparent)]
+pub struct Slot(String);
+
+impl Slot {
+    pub fn new(digits: impl Into<String>) -> Result<Self, ProtoError> {
+        let s = digits.into();
+        if (SLOT_MIN_DIGITS..=SLOT_MAX_DIGITS).contains(&s.len())
+            && s.bytes().all(|b| b.is_ascii_digit())
+        {
+            Ok(Slot(s))
+        } else {
+            Err(ProtoError::InvalidSlot)
+        }
+    }
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl<'de> Deserialize<'de> for Slot {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        Slot::new(s).map_err(serde::de::Error::custom)
+    }
+}
+
+impl fmt::Display for Slot {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+impl fmt::Debug for Slot {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Slot({})", self.0)
+    }
+}
+
+/// A bearer secret (technician token). Its `Debug` never shows the value, so it cannot leak into logs.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(s: impl Into<String>) -> Self {
+        Secret(s.into())
+    }
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(<redacted>)")
+    }
+}
+
+/// What a client says about itself; for logs and the audit trail only.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct ClientInfo {
+    /// e.g. `tandem-agent 0.1.0`
+    pub software: String,
+}
+
+/// Messages from an agent or a console to the relay.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ClientMsg {
+    /// Agent: ask for a slot (no account needed: attended support). Sent again while waiting, it
+    /// releases the current slot and allocates a fresh one (used to burn a code).
+    Register { client: ClientInfo },
+    /// Console: prove to be a technician of the relay.
+    Authenticate { token: Secret, client: ClientInfo },
+    /// Console (authenticated): pair with the agent waiting on `slot`.
+    Join { slot: Slot },
+    /// Keep-alive / round-trip probe; answered with [`RelayMsg::Pong`].
+    Ping { nonce: u64 },
+    /// End the current session (or give up the slot) and tell the peer why.
+    End { reason: EndReason },
+}
+
+/// Messages from the relay to an agent or a console.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RelayMsg {
+    /// Agent: your slot, valid for `expires_in_secs` unless a console joins it first.
+    Registered {
+        slot: Slot,
+        expires_in_secs: u32,
+    },
+    /// Console: the relay knows you as this technician of this organisation.
+    Authenticated {
+        technician: String,
+        organisation: String,
+    },
+    /// Console: you are paired with the agent on `slot`; payloads now flow.
+    Joined {
+        slot: Slot,
+    },
+    /// Agent: a technician joined your slot; payloads now flow. Names are as the relay
+    /// authenticated them (for the consent prompt).
+    Paired {
+        technician: String,
+        organisation: String,
+    },
+    Pong {
+        nonce: u64,
+    },
+    /// Agent: your slot expired before anyone joined. Register again for a new one.
+    SlotExpired {
+        slot: Slot,
+    },
+    /// The session ended: the peer ended it, or its connection was lost.
+    SessionEnded {
+        reason: EndReason,
+    },
+    /// A request was refused; the connection stays usable (e.g. a join to a wrong slot).
+    Refused {
+        code: ErrorCode,
+        message: String,
+    },
+    /// The relay is shutting down; the connection will be closed.
+    ShuttingDown,
+}
+
+/// Why a session ended. Relay-originated reasons and the ones a peer sends are in one type so that
+/// both ends and the audit log speak the same words.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum EndReason {
+    /// Ended normally by the agent's user.
+    EndedByUser,
+    /// Ended normally by the technician.
+    EndedByTechnician,
+    /// The user denied consent.
+    Denied,
+    /// Key confirmation failed: the code was wrong. The agent burns it.
+    WrongCode,
+    /// The peer's connection to the relay was lost and not resumed.
+    PeerDisconnected,
+    /// The relay is shutting down.
+    RelayShutdown,
+    /// Anything else, as free text (bounded by [`MAX_TEXT`]).
+    Other(String),
+}
+
+impl fmt::Display for EndReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            EndReason::EndedByUser => f.write_str("ended by the user"),
+            EndReason::EndedByTechnician => f.write_str("ended by the technician"),
+            EndReason::Denied => f.write_str("the user denied the request"),
+            EndReason::WrongCode => f.write_str("wrong session code"),
+            EndReason::PeerDisconnected => f.write_str("the other side lost its connection"),
+            EndReason::RelayShutdown => f.write_str("the relay is shutting down"),
+            EndReason::Other(s) => write!(f, "{s}"),
+        }
+    }
+}
+
+impl EndReason {
+    /// Short stable label for metrics and the audit log.
+    pub fn label(&self) -> &'static str {
+        match self {
+            EndReason::EndedByUser => "ended_by_user",
+            EndReason::EndedByTechnician => "ended_by_technician",
+            EndReason::Denied => "denied",
+            EndReason::WrongCode => "wrong_code",
+            EndReason::PeerDisconnected => "peer_disconnected",
+            EndReason::RelayShutdown => "relay_shutdown",
+            EndReason::Other(_) => "other",
+        }
+    }
+}
+
+macro_rules! error_codes {
+    ($( $(#[$doc:meta])* $name:ident = $num:literal, $label:literal, $msg:literal; )*) => {
+        /// Reasons the relay refuses a request or closes a connection. The number is also the QUIC
+        /// application close code, so a client can tell the reason even when the control stream is gone.
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+        #[repr(u32)]
+        pub enum ErrorCode {
+            $( $(#[$doc])* $name = $num, )*
+        }
+        impl ErrorCode {
+            pub const ALL: &'static [ErrorCode] = &[$(ErrorCode::$name),*];
+            /// Stable snake_case label (metrics, logs, JSON).
+            pub fn label(self) -> &'static str {
+                match self { $(ErrorCode::$name => $label,)* }
+            }
+            /// A sentence for a person: what went wrong and what to do.
+            pub fn explain(self) -> &'static str {
+                match self { $(ErrorCode::$name => $msg,)* }
+            }
+            pub fn from_u32(n: u32) -> Option<ErrorCode> {
+                match n { $($num => Some(ErrorCode::$name),)* _ => None }
+            }
+        }
+    };
+}
+
+error_codes! {
+    /// Closed normally.
+    Normal = 0, "normal", "closed normally";
+    Malformed = 1, "malformed", "the peer sent a message that could not be decoded";
+    Oversized = 2, "oversized", "the peer sent a message larger than the limit";
+    UnexpectedMessage = 3, "unexpected_message", "the peer sent a message that is not allowed at this point";
+    HandshakeTimeout = 4, "handshake_timeout", "nothing was registered or authenticated in time";
+    NotAuthenticated = 5, "not_authenticated", "authenticate as a technician before joining a session";
+    BadToken = 6, "bad_token", "the technician token is not valid; ask the relay administrator for a new one (tandem-relay technician rotate-token)";
+    TechnicianDisabled = 7, "technician_disabled", "this technician account is disabled; ask the relay administrator";
+    UnknownSlot = 8, "unknown_slot", "no agent is waiting with that code; check the code with the user";
+    ExpiredSlot = 9, "expired_slot", "that code has expired; ask the user for the new code shown by the agent";
+    SlotBusy = 10, "slot_busy", "another technician is already connected to that code";
+    AgentGone = 11, "agent_gone", "the agent with that code has disconnected; ask the user to start it again";
+    RateLimited = 12, "rate_limited", "too many attempts; wait a minute and try again";
+    TooManyConnections = 13, "too_many_connections", "the relay is at its connection limit; try again later";
+    TooManyConnectionsFromAddress = 14, "too_many_connections_from_address", "too many connections from your address; close some and try again";
+    TooManySessions = 15, "too_many_sessions", "the relay is at its session limit; try again later";
+    ShuttingDown = 16, "shutting_down", "the relay is shutting down; try again in a moment";
+    Internal = 17, "internal", "the relay hit an internal error; see its log";
+    AlreadyAuthenticated = 18, "already_authenticated", "this connection already registered or authenticated";
+    IdleTimeout = 19, "idle_timeout", "the connection was idle for too long";
+    CodeBurned = 20, "code_burned", "the code was used with a wrong secret and is no longer valid; ask the user for the new code";
+}
+
+impl fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.explain())
+    }
+}
+
+/// Errors of this crate: decoding and validation. None of them carries untrusted bytes.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ProtoError {
+    #[error("frame of {len} bytes exceeds the limit of {max} bytes")]
+    Oversized { len: usize, max: usize },
+    #[error("message could not be decoded")]
+    Malformed,
+    #[error("a slot is 3 to 9 decimal digits")]
+    InvalidSlot,
+    #[error("text field longer than {MAX_TEXT} bytes")]
+    TextTooLong,
+}
+
+impl ProtoError {
+    /// The close code the relay uses for this error.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            ProtoError::Oversized { .. } => ErrorCode::Oversized,
+            _ => ErrorCode::Malformed,
+        }
+    }
+}
+
+/// Bounded-length checks of free-text fields, applied after decoding.
+pub trait Validate {
+    fn validate(&self) -> Result<(), ProtoError>;
+}
+
+fn text_ok(s: &str, max: usize) -> Result<(), ProtoError> {
+    if s.len() <= max {
+        Ok(())
+    } else {
+        Err(ProtoError::TextTooLong)
+    }
+}
+
+impl Validate for EndReason {
+    fn validate(&self) -> Result<(), ProtoError> {
+        match self {
+            EndReason::Other(s) => text_ok(s, MAX_TEXT),
+            _ => Ok(()),
+        }
+    }
+}
+
+impl Validate for ClientMsg {
+    fn validate(&self) -> Result<(), ProtoError> {
+        match self {
+            ClientMsg::Register { client } => text_ok(&client.software, MAX_TEXT),
+            ClientMsg::Authenticate { token, client } => {
+                text_ok(token.expose(), MAX_TOKEN)?;
+                text_ok(&client.software, MAX_TEXT)
+            }
+            ClientMsg::End { reason } => reason.validate(),
+            ClientMsg::Join { .. } | ClientMsg::Ping { .. } => Ok(()),
+        }
+    }
+}
+
+impl Validate for RelayMsg {
+    fn validate(&self) -> Result<(), ProtoError> {
+        match self {
+            RelayMsg::Authenticated {
+                technician,
+                organisation,
+            }
+            | RelayMsg::Paired {
+                technician,
+                organisation,
+            } => {
+                text_ok(technician, MAX_TEXT)?;
+                text_ok(organisation, MAX_TEXT)
+            }
+            RelayMsg::SessionEnded { reason } => reason.validate(),
+            RelayMsg::Refused { message, .. } => text_ok(message, MAX_TEXT * 2),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// Encodes `msg` as one frame (header + body). Fails only if the message is over the limit.
+pub fn encode_frame<T: Serialize>(msg: &T, max: usize) -> Result<Vec<u8>, ProtoError> {
+    let mut out = vec![0u8; FRAME_HEADER];
+    out = postcard::to_extend(msg, out).map_err(|_| ProtoError::Malformed)?;
+    let len = out.len() - FRAME_HEADER;
+    if len > max {
+        return Err(ProtoError::Oversized { len, max });
+    }
+    let len32 = u32::try_from(len).map_err(|_| ProtoError::Oversized { len, max })?;
+    out[..FRAME_HEADER].copy_from_slice(&len32.to_be_bytes());
+    Ok(out)
+}
+
+/// Reads a frame header and checks the announced length against `max` before any body is read.
+pub fn frame_len(header: [u8; FRAME_HEADER], max: usize) -> Result<usize, ProtoError> {
+    let len = u32::from_be_bytes(header) as usize;
+    if len > max {
+        Err(ProtoError::Oversized { len, max })
+    } else {
+        Ok(len)
+    }
+}
+
+/// Decodes a frame body and validates it. Trailing bytes are malformed.
+pub fn decode_body<T>(body: &[u8]) -> Result<T, ProtoError>
+where
+    T: for<'de> Deserialize<'de> + Validate,
+{
+    let (msg, rest): (T, &[u8]) =
+        postcard::take_from_bytes(body).map_err(|_| ProtoError::Malformed)?;
+    if !rest.is_empty() {
+        return Err(ProtoError::Malformed);
+    }
+    msg.validate()?;
+    Ok(msg)
+}
+
+/// Incremental frame splitter over a byte buffer (for callers that read arbitrary chunks and for
+/// fuzzing). Never buffers more than one header plus `max` bytes.
+#[derive(Debug)]
+pub struct FrameDecoder {
+    buf: Vec<u8>,
+    max: usize,
+}
+
+impl FrameDecoder {
+    pub fn new(max: usize) -> Self {
+        FrameDecoder {
+            buf: Vec::new(),
+            max,
+        }
+    }
+
+    /// Appends bytes and returns the next complete frame body, if any. Call [`FrameDecoder::next`]
+    /// until it returns `Ok(None)` to drain.
+    pub fn push(&mut self, bytes: &[u8]) {
+        self.buf.extend_from_slice(bytes);
+    }
+
+    /// Returns the next complete frame body, `Ok(None)` if more bytes are needed, or an error if the
+    /// announced length is over the limit (the stream is then unusable).
+    pub fn next_frame(&mut self) -> Result<Option<Vec<u8>>, ProtoError> {
+        if self.buf.len() < FRAME_HEADER {
+            return Ok(None);
+        }
+        let mut header = [0u8; FRAME_HEADER];
+        header.copy_from_slice(&self.buf[..FRAME_HEADER]);
+        let len = frame_len(header, self.max)?;
+        if self.buf.len() < FRAME_HEADER + len {
+            return Ok(None);
+        }
+        let body = self.buf[FRAME_HEADER..FRAME_HEADER + len].to_vec();
+        self.buf.drain(..FRAME_HEADER + len);
+        Ok(Some(body))
+    }
+
+    /// Bytes buffered and not yet returned.
+    pub fn buffered(&self) -> usize {
+        self.buf.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn roundtrip_client(m: ClientMsg) {
+        let frame = encode_frame(&m, MAX_CONTROL_FRAME).unwrap();
+        let mut d = FrameDecoder::new(MAX_CONTROL_FRAME);
+        d.push(&frame);
+        let body = d.next_frame().unwrap().unwrap();
+        assert_eq!(decode_body::<ClientMsg>(&body).unwrap(), m);
+        assert_eq!(d.buffered(), 0);
+    }
+
+    #[test]
+    fn client_messages_roundtrip() {
+        roundtrip_client(ClientMsg::Register {
+            client: ClientInfo {
+                software: "tandem-agent 0.1".into(),
+            },
+        });
+        roundtrip_client(ClientMsg::Authenticate {
+            token: Secret::new("tnd_1_abc"),
+            client: ClientInfo::default(),
+        });
+        roundtrip_client(ClientMsg::Join {
+            slot: Slot::new("417").unwrap(),
+        });
+        roundtrip_client(ClientMsg::Ping { nonce: u64::MAX });
+        roundtrip_client(ClientMsg::End {
+            reason: EndReason::Other("bye".into()),
+        });
+    }
+
+    #[test]
+    fn relay_messages_roundtrip() {
+        let all = vec![
+            RelayMsg::Registered {
+                slot: Slot::new("123456789").unwrap(),
+                expires_in_secs: 600,
+            },
+            RelayMsg::Paired {
+                technician: "Alice".into(),
+                organisation: "ACME IT".into(),
+            },
+            RelayMsg::Refused {
+                code: ErrorCode::SlotBusy,
+                message: ErrorCode::SlotBusy.explain().into(),
+            },
+            RelayMsg::SessionEnded {
+                reason: EndReason::WrongCode,
+            },
+            RelayMsg::ShuttingDown,
+        ];
+        for m in all {
+            let frame = encode_frame(&m, MAX_CONTROL_FRAME).unwrap();
+            assert_eq!(decode_body::<RelayMsg>(&frame[FRAME_HEADER..]).unwrap(), m);
+        }
+    }
+
+    #[test]
+    fn frames_split_across_pushes() {
+        let a = encode_frame(&ClientMsg::Ping { nonce: 1 }, MAX_CONTROL_FRAME).unwrap();
+        let b = encode_frame(&ClientMsg::Ping { nonce: 2 }, MAX_CONTROL_FRAME).unwrap();
+        let all: Vec<u8> = a.iter().chain(b.iter()).copied().collect();
+        let mut d = FrameDecoder::new(MAX_CONTROL_FRAME);
+        let mut got = vec![];
+        for byte in all {
+            d.push(&[byte]);
+            while let Some(body) = d.next_frame().unwrap() {
+                got.push(decode_body::<ClientMsg>(&body).unwrap());
+            }
+        }
+        assert_eq!(
+            got,
+            vec![ClientMsg::Ping { nonce: 1 }, ClientMsg::Ping { nonce: 2 }]
+        );
+    }
+
+    #[test]
+    fn oversized_header_rejected_before_buffering() {
+        let mut d = FrameDecoder::new(100);
+        d.push(&101u32.to_be_bytes());
+        assert_eq!(
+            d.next_frame(),
+            Err(ProtoError::Oversized { len: 101, max: 100 })
+        );
+        assert_eq!(
+            frame_len(u32::MAX.to_be_bytes(), MAX_CONTROL_FRAME)
+                .unwrap_err()
+                .code(),
+            ErrorCode::Oversized
+        );
+    }
+
+    #[test]
+    fn malformed_bodies_rejected() {
+        assert_eq!(decode_body::<ClientMsg>(&[]), Err(ProtoError::Malformed));
+        assert_eq!(decode_body::<ClientMsg>(&[200]), Err(ProtoError::Malformed));
+        // valid message followed by garbage
+        let mut f = encode_frame(&ClientMsg::Ping { nonce: 5 }, 100).unwrap();
+        f.push(0);
+        assert_eq!(
+            decode_body::<ClientMsg>(&f[FRAME_HEADER..]),
+            Err(ProtoError::Malformed)
+        );
+    }
+
+    #[test]
+    fn invalid_slot_in_message_rejected() {
+        // Hand-craft a Join with a non-digit slot: variant index 2, then a string.
+        let bad = postcard::to_stdvec(&(2u8, "41a")).unwrap();
+        assert_eq!(decode_body::<ClientMsg>(&bad), Err(ProtoError::Malformed));
+        assert!(Slot::new("12").is_err());
+        assert!(Slot::new("1234567890").is_err());
+        assert!(Slot::new("٣٣٣").is_err());
+    }
+
+    #[test]
+    fn long_text_rejected() {
+        let m = ClientMsg::End {
+            reason: EndReason::Other("x".repeat(MAX_TEXT + 1)),
+        };
+        let f = encode_frame(&m, MAX_CONTROL_FRAME).unwrap();
+        assert_eq!(
+            decode_body::<ClientMsg>(&f[FRAME_HEADER..]),
+            Err(ProtoError::TextTooLong)
+        );
+    }
+
+    #[test]
+    fn token_never_in_debug_output() {
+        let m = ClientMsg::Authenticate {
+            token: Secret::new("super-secret-token"),
+            client: ClientInfo::default(),
+        };
+        assert!(!format!("{m:?}").contains("super-secret"));
+    }
+
+    #[test]
+    fn error_codes_are_distinct_and_roundtrip() {
+        let mut seen = std::collections::HashSet::new();
+        for c in ErrorCode::ALL {
+            assert!(seen.insert(*c as u32));
+            assert_eq!(ErrorCode::from_u32(*c as u32), Some(*c));
+            assert!(!c.explain().is_empty());
+        }
+        assert_eq!(ErrorCode::from_u32(9999), None);
+    }
+}

@@ -1,0 +1,17 @@
+//! The Tandem relay as a library. `tandem-relay` (relay/) is thin glue over it: configuration, admin
+//! commands, signals.
+//!
+//! * [`registry`]: the pure pairing state machine (slots, sessions, limits), tested without I/O.
+//! * [`store`]: SQLite store of organisations, technicians (Argon2id token hashes) and the audit log.
+//! * [`server`]: the QUIC server (quinn) that drives the registry and forwards payloads blind.
+//! * [`metrics`]: Prometheus metrics, served with `/health` by a small HTTP listener.
+
+mod http;
+pub mod metrics;
+pub mod registry;
+pub mod server;
+pub mod store;
+
+pub use registry::Limits;
+pub use server::{RelayHandle, ServerConfig, ServerError, Stats, start};
+pub use store::Store;

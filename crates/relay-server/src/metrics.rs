@@ -1,0 +1,187 @@
+//! Prometheus metrics of the relay (text exposition format).
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Reason {
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Limit {
+    pub limit: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Flow {
+    /// `agent_to_console` or `console_to_agent`
+    pub direction: String,
+    /// `datagram` or `stream`
+    pub path: String,
+}
+
+pub struct Metrics {
+    registry: Registry,
+    pub connections: Gauge,
+    pub connections_accepted: Counter,
+    pub connections_refused: Family<Limit, Counter>,
+    pub agents_waiting: Gauge,
+    pub sessions: Gauge,
+    pub sessions_started: Counter,
+    pub sessions_ended: Family<Reason, Counter>,
+    pub forwarded_bytes: Family<Flow, Counter>,
+    pub forwarded_datagrams: Family<Flow, Counter>,
+    pub dropped_datagrams: Family<Reason, Counter>,
+    pub auth_failures: Family<Reason, Counter>,
+    pub joins_refused: Family<Reason, Counter>,
+    pub limits_hit: Family<Limit, Counter>,
+    pub protocol_errors: Family<Reason, Counter>,
+    pub handshake_timeouts: Counter,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut m = Metrics {
+            registry: Registry::with_prefix("tandem_relay"),
+            connections: Gauge::default(),
+            connections_accepted: Counter::default(),
+            connections_refused: Family::default(),
+            agents_waiting: Gauge::default(),
+            sessions: Gauge::default(),
+            sessions_started: Counter::default(),
+            sessions_ended: Family::default(),
+            forwarded_bytes: Family::default(),
+            forwarded_datagrams: Family::default(),
+            dropped_datagrams: Family::default(),
+            auth_failures: Family::default(),
+            joins_refused: Family::default(),
+            limits_hit: Family::default(),
+            protocol_errors: Family::default(),
+            handshake_timeouts: Counter::default(),
+        };
+        let r = &mut m.registry;
+        r.register(
+            "connections",
+            "Open QUIC connections",
+            m.connections.clone(),
+        );
+        r.register(
+            "connections_accepted",
+            "QUIC connections admitted",
+            m.connections_accepted.clone(),
+        );
+        r.register(
+            "connections_refused",
+            "Connections refused by a limit",
+            m.connections_refused.clone(),
+        );
+        r.register(
+            "agents_waiting",
+            "Agents waiting on a slot",
+            m.agents_waiting.clone(),
+        );
+        r.register("sessions", "Paired sessions", m.sessions.clone());
+        r.register(
+            "sessions_started",
+            "Sessions paired",
+            m.sessions_started.clone(),
+        );
+        r.register(
+            "sessions_ended",
+            "Sessions ended, by reason",
+            m.sessions_ended.clone(),
+        );
+        r.register(
+            "forwarded_bytes",
+            "Payload bytes forwarded",
+            m.forwarded_bytes.clone(),
+        );
+        r.register(
+            "forwarded_datagrams",
+            "Payload datagrams forwarded",
+            m.forwarded_datagrams.clone(),
+        );
+        r.register(
+            "dropped_datagrams",
+            "Datagrams not forwarded, by reason",
+            m.dropped_datagrams.clone(),
+        );
+        r.register(
+            "auth_failures",
+            "Failed technician authentications, by reason",
+            m.auth_failures.clone(),
+        );
+        r.register(
+            "joins_refused",
+            "Refused joins, by reason",
+            m.joins_refused.clone(),
+        );
+        r.register(
+            "limits_hit",
+            "Requests refused by a limit",
+            m.limits_hit.clone(),
+        );
+        r.register(
+            "protocol_errors",
+            "Connections closed for bad control messages, by kind",
+            m.protocol_errors.clone(),
+        );
+        r.register(
+            "handshake_timeouts",
+            "Connections dropped for not registering or authenticating in time",
+            m.handshake_timeouts.clone(),
+        );
+        m
+    }
+
+    /// The counter for one flow (kept by forwarders, so the hot path does no label lookup).
+    pub fn flow_bytes(&self, direction: &str, path: &str) -> Counter {
+        self.forwarded_bytes
+            .get_or_create(&Flow {
+                direction: direction.into(),
+                path: path.into(),
+            })
+            .clone()
+    }
+    pub fn flow_datagrams(&self, direction: &str) -> Counter {
+        self.forwarded_datagrams
+            .get_or_create(&Flow {
+                direction: direction.into(),
+                path: "datagram".into(),
+            })
+            .clone()
+    }
+
+    pub fn inc(family: &Family<Reason, Counter>, reason: &str) {
+        family
+            .get_or_create(&Reason {
+                reason: reason.into(),
+            })
+            .inc();
+    }
+    pub fn limit(&self, limit: &str) {
+        self.limits_hit
+            .get_or_create(&Limit {
+                limit: limit.into(),
+            })
+            .inc();
+    }
+
+    /// Text exposition format.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}

@@ -1,0 +1,1075 @@
+//! The relay's brain as a pure state machine: connections, slots, pairing, sessions and the limits a
+//! stranger can hit. No sockets, no clocks, no randomness of its own: the caller passes `now` and a
+//! random source, so every rule here is tested deterministically (see the tests at the bottom).
+//!
+//! Decisions written down:
+//! * A slot is 3 to 9 random digits. Its length adapts: the shortest length whose space is less than
+//!   half used (counting slots in use *and* quarantined ones) is picked, then a uniformly random free
+//!   value of that length. Slots are short for dictation on a small relay and never run out on a big one.
+//! * A slot lives for `slot_ttl` (10 min) from registration unless a console joins it first. The agent's
+//!   keep-alives keep its connection, and thereby the slot, until then; after expiry the agent registers
+//!   again and gets a new slot (and makes a new secret, so a new code).
+//! * A slot that ended (expired, agent left, code burned, session over) is quarantined until its original
+//!   expiry (at least one minute), so it is not reused within its expiry and a late join gets a precise
+//!   error instead of "unknown".
+//! * Every join attempt counts against two token buckets, the technician's and the source address's
+//!   (IPv6 addresses are grouped by /64), successful ones included. Authentication attempts count
+//!   against a per-address bucket.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::time::{Duration, Instant};
+use tandem_proto::{EndReason, ErrorCode, SLOT_MAX_DIGITS, SLOT_MIN_DIGITS, Slot};
+
+/// Everything a stranger can cause is bounded by one of these.
+#[derive(Clone, Debug)]
+pub struct Limits {
+    /// Connections in total.
+    pub max_connections: usize,
+    /// Connections per source address (IPv6: per /64).
+    pub max_connections_per_address: usize,
+    /// Time from connection to a successful register or authenticate.
+    pub handshake_timeout: Duration,
+    /// How long a slot waits for a console.
+    pub slot_ttl: Duration,
+    /// Concurrent paired sessions.
+    pub max_sessions: usize,
+    /// Join attempts per technician per minute.
+    pub joins_per_minute_per_technician: u32,
+    /// Join attempts per source address per minute.
+    pub joins_per_minute_per_address: u32,
+    /// Authentication attempts per source address per minute.
+    pub auths_per_minute_per_address: u32,
+    /// Optional cap on forwarded bytes per second, per session and direction.
+    pub session_bytes_per_second: Option<u64>,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_connections: 10_000,
+            max_connections_per_address: 64,
+            handshake_timeout: Duration::from_secs(10),
+            slot_ttl: Duration::from_secs(600),
+            max_sessions: 5_000,
+            joins_per_minute_per_technician: 5,
+            joins_per_minute_per_address: 5,
+            auths_per_minute_per_address: 10,
+            session_bytes_per_second: None,
+        }
+    }
+}
+
+pub type ConnId = u64;
+pub type SessionId = u64;
+pub type TechnicianId = i64;
+
+/// A source of uniform random numbers (the OS CSPRNG in the relay, a fixed sequence in tests).
+pub trait SlotRng {
+    /// A uniformly random number in `0..n` (`n > 0`).
+    fn below(&mut self, n: u64) -> u64;
+}
+
+/// A technician as the store authenticated them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Technician {
+    pub id: TechnicianId,
+    pub name: String,
+    pub organisation: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Role {
+    /// Connected, not yet registered or authenticated.
+    New,
+    Agent {
+        slot: Option<Slot>,
+        session: Option<SessionId>,
+    },
+    Console {
+        technician: Technician,
+        session: Option<SessionId>,
+    },
+}
+
+#[derive(Clone, Debug)]
+struct Conn {
+    addr_key: IpAddr,
+    role: Role,
+}
+
+#[derive(Clone, Debug)]
+enum SlotState {
+    Waiting { agent: ConnId, expires_at: Instant },
+    Paired { expires_at: Instant },
+}
+
+/// Why a slot is quarantined; decides the error a late join gets.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Tomb {
+    Expired,
+    AgentGone,
+    Burned,
+    /// The session on it is over (or the agent replaced the code).
+    Ended,
+}
+
+impl Tomb {
+    fn code(self) -> ErrorCode {
+        match self {
+            Tomb::Expired | Tomb::Ended => ErrorCode::ExpiredSlot,
+            Tomb::AgentGone => ErrorCode::AgentGone,
+            Tomb::Burned => ErrorCode::CodeBurned,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Session {
+    pub id: SessionId,
+    pub agent: ConnId,
+    pub console: ConnId,
+    pub slot: Slot,
+    pub technician: Technician,
+}
+
+/// A successful join.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Paired {
+    pub session: Session,
+}
+
+/// A session that ended, and whom to tell.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Ended {
+    pub session: Session,
+    pub reason: EndReason,
+    /// The side that did not cause the end and must be told (None if both are gone).
+    pub notify: Option<ConnId>,
+}
+
+/// An agent whose slot expired unused.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Expired {
+    pub agent: ConnId,
+    pub slot: Slot,
+}
+
+/// A token bucket refilled continuously at `per_minute` tokens a minute, holding at most `per_minute`.
+#[derive(Clone, Debug)]
+struct Bucket {
+    tokens: f64,
+    last: Instant,
+}
+
+impl Bucket {
+    fn full(per_minute: u32, now: Instant) -> Self {
+        Bucket {
+            tokens: per_minute as f64,
+            last: now,
+        }
+    }
+    fn refill(&mut self, per_minute: u32, now: Instant) {
+        let dt = now.saturating_duration_since(self.last).as_secs_f64();
+        self.tokens = (self.tokens + dt * per_minute as f64 / 60.0).min(per_minute as f64);
+        self.last = now;
+    }
+    fn try_take(&mut self, per_minute: u32, now: Instant) -> bool {
+        self.refill(per_minute, now);
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+    fn would_allow(&mut self, per_minute: u32, now: Instant) -> bool {
+        self.refill(per_minute, now);
+        self.tokens >= 1.0
+    }
+}
+
+/// Which limit refused something (for metrics and logs).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum LimitHit {
+    Connections,
+    ConnectionsPerAddress,
+    Sessions,
+    JoinsPerTechnician,
+    JoinsPerAddress,
+    AuthsPerAddress,
+}
+
+impl LimitHit {
+    pub fn label(self) -> &'static str {
+        match self {
+            LimitHit::Connections => "connections",
+            LimitHit::ConnectionsPerAddress => "connections_per_address",
+            LimitHit::Sessions => "sessions",
+            LimitHit::JoinsPerTechnician => "joins_per_technician",
+            LimitHit::JoinsPerAddress => "joins_per_address",
+            LimitHit::AuthsPerAddress => "auths_per_address",
+        }
+    }
+    pub fn code(self) -> ErrorCode {
+        match self {
+            LimitHit::Connections => ErrorCode::TooManyConnections,
+            LimitHit::ConnectionsPerAddress => ErrorCode::TooManyConnectionsFromAddress,
+            LimitHit::Sessions => ErrorCode::TooManySessions,
+            _ => ErrorCode::RateLimited,
+        }
+    }
+}
+
+/// Why a request was refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Refusal {
+    /// A protocol-order violation: the connection must be closed with this code.
+    Fatal(ErrorCode),
+    /// The request is refused; the connection stays usable.
+    Refused(ErrorCode),
+    /// A limit refused it.
+    Limit(LimitHit),
+}
+
+impl Refusal {
+    pub fn code(self) -> ErrorCode {
+        match self {
+            Refusal::Fatal(c) | Refusal::Refused(c) => c,
+            Refusal::Limit(l) => l.code(),
+        }
+    }
+}
+
+/// Groups IPv6 addresses by /64 (one subscriber usually holds a whole /64); IPv4 as is.
+pub fn address_key(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => {
+            if let Some(v4) = v6.to_ipv4_mapped() {
+                return IpAddr::V4(v4);
+            }
+            let seg = v6.segments();
+            IpAddr::V6(std::net::Ipv6Addr::new(
+                seg[0], seg[1], seg[2], seg[3], 0, 0, 0, 0,
+            ))
+        }
+    }
+}
+
+/// The relay's pairing state.
+#[derive(Debug)]
+pub struct Registry {
+    limits: Limits,
+    conns: HashMap<ConnId, Conn>,
+    per_address: HashMap<IpAddr, usize>,
+    slots: HashMap<Slot, SlotState>,
+    tombs: HashMap<Slot, (Tomb, Instant)>,
+    sessions: HashMap<SessionId, Session>,
+    join_by_tech: HashMap<TechnicianId, Bucket>,
+    join_by_addr: HashMap<IpAddr, Bucket>,
+    auth_by_addr: HashMap<IpAddr, Bucket>,
+    next_conn: ConnId,
+    next_session: SessionId,
+}
+
+/// Minimum time an ended slot stays quarantined.
+const MIN_QUARANTINE: Duration = Duration::from_secs(60);
+
+impl Registry {
+    pub fn new(limits: Limits) -> Self {
+        Registry {
+            limits,
+            conns: HashMap::new(),
+            per_address: HashMap::new(),
+            slots: HashMap::new(),
+            tombs: HashMap::new(),
+            sessions: HashMap::new(),
+            join_by_tech: HashMap::new(),
+            join_by_addr: HashMap::new(),
+            auth_by_addr: HashMap::new(),
+            next_conn: 1,
+            next_session: 1,
+        }
+    }
+
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+    pub fn connection_count(&self) -> usize {
+        self.conns.len()
+    }
+    pub fn session_count(&self) -> usize {
+        self.sessions.len()
+    }
+    /// Slots with an agent waiting.
+    pub fn waiting_count(&self) -> usize {
+        self.slots
+            .values()
+            .filter(|s| matches!(s, SlotState::Waiting { .. }))
+            .count()
+    }
+    pub fn role(&self, conn: ConnId) -> Option<&Role> {
+        self.conns.get(&conn).map(|c| &c.role)
+    }
+    pub fn session(&self, id: SessionId) -> Option<&Session> {
+        self.sessions.get(&id)
+    }
+
+    /// Admits a new connection from `ip`, or says which limit refuses it.
+    pub fn open(&mut self, ip: IpAddr) -> Result<ConnId, LimitHit> {
+        let key = address_key(ip);
+        if self.conns.len() >= self.limits.max_connections {
+            return Err(LimitHit::Connections);
+        }
+        let n = self.per_address.get(&key).copied().unwrap_or(0);
+        if n >= self.limits.max_connections_per_address {
+            return Err(LimitHit::ConnectionsPerAddress);
+        }
+        self.per_address.insert(key, n + 1);
+        let id = self.next_conn;
+        self.next_conn += 1;
+        self.conns.insert(
+            id,
+            Conn {
+                addr_key: key,
+                role: Role::New,
+            },
+        );
+        Ok(id)
+    }
+
+    /// Forgets a connection. If it was in a session, the session ends and the peer is to be told.
+    pub fn close(&mut self, conn: ConnId, now: Instant) -> Option<Ended> {
+        let c = self.conns.remove(&conn)?;
+        if let Some(n) = self.per_address.get_mut(&c.addr_key) {
+            *n -= 1;
+            if *n == 0 {
+                self.per_address.remove(&c.addr_key);
+            }
+        }
+        match c.role {
+            Role::Agent {
+                session: Some(s), ..
+            } => self.end_session(s, conn, EndReason::PeerDisconnected, Tomb::AgentGone, now),
+            Role::Console {
+                session: Some(s), ..
+            } => self.end_session(s, conn, EndReason::PeerDisconnected, Tomb::Ended, now),
+            Role::Agent {
+                slot: Some(slot), ..
+            } => {
+                self.bury(slot, Tomb::AgentGone, now);
+                None
+            }
+            _ => None,
+        }
+    }
+
+    /// Agent asks for a slot. A waiting agent asking again gets a fresh slot; the old one is buried.
+    pub fn register(
+        &mut self,
+        conn: ConnId,
+        now: Instant,
+        rng: &mut dyn SlotRng,
+    ) -> Result<Slot, Refusal> {
+        let role = self
+            .conns
+            .get(&conn)
+            .map(|c| c.role.clone())
+            .ok_or(Refusal::Fatal(ErrorCode::Internal))?;
+        match role {
+            Role::New => {}
+            Role::Agent {
+                session: None,
+                slot,
+            } => {
+                if let Some(old) = slot {
+                    self.bury(old, Tomb::Ended, now);
+                }
+            }
+            Role::Agent {
+                session: Some(_), ..
+            } => return Err(Refusal::Fatal(ErrorCode::UnexpectedMessage)),
+            Role::Console { .. } => return Err(Refusal::Fatal(ErrorCode::AlreadyAuthenticated)),
+        }
+        let slot = self
+            .allocate_slot(rng)
+            .ok_or(Refusal::Limit(LimitHit::Connections))?;
+        self.slots.insert(
+            slot.clone(),
+            SlotState::Waiting {
+                agent: conn,
+                expires_at: now + self.limits.slot_ttl,
+            },
+        );
+        if let Some(c) = self.conns.get_mut(&conn) {
+            c.role = Role::Agent {
+                slot: Some(slot.clone()),
+                session: None,
+            };
+        }
+        Ok(slot)
+    }
+
+    fn slot_in_use(&self, s: &Slot) -> bool {
+        self.slots.contains_key(s) || self.tombs.contains_key(s)
+    }
+
+    fn allocate_slot(&self, rng: &mut dyn SlotRng) -> Option<Slot> {
+        for digits in SLOT_MIN_DIGITS..=SLOT_MAX_DIGITS {
+            let space = 10u64.pow(digits as u32);
+            let used = self
+                .slots
+                .keys()
+                .chain(self.tombs.keys())
+                .filter(|s| s.as_str().len() == digits)
+                .count() as u64;
+            if used * 2 >= space {
+                continue;
+            }
+            // Less than half used: a random pick is free with probability > 1/2 each time.
+            for _ in 0..64 {
+                let n = rng.below(space);
+                let Ok(slot) = Slot::new(format!("{n:0digits$}")) else {
+                    continue;
+                };
+                if !self.slot_in_use(&slot) {
+                    return Some(slot);
+                }
+            }
+        }
+        None
+    }
+
+    /// Checks and counts an authentication attempt from `conn`'s address.
+    pub fn auth_attempt(&mut self, conn: ConnId, now: Instant) -> Result<(), Refusal> {
+        let c = self
+            .conns
+            .get(&conn)
+            .ok_or(Refusal::Fatal(ErrorCode::Internal))?;
+        if c.role != Role::New {
+            return Err(Refusal::Fatal(ErrorCode::AlreadyAuthenticated));
+        }
+        let per_min = self.limits.auths_per_minute_per_address;
+        let b = self
+            .auth_by_addr
+            .entry(c.addr_key)
+            .or_insert_with(|| Bucket::full(per_min, now));
+        if b.try_take(per_min, now) {
+            Ok(())
+        } else {
+            Err(Refusal::Limit(LimitHit::AuthsPerAddress))
+        }
+    }
+
+    /// Records a successful authentication.
+    pub fn authenticated(&mut self, conn: ConnId, technician: Technician) -> Result<(), Refusal> {
+        let c = self
+            .conns
+            .get_mut(&conn)
+            .ok_or(Refusal::Fatal(ErrorCode::Internal))?;
+        if c.role != Role::New {
+            return Err(Refusal::Fatal(ErrorCode::AlreadyAuthenticated));
+        }
+        c.role = Role::Console {
+            technician,
+            session: None,
+        };
+        Ok(())
+    }
+
+    /// Console asks to pair with the agent on `slot`.
+    pub fn join(&mut self, conn: ConnId, slot: &Slot, now: Instant) -> Result<Paired, Refusal> {
+        let c = self
+            .conns
+            .get(&conn)
+            .ok_or(Refusal::Fatal(ErrorCode::Internal))?;
+        let (technician, addr_key) = match &c.role {
+            Role::Console {
+                technician,
+                session: None,
+            } => (technician.clone(), c.addr_key),
+            Role::Console {
+                session: Some(_), ..
+            } => return Err(Refusal::Fatal(ErrorCode::UnexpectedMessage)),
+            Role::New => return Err(Refusal::Fatal(ErrorCode::NotAuthenticated)),
+            Role::Agent { .. } => return Err(Refusal::Fatal(ErrorCode::NotAuthenticated)),
+        };
+        // Both buckets must have a token; take from both only if both allow, so that one limit
+        // does not silently drain the other.
+        let (pt, pa) = (
+            self.limits.joins_per_minute_per_technician,
+            self.limits.joins_per_minute_per_address,
+        );
+        let tb = self
+            .join_by_tech
+            .entry(technician.id)
+            .or_insert_with(|| Bucket::full(pt, now));
+        if !tb.would_allow(pt, now) {
+            return Err(Refusal::Limit(LimitHit::JoinsPerTechnician));
+        }
+        let ab = self
+            .join_by_addr
+            .entry(addr_key)
+            .or_insert_with(|| Bucket::full(pa, now));
+        if !ab.would_allow(pa, now) {
+            return Err(Refusal::Limit(LimitHit::JoinsPerAddress));
+        }
+        ab.try_take(pa, now);
+        if let Some(tb) = self.join_by_tech.get_mut(&technician.id) {
+            tb.try_take(pt, now);
+        }
+
+        let (agent, expires_at) = match self.slots.get(slot) {
+            Some(SlotState::Waiting { agent, expires_at }) if *expires_at > now => {
+                (*agent, *expires_at)
+            }
+            Some(SlotState::Waiting { .. }) => {
+                return Err(Refusal::Refused(ErrorCode::ExpiredSlot));
+            }
+            Some(SlotState::Paired { .. }) => return Err(Refusal::Refused(ErrorCode::SlotBusy)),
+            None => {
+                return Err(Refusal::Refused(
+                    self.tombs
+                        .get(slot)
+                        .map(|(t, _)| t.code())
+                        .unwrap_or(ErrorCode::UnknownSlot),
+                ));
+            }
+        };
+        if self.sessions.len() >= self.limits.max_sessions {
+            return Err(Refusal::Limit(LimitHit::Sessions));
+        }
+        let id = self.next_session;
+        self.next_session += 1;
+        let session = Session {
+            id,
+            agent,
+            console: conn,
+            slot: slot.clone(),
+            technician,
+        };
+        self.slots
+            .insert(slot.clone(), SlotState::Paired { expires_at });
+        self.sessions.insert(id, session.clone());
+        if let Some(Conn {
+            role: Role::Agent { session: s, .. },
+            ..
+        }) = self.conns.get_mut(&agent)
+        {
+            *s = Some(id);
+        }
+        if let Some(Conn {
+            role: Role::Console { session: s, .. },
+            ..
+        }) = self.conns.get_mut(&conn)
+        {
+            *s = Some(id);
+        }
+        Ok(Paired { session })
+    }
+
+    /// A side ends its session (or an agent gives up its waiting slot). `WrongCode` from the agent burns
+    /// the slot. Returns the ended session, if there was one.
+    pub fn end(&mut self, conn: ConnId, reason: EndReason, now: Instant) -> Option<Ended> {
+        let role = self.conns.get(&conn)?.role.clone();
+        match role {
+            Role::Agent {
+                session: Some(s), ..
+            }
+            | Role::Console {
+                session: Some(s), ..
+            } => {
+                let tomb = if reason == EndReason::WrongCode {
+                    Tomb::Burned
+                } else {
+                    Tomb::Ended
+                };
+                self.end_session(s, conn, reason, tomb, now)
+            }
+            Role::Agent {
+                slot: Some(slot),
+                session: None,
+            } => {
+                let tomb = if reason == EndReason::WrongCode {
+                    Tomb::Burned
+                } else {
+                    Tomb::AgentGone
+                };
+                self.bury(slot, tomb, now);
+                if let Some(c) = self.conns.get_mut(&conn) {
+                    c.role = Role::Agent {
+                        slot: None,
+                        session: None,
+                    };
+                }
+                None
+            }
+            _ => None,
+        }
+    }
+
+    fn end_session(
+        &mut self,
+        id: SessionId,
+        by: ConnId,
+        reason: EndReason,
+        tomb: Tomb,
+        now: Instant,
+    ) -> Option<Ended> {
+        let session = self.sessions.remove(&id)?;
+        self.bury(session.slot.clone(), tomb, now);
+        for side in [session.agent, session.console] {
+            if let Some(c) = self.conns.get_mut(&side) {
+                match &mut c.role {
+                    Role::Agent { slot, session } => {
+                        *slot = None;
+                        *session = None;
+                    }
+                    Role::Console { session, .. } => *session = None,
+                    Role::New => {}
+                }
+            }
+        }
+        let other = if by == session.agent {
+            session.console
+        } else {
+            session.agent
+        };
+        let notify = self.conns.contains_key(&other).then_some(other);
+        Some(Ended {
+            session,
+            reason,
+            notify,
+        })
+    }
+
+    /// Ends a session from the relay's side (shutdown, rate abuse): both sides are to be told.
+    pub fn end_by_relay(
+        &mut self,
+        id: SessionId,
+        reason: EndReason,
+        now: Instant,
+    ) -> Option<Session> {
+        let s = self.sessions.get(&id)?.clone();
+        // `by` = 0 is never a connection id, so neither side is treated as the cause.
+        self.end_session(id, 0, reason, Tomb::Ended, now)?;
+        Some(s)
+    }
+
+    fn bury(&mut self, slot: Slot, tomb: Tomb, now: Instant) {
+        let expires_at = match self.slots.remove(&slot) {
+            Some(SlotState::Waiting { expires_at, .. } | SlotState::Paired { expires_at, .. }) => {
+                expires_at
+            }
+            None => now,
+        };
+        let until = expires_at.max(now + MIN_QUARANTINE);
+        self.tombs.insert(slot, (tomb, until));
+    }
+
+    /// Periodic housekeeping: expires waiting slots (returns the agents to tell), lifts quarantines,
+    /// and forgets full rate buckets.
+    pub fn tick(&mut self, now: Instant) -> Vec<Expired> {
+        let due: Vec<(Slot, ConnId)> = self
+            .slots
+            .iter()
+            .filter_map(|(s, st)| match st {
+                SlotState::Waiting { agent, expires_at } if *expires_at <= now => {
+                    Some((s.clone(), *agent))
+                }
+                _ => None,
+            })
+            .collect();
+        let mut out = Vec::with_capacity(due.len());
+        for (slot, agent) in due {
+            self.slots.remove(&slot);
+            self.tombs
+                .insert(slot.clone(), (Tomb::Expired, now + MIN_QUARANTINE));
+            if let Some(c) = self.conns.get_mut(&agent) {
+                c.role = Role::Agent {
+                    slot: None,
+                    session: None,
+                };
+            }
+            out.push(Expired { agent, slot });
+        }
+        self.tombs.retain(|_, (_, until)| *until > now);
+        let l = &self.limits;
+        let (pt, pa, pu) = (
+            l.joins_per_minute_per_technician,
+            l.joins_per_minute_per_address,
+            l.auths_per_minute_per_address,
+        );
+        self.join_by_tech.retain(|_, b| {
+            b.refill(pt, now);
+            b.tokens < pt as f64
+        });
+        self.join_by_addr.retain(|_, b| {
+            b.refill(pa, now);
+            b.tokens < pa as f64
+        });
+        self.auth_by_addr.retain(|_, b| {
+            b.refill(pu, now);
+            b.tokens < pu as f64
+        });
+        out
+    }
+
+    /// All live sessions (for shutdown).
+    pub fn session_ids(&self) -> Vec<SessionId> {
+        self.sessions.keys().copied().collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::Ipv4Addr;
+
+    /// Deterministic "random": a counter mixed with a multiplier.
+    struct SeqRng(u64);
+    impl SlotRng for SeqRng {
+        fn below(&mut self, n: u64) -> u64 {
+            self.0 = self
+                .0
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (self.0 >> 11) % n
+        }
+    }
+
+    fn ip(n: u8) -> IpAddr {
+        IpAddr::V4(Ipv4Addr::new(10, 0, 0, n))
+    }
+    fn tech(id: i64) -> Technician {
+        Technician {
+            id,
+            name: format!("tech{id}"),
+            organisation: "ACME".into(),
+        }
+    }
+
+    struct Fixture {
+        r: Registry,
+        rng: SeqRng,
+        t0: Instant,
+    }
+    impl Fixture {
+        fn new(limits: Limits) -> Self {
+            Fixture {
+                r: Registry::new(limits),
+                rng: SeqRng(7),
+                t0: Instant::now(),
+            }
+        }
+        fn agent(&mut self, n: u8) -> (ConnId, Slot) {
+            let c = self.r.open(ip(n)).unwrap();
+            let s = self.r.register(c, self.t0, &mut self.rng).unwrap();
+            (c, s)
+        }
+        fn console(&mut self, n: u8, t: i64) -> ConnId {
+            let c = self.r.open(ip(n)).unwrap();
+            self.r.auth_attempt(c, self.t0).unwrap();
+            self.r.authenticated(c, tech(t)).unwrap();
+            c
+        }
+    }
+
+    #[test]
+    fn register_join_pair_and_end() {
+        let mut f = Fixture::new(Limits::default());
+        let (a, slot) = f.agent(1);
+        assert_eq!(slot.as_str().len(), 3);
+        let c = f.console(2, 1);
+        let p = f.r.join(c, &slot, f.t0).unwrap();
+        assert_eq!(p.session.agent, a);
+        assert_eq!(p.session.console, c);
+        assert_eq!(f.r.session_count(), 1);
+        // A second console gets "busy".
+        let c2 = f.console(3, 2);
+        assert_eq!(
+            f.r.join(c2, &slot, f.t0),
+            Err(Refusal::Refused(ErrorCode::SlotBusy))
+        );
+        let e = f.r.end(c, EndReason::EndedByTechnician, f.t0).unwrap();
+        assert_eq!(e.notify, Some(a));
+        assert_eq!(f.r.session_count(), 0);
+        // The slot is not reusable; a late join hears it has ended.
+        assert_eq!(
+            f.r.join(c2, &slot, f.t0),
+            Err(Refusal::Refused(ErrorCode::ExpiredSlot))
+        );
+        // Both sides are idle again: the agent may register anew, the console may join again.
+        assert!(f.r.register(a, f.t0, &mut f.rng).is_ok());
+    }
+
+    #[test]
+    fn join_requires_authentication() {
+        let mut f = Fixture::new(Limits::default());
+        let (_, slot) = f.agent(1);
+        let c = f.r.open(ip(2)).unwrap();
+        assert_eq!(
+            f.r.join(c, &slot, f.t0),
+            Err(Refusal::Fatal(ErrorCode::NotAuthenticated))
+        );
+        let (a2, _) = f.agent(3);
+        assert_eq!(
+            f.r.join(a2, &slot, f.t0),
+            Err(Refusal::Fatal(ErrorCode::NotAuthenticated))
+        );
+    }
+
+    #[test]
+    fn out_of_order_messages_are_fatal() {
+        let mut f = Fixture::new(Limits::default());
+        let c = f.console(1, 1);
+        assert_eq!(
+            f.r.register(c, f.t0, &mut f.rng),
+            Err(Refusal::Fatal(ErrorCode::AlreadyAuthenticated))
+        );
+        assert_eq!(
+            f.r.auth_attempt(c, f.t0),
+            Err(Refusal::Fatal(ErrorCode::AlreadyAuthenticated))
+        );
+        let (a, _) = f.agent(2);
+        assert_eq!(
+            f.r.authenticated(a, tech(3)),
+            Err(Refusal::Fatal(ErrorCode::AlreadyAuthenticated))
+        );
+    }
+
+    #[test]
+    fn unknown_expired_gone_and_burned_slots_have_distinct_errors() {
+        let mut f = Fixture::new(Limits::default());
+        let c = f.console(9, 1);
+        let unknown = Slot::new("999999999").unwrap();
+        assert_eq!(
+            f.r.join(c, &unknown, f.t0),
+            Err(Refusal::Refused(ErrorCode::UnknownSlot))
+        );
+
+        let (_, expiring) = f.agent(1);
+        let later = f.t0 + Duration::from_secs(601);
+        let expired = f.r.tick(later);
+        assert_eq!(expired.len(), 1);
+        assert_eq!(expired[0].slot, expiring);
+        // Joins at `later` would be rate limited by now-earlier attempts; use a fresh console.
+        let c2 = f.console(10, 2);
+        assert_eq!(
+            f.r.join(c2, &expiring, later),
+            Err(Refusal::Refused(ErrorCode::ExpiredSlot))
+        );
+
+        let (a, gone) = f.agent(2);
+        f.r.close(a, later);
+        let c3 = f.console(11, 3);
+        assert_eq!(
+            f.r.join(c3, &gone, later),
+            Err(Refusal::Refused(ErrorCode::AgentGone))
+        );
+
+        let a = f.r.open(ip(3)).unwrap();
+        let burned = f.r.register(a, later, &mut f.rng).unwrap();
+        let c4 = f.console(12, 4);
+        f.r.join(c4, &burned, later).unwrap();
+        let e = f.r.end(a, EndReason::WrongCode, later).unwrap();
+        assert_eq!(e.notify, Some(c4));
+        let c5 = f.console(13, 5);
+        assert_eq!(
+            f.r.join(c5, &burned, later),
+            Err(Refusal::Refused(ErrorCode::CodeBurned))
+        );
+    }
+
+    #[test]
+    fn expiry_is_checked_at_join_time_even_before_tick() {
+        let mut f = Fixture::new(Limits::default());
+        let (_, slot) = f.agent(1);
+        let c = f.console(2, 1);
+        assert_eq!(
+            f.r.join(c, &slot, f.t0 + Duration::from_secs(600)),
+            Err(Refusal::Refused(ErrorCode::ExpiredSlot))
+        );
+    }
+
+    #[test]
+    fn join_rate_limits_per_technician_and_per_address() {
+        let mut f = Fixture::new(Limits::default());
+        let bad = Slot::new("000").unwrap();
+        // One technician from five addresses: the sixth attempt in a minute is refused.
+        let consoles: Vec<_> = (0..6).map(|i| f.console(20 + i, 1)).collect();
+        for c in &consoles[..5] {
+            assert_eq!(
+                f.r.join(*c, &bad, f.t0).unwrap_err().code(),
+                ErrorCode::UnknownSlot
+            );
+        }
+        assert_eq!(
+            f.r.join(consoles[5], &bad, f.t0),
+            Err(Refusal::Limit(LimitHit::JoinsPerTechnician))
+        );
+        // Tokens come back at 5 a minute: one after 12 s.
+        assert_eq!(
+            f.r.join(consoles[5], &bad, f.t0 + Duration::from_secs(12))
+                .unwrap_err()
+                .code(),
+            ErrorCode::UnknownSlot
+        );
+        // Five technicians from one address: the address limit.
+        let mut f = Fixture::new(Limits::default());
+        let consoles: Vec<_> = (0..6).map(|i| f.console(1, 100 + i)).collect();
+        for c in &consoles[..5] {
+            assert!(f.r.join(*c, &bad, f.t0).is_err());
+        }
+        assert_eq!(
+            f.r.join(consoles[5], &bad, f.t0),
+            Err(Refusal::Limit(LimitHit::JoinsPerAddress))
+        );
+    }
+
+    #[test]
+    fn auth_attempts_limited_per_address() {
+        let mut f = Fixture::new(Limits {
+            auths_per_minute_per_address: 3,
+            ..Limits::default()
+        });
+        let c = f.r.open(ip(1)).unwrap();
+        for _ in 0..3 {
+            f.r.auth_attempt(c, f.t0).unwrap();
+        }
+        assert_eq!(
+            f.r.auth_attempt(c, f.t0),
+            Err(Refusal::Limit(LimitHit::AuthsPerAddress))
+        );
+        // Another address is unaffected.
+        let c2 = f.r.open(ip(2)).unwrap();
+        f.r.auth_attempt(c2, f.t0).unwrap();
+    }
+
+    #[test]
+    fn connection_limits() {
+        let mut f = Fixture::new(Limits {
+            max_connections: 3,
+            max_connections_per_address: 2,
+            ..Limits::default()
+        });
+        let a = f.r.open(ip(1)).unwrap();
+        f.r.open(ip(1)).unwrap();
+        assert_eq!(f.r.open(ip(1)), Err(LimitHit::ConnectionsPerAddress));
+        f.r.open(ip(2)).unwrap();
+        assert_eq!(f.r.open(ip(3)), Err(LimitHit::Connections));
+        f.r.close(a, f.t0);
+        f.r.open(ip(1)).unwrap();
+    }
+
+    #[test]
+    fn ipv6_grouped_by_prefix() {
+        let a: IpAddr = "2001:db8:1:2:aaaa::1".parse().unwrap();
+        let b: IpAddr = "2001:db8:1:2:bbbb::2".parse().unwrap();
+        let c: IpAddr = "2001:db8:1:3::1".parse().unwrap();
+        assert_eq!(address_key(a), address_key(b));
+        assert_ne!(address_key(a), address_key(c));
+        let mapped: IpAddr = "::ffff:10.0.0.1".parse().unwrap();
+        assert_eq!(address_key(mapped), ip(1));
+    }
+
+    #[test]
+    fn session_limit() {
+        let mut f = Fixture::new(Limits {
+            max_sessions: 1,
+            ..Limits::default()
+        });
+        let (_, s1) = f.agent(1);
+        let (_, s2) = f.agent(2);
+        let c1 = f.console(3, 1);
+        let c2 = f.console(4, 2);
+        f.r.join(c1, &s1, f.t0).unwrap();
+        assert_eq!(
+            f.r.join(c2, &s2, f.t0),
+            Err(Refusal::Limit(LimitHit::Sessions))
+        );
+    }
+
+    #[test]
+    fn disconnect_ends_session_and_tells_peer() {
+        let mut f = Fixture::new(Limits::default());
+        let (a, slot) = f.agent(1);
+        let c = f.console(2, 1);
+        f.r.join(c, &slot, f.t0).unwrap();
+        let e = f.r.close(a, f.t0).unwrap();
+        assert_eq!(e.notify, Some(c));
+        assert_eq!(e.reason, EndReason::PeerDisconnected);
+        assert_eq!(
+            f.r.role(c),
+            Some(&Role::Console {
+                technician: tech(1),
+                session: None
+            })
+        );
+        assert_eq!(f.r.connection_count(), 1);
+        assert!(f.r.close(c, f.t0).is_none());
+        assert_eq!(f.r.connection_count(), 0);
+    }
+
+    #[test]
+    fn reregister_replaces_slot() {
+        let mut f = Fixture::new(Limits::default());
+        let (a, s1) = f.agent(1);
+        let s2 = f.r.register(a, f.t0, &mut f.rng).unwrap();
+        assert_ne!(s1, s2);
+        assert_eq!(f.r.waiting_count(), 1);
+        let c = f.console(2, 1);
+        assert_eq!(
+            f.r.join(c, &s1, f.t0),
+            Err(Refusal::Refused(ErrorCode::ExpiredSlot))
+        );
+        f.r.join(c, &s2, f.t0).unwrap();
+    }
+
+    #[test]
+    fn slots_unique_and_grow_when_space_fills() {
+        let mut f = Fixture::new(Limits {
+            max_connections: 100_000,
+            max_connections_per_address: 100_000,
+            ..Limits::default()
+        });
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..2_000 {
+            let (_, s) = f.agent(1);
+            assert!(seen.insert(s.clone()), "slot {s} reused");
+        }
+        let short = seen.iter().filter(|s| s.as_str().len() == 3).count();
+        assert_eq!(short, 500, "3-digit space used up to half");
+        assert!(seen.iter().all(|s| s.as_str().len() <= 4));
+    }
+
+    #[test]
+    fn quarantine_lifts_and_buckets_are_forgotten() {
+        let mut f = Fixture::new(Limits::default());
+        let (a, slot) = f.agent(1);
+        f.r.close(a, f.t0);
+        assert!(f.r.slot_in_use(&slot));
+        f.r.tick(f.t0 + Duration::from_secs(601));
+        assert!(!f.r.slot_in_use(&slot));
+        let c = f.console(2, 1);
+        let _ = f.r.join(c, &slot, f.t0 + Duration::from_secs(601));
+        assert_eq!(f.r.join_by_tech.len(), 1);
+        f.r.tick(f.t0 + Duration::from_secs(700));
+        assert!(f.r.join_by_tech.is_empty());
+        assert!(f.r.join_by_addr.is_empty());
+    }
+
+    #[test]
+    fn end_by_relay_notifies_both() {
+        let mut f = Fixture::new(Limits::default());
+        let (a, slot) = f.agent(1);
+        let c = f.console(2, 1);
+        let p = f.r.join(c, &slot, f.t0).unwrap();
+        let s =
+            f.r.end_by_relay(p.session.id, EndReason::RelayShutdown, f.t0)
+                .unwrap();
+        assert_eq!((s.agent, s.console), (a, c));
+        assert_eq!(f.r.session_count(), 0);
+    }
+}

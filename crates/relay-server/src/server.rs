@@ -1,0 +1,969 @@
+//! The relay's I/O: a quinn endpoint driving the pure [`Registry`], forwarding payloads blind, writing
+//! the audit log and serving metrics.
+//!
+//! Tasks per connection: one reader (this connection's control stream, the handshake deadline), one
+//! writer (messages other tasks queue for this connection). Per paired session: one datagram forwarder
+//! and one payload-stream forwarder per direction, aborted when the session ends. One audit writer and
+//! one housekeeping ticker for the whole relay.
+
+use crate::metrics::Metrics;
+use crate::registry::{
+    ConnId, Ended, Limits, Paired, Refusal, Registry, SessionId, SlotRng, Technician,
+};
+use crate::store::{AuthOutcome, SessionStart, Store, StoreError};
+use bytes::Bytes;
+use prometheus_client::metrics::counter::Counter;
+use quinn::{Connection, RecvStream, SendStream, VarInt};
+use ring::rand::{SecureRandom, SystemRandom};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+use tandem_certs::RelayIdentity;
+use tandem_proto::{
+    ALPN, ClientMsg, EndReason, ErrorCode, FRAME_HEADER, MAX_CONTROL_FRAME, MAX_PAYLOAD_FRAME,
+    ProtoError, RelayMsg, decode_body, encode_frame, frame_len,
+};
+use tokio::sync::{Semaphore, mpsc, watch};
+use tokio::task::{AbortHandle, JoinHandle, JoinSet};
+
+/// How the relay runs (the binary fills this from its TOML file, flags and environment).
+#[derive(Clone, Debug)]
+pub struct ServerConfig {
+    /// UDP address of the QUIC listener.
+    pub listen: SocketAddr,
+    /// TCP address of `/metrics` and `/health` (keep it local); `None` disables it.
+    pub metrics_listen: Option<SocketAddr>,
+    /// Directory of the database.
+    pub data_dir: PathBuf,
+    pub limits: Limits,
+    /// How long shutdown waits for peers to acknowledge the close.
+    pub drain_timeout: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Certs(#[from] tandem_certs::CertError),
+    #[error(transparent)]
+    Net(#[from] tandem_net::NetError),
+    #[error("QUIC TLS configuration: {0}")]
+    Quic(String),
+    #[error("cannot bind metrics listener on {addr}: {source}")]
+    Metrics {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// Messages other tasks queue for a connection's writer.
+enum Outbound {
+    Msg(RelayMsg),
+}
+
+struct ConnHandle {
+    conn: Connection,
+    tx: mpsc::Sender<Outbound>,
+}
+
+/// Per-direction byte counters of a session.
+#[derive(Default)]
+struct SessionBytes {
+    agent_to_console: AtomicU64,
+    console_to_agent: AtomicU64,
+}
+
+struct SessionIo {
+    tasks: Vec<AbortHandle>,
+    bytes: Arc<SessionBytes>,
+}
+
+enum AuditOp {
+    Start {
+        session: SessionId,
+        technician: Technician,
+        slot: String,
+        agent_addr: String,
+        console_addr: String,
+    },
+    End {
+        session: SessionId,
+        agent_to_console: u64,
+        console_to_agent: u64,
+        reason: String,
+    },
+}
+
+struct OsRng(SystemRandom);
+impl SlotRng for OsRng {
+    fn below(&mut self, n: u64) -> u64 {
+        // Rejection sampling for a uniform value; the OS generator does not fail on Linux, and if it
+        // ever did, 0 still yields a valid (if predictable) slot: the secret, not the slot, protects.
+        let zone = u64::MAX - (u64::MAX % n);
+        loop {
+            let mut b = [0u8; 8];
+            if self.0.fill(&mut b).is_err() {
+                return 0;
+            }
+            let v = u64::from_le_bytes(b);
+            if v < zone {
+                return v % n;
+            }
+        }
+    }
+}
+
+struct Shared {
+    registry: Mutex<Registry>,
+    conns: Mutex<HashMap<ConnId, ConnHandle>>,
+    sessions: Mutex<HashMap<SessionId, SessionIo>>,
+    rng: Mutex<OsRng>,
+    auth_store: Arc<Mutex<Store>>,
+    auth_gate: Semaphore,
+    audit_tx: mpsc::UnboundedSender<AuditOp>,
+    metrics: Arc<Metrics>,
+    limits: Limits,
+    draining: AtomicBool,
+}
+
+/// Locks a mutex, recovering from poisoning (a panicking task must not take the relay down).
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Snapshot of the relay's counts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Stats {
+    pub connections: usize,
+    pub sessions: usize,
+    pub agents_waiting: usize,
+}
+
+/// A running relay.
+pub struct RelayHandle {
+    addr: SocketAddr,
+    metrics_addr: Option<SocketAddr>,
+    shared: Arc<Shared>,
+    endpoint: quinn::Endpoint,
+    stop_tx: watch::Sender<bool>,
+    accept_task: JoinHandle<()>,
+    audit_task: JoinHandle<()>,
+    drain_timeout: Duration,
+}
+
+impl RelayHandle {
+    /// The UDP address the relay listens on.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+    /// The TCP address of `/metrics` and `/health`.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
+    }
+    pub fn metrics(&self) -> Arc<Metrics> {
+        self.shared.metrics.clone()
+    }
+    pub fn stats(&self) -> Stats {
+        stats(&self.shared)
+    }
+
+    /// Drains: stops accepting, ends every session with [`EndReason::RelayShutdown`], tells every peer
+    /// and closes its connection, waits (bounded) for the closes to be acknowledged, flushes the audit
+    /// log.
+    pub async fn shutdown(self) {
+        tracing::info!("draining: no new connections, telling peers");
+        self.shared.draining.store(true, Ordering::SeqCst);
+        let _ = self.stop_tx.send(true);
+        self.endpoint.set_server_config(None);
+        let now = Instant::now();
+        let ids = lock(&self.shared.registry).session_ids();
+        for id in ids {
+            let ended = lock(&self.shared.registry).end_by_relay(id, EndReason::RelayShutdown, now);
+            if let Some(session) = ended {
+                finish_session_io(&self.shared, session.id, &EndReason::RelayShutdown);
+            }
+        }
+        let handles: Vec<(mpsc::Sender<Outbound>, Connection)> = lock(&self.shared.conns)
+            .values()
+            .map(|h| (h.tx.clone(), h.conn.clone()))
+            .collect();
+        for (tx, conn) in &handles {
+            let _ = tx.try_send(Outbound::Msg(RelayMsg::ShuttingDown));
+            // Give the writer a moment to put the notice on the wire before the close.
+            let _ = tokio::time::timeout(Duration::from_millis(50), tx.reserve()).await;
+            close(conn, ErrorCode::ShuttingDown, "the relay is shutting down");
+        }
+        let _ = tokio::time::timeout(self.drain_timeout, self.endpoint.wait_idle()).await;
+        self.accept_task.abort();
+        // Every connection task has ended (or been told to); dropping the shared state closes the
+        // audit channel once they are gone, then the writer finishes.
+        let audit_task = self.audit_task;
+        drop(self.shared);
+        let _ = tokio::time::timeout(Duration::from_secs(5), audit_task).await;
+        tracing::info!("relay stopped");
+    }
+}
+
+fn stats(shared: &Shared) -> Stats {
+    let r = lock(&shared.registry);
+    Stats {
+        connections: r.connection_count(),
+        sessions: r.session_count(),
+        agents_waiting: r.waiting_count(),
+    }
+}
+
+fn close(conn: &Connection, code: ErrorCode, reason: &str) {
+    conn.close(VarInt::from_u32(code as u32), reason.as_bytes());
+}
+
+/// Starts the relay: opens the store (closing audit rows a crash left open), binds the QUIC endpoint
+/// and the metrics listener, and spawns the accept loop.
+pub async fn start(
+    cfg: ServerConfig,
+    identity: &RelayIdentity,
+) -> Result<RelayHandle, ServerError> {
+    let auth_store = Store::open(&cfg.data_dir)?;
+    let audit_store = Store::open(&cfg.data_dir)?;
+    let dangling = audit_store.close_dangling()?;
+    if dangling > 0 {
+        tracing::warn!(
+            sessions = dangling,
+            "closed audit rows left open by a relay that stopped without draining"
+        );
+    }
+    let tls = tandem_certs::server_config(identity, ALPN)?;
+    let quic_tls = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
+        .map_err(|e| ServerError::Quic(e.to_string()))?;
+    let mut server_cfg = quinn::ServerConfig::with_crypto(Arc::new(quic_tls));
+    server_cfg.transport_config(Arc::new(tandem_net::transport_config(false)));
+    let endpoint = tandem_net::server_endpoint(cfg.listen, server_cfg)?;
+    let addr = endpoint
+        .local_addr()
+        .map_err(|e| ServerError::Net(tandem_net::NetError::Endpoint(e)))?;
+
+    let metrics = Arc::new(Metrics::new());
+    let (audit_tx, audit_rx) = mpsc::unbounded_channel();
+    let audit_task = tokio::task::spawn_blocking(move || audit_writer(audit_store, audit_rx));
+    let shared = Arc::new(Shared {
+        registry: Mutex::new(Registry::new(cfg.limits.clone())),
+        conns: Mutex::new(HashMap::new()),
+        sessions: Mutex::new(HashMap::new()),
+        rng: Mutex::new(OsRng(SystemRandom::new())),
+        auth_store: Arc::new(Mutex::new(auth_store)),
+        auth_gate: Semaphore::new(2),
+        audit_tx,
+        metrics: metrics.clone(),
+        limits: cfg.limits.clone(),
+        draining: AtomicBool::new(false),
+    });
+    let (stop_tx, stop_rx) = watch::channel(false);
+
+    let metrics_addr = match cfg.metrics_listen {
+        Some(a) => Some(crate::http::serve(a, shared_view(&shared), stop_rx.clone()).await?),
+        None => None,
+    };
+
+    tokio::spawn(ticker(Arc::downgrade(&shared), stop_rx.clone()));
+    let accept_task = tokio::spawn(accept_loop(endpoint.clone(), shared.clone(), stop_rx));
+    tracing::info!(%addr, "relay listening");
+    Ok(RelayHandle {
+        addr,
+        metrics_addr,
+        shared,
+        endpoint,
+        stop_tx,
+        accept_task,
+        audit_task,
+        drain_timeout: cfg.drain_timeout,
+    })
+}
+
+/// What the HTTP endpoint needs to see.
+pub(crate) struct View {
+    shared: std::sync::Weak<Shared>,
+    metrics: Arc<Metrics>,
+}
+impl View {
+    pub(crate) fn metrics_text(&self) -> String {
+        if let Some(s) = self.shared.upgrade() {
+            refresh_gauges(&s);
+        }
+        self.metrics.encode()
+    }
+    pub(crate) fn health(&self) -> Option<(bool, Stats)> {
+        let s = self.shared.upgrade()?;
+        Some((!s.draining.load(Ordering::SeqCst), stats(&s)))
+    }
+}
+fn shared_view(shared: &Arc<Shared>) -> Arc<View> {
+    Arc::new(View {
+        shared: Arc::downgrade(shared),
+        metrics: shared.metrics.clone(),
+    })
+}
+
+fn refresh_gauges(shared: &Shared) {
+    let s = stats(shared);
+    shared.metrics.connections.set(s.connections as i64);
+    shared.metrics.sessions.set(s.sessions as i64);
+    shared.metrics.agents_waiting.set(s.agents_waiting as i64);
+}
+
+async fn accept_loop(
+    endpoint: quinn::Endpoint,
+    shared: Arc<Shared>,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        let incoming = tokio::select! {
+            i = endpoint.accept() => match i { Some(i) => i, None => return },
+            _ = stop.changed() => return,
+        };
+        tokio::spawn(serve_incoming(shared.clone(), incoming));
+    }
+}
+
+async fn ticker(shared: std::sync::Weak<Shared>, mut stop: watch::Receiver<bool>) {
+    let mut iv = tokio::time::interval(Duration::from_millis(500));
+    loop {
+        tokio::select! {
+            _ = iv.tick() => {}
+            _ = stop.changed() => return,
+        }
+        let Some(shared) = shared.upgrade() else {
+            return;
+        };
+        let expired = lock(&shared.registry).tick(Instant::now());
+        for e in expired {
+            let tx = lock(&shared.conns).get(&e.agent).map(|h| h.tx.clone());
+            if let Some(tx) = tx {
+                let _ = tx.try_send(Outbound::Msg(RelayMsg::SlotExpired { slot: e.slot }));
+            }
+        }
+        refresh_gauges(&shared);
+    }
+}
+
+async fn serve_incoming(shared: Arc<Shared>, incoming: quinn::Incoming) {
+    let remote = incoming.remote_address();
+    let admitted = if shared.draining.load(Ordering::SeqCst) {
+        Err(None)
+    } else {
+        lock(&shared.registry).open(remote.ip()).map_err(Some)
+    };
+    // Even a refused connection completes its handshake (bounded), so that the client hears why.
+    let connecting = match incoming.accept() {
+        Ok(c) => c,
+        Err(e) => {
+            if let Ok(id) = admitted {
+                lock(&shared.registry).close(id, Instant::now());
+            }
+            tracing::debug!(%remote, error = %e, "handshake failed");
+            return;
+        }
+    };
+    let conn = match tokio::time::timeout(shared.limits.handshake_timeout, connecting).await {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => {
+            tracing::debug!(%remote, error = %e, "handshake failed");
+            if let Ok(id) = admitted {
+                lock(&shared.registry).close(id, Instant::now());
+            }
+            return;
+        }
+        Err(_) => {
+            shared.metrics.handshake_timeouts.inc();
+            if let Ok(id) = admitted {
+                lock(&shared.registry).close(id, Instant::now());
+            }
+            return;
+        }
+    };
+    let id = match admitted {
+        Ok(id) => id,
+        Err(limit) => {
+            let code = match limit {
+                Some(l) => {
+                    shared
+                        .metrics
+                        .connections_refused
+                        .get_or_create(&crate::metrics::Limit {
+                            limit: l.label().into(),
+                        })
+                        .inc();
+                    shared.metrics.limit(l.label());
+                    tracing::info!(%remote, limit = l.label(), "connection refused");
+                    l.code()
+                }
+                None => ErrorCode::ShuttingDown,
+            };
+            close(&conn, code, code.explain());
+            return;
+        }
+    };
+    shared.metrics.connections_accepted.inc();
+    let (tx, rx) = mpsc::channel(64);
+    lock(&shared.conns).insert(
+        id,
+        ConnHandle {
+            conn: conn.clone(),
+            tx: tx.clone(),
+        },
+    );
+    tracing::debug!(conn = id, %remote, "connected");
+
+    let result = run_connection(&shared, id, &conn, tx, rx).await;
+
+    lock(&shared.conns).remove(&id);
+    let ended = lock(&shared.registry).close(id, Instant::now());
+    if let Some(e) = ended {
+        finish_session(&shared, e);
+    }
+    match result {
+        Ok(()) => close(&conn, ErrorCode::Normal, "bye"),
+        Err(Close::Peer) => {}
+        Err(Close::With(code, why)) => {
+            tracing::info!(conn = id, %remote, code = code.label(), "closing connection: {why}");
+            close(&conn, code, &why);
+        }
+    }
+}
+
+/// How a connection ends.
+enum Close {
+    /// The peer closed or the connection was lost.
+    Peer,
+    /// The relay closes it with this code and reason.
+    With(ErrorCode, String),
+}
+
+impl Close {
+    fn code(code: ErrorCode) -> Close {
+        Close::With(code, code.explain().to_string())
+    }
+}
+
+async fn read_msg(recv: &mut RecvStream, shared: &Shared) -> Result<ClientMsg, Close> {
+    let mut header = [0u8; FRAME_HEADER];
+    match recv.read_exact(&mut header).await {
+        Ok(()) => {}
+        Err(_) => return Err(Close::Peer),
+    }
+    let len = frame_len(header, MAX_CONTROL_FRAME).map_err(|e| protocol_error(shared, e))?;
+    let mut body = vec![0u8; len];
+    recv.read_exact(&mut body).await.map_err(|_| Close::Peer)?;
+    decode_body::<ClientMsg>(&body).map_err(|e| protocol_error(shared, e))
+}
+
+fn protocol_error(shared: &Shared, e: ProtoError) -> Close {
+    let code = e.code();
+    Metrics::inc(&shared.metrics.protocol_errors, code.label());
+    Close::With(code, e.to_string())
+}
+
+async fn writer(mut send: SendStream, mut rx: mpsc::Receiver<Outbound>) {
+    while let Some(Outbound::Msg(m)) = rx.recv().await {
+        let frame = match encode_frame(&m, MAX_CONTROL_FRAME) {
+            Ok(f) => f,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot encode relay message");
+                continue;
+            }
+        };
+        if send.write_all(&frame).await.is_err() {
+            return;
+        }
+    }
+    let _ = send.finish();
+}
+
+async fn run_connection(
+    shared: &Arc<Shared>,
+    id: ConnId,
+    conn: &Connection,
+    tx: mpsc::Sender<Outbound>,
+    rx: mpsc::Receiver<Outbound>,
+) -> Result<(), Close> {
+    let deadline = tokio::time::Instant::now() + shared.limits.handshake_timeout;
+    let timeout = || {
+        shared.metrics.handshake_timeouts.inc();
+        Close::code(ErrorCode::HandshakeTimeout)
+    };
+    let (send, mut recv) = match tokio::time::timeout_at(deadline, conn.accept_bi()).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(_)) => return Err(Close::Peer),
+        Err(_) => return Err(timeout()),
+    };
+    let writer_task = tokio::spawn(writer(send, rx));
+    let _writer_guard = AbortOnDrop(writer_task.abort_handle());
+    let mut identified = false;
+    loop {
+        let msg = if identified {
+            read_msg(&mut recv, shared).await?
+        } else {
+            match tokio::time::timeout_at(deadline, read_msg(&mut recv, shared)).await {
+                Ok(m) => m?,
+                Err(_) => return Err(timeout()),
+            }
+        };
+        let now = Instant::now();
+        match msg {
+            ClientMsg::Register { client } => {
+                let res = {
+                    let mut rng = lock(&shared.rng);
+                    lock(&shared.registry).register(id, now, &mut *rng)
+                };
+                let slot = res.map_err(|r| refusal_close(shared, r))?;
+                identified = true;
+                tracing::info!(conn = id, software = %client.software, "agent registered a slot");
+                send_msg(
+                    &tx,
+                    RelayMsg::Registered {
+                        slot,
+                        expires_in_secs: shared.limits.slot_ttl.as_secs() as u32,
+                    },
+                )
+                .await?;
+            }
+            ClientMsg::Authenticate { token, client } => {
+                lock(&shared.registry)
+                    .auth_attempt(id, now)
+                    .map_err(|r| refusal_close(shared, r))?;
+                let outcome = authenticate(shared, token.expose().to_string()).await?;
+                match outcome {
+                    AuthOutcome::Ok(tech) => {
+                        lock(&shared.registry)
+                            .authenticated(id, tech.clone())
+                            .map_err(|r| refusal_close(shared, r))?;
+                        identified = true;
+                        tracing::info!(
+                            conn = id,
+                            technician = %tech.name,
+                            organisation = %tech.organisation,
+                            software = %client.software,
+                            "technician authenticated"
+                        );
+                        send_msg(
+                            &tx,
+                            RelayMsg::Authenticated {
+                                technician: tech.name,
+                                organisation: tech.organisation,
+                            },
+                        )
+                        .await?;
+                    }
+                    AuthOutcome::BadToken => {
+                        Metrics::inc(&shared.metrics.auth_failures, "bad_token");
+                        return Err(Close::code(ErrorCode::BadToken));
+                    }
+                    AuthOutcome::Disabled => {
+                        Metrics::inc(&shared.metrics.auth_failures, "disabled");
+                        return Err(Close::code(ErrorCode::TechnicianDisabled));
+                    }
+                }
+            }
+            ClientMsg::Join { slot } => {
+                let res = {
+                    let mut reg = lock(&shared.registry);
+                    let res = reg.join(id, &slot, now);
+                    if let Ok(p) = &res {
+                        // Start forwarding while the registry is locked, so that no end of this
+                        // session can be processed before its forwarders exist.
+                        start_session_io(shared, p);
+                    }
+                    res
+                };
+                match res {
+                    Ok(p) => {
+                        shared.metrics.sessions_started.inc();
+                        tracing::info!(
+                            session = p.session.id,
+                            technician = %p.session.technician.name,
+                            "session paired"
+                        );
+                    }
+                    Err(Refusal::Fatal(code)) => {
+                        Metrics::inc(&shared.metrics.protocol_errors, code.label());
+                        return Err(Close::code(code));
+                    }
+                    Err(r) => {
+                        if let Refusal::Limit(l) = r {
+                            shared.metrics.limit(l.label());
+                        }
+                        let code = r.code();
+                        Metrics::inc(&shared.metrics.joins_refused, code.label());
+                        send_msg(
+                            &tx,
+                            RelayMsg::Refused {
+                                code,
+                                message: code.explain().into(),
+                            },
+                        )
+                        .await?;
+                    }
+                }
+            }
+            ClientMsg::Ping { nonce } => send_msg(&tx, RelayMsg::Pong { nonce }).await?,
+            ClientMsg::End { reason } => {
+                let ended = lock(&shared.registry).end(id, reason, now);
+                if let Some(e) = ended {
+                    finish_session(shared, e);
+                }
+            }
+        }
+    }
+}
+
+struct AbortOnDrop(AbortHandle);
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+async fn send_msg(tx: &mpsc::Sender<Outbound>, m: RelayMsg) -> Result<(), Close> {
+    tx.send(Outbound::Msg(m)).await.map_err(|_| Close::Peer)
+}
+
+fn refusal_close(shared: &Shared, r: Refusal) -> Close {
+    match r {
+        Refusal::Limit(l) => shared.metrics.limit(l.label()),
+        Refusal::Fatal(c) | Refusal::Refused(c) => {
+            Metrics::inc(&shared.metrics.protocol_errors, c.label())
+        }
+    }
+    Close::code(r.code())
+}
+
+async fn authenticate(shared: &Arc<Shared>, token: String) -> Result<AuthOutcome, Close> {
+    // At most two Argon2 verifications at a time: a flood of logins queues instead of starving
+    // forwarding of CPU.
+    let _permit = shared
+        .auth_gate
+        .acquire()
+        .await
+        .map_err(|_| Close::code(ErrorCode::ShuttingDown))?;
+    let store = shared.auth_store.clone();
+    let res = tokio::task::spawn_blocking(move || lock(&store).authenticate(&token)).await;
+    match res {
+        Ok(Ok(o)) => Ok(o),
+        Ok(Err(e)) => {
+            tracing::error!(error = %e, "technician store failed");
+            Err(Close::code(ErrorCode::Internal))
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "authentication task failed");
+            Err(Close::code(ErrorCode::Internal))
+        }
+    }
+}
+
+/// Spawns the forwarders of a freshly paired session and tells both sides. Called with the registry
+/// locked (see the caller), so it must not block.
+fn start_session_io(shared: &Arc<Shared>, p: &Paired) {
+    let s = &p.session;
+    let (agent, console) = {
+        let conns = lock(&shared.conns);
+        match (conns.get(&s.agent), conns.get(&s.console)) {
+            (Some(a), Some(c)) => (
+                (a.conn.clone(), a.tx.clone()),
+                (c.conn.clone(), c.tx.clone()),
+            ),
+            // A side is already gone; its connection task will end the session.
+            _ => return,
+        }
+    };
+    let bytes = Arc::new(SessionBytes::default());
+    let m = &shared.metrics;
+    let rate = shared.limits.session_bytes_per_second;
+    let mut tasks = Vec::with_capacity(4);
+    for (from, to, dir) in [
+        (&agent.0, &console.0, Direction::AgentToConsole),
+        (&console.0, &agent.0, Direction::ConsoleToAgent),
+    ] {
+        let bucket = rate.map(|r| Arc::new(Mutex::new(ByteBucket::new(r))));
+        let flow = Flow {
+            bytes: bytes.clone(),
+            dir,
+            m_bytes_dgram: m.flow_bytes(dir.label(), "datagram"),
+            m_bytes_stream: m.flow_bytes(dir.label(), "stream"),
+            m_dgrams: m.flow_datagrams(dir.label()),
+            metrics: m.clone(),
+            bucket,
+        };
+        let f = Arc::new(flow);
+        tasks.push(
+            tokio::spawn(forward_datagrams(from.clone(), to.clone(), f.clone())).abort_handle(),
+        );
+        tasks.push(tokio::spawn(forward_streams(from.clone(), to.clone(), f)).abort_handle());
+    }
+    lock(&shared.sessions).insert(s.id, SessionIo { tasks, bytes });
+    let _ = shared.audit_tx.send(AuditOp::Start {
+        session: s.id,
+        technician: s.technician.clone(),
+        slot: s.slot.to_string(),
+        agent_addr: agent.0.remote_address().to_string(),
+        console_addr: console.0.remote_address().to_string(),
+    });
+    let _ = agent.1.try_send(Outbound::Msg(RelayMsg::Paired {
+        technician: s.technician.name.clone(),
+        organisation: s.technician.organisation.clone(),
+    }));
+    let _ = console.1.try_send(Outbound::Msg(RelayMsg::Joined {
+        slot: s.slot.clone(),
+    }));
+}
+
+/// Stops a session's forwarders and closes its audit row.
+fn finish_session_io(shared: &Shared, id: SessionId, reason: &EndReason) {
+    let io = lock(&shared.sessions).remove(&id);
+    let (a2c, c2a) = match io {
+        Some(io) => {
+            for t in io.tasks {
+                t.abort();
+            }
+            (
+                io.bytes.agent_to_console.load(Ordering::Relaxed),
+                io.bytes.console_to_agent.load(Ordering::Relaxed),
+            )
+        }
+        None => (0, 0),
+    };
+    Metrics::inc(&shared.metrics.sessions_ended, reason.label());
+    let _ = shared.audit_tx.send(AuditOp::End {
+        session: id,
+        agent_to_console: a2c,
+        console_to_agent: c2a,
+        reason: reason.label().to_string(),
+    });
+    tracing::info!(
+        session = id,
+        reason = reason.label(),
+        bytes_agent_to_console = a2c,
+        bytes_console_to_agent = c2a,
+        "session ended"
+    );
+}
+
+fn finish_session(shared: &Shared, e: Ended) {
+    finish_session_io(shared, e.session.id, &e.reason);
+    if let Some(peer) = e.notify {
+        let tx = lock(&shared.conns).get(&peer).map(|h| h.tx.clone());
+        if let Some(tx) = tx {
+            let _ = tx.try_send(Outbound::Msg(RelayMsg::SessionEnded { reason: e.reason }));
+        }
+    }
+}
+
+fn audit_writer(store: Store, mut rx: mpsc::UnboundedReceiver<AuditOp>) {
+    let mut rows: HashMap<SessionId, i64> = HashMap::new();
+    while let Some(op) = rx.blocking_recv() {
+        match op {
+            AuditOp::Start {
+                session,
+                technician,
+                slot,
+                agent_addr,
+                console_addr,
+            } => match store.audit_start(&SessionStart {
+                technician: &technician,
+                slot: &slot,
+                agent_addr,
+                console_addr,
+            }) {
+                Ok(row) => {
+                    rows.insert(session, row);
+                }
+                Err(e) => tracing::error!(error = %e, "cannot write audit row"),
+            },
+            AuditOp::End {
+                session,
+                agent_to_console,
+                console_to_agent,
+                reason,
+            } => {
+                if let Some(row) = rows.remove(&session)
+                    && let Err(e) =
+                        store.audit_end(row, agent_to_console, console_to_agent, &reason)
+                {
+                    tracing::error!(error = %e, "cannot close audit row");
+                }
+            }
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Direction {
+    AgentToConsole,
+    ConsoleToAgent,
+}
+impl Direction {
+    fn label(self) -> &'static str {
+        match self {
+            Direction::AgentToConsole => "agent_to_console",
+            Direction::ConsoleToAgent => "console_to_agent",
+        }
+    }
+}
+
+/// Byte-rate limiter of one direction of a session (burst: one second's worth).
+struct ByteBucket {
+    rate: f64,
+    tokens: f64,
+    last: Instant,
+}
+impl ByteBucket {
+    fn new(rate: u64) -> Self {
+        ByteBucket {
+            rate: rate as f64,
+            tokens: rate as f64,
+            last: Instant::now(),
+        }
+    }
+    fn refill(&mut self) {
+        let now = Instant::now();
+        self.tokens =
+            (self.tokens + now.duration_since(self.last).as_secs_f64() * self.rate).min(self.rate);
+        self.last = now;
+    }
+    /// Takes `n` bytes if available.
+    fn try_take(&mut self, n: usize) -> bool {
+        self.refill();
+        if self.tokens >= n as f64 {
+            self.tokens -= n as f64;
+            true
+        } else {
+            false
+        }
+    }
+    /// Takes `n` bytes, possibly going into debt; returns how long to wait before sending.
+    fn take_wait(&mut self, n: usize) -> Duration {
+        self.refill();
+        self.tokens -= n as f64;
+        if self.tokens >= 0.0 {
+            Duration::ZERO
+        } else {
+            Duration::from_secs_f64(-self.tokens / self.rate)
+        }
+    }
+}
+
+struct Flow {
+    bytes: Arc<SessionBytes>,
+    dir: Direction,
+    m_bytes_dgram: Counter,
+    m_bytes_stream: Counter,
+    m_dgrams: Counter,
+    metrics: Arc<Metrics>,
+    bucket: Option<Arc<Mutex<ByteBucket>>>,
+}
+
+impl Flow {
+    fn count(&self, n: usize) {
+        let c = match self.dir {
+            Direction::AgentToConsole => &self.bytes.agent_to_console,
+            Direction::ConsoleToAgent => &self.bytes.console_to_agent,
+        };
+        c.fetch_add(n as u64, Ordering::Relaxed);
+    }
+}
+
+async fn forward_datagrams(from: Connection, to: Connection, flow: Arc<Flow>) {
+    loop {
+        let d: Bytes = match from.read_datagram().await {
+            Ok(d) => d,
+            Err(_) => return,
+        };
+        let n = d.len();
+        if let Some(b) = &flow.bucket
+            && !lock(b).try_take(n)
+        {
+            Metrics::inc(&flow.metrics.dropped_datagrams, "rate_limited");
+            continue;
+        }
+        match to.send_datagram(d) {
+            Ok(()) => {
+                flow.count(n);
+                flow.m_bytes_dgram.inc_by(n as u64);
+                flow.m_dgrams.inc();
+            }
+            Err(quinn::SendDatagramError::TooLarge) => {
+                Metrics::inc(&flow.metrics.dropped_datagrams, "too_large")
+            }
+            Err(_) => return,
+        }
+    }
+}
+
+async fn forward_streams(from: Connection, to: Connection, flow: Arc<Flow>) {
+    let mut pipes = JoinSet::new();
+    loop {
+        tokio::select! {
+            s = from.accept_uni() => match s {
+                Ok(recv) => {
+                    pipes.spawn(pipe_stream(recv, from.clone(), to.clone(), flow.clone()));
+                }
+                Err(_) => return,
+            },
+            Some(_) = pipes.join_next(), if !pipes.is_empty() => {}
+        }
+    }
+}
+
+/// Copies length-prefixed payload frames from one side's stream to a stream to the other side,
+/// checking only each frame's length.
+async fn pipe_stream(mut recv: RecvStream, from: Connection, to: Connection, flow: Arc<Flow>) {
+    let Ok(mut send) = to.open_uni().await else {
+        return;
+    };
+    let mut header = [0u8; FRAME_HEADER];
+    let mut body = Vec::with_capacity(2048);
+    loop {
+        match recv.read_exact(&mut header).await {
+            Ok(()) => {}
+            Err(quinn::ReadExactError::FinishedEarly(0)) => {
+                let _ = send.finish();
+                return;
+            }
+            Err(_) => {
+                let _ = send.reset(VarInt::from_u32(0));
+                return;
+            }
+        }
+        let len = match frame_len(header, MAX_PAYLOAD_FRAME) {
+            Ok(l) => l,
+            Err(e) => {
+                Metrics::inc(&flow.metrics.protocol_errors, ErrorCode::Oversized.label());
+                close(&from, ErrorCode::Oversized, &e.to_string());
+                return;
+            }
+        };
+        body.resize(len, 0);
+        if recv.read_exact(&mut body).await.is_err() {
+            let _ = send.reset(VarInt::from_u32(0));
+            return;
+        }
+        if let Some(b) = &flow.bucket {
+            let wait = lock(b).take_wait(FRAME_HEADER + len);
+            if !wait.is_zero() {
+                tokio::time::sleep(wait).await;
+            }
+        }
+        if send.write_all(&header).await.is_err() || send.write_all(&body).await.is_err() {
+            return;
+        }
+        flow.count(len);
+        flow.m_bytes_stream.inc_by(len as u64);
+    }
+}
+
+/// Path helpers for the binary.
+pub fn db_path(data_dir: &Path) -> PathBuf {
+    data_dir.join(crate::store::DB_FILE)
+}

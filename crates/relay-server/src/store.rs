@@ -1,0 +1,618 @@
+//! The relay's embedded store (SQLite): organisations, technicians and the audit log.
+//!
+//! * Technician tokens look like `tnd_<id>_<64 hex digits>`: the id finds the row, the 256-bit secret is
+//!   checked against an Argon2id hash. The token itself is never stored and is printed once.
+//! * The audit log holds session metadata only: who, which organisation, slot, source addresses, start,
+//!   end, bytes each way and how it ended. Never content, never the secret part of a code.
+//! * Schema changes are numbered migrations tracked in `PRAGMA user_version`.
+
+use crate::registry::{Technician, TechnicianId};
+use argon2::Argon2;
+use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
+use ring::rand::{SecureRandom, SystemRandom};
+use rusqlite::{Connection, OptionalExtension, params};
+use serde::Serialize;
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+/// File name of the database inside the data directory.
+pub const DB_FILE: &str = "relay.db";
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database {path}: {source}")]
+    Open {
+        path: PathBuf,
+        source: rusqlite::Error,
+    },
+    #[error("database error: {0}")]
+    Sql(#[from] rusqlite::Error),
+    #[error(
+        "database schema version {found} is newer than this relay understands ({known}); upgrade tandem-relay"
+    )]
+    TooNew { found: i64, known: i64 },
+    #[error("no technician {0:?}")]
+    NoSuchTechnician(String),
+    #[error("technician name {0:?} exists in several organisations; give --org")]
+    Ambiguous(String),
+    #[error("technician {name:?} already exists in organisation {organisation:?}")]
+    Exists { name: String, organisation: String },
+    #[error("{0} must be 1 to 128 printable characters")]
+    BadName(&'static str),
+    #[error("the operating system's random generator failed")]
+    Random,
+    #[error("password hashing failed: {0}")]
+    Hash(String),
+}
+
+/// Result of checking a token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AuthOutcome {
+    Ok(Technician),
+    BadToken,
+    Disabled,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct TechnicianRow {
+    pub id: TechnicianId,
+    pub name: String,
+    pub organisation: String,
+    pub disabled: bool,
+    /// Unix seconds.
+    pub created_at: i64,
+    pub last_login_at: Option<i64>,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct AuditRow {
+    pub id: i64,
+    pub technician: String,
+    pub organisation: String,
+    pub slot: String,
+    pub agent_addr: String,
+    pub console_addr: String,
+    /// Unix milliseconds.
+    pub started_at_ms: i64,
+    pub ended_at_ms: Option<i64>,
+    pub bytes_agent_to_console: i64,
+    pub bytes_console_to_agent: i64,
+    pub end_reason: Option<String>,
+}
+
+/// What the relay records when a session starts.
+#[derive(Debug, Clone)]
+pub struct SessionStart<'a> {
+    pub technician: &'a Technician,
+    pub slot: &'a str,
+    pub agent_addr: String,
+    pub console_addr: String,
+}
+
+const MIGRATIONS: &[&str] = &[
+    // 1: initial schema
+    "CREATE TABLE organisations (
+        id INTEGER PRIMARY KEY,
+        name TEXT NOT NULL UNIQUE,
+        created_at INTEGER NOT NULL
+    );
+    CREATE TABLE technicians (
+        id INTEGER PRIMARY KEY,
+        organisation_id INTEGER NOT NULL REFERENCES organisations(id),
+        name TEXT NOT NULL,
+        token_hash TEXT NOT NULL,
+        disabled INTEGER NOT NULL DEFAULT 0,
+        created_at INTEGER NOT NULL,
+        last_login_at INTEGER,
+        UNIQUE (organisation_id, name)
+    );
+    CREATE TABLE sessions (
+        id INTEGER PRIMARY KEY,
+        technician_id INTEGER REFERENCES technicians(id),
+        technician TEXT NOT NULL,
+        organisation TEXT NOT NULL,
+        slot TEXT NOT NULL,
+        agent_addr TEXT NOT NULL,
+        console_addr TEXT NOT NULL,
+        started_at_ms INTEGER NOT NULL,
+        ended_at_ms INTEGER,
+        bytes_agent_to_console INTEGER NOT NULL DEFAULT 0,
+        bytes_console_to_agent INTEGER NOT NULL DEFAULT 0,
+        end_reason TEXT
+    );
+    CREATE INDEX sessions_started ON sessions (started_at_ms);",
+];
+
+/// A fixed Argon2id hash compared against when the token names no technician, so that an unknown id
+/// costs as much time as a wrong secret.
+const DUMMY_HASH: &str = "$argon2id$v=19$m=19456,t=2,p=1$c29tZXNhbHRzb21lc2FsdA$VjJ0+rWGk0b4PHVl5RM2rUY1+ZQZr1gVbObz1Ga5mR8";
+
+pub struct Store {
+    conn: Connection,
+    rng: SystemRandom,
+}
+
+fn now_secs() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+pub fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+fn check_name(s: &str, what: &'static str) -> Result<(), StoreError> {
+    if s.is_empty() || s.len() > 128 || s.chars().any(|c| c.is_control()) {
+        Err(StoreError::BadName(what))
+    } else {
+        Ok(())
+    }
+}
+
+impl Store {
+    /// Opens (creating if needed) the database in `data_dir` and applies pending migrations.
+    pub fn open(data_dir: &Path) -> Result<Self, StoreError> {
+        let path = data_dir.join(DB_FILE);
+        let conn = Connection::open(&path).map_err(|source| StoreError::Open {
+            path: path.clone(),
+            source,
+        })?;
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            // Holds token hashes and the audit log: owner only.
+            let _ = std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600));
+        }
+        Self::init(conn)
+    }
+
+    /// An in-memory store (tests).
+    pub fn open_in_memory() -> Result<Self, StoreError> {
+        Self::init(Connection::open_in_memory()?)
+    }
+
+    fn init(mut conn: Connection) -> Result<Self, StoreError> {
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        conn.pragma_update(None, "foreign_keys", true)?;
+        // WAL lets admin commands run while the relay writes; ignored for in-memory databases.
+        let _: String = conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))?;
+        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+        let known = MIGRATIONS.len() as i64;
+        if version > known {
+            return Err(StoreError::TooNew {
+                found: version,
+                known,
+            });
+        }
+        for (i, sql) in MIGRATIONS.iter().enumerate().skip(version as usize) {
+            let tx = conn.transaction()?;
+            tx.execute_batch(sql)?;
+            tx.pragma_update(None, "user_version", (i + 1) as i64)?;
+            tx.commit()?;
+            tracing::info!(version = i + 1, "applied database migration");
+        }
+        Ok(Store {
+            conn,
+            rng: SystemRandom::new(),
+        })
+    }
+
+    pub fn schema_version(&self) -> Result<i64, StoreError> {
+        Ok(self
+            .conn
+            .query_row("PRAGMA user_version", [], |r| r.get(0))?)
+    }
+
+    fn new_secret(&self) -> Result<(String, String), StoreError> {
+        let mut secret = [0u8; 32];
+        self.rng.fill(&mut secret).map_err(|_| StoreError::Random)?;
+        let hex: String = secret.iter().map(|b| format!("{b:02x}")).collect();
+        let mut salt = [0u8; 16];
+        self.rng.fill(&mut salt).map_err(|_| StoreError::Random)?;
+        let salt = SaltString::encode_b64(&salt).map_err(|e| StoreError::Hash(e.to_string()))?;
+        let hash = Argon2::default()
+            .hash_password(hex.as_bytes(), &salt)
+            .map_err(|e| StoreError::Hash(e.to_string()))?
+            .to_string();
+        Ok((hex, hash))
+    }
+
+    /// Adds a technician (creating the organisation if new) and returns it with its token, which is
+    /// shown once and never stored.
+    pub fn add_technician(
+        &mut self,
+        organisation: &str,
+        name: &str,
+    ) -> Result<(TechnicianRow, String), StoreError> {
+        check_name(organisation, "organisation")?;
+        check_name(name, "technician name")?;
+        let (secret, hash) = self.new_secret()?;
+        let now = now_secs();
+        let tx = self.conn.transaction()?;
+        tx.execute(
+            "INSERT OR IGNORE INTO organisations (name, created_at) VALUES (?1, ?2)",
+            params![organisation, now],
+        )?;
+        let org_id: i64 = tx.query_row(
+            "SELECT id FROM organisations WHERE name = ?1",
+            [organisation],
+            |r| r.get(0),
+        )?;
+        let res = tx.execute(
+            "INSERT INTO technicians (organisation_id, name, token_hash, created_at) VALUES (?1, ?2, ?3, ?4)",
+            params![org_id, name, hash, now],
+        );
+        match res {
+            Err(rusqlite::Error::SqliteFailure(e, _))
+                if e.code == rusqlite::ErrorCode::ConstraintViolation =>
+            {
+                return Err(StoreError::Exists {
+                    name: name.into(),
+                    organisation: organisation.into(),
+                });
+            }
+            r => {
+                r?;
+            }
+        }
+        let id = tx.last_insert_rowid();
+        tx.commit()?;
+        let row = TechnicianRow {
+            id,
+            name: name.into(),
+            organisation: organisation.into(),
+            disabled: false,
+            created_at: now,
+            last_login_at: None,
+        };
+        Ok((row, format!("tnd_{id}_{secret}")))
+    }
+
+    pub fn list_technicians(&self) -> Result<Vec<TechnicianRow>, StoreError> {
+        let mut st = self.conn.prepare(
+            "SELECT t.id, t.name, o.name, t.disabled, t.created_at, t.last_login_at
+             FROM technicians t JOIN organisations o ON o.id = t.organisation_id ORDER BY o.name, t.name",
+        )?;
+        let rows = st
+            .query_map([], |r| {
+                Ok(TechnicianRow {
+                    id: r.get(0)?,
+                    name: r.get(1)?,
+                    organisation: r.get(2)?,
+                    disabled: r.get(3)?,
+                    created_at: r.get(4)?,
+                    last_login_at: r.get(5)?,
+                })
+            })?
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(rows)
+    }
+
+    /// Finds a technician by numeric id or by name (optionally within an organisation).
+    pub fn find_technician(
+        &self,
+        who: &str,
+        organisation: Option<&str>,
+    ) -> Result<TechnicianRow, StoreError> {
+        let all = self.list_technicians()?;
+        if let Ok(id) = who.parse::<i64>()
+            && let Some(t) = all.iter().find(|t| t.id == id)
+        {
+            return Ok(t.clone());
+        }
+        let matches: Vec<_> = all
+            .into_iter()
+            .filter(|t| t.name == who && organisation.is_none_or(|o| t.organisation == o))
+            .collect();
+        match matches.len() {
+            0 => Err(StoreError::NoSuchTechnician(who.into())),
+            1 => Ok(matches
+                .into_iter()
+                .next()
+                .ok_or_else(|| StoreError::NoSuchTechnician(who.into()))?),
+            _ => Err(StoreError::Ambiguous(who.into())),
+        }
+    }
+
+    pub fn set_disabled(&self, id: TechnicianId, disabled: bool) -> Result<(), StoreError> {
+        let n = self.conn.execute(
+            "UPDATE technicians SET disabled = ?1 WHERE id = ?2",
+            params![disabled, id],
+        )?;
+        if n == 0 {
+            return Err(StoreError::NoSuchTechnician(id.to_string()));
+        }
+        Ok(())
+    }
+
+    /// Replaces a technician's token; the old one stops working at once. Returns the new token.
+    pub fn rotate_token(&self, id: TechnicianId) -> Result<String, StoreError> {
+        let (secret, hash) = self.new_secret()?;
+        let n = self.conn.execute(
+            "UPDATE technicians SET token_hash = ?1 WHERE id = ?2",
+            params![hash, id],
+        )?;
+        if n == 0 {
+            return Err(StoreError::NoSuchTechnician(id.to_string()));
+        }
+        Ok(format!("tnd_{id}_{secret}"))
+    }
+
+    /// Checks a token. Slow on purpose (Argon2id): call it off the async executor.
+    pub fn authenticate(&self, token: &str) -> Result<AuthOutcome, StoreError> {
+        let parsed = parse_token(token);
+        let row: Option<(String, bool, String, String)> = match parsed {
+            Some((id, _)) => self
+                .conn
+                .query_row(
+                    "SELECT t.token_hash, t.disabled, t.name, o.name
+                     FROM technicians t JOIN organisations o ON o.id = t.organisation_id WHERE t.id = ?1",
+                    [id],
+                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+                )
+                .optional()?,
+            None => None,
+        };
+        let secret = parsed.map(|(_, s)| s).unwrap_or("");
+        let hash_str = row.as_ref().map(|r| r.0.as_str()).unwrap_or(DUMMY_HASH);
+        let ok = match PasswordHash::new(hash_str) {
+            Ok(h) => Argon2::default()
+                .verify_password(secret.as_bytes(), &h)
+                .is_ok(),
+            Err(_) => false,
+        };
+        match (row, parsed) {
+            (Some((_, disabled, name, organisation)), Some((id, _))) if ok => {
+                if disabled {
+                    return Ok(AuthOutcome::Disabled);
+                }
+                self.conn.execute(
+                    "UPDATE technicians SET last_login_at = ?1 WHERE id = ?2",
+                    params![now_secs(), id],
+                )?;
+                Ok(AuthOutcome::Ok(Technician {
+                    id,
+                    name,
+                    organisation,
+                }))
+            }
+            _ => Ok(AuthOutcome::BadToken),
+        }
+    }
+
+    /// Records the start of a session; returns the audit row id.
+    pub fn audit_start(&self, s: &SessionStart<'_>) -> Result<i64, StoreError> {
+        self.conn.execute(
+            "INSERT INTO sessions (technician_id, technician, organisation, slot, agent_addr, console_addr, started_at_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            params![
+                s.technician.id,
+                s.technician.name,
+                s.technician.organisation,
+                s.slot,
+                s.agent_addr,
+                s.console_addr,
+                now_ms()
+            ],
+        )?;
+        Ok(self.conn.last_insert_rowid())
+    }
+
+    /// Records the end of a session.
+    pub fn audit_end(
+        &self,
+        row: i64,
+        agent_to_console: u64,
+        console_to_agent: u64,
+        reason: &str,
+    ) -> Result<(), StoreError> {
+        self.conn.execute(
+            "UPDATE sessions SET ended_at_ms = ?1, bytes_agent_to_console = ?2, bytes_console_to_agent = ?3, end_reason = ?4
+             WHERE id = ?5",
+            params![
+                now_ms(),
+                agent_to_console as i64,
+                console_to_agent as i64,
+                reason,
+                row
+            ],
+        )?;
+        Ok(())
+    }
+
+    /// Closes audit rows left open by a relay that stopped without draining.
+    pub fn close_dangling(&self) -> Result<usize, StoreError> {
+        Ok(self.conn.execute(
+            "UPDATE sessions SET ended_at_ms = ?1, end_reason = 'relay_stopped' WHERE ended_at_ms IS NULL",
+            [now_ms()],
+        )?)
+    }
+
+    /// The newest `limit` audit rows, newest first.
+    pub fn audit(&self, limit: usize) -> Result<Vec<AuditRow>, StoreError> {
+        let mut st = self.conn.prepare(
+            "SELECT id, technician, organisation, slot, agent_addr, console_addr, started_at_ms, ended_at_ms,
+                    bytes_agent_to_console, bytes_console_to_agent, end_reason
+             FROM sessions ORDER BY id DESC LIMIT ?1",
+        )?;
+        let rows = st
+            .query_map([limit as i64], |r| {
+                Ok(AuditRow {
+                    id: r.get(0)?,
+                    technician: r.get(1)?,
+                    organisation: r.get(2)?,
+                    slot: r.get(3)?,
+                    agent_addr: r.get(4)?,
+                    console_addr: r.get(5)?,
+                    started_at_ms: r.get(6)?,
+                    ended_at_ms: r.get(7)?,
+                    bytes_agent_to_console: r.get(8)?,
+                    bytes_console_to_agent: r.get(9)?,
+                    end_reason: r.get(10)?,
+                })
+            })?
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(rows)
+    }
+}
+
+/// Splits `tnd_<id>_<secret>`.
+fn parse_token(token: &str) -> Option<(i64, &str)> {
+    let rest = token.trim().strip_prefix("tnd_")?;
+    let (id, secret) = rest.split_once('_')?;
+    let id = id.parse::<i64>().ok()?;
+    if secret.len() != 64 || !secret.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
+    Some((id, secret))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn add_authenticate_disable_rotate() {
+        let mut s = Store::open_in_memory().unwrap();
+        let (row, token) = s.add_technician("ACME IT", "alice").unwrap();
+        assert!(token.starts_with(&format!("tnd_{}_", row.id)));
+        match s.authenticate(&token).unwrap() {
+            AuthOutcome::Ok(t) => {
+                assert_eq!(t.name, "alice");
+                assert_eq!(t.organisation, "ACME IT");
+            }
+            other => panic!("{other:?}"),
+        }
+        // The token is stored only as a hash.
+        let stored: String = s
+            .conn
+            .query_row("SELECT token_hash FROM technicians", [], |r| r.get(0))
+            .unwrap();
+        assert!(stored.starts_with("$argon2id$"));
+        assert!(!stored.contains(&token[token.len() - 64..]));
+
+        let mut wrong = token.clone();
+        wrong.pop();
+        wrong.push(if token.ends_with('0') { '1' } else { '0' });
+        assert_eq!(s.authenticate(&wrong).unwrap(), AuthOutcome::BadToken);
+        assert_eq!(s.authenticate("garbage").unwrap(), AuthOutcome::BadToken);
+        assert_eq!(
+            s.authenticate(&format!("tnd_999_{}", "0".repeat(64)))
+                .unwrap(),
+            AuthOutcome::BadToken
+        );
+
+        s.set_disabled(row.id, true).unwrap();
+        assert_eq!(s.authenticate(&token).unwrap(), AuthOutcome::Disabled);
+        // A wrong token for a disabled account says "bad token", not "disabled".
+        assert_eq!(s.authenticate(&wrong).unwrap(), AuthOutcome::BadToken);
+        s.set_disabled(row.id, false).unwrap();
+
+        let new = s.rotate_token(row.id).unwrap();
+        assert_eq!(s.authenticate(&token).unwrap(), AuthOutcome::BadToken);
+        assert!(matches!(s.authenticate(&new).unwrap(), AuthOutcome::Ok(_)));
+        assert!(
+            s.list_technicians().unwrap()[0].last_login_at.is_some(),
+            "login time recorded"
+        );
+    }
+
+    #[test]
+    fn duplicate_and_lookup() {
+        let mut s = Store::open_in_memory().unwrap();
+        s.add_technician("A", "bob").unwrap();
+        assert!(matches!(
+            s.add_technician("A", "bob"),
+            Err(StoreError::Exists { .. })
+        ));
+        s.add_technician("B", "bob").unwrap();
+        assert!(matches!(
+            s.find_technician("bob", None),
+            Err(StoreError::Ambiguous(_))
+        ));
+        assert_eq!(
+            s.find_technician("bob", Some("B")).unwrap().organisation,
+            "B"
+        );
+        assert_eq!(s.find_technician("1", None).unwrap().organisation, "A");
+        assert!(matches!(
+            s.find_technician("carol", None),
+            Err(StoreError::NoSuchTechnician(_))
+        ));
+        assert!(s.add_technician("", "x").is_err());
+        assert!(s.add_technician("A", "bad\nname").is_err());
+    }
+
+    #[test]
+    fn audit_rows() {
+        let mut s = Store::open_in_memory().unwrap();
+        let (row, _) = s.add_technician("ACME", "alice").unwrap();
+        let tech = Technician {
+            id: row.id,
+            name: row.name,
+            organisation: row.organisation,
+        };
+        let id = s
+            .audit_start(&SessionStart {
+                technician: &tech,
+                slot: "417",
+                agent_addr: "10.0.0.1:5000".into(),
+                console_addr: "10.0.0.2:6000".into(),
+            })
+            .unwrap();
+        let open = s.audit(10).unwrap();
+        assert_eq!(open[0].ended_at_ms, None);
+        s.audit_end(id, 1000, 20, "ended_by_user").unwrap();
+        let rows = s.audit(10).unwrap();
+        assert_eq!(rows.len(), 1);
+        assert_eq!(rows[0].bytes_agent_to_console, 1000);
+        assert_eq!(rows[0].bytes_console_to_agent, 20);
+        assert_eq!(rows[0].end_reason.as_deref(), Some("ended_by_user"));
+        assert!(rows[0].ended_at_ms.unwrap() >= rows[0].started_at_ms);
+    }
+
+    #[test]
+    fn reopen_keeps_data_and_closes_dangling_rows() {
+        let dir = tempfile::tempdir().unwrap();
+        let token;
+        {
+            let mut s = Store::open(dir.path()).unwrap();
+            let (row, t) = s.add_technician("ACME", "alice").unwrap();
+            token = t;
+            let tech = Technician {
+                id: row.id,
+                name: row.name,
+                organisation: row.organisation,
+            };
+            s.audit_start(&SessionStart {
+                technician: &tech,
+                slot: "123",
+                agent_addr: "a".into(),
+                console_addr: "c".into(),
+            })
+            .unwrap();
+        }
+        let s = Store::open(dir.path()).unwrap();
+        assert_eq!(s.schema_version().unwrap(), MIGRATIONS.len() as i64);
+        assert!(matches!(
+            s.authenticate(&token).unwrap(),
+            AuthOutcome::Ok(_)
+        ));
+        assert_eq!(s.close_dangling().unwrap(), 1);
+        assert_eq!(
+            s.audit(1).unwrap()[0].end_reason.as_deref(),
+            Some("relay_stopped")
+        );
+    }
+
+    #[test]
+    fn dummy_hash_parses() {
+        assert!(PasswordHash::new(DUMMY_HASH).is_ok());
+    }
+}

@@ -1,0 +1,302 @@
+//! The relay's configuration: a TOML file (every key optional, documented in relay/dist/relay.toml),
+//! overridden by environment variables and flags.
+
+use anyhow::{Context, Result, bail};
+use serde::{Deserialize, Serialize};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use tandem_relay_server::{Limits, ServerConfig};
+
+pub const DEFAULT_LISTEN: &str = "0.0.0.0:4433";
+pub const DEFAULT_METRICS: &str = "127.0.0.1:9733";
+
+/// The file, as written. Unknown keys are errors (a typo must not silently fall back to a default).
+#[derive(Debug, Default, Deserialize, Serialize, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    pub listen: Option<String>,
+    pub metrics_listen: Option<String>,
+    pub data_dir: Option<PathBuf>,
+    #[serde(default)]
+    pub names: Vec<String>,
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+    pub log_format: Option<String>,
+    pub drain_timeout_secs: Option<u64>,
+    #[serde(default)]
+    pub limits: FileLimits,
+}
+
+#[derive(Debug, Default, Deserialize, Serialize, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct FileLimits {
+    pub max_connections: Option<usize>,
+    pub max_connections_per_address: Option<usize>,
+    pub handshake_timeout_secs: Option<u64>,
+    pub slot_ttl_secs: Option<u64>,
+    pub max_sessions: Option<usize>,
+    pub joins_per_minute_per_technician: Option<u32>,
+    pub joins_per_minute_per_address: Option<u32>,
+    pub auths_per_minute_per_address: Option<u32>,
+    /// 0 = unlimited.
+    pub session_bytes_per_second: Option<u64>,
+}
+
+impl FileConfig {
+    pub fn load(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read configuration file {}", path.display()))?;
+        toml::from_str(&text)
+            .with_context(|| format!("invalid configuration file {}", path.display()))
+    }
+}
+
+/// Flags and environment (clap merges the two).
+#[derive(Debug, Default)]
+pub struct Overrides {
+    pub data_dir: Option<PathBuf>,
+    pub listen: Option<String>,
+    pub metrics_listen: Option<String>,
+    pub names: Vec<String>,
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+    pub log_format: Option<String>,
+}
+
+/// The effective configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub metrics_listen: Option<SocketAddr>,
+    pub data_dir: PathBuf,
+    pub names: Vec<String>,
+    pub cert: Option<(PathBuf, PathBuf)>,
+    pub log_format: String,
+    pub drain_timeout: Duration,
+    pub limits: Limits,
+}
+
+fn default_data_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("STATE_DIRECTORY") {
+        // systemd's StateDirectory=; may hold several paths separated by ':'.
+        let s = d.to_string_lossy().to_string();
+        if let Some(first) = s.split(':').next() {
+            return PathBuf::from(first);
+        }
+    }
+    if let Some(home) = std::env::var_os("HOME") {
+        return PathBuf::from(home).join(".local/share/tandem-relay");
+    }
+    PathBuf::from("tandem-relay-data")
+}
+
+fn parse_addr(what: &str, s: &str) -> Result<SocketAddr> {
+    s.parse().with_context(|| {
+        format!("{what} {s:?} is not an address:port such as 0.0.0.0:4433 or [::]:4433")
+    })
+}
+
+impl Config {
+    pub fn resolve(file: FileConfig, o: Overrides) -> Result<Config> {
+        let listen = parse_addr(
+            "listen address",
+            o.listen
+                .as_deref()
+                .or(file.listen.as_deref())
+                .unwrap_or(DEFAULT_LISTEN),
+        )?;
+        let metrics = o
+            .metrics_listen
+            .as_deref()
+            .or(file.metrics_listen.as_deref())
+            .unwrap_or(DEFAULT_METRICS);
+        let metrics_listen = if metrics == "off" || metrics.is_empty() {
+            None
+        } else {
+            Some(parse_addr("metrics address", metrics)?)
+        };
+        let data_dir = o
+            .data_dir
+            .or(file.data_dir)
+            .unwrap_or_else(default_data_dir);
+        let mut names = file.names;
+        names.extend(o.names);
+        let cert = match (o.cert.or(file.cert), o.key.or(file.key)) {
+            (Some(c), Some(k)) => Some((c, k)),
+            (None, None) => None,
+            _ => bail!("cert and key go together: give both or neither"),
+        };
+        let log_format = o
+            .log_format
+            .or(file.log_format)
+            .unwrap_or_else(|| "text".into());
+        let d = Limits::default();
+        let l = file.limits;
+        let secs = |v: Option<u64>, dflt: Duration| v.map(Duration::from_secs).unwrap_or(dflt);
+        let limits = Limits {
+            max_connections: l.max_connections.unwrap_or(d.max_connections),
+            max_connections_per_address: l
+                .max_connections_per_address
+                .unwrap_or(d.max_connections_per_address),
+            handshake_timeout: secs(l.handshake_timeout_secs, d.handshake_timeout),
+            slot_ttl: secs(l.slot_ttl_secs, d.slot_ttl),
+            max_sessions: l.max_sessions.unwrap_or(d.max_sessions),
+            joins_per_minute_per_technician: l
+                .joins_per_minute_per_technician
+                .unwrap_or(d.joins_per_minute_per_technician),
+            joins_per_minute_per_address: l
+                .joins_per_minute_per_address
+                .unwrap_or(d.joins_per_minute_per_address),
+            auths_per_minute_per_address: l
+                .auths_per_minute_per_address
+                .unwrap_or(d.auths_per_minute_per_address),
+            session_bytes_per_second: l.session_bytes_per_second.filter(|v| *v > 0),
+        };
+        if limits.handshake_timeout.is_zero() || limits.slot_ttl.is_zero() {
+            bail!("limits.handshake_timeout_secs and limits.slot_ttl_secs must be at least 1");
+        }
+        for (name, v) in [
+            (
+                "joins_per_minute_per_technician",
+                limits.joins_per_minute_per_technician,
+            ),
+            (
+                "joins_per_minute_per_address",
+                limits.joins_per_minute_per_address,
+            ),
+            (
+                "auths_per_minute_per_address",
+                limits.auths_per_minute_per_address,
+            ),
+        ] {
+            if v == 0 {
+                bail!("limits.{name} must be at least 1");
+            }
+        }
+        Ok(Config {
+            listen,
+            metrics_listen,
+            data_dir,
+            names,
+            cert,
+            log_format,
+            drain_timeout: Duration::from_secs(file.drain_timeout_secs.unwrap_or(3)),
+            limits,
+        })
+    }
+
+    /// The relay's TLS identity: the MSP's own chain, or the generated one (created on first use).
+    pub fn identity(&self) -> Result<tandem_certs::RelayIdentity> {
+        match &self.cert {
+            Some((c, k)) => tandem_certs::load_identity(c, k)
+                .context("cannot load the relay certificate given by cert/key"),
+            None => tandem_certs::ensure_identity(&self.data_dir, &self.names).with_context(|| {
+                format!(
+                    "cannot create or load the relay certificate in {}",
+                    self.data_dir.display()
+                )
+            }),
+        }
+    }
+
+    pub fn server_config(&self) -> Result<ServerConfig> {
+        Ok(ServerConfig {
+            listen: self.listen,
+            metrics_listen: self.metrics_listen,
+            data_dir: self.data_dir.clone(),
+            limits: self.limits.clone(),
+            drain_timeout: self.drain_timeout,
+        })
+    }
+
+    /// The effective configuration in the file's format.
+    pub fn to_toml(&self) -> Result<String> {
+        let l = &self.limits;
+        let f = FileConfig {
+            listen: Some(self.listen.to_string()),
+            metrics_listen: Some(
+                self.metrics_listen
+                    .map(|a| a.to_string())
+                    .unwrap_or_else(|| "off".into()),
+            ),
+            data_dir: Some(self.data_dir.clone()),
+            names: self.names.clone(),
+            cert: self.cert.as_ref().map(|c| c.0.clone()),
+            key: self.cert.as_ref().map(|c| c.1.clone()),
+            log_format: Some(self.log_format.clone()),
+            drain_timeout_secs: Some(self.drain_timeout.as_secs()),
+            limits: FileLimits {
+                max_connections: Some(l.max_connections),
+                max_connections_per_address: Some(l.max_connections_per_address),
+                handshake_timeout_secs: Some(l.handshake_timeout.as_secs()),
+                slot_ttl_secs: Some(l.slot_ttl.as_secs()),
+                max_sessions: Some(l.max_sessions),
+                joins_per_minute_per_technician: Some(l.joins_per_minute_per_technician),
+                joins_per_minute_per_address: Some(l.joins_per_minute_per_address),
+                auths_per_minute_per_address: Some(l.auths_per_minute_per_address),
+                session_bytes_per_second: Some(l.session_bytes_per_second.unwrap_or(0)),
+            },
+        };
+        Ok(toml::to_string_pretty(&f)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_file_and_overrides() {
+        let c = Config::resolve(FileConfig::default(), Overrides::default()).unwrap();
+        assert_eq!(c.listen.to_string(), DEFAULT_LISTEN);
+        assert_eq!(c.limits.slot_ttl, Duration::from_secs(600));
+        let file: FileConfig = toml::from_str(
+            r#"
+            listen = "127.0.0.1:5000"
+            metrics_listen = "off"
+            [limits]
+            slot_ttl_secs = 60
+            session_bytes_per_second = 0
+            "#,
+        )
+        .unwrap();
+        let c = Config::resolve(
+            file,
+            Overrides {
+                listen: Some("127.0.0.1:6000".into()),
+                ..Overrides::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(c.listen.port(), 6000, "flag wins over file");
+        assert_eq!(c.metrics_listen, None);
+        assert_eq!(c.limits.slot_ttl, Duration::from_secs(60));
+        assert_eq!(c.limits.session_bytes_per_second, None);
+        // The printed configuration reads back.
+        let again: FileConfig = toml::from_str(&c.to_toml().unwrap()).unwrap();
+        assert_eq!(again.listen.as_deref(), Some("127.0.0.1:6000"));
+    }
+
+    #[test]
+    fn typos_and_bad_values_are_errors() {
+        assert!(toml::from_str::<FileConfig>("lisen = \"x\"").is_err());
+        assert!(toml::from_str::<FileConfig>("[limits]\nmax_conections = 1").is_err());
+        let bad = FileConfig {
+            listen: Some("nonsense".into()),
+            ..FileConfig::default()
+        };
+        let e = Config::resolve(bad, Overrides::default()).unwrap_err();
+        assert!(format!("{e:#}").contains("nonsense"));
+        let zero: FileConfig =
+            toml::from_str("[limits]\njoins_per_minute_per_address = 0").unwrap();
+        assert!(Config::resolve(zero, Overrides::default()).is_err());
+    }
+
+    #[test]
+    fn shipped_example_config_parses() {
+        let text = include_str!("../dist/relay.toml");
+        let f: FileConfig = toml::from_str(text).unwrap();
+        Config::resolve(f, Overrides::default()).unwrap();
+    }
+}

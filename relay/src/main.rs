@@ -1,0 +1,346 @@
+//! `tandem-relay`: the QUIC relay an MSP runs. Thin glue over `tandem-relay-server`: configuration
+//! (TOML file, flags, environment), admin commands, logging, signals.
+
+mod config;
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+use config::{Config, FileConfig};
+use std::path::PathBuf;
+use tandem_relay_server::Store;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "tandem-relay",
+    version,
+    about = "Tandem relay: pairs agents and consoles by session code and forwards their end-to-end encrypted traffic",
+    long_about = "Tandem relay: both agents (the user's PC) and consoles (the technician) dial out to it over \
+QUIC, so both may sit behind NAT. It authenticates technicians, pairs a console with the agent whose code \
+it names, and forwards their end-to-end encrypted traffic without being able to read it.
+
+Configuration comes from a TOML file (--config), environment variables and flags; flags win over the \
+environment, which wins over the file. On first start the relay creates its data directory, a private CA \
+and a relay certificate, and prints the pin that agents and consoles use to trust it.
+
+Without a command, `serve` runs.",
+    after_help = "Examples:
+  tandem-relay                                   run with defaults (UDP 0.0.0.0:4433, metrics on 127.0.0.1:9733)
+  tandem-relay --config /etc/tandem/relay.toml   run with a configuration file (see relay/dist/relay.toml)
+  tandem-relay technician add --org 'ACME IT' --name alice
+  tandem-relay audit --json --limit 20"
+)]
+struct Cli {
+    /// Configuration file (TOML).
+    #[arg(short, long, env = "TANDEM_RELAY_CONFIG", global = true)]
+    config: Option<PathBuf>,
+
+    /// Data directory: certificates, database. [default: $STATE_DIRECTORY, else ~/.local/share/tandem-relay]
+    #[arg(long, env = "TANDEM_RELAY_DATA_DIR", global = true)]
+    data_dir: Option<PathBuf>,
+
+    /// UDP address to listen on. [default: 0.0.0.0:4433]
+    #[arg(long, env = "TANDEM_RELAY_LISTEN")]
+    listen: Option<String>,
+
+    /// TCP address for /metrics and /health; "off" disables. [default: 127.0.0.1:9733]
+    #[arg(long, env = "TANDEM_RELAY_METRICS_LISTEN")]
+    metrics_listen: Option<String>,
+
+    /// Extra DNS name or IP address for the generated relay certificate (repeatable).
+    #[arg(long = "name", env = "TANDEM_RELAY_NAMES", value_delimiter = ',')]
+    names: Vec<String>,
+
+    /// Use this PEM certificate chain (leaf first) instead of the generated one. Needs --key.
+    #[arg(long, env = "TANDEM_RELAY_CERT", requires = "key")]
+    cert: Option<PathBuf>,
+
+    /// PEM private key of --cert.
+    #[arg(long, env = "TANDEM_RELAY_KEY", requires = "cert")]
+    key: Option<PathBuf>,
+
+    /// Log format: text or json.
+    #[arg(long, env = "TANDEM_RELAY_LOG_FORMAT", global = true)]
+    log_format: Option<String>,
+
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the relay (the default).
+    Serve,
+    /// Print the relay certificate's pin (creating the certificate if needed).
+    Fingerprint,
+    /// Manage technicians (the accounts consoles authenticate with).
+    #[command(subcommand)]
+    Technician(TechCmd),
+    /// Show the audit log of sessions (metadata only), newest first.
+    Audit {
+        /// Print JSON (one array) instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// How many rows.
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+    },
+    /// Print the effective configuration as TOML.
+    PrintConfig,
+}
+
+#[derive(Subcommand, Debug)]
+enum TechCmd {
+    /// Add a technician; prints its token once.
+    Add {
+        /// Organisation (created if new).
+        #[arg(long)]
+        org: String,
+        /// Technician name, as shown to the user in the consent prompt.
+        #[arg(long)]
+        name: String,
+    },
+    /// List technicians.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Disable a technician: authentication fails from now on.
+    Disable {
+        /// Name or numeric id.
+        who: String,
+        #[arg(long)]
+        org: Option<String>,
+    },
+    /// Enable a disabled technician.
+    Enable {
+        who: String,
+        #[arg(long)]
+        org: Option<String>,
+    },
+    /// Replace a technician's token; prints the new one once. The old one stops working.
+    RotateToken {
+        who: String,
+        #[arg(long)]
+        org: Option<String>,
+    },
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("tandem-relay: error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    let file = match &cli.config {
+        Some(p) => FileConfig::load(p)?,
+        None => FileConfig::default(),
+    };
+    let cfg = Config::resolve(
+        file,
+        config::Overrides {
+            data_dir: cli.data_dir.clone(),
+            listen: cli.listen.clone(),
+            metrics_listen: cli.metrics_listen.clone(),
+            names: cli.names.clone(),
+            cert: cli.cert.clone(),
+            key: cli.key.clone(),
+            log_format: cli.log_format.clone(),
+        },
+    )?;
+    init_logging(&cfg.log_format)?;
+    match cli.command.unwrap_or(Command::Serve) {
+        Command::Serve => serve(cfg),
+        Command::Fingerprint => {
+            let id = cfg.identity()?;
+            println!("{}", id.fingerprint());
+            Ok(())
+        }
+        Command::PrintConfig => {
+            print!("{}", cfg.to_toml()?);
+            Ok(())
+        }
+        Command::Technician(t) => technician(&cfg, t),
+        Command::Audit { json, limit } => audit(&cfg, json, limit),
+    }
+}
+
+fn init_logging(format: &str) -> Result<()> {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_env("TANDEM_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        "json" => b.json().init(),
+        "text" => b.init(),
+        other => bail!("unknown log format {other:?}: use text or json"),
+    }
+    Ok(())
+}
+
+fn open_store(cfg: &Config) -> Result<Store> {
+    std::fs::create_dir_all(&cfg.data_dir)
+        .with_context(|| format!("cannot create data directory {}", cfg.data_dir.display()))?;
+    Store::open(&cfg.data_dir).context("cannot open the relay database")
+}
+
+fn serve(cfg: Config) -> Result<()> {
+    let rt = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
+    rt.block_on(async move {
+        let identity = cfg.identity()?;
+        let fp = identity.fingerprint();
+        println!("Tandem relay {}", env!("CARGO_PKG_VERSION"));
+        println!("  data directory:  {}", cfg.data_dir.display());
+        println!("  certificate:     {}", identity.chain_path.display());
+        println!("  fingerprint:     {fp}");
+        println!("  pin it with:     --relay-pin {fp}");
+        if let Some(ca) = &identity.ca_path {
+            println!("  or trust the CA: --relay-ca {}", ca.display());
+        }
+        let server_cfg = cfg.server_config()?;
+        let handle = tandem_relay_server::start(server_cfg, &identity)
+            .await
+            .context("cannot start the relay")?;
+        println!("  listening on:    {} (UDP)", handle.addr());
+        if let Some(m) = handle.metrics_addr() {
+            println!("  metrics:         http://{m}/metrics  health: http://{m}/health");
+        }
+        wait_for_signal().await?;
+        handle.shutdown().await;
+        Ok(())
+    })
+}
+
+async fn wait_for_signal() -> Result<()> {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut term = signal(SignalKind::terminate()).context("cannot install SIGTERM handler")?;
+        let mut int = signal(SignalKind::interrupt()).context("cannot install SIGINT handler")?;
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM received"),
+            _ = int.recv() => tracing::info!("SIGINT received"),
+        }
+    }
+    #[cfg(not(unix))]
+    tokio::signal::ctrl_c()
+        .await
+        .context("cannot wait for Ctrl-C")?;
+    Ok(())
+}
+
+fn technician(cfg: &Config, cmd: TechCmd) -> Result<()> {
+    let mut store = open_store(cfg)?;
+    match cmd {
+        TechCmd::Add { org, name } => {
+            let (row, token) = store.add_technician(&org, &name)?;
+            println!(
+                "added technician {:?} (id {}) of {:?}",
+                row.name, row.id, row.organisation
+            );
+            println!("token (shown once; store it in the console): {token}");
+        }
+        TechCmd::List { json } => {
+            let rows = store.list_technicians()?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&rows)?);
+            } else {
+                println!(
+                    "{:>4}  {:<24} {:<24} {:<8} {:<20} {:<20}",
+                    "id", "name", "organisation", "state", "created", "last login"
+                );
+                for r in rows {
+                    println!(
+                        "{:>4}  {:<24} {:<24} {:<8} {:<20} {:<20}",
+                        r.id,
+                        r.name,
+                        r.organisation,
+                        if r.disabled { "disabled" } else { "active" },
+                        fmt_secs(r.created_at),
+                        r.last_login_at
+                            .map(fmt_secs)
+                            .unwrap_or_else(|| "never".into())
+                    );
+                }
+            }
+        }
+        TechCmd::Disable { who, org } => {
+            let t = store.find_technician(&who, org.as_deref())?;
+            store.set_disabled(t.id, true)?;
+            println!("disabled technician {:?} of {:?}", t.name, t.organisation);
+        }
+        TechCmd::Enable { who, org } => {
+            let t = store.find_technician(&who, org.as_deref())?;
+            store.set_disabled(t.id, false)?;
+            println!("enabled technician {:?} of {:?}", t.name, t.organisation);
+        }
+        TechCmd::RotateToken { who, org } => {
+            let t = store.find_technician(&who, org.as_deref())?;
+            let token = store.rotate_token(t.id)?;
+            println!(
+                "new token for {:?} of {:?} (shown once): {token}",
+                t.name, t.organisation
+            );
+        }
+    }
+    Ok(())
+}
+
+fn fmt_secs(s: i64) -> String {
+    let t = std::time::UNIX_EPOCH + std::time::Duration::from_secs(s.max(0) as u64);
+    humantime::format_rfc3339_seconds(t).to_string()
+}
+
+fn fmt_ms(ms: i64) -> String {
+    let t = std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms.max(0) as u64);
+    humantime::format_rfc3339_seconds(t).to_string()
+}
+
+fn audit(cfg: &Config, json: bool, limit: usize) -> Result<()> {
+    let store = open_store(cfg)?;
+    let rows = store.audit(limit)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+        return Ok(());
+    }
+    println!(
+        "{:>5}  {:<20} {:<16} {:<16} {:<9} {:<21} {:<21} {:>9} {:>12} {:>12}  ended",
+        "id",
+        "started",
+        "technician",
+        "organisation",
+        "slot",
+        "agent",
+        "console",
+        "seconds",
+        "agent→con B",
+        "con→agent B"
+    );
+    for r in rows {
+        let secs = r
+            .ended_at_ms
+            .map(|e| format!("{:.1}", (e - r.started_at_ms) as f64 / 1000.0))
+            .unwrap_or_else(|| "running".into());
+        println!(
+            "{:>5}  {:<20} {:<16} {:<16} {:<9} {:<21} {:<21} {:>9} {:>12} {:>12}  {}",
+            r.id,
+            fmt_ms(r.started_at_ms),
+            r.technician,
+            r.organisation,
+            r.slot,
+            r.agent_addr,
+            r.console_addr,
+            secs,
+            r.bytes_agent_to_console,
+            r.bytes_console_to_agent,
+            r.end_reason.unwrap_or_default()
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,272 @@
+//! Helpers for Tandem's end-to-end tests and benchmarks: an in-process relay on loopback with a fresh
+//! data directory, clients that trust it by pin, and a way to run the real `tandem-relay` binary.
+#![allow(clippy::unwrap_used)]
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+use tandem_certs::{Fingerprint, RelayTrust};
+use tandem_client::{ConnectOptions, RelayLink};
+use tandem_proto::{Secret, Slot};
+use tandem_relay_server::{Limits, RelayHandle, ServerConfig, Store};
+
+/// Installs a test log subscriber once (`TANDEM_LOG=debug` to see the relay's logs).
+pub fn init_logs() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("TANDEM_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_test_writer()
+        .try_init();
+}
+
+/// A relay running in this process on 127.0.0.1 with an ephemeral port.
+pub struct TestRelay {
+    pub handle: Option<RelayHandle>,
+    pub dir: tempfile::TempDir,
+    pub pin: Fingerprint,
+    /// Token of the technician "alice" of "ACME IT".
+    pub token: Secret,
+}
+
+impl TestRelay {
+    pub async fn start() -> TestRelay {
+        Self::start_with(Limits::default()).await
+    }
+
+    pub async fn start_with(limits: Limits) -> TestRelay {
+        init_logs();
+        let dir = tempfile::tempdir().unwrap();
+        let identity = tandem_certs::ensure_identity(dir.path(), &[]).unwrap();
+        let token = {
+            let mut store = Store::open(dir.path()).unwrap();
+            Secret::new(store.add_technician("ACME IT", "alice").unwrap().1)
+        };
+        let cfg = ServerConfig {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            metrics_listen: Some("127.0.0.1:0".parse().unwrap()),
+            data_dir: dir.path().to_path_buf(),
+            limits,
+            drain_timeout: Duration::from_secs(1),
+        };
+        let handle = tandem_relay_server::start(cfg, &identity).await.unwrap();
+        TestRelay {
+            pin: identity.fingerprint(),
+            handle: Some(handle),
+            dir,
+            token,
+        }
+    }
+
+    pub fn handle(&self) -> &RelayHandle {
+        self.handle.as_ref().unwrap()
+    }
+
+    pub fn addr(&self) -> String {
+        self.handle().addr().to_string()
+    }
+
+    pub fn opts(&self) -> ConnectOptions {
+        ConnectOptions::new(self.addr(), RelayTrust::Pin(self.pin))
+    }
+
+    pub fn store(&self) -> Store {
+        Store::open(self.dir.path()).unwrap()
+    }
+
+    pub fn add_technician(&self, org: &str, name: &str) -> Secret {
+        Secret::new(self.store().add_technician(org, name).unwrap().1)
+    }
+
+    pub async fn connect(&self) -> RelayLink {
+        RelayLink::connect(&self.opts()).await.unwrap()
+    }
+
+    /// A registered agent and its slot.
+    pub async fn agent(&self) -> (RelayLink, Slot) {
+        let mut l = self.connect().await;
+        let (slot, _) = l.register().await.unwrap();
+        (l, slot)
+    }
+
+    /// A console authenticated as `token`.
+    pub async fn console_as(&self, token: &Secret) -> RelayLink {
+        let mut l = self.connect().await;
+        l.authenticate(token).await.unwrap();
+        l
+    }
+
+    pub async fn console(&self) -> RelayLink {
+        self.console_as(&self.token).await
+    }
+
+    /// A paired (agent, console).
+    pub async fn pair(&self) -> (RelayLink, RelayLink) {
+        let (mut agent, slot) = self.agent().await;
+        let mut console = self.console().await;
+        console.join(&slot).await.unwrap();
+        agent.wait_paired().await.unwrap();
+        (agent, console)
+    }
+
+    /// GET a path of the metrics listener; returns (status line, body).
+    pub async fn http_get(&self, path: &str) -> (String, String) {
+        http_get(self.handle().metrics_addr().unwrap(), path).await
+    }
+
+    pub async fn shutdown(mut self) {
+        if let Some(h) = self.handle.take() {
+            h.shutdown().await;
+        }
+    }
+}
+
+/// A minimal HTTP/1.1 GET (tests only).
+pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> (String, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).await.unwrap();
+    let (head, body) = buf.split_once("\r\n\r\n").unwrap_or((&buf, ""));
+    (
+        head.lines().next().unwrap_or("").to_string(),
+        body.to_string(),
+    )
+}
+
+/// Value of one Prometheus sample line (`name{labels} value`), 0 if absent.
+pub fn metric(text: &str, name_and_labels: &str) -> f64 {
+    text.lines()
+        .find_map(|l| {
+            l.strip_prefix(name_and_labels)
+                .and_then(|rest| rest.strip_prefix(' '))
+                .and_then(|v| v.trim().parse().ok())
+        })
+        .unwrap_or(0.0)
+}
+
+/// Path of a binary built by this workspace (`tandem-relay`, …), building it if needed.
+pub fn binary(name: &str) -> PathBuf {
+    // Integration tests live in target/<profile>/deps; binaries in target/<profile>.
+    let exe = std::env::current_exe().unwrap();
+    let dir = exe.parent().unwrap().parent().unwrap();
+    let path = dir.join(name);
+    if !path.exists() {
+        let status = std::process::Command::new(env!("CARGO"))
+            .args(["build", "--bin", name])
+            .status()
+            .unwrap();
+        assert!(status.success(), "cannot build {name}");
+    }
+    path
+}
+
+/// A real `tandem-relay` process, killed when dropped.
+pub struct RelayProcess {
+    pub child: tokio::process::Child,
+    pub addr: String,
+    pub pin: Fingerprint,
+    pub metrics: std::net::SocketAddr,
+}
+
+/// Free TCP and UDP port on loopback (best effort: bind, read, release).
+pub fn free_port() -> u16 {
+    let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    s.local_addr().unwrap().port()
+}
+
+/// Runs `tandem-relay` with `args` (admin commands) against `data_dir`; returns stdout.
+pub fn relay_admin(data_dir: &Path, args: &[&str]) -> String {
+    let out = std::process::Command::new(binary("tandem-relay"))
+        .arg("--data-dir")
+        .arg(data_dir)
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "tandem-relay {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// The token printed by `tandem-relay technician add`.
+pub fn token_from_output(out: &str) -> Secret {
+    let t = out
+        .split_whitespace()
+        .find(|w| w.starts_with("tnd_"))
+        .unwrap();
+    Secret::new(t)
+}
+
+impl RelayProcess {
+    /// Starts the relay binary and waits until it printed its listening address.
+    pub async fn start(data_dir: &Path) -> RelayProcess {
+        use tokio::io::AsyncBufReadExt;
+        let port = free_port();
+        let mport = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut child = tokio::process::Command::new(binary("tandem-relay"))
+            .arg("--data-dir")
+            .arg(data_dir)
+            .arg("--listen")
+            .arg(format!("127.0.0.1:{port}"))
+            .arg("--metrics-listen")
+            .arg(format!("127.0.0.1:{mport}"))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let mut lines = tokio::io::BufReader::new(stdout).lines();
+        let mut pin = None;
+        let fut = async {
+            while let Some(line) = lines.next_line().await.unwrap() {
+                if let Some(p) = line.trim().strip_prefix("fingerprint:") {
+                    pin = Some(p.trim().parse::<Fingerprint>().unwrap());
+                }
+                if line.contains("listening on") {
+                    return;
+                }
+            }
+            panic!("relay exited before listening");
+        };
+        tokio::time::timeout(Duration::from_secs(30), fut)
+            .await
+            .expect("relay did not start in time");
+        // Keep draining stdout so the relay never blocks on a full pipe.
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        RelayProcess {
+            child,
+            addr: format!("127.0.0.1:{port}"),
+            pin: pin.unwrap(),
+            metrics: format!("127.0.0.1:{mport}").parse().unwrap(),
+        }
+    }
+
+    pub fn opts(&self) -> ConnectOptions {
+        ConnectOptions::new(self.addr.clone(), RelayTrust::Pin(self.pin))
+    }
+
+    /// Sends SIGTERM and waits (bounded) for the exit status.
+    pub async fn terminate(mut self) -> std::process::ExitStatus {
+        if let Some(pid) = self.child.id() {
+            let _ = std::process::Command::new("kill")
+                .args(["-TERM", &pid.to_string()])
+                .status();
+        }
+        tokio::time::timeout(Duration::from_secs(15), self.child.wait())
+            .await
+            .expect("relay did not exit after SIGTERM")
+            .unwrap()
+    }
+}
