@@ -1,1 +1,392 @@
-fn main() {}
+//! Relay benchmark: in one run, on this machine,
+//!   1. datagram round-trip time through the relay vs a direct quinn connection (added RTT),
+//!   2. payload-stream throughput through the relay vs direct (ratio),
+//!   3. relay resident memory with N paired idle sessions (default 1,000).
+//!
+//! The relay is the real `tandem-relay` binary in its own process (release build); the direct
+//! baseline is a quinn server with the same transport settings in this process. Prints a table and
+//! JSON (also written to target/bench/relay.json).
+//!
+//!     cargo bench -p tandem-tests --bench relay [-- --sessions 1000 --quick]
+#![allow(clippy::unwrap_used, clippy::print_literal)]
+
+use bytes::Bytes;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tandem_certs::{Fingerprint, RelayTrust};
+use tandem_client::{ConnectOptions, RelayLink};
+use tandem_proto::Secret;
+use tandem_tests::{RelayProcess, http_get, relay_admin, token_from_output};
+
+const ALPN: &[u8] = b"tandem-bench";
+
+struct Args {
+    sessions: usize,
+    rtt_samples: usize,
+    transfer_mib: usize,
+    rounds: usize,
+}
+
+fn args() -> Args {
+    let mut a = Args {
+        sessions: 1000,
+        rtt_samples: 3000,
+        transfer_mib: 64,
+        rounds: 5,
+    };
+    let argv: Vec<String> = std::env::args().collect();
+    let mut i = 1;
+    while i < argv.len() {
+        match argv[i].as_str() {
+            "--sessions" => {
+                a.sessions = argv[i + 1].parse().unwrap();
+                i += 1;
+            }
+            "--quick" => {
+                a.sessions = 100;
+                a.rtt_samples = 500;
+                a.transfer_mib = 16;
+                a.rounds = 3;
+            }
+            _ => {} // cargo bench passes --bench
+        }
+        i += 1;
+    }
+    a
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let idx = ((sorted.len() - 1) as f64 * p).round() as usize;
+    sorted[idx]
+}
+
+fn sorted(mut v: Vec<f64>) -> Vec<f64> {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v
+}
+
+/// Round trips of a 64-byte datagram; `send` and `recv` are the two ends of the measured path, the
+/// echo is done by the far side.
+async fn rtt_samples(a: &quinn::Connection, n: usize) -> Vec<f64> {
+    let mut out = Vec::with_capacity(n);
+    let mut seq: u64 = 0;
+    let mut lost = 0;
+    while out.len() < n {
+        seq += 1;
+        let mut p = vec![0u8; 64];
+        p[..8].copy_from_slice(&seq.to_le_bytes());
+        let t = Instant::now();
+        a.send_datagram(Bytes::from(p)).unwrap();
+        loop {
+            match tokio::time::timeout(Duration::from_millis(200), a.read_datagram()).await {
+                Ok(Ok(d)) if d.len() >= 8 && d[..8] == seq.to_le_bytes() => {
+                    out.push(t.elapsed().as_secs_f64() * 1e6);
+                    break;
+                }
+                Ok(Ok(_)) => continue, // a late echo of an earlier probe
+                Ok(Err(e)) => panic!("connection lost: {e}"),
+                Err(_) => {
+                    lost += 1;
+                    assert!(lost < 100, "too many lost probes");
+                    break;
+                }
+            }
+        }
+    }
+    out
+}
+
+fn echo_datagrams(c: quinn::Connection) {
+    tokio::spawn(async move {
+        while let Ok(d) = c.read_datagram().await {
+            let _ = c.send_datagram(d);
+        }
+    });
+}
+
+/// Sends `mib` MiB as 16 KiB length-prefixed frames on a fresh uni stream of `tx`, received by `rx`;
+/// returns MB/s (from first write to last byte read).
+async fn transfer(tx: &quinn::Connection, rx: &quinn::Connection, mib: usize) -> f64 {
+    const FRAME: usize = 16 * 1024;
+    let frames = mib * 1024 * 1024 / FRAME;
+    let txc = tx.clone();
+    let start = Instant::now();
+    let sender = tokio::spawn(async move {
+        let mut s = txc.open_uni().await.unwrap();
+        let mut buf = vec![0x5au8; FRAME + 4];
+        buf[..4].copy_from_slice(&(FRAME as u32).to_be_bytes());
+        for _ in 0..frames {
+            s.write_all(&buf).await.unwrap();
+        }
+        s.finish().unwrap();
+        // keep the stream alive until it is acknowledged
+        let _ = s.stopped().await;
+    });
+    let mut r = rx.accept_uni().await.unwrap();
+    let mut total = 0usize;
+    let want = frames * (FRAME + 4);
+    let mut buf = vec![0u8; 64 * 1024];
+    while total < want {
+        match r.read(&mut buf).await.unwrap() {
+            Some(n) => total += n,
+            None => break,
+        }
+    }
+    let secs = start.elapsed().as_secs_f64();
+    let _ = sender.await;
+    assert_eq!(total, want);
+    (frames * FRAME) as f64 / secs / 1e6
+}
+
+async fn direct_pair() -> (quinn::Endpoint, quinn::Connection, quinn::Connection) {
+    let g = tandem_certs::generate(&[]).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("c.pem"),
+        format!("{}{}", g.relay_pem, g.ca_pem),
+    )
+    .unwrap();
+    std::fs::write(dir.path().join("k.pem"), &g.relay_key_pem).unwrap();
+    let id =
+        tandem_certs::load_identity(&dir.path().join("c.pem"), &dir.path().join("k.pem")).unwrap();
+    let tls = tandem_certs::server_config(&id, ALPN).unwrap();
+    let mut sc = quinn::ServerConfig::with_crypto(Arc::new(
+        quinn::crypto::rustls::QuicServerConfig::try_from(tls).unwrap(),
+    ));
+    sc.transport_config(Arc::new(tandem_net::transport_config(false)));
+    let server = tandem_net::server_endpoint("127.0.0.1:0".parse().unwrap(), sc).unwrap();
+    let addr = server.local_addr().unwrap();
+    let ctls = RelayTrust::Pin(id.fingerprint())
+        .client_config(ALPN)
+        .unwrap();
+    let mut cc = quinn::ClientConfig::new(Arc::new(
+        quinn::crypto::rustls::QuicClientConfig::try_from(ctls).unwrap(),
+    ));
+    cc.transport_config(Arc::new(tandem_net::transport_config(true)));
+    let client = tandem_net::client_endpoint(addr, cc).unwrap();
+    let (c, s) = tokio::join!(
+        async { client.connect(addr, "localhost").unwrap().await.unwrap() },
+        async { server.accept().await.unwrap().await.unwrap() }
+    );
+    (client, c, s)
+}
+
+fn fmt_row(name: &str, direct: f64, relayed: f64, unit: &str, extra: &str) {
+    println!("{name:<34} {direct:>12.1} {relayed:>12.1} {unit:<6} {extra}");
+}
+
+fn main() {
+    let a = args();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(run(a));
+}
+
+async fn run(a: Args) {
+    // The relay, a technician, and limits raised for a load test from one address.
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("relay.toml");
+    std::fs::write(
+        &cfg,
+        "[limits]\nmax_connections = 100000\nmax_connections_per_address = 100000\nmax_sessions = 100000\n\
+         joins_per_minute_per_technician = 1000000\njoins_per_minute_per_address = 1000000\n\
+         auths_per_minute_per_address = 1000000\n",
+    )
+    .unwrap();
+    let out = relay_admin(
+        dir.path(),
+        &["technician", "add", "--org", "Bench", "--name", "bench"],
+    );
+    let token: Secret = token_from_output(&out);
+    let relay = RelayProcess::start_with(dir.path(), &["--config", cfg.to_str().unwrap()]).await;
+    let opts = ConnectOptions::new(relay.addr.clone(), RelayTrust::Pin(relay.pin));
+    let _: Fingerprint = relay.pin;
+
+    // ---- paths ----
+    let (_dep, dc, ds) = direct_pair().await;
+    echo_datagrams(ds.clone());
+    let mut agent = RelayLink::connect(&opts).await.unwrap();
+    let (slot, _) = agent.register().await.unwrap();
+    let mut console = RelayLink::connect(&opts).await.unwrap();
+    console.authenticate(&token).await.unwrap();
+    console.join(&slot).await.unwrap();
+    agent.wait_paired().await.unwrap();
+    echo_datagrams(console.connection().clone());
+
+    // ---- RTT, interleaved in rounds so that machine noise hits both alike ----
+    let _ = rtt_samples(&dc, 200).await;
+    let _ = rtt_samples(agent.connection(), 200).await;
+    let per_round = a.rtt_samples / a.rounds;
+    let (mut d_rtt, mut r_rtt) = (vec![], vec![]);
+    for _ in 0..a.rounds {
+        d_rtt.extend(rtt_samples(&dc, per_round).await);
+        r_rtt.extend(rtt_samples(agent.connection(), per_round).await);
+    }
+    let d_rtt = sorted(d_rtt);
+    let r_rtt = sorted(r_rtt);
+
+    // ---- throughput, interleaved ----
+    let (mut d_tp, mut r_tp) = (vec![], vec![]);
+    let cpu0 = relay.cpu_seconds().unwrap_or(0.0);
+    let mut relay_bytes = 0.0;
+    let mut relay_time = 0.0;
+    for _ in 0..a.rounds {
+        d_tp.push(transfer(&dc, &ds, a.transfer_mib).await);
+        let t = Instant::now();
+        r_tp.push(transfer(agent.connection(), console.connection(), a.transfer_mib).await);
+        relay_time += t.elapsed().as_secs_f64();
+        relay_bytes += (a.transfer_mib * 1024 * 1024) as f64;
+    }
+    let relay_cpu = relay.cpu_seconds().unwrap_or(0.0) - cpu0;
+    let d_tp = sorted(d_tp);
+    let r_tp = sorted(r_tp);
+    let mbit_per_cpu_s = relay_bytes * 8.0 / 1e6 / relay_cpu.max(1e-9);
+    agent.close().await;
+    console.close().await;
+
+    // ---- memory with N paired idle sessions ----
+    let health = |m| async move { http_get(m, "/health").await.1 };
+    let idle_rss = relay.rss_bytes().unwrap_or(0);
+    let ep = tandem_client::client_endpoint(&opts, relay.addr.parse().unwrap()).unwrap();
+    let mut links = Vec::with_capacity(a.sessions * 2);
+    let t_setup = Instant::now();
+    let mut setups = Vec::with_capacity(a.sessions);
+    // RSS is sampled at half and at all sessions: the slope between the two is the marginal cost of a
+    // session, free of one-off costs (the authentication threads' Argon2 memory, runtime warm-up).
+    let mut half_rss = 0;
+    for chunk in 0..a.sessions.div_ceil(50) {
+        if chunk * 50 == a.sessions / 2 / 50 * 50 && half_rss == 0 && chunk > 0 {
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            half_rss = relay.rss_bytes().unwrap_or(0);
+        }
+        let n = 50.min(a.sessions - chunk * 50);
+        let mut js = tokio::task::JoinSet::new();
+        for _ in 0..n {
+            let (ep, opts, token) = (ep.clone(), opts.clone(), token.clone());
+            js.spawn(async move {
+                let t = Instant::now();
+                let mut ag = RelayLink::connect_on(&ep, &opts).await.unwrap();
+                let (slot, _) = ag.register().await.unwrap();
+                let mut co = RelayLink::connect_on(&ep, &opts).await.unwrap();
+                co.authenticate(&token).await.unwrap();
+                co.join(&slot).await.unwrap();
+                ag.wait_paired().await.unwrap();
+                (ag, co, t.elapsed().as_secs_f64() * 1e3)
+            });
+        }
+        while let Some(r) = js.join_next().await {
+            let (ag, co, ms) = r.unwrap();
+            setups.push(ms);
+            links.push(ag);
+            links.push(co);
+        }
+    }
+    let setup_secs = t_setup.elapsed().as_secs_f64();
+    let h: serde_json::Value = serde_json::from_str(&health(relay.metrics).await).unwrap();
+    assert_eq!(h["sessions"].as_u64().unwrap() as usize, a.sessions, "{h}");
+    // Let keep-alives and allocator settle, then sample.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let loaded_rss = relay.rss_bytes().unwrap_or(0);
+    let half_n = a.sessions / 2 / 50 * 50;
+    let per_session =
+        (loaded_rss.saturating_sub(half_rss)) as f64 / (a.sessions - half_n).max(1) as f64;
+    let per_session_total = (loaded_rss.saturating_sub(idle_rss)) as f64 / a.sessions as f64;
+    let setups = sorted(setups);
+    drop(links);
+
+    // ---- report ----
+    let dp50 = percentile(&d_rtt, 0.5);
+    let rp50 = percentile(&r_rtt, 0.5);
+    let dp99 = percentile(&d_rtt, 0.99);
+    let rp99 = percentile(&r_rtt, 0.99);
+    let dtp = percentile(&d_tp, 0.5);
+    let rtp = percentile(&r_tp, 0.5);
+    println!();
+    println!(
+        "Tandem relay benchmark ({} cores, {} rounds interleaved)",
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(0),
+        a.rounds
+    );
+    println!(
+        "{:<34} {:>12} {:>12} {:<6} {}",
+        "measure", "direct", "via relay", "unit", "comparison"
+    );
+    fmt_row(
+        "datagram RTT p50 (64 B)",
+        dp50,
+        rp50,
+        "µs",
+        &format!("added {:.1} µs (target ≤ 100)", rp50 - dp50),
+    );
+    fmt_row(
+        "datagram RTT p99 (64 B)",
+        dp99,
+        rp99,
+        "µs",
+        &format!("added {:.1} µs", rp99 - dp99),
+    );
+    fmt_row(
+        "stream throughput median",
+        dtp,
+        rtp,
+        "MB/s",
+        &format!("ratio {:.2} (target ≥ 0.60)", rtp / dtp),
+    );
+    fmt_row("stream throughput min", d_tp[0], r_tp[0], "MB/s", "");
+    println!(
+        "{:<34} {:>12} {:>12.0} {:<6} relay CPU while forwarding",
+        "relay Mbit/s per CPU-second", "", mbit_per_cpu_s, ""
+    );
+    println!(
+        "{:<34} {:>12} {:>12.1} {:<6} slope {}→{} sessions: {:.1} → {:.1} MiB (target ≤ 50 KB)",
+        "relay memory per idle session",
+        "",
+        per_session / 1024.0,
+        "KiB",
+        half_n,
+        a.sessions,
+        half_rss as f64 / 1048576.0,
+        loaded_rss as f64 / 1048576.0
+    );
+    println!(
+        "{:<34} {:>12} {:>12.1} {:<6} (idle relay {:.1} MiB → {:.1} MiB, incl. auth threads' Argon2 memory)",
+        "  … average incl. fixed costs",
+        "",
+        per_session_total / 1024.0,
+        "KiB",
+        idle_rss as f64 / 1048576.0,
+        loaded_rss as f64 / 1048576.0
+    );
+    println!(
+        "{:<34} {:>12} {:>12.1} {:<6} p99 {:.1} ms; {} sessions in {:.1} s",
+        "session setup p50 (50 at a time)",
+        "",
+        percentile(&setups, 0.5),
+        "ms",
+        percentile(&setups, 0.99),
+        a.sessions,
+        setup_secs
+    );
+    let json = serde_json::json!({
+        "bench": "relay",
+        "rtt_us": {"direct_p50": dp50, "direct_p99": dp99, "relay_p50": rp50, "relay_p99": rp99, "added_p50": rp50 - dp50, "added_p99": rp99 - dp99, "samples_each": d_rtt.len()},
+        "throughput_mb_s": {"direct_median": dtp, "relay_median": rtp, "ratio": rtp / dtp, "direct_all": d_tp, "relay_all": r_tp, "transfer_mib": a.transfer_mib},
+        "relay_cpu": {"mbit_per_cpu_second": mbit_per_cpu_s, "cpu_seconds": relay_cpu, "wall_seconds": relay_time},
+        "memory": {"sessions": a.sessions, "idle_rss_bytes": idle_rss, "half_sessions": half_n, "half_rss_bytes": half_rss, "loaded_rss_bytes": loaded_rss, "bytes_per_session_marginal": per_session, "bytes_per_session_average": per_session_total},
+        "setup_ms": {"p50": percentile(&setups, 0.5), "p99": percentile(&setups, 0.99), "total_s": setup_secs},
+    });
+    let out = serde_json::to_string_pretty(&json).unwrap();
+    println!("\n{out}");
+    let target = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
+    let _ = std::fs::create_dir_all(&target);
+    let _ = std::fs::write(target.join("relay.json"), &out);
+    relay.terminate().await;
+}

@@ -156,10 +156,12 @@ pub fn binary(name: &str) -> PathBuf {
     let dir = exe.parent().unwrap().parent().unwrap();
     let path = dir.join(name);
     if !path.exists() {
-        let status = std::process::Command::new(env!("CARGO"))
-            .args(["build", "--bin", name])
-            .status()
-            .unwrap();
+        let mut cmd = std::process::Command::new(env!("CARGO"));
+        cmd.args(["build", "--bin", name]);
+        if dir.ends_with("release") {
+            cmd.arg("--release");
+        }
+        let status = cmd.status().unwrap();
         assert!(status.success(), "cannot build {name}");
     }
     path
@@ -207,6 +209,11 @@ pub fn token_from_output(out: &str) -> Secret {
 impl RelayProcess {
     /// Starts the relay binary and waits until it printed its listening address.
     pub async fn start(data_dir: &Path) -> RelayProcess {
+        Self::start_with(data_dir, &[]).await
+    }
+
+    /// Starts the relay binary with extra arguments (e.g. `--config FILE`).
+    pub async fn start_with(data_dir: &Path, extra: &[&str]) -> RelayProcess {
         use tokio::io::AsyncBufReadExt;
         let port = free_port();
         let mport = std::net::TcpListener::bind("127.0.0.1:0")
@@ -221,6 +228,7 @@ impl RelayProcess {
             .arg(format!("127.0.0.1:{port}"))
             .arg("--metrics-listen")
             .arg(format!("127.0.0.1:{mport}"))
+            .args(extra)
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .kill_on_drop(true)
@@ -255,6 +263,31 @@ impl RelayProcess {
 
     pub fn opts(&self) -> ConnectOptions {
         ConnectOptions::new(self.addr.clone(), RelayTrust::Pin(self.pin))
+    }
+
+    /// Resident memory of the relay process, in bytes (Linux).
+    pub fn rss_bytes(&self) -> Option<u64> {
+        let pid = self.child.id()?;
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+        let kb: u64 = status
+            .lines()
+            .find(|l| l.starts_with("VmRSS:"))?
+            .split_whitespace()
+            .nth(1)?
+            .parse()
+            .ok()?;
+        Some(kb * 1024)
+    }
+
+    /// CPU time (user + system) the relay process used so far, in seconds (Linux).
+    pub fn cpu_seconds(&self) -> Option<f64> {
+        let pid = self.child.id()?;
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
+        let rest = stat.rsplit_once(')')?.1;
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        let ticks: f64 = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
+        Some(ticks / 100.0)
     }
 
     /// Sends SIGTERM and waits (bounded) for the exit status.

@@ -121,6 +121,21 @@ pub struct RelayLink {
     events: mpsc::Receiver<Incoming>,
     software: String,
     remote: SocketAddr,
+    /// True when this link made its endpoint (and so waits for it to go idle on close).
+    owns_endpoint: bool,
+}
+
+/// A client endpoint configured to dial the relay of `opts` (address family of `relay_addr`).
+pub fn client_endpoint(
+    opts: &ConnectOptions,
+    relay_addr: SocketAddr,
+) -> Result<quinn::Endpoint, ClientError> {
+    let tls = opts.trust.client_config(ALPN)?;
+    let quic_tls = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
+        .map_err(|e| ClientError::Tls(e.to_string()))?;
+    let mut cfg = quinn::ClientConfig::new(Arc::new(quic_tls));
+    cfg.transport_config(Arc::new(tandem_net::transport_config(true)));
+    Ok(tandem_net::client_endpoint(relay_addr, cfg)?)
 }
 
 async fn resolve(relay: &str) -> Result<(SocketAddr, String), ClientError> {
@@ -150,13 +165,21 @@ async fn resolve(relay: &str) -> Result<(SocketAddr, String), ClientError> {
 impl RelayLink {
     /// Dials and verifies the relay, and opens the control stream.
     pub async fn connect(opts: &ConnectOptions) -> Result<RelayLink, ClientError> {
+        let (addr, _) = resolve(&opts.relay).await?;
+        let endpoint = client_endpoint(opts, addr)?;
+        let mut link = Self::connect_on(&endpoint, opts).await?;
+        link.owns_endpoint = true;
+        Ok(link)
+    }
+
+    /// Like [`RelayLink::connect`], on an existing endpoint from [`client_endpoint`] (many links can
+    /// share one UDP socket: load tools, benchmarks).
+    pub async fn connect_on(
+        endpoint: &quinn::Endpoint,
+        opts: &ConnectOptions,
+    ) -> Result<RelayLink, ClientError> {
+        let endpoint = endpoint.clone();
         let (addr, host) = resolve(&opts.relay).await?;
-        let tls = opts.trust.client_config(ALPN)?;
-        let quic_tls = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
-            .map_err(|e| ClientError::Tls(e.to_string()))?;
-        let mut cfg = quinn::ClientConfig::new(Arc::new(quic_tls));
-        cfg.transport_config(Arc::new(tandem_net::transport_config(true)));
-        let endpoint = tandem_net::client_endpoint(addr, cfg)?;
         let unreachable = || ClientError::Unreachable {
             addr: opts.relay.clone(),
             secs: opts.timeout.as_secs(),
@@ -183,6 +206,7 @@ impl RelayLink {
             events,
             software: opts.software.clone(),
             remote: addr,
+            owns_endpoint: false,
         })
     }
 

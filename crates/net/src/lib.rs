@@ -64,8 +64,8 @@ pub fn transport_config(keep_alive: bool) -> quinn::TransportConfig {
     t.datagram_receive_buffer_size(Some(2 * 1024 * 1024));
     t.datagram_send_buffer_size(2 * 1024 * 1024);
     // The control plane needs one bidirectional stream; payload streams are unidirectional.
-    t.max_concurrent_bidi_streams(4u32.into());
-    t.max_concurrent_uni_streams(16u32.into());
+    t.max_concurrent_bidi_streams(2u32.into());
+    t.max_concurrent_uni_streams(4u32.into());
     t
 }
 

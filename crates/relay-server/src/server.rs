@@ -23,10 +23,10 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 use tandem_certs::RelayIdentity;
 use tandem_proto::{
-    ALPN, ClientMsg, EndReason, ErrorCode, FRAME_HEADER, MAX_CONTROL_FRAME, MAX_PAYLOAD_FRAME,
-    ProtoError, RelayMsg, decode_body, encode_frame, frame_len,
+    ALPN, ClientMsg, EndReason, ErrorCode, FRAME_HEADER, FrameDecoder, MAX_CONTROL_FRAME,
+    MAX_PAYLOAD_FRAME, ProtoError, RelayMsg, decode_body, encode_frame, frame_len,
 };
-use tokio::sync::{Semaphore, mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::{AbortHandle, JoinHandle, JoinSet};
 
 /// How the relay runs (the binary fills this from its TOML file, flags and environment).
@@ -60,10 +60,9 @@ pub enum ServerError {
     },
 }
 
-/// Messages other tasks queue for a connection's writer.
-enum Outbound {
-    Msg(RelayMsg),
-}
+/// A message other tasks queue for a connection (boxed: the queue's slots stay pointer-sized, which
+/// matters with thousands of idle connections).
+type Outbound = Box<RelayMsg>;
 
 struct ConnHandle {
     conn: Connection,
@@ -122,8 +121,7 @@ struct Shared {
     conns: Mutex<HashMap<ConnId, ConnHandle>>,
     sessions: Mutex<HashMap<SessionId, SessionIo>>,
     rng: Mutex<OsRng>,
-    auth_store: Arc<Mutex<Store>>,
-    auth_gate: Semaphore,
+    auth_tx: mpsc::Sender<AuthJob>,
     audit_tx: mpsc::UnboundedSender<AuditOp>,
     metrics: Arc<Metrics>,
     limits: Limits,
@@ -191,10 +189,14 @@ impl RelayHandle {
             .values()
             .map(|h| (h.tx.clone(), h.conn.clone()))
             .collect();
-        for (tx, conn) in &handles {
-            let _ = tx.try_send(Outbound::Msg(RelayMsg::ShuttingDown));
-            // Give the writer a moment to put the notice on the wire before the close.
-            let _ = tokio::time::timeout(Duration::from_millis(50), tx.reserve()).await;
+        for (tx, _) in &handles {
+            let _ = tx.try_send(Box::new(RelayMsg::ShuttingDown));
+        }
+        // A moment for the notices to go out; the close code says the same if one does not.
+        if !handles.is_empty() {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        for (_, conn) in &handles {
             close(conn, ErrorCode::ShuttingDown, "the relay is shutting down");
         }
         let _ = tokio::time::timeout(self.drain_timeout, self.endpoint.wait_idle()).await;
@@ -227,7 +229,7 @@ pub async fn start(
     cfg: ServerConfig,
     identity: &RelayIdentity,
 ) -> Result<RelayHandle, ServerError> {
-    let auth_store = Store::open(&cfg.data_dir)?;
+    let auth_tx = auth_pool(&cfg.data_dir, AUTH_THREADS)?;
     let audit_store = Store::open(&cfg.data_dir)?;
     let dangling = audit_store.close_dangling()?;
     if dangling > 0 {
@@ -254,8 +256,7 @@ pub async fn start(
         conns: Mutex::new(HashMap::new()),
         sessions: Mutex::new(HashMap::new()),
         rng: Mutex::new(OsRng(SystemRandom::new())),
-        auth_store: Arc::new(Mutex::new(auth_store)),
-        auth_gate: Semaphore::new(2),
+        auth_tx,
         audit_tx,
         metrics: metrics.clone(),
         limits: cfg.limits.clone(),
@@ -342,7 +343,7 @@ async fn ticker(shared: std::sync::Weak<Shared>, mut stop: watch::Receiver<bool>
         for e in expired {
             let tx = lock(&shared.conns).get(&e.agent).map(|h| h.tx.clone());
             if let Some(tx) = tx {
-                let _ = tx.try_send(Outbound::Msg(RelayMsg::SlotExpired { slot: e.slot }));
+                let _ = tx.try_send(Box::new(RelayMsg::SlotExpired { slot: e.slot }));
             }
         }
         refresh_gauges(&shared);
@@ -407,7 +408,7 @@ async fn serve_incoming(shared: Arc<Shared>, incoming: quinn::Incoming) {
         }
     };
     shared.metrics.connections_accepted.inc();
-    let (tx, rx) = mpsc::channel(64);
+    let (tx, rx) = mpsc::channel(16);
     lock(&shared.conns).insert(
         id,
         ConnHandle {
@@ -417,7 +418,8 @@ async fn serve_incoming(shared: Arc<Shared>, incoming: quinn::Incoming) {
     );
     tracing::debug!(conn = id, %remote, "connected");
 
-    let result = run_connection(&shared, id, &conn, tx, rx).await;
+    drop(tx);
+    let result = run_connection(&shared, id, &conn, rx).await;
 
     lock(&shared.conns).remove(&id);
     let ended = lock(&shared.registry).close(id, Instant::now());
@@ -448,69 +450,49 @@ impl Close {
     }
 }
 
-async fn read_msg(recv: &mut RecvStream, shared: &Shared) -> Result<ClientMsg, Close> {
-    let mut header = [0u8; FRAME_HEADER];
-    match recv.read_exact(&mut header).await {
-        Ok(()) => {}
-        Err(_) => return Err(Close::Peer),
-    }
-    let len = frame_len(header, MAX_CONTROL_FRAME).map_err(|e| protocol_error(shared, e))?;
-    let mut body = vec![0u8; len];
-    recv.read_exact(&mut body).await.map_err(|_| Close::Peer)?;
-    decode_body::<ClientMsg>(&body).map_err(|e| protocol_error(shared, e))
-}
-
 fn protocol_error(shared: &Shared, e: ProtoError) -> Close {
     let code = e.code();
     Metrics::inc(&shared.metrics.protocol_errors, code.label());
     Close::With(code, e.to_string())
 }
 
-async fn writer(mut send: SendStream, mut rx: mpsc::Receiver<Outbound>) {
-    while let Some(Outbound::Msg(m)) = rx.recv().await {
-        let frame = match encode_frame(&m, MAX_CONTROL_FRAME) {
-            Ok(f) => f,
-            Err(e) => {
-                tracing::error!(error = %e, "cannot encode relay message");
-                continue;
-            }
-        };
-        if send.write_all(&frame).await.is_err() {
-            return;
-        }
-    }
-    let _ = send.finish();
-}
-
 async fn run_connection(
     shared: &Arc<Shared>,
     id: ConnId,
     conn: &Connection,
-    tx: mpsc::Sender<Outbound>,
-    rx: mpsc::Receiver<Outbound>,
+    mut rx: mpsc::Receiver<Outbound>,
 ) -> Result<(), Close> {
     let deadline = tokio::time::Instant::now() + shared.limits.handshake_timeout;
     let timeout = || {
         shared.metrics.handshake_timeouts.inc();
         Close::code(ErrorCode::HandshakeTimeout)
     };
-    let (send, mut recv) = match tokio::time::timeout_at(deadline, conn.accept_bi()).await {
+    let (mut send, mut recv) = match tokio::time::timeout_at(deadline, conn.accept_bi()).await {
         Ok(Ok(s)) => s,
         Ok(Err(_)) => return Err(Close::Peer),
         Err(_) => return Err(timeout()),
     };
-    let writer_task = tokio::spawn(writer(send, rx));
-    let _writer_guard = AbortOnDrop(writer_task.abort_handle());
+    // One task per connection: it reads the control stream (cancel-safe chunk reads into a frame
+    // decoder) and writes what other tasks queue for this connection.
+    let mut frames = FrameDecoder::new(MAX_CONTROL_FRAME);
     let mut identified = false;
     loop {
-        let msg = if identified {
-            read_msg(&mut recv, shared).await?
-        } else {
-            match tokio::time::timeout_at(deadline, read_msg(&mut recv, shared)).await {
-                Ok(m) => m?,
-                Err(_) => return Err(timeout()),
+        let body = match frames.next_frame() {
+            Ok(Some(body)) => body,
+            Ok(None) => {
+                tokio::select! {
+                    chunk = recv.read_chunk(MAX_CONTROL_FRAME + FRAME_HEADER, true) => match chunk {
+                        Ok(Some(c)) => frames.push(&c.bytes),
+                        Ok(None) | Err(_) => return Err(Close::Peer),
+                    },
+                    Some(m) = rx.recv() => write_msg(&mut send, *m).await?,
+                    _ = tokio::time::sleep_until(deadline), if !identified => return Err(timeout()),
+                }
+                continue;
             }
+            Err(e) => return Err(protocol_error(shared, e)),
         };
+        let msg = decode_body::<ClientMsg>(&body).map_err(|e| protocol_error(shared, e))?;
         let now = Instant::now();
         match msg {
             ClientMsg::Register { client } => {
@@ -521,8 +503,8 @@ async fn run_connection(
                 let slot = res.map_err(|r| refusal_close(shared, r))?;
                 identified = true;
                 tracing::info!(conn = id, software = %client.software, "agent registered a slot");
-                send_msg(
-                    &tx,
+                write_msg(
+                    &mut send,
                     RelayMsg::Registered {
                         slot,
                         expires_in_secs: shared.limits.slot_ttl.as_secs() as u32,
@@ -548,8 +530,8 @@ async fn run_connection(
                             software = %client.software,
                             "technician authenticated"
                         );
-                        send_msg(
-                            &tx,
+                        write_msg(
+                            &mut send,
                             RelayMsg::Authenticated {
                                 technician: tech.name,
                                 organisation: tech.organisation,
@@ -597,8 +579,8 @@ async fn run_connection(
                         }
                         let code = r.code();
                         Metrics::inc(&shared.metrics.joins_refused, code.label());
-                        send_msg(
-                            &tx,
+                        write_msg(
+                            &mut send,
                             RelayMsg::Refused {
                                 code,
                                 message: code.explain().into(),
@@ -608,7 +590,7 @@ async fn run_connection(
                     }
                 }
             }
-            ClientMsg::Ping { nonce } => send_msg(&tx, RelayMsg::Pong { nonce }).await?,
+            ClientMsg::Ping { nonce } => write_msg(&mut send, RelayMsg::Pong { nonce }).await?,
             ClientMsg::End { reason } => {
                 let ended = lock(&shared.registry).end(id, reason, now);
                 if let Some(e) = ended {
@@ -619,15 +601,12 @@ async fn run_connection(
     }
 }
 
-struct AbortOnDrop(AbortHandle);
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
-
-async fn send_msg(tx: &mpsc::Sender<Outbound>, m: RelayMsg) -> Result<(), Close> {
-    tx.send(Outbound::Msg(m)).await.map_err(|_| Close::Peer)
+async fn write_msg(send: &mut SendStream, m: RelayMsg) -> Result<(), Close> {
+    let frame = encode_frame(&m, MAX_CONTROL_FRAME).map_err(|e| {
+        tracing::error!(error = %e, "cannot encode relay message");
+        Close::code(ErrorCode::Internal)
+    })?;
+    send.write_all(&frame).await.map_err(|_| Close::Peer)
 }
 
 fn refusal_close(shared: &Shared, r: Refusal) -> Close {
@@ -640,24 +619,52 @@ fn refusal_close(shared: &Shared, r: Refusal) -> Close {
     Close::code(r.code())
 }
 
+type AuthJob = (String, oneshot::Sender<Result<AuthOutcome, StoreError>>);
+
+/// Threads that verify tokens (Argon2id, ~19 MiB and tens of ms each). A fixed pair of long-lived
+/// threads, each with its own database connection: logins queue instead of starving forwarding of CPU,
+/// and the hash's memory is reused by the same two threads instead of being retained by many.
+const AUTH_THREADS: usize = 2;
+
+fn auth_pool(data_dir: &Path, threads: usize) -> Result<mpsc::Sender<AuthJob>, ServerError> {
+    let (tx, rx) = mpsc::channel::<AuthJob>(256);
+    let rx = Arc::new(Mutex::new(rx));
+    for i in 0..threads {
+        let store = Store::open(data_dir)?;
+        let rx = rx.clone();
+        let spawned = std::thread::Builder::new()
+            .name(format!("tandem-auth-{i}"))
+            .spawn(move || {
+                loop {
+                    let job = lock(&rx).blocking_recv();
+                    let Some((token, reply)) = job else { return };
+                    let _ = reply.send(store.authenticate(&token));
+                }
+            });
+        if let Err(e) = spawned {
+            return Err(ServerError::Quic(format!(
+                "cannot start authentication thread: {e}"
+            )));
+        }
+    }
+    Ok(tx)
+}
+
 async fn authenticate(shared: &Arc<Shared>, token: String) -> Result<AuthOutcome, Close> {
-    // At most two Argon2 verifications at a time: a flood of logins queues instead of starving
-    // forwarding of CPU.
-    let _permit = shared
-        .auth_gate
-        .acquire()
+    let (reply, rx) = oneshot::channel();
+    shared
+        .auth_tx
+        .send((token, reply))
         .await
         .map_err(|_| Close::code(ErrorCode::ShuttingDown))?;
-    let store = shared.auth_store.clone();
-    let res = tokio::task::spawn_blocking(move || lock(&store).authenticate(&token)).await;
-    match res {
+    match rx.await {
         Ok(Ok(o)) => Ok(o),
         Ok(Err(e)) => {
             tracing::error!(error = %e, "technician store failed");
             Err(Close::code(ErrorCode::Internal))
         }
-        Err(e) => {
-            tracing::error!(error = %e, "authentication task failed");
+        Err(_) => {
+            tracing::error!("authentication thread stopped");
             Err(Close::code(ErrorCode::Internal))
         }
     }
@@ -710,11 +717,11 @@ fn start_session_io(shared: &Arc<Shared>, p: &Paired) {
         agent_addr: agent.0.remote_address().to_string(),
         console_addr: console.0.remote_address().to_string(),
     });
-    let _ = agent.1.try_send(Outbound::Msg(RelayMsg::Paired {
+    let _ = agent.1.try_send(Box::new(RelayMsg::Paired {
         technician: s.technician.name.clone(),
         organisation: s.technician.organisation.clone(),
     }));
-    let _ = console.1.try_send(Outbound::Msg(RelayMsg::Joined {
+    let _ = console.1.try_send(Box::new(RelayMsg::Joined {
         slot: s.slot.clone(),
     }));
 }
@@ -755,7 +762,7 @@ fn finish_session(shared: &Shared, e: Ended) {
     if let Some(peer) = e.notify {
         let tx = lock(&shared.conns).get(&peer).map(|h| h.tx.clone());
         if let Some(tx) = tx {
-            let _ = tx.try_send(Outbound::Msg(RelayMsg::SessionEnded { reason: e.reason }));
+            let _ = tx.try_send(Box::new(RelayMsg::SessionEnded { reason: e.reason }));
         }
     }
 }
@@ -916,54 +923,116 @@ async fn forward_streams(from: Connection, to: Connection, flow: Arc<Flow>) {
     }
 }
 
-/// Copies length-prefixed payload frames from one side's stream to a stream to the other side,
-/// checking only each frame's length.
+/// Forwards one side's payload stream to a stream towards the other side, chunk by chunk without
+/// copying. It tracks frame boundaries only to enforce [`MAX_PAYLOAD_FRAME`] and to count payload bytes;
+/// the content is never looked at.
 async fn pipe_stream(mut recv: RecvStream, from: Connection, to: Connection, flow: Arc<Flow>) {
     let Ok(mut send) = to.open_uni().await else {
         return;
     };
-    let mut header = [0u8; FRAME_HEADER];
-    let mut body = Vec::with_capacity(2048);
+    let mut frames = FrameTracker::default();
     loop {
-        match recv.read_exact(&mut header).await {
-            Ok(()) => {}
-            Err(quinn::ReadExactError::FinishedEarly(0)) => {
-                let _ = send.finish();
+        let chunk = match recv.read_chunk(64 * 1024, true).await {
+            Ok(Some(c)) => c.bytes,
+            Ok(None) => {
+                if frames.at_boundary() {
+                    let _ = send.finish();
+                } else {
+                    let _ = send.reset(VarInt::from_u32(0));
+                }
                 return;
             }
             Err(_) => {
                 let _ = send.reset(VarInt::from_u32(0));
                 return;
             }
-        }
-        let len = match frame_len(header, MAX_PAYLOAD_FRAME) {
-            Ok(l) => l,
+        };
+        let payload = match frames.feed(&chunk) {
+            Ok(n) => n,
             Err(e) => {
                 Metrics::inc(&flow.metrics.protocol_errors, ErrorCode::Oversized.label());
                 close(&from, ErrorCode::Oversized, &e.to_string());
                 return;
             }
         };
-        body.resize(len, 0);
-        if recv.read_exact(&mut body).await.is_err() {
-            let _ = send.reset(VarInt::from_u32(0));
-            return;
-        }
         if let Some(b) = &flow.bucket {
-            let wait = lock(b).take_wait(FRAME_HEADER + len);
+            let wait = lock(b).take_wait(chunk.len());
             if !wait.is_zero() {
                 tokio::time::sleep(wait).await;
             }
         }
-        if send.write_all(&header).await.is_err() || send.write_all(&body).await.is_err() {
+        if send.write_chunk(chunk).await.is_err() {
             return;
         }
-        flow.count(len);
-        flow.m_bytes_stream.inc_by(len as u64);
+        flow.count(payload);
+        flow.m_bytes_stream.inc_by(payload as u64);
     }
 }
 
-/// Path helpers for the binary.
-pub fn db_path(data_dir: &Path) -> PathBuf {
-    data_dir.join(crate::store::DB_FILE)
+/// Follows length-prefixed framing across arbitrary chunks.
+#[derive(Default)]
+struct FrameTracker {
+    header: [u8; FRAME_HEADER],
+    header_have: usize,
+    body_left: usize,
+}
+
+impl FrameTracker {
+    fn at_boundary(&self) -> bool {
+        self.header_have == 0 && self.body_left == 0
+    }
+    /// Consumes a chunk; returns how many of its bytes are payload (not headers).
+    fn feed(&mut self, mut chunk: &[u8]) -> Result<usize, ProtoError> {
+        let mut payload = 0;
+        while !chunk.is_empty() {
+            if self.body_left > 0 {
+                let take = self.body_left.min(chunk.len());
+                self.body_left -= take;
+                payload += take;
+                chunk = &chunk[take..];
+            } else {
+                let take = (FRAME_HEADER - self.header_have).min(chunk.len());
+                self.header[self.header_have..self.header_have + take]
+                    .copy_from_slice(&chunk[..take]);
+                self.header_have += take;
+                chunk = &chunk[take..];
+                if self.header_have == FRAME_HEADER {
+                    self.body_left = frame_len(self.header, MAX_PAYLOAD_FRAME)?;
+                    self.header_have = 0;
+                }
+            }
+        }
+        Ok(payload)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frame_tracker_across_chunk_boundaries() {
+        let mut stream = Vec::new();
+        for len in [0usize, 1, 5, 1000, 70] {
+            stream.extend_from_slice(&(len as u32).to_be_bytes());
+            stream.extend(std::iter::repeat_n(7u8, len));
+        }
+        for split in [1usize, 2, 3, 4, 5, 7, 64, 10_000] {
+            let mut t = FrameTracker::default();
+            let mut payload = 0;
+            for c in stream.chunks(split) {
+                payload += t.feed(c).unwrap();
+            }
+            assert_eq!(payload, 1076, "split {split}");
+            assert!(t.at_boundary());
+        }
+        let mut t = FrameTracker::default();
+        t.feed(&[0, 0]).unwrap();
+        assert!(!t.at_boundary());
+        let mut t = FrameTracker::default();
+        assert!(
+            t.feed(&((MAX_PAYLOAD_FRAME as u32 + 1).to_be_bytes()))
+                .is_err()
+        );
+    }
 }

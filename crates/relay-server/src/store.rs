@@ -8,10 +8,12 @@
 
 use crate::registry::{Technician, TechnicianId};
 use argon2::Argon2;
-use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
+use argon2::password_hash::{PasswordHash, PasswordHasher, SaltString};
+use argon2::{Algorithm, Block, Params, Version};
 use ring::rand::{SecureRandom, SystemRandom};
 use rusqlite::{Connection, OptionalExtension, params};
 use serde::Serialize;
+use std::cell::RefCell;
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -130,6 +132,9 @@ const DUMMY_HASH: &str = "$argon2id$v=19$m=19456,t=2,p=1$c29tZXNhbHRzb21lc2FsdA$
 pub struct Store {
     conn: Connection,
     rng: SystemRandom,
+    /// Argon2 working memory, allocated once and reused by every verification on this store (the
+    /// crate's own verifier allocates ~19 MiB per call, which the allocator then keeps around).
+    blocks: RefCell<Vec<Block>>,
 }
 
 fn now_secs() -> i64 {
@@ -200,6 +205,7 @@ impl Store {
         Ok(Store {
             conn,
             rng: SystemRandom::new(),
+            blocks: RefCell::new(Vec::new()),
         })
     }
 
@@ -361,12 +367,7 @@ impl Store {
         };
         let secret = parsed.map(|(_, s)| s).unwrap_or("");
         let hash_str = row.as_ref().map(|r| r.0.as_str()).unwrap_or(DUMMY_HASH);
-        let ok = match PasswordHash::new(hash_str) {
-            Ok(h) => Argon2::default()
-                .verify_password(secret.as_bytes(), &h)
-                .is_ok(),
-            Err(_) => false,
-        };
+        let ok = self.verify(secret.as_bytes(), hash_str);
         match (row, parsed) {
             (Some((_, disabled, name, organisation)), Some((id, _))) if ok => {
                 if disabled {
@@ -384,6 +385,56 @@ impl Store {
             }
             _ => Ok(AuthOutcome::BadToken),
         }
+    }
+
+    /// Checks `secret` against a PHC-format Argon2 hash, reusing this store's working memory.
+    fn verify(&self, secret: &[u8], phc: &str) -> bool {
+        let Ok(h) = PasswordHash::new(phc) else {
+            return false;
+        };
+        let Ok(alg) = Algorithm::try_from(h.algorithm) else {
+            return false;
+        };
+        let version = match h.version {
+            Some(v) => match Version::try_from(v) {
+                Ok(v) => v,
+                Err(_) => return false,
+            },
+            None => Version::V0x13,
+        };
+        let Ok(params) = Params::try_from(&h) else {
+            return false;
+        };
+        let (Some(salt), Some(expected)) = (h.salt, h.hash) else {
+            return false;
+        };
+        let mut salt_buf = [0u8; 64];
+        let Ok(salt) = salt.decode_b64(&mut salt_buf) else {
+            return false;
+        };
+        // Hashes are written by this relay; refuse absurd costs rather than allocate them.
+        let blocks = params.block_count();
+        if blocks > 1 << 20 {
+            return false;
+        }
+        let mut out = vec![0u8; expected.len()];
+        let mut mem = self.blocks.borrow_mut();
+        if mem.len() < blocks {
+            mem.resize(blocks, Block::default());
+        }
+        let argon = Argon2::new(alg, version, params);
+        if argon
+            .hash_password_into_with_memory(secret, salt, &mut out, &mut mem[..blocks])
+            .is_err()
+        {
+            return false;
+        }
+        // Constant-time comparison.
+        out.iter()
+            .zip(expected.as_bytes())
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0
+            && out.len() == expected.len()
     }
 
     /// Records the start of a session; returns the audit row id.

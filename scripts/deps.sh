@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Installs (as root) or names (otherwise) the Debian/Ubuntu packages Tandem needs to build and test.
+# Usage: scripts/deps.sh            -> exit 0 when everything is present
+# Sourced by scripts/test.sh and scripts/demo.sh.
+set -euo pipefail
+
+# Build: a C compiler for ring and the bundled SQLite; pkg-config for -sys crates.
+PACKAGES=(build-essential pkg-config)
+
+missing=()
+for p in "${PACKAGES[@]}"; do
+  if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed"; then
+    missing+=("$p")
+  fi
+done
+
+if ((${#missing[@]})); then
+  if [[ $(id -u) -eq 0 ]]; then
+    echo "tandem: installing system packages: ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  else
+    echo "tandem: missing system packages: ${missing[*]}" >&2
+    echo "tandem: run this, then try again:" >&2
+    echo "  sudo apt-get update && sudo apt-get install -y --no-install-recommends ${missing[*]}" >&2
+    exit 1
+  fi
+fi
+
+if ! command -v cargo >/dev/null; then
+  echo "tandem: cargo not found; install Rust (https://rustup.rs) and try again" >&2
+  exit 1
+fi
