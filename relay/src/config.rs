@@ -41,6 +41,8 @@ pub struct FileLimits {
     pub auths_per_minute_per_address: Option<u32>,
     /// 0 = unlimited.
     pub session_bytes_per_second: Option<u64>,
+    /// 0 = a lost connection ends its session at once.
+    pub resume_grace_secs: Option<u64>,
 }
 
 impl FileConfig {
@@ -152,6 +154,7 @@ impl Config {
                 .auths_per_minute_per_address
                 .unwrap_or(d.auths_per_minute_per_address),
             session_bytes_per_second: l.session_bytes_per_second.filter(|v| *v > 0),
+            resume_grace: secs(l.resume_grace_secs, d.resume_grace),
         };
         if limits.handshake_timeout.is_zero() || limits.slot_ttl.is_zero() {
             bail!("limits.handshake_timeout_secs and limits.slot_ttl_secs must be at least 1");
@@ -236,6 +239,7 @@ impl Config {
                 joins_per_minute_per_address: Some(l.joins_per_minute_per_address),
                 auths_per_minute_per_address: Some(l.auths_per_minute_per_address),
                 session_bytes_per_second: Some(l.session_bytes_per_second.unwrap_or(0)),
+                resume_grace_secs: Some(l.resume_grace.as_secs()),
             },
         };
         Ok(toml::to_string_pretty(&f)?)

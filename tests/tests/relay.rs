@@ -37,7 +37,7 @@ async fn pair_and_forward_datagrams_both_ways() {
     assert!((3..=9).contains(&slot.as_str().len()));
     let mut console = relay.console().await;
     within(console.join(&slot)).await.unwrap();
-    let (tech, org) = within(agent.wait_paired()).await.unwrap();
+    let (tech, org, _) = within(agent.wait_paired()).await.unwrap();
     assert_eq!((tech.as_str(), org.as_str()), ("alice", "ACME IT"));
 
     // Datagrams are forwarded unchanged both ways, up to the current datagram size.
@@ -464,11 +464,19 @@ async fn session_limit_gives_a_clear_error() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn peer_disconnect_ends_session_and_wrong_code_burns_slot() {
-    let relay = TestRelay::start().await;
-    // The agent's link drops: the console is told.
+async fn peer_disconnect_ends_session_after_grace_and_wrong_code_burns_slot() {
+    let relay = TestRelay::start_with(Limits {
+        resume_grace: Duration::from_millis(600),
+        ..Limits::default()
+    })
+    .await;
+    // The agent's link drops: the console is told, and told again when the grace period is over.
     let (agent, mut console) = relay.pair().await;
     agent.close().await;
+    assert_eq!(
+        within(console.recv()).await.unwrap(),
+        RelayMsg::PeerSuspended { grace_secs: 0 }
+    );
     match within(console.recv()).await.unwrap() {
         RelayMsg::SessionEnded { reason } => assert_eq!(reason, EndReason::PeerDisconnected),
         other => panic!("{other:?}"),
@@ -626,4 +634,62 @@ async fn binary_admin_drain_and_restart_keep_technicians() {
     let mut c4 = within(RelayLink::connect(&relay.opts())).await.unwrap();
     within(c4.authenticate(&new_token)).await.unwrap();
     relay.terminate().await;
+}
+
+/// A side that loses its relay connection comes back on a new one with its resume token; the
+/// session, its forwarding and its byte counts carry on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lost_connection_resumes_within_grace() {
+    let relay = TestRelay::start().await;
+    let (mut agent, slot) = relay.agent().await;
+    let mut console = relay.console().await;
+    let console_token = within(console.join(&slot)).await.unwrap();
+    let (_, _, agent_token) = within(agent.wait_paired()).await.unwrap();
+    assert_ne!(agent_token, console_token);
+
+    // The console's link dies (as on a network change).
+    console.close().await;
+    assert_eq!(
+        within(agent.recv()).await.unwrap(),
+        RelayMsg::PeerSuspended { grace_secs: 15 }
+    );
+    let mut console = relay.connect().await;
+    within(console.resume(&console_token)).await.unwrap();
+    assert_eq!(within(agent.recv()).await.unwrap(), RelayMsg::PeerResumed);
+
+    // Payloads flow again, both ways.
+    for (from, to) in [(&agent, &console), (&console, &agent)] {
+        let got = within(async {
+            loop {
+                from.send_datagram(Bytes::from_static(b"back again"))
+                    .unwrap();
+                if let Ok(Ok(d)) =
+                    tokio::time::timeout(Duration::from_millis(200), to.recv_datagram()).await
+                {
+                    return d;
+                }
+            }
+        })
+        .await;
+        assert_eq!(&got[..], b"back again");
+    }
+
+    // Resuming the agent's side while its old connection is still attached takes over: the old
+    // connection is closed with a reason.
+    let mut agent2 = relay.connect().await;
+    within(agent2.resume(&agent_token)).await.unwrap();
+    assert_eq!(
+        closed_code(&mut agent).await,
+        Some(ErrorCode::SessionTakenOver)
+    );
+    let (_, h) = relay.http_get("/health").await;
+    let h: serde_json::Value = serde_json::from_str(&h).unwrap();
+    assert_eq!(h["sessions"], 1);
+
+    // A token of an ended session is refused.
+    console.end(EndReason::EndedByTechnician).await.unwrap();
+    let mut late = relay.connect().await;
+    let e = within(late.resume(&console_token)).await.unwrap_err();
+    assert_eq!(e.code(), Some(ErrorCode::SessionGone));
+    relay.shutdown().await;
 }

@@ -15,7 +15,7 @@ use std::time::Duration;
 use tandem_certs::RelayTrust;
 use tandem_proto::{
     ALPN, ClientInfo, ClientMsg, EndReason, ErrorCode, FRAME_HEADER, MAX_CONTROL_FRAME,
-    MAX_PAYLOAD_FRAME, RelayMsg, Secret, Slot, decode_body, encode_frame, frame_len,
+    MAX_PAYLOAD_FRAME, RelayMsg, ResumeToken, Secret, Slot, decode_body, encode_frame, frame_len,
 };
 use tokio::sync::mpsc;
 
@@ -282,24 +282,26 @@ impl RelayLink {
         }
     }
 
-    /// Console: joins the agent waiting on `slot`. On success payloads flow.
-    pub async fn join(&mut self, slot: &Slot) -> Result<(), ClientError> {
+    /// Console: joins the agent waiting on `slot`. On success payloads flow; the token resumes the
+    /// session on a new connection if this one is lost.
+    pub async fn join(&mut self, slot: &Slot) -> Result<ResumeToken, ClientError> {
         self.send(&ClientMsg::Join { slot: slot.clone() }).await?;
         match self.recv().await? {
-            RelayMsg::Joined { .. } => Ok(()),
+            RelayMsg::Joined { resume, .. } => Ok(resume),
             RelayMsg::Refused { code, .. } => Err(ClientError::Refused { code }),
             other => Err(unexpected(other)),
         }
     }
 
-    /// Agent: waits until a technician joins; returns (technician, organisation).
-    pub async fn wait_paired(&mut self) -> Result<(String, String), ClientError> {
+    /// Agent: waits until a technician joins; returns (technician, organisation, resume token).
+    pub async fn wait_paired(&mut self) -> Result<(String, String, ResumeToken), ClientError> {
         loop {
             match self.recv().await? {
                 RelayMsg::Paired {
                     technician,
                     organisation,
-                } => return Ok((technician, organisation)),
+                    resume,
+                } => return Ok((technician, organisation, resume)),
                 RelayMsg::Pong { .. } => continue,
                 RelayMsg::SlotExpired { .. } => {
                     return Err(ClientError::Refused {
@@ -308,6 +310,15 @@ impl RelayLink {
                 }
                 other => return Err(unexpected(other)),
             }
+        }
+    }
+
+    /// On a fresh link: re-attaches to the session `token` was issued for.
+    pub async fn resume(&mut self, token: &ResumeToken) -> Result<(), ClientError> {
+        self.send(&ClientMsg::Resume { token: *token }).await?;
+        match self.recv().await? {
+            RelayMsg::Resumed => Ok(()),
+            other => Err(unexpected(other)),
         }
     }
 

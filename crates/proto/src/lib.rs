@@ -96,6 +96,17 @@ impl fmt::Debug for Secret {
     }
 }
 
+/// Lets a side that lost its relay connection re-attach to its session within the grace period.
+/// Random, 128 bits, one per side and session; a bearer secret, so its `Debug` is redacted.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct ResumeToken(pub [u8; 16]);
+
+impl fmt::Debug for ResumeToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("ResumeToken(<redacted>)")
+    }
+}
+
 /// What a client says about itself; for logs and the audit trail only.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
 pub struct ClientInfo {
@@ -117,6 +128,8 @@ pub enum ClientMsg {
     Ping { nonce: u64 },
     /// End the current session (or give up the slot) and tell the peer why.
     End { reason: EndReason },
+    /// On a fresh connection: re-attach to the session this token was given for.
+    Resume { token: ResumeToken },
 }
 
 /// Messages from the relay to an agent or a console.
@@ -132,16 +145,27 @@ pub enum RelayMsg {
         technician: String,
         organisation: String,
     },
-    /// Console: you are paired with the agent on `slot`; payloads now flow.
+    /// Console: you are paired with the agent on `slot`; payloads now flow. `resume` re-attaches to
+    /// this session after a lost connection.
     Joined {
         slot: Slot,
+        resume: ResumeToken,
     },
     /// Agent: a technician joined your slot; payloads now flow. Names are as the relay
     /// authenticated them (for the consent prompt).
     Paired {
         technician: String,
         organisation: String,
+        resume: ResumeToken,
     },
+    /// Answer to [`ClientMsg::Resume`]: re-attached; payloads flow again.
+    Resumed,
+    /// The peer lost its relay connection; the session waits `grace_secs` for it to resume.
+    PeerSuspended {
+        grace_secs: u32,
+    },
+    /// The peer is back.
+    PeerResumed,
     Pong {
         nonce: u64,
     },
@@ -260,6 +284,8 @@ error_codes! {
     AlreadyAuthenticated = 18, "already_authenticated", "this connection already registered or authenticated";
     IdleTimeout = 19, "idle_timeout", "the connection was idle for too long";
     CodeBurned = 20, "code_burned", "the code was used with a wrong secret and is no longer valid; ask the user for the new code";
+    SessionGone = 21, "session_gone", "there is no session to resume: it ended or its grace period ran out";
+    SessionTakenOver = 22, "session_taken_over", "this session was resumed on another connection";
 }
 
 impl fmt::Display for ErrorCode {
@@ -322,7 +348,7 @@ impl Validate for ClientMsg {
                 text_ok(&client.software, MAX_TEXT)
             }
             ClientMsg::End { reason } => reason.validate(),
-            ClientMsg::Join { .. } | ClientMsg::Ping { .. } => Ok(()),
+            ClientMsg::Join { .. } | ClientMsg::Ping { .. } | ClientMsg::Resume { .. } => Ok(()),
         }
     }
 }
@@ -337,6 +363,7 @@ impl Validate for RelayMsg {
             | RelayMsg::Paired {
                 technician,
                 organisation,
+                ..
             } => {
                 text_ok(technician, MAX_TEXT)?;
                 text_ok(organisation, MAX_TEXT)
@@ -458,6 +485,9 @@ mod tests {
             slot: Slot::new("417").unwrap(),
         });
         roundtrip_client(ClientMsg::Ping { nonce: u64::MAX });
+        roundtrip_client(ClientMsg::Resume {
+            token: ResumeToken([1; 16]),
+        });
         roundtrip_client(ClientMsg::End {
             reason: EndReason::Other("bye".into()),
         });
@@ -473,7 +503,9 @@ mod tests {
             RelayMsg::Paired {
                 technician: "Alice".into(),
                 organisation: "ACME IT".into(),
+                resume: ResumeToken([7; 16]),
             },
+            RelayMsg::PeerSuspended { grace_secs: 15 },
             RelayMsg::Refused {
                 code: ErrorCode::SlotBusy,
                 message: ErrorCode::SlotBusy.explain().into(),

@@ -19,7 +19,7 @@
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
-use tandem_proto::{EndReason, ErrorCode, SLOT_MAX_DIGITS, SLOT_MIN_DIGITS, Slot};
+use tandem_proto::{EndReason, ErrorCode, ResumeToken, SLOT_MAX_DIGITS, SLOT_MIN_DIGITS, Slot};
 
 /// Everything a stranger can cause is bounded by one of these.
 #[derive(Clone, Debug)]
@@ -42,6 +42,9 @@ pub struct Limits {
     pub auths_per_minute_per_address: u32,
     /// Optional cap on forwarded bytes per second, per session and direction.
     pub session_bytes_per_second: Option<u64>,
+    /// How long a paired session waits for a side that lost its connection to resume; zero ends
+    /// the session at once.
+    pub resume_grace: Duration,
 }
 
 impl Default for Limits {
@@ -56,6 +59,7 @@ impl Default for Limits {
             joins_per_minute_per_address: 5,
             auths_per_minute_per_address: 10,
             session_bytes_per_second: None,
+            resume_grace: Duration::from_secs(15),
         }
     }
 }
@@ -124,13 +128,68 @@ impl Tomb {
     }
 }
 
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Side {
+    Agent,
+    Console,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Session {
     pub id: SessionId,
+    /// The agent's connection (stale while the agent is the suspended side).
     pub agent: ConnId,
+    /// The console's connection (stale while the console is the suspended side).
     pub console: ConnId,
     pub slot: Slot,
     pub technician: Technician,
+    pub agent_token: ResumeToken,
+    pub console_token: ResumeToken,
+    /// Set while one side has lost its connection: which, and until when it may resume.
+    pub suspended: Option<(Side, Instant)>,
+}
+
+impl Session {
+    fn conn_of(&self, side: Side) -> ConnId {
+        match side {
+            Side::Agent => self.agent,
+            Side::Console => self.console,
+        }
+    }
+}
+
+/// What closing a connection did to its session.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Closed {
+    /// It was in no session.
+    Nothing,
+    /// Its session ended (no grace, or both sides are gone).
+    Ended(Ended),
+    /// Its session waits for it to resume; `notify` is told.
+    Suspended {
+        session: SessionId,
+        notify: ConnId,
+        grace: Duration,
+    },
+}
+
+/// A successful resume.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Resumed {
+    pub session: Session,
+    pub side: Side,
+    /// A connection of the same side that was still attached and is now replaced (to be closed).
+    pub replaced: Option<ConnId>,
+    /// The other side, to be told that its peer is back (if attached).
+    pub notify: Option<ConnId>,
+}
+
+/// What housekeeping found.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Tick {
+    pub expired: Vec<Expired>,
+    /// Sessions whose suspended side did not come back in time.
+    pub ended: Vec<Ended>,
 }
 
 /// A successful join.
@@ -266,6 +325,7 @@ pub struct Registry {
     slots: HashMap<Slot, SlotState>,
     tombs: HashMap<Slot, (Tomb, Instant)>,
     sessions: HashMap<SessionId, Session>,
+    tokens: HashMap<ResumeToken, (SessionId, Side)>,
     join_by_tech: HashMap<TechnicianId, Bucket>,
     join_by_addr: HashMap<IpAddr, Bucket>,
     auth_by_addr: HashMap<IpAddr, Bucket>,
@@ -285,6 +345,7 @@ impl Registry {
             slots: HashMap::new(),
             tombs: HashMap::new(),
             sessions: HashMap::new(),
+            tokens: HashMap::new(),
             join_by_tech: HashMap::new(),
             join_by_addr: HashMap::new(),
             auth_by_addr: HashMap::new(),
@@ -339,30 +400,132 @@ impl Registry {
         Ok(id)
     }
 
-    /// Forgets a connection. If it was in a session, the session ends and the peer is to be told.
-    pub fn close(&mut self, conn: ConnId, now: Instant) -> Option<Ended> {
-        let c = self.conns.remove(&conn)?;
+    /// Forgets a connection. If it was in a session, the session waits for it to resume (grace
+    /// period), or ends if there is no grace or the other side is gone too.
+    pub fn close(&mut self, conn: ConnId, now: Instant) -> Closed {
+        let Some(c) = self.conns.remove(&conn) else {
+            return Closed::Nothing;
+        };
         if let Some(n) = self.per_address.get_mut(&c.addr_key) {
             *n -= 1;
             if *n == 0 {
                 self.per_address.remove(&c.addr_key);
             }
         }
-        match c.role {
+        let (sid, side) = match c.role {
             Role::Agent {
                 session: Some(s), ..
-            } => self.end_session(s, conn, EndReason::PeerDisconnected, Tomb::AgentGone, now),
+            } => (s, Side::Agent),
             Role::Console {
                 session: Some(s), ..
-            } => self.end_session(s, conn, EndReason::PeerDisconnected, Tomb::Ended, now),
+            } => (s, Side::Console),
             Role::Agent {
                 slot: Some(slot), ..
             } => {
                 self.bury(slot, Tomb::AgentGone, now);
-                None
+                return Closed::Nothing;
             }
-            _ => None,
+            _ => return Closed::Nothing,
+        };
+        let tomb = match side {
+            Side::Agent => Tomb::AgentGone,
+            Side::Console => Tomb::Ended,
+        };
+        let grace = self.limits.resume_grace;
+        let Some(session) = self.sessions.get_mut(&sid) else {
+            return Closed::Nothing;
+        };
+        if session.suspended.is_some() || grace.is_zero() {
+            // Both sides gone, or no grace: the session is over.
+            return match self.end_session(sid, conn, EndReason::PeerDisconnected, tomb, now) {
+                Some(e) => Closed::Ended(e),
+                None => Closed::Nothing,
+            };
         }
+        session.suspended = Some((side, now + grace));
+        let notify = match side {
+            Side::Agent => session.console,
+            Side::Console => session.agent,
+        };
+        Closed::Suspended {
+            session: sid,
+            notify,
+            grace,
+        }
+    }
+
+    /// A fresh connection re-attaches to the session `token` was issued for.
+    pub fn resume(
+        &mut self,
+        conn: ConnId,
+        token: &ResumeToken,
+        now: Instant,
+    ) -> Result<Resumed, Refusal> {
+        let role = self
+            .conns
+            .get(&conn)
+            .map(|c| c.role.clone())
+            .ok_or(Refusal::Fatal(ErrorCode::Internal))?;
+        if role != Role::New {
+            return Err(Refusal::Fatal(ErrorCode::AlreadyAuthenticated));
+        }
+        let Some(&(sid, side)) = self.tokens.get(token) else {
+            return Err(Refusal::Refused(ErrorCode::SessionGone));
+        };
+        let Some(session) = self.sessions.get_mut(&sid) else {
+            return Err(Refusal::Refused(ErrorCode::SessionGone));
+        };
+        if let Some((_, until)) = session.suspended
+            && until <= now
+        {
+            return Err(Refusal::Refused(ErrorCode::SessionGone));
+        }
+        let old = session.conn_of(side);
+        let replaced = match session.suspended {
+            Some((s, _)) if s == side => None,
+            // The relay still holds a connection for this side (it has not noticed its loss yet):
+            // the new one takes over.
+            _ => Some(old),
+        };
+        if session.suspended.map(|(s, _)| s) == Some(side) {
+            session.suspended = None;
+        }
+        match side {
+            Side::Agent => session.agent = conn,
+            Side::Console => session.console = conn,
+        }
+        let other_side = match side {
+            Side::Agent => Side::Console,
+            Side::Console => Side::Agent,
+        };
+        let other_attached = session.suspended.map(|(s, _)| s) != Some(other_side);
+        let notify = other_attached.then(|| session.conn_of(other_side));
+        let session = session.clone();
+        let new_role = match side {
+            Side::Agent => Role::Agent {
+                slot: Some(session.slot.clone()),
+                session: Some(sid),
+            },
+            Side::Console => Role::Console {
+                technician: session.technician.clone(),
+                session: Some(sid),
+            },
+        };
+        if let Some(c) = self.conns.get_mut(&conn) {
+            c.role = new_role;
+        }
+        if let Some(r) = replaced
+            && let Some(c) = self.conns.get_mut(&r)
+        {
+            // Detached: closing it later must not touch the session.
+            c.role = Role::New;
+        }
+        Ok(Resumed {
+            session,
+            side,
+            replaced,
+            notify,
+        })
     }
 
     /// Agent asks for a slot. A waiting agent asking again gets a fresh slot; the old one is buried.
@@ -479,7 +642,13 @@ impl Registry {
     }
 
     /// Console asks to pair with the agent on `slot`.
-    pub fn join(&mut self, conn: ConnId, slot: &Slot, now: Instant) -> Result<Paired, Refusal> {
+    pub fn join(
+        &mut self,
+        conn: ConnId,
+        slot: &Slot,
+        now: Instant,
+        tokens: (ResumeToken, ResumeToken),
+    ) -> Result<Paired, Refusal> {
         let c = self
             .conns
             .get(&conn)
@@ -548,7 +717,12 @@ impl Registry {
             console: conn,
             slot: slot.clone(),
             technician,
+            agent_token: tokens.0,
+            console_token: tokens.1,
+            suspended: None,
         };
+        self.tokens.insert(tokens.0, (id, Side::Agent));
+        self.tokens.insert(tokens.1, (id, Side::Console));
         self.slots
             .insert(slot.clone(), SlotState::Paired { expires_at });
         self.sessions.insert(id, session.clone());
@@ -618,16 +792,18 @@ impl Registry {
         now: Instant,
     ) -> Option<Ended> {
         let session = self.sessions.remove(&id)?;
+        self.tokens.remove(&session.agent_token);
+        self.tokens.remove(&session.console_token);
         self.bury(session.slot.clone(), tomb, now);
         for side in [session.agent, session.console] {
             if let Some(c) = self.conns.get_mut(&side) {
                 match &mut c.role {
-                    Role::Agent { slot, session } => {
+                    Role::Agent { slot, session: s } if *s == Some(id) => {
                         *slot = None;
-                        *session = None;
+                        *s = None;
                     }
-                    Role::Console { session, .. } => *session = None,
-                    Role::New => {}
+                    Role::Console { session: s, .. } if *s == Some(id) => *s = None,
+                    _ => {}
                 }
             }
         }
@@ -670,7 +846,25 @@ impl Registry {
 
     /// Periodic housekeeping: expires waiting slots (returns the agents to tell), lifts quarantines,
     /// and forgets full rate buckets.
-    pub fn tick(&mut self, now: Instant) -> Vec<Expired> {
+    pub fn tick(&mut self, now: Instant) -> Tick {
+        let lapsed: Vec<(SessionId, ConnId, Side)> = self
+            .sessions
+            .values()
+            .filter_map(|s| match s.suspended {
+                Some((side, until)) if until <= now => Some((s.id, s.conn_of(side), side)),
+                _ => None,
+            })
+            .collect();
+        let mut ended = Vec::with_capacity(lapsed.len());
+        for (id, gone, side) in lapsed {
+            let tomb = match side {
+                Side::Agent => Tomb::AgentGone,
+                Side::Console => Tomb::Ended,
+            };
+            if let Some(e) = self.end_session(id, gone, EndReason::PeerDisconnected, tomb, now) {
+                ended.push(e);
+            }
+        }
         let due: Vec<(Slot, ConnId)> = self
             .slots
             .iter()
@@ -694,6 +888,10 @@ impl Registry {
             }
             out.push(Expired { agent, slot });
         }
+        let out = Tick {
+            expired: out,
+            ended,
+        };
         self.tombs.retain(|_, (_, until)| *until > now);
         let l = &self.limits;
         let (pt, pa, pu) = (
@@ -739,6 +937,19 @@ mod tests {
         }
     }
 
+    /// Joins with fresh, distinct resume tokens.
+    fn join(r: &mut Registry, c: ConnId, s: &Slot, now: Instant) -> Result<Paired, Refusal> {
+        use std::sync::atomic::{AtomicU8, Ordering};
+        static N: AtomicU8 = AtomicU8::new(0);
+        let n = N.fetch_add(2, Ordering::Relaxed);
+        r.join(
+            c,
+            s,
+            now,
+            (ResumeToken([n; 16]), ResumeToken([n.wrapping_add(1); 16])),
+        )
+    }
+
     fn ip(n: u8) -> IpAddr {
         IpAddr::V4(Ipv4Addr::new(10, 0, 0, n))
     }
@@ -782,14 +993,14 @@ mod tests {
         let (a, slot) = f.agent(1);
         assert_eq!(slot.as_str().len(), 3);
         let c = f.console(2, 1);
-        let p = f.r.join(c, &slot, f.t0).unwrap();
+        let p = join(&mut f.r, c, &slot, f.t0).unwrap();
         assert_eq!(p.session.agent, a);
         assert_eq!(p.session.console, c);
         assert_eq!(f.r.session_count(), 1);
         // A second console gets "busy".
         let c2 = f.console(3, 2);
         assert_eq!(
-            f.r.join(c2, &slot, f.t0),
+            join(&mut f.r, c2, &slot, f.t0),
             Err(Refusal::Refused(ErrorCode::SlotBusy))
         );
         let e = f.r.end(c, EndReason::EndedByTechnician, f.t0).unwrap();
@@ -797,7 +1008,7 @@ mod tests {
         assert_eq!(f.r.session_count(), 0);
         // The slot is not reusable; a late join hears it has ended.
         assert_eq!(
-            f.r.join(c2, &slot, f.t0),
+            join(&mut f.r, c2, &slot, f.t0),
             Err(Refusal::Refused(ErrorCode::ExpiredSlot))
         );
         // Both sides are idle again: the agent may register anew, the console may join again.
@@ -810,12 +1021,12 @@ mod tests {
         let (_, slot) = f.agent(1);
         let c = f.r.open(ip(2)).unwrap();
         assert_eq!(
-            f.r.join(c, &slot, f.t0),
+            join(&mut f.r, c, &slot, f.t0),
             Err(Refusal::Fatal(ErrorCode::NotAuthenticated))
         );
         let (a2, _) = f.agent(3);
         assert_eq!(
-            f.r.join(a2, &slot, f.t0),
+            join(&mut f.r, a2, &slot, f.t0),
             Err(Refusal::Fatal(ErrorCode::NotAuthenticated))
         );
     }
@@ -845,19 +1056,19 @@ mod tests {
         let c = f.console(9, 1);
         let unknown = Slot::new("999999999").unwrap();
         assert_eq!(
-            f.r.join(c, &unknown, f.t0),
+            join(&mut f.r, c, &unknown, f.t0),
             Err(Refusal::Refused(ErrorCode::UnknownSlot))
         );
 
         let (_, expiring) = f.agent(1);
         let later = f.t0 + Duration::from_secs(601);
-        let expired = f.r.tick(later);
+        let expired = f.r.tick(later).expired;
         assert_eq!(expired.len(), 1);
         assert_eq!(expired[0].slot, expiring);
         // Joins at `later` would be rate limited by now-earlier attempts; use a fresh console.
         let c2 = f.console(10, 2);
         assert_eq!(
-            f.r.join(c2, &expiring, later),
+            join(&mut f.r, c2, &expiring, later),
             Err(Refusal::Refused(ErrorCode::ExpiredSlot))
         );
 
@@ -865,19 +1076,19 @@ mod tests {
         f.r.close(a, later);
         let c3 = f.console(11, 3);
         assert_eq!(
-            f.r.join(c3, &gone, later),
+            join(&mut f.r, c3, &gone, later),
             Err(Refusal::Refused(ErrorCode::AgentGone))
         );
 
         let a = f.r.open(ip(3)).unwrap();
         let burned = f.r.register(a, later, &mut f.rng).unwrap();
         let c4 = f.console(12, 4);
-        f.r.join(c4, &burned, later).unwrap();
+        join(&mut f.r, c4, &burned, later).unwrap();
         let e = f.r.end(a, EndReason::WrongCode, later).unwrap();
         assert_eq!(e.notify, Some(c4));
         let c5 = f.console(13, 5);
         assert_eq!(
-            f.r.join(c5, &burned, later),
+            join(&mut f.r, c5, &burned, later),
             Err(Refusal::Refused(ErrorCode::CodeBurned))
         );
     }
@@ -888,7 +1099,7 @@ mod tests {
         let (_, slot) = f.agent(1);
         let c = f.console(2, 1);
         assert_eq!(
-            f.r.join(c, &slot, f.t0 + Duration::from_secs(600)),
+            join(&mut f.r, c, &slot, f.t0 + Duration::from_secs(600)),
             Err(Refusal::Refused(ErrorCode::ExpiredSlot))
         );
     }
@@ -901,17 +1112,17 @@ mod tests {
         let consoles: Vec<_> = (0..6).map(|i| f.console(20 + i, 1)).collect();
         for c in &consoles[..5] {
             assert_eq!(
-                f.r.join(*c, &bad, f.t0).unwrap_err().code(),
+                join(&mut f.r, *c, &bad, f.t0).unwrap_err().code(),
                 ErrorCode::UnknownSlot
             );
         }
         assert_eq!(
-            f.r.join(consoles[5], &bad, f.t0),
+            join(&mut f.r, consoles[5], &bad, f.t0),
             Err(Refusal::Limit(LimitHit::JoinsPerTechnician))
         );
         // Tokens come back at 5 a minute: one after 12 s.
         assert_eq!(
-            f.r.join(consoles[5], &bad, f.t0 + Duration::from_secs(12))
+            join(&mut f.r, consoles[5], &bad, f.t0 + Duration::from_secs(12))
                 .unwrap_err()
                 .code(),
             ErrorCode::UnknownSlot
@@ -920,10 +1131,10 @@ mod tests {
         let mut f = Fixture::new(Limits::default());
         let consoles: Vec<_> = (0..6).map(|i| f.console(1, 100 + i)).collect();
         for c in &consoles[..5] {
-            assert!(f.r.join(*c, &bad, f.t0).is_err());
+            assert!(join(&mut f.r, *c, &bad, f.t0).is_err());
         }
         assert_eq!(
-            f.r.join(consoles[5], &bad, f.t0),
+            join(&mut f.r, consoles[5], &bad, f.t0),
             Err(Refusal::Limit(LimitHit::JoinsPerAddress))
         );
     }
@@ -984,22 +1195,32 @@ mod tests {
         let (_, s2) = f.agent(2);
         let c1 = f.console(3, 1);
         let c2 = f.console(4, 2);
-        f.r.join(c1, &s1, f.t0).unwrap();
+        join(&mut f.r, c1, &s1, f.t0).unwrap();
         assert_eq!(
-            f.r.join(c2, &s2, f.t0),
+            join(&mut f.r, c2, &s2, f.t0),
             Err(Refusal::Limit(LimitHit::Sessions))
         );
     }
 
     #[test]
-    fn disconnect_ends_session_and_tells_peer() {
+    fn disconnect_suspends_then_ends_after_grace() {
         let mut f = Fixture::new(Limits::default());
         let (a, slot) = f.agent(1);
         let c = f.console(2, 1);
-        f.r.join(c, &slot, f.t0).unwrap();
-        let e = f.r.close(a, f.t0).unwrap();
-        assert_eq!(e.notify, Some(c));
-        assert_eq!(e.reason, EndReason::PeerDisconnected);
+        join(&mut f.r, c, &slot, f.t0).unwrap();
+        match f.r.close(a, f.t0) {
+            Closed::Suspended { notify, grace, .. } => {
+                assert_eq!(notify, c);
+                assert_eq!(grace, Duration::from_secs(15));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(f.r.session_count(), 1, "waits for the agent");
+        assert!(f.r.tick(f.t0 + Duration::from_secs(14)).ended.is_empty());
+        let t = f.r.tick(f.t0 + Duration::from_secs(15));
+        assert_eq!(t.ended.len(), 1);
+        assert_eq!(t.ended[0].notify, Some(c));
+        assert_eq!(t.ended[0].reason, EndReason::PeerDisconnected);
         assert_eq!(
             f.r.role(c),
             Some(&Role::Console {
@@ -1007,9 +1228,95 @@ mod tests {
                 session: None
             })
         );
-        assert_eq!(f.r.connection_count(), 1);
-        assert!(f.r.close(c, f.t0).is_none());
+        assert_eq!(f.r.close(c, f.t0), Closed::Nothing);
         assert_eq!(f.r.connection_count(), 0);
+        // The slot is dead: a late join hears the agent is gone.
+        let c2 = f.console(3, 2);
+        assert_eq!(
+            join(&mut f.r, c2, &slot, f.t0 + Duration::from_secs(16)),
+            Err(Refusal::Refused(ErrorCode::AgentGone))
+        );
+    }
+
+    #[test]
+    fn no_grace_ends_at_once_and_both_gone_ends() {
+        let mut f = Fixture::new(Limits {
+            resume_grace: Duration::ZERO,
+            ..Limits::default()
+        });
+        let (a, slot) = f.agent(1);
+        let c = f.console(2, 1);
+        join(&mut f.r, c, &slot, f.t0).unwrap();
+        assert!(matches!(f.r.close(a, f.t0), Closed::Ended(_)));
+
+        let mut f = Fixture::new(Limits::default());
+        let (a, slot) = f.agent(1);
+        let c = f.console(2, 1);
+        join(&mut f.r, c, &slot, f.t0).unwrap();
+        assert!(matches!(f.r.close(a, f.t0), Closed::Suspended { .. }));
+        match f.r.close(c, f.t0) {
+            Closed::Ended(e) => assert_eq!(e.notify, None),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(f.r.session_count(), 0);
+    }
+
+    #[test]
+    fn resume_reattaches_within_grace() {
+        let mut f = Fixture::new(Limits::default());
+        let (a, slot) = f.agent(1);
+        let c = f.console(2, 1);
+        let p = join(&mut f.r, c, &slot, f.t0).unwrap();
+        let tok = p.session.agent_token;
+        f.r.close(a, f.t0);
+        let a2 = f.r.open(ip(1)).unwrap();
+        let r = f.r.resume(a2, &tok, f.t0 + Duration::from_secs(5)).unwrap();
+        assert_eq!(r.side, Side::Agent);
+        assert_eq!(r.replaced, None);
+        assert_eq!(r.notify, Some(c));
+        assert_eq!(r.session.agent, a2);
+        assert_eq!(r.session.suspended, None);
+        assert!(f.r.tick(f.t0 + Duration::from_secs(60)).ended.is_empty());
+        // The console's token on a live console connection: takes over, the old one is detached.
+        let c2 = f.r.open(ip(2)).unwrap();
+        let r = f.r.resume(c2, &p.session.console_token, f.t0).unwrap();
+        assert_eq!(r.replaced, Some(c));
+        assert_eq!(f.r.role(c), Some(&Role::New));
+        assert_eq!(
+            f.r.close(c, f.t0),
+            Closed::Nothing,
+            "detached connection ends nothing"
+        );
+        // Ending removes the tokens.
+        f.r.end(c2, EndReason::EndedByTechnician, f.t0).unwrap();
+        let a3 = f.r.open(ip(1)).unwrap();
+        assert_eq!(
+            f.r.resume(a3, &tok, f.t0),
+            Err(Refusal::Refused(ErrorCode::SessionGone))
+        );
+    }
+
+    #[test]
+    fn resume_refused_after_grace_or_with_unknown_token() {
+        let mut f = Fixture::new(Limits::default());
+        let (a, slot) = f.agent(1);
+        let c = f.console(2, 1);
+        let p = join(&mut f.r, c, &slot, f.t0).unwrap();
+        f.r.close(a, f.t0);
+        let a2 = f.r.open(ip(1)).unwrap();
+        assert_eq!(
+            f.r.resume(a2, &p.session.agent_token, f.t0 + Duration::from_secs(15)),
+            Err(Refusal::Refused(ErrorCode::SessionGone))
+        );
+        assert_eq!(
+            f.r.resume(a2, &ResumeToken([0xEE; 16]), f.t0),
+            Err(Refusal::Refused(ErrorCode::SessionGone))
+        );
+        // Only a fresh connection may resume.
+        assert_eq!(
+            f.r.resume(c, &p.session.console_token, f.t0),
+            Err(Refusal::Fatal(ErrorCode::AlreadyAuthenticated))
+        );
     }
 
     #[test]
@@ -1021,10 +1328,10 @@ mod tests {
         assert_eq!(f.r.waiting_count(), 1);
         let c = f.console(2, 1);
         assert_eq!(
-            f.r.join(c, &s1, f.t0),
+            join(&mut f.r, c, &s1, f.t0),
             Err(Refusal::Refused(ErrorCode::ExpiredSlot))
         );
-        f.r.join(c, &s2, f.t0).unwrap();
+        join(&mut f.r, c, &s2, f.t0).unwrap();
     }
 
     #[test]
@@ -1053,7 +1360,7 @@ mod tests {
         f.r.tick(f.t0 + Duration::from_secs(601));
         assert!(!f.r.slot_in_use(&slot));
         let c = f.console(2, 1);
-        let _ = f.r.join(c, &slot, f.t0 + Duration::from_secs(601));
+        let _ = join(&mut f.r, c, &slot, f.t0 + Duration::from_secs(601));
         assert_eq!(f.r.join_by_tech.len(), 1);
         f.r.tick(f.t0 + Duration::from_secs(700));
         assert!(f.r.join_by_tech.is_empty());
@@ -1065,7 +1372,7 @@ mod tests {
         let mut f = Fixture::new(Limits::default());
         let (a, slot) = f.agent(1);
         let c = f.console(2, 1);
-        let p = f.r.join(c, &slot, f.t0).unwrap();
+        let p = join(&mut f.r, c, &slot, f.t0).unwrap();
         let s =
             f.r.end_by_relay(p.session.id, EndReason::RelayShutdown, f.t0)
                 .unwrap();

@@ -8,7 +8,8 @@
 
 use crate::metrics::Metrics;
 use crate::registry::{
-    ConnId, Ended, Limits, Paired, Refusal, Registry, SessionId, SlotRng, Technician,
+    Closed, ConnId, Ended, Limits, Paired, Refusal, Registry, Session, SessionId, SlotRng,
+    Technician,
 };
 use crate::store::{AuthOutcome, SessionStart, Store, StoreError};
 use bytes::Bytes;
@@ -24,7 +25,7 @@ use std::time::{Duration, Instant};
 use tandem_certs::RelayIdentity;
 use tandem_proto::{
     ALPN, ClientMsg, EndReason, ErrorCode, FRAME_HEADER, FrameDecoder, MAX_CONTROL_FRAME,
-    MAX_PAYLOAD_FRAME, ProtoError, RelayMsg, decode_body, encode_frame, frame_len,
+    MAX_PAYLOAD_FRAME, ProtoError, RelayMsg, ResumeToken, decode_body, encode_frame, frame_len,
 };
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::{AbortHandle, JoinHandle, JoinSet};
@@ -98,6 +99,16 @@ enum AuditOp {
 }
 
 struct OsRng(SystemRandom);
+impl OsRng {
+    fn token(&mut self) -> ResumeToken {
+        let mut t = [0u8; 16];
+        // As above: the OS generator does not fail on Linux; a zero token would only let someone
+        // re-attach a relay-level link, never read the end-to-end session.
+        let _ = self.0.fill(&mut t);
+        ResumeToken(t)
+    }
+}
+
 impl SlotRng for OsRng {
     fn below(&mut self, n: u64) -> u64 {
         // Rejection sampling for a uniform value; the OS generator does not fail on Linux, and if it
@@ -339,12 +350,12 @@ async fn ticker(shared: std::sync::Weak<Shared>, mut stop: watch::Receiver<bool>
         let Some(shared) = shared.upgrade() else {
             return;
         };
-        let expired = lock(&shared.registry).tick(Instant::now());
-        for e in expired {
-            let tx = lock(&shared.conns).get(&e.agent).map(|h| h.tx.clone());
-            if let Some(tx) = tx {
-                let _ = tx.try_send(Box::new(RelayMsg::SlotExpired { slot: e.slot }));
-            }
+        let tick = lock(&shared.registry).tick(Instant::now());
+        for e in tick.expired {
+            notify(&shared, e.agent, RelayMsg::SlotExpired { slot: e.slot });
+        }
+        for e in tick.ended {
+            finish_session(&shared, e);
         }
         refresh_gauges(&shared);
     }
@@ -422,9 +433,34 @@ async fn serve_incoming(shared: Arc<Shared>, incoming: quinn::Incoming) {
     let result = run_connection(&shared, id, &conn, rx).await;
 
     lock(&shared.conns).remove(&id);
-    let ended = lock(&shared.registry).close(id, Instant::now());
-    if let Some(e) = ended {
-        finish_session(&shared, e);
+    let closed = lock(&shared.registry).close(id, Instant::now());
+    match closed {
+        Closed::Nothing => {}
+        Closed::Ended(e) => finish_session(&shared, e),
+        Closed::Suspended {
+            session,
+            notify: peer,
+            grace,
+        } => {
+            // Forwarding pauses; the byte counts and the audit row stay with the session.
+            if let Some(io) = lock(&shared.sessions).get_mut(&session) {
+                for t in io.tasks.drain(..) {
+                    t.abort();
+                }
+            }
+            tracing::info!(
+                session,
+                grace_secs = grace.as_secs(),
+                "session suspended: a side lost its connection"
+            );
+            notify(
+                &shared,
+                peer,
+                RelayMsg::PeerSuspended {
+                    grace_secs: grace.as_secs() as u32,
+                },
+            );
+        }
     }
     match result {
         Ok(()) => close(&conn, ErrorCode::Normal, "bye"),
@@ -552,7 +588,11 @@ async fn run_connection(
             ClientMsg::Join { slot } => {
                 let res = {
                     let mut reg = lock(&shared.registry);
-                    let res = reg.join(id, &slot, now);
+                    let tokens = {
+                        let mut rng = lock(&shared.rng);
+                        (rng.token(), rng.token())
+                    };
+                    let res = reg.join(id, &slot, now, tokens);
                     if let Ok(p) = &res {
                         // Start forwarding while the registry is locked, so that no end of this
                         // session can be processed before its forwarders exist.
@@ -591,6 +631,41 @@ async fn run_connection(
                 }
             }
             ClientMsg::Ping { nonce } => write_msg(&mut send, RelayMsg::Pong { nonce }).await?,
+            ClientMsg::Resume { token } => {
+                lock(&shared.registry)
+                    .auth_attempt(id, now)
+                    .map_err(|r| refusal_close(shared, r))?;
+                let res = {
+                    let mut reg = lock(&shared.registry);
+                    let res = reg.resume(id, &token, now);
+                    if let Ok(r) = &res {
+                        spawn_forwarders(shared, &r.session);
+                    }
+                    res
+                };
+                match res {
+                    Ok(r) => {
+                        identified = true;
+                        tracing::info!(session = r.session.id, side = ?r.side, "session resumed");
+                        write_msg(&mut send, RelayMsg::Resumed).await?;
+                        if let Some(peer) = r.notify {
+                            notify(shared, peer, RelayMsg::PeerResumed);
+                        }
+                        if let Some(old) = r.replaced {
+                            let old = lock(&shared.conns).get(&old).map(|h| h.conn.clone());
+                            if let Some(old) = old {
+                                close(
+                                    &old,
+                                    ErrorCode::SessionTakenOver,
+                                    ErrorCode::SessionTakenOver.explain(),
+                                );
+                            }
+                        }
+                    }
+                    Err(Refusal::Refused(code)) => return Err(Close::code(code)),
+                    Err(r) => return Err(refusal_close(shared, r)),
+                }
+            }
             ClientMsg::End { reason } => {
                 let ended = lock(&shared.registry).end(id, reason, now);
                 if let Some(e) = ended {
@@ -670,10 +745,17 @@ async fn authenticate(shared: &Arc<Shared>, token: String) -> Result<AuthOutcome
     }
 }
 
-/// Spawns the forwarders of a freshly paired session and tells both sides. Called with the registry
-/// locked (see the caller), so it must not block.
-fn start_session_io(shared: &Arc<Shared>, p: &Paired) {
-    let s = &p.session;
+/// (Re)starts the forwarders of a session between its current connections; the byte counters
+/// survive a resume. Called with the registry locked, so it must not block. Returns the two
+/// connections and queues, or `None` if a side's connection is already gone.
+#[allow(clippy::type_complexity)]
+fn spawn_forwarders(
+    shared: &Arc<Shared>,
+    s: &Session,
+) -> Option<(
+    (Connection, mpsc::Sender<Outbound>),
+    (Connection, mpsc::Sender<Outbound>),
+)> {
     let (agent, console) = {
         let conns = lock(&shared.conns);
         match (conns.get(&s.agent), conns.get(&s.console)) {
@@ -681,35 +763,49 @@ fn start_session_io(shared: &Arc<Shared>, p: &Paired) {
                 (a.conn.clone(), a.tx.clone()),
                 (c.conn.clone(), c.tx.clone()),
             ),
-            // A side is already gone; its connection task will end the session.
-            _ => return,
+            // A side is already gone; its connection task will end or suspend the session.
+            _ => return None,
         }
     };
-    let bytes = Arc::new(SessionBytes::default());
+    let mut sessions = lock(&shared.sessions);
+    let io = sessions.entry(s.id).or_insert_with(|| SessionIo {
+        tasks: Vec::new(),
+        bytes: Arc::new(SessionBytes::default()),
+    });
+    for t in io.tasks.drain(..) {
+        t.abort();
+    }
     let m = &shared.metrics;
     let rate = shared.limits.session_bytes_per_second;
-    let mut tasks = Vec::with_capacity(4);
     for (from, to, dir) in [
         (&agent.0, &console.0, Direction::AgentToConsole),
         (&console.0, &agent.0, Direction::ConsoleToAgent),
     ] {
         let bucket = rate.map(|r| Arc::new(Mutex::new(ByteBucket::new(r))));
-        let flow = Flow {
-            bytes: bytes.clone(),
+        let flow = Arc::new(Flow {
+            bytes: io.bytes.clone(),
             dir,
             m_bytes_dgram: m.flow_bytes(dir.label(), "datagram"),
             m_bytes_stream: m.flow_bytes(dir.label(), "stream"),
             m_dgrams: m.flow_datagrams(dir.label()),
             metrics: m.clone(),
             bucket,
-        };
-        let f = Arc::new(flow);
-        tasks.push(
-            tokio::spawn(forward_datagrams(from.clone(), to.clone(), f.clone())).abort_handle(),
+        });
+        io.tasks.push(
+            tokio::spawn(forward_datagrams(from.clone(), to.clone(), flow.clone())).abort_handle(),
         );
-        tasks.push(tokio::spawn(forward_streams(from.clone(), to.clone(), f)).abort_handle());
+        io.tasks
+            .push(tokio::spawn(forward_streams(from.clone(), to.clone(), flow)).abort_handle());
     }
-    lock(&shared.sessions).insert(s.id, SessionIo { tasks, bytes });
+    Some((agent, console))
+}
+
+/// Starts a freshly paired session: forwarders, audit row, and the news to both sides.
+fn start_session_io(shared: &Arc<Shared>, p: &Paired) {
+    let s = &p.session;
+    let Some((agent, console)) = spawn_forwarders(shared, s) else {
+        return;
+    };
     let _ = shared.audit_tx.send(AuditOp::Start {
         session: s.id,
         technician: s.technician.clone(),
@@ -720,10 +816,20 @@ fn start_session_io(shared: &Arc<Shared>, p: &Paired) {
     let _ = agent.1.try_send(Box::new(RelayMsg::Paired {
         technician: s.technician.name.clone(),
         organisation: s.technician.organisation.clone(),
+        resume: s.agent_token,
     }));
     let _ = console.1.try_send(Box::new(RelayMsg::Joined {
         slot: s.slot.clone(),
+        resume: s.console_token,
     }));
+}
+
+/// Queues a message for a connection, if it is still there.
+fn notify(shared: &Shared, conn: ConnId, m: RelayMsg) {
+    let tx = lock(&shared.conns).get(&conn).map(|h| h.tx.clone());
+    if let Some(tx) = tx {
+        let _ = tx.try_send(Box::new(m));
+    }
 }
 
 /// Stops a session's forwarders and closes its audit row.
@@ -760,10 +866,7 @@ fn finish_session_io(shared: &Shared, id: SessionId, reason: &EndReason) {
 fn finish_session(shared: &Shared, e: Ended) {
     finish_session_io(shared, e.session.id, &e.reason);
     if let Some(peer) = e.notify {
-        let tx = lock(&shared.conns).get(&peer).map(|h| h.tx.clone());
-        if let Some(tx) = tx {
-            let _ = tx.try_send(Box::new(RelayMsg::SessionEnded { reason: e.reason }));
-        }
+        notify(shared, peer, RelayMsg::SessionEnded { reason: e.reason });
     }
 }
 
