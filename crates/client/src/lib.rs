@@ -248,13 +248,28 @@ impl RelayLink {
         }
     }
 
+    /// Waits for the answer to a request, skipping notifications about an earlier session that may
+    /// still be in flight (its end, the peer's suspension) and keep-alive answers.
+    async fn reply(&mut self) -> Result<RelayMsg, ClientError> {
+        loop {
+            match self.recv().await? {
+                RelayMsg::Pong { .. }
+                | RelayMsg::PeerSuspended { .. }
+                | RelayMsg::PeerResumed
+                | RelayMsg::SessionEnded { .. }
+                | RelayMsg::SlotExpired { .. } => continue,
+                other => return Ok(other),
+            }
+        }
+    }
+
     /// Agent: asks for a slot; returns it and its lifetime.
     pub async fn register(&mut self) -> Result<(Slot, Duration), ClientError> {
         let client = ClientInfo {
             software: self.software.clone(),
         };
         self.send(&ClientMsg::Register { client }).await?;
-        match self.recv().await? {
+        match self.reply().await? {
             RelayMsg::Registered {
                 slot,
                 expires_in_secs,
@@ -273,7 +288,7 @@ impl RelayLink {
             client,
         })
         .await?;
-        match self.recv().await? {
+        match self.reply().await? {
             RelayMsg::Authenticated {
                 technician,
                 organisation,
@@ -286,7 +301,7 @@ impl RelayLink {
     /// session on a new connection if this one is lost.
     pub async fn join(&mut self, slot: &Slot) -> Result<ResumeToken, ClientError> {
         self.send(&ClientMsg::Join { slot: slot.clone() }).await?;
-        match self.recv().await? {
+        match self.reply().await? {
             RelayMsg::Joined { resume, .. } => Ok(resume),
             RelayMsg::Refused { code, .. } => Err(ClientError::Refused { code }),
             other => Err(unexpected(other)),
@@ -316,7 +331,7 @@ impl RelayLink {
     /// On a fresh link: re-attaches to the session `token` was issued for.
     pub async fn resume(&mut self, token: &ResumeToken) -> Result<(), ClientError> {
         self.send(&ClientMsg::Resume { token: *token }).await?;
-        match self.recv().await? {
+        match self.reply().await? {
             RelayMsg::Resumed => Ok(()),
             other => Err(unexpected(other)),
         }
@@ -377,7 +392,11 @@ impl RelayLink {
 
     /// Closes the link politely and waits (bounded) for the relay to acknowledge.
     pub async fn close(mut self) {
-        let _ = self.send.finish();
+        // Let what was written (an End, say) reach the relay before the connection goes: closing
+        // a QUIC connection discards unsent stream data.
+        if self.send.finish().is_ok() {
+            let _ = tokio::time::timeout(Duration::from_secs(1), self.send.stopped()).await;
+        }
         self.conn
             .close(VarInt::from_u32(ErrorCode::Normal as u32), b"bye");
         let _ = tokio::time::timeout(Duration::from_secs(1), self.endpoint.wait_idle()).await;

@@ -1,0 +1,554 @@
+//! The virtual UDP socket that carries the inner QUIC connection as opaque payloads over the outer
+//! relay link, and the carrier that owns the outer link's payload path.
+//!
+//! # Sizes
+//! Inner QUIC sends packets of 1200 bytes and more; the outer connection's DATAGRAM frames hold only
+//! ≈1162 bytes until outer path-MTU discovery raised it (≈1414 on a 1500-byte path). A packet that does
+//! not fit is carried by the [`Fallback`]:
+//! * [`Fallback::Fragment`] (default) splits it into datagrams with a 5-byte header and reassembles them
+//!   (bounded: 64 packets in reassembly, 8 parts each). Loss of a part loses the packet, which inner QUIC
+//!   recovers like any loss; nothing queues behind it.
+//! * [`Fallback::Stream`] sends it on the relay's length-framed payload stream: reliable and ordered, so
+//!   a lost outer packet delays the packets behind it (head-of-line blocking).
+//!
+//! The session benchmark measures both (setup time and throughput); see the README.
+//!
+//! # Pacing
+//! quinn drops the oldest queued datagram when its send buffer is full, silently. The socket reports
+//! `WouldBlock` instead when the outer datagram buffer lacks room, and its poller waits for room, so
+//! inner QUIC's own pacing and congestion control see back-pressure rather than invisible loss.
+
+use bytes::{BufMut, Bytes, BytesMut};
+use quinn::udp::{RecvMeta, Transmit};
+use quinn::{AsyncUdpSocket, Connection, UdpPoller};
+use std::collections::HashMap;
+use std::fmt;
+use std::io::{self, IoSliceMut};
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+use tandem_proto::{FRAME_HEADER, MAX_PAYLOAD_FRAME, frame_len};
+use tokio::sync::mpsc;
+use tokio::task::AbortHandle;
+
+/// How an inner packet larger than the outer datagram size travels.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Fallback {
+    #[default]
+    Fragment,
+    Stream,
+}
+
+const KIND_WHOLE: u8 = 0;
+const KIND_FRAGMENT: u8 = 1;
+const FRAG_HEADER: usize = 5;
+const MAX_PARTS: u8 = 8;
+const MAX_REASSEMBLY: usize = 64;
+/// Largest inner packet accepted from the peer.
+pub const MAX_INNER_PACKET: usize = 2048;
+/// Inner packets queued towards quinn before new ones are dropped (as a full UDP buffer would).
+const INBOUND_QUEUE: usize = 4096;
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Counters of the carrier (for stats and the benchmark).
+#[derive(Debug, Default)]
+pub struct CarrierStats {
+    pub sent_whole: AtomicU64,
+    pub sent_fragmented: AtomicU64,
+    pub sent_stream: AtomicU64,
+    pub received: AtomicU64,
+    pub dropped_inbound: AtomicU64,
+    pub bad_inbound: AtomicU64,
+    pub blocked: AtomicU64,
+}
+
+/// Reassembly of fragmented packets.
+#[derive(Default)]
+struct Reassembly {
+    partial: HashMap<u16, Partial>,
+}
+
+struct Partial {
+    parts: Vec<Option<Bytes>>,
+    have: usize,
+    first: Instant,
+}
+
+impl Reassembly {
+    /// Feeds one fragment; returns the whole packet when complete.
+    fn feed(&mut self, id: u16, index: u8, count: u8, part: Bytes) -> Option<Bytes> {
+        if count == 0 || count > MAX_PARTS || index >= count {
+            return None;
+        }
+        if !self.partial.contains_key(&id) && self.partial.len() >= MAX_REASSEMBLY {
+            // Forget the oldest incomplete packet.
+            if let Some(old) = self
+                .partial
+                .iter()
+                .min_by_key(|(_, p)| p.first)
+                .map(|(k, _)| *k)
+            {
+                self.partial.remove(&old);
+            }
+        }
+        let p = self.partial.entry(id).or_insert_with(|| Partial {
+            parts: vec![None; count as usize],
+            have: 0,
+            first: Instant::now(),
+        });
+        if p.parts.len() != count as usize {
+            // Inconsistent with earlier fragments of this id: start over.
+            self.partial.remove(&id);
+            return None;
+        }
+        let slot = &mut p.parts[index as usize];
+        if slot.is_none() {
+            *slot = Some(part);
+            p.have += 1;
+        }
+        if p.have < count as usize {
+            return None;
+        }
+        let p = self.partial.remove(&id)?;
+        let total: usize = p.parts.iter().flatten().map(|b| b.len()).sum();
+        if total > MAX_INNER_PACKET {
+            return None;
+        }
+        let mut out = BytesMut::with_capacity(total);
+        for b in p.parts.into_iter().flatten() {
+            out.put_slice(&b);
+        }
+        Some(out.freeze())
+    }
+}
+
+/// Decodes one outer datagram into an inner packet (or a fragment of one).
+fn decode_datagram(d: Bytes, reasm: &mut Reassembly) -> Result<Option<Bytes>, ()> {
+    match d.first() {
+        Some(&KIND_WHOLE) if d.len() > 1 && d.len() - 1 <= MAX_INNER_PACKET => {
+            Ok(Some(d.slice(1..)))
+        }
+        Some(&KIND_FRAGMENT) if d.len() > FRAG_HEADER => {
+            let id = u16::from_be_bytes([d[1], d[2]]);
+            Ok(reasm.feed(id, d[3], d[4], d.slice(FRAG_HEADER..)))
+        }
+        _ => Err(()),
+    }
+}
+
+/// Owns the outer link's payload path for one session: sends inner packets, and feeds the ones that
+/// arrive to the virtual socket. The outer connection can be swapped (resume after a lost link).
+pub struct Carrier {
+    conn: Mutex<Option<Connection>>,
+    stream_tx: Mutex<Option<mpsc::UnboundedSender<Bytes>>>,
+    tasks: Mutex<Vec<AbortHandle>>,
+    inbound_tx: mpsc::Sender<Bytes>,
+    inbound_rx: Mutex<Option<mpsc::Receiver<Bytes>>>,
+    fallback: Fallback,
+    next_id: AtomicU16,
+    pub stats: CarrierStats,
+}
+
+impl fmt::Debug for Carrier {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Carrier")
+            .field("fallback", &self.fallback)
+            .field("attached", &lock(&self.conn).is_some())
+            .finish()
+    }
+}
+
+impl Carrier {
+    pub fn new(fallback: Fallback) -> Arc<Carrier> {
+        let (inbound_tx, inbound_rx) = mpsc::channel(INBOUND_QUEUE);
+        Arc::new(Carrier {
+            conn: Mutex::new(None),
+            stream_tx: Mutex::new(None),
+            tasks: Mutex::new(Vec::new()),
+            inbound_tx,
+            inbound_rx: Mutex::new(Some(inbound_rx)),
+            fallback,
+            next_id: AtomicU16::new(0),
+            stats: CarrierStats::default(),
+        })
+    }
+
+    /// Starts carrying over `conn` (a paired outer connection), replacing any previous one.
+    pub fn attach(self: &Arc<Self>, conn: Connection) {
+        self.detach();
+        let mut tasks = Vec::new();
+        // Datagrams in.
+        let me = self.clone();
+        let c = conn.clone();
+        tasks.push(
+            tokio::spawn(async move {
+                let mut reasm = Reassembly::default();
+                while let Ok(d) = c.read_datagram().await {
+                    match decode_datagram(d, &mut reasm) {
+                        Ok(Some(p)) => me.deliver(p),
+                        Ok(None) => {}
+                        Err(()) => {
+                            me.stats.bad_inbound.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                }
+            })
+            .abort_handle(),
+        );
+        // Payload streams in (the peer's stream fallback).
+        let me = self.clone();
+        let c = conn.clone();
+        tasks.push(
+            tokio::spawn(async move {
+                let mut readers = tokio::task::JoinSet::new();
+                loop {
+                    tokio::select! {
+                        s = c.accept_uni() => match s {
+                            Ok(recv) => {
+                                let me = me.clone();
+                                readers.spawn(read_payload_stream(recv, me));
+                            }
+                            Err(_) => return,
+                        },
+                        Some(_) = readers.join_next(), if !readers.is_empty() => {}
+                    }
+                }
+            })
+            .abort_handle(),
+        );
+        // Stream fallback out: one writer owning the payload stream.
+        if self.fallback == Fallback::Stream {
+            let (tx, mut rx) = mpsc::unbounded_channel::<Bytes>();
+            let c = conn.clone();
+            tasks.push(
+                tokio::spawn(async move {
+                    let Ok(mut s) = c.open_uni().await else {
+                        return;
+                    };
+                    while let Some(p) = rx.recv().await {
+                        let len = (p.len() as u32).to_be_bytes();
+                        if s.write_all(&len).await.is_err() || s.write_all(&p).await.is_err() {
+                            return;
+                        }
+                    }
+                })
+                .abort_handle(),
+            );
+            *lock(&self.stream_tx) = Some(tx);
+        }
+        *lock(&self.tasks) = tasks;
+        *lock(&self.conn) = Some(conn);
+    }
+
+    /// Stops carrying (the outer link is gone); inner packets are dropped until [`Carrier::attach`].
+    pub fn detach(&self) {
+        *lock(&self.conn) = None;
+        *lock(&self.stream_tx) = None;
+        for t in lock(&self.tasks).drain(..) {
+            t.abort();
+        }
+    }
+
+    /// Closes the current outer connection (simulates a cut link; see `Session::simulate_link_loss`).
+    pub fn close_link(&self) {
+        if let Some(c) = lock(&self.conn).as_ref() {
+            c.close(quinn::VarInt::from_u32(0), b"link cut");
+        }
+    }
+
+    fn deliver(&self, p: Bytes) {
+        self.stats.received.fetch_add(1, Ordering::Relaxed);
+        if self.inbound_tx.try_send(p).is_err() {
+            self.stats.dropped_inbound.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Room in the outer datagram send buffer (0 when detached).
+    fn room(&self) -> usize {
+        lock(&self.conn)
+            .as_ref()
+            .map(|c| c.datagram_send_buffer_space())
+            .unwrap_or(usize::MAX)
+    }
+
+    /// Sends one inner packet.
+    fn send_packet(&self, pkt: &[u8]) -> io::Result<()> {
+        let conn = match lock(&self.conn).as_ref() {
+            Some(c) => c.clone(),
+            // No outer link right now (reconnecting): the packet is lost, as on a dead path.
+            None => return Ok(()),
+        };
+        let max = conn.max_datagram_size().unwrap_or(0);
+        if max == 0 {
+            return Err(io::Error::other(
+                "the relay connection does not support datagrams",
+            ));
+        }
+        if conn.datagram_send_buffer_space() < pkt.len() + 2 * FRAG_HEADER {
+            self.stats.blocked.fetch_add(1, Ordering::Relaxed);
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
+        if pkt.len() < max {
+            let mut b = BytesMut::with_capacity(pkt.len() + 1);
+            b.put_u8(KIND_WHOLE);
+            b.put_slice(pkt);
+            self.stats.sent_whole.fetch_add(1, Ordering::Relaxed);
+            return send(&conn, b.freeze());
+        }
+        match self.fallback {
+            Fallback::Stream => {
+                if let Some(tx) = lock(&self.stream_tx).as_ref() {
+                    let _ = tx.send(Bytes::copy_from_slice(pkt));
+                }
+                self.stats.sent_stream.fetch_add(1, Ordering::Relaxed);
+                Ok(())
+            }
+            Fallback::Fragment => {
+                let room = max - FRAG_HEADER;
+                let count = pkt.len().div_ceil(room);
+                if count > MAX_PARTS as usize {
+                    return Err(io::Error::other("inner packet too large to fragment"));
+                }
+                let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+                // Equal-sized parts rather than one full and one tiny.
+                let part_len = pkt.len().div_ceil(count);
+                for (i, part) in pkt.chunks(part_len).enumerate() {
+                    let mut b = BytesMut::with_capacity(part.len() + FRAG_HEADER);
+                    b.put_u8(KIND_FRAGMENT);
+                    b.put_u16(id);
+                    b.put_u8(i as u8);
+                    b.put_u8(count as u8);
+                    b.put_slice(part);
+                    send(&conn, b.freeze())?;
+                }
+                self.stats.sent_fragmented.fetch_add(1, Ordering::Relaxed);
+                Ok(())
+            }
+        }
+    }
+
+    /// A virtual UDP socket over this carrier, for one inner endpoint. `local` and `peer` are
+    /// placeholders quinn needs; nothing is ever sent to them.
+    pub fn socket(self: &Arc<Self>, local: SocketAddr, peer: SocketAddr) -> Option<VirtualSocket> {
+        let rx = lock(&self.inbound_rx).take()?;
+        Some(VirtualSocket {
+            carrier: self.clone(),
+            inbound: Mutex::new(rx),
+            local,
+            peer,
+        })
+    }
+}
+
+impl Drop for Carrier {
+    fn drop(&mut self) {
+        for t in lock(&self.tasks).drain(..) {
+            t.abort();
+        }
+    }
+}
+
+fn send(conn: &Connection, b: Bytes) -> io::Result<()> {
+    match conn.send_datagram(b) {
+        Ok(()) => Ok(()),
+        // A shrunken path MTU or a closing link: lost like any packet.
+        Err(quinn::SendDatagramError::TooLarge)
+        | Err(quinn::SendDatagramError::ConnectionLost(_)) => Ok(()),
+        Err(e) => Err(io::Error::other(e.to_string())),
+    }
+}
+
+async fn read_payload_stream(mut recv: quinn::RecvStream, carrier: Arc<Carrier>) {
+    let mut header = [0u8; FRAME_HEADER];
+    let mut buf = Vec::new();
+    loop {
+        if recv.read_exact(&mut header).await.is_err() {
+            return;
+        }
+        let Ok(len) = frame_len(header, MAX_PAYLOAD_FRAME) else {
+            return;
+        };
+        buf.resize(len, 0);
+        if recv.read_exact(&mut buf).await.is_err() {
+            return;
+        }
+        if len <= MAX_INNER_PACKET {
+            carrier.deliver(Bytes::copy_from_slice(&buf));
+        } else {
+            carrier.stats.bad_inbound.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// quinn's view of the carrier: a UDP socket with one peer.
+pub struct VirtualSocket {
+    carrier: Arc<Carrier>,
+    inbound: Mutex<mpsc::Receiver<Bytes>>,
+    local: SocketAddr,
+    peer: SocketAddr,
+}
+
+impl fmt::Debug for VirtualSocket {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("VirtualSocket")
+            .field("local", &self.local)
+            .field("peer", &self.peer)
+            .finish()
+    }
+}
+
+/// Waits for room in the outer datagram buffer (quinn offers no notification, so it re-checks every
+/// millisecond while blocked; unblocked, it answers at once).
+struct Poller {
+    carrier: Arc<Carrier>,
+    sleep: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl fmt::Debug for Poller {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Poller")
+    }
+}
+
+impl UdpPoller for Poller {
+    fn poll_writable(mut self: Pin<&mut Self>, cx: &mut Context) -> Poll<io::Result<()>> {
+        loop {
+            if self.carrier.room() >= MAX_INNER_PACKET + 2 * FRAG_HEADER {
+                self.sleep = None;
+                return Poll::Ready(Ok(()));
+            }
+            let sleep = self
+                .sleep
+                .get_or_insert_with(|| Box::pin(tokio::time::sleep(Duration::from_millis(1))));
+            match sleep.as_mut().poll(cx) {
+                Poll::Ready(()) => self.sleep = None,
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+    }
+}
+
+use std::future::Future;
+
+impl AsyncUdpSocket for VirtualSocket {
+    fn create_io_poller(self: Arc<Self>) -> Pin<Box<dyn UdpPoller>> {
+        Box::pin(Poller {
+            carrier: self.carrier.clone(),
+            sleep: None,
+        })
+    }
+
+    fn try_send(&self, transmit: &Transmit) -> io::Result<()> {
+        match transmit.segment_size {
+            Some(seg) if seg < transmit.contents.len() => {
+                for p in transmit.contents.chunks(seg) {
+                    self.carrier.send_packet(p)?;
+                }
+                Ok(())
+            }
+            _ => self.carrier.send_packet(transmit.contents),
+        }
+    }
+
+    fn poll_recv(
+        &self,
+        cx: &mut Context,
+        bufs: &mut [IoSliceMut<'_>],
+        meta: &mut [RecvMeta],
+    ) -> Poll<io::Result<usize>> {
+        let mut rx = lock(&self.inbound);
+        let mut n = 0;
+        while n < bufs.len().min(meta.len()) {
+            let p = if n == 0 {
+                match rx.poll_recv(cx) {
+                    Poll::Ready(Some(p)) => p,
+                    // The carrier is gone: no more packets, ever.
+                    Poll::Ready(None) | Poll::Pending => return Poll::Pending,
+                }
+            } else {
+                match rx.try_recv() {
+                    Ok(p) => p,
+                    Err(_) => break,
+                }
+            };
+            let len = p.len().min(bufs[n].len());
+            bufs[n][..len].copy_from_slice(&p[..len]);
+            meta[n] = RecvMeta {
+                addr: self.peer,
+                len,
+                stride: len,
+                ecn: None,
+                dst_ip: None,
+            };
+            n += 1;
+        }
+        Poll::Ready(Ok(n))
+    }
+
+    fn local_addr(&self) -> io::Result<SocketAddr> {
+        Ok(self.local)
+    }
+
+    fn may_fragment(&self) -> bool {
+        false
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reassembly_in_any_order_with_duplicates() {
+        let mut r = Reassembly::default();
+        let a = Bytes::from_static(b"hello ");
+        let b = Bytes::from_static(b"world");
+        assert_eq!(r.feed(7, 1, 2, b.clone()), None);
+        assert_eq!(r.feed(7, 1, 2, b), None, "duplicate part");
+        assert_eq!(r.feed(7, 0, 2, a).as_deref(), Some(&b"hello world"[..]));
+        assert!(r.partial.is_empty());
+    }
+
+    #[test]
+    fn reassembly_is_bounded_and_rejects_nonsense() {
+        let mut r = Reassembly::default();
+        for id in 0..(MAX_REASSEMBLY as u16 + 10) {
+            r.feed(id, 0, 2, Bytes::from_static(b"x"));
+        }
+        assert_eq!(r.partial.len(), MAX_REASSEMBLY);
+        assert_eq!(r.feed(1000, 0, 0, Bytes::new()), None);
+        assert_eq!(r.feed(1000, 9, 9, Bytes::new()), None);
+        assert_eq!(r.feed(1000, 3, 2, Bytes::new()), None);
+        // Inconsistent count for a known id resets it.
+        r.feed(2000, 0, 2, Bytes::from_static(b"a"));
+        assert_eq!(r.feed(2000, 1, 3, Bytes::from_static(b"b")), None);
+        assert!(!r.partial.contains_key(&2000));
+    }
+
+    #[test]
+    fn datagram_decoding() {
+        let mut r = Reassembly::default();
+        assert_eq!(
+            decode_datagram(Bytes::from_static(&[0, 1, 2]), &mut r),
+            Ok(Some(Bytes::from_static(&[1, 2])))
+        );
+        assert_eq!(decode_datagram(Bytes::new(), &mut r), Err(()));
+        assert_eq!(
+            decode_datagram(Bytes::from_static(&[9, 1]), &mut r),
+            Err(())
+        );
+        assert_eq!(decode_datagram(Bytes::from_static(&[0]), &mut r), Err(()));
+        assert_eq!(
+            decode_datagram(Bytes::from_static(&[1, 0, 0, 0]), &mut r),
+            Err(())
+        );
+        let big = vec![0u8; MAX_INNER_PACKET + 2];
+        assert_eq!(decode_datagram(Bytes::from(big), &mut r), Err(()));
+    }
+}

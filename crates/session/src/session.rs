@@ -1,0 +1,820 @@
+//! A confirmed end-to-end session and its channels.
+//!
+//! | channel | transport | rule |
+//! |---|---|---|
+//! | control | the bidirectional stream the PAKE ran on, length-framed [`ControlMsg`] | ordered, reliable; `Hello` (version, capabilities) first |
+//! | video | one unidirectional stream per frame, priority rising with the frame number; frames two behind the newest are reset | a late frame never delays a newer one; the receiver drops frames older than one it delivered |
+//! | input events | one unidirectional stream, length-framed | buttons and keys: reliable, ordered |
+//! | pointer | DATAGRAM frames with a sequence number | only the newest matters; older or lost ones are skipped |
+//! | later: clipboard, files, chat | unidirectional streams of their own kind byte | unknown kinds are refused without harm |
+//!
+//! A supervisor task watches the relay link: it reports the peer's suspension and return, reconnects
+//! and resumes this side's link within the relay's grace period, and ends the session on both sides
+//! (inner connection closed with a reason) when the link cannot be resumed. There are no half-open
+//! sessions: the inner connection closing ends the relay session, and the relay ending the session
+//! closes the inner connection.
+
+use crate::carrier::{Carrier, CarrierStats};
+use crate::inner::close;
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use quinn::{Connection, RecvStream, SendStream, VarInt};
+use serde::{Deserialize, Serialize};
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+use tandem_client::{ClientError, ConnectOptions, RelayLink};
+use tandem_proto::{
+    EndReason, ErrorCode, FRAME_HEADER, MAX_CONTROL_FRAME, ProtoError, RelayMsg, ResumeToken,
+    Validate, decode_body, encode_frame, frame_len,
+};
+use tokio::sync::{Mutex, mpsc};
+use tokio::task::AbortHandle;
+
+/// Version of the session protocol (sent in `Hello`).
+pub const SESSION_VERSION: u16 = 1;
+/// Largest video frame accepted.
+pub const MAX_VIDEO_FRAME: usize = 16 * 1024 * 1024;
+/// Largest input event or pointer message.
+pub const MAX_INPUT_MSG: usize = 4096;
+
+const KIND_VIDEO: u8 = 1;
+const KIND_INPUT: u8 = 2;
+const DGRAM_POINTER: u8 = 1;
+
+/// Which end this is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Role {
+    Agent,
+    Console,
+}
+
+/// The user's answer to the consent prompt.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Consent {
+    AllowControl,
+    ViewOnly,
+    Deny,
+}
+
+/// Control-channel messages.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ControlMsg {
+    /// First message each way.
+    Hello {
+        version: u16,
+        software: String,
+        capabilities: Vec<String>,
+    },
+    /// Agent → console: what the user decided.
+    Consent { decision: Consent },
+    /// Agent → console: the user changed what the technician may do.
+    Permissions { view_only: bool },
+    /// Console → agent: the quality the technician asks for.
+    Quality { max_kbps: u32, max_fps: u16 },
+    /// Console → agent: the decoder needs a keyframe.
+    KeyframeRequest,
+    /// Either way: measurements for the stats line.
+    Stats { rtt_us: u32, fps: u16, kbps: u32 },
+    /// Either way: the sender ends the session.
+    End { reason: EndReason },
+}
+
+impl Validate for ControlMsg {
+    fn validate(&self) -> Result<(), ProtoError> {
+        match self {
+            ControlMsg::Hello {
+                software,
+                capabilities,
+                ..
+            } => {
+                if software.len() > 128
+                    || capabilities.len() > 64
+                    || capabilities.iter().any(|c| c.len() > 64)
+                {
+                    return Err(ProtoError::TextTooLong);
+                }
+                Ok(())
+            }
+            ControlMsg::End { reason } => reason.validate(),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// What the other side said about itself, and (agent side) who the relay says the technician is.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PeerInfo {
+    pub software: String,
+    pub capabilities: Vec<String>,
+    pub version: u16,
+    /// Agent side: the technician as the relay authenticated them.
+    pub technician: Option<String>,
+    pub organisation: Option<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    #[error(transparent)]
+    Relay(#[from] ClientError),
+    #[error(
+        "wrong session code: check the code with the user (a wrong code cannot be retried; the user gets a new one)"
+    )]
+    WrongCode,
+    #[error("the session could not be set up: {0}")]
+    Setup(String),
+    #[error("the session protocol was broken by the other side: {0}")]
+    Protocol(String),
+    #[error("the session has ended: {0}")]
+    Ended(SessionEnd),
+    #[error(transparent)]
+    Inner(#[from] crate::inner::InnerError),
+}
+
+/// How and why a session ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SessionEnd {
+    pub reason: EndReason,
+    /// True when this side ended it.
+    pub local: bool,
+}
+
+impl std::fmt::Display for SessionEnd {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.reason)
+    }
+}
+
+/// Relay-level happenings during a session.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SessionEvent {
+    /// The other side lost its relay link; it has `grace` to come back.
+    PeerSuspended {
+        grace: Duration,
+    },
+    PeerResumed,
+    /// This side lost its relay link and is reconnecting.
+    LinkLost,
+    /// This side's relay link is back.
+    LinkResumed,
+}
+
+/// A video frame as received.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VideoFrame {
+    pub seq: u64,
+    pub data: Bytes,
+}
+
+/// An input message as received.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum InputItem {
+    /// A reliable, ordered event (button, key, text).
+    Event(Bytes),
+    /// The newest pointer position (older ones were skipped).
+    Pointer(Bytes),
+}
+
+/// Encodes an [`EndReason`] as an inner close reason.
+pub(crate) fn close_reason(reason: &EndReason) -> Vec<u8> {
+    postcard::to_stdvec(reason).unwrap_or_default()
+}
+
+/// Reads how an inner connection ended.
+pub(crate) fn end_of(e: &quinn::ConnectionError) -> SessionEnd {
+    match e {
+        quinn::ConnectionError::ApplicationClosed(c) => {
+            let code = c.error_code.into_inner();
+            let reason = postcard::from_bytes::<EndReason>(&c.reason)
+                .ok()
+                .filter(|r| r.validate().is_ok())
+                .unwrap_or(match code as u32 {
+                    close::WRONG_CODE => EndReason::WrongCode,
+                    close::LINK_LOST => EndReason::PeerDisconnected,
+                    _ => EndReason::Other("the other side closed the session".into()),
+                });
+            SessionEnd {
+                reason,
+                local: false,
+            }
+        }
+        quinn::ConnectionError::LocallyClosed => SessionEnd {
+            reason: EndReason::Other("closed by this side".into()),
+            local: true,
+        },
+        quinn::ConnectionError::TimedOut => SessionEnd {
+            reason: EndReason::PeerDisconnected,
+            local: false,
+        },
+        other => SessionEnd {
+            reason: EndReason::Other(other.to_string()),
+            local: false,
+        },
+    }
+}
+
+pub(crate) async fn write_frame<T: Serialize>(
+    s: &mut SendStream,
+    m: &T,
+) -> Result<(), SessionError> {
+    let f =
+        encode_frame(m, MAX_CONTROL_FRAME).map_err(|e| SessionError::Protocol(e.to_string()))?;
+    s.write_all(&f)
+        .await
+        .map_err(|e| SessionError::Setup(e.to_string()))
+}
+
+pub(crate) async fn read_frame<T>(r: &mut RecvStream) -> Result<T, SessionError>
+where
+    T: for<'de> Deserialize<'de> + Validate,
+{
+    let mut h = [0u8; FRAME_HEADER];
+    r.read_exact(&mut h)
+        .await
+        .map_err(|e| SessionError::Setup(e.to_string()))?;
+    let len = frame_len(h, MAX_CONTROL_FRAME).map_err(|e| SessionError::Protocol(e.to_string()))?;
+    let mut body = vec![0u8; len];
+    r.read_exact(&mut body)
+        .await
+        .map_err(|e| SessionError::Setup(e.to_string()))?;
+    decode_body(&body).map_err(|e| SessionError::Protocol(e.to_string()))
+}
+
+/// What a side needs to keep (or get back) its relay link during a session.
+pub(crate) struct LinkCtx {
+    pub link: RelayLink,
+    pub opts: ConnectOptions,
+    pub token: ResumeToken,
+    /// How long to try to resume a lost link (the relay's grace period).
+    pub grace: Duration,
+}
+
+/// A confirmed session.
+pub struct Session {
+    role: Role,
+    conn: Connection,
+    ctl_send: Arc<Mutex<SendStream>>,
+    ctl_rx: mpsc::Receiver<Result<ControlMsg, SessionError>>,
+    video_rx: mpsc::Receiver<VideoFrame>,
+    input_rx: mpsc::Receiver<InputItem>,
+    events_rx: mpsc::Receiver<SessionEvent>,
+    end_tx: mpsc::Sender<EndReason>,
+    peer: PeerInfo,
+    carrier: Arc<Carrier>,
+    tasks: Vec<AbortHandle>,
+    _endpoint: quinn::Endpoint,
+    /// The key the PAKE confirmed (bound to this connection).
+    session_key: [u8; 32],
+    /// Why the session ended, when this side knows better than the inner close code.
+    end_info: EndInfo,
+}
+
+/// Shared record of how the session ended, written before the inner connection is closed.
+pub(crate) type EndInfo = Arc<std::sync::Mutex<Option<SessionEnd>>>;
+
+fn record(info: &EndInfo, end: SessionEnd) {
+    let mut g = info.lock().unwrap_or_else(|e| e.into_inner());
+    if g.is_none() {
+        *g = Some(end);
+    }
+}
+
+impl std::fmt::Debug for Session {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Session")
+            .field("role", &self.role)
+            .field("peer", &self.peer)
+            .finish()
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+pub(crate) struct Parts {
+    pub role: Role,
+    pub conn: Connection,
+    pub ctl_send: SendStream,
+    pub ctl_recv: RecvStream,
+    pub peer: PeerInfo,
+    pub carrier: Arc<Carrier>,
+    pub endpoint: quinn::Endpoint,
+    pub link: LinkCtx,
+    pub session_key: [u8; 32],
+}
+
+impl Session {
+    /// Wires up the channels and the supervisor of a confirmed connection.
+    pub(crate) fn start(p: Parts) -> Session {
+        let mut tasks = Vec::new();
+        let (ctl_tx, ctl_rx) = mpsc::channel(64);
+        tasks.push(tokio::spawn(control_reader(p.ctl_recv, ctl_tx)).abort_handle());
+        let (video_tx, video_rx) = mpsc::channel(8);
+        let (input_tx, input_rx) = mpsc::channel(1024);
+        tasks.push(
+            tokio::spawn(accept_streams(p.conn.clone(), video_tx, input_tx.clone())).abort_handle(),
+        );
+        tasks.push(tokio::spawn(read_pointer(p.conn.clone(), input_tx)).abort_handle());
+        let (events_tx, events_rx) = mpsc::channel(32);
+        let (end_tx, end_rx) = mpsc::channel(1);
+        let end_info: EndInfo = Arc::default();
+        tasks.push(
+            tokio::spawn(supervise(
+                p.link,
+                p.carrier.clone(),
+                p.conn.clone(),
+                events_tx,
+                end_rx,
+                end_info.clone(),
+            ))
+            .abort_handle(),
+        );
+        Session {
+            role: p.role,
+            conn: p.conn,
+            ctl_send: Arc::new(Mutex::new(p.ctl_send)),
+            ctl_rx,
+            video_rx,
+            input_rx,
+            events_rx,
+            end_tx,
+            peer: p.peer,
+            carrier: p.carrier,
+            tasks,
+            _endpoint: p.endpoint,
+            session_key: p.session_key,
+            end_info,
+        }
+    }
+
+    pub fn role(&self) -> Role {
+        self.role
+    }
+    pub fn peer(&self) -> &PeerInfo {
+        &self.peer
+    }
+    /// The inner QUIC connection (RTT, congestion window, statistics).
+    pub fn connection(&self) -> &Connection {
+        &self.conn
+    }
+    pub fn carrier_stats(&self) -> &CarrierStats {
+        &self.carrier.stats
+    }
+    /// A key both sides share, confirmed by the PAKE and bound to this connection.
+    pub fn session_key(&self) -> &[u8; 32] {
+        &self.session_key
+    }
+
+    /// Sends a control message.
+    pub async fn send_control(&self, msg: &ControlMsg) -> Result<(), SessionError> {
+        let mut s = self.ctl_send.lock().await;
+        write_frame(&mut s, msg).await.map_err(|_| self.ended())
+    }
+
+    /// The next control message. Cancel-safe.
+    pub async fn recv_control(&mut self) -> Result<ControlMsg, SessionError> {
+        match self.ctl_rx.recv().await {
+            Some(r) => r,
+            None => Err(self.wait_ended().await),
+        }
+    }
+
+    /// The next video frame (never older than one already returned). Cancel-safe.
+    pub async fn recv_video(&mut self) -> Result<VideoFrame, SessionError> {
+        match self.video_rx.recv().await {
+            Some(f) => Ok(f),
+            None => Err(self.wait_ended().await),
+        }
+    }
+
+    /// The next input item. Cancel-safe.
+    pub async fn recv_input(&mut self) -> Result<InputItem, SessionError> {
+        match self.input_rx.recv().await {
+            Some(i) => Ok(i),
+            None => Err(self.wait_ended().await),
+        }
+    }
+
+    /// The next relay-level event. Cancel-safe; pends forever once the session is over.
+    pub async fn next_event(&mut self) -> SessionEvent {
+        match self.events_rx.recv().await {
+            Some(e) => e,
+            None => std::future::pending().await,
+        }
+    }
+
+    /// A sender of video frames (cheap to clone; use from the encoder's task).
+    pub fn video_sender(&self) -> VideoSender {
+        VideoSender {
+            conn: self.conn.clone(),
+            in_flight: Arc::new(Mutex::new(VecDeque::new())),
+        }
+    }
+
+    /// A sender of input (console side).
+    pub fn input_sender(&self) -> InputSender {
+        InputSender {
+            conn: self.conn.clone(),
+            events: Arc::new(Mutex::new(None)),
+            pointer_seq: Arc::new(AtomicU32::new(0)),
+        }
+    }
+
+    /// Ends the session: tells the peer (control channel and relay) and closes the inner connection.
+    pub async fn end(&self, reason: EndReason) {
+        record(
+            &self.end_info,
+            SessionEnd {
+                reason: reason.clone(),
+                local: true,
+            },
+        );
+        // End is the last control message: finish the stream and wait (bounded) until the peer has
+        // read it, because closing the connection would discard it if still unsent.
+        let _ = tokio::time::timeout(Duration::from_secs(1), async {
+            let mut s = self.ctl_send.lock().await;
+            if write_frame(
+                &mut s,
+                &ControlMsg::End {
+                    reason: reason.clone(),
+                },
+            )
+            .await
+            .is_ok()
+                && s.finish().is_ok()
+            {
+                let _ = s.stopped().await;
+            }
+        })
+        .await;
+        let _ = self.end_tx.try_send(reason.clone());
+        // The supervisor closes the inner connection after telling the relay; give it a moment,
+        // then close regardless.
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.conn.closed()).await;
+        self.conn
+            .close(VarInt::from_u32(close::ENDED), &close_reason(&reason));
+    }
+
+    /// Waits until the session is over and says why.
+    pub async fn closed(&self) -> SessionEnd {
+        let e = self.conn.closed().await;
+        if let Some(end) = self
+            .end_info
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+        {
+            return end;
+        }
+        end_of(&e)
+    }
+
+    /// Closes this side's relay link as a network cut would (tests and diagnostics); the supervisor
+    /// then reconnects and resumes the session within the grace period.
+    pub fn simulate_link_loss(&self) {
+        self.carrier.close_link();
+    }
+
+    fn ended(&self) -> SessionError {
+        if let Some(end) = self
+            .end_info
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+        {
+            return SessionError::Ended(end);
+        }
+        match self.conn.close_reason() {
+            Some(e) => SessionError::Ended(end_of(&e)),
+            None => SessionError::Ended(SessionEnd {
+                reason: EndReason::Other("control channel closed".into()),
+                local: false,
+            }),
+        }
+    }
+
+    async fn wait_ended(&self) -> SessionError {
+        SessionError::Ended(self.closed().await)
+    }
+}
+
+async fn control_reader(mut recv: RecvStream, tx: mpsc::Sender<Result<ControlMsg, SessionError>>) {
+    loop {
+        let m = read_frame::<ControlMsg>(&mut recv).await;
+        let fatal = m.is_err();
+        if tx.send(m).await.is_err() || fatal {
+            return;
+        }
+    }
+}
+
+/// Accepts the peer's unidirectional streams and routes them by their kind byte.
+async fn accept_streams(
+    conn: Connection,
+    video_tx: mpsc::Sender<VideoFrame>,
+    input_tx: mpsc::Sender<InputItem>,
+) {
+    let newest = Arc::new(AtomicU64::new(0));
+    let mut readers = tokio::task::JoinSet::new();
+    loop {
+        let mut recv = tokio::select! {
+            s = conn.accept_uni() => match s {
+                Ok(s) => s,
+                Err(_) => return,
+            },
+            Some(_) = readers.join_next(), if !readers.is_empty() => continue,
+        };
+        let (video_tx, input_tx, newest) = (video_tx.clone(), input_tx.clone(), newest.clone());
+        readers.spawn(async move {
+            let mut kind = [0u8; 1];
+            if recv.read_exact(&mut kind).await.is_err() {
+                return;
+            }
+            match kind[0] {
+                KIND_VIDEO => read_video(recv, video_tx, newest).await,
+                KIND_INPUT => read_input_events(recv, input_tx).await,
+                _ => {
+                    // A channel this version does not know (a newer peer): refuse it politely.
+                    let _ = recv.stop(VarInt::from_u32(0));
+                }
+            }
+        });
+    }
+}
+
+async fn read_video(mut recv: RecvStream, tx: mpsc::Sender<VideoFrame>, newest: Arc<AtomicU64>) {
+    let mut seq = [0u8; 8];
+    if recv.read_exact(&mut seq).await.is_err() {
+        return;
+    }
+    let seq = u64::from_be_bytes(seq);
+    let Ok(data) = recv.read_to_end(MAX_VIDEO_FRAME).await else {
+        return;
+    };
+    // Deliver only frames newer than any delivered: a frame that completes late is dropped.
+    let prev = newest.fetch_max(seq, Ordering::AcqRel);
+    if seq > prev {
+        let _ = tx
+            .send(VideoFrame {
+                seq,
+                data: Bytes::from(data),
+            })
+            .await;
+    }
+}
+
+async fn read_input_events(mut recv: RecvStream, tx: mpsc::Sender<InputItem>) {
+    let mut h = [0u8; FRAME_HEADER];
+    let mut buf = Vec::new();
+    loop {
+        if recv.read_exact(&mut h).await.is_err() {
+            return;
+        }
+        let Ok(len) = frame_len(h, MAX_INPUT_MSG) else {
+            let _ = recv.stop(VarInt::from_u32(close::PROTOCOL));
+            return;
+        };
+        buf.resize(len, 0);
+        if recv.read_exact(&mut buf).await.is_err() {
+            return;
+        }
+        if tx
+            .send(InputItem::Event(Bytes::copy_from_slice(&buf)))
+            .await
+            .is_err()
+        {
+            return;
+        }
+    }
+}
+
+async fn read_pointer(conn: Connection, tx: mpsc::Sender<InputItem>) {
+    let mut newest: Option<u32> = None;
+    while let Ok(mut d) = conn.read_datagram().await {
+        if d.len() < 5 || d.len() > MAX_INPUT_MSG || d[0] != DGRAM_POINTER {
+            continue;
+        }
+        d.advance(1);
+        let seq = d.get_u32();
+        // Wrapping comparison: newer if within half the sequence space ahead.
+        if let Some(n) = newest
+            && seq.wrapping_sub(n) as i32 <= 0
+        {
+            continue;
+        }
+        newest = Some(seq);
+        // Only the newest matters: if the consumer lags, drop rather than queue.
+        let _ = tx.try_send(InputItem::Pointer(d));
+    }
+}
+
+/// Sends video frames so that a late frame never delays a newer one.
+#[derive(Clone)]
+pub struct VideoSender {
+    conn: Connection,
+    in_flight: Arc<Mutex<VecDeque<(u64, SendStream)>>>,
+}
+
+impl VideoSender {
+    /// Sends frame `seq` (increasing, starting at 1) on a stream of its own, at a priority above
+    /// older frames.
+    /// Frames two or more behind are reset: their remaining bytes are never (re)sent.
+    pub async fn send(&self, seq: u64, data: &[u8]) -> Result<(), SessionError> {
+        let mut s = self
+            .conn
+            .open_uni()
+            .await
+            .map_err(|e| SessionError::Ended(end_of(&e)))?;
+        // Priority is an i32; frame numbers wrap it, which only matters after ~800 days at 30 fps.
+        let _ = s.set_priority(seq as i32);
+        let mut header = BytesMut::with_capacity(9);
+        header.put_u8(KIND_VIDEO);
+        header.put_u64(seq);
+        s.write_all(&header)
+            .await
+            .map_err(|e| SessionError::Protocol(e.to_string()))?;
+        s.write_all(data)
+            .await
+            .map_err(|e| SessionError::Protocol(e.to_string()))?;
+        let _ = s.finish();
+        let mut q = self.in_flight.lock().await;
+        q.push_back((seq, s));
+        while q.len() > 2 {
+            if let Some((_, mut old)) = q.pop_front() {
+                // Resetting an already delivered stream is harmless.
+                let _ = old.reset(VarInt::from_u32(0));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Sends input: events reliably and in order, pointer moves newest-wins.
+#[derive(Clone)]
+pub struct InputSender {
+    conn: Connection,
+    events: Arc<Mutex<Option<SendStream>>>,
+    pointer_seq: Arc<AtomicU32>,
+}
+
+impl InputSender {
+    /// A button, key or text event: reliable and ordered.
+    pub async fn send_event(&self, msg: &[u8]) -> Result<(), SessionError> {
+        if msg.len() > MAX_INPUT_MSG {
+            return Err(SessionError::Protocol("input message too large".into()));
+        }
+        let mut guard = self.events.lock().await;
+        if guard.is_none() {
+            let mut s = self
+                .conn
+                .open_uni()
+                .await
+                .map_err(|e| SessionError::Ended(end_of(&e)))?;
+            // Input goes before video.
+            let _ = s.set_priority(i32::MAX);
+            s.write_all(&[KIND_INPUT])
+                .await
+                .map_err(|e| SessionError::Protocol(e.to_string()))?;
+            *guard = Some(s);
+        }
+        let s = guard
+            .as_mut()
+            .ok_or_else(|| SessionError::Protocol("input stream missing".into()))?;
+        let mut b = BytesMut::with_capacity(FRAME_HEADER + msg.len());
+        b.put_u32(msg.len() as u32);
+        b.put_slice(msg);
+        s.write_all(&b)
+            .await
+            .map_err(|e| SessionError::Protocol(e.to_string()))
+    }
+
+    /// A pointer position: sent as a datagram; if it is lost, the next one supersedes it.
+    pub fn send_pointer(&self, msg: &[u8]) -> Result<(), SessionError> {
+        if msg.len() + 5 > MAX_INPUT_MSG {
+            return Err(SessionError::Protocol("pointer message too large".into()));
+        }
+        let seq = self
+            .pointer_seq
+            .fetch_add(1, Ordering::Relaxed)
+            .wrapping_add(1);
+        let mut b = BytesMut::with_capacity(msg.len() + 5);
+        b.put_u8(DGRAM_POINTER);
+        b.put_u32(seq);
+        b.put_slice(msg);
+        match self.conn.send_datagram(b.freeze()) {
+            Ok(()) => Ok(()),
+            Err(quinn::SendDatagramError::ConnectionLost(e)) => {
+                Err(SessionError::Ended(end_of(&e)))
+            }
+            Err(e) => Err(SessionError::Protocol(e.to_string())),
+        }
+    }
+}
+
+/// Keeps the relay link of a session: reports and survives link loss, and ends the session on both
+/// layers together.
+async fn supervise(
+    mut ctx: LinkCtx,
+    carrier: Arc<Carrier>,
+    inner: Connection,
+    events: mpsc::Sender<SessionEvent>,
+    mut end_rx: mpsc::Receiver<EndReason>,
+    end_info: EndInfo,
+) {
+    loop {
+        tokio::select! {
+            m = ctx.link.recv() => match m {
+                Ok(RelayMsg::SessionEnded { reason }) => {
+                    tracing::info!(reason = reason.label(), "the relay ended the session");
+                    record(&end_info, SessionEnd { reason: reason.clone(), local: false });
+                    inner.close(VarInt::from_u32(close::ENDED), &close_reason(&reason));
+                    ctx.link.close().await;
+                    return;
+                }
+                Ok(RelayMsg::PeerSuspended { grace_secs }) => {
+                    let _ = events.try_send(SessionEvent::PeerSuspended {
+                        grace: Duration::from_secs(grace_secs.into()),
+                    });
+                }
+                Ok(RelayMsg::PeerResumed) => {
+                    let _ = events.try_send(SessionEvent::PeerResumed);
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    // This side's relay link is gone (relay restart, network change, relay shutting
+                    // down): resume within the grace period, or end the session.
+                    tracing::warn!(error = %e, "lost the relay link; trying to resume the session");
+                    carrier.detach();
+                    let _ = events.try_send(SessionEvent::LinkLost);
+                    match reconnect(&ctx, &inner).await {
+                        Ok(link) => {
+                            carrier.attach(link.connection().clone());
+                            ctx.link = link;
+                            tracing::info!("relay link resumed");
+                            let _ = events.try_send(SessionEvent::LinkResumed);
+                        }
+                        Err(why) => {
+                            tracing::warn!("could not resume the session: {why}");
+                            let reason = EndReason::Other(format!("lost the connection to the relay: {why}"));
+                            record(&end_info, SessionEnd { reason: reason.clone(), local: true });
+                            inner.close(VarInt::from_u32(close::LINK_LOST), &close_reason(&reason));
+                            return;
+                        }
+                    }
+                }
+            },
+            r = end_rx.recv() => {
+                let reason = r.unwrap_or(EndReason::Other("session dropped".into()));
+                let _ = ctx.link.end(reason.clone()).await;
+                inner.close(VarInt::from_u32(close::ENDED), &close_reason(&reason));
+                ctx.link.close().await;
+                return;
+            }
+            e = inner.closed() => {
+                // The inner connection ended (the peer ended it, or it timed out): end the relay
+                // session too, so nothing stays half-open.
+                let end = end_of(&e);
+                let _ = ctx.link.end(end.reason.clone()).await;
+                ctx.link.close().await;
+                return;
+            }
+        }
+    }
+}
+
+/// Reconnects to the relay and resumes the session within the grace period.
+async fn reconnect(ctx: &LinkCtx, inner: &Connection) -> Result<RelayLink, String> {
+    let deadline = Instant::now() + ctx.grace;
+    let mut backoff = Duration::from_millis(200);
+    let mut last = String::from("no attempt");
+    while Instant::now() < deadline {
+        if inner.close_reason().is_some() {
+            return Err("the session ended meanwhile".into());
+        }
+        let attempt = async {
+            let mut link = RelayLink::connect(&ctx.opts).await?;
+            link.resume(&ctx.token).await?;
+            Ok::<_, ClientError>(link)
+        };
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left.max(Duration::from_millis(100)), attempt).await {
+            Ok(Ok(link)) => return Ok(link),
+            Ok(Err(e)) => {
+                if e.code() == Some(ErrorCode::SessionGone) {
+                    return Err(e.to_string());
+                }
+                last = e.to_string();
+            }
+            Err(_) => last = "timed out".into(),
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        tokio::time::sleep(backoff.min(left)).await;
+        backoff = (backoff * 2).min(Duration::from_secs(2));
+    }
+    Err(last)
+}

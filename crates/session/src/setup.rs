@@ -1,0 +1,517 @@
+//! Setting a session up: the agent hosts a code and waits; the console joins with the code. Both run
+//! the inner QUIC handshake through the relay, then the PAKE, then exchange `Hello`.
+
+use crate::carrier::{Carrier, Fallback};
+use crate::code::SessionCode;
+use crate::inner::{self, close};
+use crate::pake::{
+    AgentPake, Binding, ConsolePake, EXPORTER_LABEL, EXPORTER_LEN, PakeError, PakeMsg,
+};
+use crate::session::{
+    ControlMsg, LinkCtx, Parts, PeerInfo, Role, SESSION_VERSION, Session, SessionError,
+    close_reason, end_of, read_frame, write_frame,
+};
+use quinn::{Connection, VarInt};
+use std::net::SocketAddr;
+use std::time::Duration;
+use tandem_client::{ClientError, ConnectOptions, RelayLink};
+use tandem_proto::{EndReason, ErrorCode, RelayMsg, ResumeToken, Secret, Slot};
+
+/// Placeholder addresses of the two ends on the virtual socket (never used on a network).
+const AGENT_ADDR: SocketAddr =
+    SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 1);
+const CONSOLE_ADDR: SocketAddr =
+    SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 2);
+
+/// Settings of a session, the same on both sides.
+#[derive(Clone, Debug)]
+pub struct SessionConfig {
+    pub fallback: Fallback,
+    /// e.g. `tandem-agent 0.1.0`
+    pub software: String,
+    pub capabilities: Vec<String>,
+    /// Bound on joining: inner handshake + PAKE + hello.
+    pub setup_timeout: Duration,
+    /// How long to try to resume a lost relay link (match the relay's `resume_grace_secs`).
+    pub resume_grace: Duration,
+}
+
+impl Default for SessionConfig {
+    fn default() -> Self {
+        SessionConfig {
+            fallback: Fallback::default(),
+            software: format!("tandem-session {}", env!("CARGO_PKG_VERSION")),
+            capabilities: vec![],
+            setup_timeout: Duration::from_secs(15),
+            resume_grace: Duration::from_secs(15),
+        }
+    }
+}
+
+/// Why the agent shows a (new) code.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CodeChange {
+    /// The first code of this host, or the next after a session.
+    New,
+    /// Someone tried the code with a wrong secret: it was burned.
+    WrongCode,
+    /// Nobody joined in time.
+    Expired,
+    /// A technician joined but the session could not be set up; the code was burned to be safe.
+    SetupFailed(String),
+}
+
+/// What the agent's host reports.
+#[derive(Debug)]
+pub enum AgentEvent {
+    /// Show this code to the user (replacing any earlier one).
+    Code {
+        code: SessionCode,
+        expires_in: Duration,
+        why: CodeChange,
+    },
+    /// A technician joined the code through the relay; the end-to-end handshake runs next.
+    Joining {
+        technician: String,
+        organisation: String,
+    },
+    /// The end-to-end session is confirmed. Nothing has been shown or allowed yet: consent is the
+    /// application's next step.
+    Session(Box<Session>),
+}
+
+/// The agent side: holds a code on the relay and turns joins into confirmed sessions.
+pub struct AgentHost {
+    opts: ConnectOptions,
+    cfg: SessionConfig,
+    link: Option<RelayLink>,
+    code: Option<SessionCode>,
+    pending: Option<(String, String, ResumeToken)>,
+    next_why: CodeChange,
+}
+
+impl AgentHost {
+    /// Connects to the relay. The first [`AgentHost::next`] returns the first code.
+    pub async fn connect(
+        opts: ConnectOptions,
+        cfg: SessionConfig,
+    ) -> Result<AgentHost, SessionError> {
+        let link = RelayLink::connect(&opts).await?;
+        Ok(AgentHost {
+            opts,
+            cfg,
+            link: Some(link),
+            code: None,
+            pending: None,
+            next_why: CodeChange::New,
+        })
+    }
+
+    /// The code currently shown, if any.
+    pub fn code(&self) -> Option<&SessionCode> {
+        self.code.as_ref()
+    }
+
+    async fn new_code(&mut self, why: CodeChange) -> Result<AgentEvent, SessionError> {
+        let link = match &mut self.link {
+            Some(l) => l,
+            None => self.link.insert(RelayLink::connect(&self.opts).await?),
+        };
+        let (slot, expires_in) = link.register().await?;
+        let code = SessionCode::generate(slot).map_err(|e| SessionError::Setup(e.to_string()))?;
+        self.code = Some(code.clone());
+        Ok(AgentEvent::Code {
+            code,
+            expires_in,
+            why,
+        })
+    }
+
+    /// The next thing to show or do. Call it in a loop; it returns after each step.
+    pub async fn next(&mut self) -> Result<AgentEvent, SessionError> {
+        if self.link.is_none() || self.code.is_none() {
+            let why = std::mem::replace(&mut self.next_why, CodeChange::New);
+            return self.new_code(why).await;
+        }
+        if let Some((technician, organisation, token)) = self.pending.take() {
+            return self.handshake(technician, organisation, token).await;
+        }
+        let link = self
+            .link
+            .as_mut()
+            .ok_or_else(|| SessionError::Setup("no relay link".into()))?;
+        loop {
+            match link.recv().await? {
+                RelayMsg::Paired {
+                    technician,
+                    organisation,
+                    resume,
+                } => {
+                    self.pending = Some((technician.clone(), organisation.clone(), resume));
+                    return Ok(AgentEvent::Joining {
+                        technician,
+                        organisation,
+                    });
+                }
+                RelayMsg::SlotExpired { .. } => return self.new_code(CodeChange::Expired).await,
+                RelayMsg::ShuttingDown => {
+                    return Err(SessionError::Relay(ClientError::Closed {
+                        code: Some(ErrorCode::ShuttingDown),
+                        reason: ErrorCode::ShuttingDown.explain().into(),
+                    }));
+                }
+                _ => continue,
+            }
+        }
+    }
+
+    async fn handshake(
+        &mut self,
+        technician: String,
+        organisation: String,
+        token: ResumeToken,
+    ) -> Result<AgentEvent, SessionError> {
+        let (Some(code), Some(link)) = (self.code.clone(), self.link.as_mut()) else {
+            return Err(SessionError::Setup("no code or relay link".into()));
+        };
+        let carrier = Carrier::new(self.cfg.fallback);
+        carrier.attach(link.connection().clone());
+        let socket = carrier
+            .socket(AGENT_ADDR, CONSOLE_ADDR)
+            .ok_or_else(|| SessionError::Setup("carrier already in use".into()))?;
+        let endpoint = inner::agent_endpoint(socket)?;
+        let cfg = self.cfg.clone();
+        let setup = async {
+            let incoming = endpoint
+                .accept()
+                .await
+                .ok_or_else(|| SessionError::Setup("inner endpoint closed".into()))?;
+            let conn = incoming
+                .await
+                .map_err(|e| SessionError::Setup(format!("inner handshake: {e}")))?;
+            let r = agent_pake(&conn, &code, &cfg).await;
+            Ok::<_, SessionError>((conn, r))
+        };
+        // While the handshake runs, the relay may report that the console gave up (for example it
+        // found the code wrong and left before its inner close could arrive).
+        let outcome = tokio::time::timeout(self.cfg.setup_timeout, async {
+            tokio::select! {
+                r = setup => r,
+                e = watch_setup_link(link) => Err(e),
+            }
+        })
+        .await;
+        let failure = match outcome {
+            Ok(Ok((conn, Ok((ctl_send, ctl_recv, hello, key))))) => {
+                let PeerHello {
+                    software,
+                    capabilities,
+                    version,
+                } = hello;
+                let link = self
+                    .link
+                    .take()
+                    .ok_or_else(|| SessionError::Setup("no relay link".into()))?;
+                self.code = None;
+                self.next_why = CodeChange::New;
+                tracing::info!(technician = %technician, organisation = %organisation, "session confirmed");
+                return Ok(AgentEvent::Session(Box::new(Session::start(Parts {
+                    role: Role::Agent,
+                    conn,
+                    ctl_send,
+                    ctl_recv,
+                    peer: PeerInfo {
+                        software,
+                        capabilities,
+                        version,
+                        technician: Some(technician),
+                        organisation: Some(organisation),
+                    },
+                    carrier,
+                    endpoint,
+                    link: LinkCtx {
+                        link,
+                        opts: self.opts.clone(),
+                        token,
+                        grace: self.cfg.resume_grace,
+                    },
+                    session_key: key,
+                }))));
+            }
+            Ok(Ok((conn, Err(e)))) => {
+                // The console may have closed the connection because it found the code wrong
+                // (before its `Fail` could be read): its close reason is the truth.
+                let e = match conn.close_reason() {
+                    Some(c) if end_of(&c).reason == EndReason::WrongCode => SessionError::WrongCode,
+                    _ => e,
+                };
+                let (code, reason) = match &e {
+                    SessionError::WrongCode => (close::WRONG_CODE, EndReason::WrongCode),
+                    other => (close::PROTOCOL, EndReason::Other(other.to_string())),
+                };
+                conn.close(VarInt::from_u32(code), &close_reason(&reason));
+                e
+            }
+            Ok(Err(e)) => e,
+            Err(_) => SessionError::Setup(
+                "the technician's side did not complete the handshake in time".into(),
+            ),
+        };
+        // Whatever went wrong after a technician joined, the code is burned: one try per code.
+        endpoint.close(VarInt::from_u32(close::PROTOCOL), b"setup failed");
+        drop(carrier);
+        let why = match failure {
+            SessionError::WrongCode => {
+                tracing::warn!(
+                    "a technician tried this code with a wrong secret; the code is burned"
+                );
+                CodeChange::WrongCode
+            }
+            other => {
+                tracing::warn!(error = %other, "session setup failed; the code is burned");
+                CodeChange::SetupFailed(other.to_string())
+            }
+        };
+        let reason = if why == CodeChange::WrongCode {
+            EndReason::WrongCode
+        } else {
+            EndReason::Other("session setup failed".into())
+        };
+        if let Some(link) = self.link.as_mut() {
+            link.end(reason).await?;
+        }
+        self.new_code(why).await
+    }
+}
+
+struct PeerHello {
+    software: String,
+    capabilities: Vec<String>,
+    version: u16,
+}
+
+type Confirmed = (quinn::SendStream, quinn::RecvStream, PeerHello, [u8; 32]);
+
+fn binding(conn: &Connection, slot: &Slot) -> Result<Binding, SessionError> {
+    let mut exporter = [0u8; EXPORTER_LEN];
+    conn.export_keying_material(&mut exporter, EXPORTER_LABEL, slot.as_str().as_bytes())
+        .map_err(|_| SessionError::Setup("TLS exporter unavailable".into()))?;
+    Ok(Binding {
+        slot: slot.clone(),
+        exporter,
+    })
+}
+
+fn hello(cfg: &SessionConfig) -> ControlMsg {
+    ControlMsg::Hello {
+        version: SESSION_VERSION,
+        software: cfg.software.clone(),
+        capabilities: cfg.capabilities.clone(),
+    }
+}
+
+async fn read_hello(recv: &mut quinn::RecvStream) -> Result<PeerHello, SessionError> {
+    match read_frame::<ControlMsg>(recv).await? {
+        ControlMsg::Hello {
+            version,
+            software,
+            capabilities,
+        } => Ok(PeerHello {
+            software,
+            capabilities,
+            version,
+        }),
+        other => Err(SessionError::Protocol(format!(
+            "expected Hello first, got {other:?}"
+        ))),
+    }
+}
+
+fn pake_err(e: PakeError) -> SessionError {
+    match e {
+        PakeError::WrongCode => SessionError::WrongCode,
+        other => SessionError::Protocol(other.to_string()),
+    }
+}
+
+/// During setup: waits for the relay to report the end of the pairing, and says why.
+async fn watch_setup_link(link: &mut RelayLink) -> SessionError {
+    loop {
+        match link.recv().await {
+            Ok(RelayMsg::SessionEnded {
+                reason: EndReason::WrongCode,
+            }) => return SessionError::WrongCode,
+            Ok(RelayMsg::SessionEnded { reason }) => {
+                return SessionError::Setup(format!("the other side left: {reason}"));
+            }
+            Ok(_) => continue,
+            Err(e) => return SessionError::Relay(e),
+        }
+    }
+}
+
+async fn agent_pake(
+    conn: &Connection,
+    code: &SessionCode,
+    cfg: &SessionConfig,
+) -> Result<Confirmed, SessionError> {
+    let b = binding(conn, code.slot())?;
+    // The first stream the console opens carries the PAKE, then the control channel. Nothing else
+    // is accepted before the PAKE succeeded.
+    let (mut send, mut recv) = conn
+        .accept_bi()
+        .await
+        .map_err(|e| SessionError::Setup(e.to_string()))?;
+    let start: PakeMsg = read_frame(&mut recv).await?;
+    let (pake, reply) = match AgentPake::respond(code.secret(), b, start) {
+        Ok(x) => x,
+        Err(e) => {
+            let _ = write_frame(&mut send, &PakeMsg::Fail).await;
+            return Err(pake_err(e));
+        }
+    };
+    write_frame(&mut send, &reply).await?;
+    let confirm: PakeMsg = read_frame(&mut recv).await?;
+    let key = pake.finish(confirm).map_err(pake_err)?.session_key;
+    write_frame(&mut send, &hello(cfg)).await?;
+    let peer = read_hello(&mut recv).await?;
+    Ok((send, recv, peer, key))
+}
+
+/// The console side: joins the agent holding `code`, authenticated as `token`.
+pub async fn join(
+    opts: &ConnectOptions,
+    token: &Secret,
+    code: &SessionCode,
+    cfg: &SessionConfig,
+) -> Result<Session, SessionError> {
+    let mut link = RelayLink::connect(opts).await?;
+    link.authenticate(token).await?;
+    join_on(link, opts, code, cfg).await
+}
+
+/// Like [`join`], on an already authenticated relay link.
+pub async fn join_on(
+    mut link: RelayLink,
+    opts: &ConnectOptions,
+    code: &SessionCode,
+    cfg: &SessionConfig,
+) -> Result<Session, SessionError> {
+    let token = link.join(code.slot()).await?;
+    let carrier = Carrier::new(cfg.fallback);
+    carrier.attach(link.connection().clone());
+    let socket = carrier
+        .socket(CONSOLE_ADDR, AGENT_ADDR)
+        .ok_or_else(|| SessionError::Setup("carrier already in use".into()))?;
+    let endpoint = inner::console_endpoint(socket)?;
+    let setup = async {
+        let conn = endpoint
+            .connect(AGENT_ADDR, inner::SERVER_NAME)
+            .map_err(|e| SessionError::Setup(e.to_string()))?
+            .await
+            .map_err(|e| match end_of(&e).reason {
+                EndReason::WrongCode => SessionError::WrongCode,
+                _ => SessionError::Setup(format!("inner handshake: {e}")),
+            })?;
+        let r = console_pake(&conn, code, cfg).await;
+        Ok::<_, SessionError>((conn, r))
+    };
+    let res = tokio::time::timeout(cfg.setup_timeout, async {
+        tokio::select! {
+            r = setup => r,
+            e = watch_setup_link(&mut link) => Err(e),
+        }
+    })
+    .await;
+    let (conn, r) = match res {
+        Ok(Ok(x)) => x,
+        Ok(Err(e)) => {
+            let _ = link
+                .end(EndReason::Other("session setup failed".into()))
+                .await;
+            link.close().await;
+            return Err(e);
+        }
+        Err(_) => {
+            let _ = link
+                .end(EndReason::Other("session setup timed out".into()))
+                .await;
+            link.close().await;
+            return Err(SessionError::Setup(
+                "the agent did not complete the handshake in time".into(),
+            ));
+        }
+    };
+    match r {
+        Ok((ctl_send, ctl_recv, hello, key)) => Ok(Session::start(Parts {
+            role: Role::Console,
+            conn,
+            ctl_send,
+            ctl_recv,
+            peer: PeerInfo {
+                software: hello.software,
+                capabilities: hello.capabilities,
+                version: hello.version,
+                technician: None,
+                organisation: None,
+            },
+            carrier,
+            endpoint,
+            link: LinkCtx {
+                link,
+                opts: opts.clone(),
+                token,
+                grace: cfg.resume_grace,
+            },
+            session_key: key,
+        })),
+        Err(e) => {
+            // If the agent closed the connection, its reason is the truth (e.g. wrong code).
+            let e = match (&e, conn.close_reason()) {
+                (_, Some(c)) if end_of(&c).reason == EndReason::WrongCode => {
+                    SessionError::WrongCode
+                }
+                _ => e,
+            };
+            let reason = match e {
+                SessionError::WrongCode => EndReason::WrongCode,
+                _ => EndReason::Other("session setup failed".into()),
+            };
+            let code = if reason == EndReason::WrongCode {
+                close::WRONG_CODE
+            } else {
+                close::PROTOCOL
+            };
+            conn.close(VarInt::from_u32(code), &close_reason(&reason));
+            let _ = link.end(reason).await;
+            link.close().await;
+            Err(e)
+        }
+    }
+}
+
+async fn console_pake(
+    conn: &Connection,
+    code: &SessionCode,
+    cfg: &SessionConfig,
+) -> Result<Confirmed, SessionError> {
+    let b = binding(conn, code.slot())?;
+    let (mut send, mut recv) = conn
+        .open_bi()
+        .await
+        .map_err(|e| SessionError::Setup(e.to_string()))?;
+    let (pake, start) = ConsolePake::start(code.secret(), b);
+    write_frame(&mut send, &start).await?;
+    let reply: PakeMsg = read_frame(&mut recv).await?;
+    let (confirmed, confirm) = match pake.finish(reply) {
+        Ok(x) => x,
+        Err(e) => {
+            let _ = write_frame(&mut send, &PakeMsg::Fail).await;
+            return Err(pake_err(e));
+        }
+    };
+    write_frame(&mut send, &confirm).await?;
+    write_frame(&mut send, &hello(cfg)).await?;
+    let peer = read_hello(&mut recv).await?;
+    Ok((send, recv, peer, confirmed.session_key))
+}
