@@ -2,6 +2,8 @@
 //! data directory, clients that trust it by pin, and a way to run the real `tandem-relay` binary.
 #![allow(clippy::unwrap_used)]
 
+pub mod fake_relay;
+
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;

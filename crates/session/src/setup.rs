@@ -327,6 +327,14 @@ async fn read_hello(recv: &mut quinn::RecvStream) -> Result<PeerHello, SessionEr
     }
 }
 
+/// Tells the peer the PAKE failed and waits (bounded) until it has read that, so that it learns
+/// "wrong code" rather than a broken connection.
+async fn send_fail(send: &mut quinn::SendStream) {
+    if write_frame(send, &PakeMsg::Fail).await.is_ok() && send.finish().is_ok() {
+        let _ = tokio::time::timeout(Duration::from_millis(500), send.stopped()).await;
+    }
+}
+
 fn pake_err(e: PakeError) -> SessionError {
     match e {
         PakeError::WrongCode => SessionError::WrongCode,
@@ -366,7 +374,7 @@ async fn agent_pake(
     let (pake, reply) = match AgentPake::respond(code.secret(), b, start) {
         Ok(x) => x,
         Err(e) => {
-            let _ = write_frame(&mut send, &PakeMsg::Fail).await;
+            send_fail(&mut send).await;
             return Err(pake_err(e));
         }
     };
@@ -506,7 +514,7 @@ async fn console_pake(
     let (confirmed, confirm) = match pake.finish(reply) {
         Ok(x) => x,
         Err(e) => {
-            let _ = write_frame(&mut send, &PakeMsg::Fail).await;
+            send_fail(&mut send).await;
             return Err(pake_err(e));
         }
     };

@@ -1,0 +1,331 @@
+//! A hostile relay for tests: it speaks the relay protocol well enough to pair one agent with one
+//! console, holds a valid certificate (clients pin it, as they would a compromised relay's), and then
+//! either forwards payloads while recording and altering them, or puts itself in the middle of the
+//! inner connection.
+
+use bytes::Bytes;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tandem_certs::{Fingerprint, RelayTrust};
+use tandem_client::ConnectOptions;
+use tandem_proto::{
+    ALPN, ClientMsg, FRAME_HEADER, FrameDecoder, MAX_CONTROL_FRAME, RelayMsg, ResumeToken, Slot,
+    decode_body, encode_frame,
+};
+use tandem_session::carrier::{Carrier, Fallback};
+use tandem_session::inner;
+use tokio::sync::mpsc;
+
+/// What the hostile relay does with a paired session.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Tamper {
+    /// Flip one bit in every n-th datagram.
+    pub flip_every: Option<u64>,
+    /// Send every n-th datagram twice (replay).
+    pub duplicate_every: Option<u64>,
+    /// Drop every n-th datagram.
+    pub drop_every: Option<u64>,
+    /// Swap every pair of consecutive datagrams.
+    pub reorder: bool,
+}
+
+#[derive(Clone, Copy, Debug)]
+pub enum Mode {
+    /// Forward (record everything, alter as told).
+    Forward(Tamper),
+    /// Terminate the inner QUIC connection towards both sides and relay their PAKE faithfully.
+    Mitm,
+}
+
+#[derive(Default)]
+struct State {
+    /// The waiting agent's connection and message queue.
+    agent: Option<(quinn::Connection, mpsc::UnboundedSender<RelayMsg>)>,
+    next_slot: u32,
+}
+
+/// Everything the relay saw of the session payloads, both directions.
+#[derive(Default, Debug)]
+pub struct Seen {
+    pub bytes: Vec<u8>,
+    pub datagrams: u64,
+    /// MITM mode: the PAKE-stream frames that went console → agent and back.
+    pub mitm_frames: Vec<Vec<u8>>,
+}
+
+pub struct FakeRelay {
+    pub addr: std::net::SocketAddr,
+    pub pin: Fingerprint,
+    pub seen: Arc<Mutex<Seen>>,
+    endpoint: quinn::Endpoint,
+    _dir: tempfile::TempDir,
+}
+
+impl FakeRelay {
+    pub async fn start(mode: Mode) -> FakeRelay {
+        let dir = tempfile::tempdir().unwrap();
+        let id = tandem_certs::ensure_identity(dir.path(), &[]).unwrap();
+        let tls = tandem_certs::server_config(&id, ALPN).unwrap();
+        let mut sc = quinn::ServerConfig::with_crypto(Arc::new(
+            quinn::crypto::rustls::QuicServerConfig::try_from(tls).unwrap(),
+        ));
+        sc.transport_config(Arc::new(tandem_net::transport_config(false)));
+        let endpoint = tandem_net::server_endpoint("127.0.0.1:0".parse().unwrap(), sc).unwrap();
+        let seen = Arc::new(Mutex::new(Seen::default()));
+        let state = Arc::new(Mutex::new(State {
+            next_slot: 417,
+            ..State::default()
+        }));
+        let ep = endpoint.clone();
+        let seen2 = seen.clone();
+        tokio::spawn(async move {
+            while let Some(inc) = ep.accept().await {
+                let (state, seen) = (state.clone(), seen2.clone());
+                tokio::spawn(async move {
+                    if let Ok(conn) = inc.await {
+                        serve(conn, state, seen, mode).await;
+                    }
+                });
+            }
+        });
+        FakeRelay {
+            addr: endpoint.local_addr().unwrap(),
+            pin: id.fingerprint(),
+            seen,
+            endpoint,
+            _dir: dir,
+        }
+    }
+
+    pub fn opts(&self) -> ConnectOptions {
+        ConnectOptions::new(self.addr.to_string(), RelayTrust::Pin(self.pin))
+    }
+
+    pub fn close(&self) {
+        self.endpoint.close(0u32.into(), b"bye");
+    }
+}
+
+async fn serve(
+    conn: quinn::Connection,
+    state: Arc<Mutex<State>>,
+    seen: Arc<Mutex<Seen>>,
+    mode: Mode,
+) {
+    let Ok((mut send, mut recv)) = conn.accept_bi().await else {
+        return;
+    };
+    let (tx, mut rx) = mpsc::unbounded_channel::<RelayMsg>();
+    tokio::spawn(async move {
+        while let Some(m) = rx.recv().await {
+            let f = encode_frame(&m, MAX_CONTROL_FRAME).unwrap();
+            if send.write_all(&f).await.is_err() {
+                return;
+            }
+        }
+    });
+    let mut dec = FrameDecoder::new(MAX_CONTROL_FRAME);
+    let mut peer: Option<mpsc::UnboundedSender<RelayMsg>> = None;
+    loop {
+        let body = match dec.next_frame() {
+            Ok(Some(b)) => b,
+            Ok(None) => match recv.read_chunk(4096, true).await {
+                Ok(Some(c)) => {
+                    dec.push(&c.bytes);
+                    continue;
+                }
+                _ => return,
+            },
+            Err(_) => return,
+        };
+        let Ok(msg) = decode_body::<ClientMsg>(&body) else {
+            return;
+        };
+        match msg {
+            ClientMsg::Register { .. } => {
+                let slot = {
+                    let mut s = state.lock().unwrap();
+                    s.agent = Some((conn.clone(), tx.clone()));
+                    s.next_slot += 1;
+                    s.next_slot - 1
+                };
+                let _ = tx.send(RelayMsg::Registered {
+                    slot: Slot::new(slot.to_string()).unwrap(),
+                    expires_in_secs: 600,
+                });
+            }
+            ClientMsg::Authenticate { .. } => {
+                let _ = tx.send(RelayMsg::Authenticated {
+                    technician: "mallory".into(),
+                    organisation: "Evil Relay Ltd".into(),
+                });
+            }
+            ClientMsg::Join { slot } => {
+                let agent = state.lock().unwrap().agent.take();
+                let Some((agent_conn, agent_tx)) = agent else {
+                    let _ = tx.send(RelayMsg::Refused {
+                        code: tandem_proto::ErrorCode::UnknownSlot,
+                        message: "no agent".into(),
+                    });
+                    continue;
+                };
+                let _ = agent_tx.send(RelayMsg::Paired {
+                    technician: "mallory".into(),
+                    organisation: "Evil Relay Ltd".into(),
+                    resume: ResumeToken([1; 16]),
+                });
+                let _ = tx.send(RelayMsg::Joined {
+                    slot,
+                    resume: ResumeToken([2; 16]),
+                });
+                peer = Some(agent_tx.clone());
+                // The agent's serve loop learns its peer through the message it gets; store the
+                // console's queue for it via a small side channel: End from the agent is answered
+                // by the test's timeouts, so only console → agent ends are forwarded here.
+                match mode {
+                    Mode::Forward(t) => {
+                        tokio::spawn(forward(agent_conn.clone(), conn.clone(), t, seen.clone()));
+                        tokio::spawn(forward(conn.clone(), agent_conn, t, seen.clone()));
+                    }
+                    Mode::Mitm => {
+                        tokio::spawn(mitm(conn.clone(), agent_conn, seen.clone()));
+                    }
+                }
+            }
+            ClientMsg::Ping { nonce } => {
+                let _ = tx.send(RelayMsg::Pong { nonce });
+            }
+            ClientMsg::End { reason } => {
+                if let Some(p) = peer.take() {
+                    let _ = p.send(RelayMsg::SessionEnded { reason });
+                }
+            }
+            ClientMsg::Resume { .. } => return,
+        }
+    }
+}
+
+/// Forwards datagrams (and payload streams) from `from` to `to`, recording and tampering.
+async fn forward(
+    from: quinn::Connection,
+    to: quinn::Connection,
+    t: Tamper,
+    seen: Arc<Mutex<Seen>>,
+) {
+    let (f2, t2, s2) = (from.clone(), to.clone(), seen.clone());
+    tokio::spawn(async move {
+        while let Ok(mut r) = f2.accept_uni().await {
+            let (t2, s2) = (t2.clone(), s2.clone());
+            tokio::spawn(async move {
+                let Ok(mut w) = t2.open_uni().await else {
+                    return;
+                };
+                while let Ok(Some(c)) = r.read_chunk(65536, true).await {
+                    s2.lock().unwrap().bytes.extend_from_slice(&c.bytes);
+                    if w.write_all(&c.bytes).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    let mut n: u64 = 0;
+    let mut held: Option<Bytes> = None;
+    while let Ok(d) = from.read_datagram().await {
+        n += 1;
+        {
+            let mut s = seen.lock().unwrap();
+            s.bytes.extend_from_slice(&d);
+            s.datagrams += 1;
+        }
+        let hit = |every: Option<u64>| every.is_some_and(|k| n.is_multiple_of(k));
+        if hit(t.drop_every) {
+            continue;
+        }
+        let d = if hit(t.flip_every) && !d.is_empty() {
+            let mut v = d.to_vec();
+            let bit = (n as usize * 13) % (v.len() * 8);
+            v[bit / 8] ^= 1 << (bit % 8);
+            Bytes::from(v)
+        } else {
+            d
+        };
+        let mut out = vec![d.clone()];
+        if hit(t.duplicate_every) {
+            out.push(d);
+        }
+        if t.reorder {
+            match held.take() {
+                None => {
+                    held = out.pop();
+                }
+                Some(h) => out.push(h),
+            }
+        }
+        for d in out {
+            let _ = to.send_datagram(d);
+        }
+    }
+}
+
+/// Terminates the console's inner connection (as the "agent") and the agent's (as the "console"),
+/// and relays the PAKE stream between them unchanged, frame by frame.
+async fn mitm(console: quinn::Connection, agent: quinn::Connection, seen: Arc<Mutex<Seen>>) {
+    let here: std::net::SocketAddr = "127.0.0.1:1".parse().unwrap();
+    let there: std::net::SocketAddr = "127.0.0.1:2".parse().unwrap();
+    let to_console = Carrier::new(Fallback::Fragment);
+    to_console.attach(console);
+    let server = inner::agent_endpoint(to_console.socket(here, there).unwrap()).unwrap();
+    let to_agent = Carrier::new(Fallback::Fragment);
+    to_agent.attach(agent);
+    let client = inner::console_endpoint(to_agent.socket(there, here).unwrap()).unwrap();
+    let (c_conn, a_conn) = tokio::join!(
+        async { server.accept().await.unwrap().await.unwrap() },
+        async {
+            client
+                .connect(here, inner::SERVER_NAME)
+                .unwrap()
+                .await
+                .unwrap()
+        }
+    );
+    let (mut c_send, mut c_recv) = c_conn.accept_bi().await.unwrap();
+    let (mut a_send, mut a_recv) = a_conn.open_bi().await.unwrap();
+    // Relay frames both ways until either side stops.
+    let s1 = seen.clone();
+    let up = async move {
+        while let Some(f) = read_raw_frame(&mut c_recv).await {
+            s1.lock().unwrap().mitm_frames.push(f.clone());
+            if a_send.write_all(&f).await.is_err() {
+                return;
+            }
+        }
+    };
+    let s2 = seen.clone();
+    let down = async move {
+        while let Some(f) = read_raw_frame(&mut a_recv).await {
+            s2.lock().unwrap().mitm_frames.push(f.clone());
+            if c_send.write_all(&f).await.is_err() {
+                return;
+            }
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(20), async { tokio::join!(up, down) }).await;
+    // Keep the endpoints alive until both sides are done with them.
+    let _ = tokio::time::timeout(Duration::from_secs(5), c_conn.closed()).await;
+    drop((to_console, to_agent, server, client));
+}
+
+/// One length-prefixed frame, header included.
+async fn read_raw_frame(r: &mut quinn::RecvStream) -> Option<Vec<u8>> {
+    let mut h = [0u8; FRAME_HEADER];
+    r.read_exact(&mut h).await.ok()?;
+    let len = u32::from_be_bytes(h) as usize;
+    if len > MAX_CONTROL_FRAME {
+        return None;
+    }
+    let mut f = vec![0u8; FRAME_HEADER + len];
+    f[..FRAME_HEADER].copy_from_slice(&h);
+    r.read_exact(&mut f[FRAME_HEADER..]).await.ok()?;
+    Some(f)
+}
