@@ -56,6 +56,8 @@ pub enum CertError {
     BadPin(String),
     #[error("TLS configuration failed: {0}")]
     Tls(#[from] rustls::Error),
+    #[error("{0}")]
+    TrustChoice(&'static str),
     #[error("{path}: no trust anchor could be used: {reason}")]
     BadTrustAnchors { path: PathBuf, reason: String },
 }
@@ -334,6 +336,21 @@ impl RelayTrust {
     pub fn pin(s: &str) -> Result<Self, CertError> {
         Ok(RelayTrust::Pin(s.parse()?))
     }
+    /// From the usual options: a pin (`sha256:…`) or a CA file; exactly one.
+    pub fn from_options(pin: Option<&str>, ca: Option<&Path>) -> Result<Self, CertError> {
+        match (pin, ca) {
+            (Some(p), None) => Self::pin(p),
+            (None, Some(c)) => Self::ca_file(c),
+            (Some(_), Some(_)) => Err(CertError::TrustChoice(
+                "give either a relay pin or a relay CA file, not both",
+            )),
+            (None, None) => Err(CertError::TrustChoice(
+                "the relay must be pinned (--relay-pin sha256:…, printed by `tandem-relay fingerprint`) \
+                 or its CA given (--relay-ca FILE); Tandem never trusts a relay unverified",
+            )),
+        }
+    }
+
     /// Loads trust anchors from a PEM file.
     pub fn ca_file(path: &Path) -> Result<Self, CertError> {
         Ok(RelayTrust::Ca {

@@ -103,8 +103,8 @@ async fn tampering_relay_never_gets_altered_data_delivered() {
     }))
     .await;
     let (console, agent, _) = attempt(&relay).await;
-    let mut console = console.unwrap();
-    let mut agent = session(agent);
+    let console = console.unwrap();
+    let agent = session(agent);
     // A large frame (many packets, several of them flipped, duplicated, dropped, reordered).
     let frame: Vec<u8> = (0..400_000u32).map(|i| (i * 31 % 253) as u8).collect();
     agent.video_sender().send(1, &frame).await.unwrap();
@@ -145,8 +145,8 @@ async fn tampering_relay_never_gets_altered_data_delivered() {
 async fn recording_relay_never_sees_pixels_keystrokes_or_the_code() {
     let relay = FakeRelay::start(Mode::Forward(Tamper::default())).await;
     let (console, agent, code) = attempt(&relay).await;
-    let mut console = console.unwrap();
-    let mut agent = session(agent);
+    let console = console.unwrap();
+    let agent = session(agent);
     const PIXELS: &[u8] = b"PIXEL-MARKER-7f3a9c1e-";
     const TYPED: &[u8] = b"TYPED-TEXT-MARKER-b81d";
     let frame: Vec<u8> = PIXELS.iter().copied().cycle().take(200_000).collect();

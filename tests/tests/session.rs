@@ -88,11 +88,11 @@ async fn happy_path_with_all_channels() {
         ),
         other => panic!("{other:?}"),
     }
-    let mut agent = match within(host.next()).await.unwrap() {
+    let agent = match within(host.next()).await.unwrap() {
         AgentEvent::Session(s) => *s,
         other => panic!("{other:?}"),
     };
-    let mut console = within(console).await.unwrap().unwrap();
+    let console = within(console).await.unwrap().unwrap();
     eprintln!("join to confirmed: {:?}", started.elapsed());
     assert_eq!(agent.peer().software, "tandem-console test");
     assert_eq!(console.peer().software, "tandem-agent test");
@@ -273,7 +273,7 @@ async fn expired_code_is_replaced() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cut_link_resumes_the_same_inner_connection() {
     let relay = TestRelay::start().await;
-    let (mut agent, mut console) = pair(&relay, cfg("agent"), cfg("console")).await;
+    let (agent, console) = pair(&relay, cfg("agent"), cfg("console")).await;
     let inner_id = agent.connection().stable_id();
 
     // Cut the agent's relay link: the console hears the agent is suspended, the agent reconnects

@@ -254,10 +254,10 @@ pub struct Session {
     role: Role,
     conn: Connection,
     ctl_send: Arc<Mutex<SendStream>>,
-    ctl_rx: mpsc::Receiver<Result<ControlMsg, SessionError>>,
-    video_rx: mpsc::Receiver<VideoFrame>,
-    input_rx: mpsc::Receiver<InputItem>,
-    events_rx: mpsc::Receiver<SessionEvent>,
+    ctl_rx: Mutex<mpsc::Receiver<Result<ControlMsg, SessionError>>>,
+    video_rx: Mutex<mpsc::Receiver<VideoFrame>>,
+    input_rx: Mutex<mpsc::Receiver<InputItem>>,
+    events_rx: Mutex<mpsc::Receiver<SessionEvent>>,
     end_tx: mpsc::Sender<EndReason>,
     peer: PeerInfo,
     carrier: Arc<Carrier>,
@@ -338,10 +338,10 @@ impl Session {
             role: p.role,
             conn: p.conn,
             ctl_send: Arc::new(Mutex::new(p.ctl_send)),
-            ctl_rx,
-            video_rx,
-            input_rx,
-            events_rx,
+            ctl_rx: Mutex::new(ctl_rx),
+            video_rx: Mutex::new(video_rx),
+            input_rx: Mutex::new(input_rx),
+            events_rx: Mutex::new(events_rx),
             end_tx,
             peer: p.peer,
             carrier: p.carrier,
@@ -377,32 +377,36 @@ impl Session {
     }
 
     /// The next control message. Cancel-safe.
-    pub async fn recv_control(&mut self) -> Result<ControlMsg, SessionError> {
-        match self.ctl_rx.recv().await {
+    pub async fn recv_control(&self) -> Result<ControlMsg, SessionError> {
+        let r = self.ctl_rx.lock().await.recv().await;
+        match r {
             Some(r) => r,
             None => Err(self.wait_ended().await),
         }
     }
 
     /// The next video frame (never older than one already returned). Cancel-safe.
-    pub async fn recv_video(&mut self) -> Result<VideoFrame, SessionError> {
-        match self.video_rx.recv().await {
+    pub async fn recv_video(&self) -> Result<VideoFrame, SessionError> {
+        let r = self.video_rx.lock().await.recv().await;
+        match r {
             Some(f) => Ok(f),
             None => Err(self.wait_ended().await),
         }
     }
 
     /// The next input item. Cancel-safe.
-    pub async fn recv_input(&mut self) -> Result<InputItem, SessionError> {
-        match self.input_rx.recv().await {
+    pub async fn recv_input(&self) -> Result<InputItem, SessionError> {
+        let r = self.input_rx.lock().await.recv().await;
+        match r {
             Some(i) => Ok(i),
             None => Err(self.wait_ended().await),
         }
     }
 
     /// The next relay-level event. Cancel-safe; pends forever once the session is over.
-    pub async fn next_event(&mut self) -> SessionEvent {
-        match self.events_rx.recv().await {
+    pub async fn next_event(&self) -> SessionEvent {
+        let r = self.events_rx.lock().await.recv().await;
+        match r {
             Some(e) => e,
             None => std::future::pending().await,
         }

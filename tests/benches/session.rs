@@ -1,0 +1,281 @@
+//! End-to-end session benchmark, in one run through the real `tandem-relay` on loopback:
+//!   1. join-to-confirmed setup time (console starts joining → both sides hold a confirmed session),
+//!      for both fallbacks of oversized inner packets (fragmenting datagrams, payload stream);
+//!   2. inner throughput (video frames on the inner connection) vs the outer link alone (the relay's
+//!      payload stream between the same two clients), as a ratio;
+//!   3. inner round-trip time (control message echo) vs the outer link alone (datagram echo).
+//!
+//!     cargo bench -p tandem-tests --bench session [-- --quick]
+#![allow(clippy::unwrap_used, clippy::print_literal)]
+
+use bytes::Bytes;
+use std::time::{Duration, Instant};
+use tandem_certs::RelayTrust;
+use tandem_client::{ConnectOptions, RelayLink};
+use tandem_proto::Secret;
+use tandem_session::{AgentEvent, AgentHost, ControlMsg, Fallback, Session, SessionConfig};
+use tandem_tests::{RelayProcess, relay_admin, token_from_output};
+
+fn pct(v: &mut [f64], p: f64) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v[((v.len() - 1) as f64 * p).round() as usize]
+}
+
+async fn pair(
+    opts: &ConnectOptions,
+    token: &Secret,
+    fallback: Fallback,
+) -> (Session, Session, f64) {
+    let cfg = SessionConfig {
+        fallback,
+        ..SessionConfig::default()
+    };
+    let mut host = AgentHost::connect(opts.clone(), cfg.clone()).await.unwrap();
+    let code = match host.next().await.unwrap() {
+        AgentEvent::Code { code, .. } => code,
+        other => panic!("{other:?}"),
+    };
+    let t = Instant::now();
+    let (o, tk, c2) = (opts.clone(), token.clone(), cfg.clone());
+    let console = tokio::spawn(async move { tandem_session::join(&o, &tk, &code, &c2).await });
+    let agent = loop {
+        match host.next().await.unwrap() {
+            AgentEvent::Joining { .. } => continue,
+            AgentEvent::Session(s) => break *s,
+            other => panic!("{other:?}"),
+        }
+    };
+    let console = console.await.unwrap().unwrap();
+    let ms = t.elapsed().as_secs_f64() * 1e3;
+    (agent, console, ms)
+}
+
+async fn inner_throughput(agent: &Session, console: &mut Session, mib: usize) -> f64 {
+    const FRAME: usize = 1024 * 1024;
+    let v = agent.video_sender();
+    let t = Instant::now();
+    let frames = mib * 1024 * 1024 / FRAME;
+    let data = vec![0x33u8; FRAME];
+    let sender = tokio::spawn(async move {
+        for seq in 1..=frames as u64 {
+            v.send(seq, &data).await.unwrap();
+        }
+    });
+    // Frames two behind may be reset by the sender's supersede rule; count bytes of those delivered
+    // and stop when the last one is in.
+    let mut bytes = 0usize;
+    loop {
+        let f = console.recv_video().await.unwrap();
+        bytes += f.data.len();
+        if f.seq == frames as u64 {
+            break;
+        }
+    }
+    sender.await.unwrap();
+    bytes as f64 / t.elapsed().as_secs_f64() / 1e6
+}
+
+async fn outer_throughput(a: &RelayLink, c: &RelayLink, mib: usize) -> f64 {
+    const FRAME: usize = 16 * 1024;
+    let frames = mib * 1024 * 1024 / FRAME;
+    let mut s = a.open_payload_stream().await.unwrap();
+    let t = Instant::now();
+    let sender = tokio::spawn(async move {
+        let buf = vec![0x44u8; FRAME];
+        for _ in 0..frames {
+            s.send(&buf).await.unwrap();
+        }
+        s.finish();
+    });
+    let mut r = c.accept_payload_stream().await.unwrap();
+    let mut bytes = 0;
+    for _ in 0..frames {
+        bytes += r.recv().await.unwrap().unwrap().len();
+    }
+    sender.await.unwrap();
+    bytes as f64 / t.elapsed().as_secs_f64() / 1e6
+}
+
+fn main() {
+    let quick = std::env::args().any(|a| a == "--quick");
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(run(quick));
+}
+
+async fn run(quick: bool) {
+    let (setups, mib, rtts) = if quick { (15, 16, 300) } else { (60, 64, 2000) };
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("relay.toml");
+    std::fs::write(
+        &cfg,
+        "[limits]\nmax_connections_per_address = 100000\njoins_per_minute_per_technician = 1000000\n\
+         joins_per_minute_per_address = 1000000\nauths_per_minute_per_address = 1000000\n",
+    )
+    .unwrap();
+    let out = relay_admin(
+        dir.path(),
+        &["technician", "add", "--org", "Bench", "--name", "bench"],
+    );
+    let token = token_from_output(&out);
+    let relay = RelayProcess::start_with(dir.path(), &["--config", cfg.to_str().unwrap()]).await;
+    let opts = ConnectOptions::new(relay.addr.clone(), RelayTrust::Pin(relay.pin));
+
+    // ---- setup time, both fallbacks interleaved ----
+    let (mut frag_ms, mut stream_ms) = (vec![], vec![]);
+    for _ in 0..setups {
+        for fb in [Fallback::Fragment, Fallback::Stream] {
+            let (a, c, ms) = pair(&opts, &token, fb).await;
+            match fb {
+                Fallback::Fragment => frag_ms.push(ms),
+                Fallback::Stream => stream_ms.push(ms),
+            }
+            c.end(tandem_proto::EndReason::EndedByTechnician).await;
+            let _ = a.closed().await;
+        }
+    }
+
+    // ---- throughput and RTT: inner (both fallbacks) vs outer alone ----
+    let mut rows = vec![];
+    for fb in [Fallback::Fragment, Fallback::Stream] {
+        let (agent, mut console, _) = pair(&opts, &token, fb).await;
+        let tp = inner_throughput(&agent, &mut console, mib).await;
+        let load = |s: &Session| {
+            let st = s.carrier_stats();
+            (
+                st.sent_fragmented
+                    .load(std::sync::atomic::Ordering::Relaxed)
+                    + st.sent_stream.load(std::sync::atomic::Ordering::Relaxed),
+                st.sent_whole.load(std::sync::atomic::Ordering::Relaxed),
+                st.blocked.load(std::sync::atomic::Ordering::Relaxed),
+            )
+        };
+        let (agent_big, agent_whole, agent_blocked) = load(&agent);
+        // Control echo on the agent.
+        let echo = tokio::spawn(async move {
+            while let Ok(m) = agent.recv_control().await {
+                if agent.send_control(&m).await.is_err() {
+                    return;
+                }
+            }
+        });
+        let mut rtt = vec![];
+        for i in 0..rtts {
+            let t = Instant::now();
+            console
+                .send_control(&ControlMsg::Stats {
+                    rtt_us: i,
+                    fps: 0,
+                    kbps: 0,
+                })
+                .await
+                .unwrap();
+            let _ = console.recv_control().await.unwrap();
+            rtt.push(t.elapsed().as_secs_f64() * 1e6);
+        }
+        let quinn_rtt = console.connection().rtt().as_secs_f64() * 1e6;
+        let (console_big, _, _) = load(&console);
+        rows.push((
+            fb,
+            tp,
+            pct(&mut rtt.clone(), 0.5),
+            pct(&mut rtt, 0.99),
+            quinn_rtt,
+            agent_big + console_big,
+            (agent_whole, agent_blocked),
+        ));
+        console
+            .end(tandem_proto::EndReason::EndedByTechnician)
+            .await;
+        echo.abort();
+    }
+
+    // Outer alone: two relay links paired directly.
+    let mut a = RelayLink::connect(&opts).await.unwrap();
+    let (slot, _) = a.register().await.unwrap();
+    let mut c = RelayLink::connect(&opts).await.unwrap();
+    c.authenticate(&token).await.unwrap();
+    c.join(&slot).await.unwrap();
+    a.wait_paired().await.unwrap();
+    let outer_tp = outer_throughput(&a, &c, mib).await;
+    let cc = c.connection().clone();
+    tokio::spawn(async move {
+        while let Ok(d) = cc.read_datagram().await {
+            let _ = cc.send_datagram(d);
+        }
+    });
+    let mut ortt = vec![];
+    let mut seq = 0u64;
+    while ortt.len() < rtts as usize {
+        seq += 1;
+        let t = Instant::now();
+        a.send_datagram(Bytes::copy_from_slice(&seq.to_le_bytes()))
+            .unwrap();
+        if let Ok(Ok(d)) = tokio::time::timeout(Duration::from_millis(200), a.recv_datagram()).await
+            && d[..] == seq.to_le_bytes()
+        {
+            ortt.push(t.elapsed().as_secs_f64() * 1e6);
+        }
+    }
+    let o50 = pct(&mut ortt.clone(), 0.5);
+    let o99 = pct(&mut ortt, 0.99);
+
+    let f50 = pct(&mut frag_ms.clone(), 0.5);
+    let f99 = pct(&mut frag_ms.clone(), 0.99);
+    let s50 = pct(&mut stream_ms.clone(), 0.5);
+    let s99 = pct(&mut stream_ms.clone(), 0.99);
+    println!();
+    println!("Tandem session benchmark (through tandem-relay on loopback, {setups} setups each)");
+    println!("{:<44} {:>12} {:>12}", "measure", "fragment", "stream");
+    println!(
+        "{:<44} {:>12.1} {:>12.1}   ms (target ≤ 50)",
+        "join → confirmed p50", f50, s50
+    );
+    println!(
+        "{:<44} {:>12.1} {:>12.1}   ms",
+        "join → confirmed p99", f99, s99
+    );
+    for (fb, tp, r50, r99, qr, frag, vs) in &rows {
+        println!(
+            "{:<44} {:>12.1} MB/s  = {:.2} × outer ({:.1} MB/s)",
+            format!("inner throughput ({fb:?})"),
+            tp,
+            tp / outer_tp,
+            outer_tp
+        );
+        println!(
+            "{:<44} {:>12.1} µs p99 {:.1}  = {:.2} × outer datagram echo p50 ({:.1} µs, p99 {:.1}); quinn srtt {:.0} µs; oversized inner packets {frag} (agent sent {} whole, blocked {} times)",
+            format!("inner control echo p50 ({fb:?})"),
+            r50,
+            r99,
+            r50 / o50,
+            o50,
+            o99,
+            qr,
+            vs.0,
+            vs.1
+        );
+    }
+    let json = serde_json::json!({
+        "bench": "session",
+        "setup_ms": {"fragment": {"p50": f50, "p99": f99, "all": frag_ms}, "stream": {"p50": s50, "p99": s99, "all": stream_ms}},
+        "outer": {"throughput_mb_s": outer_tp, "datagram_echo_us_p50": o50, "datagram_echo_us_p99": o99},
+        "inner": rows.iter().map(|(fb, tp, r50, r99, qr, frag, vs)| serde_json::json!({
+            "fallback": format!("{fb:?}"), "throughput_mb_s": tp, "throughput_ratio": tp / outer_tp,
+            "control_echo_us_p50": r50, "control_echo_us_p99": r99, "rtt_ratio_p50": r50 / o50,
+            "quinn_srtt_us": qr, "oversized_inner_packets": frag, "agent_packets_whole": vs.0, "agent_blocked": vs.1,
+        })).collect::<Vec<_>>(),
+    });
+    let out = serde_json::to_string_pretty(&json).unwrap();
+    println!("\n{out}");
+    let target = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
+    let _ = std::fs::create_dir_all(&target);
+    let _ = std::fs::write(target.join("session.json"), &out);
+    relay.terminate().await;
+}

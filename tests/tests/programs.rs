@@ -1,0 +1,246 @@
+//! The real programs together: `tandem-relay`, `tandem-agent` and `tandem-console` as processes,
+//! talking over loopback. Each failure a technician can meet has its own message and exit code.
+#![allow(clippy::unwrap_used)]
+
+use std::process::Stdio;
+use std::time::Duration;
+use tandem_tests::{RelayProcess, binary, relay_admin, token_from_output};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+const T: Duration = Duration::from_secs(30);
+
+struct Agent {
+    child: Child,
+    lines: tokio::io::Lines<BufReader<tokio::process::ChildStdout>>,
+}
+
+impl Agent {
+    async fn start(relay: &RelayProcess, consent: &str) -> Agent {
+        let mut child = Command::new(binary("tandem-agent"))
+            .args([
+                "--relay",
+                &relay.addr,
+                "--relay-pin",
+                &relay.pin.to_string(),
+            ])
+            .args(["--consent", consent, "--json"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        Agent { child, lines }
+    }
+
+    /// The next JSON event of the given kind.
+    async fn next(&mut self, kind: &str) -> serde_json::Value {
+        tokio::time::timeout(T, async {
+            loop {
+                let line = self.lines.next_line().await.unwrap().expect("agent exited");
+                let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+                if v["event"] == kind {
+                    return v;
+                }
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("no {kind} event from the agent"))
+    }
+
+    async fn code(&mut self) -> String {
+        self.next("code").await["code"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    }
+}
+
+/// Runs the console; returns (exit code, JSON events).
+async fn console(
+    relay: &RelayProcess,
+    token: &str,
+    code: &str,
+    extra: &[&str],
+) -> (i32, Vec<serde_json::Value>) {
+    let out = tokio::time::timeout(
+        T,
+        Command::new(binary("tandem-console"))
+            .args([
+                "--relay",
+                &relay.addr,
+                "--relay-pin",
+                &relay.pin.to_string(),
+            ])
+            .args([
+                "--token",
+                token,
+                "--code",
+                code,
+                "--headless",
+                "--json",
+                "--no-remember",
+            ])
+            .args(extra)
+            .stderr(Stdio::piped())
+            .output(),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    let events = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    (out.status.code().unwrap_or(-1), events)
+}
+
+fn has(events: &[serde_json::Value], kind: &str) -> bool {
+    events.iter().any(|e| e["event"] == kind)
+}
+
+async fn setup() -> (tempfile::TempDir, RelayProcess, String) {
+    tandem_tests::init_logs();
+    let dir = tempfile::tempdir().unwrap();
+    let out = relay_admin(
+        dir.path(),
+        &["technician", "add", "--org", "ACME IT", "--name", "alice"],
+    );
+    let token = token_from_output(&out).expose().to_string();
+    let relay = RelayProcess::start(dir.path()).await;
+    (dir, relay, token)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn allowed_session_runs_and_ends_on_both_sides() {
+    let (_dir, relay, token) = setup().await;
+    let mut agent = Agent::start(&relay, "allow").await;
+    let code = agent.code().await;
+    let (rc, ev) = console(&relay, &token, &code, &["--seconds", "2"]).await;
+    assert_eq!(rc, 0, "{ev:?}");
+    assert!(
+        has(&ev, "joined") && has(&ev, "consent") && has(&ev, "stats"),
+        "{ev:?}"
+    );
+    let consent = ev.iter().find(|e| e["event"] == "consent").unwrap();
+    assert_eq!(consent["decision"], "AllowControl");
+    let joining = agent.next("joining").await;
+    assert_eq!(joining["technician"], "alice");
+    assert_eq!(joining["organisation"], "ACME IT");
+    assert_eq!(agent.next("session").await["view_only"], false);
+    assert_eq!(agent.next("ended").await["reason"], "ended_by_technician");
+    // The agent offers a new code for the next session.
+    let next = agent.code().await;
+    assert_ne!(next, code);
+    drop(agent.child);
+    relay.terminate().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn denied_session_streams_nothing_and_says_so() {
+    let (_dir, relay, token) = setup().await;
+    let mut agent = Agent::start(&relay, "deny").await;
+    let code = agent.code().await;
+    let (rc, ev) = console(&relay, &token, &code, &["--seconds", "10"]).await;
+    assert_eq!(rc, 16, "{ev:?}");
+    assert!(has(&ev, "joined"), "{ev:?}");
+    assert!(
+        !has(&ev, "stats"),
+        "no session traffic after a denial: {ev:?}"
+    );
+    agent.next("denied").await;
+    relay.terminate().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_failure_has_its_own_exit_code() {
+    let (_dir, relay, token) = setup().await;
+    let mut agent = Agent::start(&relay, "allow").await;
+    let code = agent.code().await;
+
+    // Wrong secret: 10, and the agent shows a new code.
+    let (slot, secret) = code.split_once('-').unwrap();
+    let last = secret.chars().last().unwrap();
+    let wrong = format!(
+        "{slot}-{}{}",
+        &secret[..secret.len() - 1],
+        if last == '0' { '1' } else { '0' }
+    );
+    let (rc, ev) = console(&relay, &token, &wrong, &[]).await;
+    assert_eq!(rc, 10, "{ev:?}");
+    let err = ev.iter().find(|e| e["event"] == "error").unwrap();
+    assert!(
+        err["message"]
+            .as_str()
+            .unwrap()
+            .contains("wrong session code"),
+        "{err}"
+    );
+    let new_code = agent.code().await;
+    assert_ne!(new_code, code);
+
+    // The burned code: 11.
+    let (rc, _) = console(&relay, &token, &code, &[]).await;
+    assert_eq!(rc, 11);
+    // A code nobody holds: 12.
+    let (rc, _) = console(&relay, &token, "999-999-999", &[]).await;
+    assert_eq!(rc, 12);
+    // A bad token: 15.
+    let (rc, ev) = console(&relay, &format!("tnd_1_{}", "0".repeat(64)), &new_code, &[]).await;
+    assert_eq!(rc, 15, "{ev:?}");
+    // Garbage instead of a code: 2 (usage).
+    let (rc, _) = console(&relay, &token, "hello", &[]).await;
+    assert_eq!(rc, 2);
+
+    // A wrong pin: 14, with the re-pin hint.
+    let out = Command::new(binary("tandem-console"))
+        .args([
+            "--relay",
+            &relay.addr,
+            "--relay-pin",
+            &format!("sha256:{}", "ab".repeat(32)),
+        ])
+        .args([
+            "--token",
+            &token,
+            "--code",
+            &new_code,
+            "--json",
+            "--no-remember",
+        ])
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(14));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("tandem-relay fingerprint"));
+
+    // No relay there: 13.
+    let dead = tandem_tests::free_port();
+    let out = Command::new(binary("tandem-console"))
+        .args([
+            "--relay",
+            &format!("127.0.0.1:{dead}"),
+            "--relay-pin",
+            &relay.pin.to_string(),
+        ])
+        .args([
+            "--token",
+            &token,
+            "--code",
+            &new_code,
+            "--no-remember",
+            "--connect-timeout",
+            "1",
+        ])
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(13),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    relay.terminate().await;
+}
