@@ -5,7 +5,8 @@
 set -euo pipefail
 
 # Build: a C compiler for ring and the bundled SQLite; pkg-config for -sys crates.
-PACKAGES=(build-essential pkg-config)
+# Tests: Xvfb as the user's screen (input injection and, later, capture tests), xrandr.
+PACKAGES=(build-essential pkg-config xvfb x11-xserver-utils)
 
 missing=()
 for p in "${PACKAGES[@]}"; do

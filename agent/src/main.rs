@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 use tandem_client::ConnectOptions;
 use tandem_client::tandem_certs::RelayTrust;
+use tandem_input::{AgentInput, Injector, Permission, X11Injector};
 use tandem_proto::EndReason;
 use tandem_session::{
     AgentEvent, AgentHost, CodeChange, Consent, ControlMsg, Session, SessionConfig, SessionEvent,
@@ -61,6 +62,10 @@ struct Cli {
     /// Exit after the first session ends instead of showing a new code.
     #[arg(long)]
     once: bool,
+    /// X display whose input the technician may control. [default: $DISPLAY; without one, the
+    /// session is view-only]
+    #[arg(long)]
+    display: Option<String>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -208,7 +213,7 @@ async fn run(cli: Cli) -> Result<()> {
                 serde_json::json!({"technician": technician, "organisation": organisation}),
             ),
             AgentEvent::Session(s) => {
-                run_session(*s, cli.consent, &out).await?;
+                run_session(*s, cli.consent, cli.display.clone(), &out).await?;
                 if cli.once {
                     return Ok(());
                 }
@@ -247,7 +252,27 @@ async fn ask_consent(mode: ConsentMode, technician: &str, organisation: &str) ->
     }
 }
 
-async fn run_session(s: Session, mode: ConsentMode, out: &Out) -> Result<()> {
+/// Opens input injection on the X display, if there is one.
+fn open_input(display: Option<String>) -> Option<AgentInput> {
+    let display = display.or_else(|| std::env::var("DISPLAY").ok())?;
+    match AgentInput::start(move || {
+        let i = X11Injector::open(Some(&display))?;
+        Ok(Box::new(i) as Box<dyn Injector>)
+    }) {
+        Ok(i) => Some(i),
+        Err(e) => {
+            eprintln!("tandem-agent: remote control is unavailable: {e}");
+            None
+        }
+    }
+}
+
+async fn run_session(
+    s: Session,
+    mode: ConsentMode,
+    display: Option<String>,
+    out: &Out,
+) -> Result<()> {
     let technician = s.peer().technician.clone().unwrap_or_default();
     let organisation = s.peer().organisation.clone().unwrap_or_default();
     let decision = ask_consent(mode, &technician, &organisation).await;
@@ -261,7 +286,28 @@ async fn run_session(s: Session, mode: ConsentMode, out: &Out) -> Result<()> {
         s.end(EndReason::Denied).await;
         return Ok(());
     }
-    let view_only = decision == Consent::ViewOnly;
+    let input = open_input(display);
+    let control_possible = input.is_some();
+    let view_only = decision == Consent::ViewOnly || !control_possible;
+    if let Some(i) = &input {
+        i.set_permission(if view_only {
+            Permission::ViewOnly
+        } else {
+            Permission::Control
+        });
+    }
+    if !control_possible && decision == Consent::AllowControl {
+        let _ = s
+            .send_control(&ControlMsg::Permissions { view_only: true })
+            .await;
+    }
+    let pump = async {
+        match &input {
+            Some(i) => i.run(&s).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(pump);
     out.event(
         "session",
         &format!(
@@ -272,6 +318,10 @@ async fn run_session(s: Session, mode: ConsentMode, out: &Out) -> Result<()> {
     );
     loop {
         tokio::select! {
+            end = &mut pump => {
+                out.event("ended", &format!("Session ended: {end}."), serde_json::json!({"reason": end.reason.label()}));
+                return Ok(());
+            }
             m = s.recv_control() => match m {
                 Ok(ControlMsg::End { reason }) => {
                     out.event("ended", &format!("Session ended: {reason}."), serde_json::json!({"reason": reason.label()}));

@@ -17,7 +17,16 @@ struct Agent {
 
 impl Agent {
     async fn start(relay: &RelayProcess, consent: &str) -> Agent {
-        let mut child = Command::new(binary("tandem-agent"))
+        Self::start_on(relay, consent, None).await
+    }
+
+    async fn start_on(relay: &RelayProcess, consent: &str, display: Option<&str>) -> Agent {
+        let mut cmd = Command::new(binary("tandem-agent"));
+        if let Some(d) = display {
+            cmd.args(["--display", d]);
+        }
+        cmd.env_remove("DISPLAY");
+        let mut child = cmd
             .args([
                 "--relay",
                 &relay.addr,
@@ -115,7 +124,8 @@ async fn setup() -> (tempfile::TempDir, RelayProcess, String) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn allowed_session_runs_and_ends_on_both_sides() {
     let (_dir, relay, token) = setup().await;
-    let mut agent = Agent::start(&relay, "allow").await;
+    let x = tandem_tests::x11::Xvfb::start(800, 600);
+    let mut agent = Agent::start_on(&relay, "allow", Some(&x.display)).await;
     let code = agent.code().await;
     let (rc, ev) = console(&relay, &token, &code, &["--seconds", "2"]).await;
     assert_eq!(rc, 0, "{ev:?}");
@@ -242,5 +252,21 @@ async fn each_failure_has_its_own_exit_code() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    relay.terminate().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_display_control_is_refused_and_the_console_is_told() {
+    let (_dir, relay, token) = setup().await;
+    let mut agent = Agent::start(&relay, "allow").await;
+    let code = agent.code().await;
+    let (rc, ev) = console(&relay, &token, &code, &["--seconds", "1"]).await;
+    assert_eq!(rc, 0, "{ev:?}");
+    let p = ev
+        .iter()
+        .find(|e| e["event"] == "permissions")
+        .expect("permissions event");
+    assert_eq!(p["view_only"], true);
+    assert_eq!(agent.next("session").await["view_only"], true);
     relay.terminate().await;
 }

@@ -1,0 +1,154 @@
+//! Physical keys: USB HID usages (page 7) to Linux evdev codes. On X servers with the evdev keymap
+//! (Xorg, Xvfb, Xwayland) the X keycode is the evdev code + 8.
+
+/// Well-known HID usages, for the console and for tests.
+pub mod usage {
+    pub const A: u16 = 0x04;
+    pub const C: u16 = 0x06;
+    pub const V: u16 = 0x19;
+    pub const Z: u16 = 0x1D;
+    pub const DIGIT_1: u16 = 0x1E;
+    pub const ENTER: u16 = 0x28;
+    pub const ESCAPE: u16 = 0x29;
+    pub const BACKSPACE: u16 = 0x2A;
+    pub const TAB: u16 = 0x2B;
+    pub const SPACE: u16 = 0x2C;
+    pub const F4: u16 = 0x3D;
+    pub const PRINT_SCREEN: u16 = 0x46;
+    pub const DELETE: u16 = 0x4C;
+    pub const LEFT_CTRL: u16 = 0xE0;
+    pub const LEFT_SHIFT: u16 = 0xE1;
+    pub const LEFT_ALT: u16 = 0xE2;
+    pub const LEFT_GUI: u16 = 0xE3;
+    pub const RIGHT_CTRL: u16 = 0xE4;
+    pub const RIGHT_SHIFT: u16 = 0xE5;
+    pub const RIGHT_ALT: u16 = 0xE6;
+    pub const RIGHT_GUI: u16 = 0xE7;
+}
+
+/// The evdev code of a HID usage, if it is a key Tandem forwards.
+pub fn hid_to_evdev(usage: u16) -> Option<u16> {
+    let code = match usage {
+        // Letters a..z: HID 0x04..0x1D.
+        0x04..=0x1D => {
+            const LETTERS: [u16; 26] = [
+                30, 48, 46, 32, 18, 33, 34, 35, 23, 36, 37, 38, 50, 49, 24, 25, 16, 19, 31, 20, 22,
+                47, 17, 45, 21, 44,
+            ];
+            LETTERS[(usage - 0x04) as usize]
+        }
+        // Digits 1..9, 0: HID 0x1E..0x27 → evdev 2..11.
+        0x1E..=0x27 => usage - 0x1E + 2,
+        0x28 => 28, // Enter
+        0x29 => 1,  // Escape
+        0x2A => 14, // Backspace
+        0x2B => 15, // Tab
+        0x2C => 57, // Space
+        0x2D => 12, // Minus
+        0x2E => 13, // Equal
+        0x2F => 26, // [
+        0x30 => 27, // ]
+        0x31 => 43, // Backslash
+        0x32 => 43, // Non-US # (same position as backslash on ISO)
+        0x33 => 39, // ;
+        0x34 => 40, // '
+        0x35 => 41, // `
+        0x36 => 51, // ,
+        0x37 => 52, // .
+        0x38 => 53, // /
+        0x39 => 58, // Caps Lock
+        // F1..F10: HID 0x3A..0x43 → evdev 59..68; F11, F12.
+        0x3A..=0x43 => usage - 0x3A + 59,
+        0x44 => 87,
+        0x45 => 88,
+        0x46 => 99,  // Print Screen (SysRq)
+        0x47 => 70,  // Scroll Lock
+        0x48 => 119, // Pause
+        0x49 => 110, // Insert
+        0x4A => 102, // Home
+        0x4B => 104, // Page Up
+        0x4C => 111, // Delete
+        0x4D => 107, // End
+        0x4E => 109, // Page Down
+        0x4F => 106, // Right
+        0x50 => 105, // Left
+        0x51 => 108, // Down
+        0x52 => 103, // Up
+        0x53 => 69,  // Num Lock
+        0x54 => 98,  // Keypad /
+        0x55 => 55,  // Keypad *
+        0x56 => 74,  // Keypad -
+        0x57 => 78,  // Keypad +
+        0x58 => 96,  // Keypad Enter
+        // Keypad 1..9, 0.
+        0x59 => 79,
+        0x5A => 80,
+        0x5B => 81,
+        0x5C => 75,
+        0x5D => 76,
+        0x5E => 77,
+        0x5F => 71,
+        0x60 => 72,
+        0x61 => 73,
+        0x62 => 82,
+        0x63 => 83,  // Keypad .
+        0x64 => 86,  // Non-US backslash (ISO key left of Z)
+        0x65 => 127, // Application / Compose (menu key)
+        0x67 => 117, // Keypad =
+        // F13..F24: HID 0x68..0x73 → evdev 183..194.
+        0x68..=0x73 => usage - 0x68 + 183,
+        0x7F => 113, // Mute
+        0x80 => 115, // Volume up
+        0x81 => 114, // Volume down
+        0xE0 => 29,  // Left Ctrl
+        0xE1 => 42,  // Left Shift
+        0xE2 => 56,  // Left Alt
+        0xE3 => 125, // Left GUI (Super)
+        0xE4 => 97,  // Right Ctrl
+        0xE5 => 54,  // Right Shift
+        0xE6 => 100, // Right Alt (AltGr)
+        0xE7 => 126, // Right GUI
+        _ => return None,
+    };
+    Some(code)
+}
+
+/// The X11 keycode of a HID usage (evdev keymap).
+pub fn hid_to_x11(usage: u16) -> Option<u8> {
+    hid_to_evdev(usage).and_then(|c| u8::try_from(c + 8).ok())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn known_keys() {
+        // X keycodes as `xev` prints them on an evdev keymap.
+        assert_eq!(hid_to_x11(usage::A), Some(38));
+        assert_eq!(hid_to_x11(usage::Z), Some(52));
+        assert_eq!(hid_to_x11(usage::ESCAPE), Some(9));
+        assert_eq!(hid_to_x11(usage::DIGIT_1), Some(10));
+        assert_eq!(hid_to_x11(0x27), Some(19)); // 0
+        assert_eq!(hid_to_x11(usage::ENTER), Some(36));
+        assert_eq!(hid_to_x11(usage::LEFT_CTRL), Some(37));
+        assert_eq!(hid_to_x11(usage::LEFT_SHIFT), Some(50));
+        assert_eq!(hid_to_x11(usage::LEFT_ALT), Some(64));
+        assert_eq!(hid_to_x11(usage::LEFT_GUI), Some(133));
+        assert_eq!(hid_to_x11(usage::DELETE), Some(119));
+        assert_eq!(hid_to_x11(0x3A), Some(67)); // F1
+        assert_eq!(hid_to_x11(0x45), Some(96)); // F12
+        assert_eq!(hid_to_x11(0x68), Some(191)); // F13
+        assert_eq!(hid_to_x11(0x50), Some(113)); // Left arrow
+        assert_eq!(hid_to_x11(0x00), None);
+        assert_eq!(hid_to_x11(0xFFFF), None);
+    }
+
+    #[test]
+    fn letters_are_distinct() {
+        let mut seen = std::collections::HashSet::new();
+        for u in 0x04..=0x1Du16 {
+            assert!(seen.insert(hid_to_evdev(u).unwrap()));
+        }
+    }
+}

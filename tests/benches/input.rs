@@ -1,0 +1,170 @@
+//! Input latency: the console sends a key event → the X server delivers it to a client window on the
+//! agent's Xvfb display, through the real `tandem-relay` on loopback (release build), end-to-end
+//! encrypted session in between. Baseline in the same run: the same injection without the network
+//! (agent-side gate + enigo + X server only).
+//!
+//!     cargo bench -p tandem-tests --bench input [-- --quick]
+#![allow(clippy::unwrap_used, clippy::print_literal)]
+
+use bytes::Bytes;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tandem_certs::RelayTrust;
+use tandem_client::ConnectOptions;
+use tandem_input::keymap::usage;
+use tandem_input::{AgentInput, Injector, InputClient, InputEvent, Permission, X11Injector};
+use tandem_session::{AgentEvent, AgentHost, InputItem, SessionConfig};
+use tandem_tests::x11::{Kind, XRecorder, Xvfb};
+use tandem_tests::{RelayProcess, relay_admin, token_from_output};
+
+fn pct(v: &mut [f64], p: f64) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[((v.len() - 1) as f64 * p).round() as usize]
+}
+
+/// Waits until the recorder has `n` key events; returns the arrival time of the last.
+fn arrival(rec: &XRecorder, n: usize) -> Option<Instant> {
+    let deadline = Instant::now() + Duration::from_secs(2);
+    loop {
+        {
+            let ev = rec.events.lock().unwrap();
+            let keys: Vec<_> = ev
+                .iter()
+                .filter(|e| matches!(e.kind, Kind::KeyPress | Kind::KeyRelease))
+                .collect();
+            if keys.len() >= n {
+                return Some(keys[n - 1].at);
+            }
+        }
+        if Instant::now() > deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_micros(200));
+    }
+}
+
+fn main() {
+    let quick = std::env::args().any(|a| a == "--quick");
+    let n = if quick { 200 } else { 1000 };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(run(n));
+}
+
+async fn run(n: usize) {
+    let x = Xvfb::start(1280, 800);
+    let rec = Arc::new(XRecorder::start(&x));
+    let display = x.display.clone();
+    let input = Arc::new(
+        AgentInput::start(move || {
+            Ok(Box::new(X11Injector::open(Some(&display))?) as Box<dyn Injector>)
+        })
+        .unwrap(),
+    );
+    input.set_permission(Permission::Control);
+
+    // Baseline: the agent's own path, no network.
+    let mut local = vec![];
+    let mut count = 0;
+    for i in 0..n {
+        let e = InputEvent::Key {
+            usage: usage::Z,
+            pressed: i % 2 == 0,
+        };
+        let t = Instant::now();
+        input.handle(&InputItem::Event(Bytes::from(e.encode())));
+        count += 1;
+        let r = tokio::task::block_in_place(|| arrival(&rec, count));
+        if let Some(at) = r {
+            local.push(at.duration_since(t).as_secs_f64() * 1e3);
+        }
+    }
+
+    // Through the relay.
+    let dir = tempfile::tempdir().unwrap();
+    let out = relay_admin(
+        dir.path(),
+        &["technician", "add", "--org", "Bench", "--name", "bench"],
+    );
+    let token = token_from_output(&out);
+    let relay = RelayProcess::start(dir.path()).await;
+    let opts = ConnectOptions::new(relay.addr.clone(), RelayTrust::Pin(relay.pin));
+    let mut host = AgentHost::connect(opts.clone(), SessionConfig::default())
+        .await
+        .unwrap();
+    let code = match host.next().await.unwrap() {
+        AgentEvent::Code { code, .. } => code,
+        other => panic!("{other:?}"),
+    };
+    let console = {
+        let (o, t) = (opts.clone(), token.clone());
+        tokio::spawn(
+            async move { tandem_session::join(&o, &t, &code, &SessionConfig::default()).await },
+        )
+    };
+    let agent = loop {
+        match host.next().await.unwrap() {
+            AgentEvent::Session(s) => break Arc::new(*s),
+            AgentEvent::Joining { .. } => continue,
+            other => panic!("{other:?}"),
+        }
+    };
+    let console = console.await.unwrap().unwrap();
+    let pump = {
+        let (i, a) = (input.clone(), agent.clone());
+        tokio::spawn(async move { i.run(&a).await })
+    };
+    let client = InputClient::new(&console);
+    let mut remote = vec![];
+    for i in 0..n {
+        let e = InputEvent::Key {
+            usage: usage::Z,
+            pressed: i % 2 == 0,
+        };
+        let t = Instant::now();
+        client.send(&e).await.unwrap();
+        count += 1;
+        let r = tokio::task::block_in_place(|| arrival(&rec, count));
+        if let Some(at) = r {
+            remote.push(at.duration_since(t).as_secs_f64() * 1e3);
+        }
+    }
+    let lost = n - remote.len();
+    let (l50, l99) = (pct(&mut local, 0.5), pct(&mut local, 0.99));
+    let (r50, r99) = (pct(&mut remote, 0.5), pct(&mut remote, 0.99));
+    println!();
+    println!(
+        "Tandem input latency ({n} key events each; console send → X server delivers to a client)"
+    );
+    println!("{:<40} {:>10} {:>10}", "path", "p50 ms", "p99 ms");
+    println!(
+        "{:<40} {:>10.3} {:>10.3}",
+        "agent only (gate + enigo + X server)", l50, l99
+    );
+    println!(
+        "{:<40} {:>10.3} {:>10.3}   (targets: p50 ≤ 2, p99 ≤ 10)",
+        "console → relay → agent → X server", r50, r99
+    );
+    println!(
+        "{:<40} {:>10.3} {:>10.3}",
+        "added by session + relay",
+        r50 - l50,
+        r99 - l99
+    );
+    let json = serde_json::json!({
+        "bench": "input", "events": n, "lost": lost,
+        "local_ms": {"p50": l50, "p99": l99},
+        "through_relay_ms": {"p50": r50, "p99": r99},
+    });
+    let out = serde_json::to_string_pretty(&json).unwrap();
+    println!("\n{out}");
+    let target = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
+    let _ = std::fs::create_dir_all(&target);
+    let _ = std::fs::write(target.join("input.json"), &out);
+    pump.abort();
+    drop(console);
+    relay.terminate().await;
+}

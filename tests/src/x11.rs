@@ -1,0 +1,282 @@
+//! X11 test fixtures: an Xvfb server per test, and a client that records the input events the X server
+//! delivers (so that tests observe injected input through the X server, not through the injector).
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use x11rb::connection::Connection;
+use x11rb::protocol::Event;
+use x11rb::protocol::xproto::{ConnectionExt, CreateWindowAux, EventMask, InputFocus, WindowClass};
+use x11rb::rust_connection::RustConnection;
+use x11rb::wrapper::ConnectionExt as _;
+
+/// An Xvfb server on a free display, killed when dropped.
+pub struct Xvfb {
+    child: std::process::Child,
+    pub display: String,
+    pub width: u32,
+    pub height: u32,
+}
+
+impl Xvfb {
+    pub fn start(width: u32, height: u32) -> Xvfb {
+        let seed = std::process::id() as u64
+            ^ std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.subsec_nanos() as u64)
+                .unwrap_or(0);
+        for attempt in 0..50u64 {
+            let mixed = (seed ^ attempt.wrapping_mul(0x9E37_79B9_7F4A_7C15))
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            let n = 200 + (mixed >> 33) % 30000;
+            if std::path::Path::new(&format!("/tmp/.X11-unix/X{n}")).exists()
+                || std::path::Path::new(&format!("/tmp/.X{n}-lock")).exists()
+            {
+                continue;
+            }
+            let mut child = std::process::Command::new("Xvfb")
+                .arg(format!(":{n}"))
+                .args(["-screen", "0", &format!("{width}x{height}x24")])
+                .args(["-nolisten", "tcp", "-noreset"])
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .expect("Xvfb not installed: run scripts/deps.sh");
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = child.try_wait() {
+                    break; // display taken; try another
+                }
+                if std::path::Path::new(&format!("/tmp/.X11-unix/X{n}")).exists()
+                    && RustConnection::connect(Some(&format!(":{n}"))).is_ok()
+                {
+                    return Xvfb {
+                        child,
+                        display: format!(":{n}"),
+                        width,
+                        height,
+                    };
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        panic!("could not start Xvfb");
+    }
+}
+
+impl Drop for Xvfb {
+    fn drop(&mut self) {
+        // SIGTERM lets Xvfb remove its lock file and socket; SIGKILL only if it does not exit.
+        let _ = std::process::Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(3);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    KeyPress,
+    KeyRelease,
+    ButtonPress,
+    ButtonRelease,
+    Motion,
+}
+
+/// One input event as the X server delivered it to the recorder's window.
+#[derive(Clone, Debug)]
+pub struct XEv {
+    pub kind: Kind,
+    /// Keycode or button number.
+    pub detail: u8,
+    pub x: i16,
+    pub y: i16,
+    /// Modifier and button mask at the time.
+    pub state: u16,
+    /// For keys: the keysym the keycode had when the event arrived.
+    pub keysym: u32,
+    pub at: Instant,
+}
+
+/// A full-screen window that records the input events it receives.
+pub struct XRecorder {
+    conn: Arc<RustConnection>,
+    pub events: Arc<Mutex<Vec<XEv>>>,
+    root: u32,
+}
+
+impl XRecorder {
+    pub fn start(x: &Xvfb) -> XRecorder {
+        let (conn, screen_num) = RustConnection::connect(Some(&x.display)).unwrap();
+        let conn = Arc::new(conn);
+        let screen = &conn.setup().roots[screen_num];
+        let root = screen.root;
+        let win = conn.generate_id().unwrap();
+        conn.create_window(
+            screen.root_depth,
+            win,
+            root,
+            0,
+            0,
+            x.width as u16,
+            x.height as u16,
+            0,
+            WindowClass::INPUT_OUTPUT,
+            screen.root_visual,
+            &CreateWindowAux::new().override_redirect(1).event_mask(
+                EventMask::KEY_PRESS
+                    | EventMask::KEY_RELEASE
+                    | EventMask::BUTTON_PRESS
+                    | EventMask::BUTTON_RELEASE
+                    | EventMask::POINTER_MOTION,
+            ),
+        )
+        .unwrap();
+        conn.map_window(win).unwrap();
+        conn.sync().unwrap();
+        conn.set_input_focus(InputFocus::POINTER_ROOT, win, x11rb::CURRENT_TIME)
+            .unwrap();
+        conn.sync().unwrap();
+        let events = Arc::new(Mutex::new(Vec::new()));
+        let (c, ev) = (conn.clone(), events.clone());
+        // A second connection for keysym look-ups while the first waits for events.
+        let (lookup, _) = RustConnection::connect(Some(&x.display)).unwrap();
+        std::thread::spawn(move || {
+            let min = lookup.setup().min_keycode;
+            while let Ok(e) = c.wait_for_event() {
+                let at = Instant::now();
+                let keysym = |code: u8| -> u32 {
+                    lookup
+                        .get_keyboard_mapping(code, 1)
+                        .ok()
+                        .and_then(|r| r.reply().ok())
+                        .and_then(|r| r.keysyms.first().copied())
+                        .unwrap_or(0)
+                };
+                let _ = min;
+                let rec = match e {
+                    Event::KeyPress(k) => Some(XEv {
+                        kind: Kind::KeyPress,
+                        detail: k.detail,
+                        x: k.event_x,
+                        y: k.event_y,
+                        state: k.state.into(),
+                        keysym: keysym(k.detail),
+                        at,
+                    }),
+                    Event::KeyRelease(k) => Some(XEv {
+                        kind: Kind::KeyRelease,
+                        detail: k.detail,
+                        x: k.event_x,
+                        y: k.event_y,
+                        state: k.state.into(),
+                        keysym: keysym(k.detail),
+                        at,
+                    }),
+                    Event::ButtonPress(b) => Some(XEv {
+                        kind: Kind::ButtonPress,
+                        detail: b.detail,
+                        x: b.event_x,
+                        y: b.event_y,
+                        state: b.state.into(),
+                        keysym: 0,
+                        at,
+                    }),
+                    Event::ButtonRelease(b) => Some(XEv {
+                        kind: Kind::ButtonRelease,
+                        detail: b.detail,
+                        x: b.event_x,
+                        y: b.event_y,
+                        state: b.state.into(),
+                        keysym: 0,
+                        at,
+                    }),
+                    Event::MotionNotify(m) => Some(XEv {
+                        kind: Kind::Motion,
+                        detail: 0,
+                        x: m.event_x,
+                        y: m.event_y,
+                        state: m.state.into(),
+                        keysym: 0,
+                        at,
+                    }),
+                    _ => None,
+                };
+                if let Some(r) = rec {
+                    ev.lock().unwrap().push(r);
+                }
+            }
+        });
+        XRecorder { conn, events, root }
+    }
+
+    /// Waits until `n` events matching `pred` were recorded; returns them.
+    pub fn wait_for(&self, n: usize, timeout: Duration, pred: impl Fn(&XEv) -> bool) -> Vec<XEv> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let got: Vec<XEv> = self
+                .events
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|e| pred(e))
+                .cloned()
+                .collect();
+            if got.len() >= n || Instant::now() > deadline {
+                return got;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    /// Input events recorded so far (keys and buttons; motion left out).
+    pub fn keys_and_buttons(&self) -> Vec<XEv> {
+        self.events
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|e| e.kind != Kind::Motion)
+            .cloned()
+            .collect()
+    }
+
+    pub fn clear(&self) {
+        self.events.lock().unwrap().clear();
+    }
+
+    /// The pointer position, from the X server.
+    pub fn pointer(&self) -> (i16, i16) {
+        let r = self.conn.query_pointer(self.root).unwrap().reply().unwrap();
+        (r.root_x, r.root_y)
+    }
+
+    /// Keycodes the X server considers pressed.
+    pub fn pressed_keys(&self) -> Vec<u8> {
+        let r = self.conn.query_keymap().unwrap().reply().unwrap();
+        let mut out = vec![];
+        for (i, byte) in r.keys.iter().enumerate() {
+            for bit in 0..8 {
+                if byte & (1 << bit) != 0 {
+                    out.push((i * 8 + bit) as u8);
+                }
+            }
+        }
+        out
+    }
+
+    /// Pointer buttons the X server considers pressed (mask bits 8..12 of the pointer state).
+    pub fn pressed_buttons(&self) -> u16 {
+        let r = self.conn.query_pointer(self.root).unwrap().reply().unwrap();
+        u16::from(r.mask) & 0x1f00
+    }
+}
