@@ -5,8 +5,9 @@
 set -euo pipefail
 
 # Build: a C compiler for ring and the bundled SQLite; pkg-config for -sys crates.
+# nasm: OpenH264's assembly (without it the encoder silently builds 3x slower; a test fails then).
 # Tests: Xvfb as the user's screen (input injection and, later, capture tests), xrandr.
-PACKAGES=(build-essential pkg-config xvfb x11-xserver-utils)
+PACKAGES=(build-essential pkg-config nasm xvfb x11-xserver-utils)
 
 missing=()
 for p in "${PACKAGES[@]}"; do

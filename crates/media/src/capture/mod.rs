@@ -1,0 +1,72 @@
+//! Screen capture behind a small trait, one backend per platform. X11 is the first (any X server,
+//! Xvfb included). Windows and macOS backends come behind `cfg` later; scrap's are candidates there,
+//! its X11 one is not (it shares the screen through a world-readable segment).
+
+use crate::frame::{Frame, Rect};
+
+#[cfg(target_os = "linux")]
+pub mod x11;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CaptureError {
+    #[error("cannot open the X display {display:?}: {reason}")]
+    Open { display: String, reason: String },
+    #[error("X11 error: {0}")]
+    X11(String),
+    #[error("unsupported screen: {0}")]
+    Unsupported(String),
+    #[error("no monitor number {0}")]
+    NoSuchMonitor(usize),
+}
+
+/// A monitor (or the whole screen).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Monitor {
+    pub name: String,
+    pub x: u32,
+    pub y: u32,
+    pub width: u32,
+    pub height: u32,
+    pub primary: bool,
+}
+
+/// The cursor's image; sent when it changes, drawn by the console (never baked into frames).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CursorShape {
+    pub serial: u32,
+    pub width: u32,
+    pub height: u32,
+    pub hot_x: u32,
+    pub hot_y: u32,
+    /// Premultiplied RGBA, `width × height × 4` bytes.
+    pub rgba: Vec<u8>,
+}
+
+/// Where the cursor is, relative to the captured monitor, and its new shape if it changed.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CursorState {
+    pub x: i32,
+    pub y: i32,
+    pub visible: bool,
+    pub shape: Option<CursorShape>,
+}
+
+/// One capture.
+#[derive(Debug)]
+pub struct Captured<'a> {
+    pub frame: &'a Frame,
+    /// What changed since the previous capture (everything after a reset or resize; nothing on an
+    /// idle screen).
+    pub damage: Vec<Rect>,
+    pub cursor: CursorState,
+    /// The screen's resolution changed since the previous capture.
+    pub resized: bool,
+}
+
+pub trait Capturer {
+    fn monitors(&self) -> Vec<Monitor>;
+    fn select(&mut self, index: usize) -> Result<(), CaptureError>;
+    /// The next capture reports the whole frame as changed (for a keyframe).
+    fn request_full(&mut self);
+    fn capture(&mut self) -> Result<Captured<'_>, CaptureError>;
+}

@@ -1,0 +1,290 @@
+//! Frames and change detection.
+//!
+//! Change detection compares each captured frame with the previous one in 64×64 tiles (a `memcmp`
+//! per tile row). On a 1080p frame that is one pass over 8 MB, well under a millisecond on the
+//! reference machine, and it works on every X server (XDamage is not needed), reports exactly what
+//! changed, and makes an idle screen cost nothing downstream: no dirty tile, no encode, no bytes.
+
+/// A rectangle in pixels.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Rect {
+    pub x: u32,
+    pub y: u32,
+    pub w: u32,
+    pub h: u32,
+}
+
+impl Rect {
+    pub fn area(&self) -> u64 {
+        self.w as u64 * self.h as u64
+    }
+    pub fn contains(&self, x: u32, y: u32) -> bool {
+        x >= self.x && y >= self.y && x < self.x + self.w && y < self.y + self.h
+    }
+}
+
+/// A BGRX frame (4 bytes a pixel, the fourth unspecified), rows `stride` bytes apart.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Frame {
+    pub width: u32,
+    pub height: u32,
+    pub stride: usize,
+    pub data: Vec<u8>,
+}
+
+impl Frame {
+    pub fn new(width: u32, height: u32) -> Frame {
+        Frame {
+            width,
+            height,
+            stride: width as usize * 4,
+            data: vec![0; width as usize * height as usize * 4],
+        }
+    }
+
+    /// The pixel at (x, y) as (b, g, r).
+    pub fn pixel(&self, x: u32, y: u32) -> (u8, u8, u8) {
+        let i = y as usize * self.stride + x as usize * 4;
+        (self.data[i], self.data[i + 1], self.data[i + 2])
+    }
+
+    pub fn row(&self, y: u32) -> &[u8] {
+        let s = y as usize * self.stride;
+        &self.data[s..s + self.width as usize * 4]
+    }
+}
+
+/// Tile size of change detection.
+pub const TILE: u32 = 64;
+
+/// Remembers the last frame and reports which tiles changed.
+#[derive(Debug, Default)]
+pub struct ChangeDetector {
+    prev: Option<Frame>,
+}
+
+impl ChangeDetector {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Forgets the previous frame: the next call reports the whole frame (after a keyframe request
+    /// or a resolution change).
+    pub fn reset(&mut self) {
+        self.prev = None;
+    }
+
+    /// The rectangles (whole tiles, merged along rows) where `frame` differs from the previous one.
+    pub fn changes(&mut self, frame: &Frame) -> Vec<Rect> {
+        let prev = match &mut self.prev {
+            Some(p) if p.width == frame.width && p.height == frame.height => p,
+            _ => {
+                self.prev = Some(Frame {
+                    width: frame.width,
+                    height: frame.height,
+                    stride: frame.width as usize * 4,
+                    data: (0..frame.height)
+                        .flat_map(|y| frame.row(y).iter().copied())
+                        .collect(),
+                });
+                return vec![Rect {
+                    x: 0,
+                    y: 0,
+                    w: frame.width,
+                    h: frame.height,
+                }];
+            }
+        };
+        let tiles_x = frame.width.div_ceil(TILE);
+        let tiles_y = frame.height.div_ceil(TILE);
+        let mut out: Vec<Rect> = Vec::new();
+        for ty in 0..tiles_y {
+            let y0 = ty * TILE;
+            let h = TILE.min(frame.height - y0);
+            let mut run: Option<Rect> = None;
+            for tx in 0..tiles_x {
+                let x0 = tx * TILE;
+                let w = TILE.min(frame.width - x0);
+                let (b0, b1) = (x0 as usize * 4, (x0 + w) as usize * 4);
+                let mut dirty = false;
+                for y in y0..y0 + h {
+                    let cur = &frame.row(y)[b0..b1];
+                    let ps = y as usize * prev.stride;
+                    let old = &mut prev.data[ps + b0..ps + b1];
+                    if cur != old {
+                        dirty = true;
+                        old.copy_from_slice(cur);
+                    }
+                }
+                match (&mut run, dirty) {
+                    (Some(r), true) => r.w += w,
+                    (None, true) => run = Some(Rect { x: x0, y: y0, w, h }),
+                    (Some(_), false) => out.extend(run.take()),
+                    (None, false) => {}
+                }
+            }
+            out.extend(run.take());
+        }
+        out
+    }
+}
+
+/// Luma PSNR (BT.601 weights) in dB between two BGRX frames of the same size; `f64::INFINITY` when
+/// identical.
+pub fn luma_psnr(a: &Frame, b: &Frame) -> f64 {
+    let luma = |p: &[u8]| 0.114 * p[0] as f64 + 0.587 * p[1] as f64 + 0.299 * p[2] as f64;
+    let mut se = 0.0f64;
+    let n = a.width.min(b.width) as usize * a.height.min(b.height) as usize;
+    for y in 0..a.height.min(b.height) {
+        for (pa, pb) in a.row(y).chunks_exact(4).zip(b.row(y).chunks_exact(4)) {
+            let d = luma(pa) - luma(pb);
+            se += d * d;
+        }
+    }
+    if se == 0.0 || n == 0 {
+        return f64::INFINITY;
+    }
+    10.0 * (255.0f64 * 255.0 / (se / n as f64)).log10()
+}
+
+/// PSNR in dB between two planes of the same size (e.g. the encoder's and the decoder's luma);
+/// `f64::INFINITY` when identical.
+pub fn plane_psnr(a: &[u8], b: &[u8]) -> f64 {
+    let n = a.len().min(b.len());
+    let se: f64 = a[..n]
+        .iter()
+        .zip(&b[..n])
+        .map(|(x, y)| {
+            let d = *x as f64 - *y as f64;
+            d * d
+        })
+        .sum();
+    if se == 0.0 || n == 0 {
+        return f64::INFINITY;
+    }
+    10.0 * (255.0f64 * 255.0 / (se / n as f64)).log10()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn paint(f: &mut Frame, r: Rect, v: u8) {
+        for y in r.y..r.y + r.h {
+            for x in r.x..r.x + r.w {
+                let i = y as usize * f.stride + x as usize * 4;
+                f.data[i..i + 3].copy_from_slice(&[v, v, v]);
+            }
+        }
+    }
+
+    #[test]
+    fn first_frame_is_all_then_only_changes() {
+        let mut d = ChangeDetector::new();
+        let mut f = Frame::new(300, 200);
+        assert_eq!(
+            d.changes(&f),
+            vec![Rect {
+                x: 0,
+                y: 0,
+                w: 300,
+                h: 200
+            }]
+        );
+        assert!(d.changes(&f).is_empty(), "idle screen: nothing");
+        paint(
+            &mut f,
+            Rect {
+                x: 70,
+                y: 10,
+                w: 2,
+                h: 2,
+            },
+            9,
+        );
+        assert_eq!(
+            d.changes(&f),
+            vec![Rect {
+                x: 64,
+                y: 0,
+                w: 64,
+                h: 64
+            }]
+        );
+        // A change spanning tiles in a row is one rectangle; edge tiles are clipped.
+        paint(
+            &mut f,
+            Rect {
+                x: 100,
+                y: 150,
+                w: 200,
+                h: 3,
+            },
+            7,
+        );
+        assert_eq!(
+            d.changes(&f),
+            vec![Rect {
+                x: 64,
+                y: 128,
+                w: 236,
+                h: 64
+            }]
+        );
+        assert!(d.changes(&f).is_empty());
+    }
+
+    #[test]
+    fn changes_cover_every_changed_pixel() {
+        let mut d = ChangeDetector::new();
+        let mut f = Frame::new(257, 129);
+        d.changes(&f);
+        let spots = [(0, 0), (256, 128), (63, 64), (64, 63), (200, 5)];
+        for (x, y) in spots {
+            paint(&mut f, Rect { x, y, w: 1, h: 1 }, 200);
+        }
+        let rects = d.changes(&f);
+        for (x, y) in spots {
+            assert!(
+                rects.iter().any(|r| r.contains(x, y)),
+                "({x},{y}) not covered by {rects:?}"
+            );
+        }
+        let area: u64 = rects.iter().map(|r| r.area()).sum();
+        assert!(area < 257 * 129, "not everything: {area}");
+    }
+
+    #[test]
+    fn resize_reports_everything() {
+        let mut d = ChangeDetector::new();
+        d.changes(&Frame::new(100, 100));
+        assert_eq!(
+            d.changes(&Frame::new(120, 90)),
+            vec![Rect {
+                x: 0,
+                y: 0,
+                w: 120,
+                h: 90
+            }]
+        );
+    }
+
+    #[test]
+    fn psnr() {
+        let a = Frame::new(16, 16);
+        assert!(luma_psnr(&a, &a).is_infinite());
+        let mut b = a.clone();
+        paint(
+            &mut b,
+            Rect {
+                x: 0,
+                y: 0,
+                w: 16,
+                h: 16,
+            },
+            1,
+        );
+        let p = luma_psnr(&a, &b);
+        assert!((p - 48.13).abs() < 0.1, "{p}");
+    }
+}
