@@ -106,7 +106,11 @@ impl Painter {
                 s ^= s >> 17;
                 s ^= s << 5;
                 if !s.is_multiple_of(3) {
-                    let c = if s.is_multiple_of(7) { 0x2050c0 } else { 0x202020 };
+                    let c = if s.is_multiple_of(7) {
+                        0x2050c0
+                    } else {
+                        0x202020
+                    };
                     self.fill(c, (col * 9) as i16 + 1, (row * 16) as i16 + 3, 6, 10);
                 }
             }

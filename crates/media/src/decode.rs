@@ -31,6 +31,8 @@ pub struct VideoDecoder {
     pub max_pixels: u64,
     /// Also return the luma plane (quality measurements).
     pub keep_luma: bool,
+    /// Time the last call spent converting to RGBA (part of `decode`).
+    pub last_rgba_time: std::time::Duration,
 }
 
 impl std::fmt::Debug for VideoDecoder {
@@ -47,6 +49,7 @@ impl VideoDecoder {
             dec,
             max_pixels: 8192 * 8192,
             keep_luma: false,
+            last_rgba_time: std::time::Duration::ZERO,
         })
     }
 
@@ -64,6 +67,7 @@ impl VideoDecoder {
         }
         let (ys, us, _vs) = yuv.strides();
         let mut rgba = Vec::new();
+        let t = std::time::Instant::now();
         i420_to_rgba(
             w as u32,
             h as u32,
@@ -75,6 +79,7 @@ impl VideoDecoder {
             &mut rgba,
         )
         .map_err(|e| DecodeError::Corrupt(e.to_string()))?;
+        self.last_rgba_time = t.elapsed();
         let luma = keep_luma.then(|| {
             yuv.y()
                 .chunks(ys)

@@ -140,8 +140,15 @@ impl VideoEncoder {
         self.qp_ceiling
     }
 
-    /// Encodes one picture; `None` when rate control skipped it.
+    /// Encodes one picture, timestamped now; `None` when rate control skipped it.
     pub fn encode(&mut self, img: &I420) -> Result<Option<EncodedFrame>, EncodeError> {
+        let ms = self.started.elapsed().as_millis() as u64;
+        self.encode_at(img, ms)
+    }
+
+    /// Encodes one picture with a timestamp in milliseconds (rate control paces by it; benchmarks
+    /// replay scenes faster than real time with the timestamps of real time).
+    pub fn encode_at(&mut self, img: &I420, ms: u64) -> Result<Option<EncodedFrame>, EncodeError> {
         let (w, h) = (img.width, img.height);
         if self.enc.is_none() || self.size != (w, h) {
             self.qp_ceiling = self.ceiling_for((w, h));
@@ -159,7 +166,7 @@ impl VideoEncoder {
         if std::mem::take(&mut self.want_key) {
             enc.force_intra_frame();
         }
-        let ts = openh264::Timestamp::from_millis(self.started.elapsed().as_millis() as u64);
+        let ts = openh264::Timestamp::from_millis(ms);
         let bs = enc
             .encode_at(img, ts)
             .map_err(|e| EncodeError::Encode(e.to_string()))?;

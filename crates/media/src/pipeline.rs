@@ -51,6 +51,9 @@ pub struct ScreenPipeline<C: Capturer> {
     half: Frame,
     halve: bool,
     size: (u32, u32),
+    /// A change was captured but rate control skipped its frame: encode again even if nothing
+    /// new changes, or the change would never reach the technician.
+    pending: bool,
 }
 
 impl<C: Capturer> ScreenPipeline<C> {
@@ -62,6 +65,7 @@ impl<C: Capturer> ScreenPipeline<C> {
             half: Frame::new(0, 0),
             halve: false,
             size: (0, 0),
+            pending: false,
         })
     }
 
@@ -113,7 +117,7 @@ impl<C: Capturer> ScreenPipeline<C> {
             capture: t1 - t0,
             ..StageTimes::default()
         };
-        if changed == 0 {
+        if changed == 0 && !self.pending {
             return Ok(Step {
                 encoded: None,
                 cursor,
@@ -133,6 +137,7 @@ impl<C: Capturer> ScreenPipeline<C> {
         times.convert = t2 - t1;
         let encoded = self.encoder.encode(&self.yuv)?;
         times.encode = t2.elapsed();
+        self.pending = encoded.is_none();
         if size != self.size {
             self.size = size;
             self.update_scale();
