@@ -144,7 +144,7 @@ fn draw(p: &mut Painter, scene: Scene, i: usize) {
         Scene::Idle => {}
         Scene::Typing => {
             // About 7 characters a second at 30 fps: one every 4th frame, on the bottom line.
-            if i % 4 == 0 {
+            if i.is_multiple_of(4) {
                 let col = (i / 4) % 100;
                 let y = p.h as i16 - 20;
                 let c = [b'a' + (i % 26) as u8];
