@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Runs a whole local Tandem session on this machine, reporting each step:
 #   a relay (fresh data directory, its own CA and pin), a technician account, an agent that shows a
-#   one-time code, and a console that joins with that code through the relay, end-to-end encrypted
-#   and keyed by the code. Then the relay's audit log.
+#   one-time code and shares a screen (this display, or a virtual one with something to look at
+#   when there is none), and a console that joins with that code through the relay, end-to-end
+#   encrypted and keyed by the code, decodes the remote screen and writes it as a PNG. Then the
+#   relay's audit log.
 # Usage: scripts/demo.sh [seconds]      (default 5: how long the session stays up)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -12,7 +14,7 @@ SECONDS_UP="${1:-5}"
 step() { printf '\n\033[1m==> %s\033[0m\n' "$*"; }
 
 step "building tandem-relay, tandem-agent, tandem-console (release)"
-cargo build --release --quiet --bin tandem-relay --bin tandem-agent --bin tandem-console
+cargo build --release --quiet --bin tandem-relay --bin tandem-agent --bin tandem-console --bin tandem-demo-screen
 BIN=target/release
 
 WORK=$(mktemp -d)
@@ -41,8 +43,24 @@ step "adding technician alice of 'ACME IT'"
 TOKEN=$("$BIN/tandem-relay" --data-dir "$WORK/relay" technician add --org "ACME IT" --name alice | awk '/token/ {print $NF}')
 echo "    token issued (shown once; not printed here)"
 
+if [[ -n "${DISPLAY:-}" ]]; then
+  SCREEN="$DISPLAY"
+  step "sharing this display ($SCREEN)"
+else
+  N=$(( (RANDOM % 20000) + 200 ))
+  while [[ -e /tmp/.X11-unix/X$N || -e /tmp/.X$N-lock ]]; do N=$((N + 1)); done
+  SCREEN=":$N"
+  step "no display here: starting a virtual screen $SCREEN (Xvfb 1280x800) with something to look at"
+  Xvfb "$SCREEN" -screen 0 1280x800x24 -nolisten tcp >/dev/null 2>&1 &
+  PIDS+=($!)
+  for _ in $(seq 100); do [[ -e /tmp/.X11-unix/X$N ]] && break; sleep 0.05; done
+  "$BIN/tandem-demo-screen" "$SCREEN" &
+  PIDS+=($!)
+  sleep 0.5
+fi
+
 step "starting the agent (the user's PC); consent answered 'allow' for this demo"
-"$BIN/tandem-agent" --relay "127.0.0.1:$PORT" --relay-pin "$PIN" --consent allow --once \
+"$BIN/tandem-agent" --relay "127.0.0.1:$PORT" --relay-pin "$PIN" --consent allow --once --display "$SCREEN" \
   >"$WORK/agent.out" 2>"$WORK/agent.log" &
 PIDS+=($!)
 for _ in $(seq 100); do grep -q "session code" "$WORK/agent.out" 2>/dev/null && break; sleep 0.1; done
@@ -50,10 +68,12 @@ grep -q "session code" "$WORK/agent.out" || { cat "$WORK/agent.log"; echo "agent
 sed 's/^/    agent: /' "$WORK/agent.out"
 CODE=$(grep -o '[0-9]\{3,9\}-[0-9]\{3\}-[0-9]\{3\}' "$WORK/agent.out" | head -1)
 
+mkdir -p target/demo
+PNG="$PWD/target/demo/remote-screen.png"
 step "the technician joins with code $CODE (console, headless, ${SECONDS_UP} s)"
 set +e
 "$BIN/tandem-console" --relay "127.0.0.1:$PORT" --relay-pin "$PIN" --token "$TOKEN" --code "$CODE" \
-  --headless --no-remember --seconds "$SECONDS_UP" 2>"$WORK/console.log" | sed 's/^/    console: /'
+  --headless --no-remember --seconds "$SECONDS_UP" --png "$PNG" 2>"$WORK/console.log" | sed 's/^/    console: /'
 rc=${PIPESTATUS[0]}
 set -e
 sleep 0.5
@@ -67,3 +87,4 @@ step "relay metrics (excerpt)"
 curl -s "http://127.0.0.1:$MPORT/metrics" 2>/dev/null | grep -E '^tandem_relay_(sessions_started_total|forwarded_bytes_total|sessions_ended_total)' | sed 's/^/    /' || true
 
 step "done: the session was end-to-end encrypted, keyed by the code; the relay only forwarded it"
+echo "    the remote screen as the console decoded it: $PNG"

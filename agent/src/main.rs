@@ -10,10 +10,14 @@ use clap::{Parser, ValueEnum};
 use serde::Deserialize;
 use std::io::{BufRead, IsTerminal, Write};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 use tandem_client::ConnectOptions;
 use tandem_client::tandem_certs::RelayTrust;
 use tandem_input::{AgentInput, Injector, Permission, X11Injector};
+use tandem_media::capture::x11::X11Capturer;
+use tandem_media::{ScreenPipeline, Target};
 use tandem_proto::EndReason;
 use tandem_session::{
     AgentEvent, AgentHost, CodeChange, Consent, ControlMsg, Session, SessionConfig, SessionEvent,
@@ -252,9 +256,80 @@ async fn ask_consent(mode: ConsentMode, technician: &str, organisation: &str) ->
     }
 }
 
+/// Streams the screen of `display` into the session until `stop` is set: capture → change detection
+/// → H.264, at most `fps` frames a second. Runs on its own thread (X11 and the encoder block). A
+/// frame is sent before the next is captured, so nothing queues behind a slow path: the next frame
+/// simply comes later, carrying everything that changed meanwhile.
+fn start_streaming(
+    display: String,
+    video: tandem_session::VideoSender,
+    keyframe: Arc<AtomicBool>,
+    stop: Arc<AtomicBool>,
+    stats: Arc<StreamStats>,
+) -> Result<std::thread::JoinHandle<()>> {
+    let rt = tokio::runtime::Handle::current();
+    let capturer = X11Capturer::open(Some(&display))
+        .with_context(|| format!("cannot capture the screen of display {display}"))?;
+    let mut pipeline = ScreenPipeline::new(
+        capturer,
+        Target {
+            bitrate_bps: 4_000_000,
+            max_fps: 30.0,
+        },
+    )?;
+    let h = std::thread::Builder::new()
+        .name("tandem-screen".into())
+        .spawn(move || {
+            let interval = Duration::from_millis(33);
+            let mut seq = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                let started = std::time::Instant::now();
+                if keyframe.swap(false, Ordering::Relaxed) {
+                    pipeline.request_keyframe();
+                }
+                match pipeline.step() {
+                    Ok(step) => {
+                        if let Some(frame) = step.encoded {
+                            seq += 1;
+                            stats.frames.fetch_add(1, Ordering::Relaxed);
+                            stats
+                                .bytes
+                                .fetch_add(frame.data.len() as u64, Ordering::Relaxed);
+                            if rt.block_on(video.send(seq, &frame.data)).is_err() {
+                                return;
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "screen capture failed");
+                        std::thread::sleep(Duration::from_millis(500));
+                    }
+                }
+                if let Some(rest) = interval.checked_sub(started.elapsed()) {
+                    std::thread::sleep(rest);
+                }
+            }
+        })
+        .context("cannot start the screen thread")?;
+    Ok(h)
+}
+
+#[derive(Default)]
+struct StreamStats {
+    frames: AtomicU64,
+    bytes: AtomicU64,
+}
+
+struct StopOnDrop(Arc<AtomicBool>);
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
+
 /// Opens input injection on the X display, if there is one.
 fn open_input(display: Option<String>) -> Option<AgentInput> {
-    let display = display.or_else(|| std::env::var("DISPLAY").ok())?;
+    let display = display?;
     match AgentInput::start(move || {
         let i = X11Injector::open(Some(&display))?;
         Ok(Box::new(i) as Box<dyn Injector>)
@@ -286,6 +361,31 @@ async fn run_session(
         s.end(EndReason::Denied).await;
         return Ok(());
     }
+    let display = display.or_else(|| std::env::var("DISPLAY").ok());
+    // Pixels leave this machine only now, after the user's consent.
+    let keyframe = Arc::new(AtomicBool::new(false));
+    let stop = Arc::new(AtomicBool::new(false));
+    let stream_stats = Arc::new(StreamStats::default());
+    let _streaming = match &display {
+        Some(d) => match start_streaming(
+            d.clone(),
+            s.video_sender(),
+            keyframe.clone(),
+            stop.clone(),
+            stream_stats.clone(),
+        ) {
+            Ok(h) => Some(h),
+            Err(e) => {
+                eprintln!("tandem-agent: the screen cannot be shared: {e:#}");
+                None
+            }
+        },
+        None => {
+            eprintln!("tandem-agent: no display to share (set DISPLAY or --display)");
+            None
+        }
+    };
+    let _stop_guard = StopOnDrop(stop.clone());
     let input = open_input(display);
     let control_possible = input.is_some();
     let view_only = decision == Consent::ViewOnly || !control_possible;
@@ -327,9 +427,16 @@ async fn run_session(
                     out.event("ended", &format!("Session ended: {reason}."), serde_json::json!({"reason": reason.label()}));
                     return Ok(());
                 }
+                Ok(ControlMsg::KeyframeRequest) => keyframe.store(true, Ordering::Relaxed),
                 Ok(ControlMsg::Stats { .. }) => {
                     // Echo: the console measures the session's round-trip time with it.
-                    let _ = s.send_control(&ControlMsg::Stats { rtt_us: 0, fps: 0, kbps: 0 }).await;
+                    let _ = s
+                        .send_control(&ControlMsg::Stats {
+                            rtt_us: 0,
+                            fps: stream_stats.frames.load(Ordering::Relaxed).min(u16::MAX as u64) as u16,
+                            kbps: (stream_stats.bytes.load(Ordering::Relaxed) / 125).min(u32::MAX as u64) as u32,
+                        })
+                        .await;
                 }
                 Ok(_) => {}
                 Err(_) => {

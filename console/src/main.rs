@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use tandem_client::ClientError;
 use tandem_client::ConnectOptions;
 use tandem_client::tandem_certs::RelayTrust;
+use tandem_media::{DecodedFrame, VideoDecoder};
 use tandem_proto::{EndReason, ErrorCode, Secret};
 use tandem_session::{Consent, ControlMsg, SessionCode, SessionConfig, SessionError, SessionEvent};
 
@@ -83,6 +84,12 @@ struct Cli {
     /// Seconds to wait for the relay to answer.
     #[arg(long, default_value_t = 10)]
     connect_timeout: u64,
+    /// Write the last decoded frame of the remote screen to this PNG file when the session ends.
+    #[arg(long)]
+    png: Option<PathBuf>,
+    /// End the session after this many decoded frames.
+    #[arg(long)]
+    frames: Option<u64>,
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -183,6 +190,17 @@ fn classify(e: &SessionError) -> u8 {
         SessionError::Ended(_) => exit::ENDED_BY_AGENT,
         _ => exit::OTHER,
     }
+}
+
+fn save_png(path: &std::path::Path, f: &DecodedFrame) -> Result<()> {
+    let file =
+        std::fs::File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
+    let mut enc = png::Encoder::new(std::io::BufWriter::new(file), f.width, f.height);
+    enc.set_color(png::ColorType::Rgba);
+    enc.set_depth(png::BitDepth::Eight);
+    let mut w = enc.write_header()?;
+    w.write_image_data(&f.rgba)?;
+    Ok(())
 }
 
 fn main() -> std::process::ExitCode {
@@ -306,10 +324,67 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         }
     };
     let mut consent: Option<Consent> = None;
+    let mut decoder = VideoDecoder::new().map_err(anyhow::Error::from)?;
+    let mut last: Option<DecodedFrame> = None;
+    let mut decoded: u64 = 0;
+    let mut video_bytes: u64 = 0;
+    let mut first_frame_ms: Option<f64> = None;
+    let write_png = |last: &Option<DecodedFrame>, out: &Out| {
+        if let (Some(path), Some(f)) = (&cli.png, last) {
+            match save_png(path, f) {
+                Ok(()) => out.event(
+                    "png",
+                    &format!(
+                        "Wrote the last frame ({}x{}) to {}",
+                        f.width,
+                        f.height,
+                        path.display()
+                    ),
+                    serde_json::json!({"path": path, "width": f.width, "height": f.height}),
+                ),
+                Err(e) => eprintln!("tandem-console: cannot write {}: {e:#}", path.display()),
+            }
+        }
+    };
     let mut ping = tokio::time::interval(Duration::from_secs(1));
     let mut ping_sent: Option<Instant> = None;
     loop {
         tokio::select! {
+            f = session.recv_video() => match f {
+                Ok(f) => {
+                    video_bytes += f.data.len() as u64;
+                    match decoder.decode(&f.data) {
+                        Ok(Some(frame)) => {
+                            decoded += 1;
+                            if first_frame_ms.is_none() {
+                                let ms = started.elapsed().as_secs_f64() * 1e3;
+                                first_frame_ms = Some(ms);
+                                out.event(
+                                    "first_frame",
+                                    &format!("Remote screen {}x{} after {ms:.0} ms", frame.width, frame.height),
+                                    serde_json::json!({"width": frame.width, "height": frame.height, "join_to_first_frame_ms": ms}),
+                                );
+                            }
+                            last = Some(frame);
+                            if cli.frames.is_some_and(|n| decoded >= n) {
+                                session.end(EndReason::EndedByTechnician).await;
+                                write_png(&last, &out);
+                                out.event("ended", "Frame limit reached; session ended.", serde_json::json!({"reason": "ended_by_technician", "frames": decoded}));
+                                return Ok(());
+                            }
+                        }
+                        Ok(None) => {}
+                        Err(e) => {
+                            tracing::warn!(error = %e, "undecodable frame; asking for a keyframe");
+                            let _ = session.send_control(&ControlMsg::KeyframeRequest).await;
+                        }
+                    }
+                }
+                Err(_) => {
+                    // The session is ending; the control branch reports why.
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
             m = session.recv_control() => match m {
                 Ok(ControlMsg::Consent { decision }) => {
                     consent = Some(decision);
@@ -329,8 +404,9 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                     if let Some(t) = ping_sent.take() {
                         let rtt = t.elapsed().as_secs_f64() * 1e3;
                         let path_rtt = session.connection().rtt().as_secs_f64() * 1e3;
-                        out.event("stats", &format!("round trip {rtt:.1} ms (path {path_rtt:.1} ms, via relay)"),
-                            serde_json::json!({"rtt_ms": rtt, "path_rtt_ms": path_rtt, "path": "relay"}));
+                        let secs = started.elapsed().as_secs_f64().max(0.001);
+                        out.event("stats", &format!("round trip {rtt:.1} ms (path {path_rtt:.1} ms, via relay), {decoded} frames, {:.0} kbit/s", video_bytes as f64 * 8.0 / secs / 1000.0),
+                            serde_json::json!({"rtt_ms": rtt, "path_rtt_ms": path_rtt, "path": "relay", "frames": decoded, "kbit_s": video_bytes as f64 * 8.0 / secs / 1000.0}));
                     }
                 }
                 Ok(ControlMsg::End { reason }) => {
@@ -363,11 +439,13 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             }
             _ = sleep_until(deadline) => {
                 session.end(EndReason::EndedByTechnician).await;
+                write_png(&last, &out);
                 out.event("ended", "Time is up; session ended.", serde_json::json!({"reason": "ended_by_technician"}));
                 return Ok(());
             }
             _ = tokio::signal::ctrl_c() => {
                 session.end(EndReason::EndedByTechnician).await;
+                write_png(&last, &out);
                 out.event("ended", "You ended the session.", serde_json::json!({"reason": "ended_by_technician"}));
                 return Ok(());
             }

@@ -150,7 +150,8 @@ async fn allowed_session_runs_and_ends_on_both_sides() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn denied_session_streams_nothing_and_says_so() {
     let (_dir, relay, token) = setup().await;
-    let mut agent = Agent::start(&relay, "deny").await;
+    let x = tandem_tests::x11::Xvfb::start(640, 480);
+    let mut agent = Agent::start_on(&relay, "deny", Some(&x.display)).await;
     let code = agent.code().await;
     let (rc, ev) = console(&relay, &token, &code, &["--seconds", "10"]).await;
     assert_eq!(rc, 16, "{ev:?}");
@@ -158,6 +159,10 @@ async fn denied_session_streams_nothing_and_says_so() {
     assert!(
         !has(&ev, "stats"),
         "no session traffic after a denial: {ev:?}"
+    );
+    assert!(
+        !has(&ev, "first_frame"),
+        "a pixel left the agent after a denial: {ev:?}"
     );
     agent.next("denied").await;
     relay.terminate().await;
@@ -268,5 +273,60 @@ async fn without_a_display_control_is_refused_and_the_console_is_told() {
         .expect("permissions event");
     assert_eq!(p["view_only"], true);
     assert_eq!(agent.next("session").await["view_only"], true);
+    relay.terminate().await;
+}
+
+/// The console's decoded picture matches the agent's screen.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn console_sees_the_agents_screen() {
+    use tandem_media::Capturer;
+    let (_dir, relay, token) = setup().await;
+    let x = tandem_tests::x11::Xvfb::start(1024, 768);
+    let mut screen = std::process::Command::new(binary("tandem-demo-screen"))
+        .arg(&x.display)
+        .spawn()
+        .unwrap();
+    let mut agent = Agent::start_on(&relay, "view-only", Some(&x.display)).await;
+    let code = agent.code().await;
+    let png = tempfile::NamedTempFile::new().unwrap();
+    let (rc, ev) = console(
+        &relay,
+        &token,
+        &code,
+        &[
+            "--frames",
+            "3",
+            "--seconds",
+            "20",
+            "--png",
+            png.path().to_str().unwrap(),
+        ],
+    )
+    .await;
+    assert_eq!(rc, 0, "{ev:?}");
+    let first = ev
+        .iter()
+        .find(|e| e["event"] == "first_frame")
+        .expect("a frame arrived");
+    let ms = first["join_to_first_frame_ms"].as_f64().unwrap();
+    assert!(ms < 5000.0, "first frame after {ms} ms");
+    // Decode the console's PNG and compare it with what the X server shows.
+    let decoder = png::Decoder::new(std::io::BufReader::new(
+        std::fs::File::open(png.path()).unwrap(),
+    ));
+    let mut reader = decoder.read_info().unwrap();
+    let mut buf = vec![0; reader.output_buffer_size().unwrap()];
+    let info = reader.next_frame(&mut buf).unwrap();
+    assert_eq!((info.width, info.height), (1024, 768));
+    let seen = tandem_media::rgba_to_frame(info.width, info.height, &buf[..info.buffer_size()]);
+    let mut cap = tandem_media::capture::x11::X11Capturer::open(Some(&x.display)).unwrap();
+    let truth = cap.capture().unwrap().frame.clone();
+    let psnr = tandem_media::luma_psnr(&truth, &seen);
+    assert!(
+        psnr >= 35.0,
+        "console picture differs from the agent's screen: {psnr:.1} dB"
+    );
+    let _ = screen.kill();
+    let _ = screen.wait();
     relay.terminate().await;
 }
