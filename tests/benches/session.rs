@@ -53,28 +53,29 @@ async fn pair(
     (agent, console, ms)
 }
 
-async fn inner_throughput(agent: &Session, console: &mut Session, mib: usize) -> f64 {
-    const FRAME: usize = 1024 * 1024;
-    let v = agent.video_sender();
+/// Reliable-stream throughput of the inner connection: 4,000-byte messages on the session's input
+/// event stream (one ordered stream, like the outer payload stream it is compared with). Video
+/// frames are not used: their supersede rule drops frames on purpose.
+async fn inner_throughput(agent: &Session, console: &Session, mib: usize) -> f64 {
+    const MSG: usize = 4000;
+    let n = mib * 1024 * 1024 / MSG;
+    let sender = console.input_sender();
     let t = Instant::now();
-    let frames = mib * 1024 * 1024 / FRAME;
-    let data = vec![0x33u8; FRAME];
-    let sender = tokio::spawn(async move {
-        for seq in 1..=frames as u64 {
-            v.send(seq, &data).await.unwrap();
+    let send = tokio::spawn(async move {
+        let buf = vec![0x33u8; MSG];
+        for _ in 0..n {
+            sender.send_event(&buf).await.unwrap();
         }
     });
-    // Frames two behind may be reset by the sender's supersede rule; count bytes of those delivered
-    // and stop when the last one is in.
     let mut bytes = 0usize;
-    loop {
-        let f = console.recv_video().await.unwrap();
-        bytes += f.data.len();
-        if f.seq == frames as u64 {
-            break;
+    let mut got = 0;
+    while got < n {
+        if let tandem_session::InputItem::Event(b) = agent.recv_input().await.unwrap() {
+            bytes += b.len();
+            got += 1;
         }
     }
-    sender.await.unwrap();
+    send.await.unwrap();
     bytes as f64 / t.elapsed().as_secs_f64() / 1e6
 }
 
@@ -144,8 +145,8 @@ async fn run(quick: bool) {
     // ---- throughput and RTT: inner (both fallbacks) vs outer alone ----
     let mut rows = vec![];
     for fb in [Fallback::Fragment, Fallback::Stream] {
-        let (agent, mut console, _) = pair(&opts, &token, fb).await;
-        let tp = inner_throughput(&agent, &mut console, mib).await;
+        let (agent, console, _) = pair(&opts, &token, fb).await;
+        let tp = inner_throughput(&agent, &console, mib).await;
         let load = |s: &Session| {
             let st = s.carrier_stats();
             (
