@@ -367,7 +367,7 @@ impl RelayTrust {
         let mut cfg = match self {
             RelayTrust::Pin(fp) => builder
                 .dangerous()
-                .with_custom_certificate_verifier(Arc::new(PinnedVerifier { pin: *fp, provider }))
+                .with_custom_certificate_verifier(Arc::new(PinnedVerifier::new(*fp)))
                 .with_no_client_auth(),
             RelayTrust::Ca { path, roots } => {
                 let mut store = rustls::RootCertStore::empty();
@@ -386,17 +386,40 @@ impl RelayTrust {
     }
 }
 
-/// Accepts exactly the certificate whose SHA-256 is pinned, and checks that the peer holds its key.
+/// Which certificates a [`PinnedVerifier`] accepts. Either way the peer must prove it holds the
+/// certificate's key (the TLS handshake signature is verified).
+#[derive(Clone, Copy, Debug)]
+enum Accept {
+    /// Exactly the certificate with this fingerprint.
+    Pin(Fingerprint),
+    /// Any certificate: for a channel that is authenticated afterwards by other means bound to this
+    /// TLS connection (Tandem's inner session: SPAKE2 over the TLS exporter). Never for the relay.
+    AuthenticatedLater,
+}
+
+/// Accepts exactly the certificate whose SHA-256 is pinned (or, see [`PinnedVerifier::authenticated_later`],
+/// any certificate), and checks that the peer holds its key.
 #[derive(Debug)]
 pub struct PinnedVerifier {
-    pin: Fingerprint,
+    accept: Accept,
     provider: Arc<CryptoProvider>,
 }
 
 impl PinnedVerifier {
     pub fn new(pin: Fingerprint) -> Self {
         PinnedVerifier {
-            pin,
+            accept: Accept::Pin(pin),
+            provider: provider(),
+        }
+    }
+
+    /// A verifier for a TLS connection whose peer is authenticated afterwards, bound to this
+    /// connection (e.g. by a PAKE over the TLS exporter): it accepts any certificate but still
+    /// checks that the peer holds its key. Must not be used where the certificate is the only
+    /// authentication.
+    pub fn authenticated_later() -> Self {
+        PinnedVerifier {
+            accept: Accept::AuthenticatedLater,
             provider: provider(),
         }
     }
@@ -419,12 +442,16 @@ impl ServerCertVerifier for PinnedVerifier {
         _ocsp_response: &[u8],
         _now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
+        let pin = match self.accept {
+            Accept::AuthenticatedLater => return Ok(ServerCertVerified::assertion()),
+            Accept::Pin(pin) => pin,
+        };
         let presented = Fingerprint::of(end_entity.as_ref());
-        if presented == self.pin {
+        if presented == pin {
             Ok(ServerCertVerified::assertion())
         } else {
             Err(rustls::Error::General(pin_mismatch_message(
-                &presented, &self.pin,
+                &presented, &pin,
             )))
         }
     }
@@ -552,6 +579,28 @@ mod tests {
             .verify_server_cert(&other, &[], &name, &[], UnixTime::now())
             .unwrap_err();
         assert!(err.to_string().contains("does not match the pinned"));
+    }
+
+    #[test]
+    fn authenticated_later_accepts_any_certificate_but_only_there() {
+        let g = generate(&[]).unwrap();
+        let cert = CertificateDer::from_pem_slice(g.relay_pem.as_bytes()).unwrap();
+        let other = CertificateDer::from_pem_slice(g.ca_pem.as_bytes()).unwrap();
+        let name = ServerName::try_from("x").unwrap();
+        let v = PinnedVerifier::authenticated_later();
+        for c in [&cert, &other] {
+            assert!(
+                v.verify_server_cert(c, &[], &name, &[], UnixTime::now())
+                    .is_ok()
+            );
+        }
+        // The relay is never trusted this way: RelayTrust has no such variant, and a pin still pins.
+        let pinned = PinnedVerifier::new(Fingerprint::of(&cert));
+        assert!(
+            pinned
+                .verify_server_cert(&other, &[], &name, &[], UnixTime::now())
+                .is_err()
+        );
     }
 
     #[test]

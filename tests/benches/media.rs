@@ -10,112 +10,8 @@
 use std::time::{Duration, Instant};
 use tandem_media::capture::x11::X11Capturer;
 use tandem_media::{Capturer, I420, Target, VideoDecoder, VideoEncoder, bgrx_to_i420, plane_psnr};
-use tandem_tests::x11::Xvfb;
-use x11rb::connection::Connection;
-use x11rb::protocol::xproto::{ChangeGCAux, ConnectionExt, CreateGCAux, Rectangle};
-use x11rb::rust_connection::RustConnection;
-use x11rb::wrapper::ConnectionExt as _;
-
-struct Painter {
-    conn: RustConnection,
-    root: u32,
-    gc: u32,
-    text_gc: u32,
-    w: u16,
-    h: u16,
-    seed: u32,
-}
-
-const WORDS: [&str; 14] = [
-    "printer",
-    "queue",
-    "status",
-    "error:",
-    "spooler",
-    "restart",
-    "driver",
-    "C:\\Users",
-    "ok",
-    "tandem",
-    "ping",
-    "192.168.1.20",
-    "--help",
-    "fn main() {",
-];
-
-impl Painter {
-    fn new(x: &Xvfb) -> Painter {
-        let (conn, n) = RustConnection::connect(Some(&x.display)).unwrap();
-        let root = conn.setup().roots[n].root;
-        let gc = conn.generate_id().unwrap();
-        conn.create_gc(gc, root, &CreateGCAux::new()).unwrap();
-        let font = conn.generate_id().unwrap();
-        conn.open_font(font, b"fixed").unwrap();
-        let text_gc = conn.generate_id().unwrap();
-        conn.create_gc(
-            text_gc,
-            root,
-            &CreateGCAux::new()
-                .font(font)
-                .foreground(0x101010)
-                .background(0xffffff),
-        )
-        .unwrap();
-        Painter {
-            conn,
-            root,
-            gc,
-            text_gc,
-            w: x.width as u16,
-            h: x.height as u16,
-            seed: 1,
-        }
-    }
-    fn rnd(&mut self) -> u32 {
-        self.seed ^= self.seed << 13;
-        self.seed ^= self.seed >> 17;
-        self.seed ^= self.seed << 5;
-        self.seed
-    }
-    fn fill(&self, color: u32, x: i16, y: i16, w: u16, h: u16) {
-        self.conn
-            .change_gc(self.gc, &ChangeGCAux::new().foreground(color))
-            .unwrap();
-        self.conn
-            .poly_fill_rectangle(
-                self.root,
-                self.gc,
-                &[Rectangle {
-                    x,
-                    y,
-                    width: w,
-                    height: h,
-                }],
-            )
-            .unwrap();
-    }
-    fn line(&mut self, y: i16, n: usize) {
-        let mut line = format!("{n:5}  ");
-        while line.len() < (self.w as usize / 6).saturating_sub(12).min(240) {
-            let i = (self.rnd() as usize) % WORDS.len();
-            line.push_str(WORDS[i]);
-            line.push(' ');
-        }
-        self.fill(0xffffff, 0, y - 12, self.w, 15);
-        self.conn
-            .image_text8(self.root, self.text_gc, 4, y, line.as_bytes())
-            .unwrap();
-    }
-    fn page(&mut self, first: usize) {
-        self.fill(0xffffff, 0, 0, self.w, self.h);
-        for (i, y) in (14..self.h as i16).step_by(15).enumerate() {
-            self.line(y, first + i);
-        }
-    }
-    fn sync(&self) {
-        self.conn.sync().unwrap();
-    }
-}
+use tandem_tests::x11::{Painter, Xvfb};
+use x11rb::protocol::xproto::ConnectionExt;
 
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Scene {
@@ -214,7 +110,7 @@ fn main() {
     let mut table = vec![];
     for (w, h) in [(1280u32, 720u32), (1920, 1080)] {
         let x = Xvfb::start(w, h);
-        let mut p = Painter::new(&x);
+        let mut p = Painter::new(&x.display);
         let mut cap = X11Capturer::open(Some(&x.display)).unwrap();
         let mut all = Samples::default();
         for scene in [

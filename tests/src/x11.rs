@@ -5,6 +5,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use x11rb::connection::Connection;
 use x11rb::protocol::Event;
+use x11rb::protocol::xproto::CreateGCAux as CreateWindowAuxGc;
 use x11rb::protocol::xproto::{ConnectionExt, CreateWindowAux, EventMask, InputFocus, WindowClass};
 use x11rb::rust_connection::RustConnection;
 use x11rb::wrapper::ConnectionExt as _;
@@ -278,5 +279,127 @@ impl XRecorder {
     pub fn pressed_buttons(&self) -> u16 {
         let r = self.conn.query_pointer(self.root).unwrap().reply().unwrap();
         u16::from(r.mask) & 0x1f00
+    }
+}
+
+/// Draws on the root window of a display: filled rectangles and text in the server's built-in
+/// `fixed` font (scenes for capture tests, benchmarks and the demo screen).
+pub struct Painter {
+    pub conn: RustConnection,
+    pub root: u32,
+    pub gc: u32,
+    pub text_gc: u32,
+    pub w: u16,
+    pub h: u16,
+    seed: u32,
+}
+
+/// Words for terminal-like text.
+pub const WORDS: [&str; 14] = [
+    "printer",
+    "queue",
+    "status",
+    "error:",
+    "spooler",
+    "restart",
+    "driver",
+    "C:\\Users",
+    "ok",
+    "tandem",
+    "ping",
+    "192.168.1.20",
+    "--help",
+    "fn main() {",
+];
+
+impl Painter {
+    pub fn new(display: &str) -> Painter {
+        use x11rb::protocol::xproto::ConnectionExt as _;
+        let (conn, n) = RustConnection::connect(Some(display)).unwrap();
+        let screen = &conn.setup().roots[n];
+        let (root, w, h) = (screen.root, screen.width_in_pixels, screen.height_in_pixels);
+        let gc = conn.generate_id().unwrap();
+        conn.create_gc(gc, root, &CreateWindowAuxGc::new()).unwrap();
+        let font = conn.generate_id().unwrap();
+        conn.open_font(font, b"fixed").unwrap();
+        let text_gc = conn.generate_id().unwrap();
+        conn.create_gc(
+            text_gc,
+            root,
+            &CreateWindowAuxGc::new()
+                .font(font)
+                .foreground(0x101010)
+                .background(0xffffff),
+        )
+        .unwrap();
+        Painter {
+            conn,
+            root,
+            gc,
+            text_gc,
+            w,
+            h,
+            seed: 1,
+        }
+    }
+
+    pub fn rnd(&mut self) -> u32 {
+        self.seed ^= self.seed << 13;
+        self.seed ^= self.seed >> 17;
+        self.seed ^= self.seed << 5;
+        self.seed
+    }
+
+    /// Fills a rectangle with 0xRRGGBB.
+    pub fn fill(&self, color: u32, x: i16, y: i16, w: u16, h: u16) {
+        use x11rb::protocol::xproto::{ChangeGCAux, ConnectionExt as _, Rectangle};
+        self.conn
+            .change_gc(self.gc, &ChangeGCAux::new().foreground(color))
+            .unwrap();
+        self.conn
+            .poly_fill_rectangle(
+                self.root,
+                self.gc,
+                &[Rectangle {
+                    x,
+                    y,
+                    width: w,
+                    height: h,
+                }],
+            )
+            .unwrap();
+    }
+
+    /// Draws text (at most 255 bytes) with its baseline at `y`.
+    pub fn text(&self, x: i16, y: i16, s: &str) {
+        use x11rb::protocol::xproto::ConnectionExt as _;
+        let b = &s.as_bytes()[..s.len().min(255)];
+        self.conn
+            .image_text8(self.root, self.text_gc, x, y, b)
+            .unwrap();
+    }
+
+    /// One line of terminal-like text with its baseline at `y`, clearing the line first.
+    pub fn line(&mut self, y: i16, n: usize) {
+        let mut line = format!("{n:5}  ");
+        while line.len() < (self.w as usize / 6).saturating_sub(12).min(240) {
+            let i = (self.rnd() as usize) % WORDS.len();
+            line.push_str(WORDS[i]);
+            line.push(' ');
+        }
+        self.fill(0xffffff, 0, y - 12, self.w, 15);
+        self.text(4, y, &line);
+    }
+
+    /// A whole screen of terminal-like text, lines numbered from `first`.
+    pub fn page(&mut self, first: usize) {
+        self.fill(0xffffff, 0, 0, self.w, self.h);
+        for (i, y) in (14..self.h as i16).step_by(15).enumerate() {
+            self.line(y, first + i);
+        }
+    }
+
+    pub fn sync(&self) {
+        self.conn.sync().unwrap();
     }
 }

@@ -9,114 +9,11 @@ use tandem_media::{
     Capturer, Frame, ScreenPipeline, Target, VideoDecoder, VideoEncoder, bgrx_to_i420, luma_psnr,
     rgba_to_frame,
 };
-use tandem_tests::x11::Xvfb;
+use tandem_tests::x11::{Painter, Xvfb};
 use x11rb::connection::Connection;
-use x11rb::protocol::xproto::{ChangeGCAux, ConnectionExt, CreateGCAux, Rectangle};
+use x11rb::protocol::xproto::ConnectionExt;
 use x11rb::rust_connection::RustConnection;
 use x11rb::wrapper::ConnectionExt as _;
-
-/// Draws filled rectangles of 0xRRGGBB colours on the root window.
-struct Painter {
-    conn: RustConnection,
-    root: u32,
-    gc: u32,
-}
-
-impl Painter {
-    fn new(x: &Xvfb) -> Painter {
-        let (conn, n) = RustConnection::connect(Some(&x.display)).unwrap();
-        let root = conn.setup().roots[n].root;
-        let gc = conn.generate_id().unwrap();
-        conn.create_gc(gc, root, &CreateGCAux::new()).unwrap();
-        Painter { conn, root, gc }
-    }
-    fn fill(&self, color: u32, x: i16, y: i16, w: u16, h: u16) {
-        self.conn
-            .change_gc(self.gc, &ChangeGCAux::new().foreground(color))
-            .unwrap();
-        self.conn
-            .poly_fill_rectangle(
-                self.root,
-                self.gc,
-                &[Rectangle {
-                    x,
-                    y,
-                    width: w,
-                    height: h,
-                }],
-            )
-            .unwrap();
-        self.conn.sync().unwrap();
-    }
-    /// A terminal-like screen: lines of text in the X server's built-in `fixed` font.
-    fn text_screen(&self, w: u16, h: u16, seed: u32) {
-        self.fill(0xffffff, 0, 0, w, h);
-        let font = self.conn.generate_id().unwrap();
-        self.conn.open_font(font, b"fixed").unwrap();
-        let gc = self.conn.generate_id().unwrap();
-        self.conn
-            .create_gc(
-                gc,
-                self.root,
-                &CreateGCAux::new()
-                    .font(font)
-                    .foreground(0x101010)
-                    .background(0xffffff),
-            )
-            .unwrap();
-        let words = [
-            "printer",
-            "queue",
-            "status",
-            "error:",
-            "spooler",
-            "restart",
-            "driver",
-            "C:\\Users",
-            "ok",
-            "tandem",
-            "ping",
-            "192.168.1.20",
-            "--help",
-        ];
-        let mut s = seed | 1;
-        for (i, y) in (14..h as i16).step_by(15).enumerate() {
-            let mut line = format!("{i:4}  ");
-            while line.len() < (w as usize / 6).saturating_sub(10) {
-                s ^= s << 13;
-                s ^= s >> 17;
-                s ^= s << 5;
-                line.push_str(words[(s % words.len() as u32) as usize]);
-                line.push(' ');
-            }
-            self.conn
-                .image_text8(self.root, gc, 4, y, line.as_bytes())
-                .unwrap();
-        }
-        self.conn.sync().unwrap();
-    }
-
-    /// Text-like detail: a pattern of small glyph-sized blocks and lines.
-    fn busy_content(&self, w: u16, h: u16, seed: u32) {
-        self.fill(0xf0f0f0, 0, 0, w, h);
-        let mut s = seed.wrapping_mul(2654435761) | 1;
-        for row in 0..(h / 16) {
-            for col in 0..(w / 9) {
-                s ^= s << 13;
-                s ^= s >> 17;
-                s ^= s << 5;
-                if !s.is_multiple_of(3) {
-                    let c = if s.is_multiple_of(7) {
-                        0x2050c0
-                    } else {
-                        0x202020
-                    };
-                    self.fill(c, (col * 9) as i16 + 1, (row * 16) as i16 + 3, 6, 10);
-                }
-            }
-        }
-    }
-}
 
 fn bgr(f: &Frame, x: u32, y: u32) -> u32 {
     let (b, g, r) = f.pixel(x, y);
@@ -136,11 +33,12 @@ fn openh264_was_built_with_its_assembly() {
 #[test]
 fn captured_frame_equals_what_was_drawn() {
     let x = Xvfb::start(640, 480);
-    let p = Painter::new(&x);
+    let p = Painter::new(&x.display);
     p.fill(0x000000, 0, 0, 640, 480);
     p.fill(0xff0000, 10, 10, 50, 40);
     p.fill(0x00ff00, 600, 400, 40, 80);
     p.fill(0x1234ab, 320, 0, 1, 480);
+    p.sync();
     let mut c = X11Capturer::open(Some(&x.display)).unwrap();
     assert!(c.uses_shm(), "Xvfb offers MIT-SHM 1.2");
     let cap = c.capture().unwrap();
@@ -208,8 +106,9 @@ fn shared_memory_segment_is_private_to_this_process() {
 #[test]
 fn changes_are_detected_and_an_idle_screen_encodes_nothing() {
     let x = Xvfb::start(640, 480);
-    let p = Painter::new(&x);
-    p.busy_content(640, 480, 1);
+    let mut p = Painter::new(&x.display);
+    p.page(0);
+    p.sync();
     let c = X11Capturer::open(Some(&x.display)).unwrap();
     let mut pipe = ScreenPipeline::new(c, Target::default()).unwrap();
     let first = pipe.step().unwrap();
@@ -222,6 +121,7 @@ fn changes_are_detected_and_an_idle_screen_encodes_nothing() {
     }
     // Typing one character: one tile changes.
     p.fill(0x000000, 100, 100, 6, 10);
+    p.sync();
     let cap = pipe.capturer.capture().unwrap();
     assert!(
         cap.damage
@@ -235,8 +135,9 @@ fn changes_are_detected_and_an_idle_screen_encodes_nothing() {
 #[test]
 fn encode_decode_round_trip_keeps_quality() {
     let x = Xvfb::start(1280, 720);
-    let p = Painter::new(&x);
-    p.text_screen(1280, 720, 7);
+    let mut p = Painter::new(&x.display);
+    p.page(0);
+    p.sync();
     let mut c = X11Capturer::open(Some(&x.display)).unwrap();
     let captured = c.capture().unwrap().frame.clone();
     let mut enc = VideoEncoder::new(Target {

@@ -66,6 +66,11 @@ impl VideoDecoder {
             return Err(DecodeError::Corrupt(format!("implausible size {w}x{h}")));
         }
         let (ys, us, _vs) = yuv.strides();
+        if ys < w || us < w.div_ceil(2) || yuv.y().len() < ys * (h - 1) + w {
+            return Err(DecodeError::Corrupt(format!(
+                "inconsistent planes for {w}x{h} (strides {ys}, {us})"
+            )));
+        }
         let mut rgba = Vec::new();
         let t = std::time::Instant::now();
         i420_to_rgba(

@@ -9,10 +9,7 @@
 
 use crate::carrier::VirtualSocket;
 use quinn::{Endpoint, EndpointConfig, TokioRuntime, TransportConfig, VarInt};
-use rustls::DigitallySignedStruct;
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::crypto::{CryptoProvider, verify_tls12_signature, verify_tls13_signature};
-use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
+use rustls_pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -94,12 +91,13 @@ pub fn agent_endpoint(socket: VirtualSocket) -> Result<Endpoint, InnerError> {
 
 /// The console's inner endpoint.
 pub fn console_endpoint(socket: VirtualSocket) -> Result<Endpoint, InnerError> {
-    let provider = tandem_certs::provider();
-    let mut tls = rustls::ClientConfig::builder_with_provider(provider.clone())
+    let mut tls = rustls::ClientConfig::builder_with_provider(tandem_certs::provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| InnerError::Tls(e.to_string()))?
         .dangerous()
-        .with_custom_certificate_verifier(Arc::new(PakeAuthenticated { provider }))
+        .with_custom_certificate_verifier(Arc::new(
+            tandem_certs::PinnedVerifier::authenticated_later(),
+        ))
         .with_no_client_auth();
     tls.alpn_protocols = vec![ALPN.to_vec()];
     let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
@@ -115,58 +113,4 @@ pub fn console_endpoint(socket: VirtualSocket) -> Result<Endpoint, InnerError> {
     .map_err(InnerError::Endpoint)?;
     ep.set_default_client_config(cfg);
     Ok(ep)
-}
-
-/// Accepts the agent's per-session certificate, checking only that the agent holds its key. The
-/// channel is authenticated afterwards by the PAKE over this connection's TLS exporter.
-#[derive(Debug)]
-struct PakeAuthenticated {
-    provider: Arc<CryptoProvider>,
-}
-
-impl ServerCertVerifier for PakeAuthenticated {
-    fn verify_server_cert(
-        &self,
-        _end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
-    }
 }
