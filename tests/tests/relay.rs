@@ -693,3 +693,43 @@ async fn lost_connection_resumes_within_grace() {
     assert_eq!(e.code(), Some(ErrorCode::SessionGone));
     relay.shutdown().await;
 }
+
+/// An MSP's own certificate chain and key instead of the generated ones; clients trust its CA.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn msp_certificate_is_used_and_trusted_by_its_ca() {
+    tandem_tests::init_logs();
+    let dir = tempfile::tempdir().unwrap();
+    let own = tempfile::tempdir().unwrap();
+    let g = tandem_certs::generate(&["relay.msp.example".into()]).unwrap();
+    let (chain, key, ca) = (
+        own.path().join("chain.pem"),
+        own.path().join("key.pem"),
+        own.path().join("ca.pem"),
+    );
+    std::fs::write(&chain, format!("{}{}", g.relay_pem, g.ca_pem)).unwrap();
+    std::fs::write(&key, &g.relay_key_pem).unwrap();
+    std::fs::write(&ca, &g.ca_pem).unwrap();
+    let relay = RelayProcess::start_with(
+        dir.path(),
+        &[
+            "--cert",
+            chain.to_str().unwrap(),
+            "--key",
+            key.to_str().unwrap(),
+        ],
+    )
+    .await;
+    // The relay made no certificate of its own.
+    assert!(!dir.path().join(tandem_certs::RELAY_CERT_FILE).exists());
+    let port = relay.addr.rsplit_once(':').unwrap().1;
+    let opts = ConnectOptions::new(
+        format!("localhost:{port}"),
+        RelayTrust::ca_file(&ca).unwrap(),
+    );
+    let mut agent = within(RelayLink::connect(&opts)).await.unwrap();
+    within(agent.register()).await.unwrap();
+    // The printed pin is the MSP certificate's.
+    let leaf = tandem_certs::load_certs(&chain).unwrap().remove(0);
+    assert_eq!(relay.pin, Fingerprint::of(&leaf));
+    relay.terminate().await;
+}
