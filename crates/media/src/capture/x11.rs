@@ -17,7 +17,9 @@ use x11rb::connection::{Connection, RequestConnection};
 use x11rb::protocol::randr::ConnectionExt as _;
 use x11rb::protocol::shm::ConnectionExt as _;
 use x11rb::protocol::xfixes::{ConnectionExt as _, CursorNotifyMask};
-use x11rb::protocol::xproto::{ConnectionExt as _, ImageFormat, Window};
+use x11rb::protocol::xproto::{
+    ChangeWindowAttributesAux, ConnectionExt as _, EventMask, ImageFormat, Window,
+};
 use x11rb::rust_connection::RustConnection;
 
 struct Shm {
@@ -50,6 +52,11 @@ pub struct X11Capturer {
     cursor_serial: u32,
     cursor_dirty: bool,
     xfixes: bool,
+    /// The root window was reconfigured (a resolution change) since the last capture.
+    resize_pending: bool,
+    /// Captures since the screen size was last read from the server (a safety net for a missed
+    /// event).
+    since_geometry: u32,
 }
 
 impl std::fmt::Debug for X11Capturer {
@@ -105,6 +112,11 @@ impl X11Capturer {
         if xfixes {
             let _ = conn.xfixes_select_cursor_input(root, CursorNotifyMask::DISPLAY_CURSOR);
         }
+        // Resolution changes arrive as ConfigureNotify on the root window.
+        let _ = conn.change_window_attributes(
+            root,
+            &ChangeWindowAttributesAux::new().event_mask(EventMask::STRUCTURE_NOTIFY),
+        );
         let mut c = X11Capturer {
             conn,
             root,
@@ -118,6 +130,8 @@ impl X11Capturer {
             cursor_serial: 0,
             cursor_dirty: true,
             xfixes,
+            resize_pending: false,
+            since_geometry: 0,
         };
         c.monitors = c.read_monitors()?;
         if !shm_supported {
@@ -204,8 +218,29 @@ impl X11Capturer {
         Ok(())
     }
 
-    /// Re-reads the screen size; on a change, re-reads monitors and starts over.
+    /// Handles pending X events: cursor changes and root reconfiguration.
+    fn drain_events(&mut self) {
+        while let Ok(Some(ev)) = self.conn.poll_for_event() {
+            match ev {
+                x11rb::protocol::Event::XfixesCursorNotify(_) => self.cursor_dirty = true,
+                x11rb::protocol::Event::ConfigureNotify(c) if c.window == self.root => {
+                    self.resize_pending = true
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// Re-reads the screen size when the root window was reconfigured (or, as a safety net, every
+    /// 300 captures); on a change, re-reads monitors and starts over.
     fn check_resize(&mut self) -> Result<bool, CaptureError> {
+        self.drain_events();
+        self.since_geometry += 1;
+        if !self.resize_pending && self.since_geometry < 300 {
+            return Ok(false);
+        }
+        self.resize_pending = false;
+        self.since_geometry = 0;
         let g = self
             .conn
             .get_geometry(self.root)
@@ -227,12 +262,7 @@ impl X11Capturer {
     }
 
     fn cursor(&mut self, m: &Monitor) -> CursorState {
-        // Drain XFixes cursor-change events.
-        while let Ok(Some(ev)) = self.conn.poll_for_event() {
-            if let x11rb::protocol::Event::XfixesCursorNotify(_) = ev {
-                self.cursor_dirty = true;
-            }
-        }
+        self.drain_events();
         let mut state = CursorState::default();
         if self.xfixes
             && self.cursor_dirty
@@ -331,7 +361,16 @@ impl Capturer for X11Capturer {
                     r.size
                 )));
             }
-            self.frame.data.copy_from_slice(&shm.map[..bytes]);
+            let damage =
+                self.detector
+                    .update_from(&shm.map[..bytes], w as usize * 4, &mut self.frame);
+            let cursor = self.cursor(&m);
+            return Ok(Captured {
+                frame: &self.frame,
+                damage,
+                cursor,
+                resized,
+            });
         } else {
             let r = self
                 .conn
