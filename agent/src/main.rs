@@ -260,8 +260,18 @@ async fn ask_consent(mode: ConsentMode, technician: &str, organisation: &str) ->
 /// → H.264, at most `fps` frames a second. Runs on its own thread (X11 and the encoder block). A
 /// frame is sent before the next is captured, so nothing queues behind a slow path: the next frame
 /// simply comes later, carrying everything that changed meanwhile.
+/// The video bitrate the path carries: half of what the inner connection's congestion window
+/// allows per round trip (the rest is headroom for input, control and retransmissions), between
+/// 300 kbit/s and 8 Mbit/s.
+fn path_bitrate(inner: &quinn::Connection) -> u32 {
+    let rtt = inner.rtt().as_secs_f64().max(0.001);
+    let cwnd = inner.stats().path.cwnd as f64;
+    ((cwnd * 8.0 / rtt) * 0.5).clamp(300_000.0, 8_000_000.0) as u32
+}
+
 fn start_streaming(
     display: String,
+    inner: quinn::Connection,
     video: tandem_session::VideoSender,
     keyframe: Arc<AtomicBool>,
     stop: Arc<AtomicBool>,
@@ -282,8 +292,23 @@ fn start_streaming(
         .spawn(move || {
             let interval = Duration::from_millis(33);
             let mut seq = 0u64;
+            let mut step_no = 0u64;
+            let mut bitrate = 4_000_000u32;
             while !stop.load(Ordering::Relaxed) {
                 let started = std::time::Instant::now();
+                step_no += 1;
+                if step_no.is_multiple_of(15) {
+                    // The encoder follows what the path carries (inner QUIC's window and RTT),
+                    // with hysteresis so that small swings do not re-tune it.
+                    let want = path_bitrate(&inner);
+                    if want.abs_diff(bitrate) > bitrate / 4 {
+                        bitrate = want;
+                        pipeline.set_target(Target {
+                            bitrate_bps: bitrate,
+                            max_fps: 30.0,
+                        });
+                    }
+                }
                 if keyframe.swap(false, Ordering::Relaxed) {
                     pipeline.request_keyframe();
                 }
@@ -369,6 +394,7 @@ async fn run_session(
     let _streaming = match &display {
         Some(d) => match start_streaming(
             d.clone(),
+            s.connection().clone(),
             s.video_sender(),
             keyframe.clone(),
             stop.clone(),
