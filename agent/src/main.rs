@@ -13,8 +13,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
-use tandem_client::ConnectOptions;
 use tandem_client::tandem_certs::RelayTrust;
+use tandem_client::{ConnectOptions, EventOut};
 use tandem_input::{AgentInput, Injector, Permission, X11Injector};
 use tandem_media::capture::x11::X11Capturer;
 use tandem_media::{ScreenPipeline, Target};
@@ -100,25 +100,6 @@ fn shipped_config() -> Option<PathBuf> {
     p.exists().then_some(p)
 }
 
-struct Out {
-    json: bool,
-}
-
-impl Out {
-    fn event(&self, kind: &str, text: &str, extra: serde_json::Value) {
-        if self.json {
-            let mut v = serde_json::json!({"event": kind, "message": text});
-            if let (Some(o), serde_json::Value::Object(e)) = (v.as_object_mut(), extra) {
-                o.extend(e);
-            }
-            println!("{v}");
-        } else {
-            println!("{text}");
-        }
-        let _ = std::io::stdout().flush();
-    }
-}
-
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let _ = tracing_subscriber::fmt()
@@ -166,7 +147,7 @@ async fn run(cli: Cli) -> Result<()> {
             cli.consent
         );
     }
-    let out = Out { json: cli.json };
+    let out = EventOut { json: cli.json };
     let mut opts = ConnectOptions::new(relay.clone(), trust);
     opts.software = format!("tandem-agent {}", env!("CARGO_PKG_VERSION"));
     let cfg = SessionConfig {
@@ -371,7 +352,7 @@ async fn run_session(
     s: Session,
     mode: ConsentMode,
     display: Option<String>,
-    out: &Out,
+    out: &EventOut,
 ) -> Result<()> {
     let technician = s.peer().technician.clone().unwrap_or_default();
     let organisation = s.peer().organisation.clone().unwrap_or_default();

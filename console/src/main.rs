@@ -11,8 +11,8 @@ use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 use tandem_client::ClientError;
-use tandem_client::ConnectOptions;
 use tandem_client::tandem_certs::RelayTrust;
+use tandem_client::{ConnectOptions, EventOut};
 use tandem_media::{DecodedFrame, VideoDecoder};
 use tandem_proto::{EndReason, ErrorCode, Secret};
 use tandem_session::{Consent, ControlMsg, SessionCode, SessionConfig, SessionError, SessionEvent};
@@ -129,24 +129,6 @@ fn save(path: &PathBuf, r: &Remembered) -> Result<()> {
         .with_context(|| format!("cannot write {}", path.display()))?;
     f.write_all(text.as_bytes())?;
     Ok(())
-}
-
-struct Out {
-    json: bool,
-}
-
-impl Out {
-    fn event(&self, kind: &str, text: &str, extra: serde_json::Value) {
-        if self.json {
-            let mut v = serde_json::json!({"event": kind, "message": text});
-            if let (Some(o), serde_json::Value::Object(e)) = (v.as_object_mut(), extra) {
-                o.extend(e);
-            }
-            println!("{v}");
-        } else {
-            println!("{text}");
-        }
-    }
 }
 
 /// A failure with its exit code.
@@ -276,7 +258,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         code: exit::USAGE,
         error: e.into(),
     })?;
-    let out = Out { json: cli.json };
+    let out = EventOut { json: cli.json };
     let mut opts = ConnectOptions::new(relay.clone(), trust);
     opts.software = format!("tandem-console {}", env!("CARGO_PKG_VERSION"));
     opts.timeout = Duration::from_secs(cli.connect_timeout.max(1));
@@ -329,7 +311,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
     let mut decoded: u64 = 0;
     let mut video_bytes: u64 = 0;
     let mut first_frame_ms: Option<f64> = None;
-    let write_png = |last: &Option<DecodedFrame>, out: &Out| {
+    let write_png = |last: &Option<DecodedFrame>, out: &EventOut| {
         if let (Some(path), Some(f)) = (&cli.png, last) {
             match save_png(path, f) {
                 Ok(()) => out.event(

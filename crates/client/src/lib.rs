@@ -513,3 +513,27 @@ impl PayloadReceiver {
         Ok(Some(Bytes::copy_from_slice(&self.buf)))
     }
 }
+
+/// How the terminal programs report what happens: one line of text per event for a person, or one
+/// JSON object per line (`{"event": kind, "message": text, …}`) for scripts and tests.
+#[derive(Clone, Copy, Debug)]
+pub struct EventOut {
+    pub json: bool,
+}
+
+impl EventOut {
+    /// Prints one event; `extra` (a JSON object) adds fields in JSON mode.
+    pub fn event(&self, kind: &str, text: &str, extra: serde_json::Value) {
+        use std::io::Write;
+        if self.json {
+            let mut v = serde_json::json!({"event": kind, "message": text});
+            if let (Some(o), serde_json::Value::Object(e)) = (v.as_object_mut(), extra) {
+                o.extend(e);
+            }
+            println!("{v}");
+        } else {
+            println!("{text}");
+        }
+        let _ = std::io::stdout().flush();
+    }
+}

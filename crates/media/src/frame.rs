@@ -60,6 +60,7 @@ pub const TILE: u32 = 64;
 /// Remembers the last frame and reports which tiles changed.
 #[derive(Debug, Default)]
 pub struct ChangeDetector {
+    /// The mirror of the last frame for [`ChangeDetector::changes`].
     prev: Option<Frame>,
     /// For [`ChangeDetector::update_from`]: the next update copies and reports everything.
     full: bool,
@@ -132,58 +133,17 @@ impl ChangeDetector {
         out
     }
 
-    /// The rectangles (whole tiles, merged along rows) where `frame` differs from the previous one.
+    /// The rectangles (whole tiles, merged along rows) where `frame` differs from the previous one
+    /// (kept in a mirror frame updated by [`ChangeDetector::update_from`]).
     pub fn changes(&mut self, frame: &Frame) -> Vec<Rect> {
-        let prev = match &mut self.prev {
-            Some(p) if p.width == frame.width && p.height == frame.height => p,
-            _ => {
-                self.prev = Some(Frame {
-                    width: frame.width,
-                    height: frame.height,
-                    stride: frame.width as usize * 4,
-                    data: (0..frame.height)
-                        .flat_map(|y| frame.row(y).iter().copied())
-                        .collect(),
-                });
-                return vec![Rect {
-                    x: 0,
-                    y: 0,
-                    w: frame.width,
-                    h: frame.height,
-                }];
-            }
-        };
-        let tiles_x = frame.width.div_ceil(TILE);
-        let tiles_y = frame.height.div_ceil(TILE);
-        let mut out: Vec<Rect> = Vec::new();
-        for ty in 0..tiles_y {
-            let y0 = ty * TILE;
-            let h = TILE.min(frame.height - y0);
-            let mut run: Option<Rect> = None;
-            for tx in 0..tiles_x {
-                let x0 = tx * TILE;
-                let w = TILE.min(frame.width - x0);
-                let (b0, b1) = (x0 as usize * 4, (x0 + w) as usize * 4);
-                let mut dirty = false;
-                for y in y0..y0 + h {
-                    let cur = &frame.row(y)[b0..b1];
-                    let ps = y as usize * prev.stride;
-                    let old = &mut prev.data[ps + b0..ps + b1];
-                    if cur != old {
-                        dirty = true;
-                        old.copy_from_slice(cur);
-                    }
-                }
-                match (&mut run, dirty) {
-                    (Some(r), true) => r.w += w,
-                    (None, true) => run = Some(Rect { x: x0, y: y0, w, h }),
-                    (Some(_), false) => out.extend(run.take()),
-                    (None, false) => {}
-                }
-            }
-            out.extend(run.take());
-        }
-        out
+        let mut mirror = self
+            .prev
+            .take()
+            .filter(|m| m.width == frame.width && m.height == frame.height)
+            .unwrap_or_else(|| Frame::new(frame.width, frame.height));
+        let rects = self.update_from(&frame.data, frame.stride, &mut mirror);
+        self.prev = Some(mirror);
+        rects
     }
 }
 

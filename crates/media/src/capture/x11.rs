@@ -68,6 +68,16 @@ impl std::fmt::Debug for X11Capturer {
     }
 }
 
+fn check_size(got: usize, want: usize, w: u32, h: u32) -> Result<(), CaptureError> {
+    if got == want {
+        Ok(())
+    } else {
+        Err(CaptureError::Unsupported(format!(
+            "unexpected image size {got} for {w}x{h}"
+        )))
+    }
+}
+
 fn xerr(e: impl std::fmt::Display) -> CaptureError {
     CaptureError::X11(e.to_string())
 }
@@ -338,7 +348,8 @@ impl Capturer for X11Capturer {
         }
         self.ensure_shm(bytes)?;
         let plane_mask = u32::MAX;
-        if let Some(shm) = &self.shm {
+        let row = w as usize * 4;
+        let damage = if let Some(shm) = &self.shm {
             let r = self
                 .conn
                 .shm_get_image(
@@ -355,22 +366,9 @@ impl Capturer for X11Capturer {
                 .map_err(xerr)?
                 .reply()
                 .map_err(xerr)?;
-            if r.size as usize != bytes {
-                return Err(CaptureError::Unsupported(format!(
-                    "unexpected image size {} for {w}x{h}",
-                    r.size
-                )));
-            }
-            let damage =
-                self.detector
-                    .update_from(&shm.map[..bytes], w as usize * 4, &mut self.frame);
-            let cursor = self.cursor(&m);
-            return Ok(Captured {
-                frame: &self.frame,
-                damage,
-                cursor,
-                resized,
-            });
+            check_size(r.size as usize, bytes, w, h)?;
+            self.detector
+                .update_from(&shm.map[..bytes], row, &mut self.frame)
         } else {
             let r = self
                 .conn
@@ -386,15 +384,9 @@ impl Capturer for X11Capturer {
                 .map_err(xerr)?
                 .reply()
                 .map_err(xerr)?;
-            if r.data.len() != bytes {
-                return Err(CaptureError::Unsupported(format!(
-                    "unexpected image size {} for {w}x{h}",
-                    r.data.len()
-                )));
-            }
-            self.frame.data.copy_from_slice(&r.data);
-        }
-        let damage = self.detector.changes(&self.frame);
+            check_size(r.data.len(), bytes, w, h)?;
+            self.detector.update_from(&r.data, row, &mut self.frame)
+        };
         let cursor = self.cursor(&m);
         Ok(Captured {
             frame: &self.frame,
