@@ -6,8 +6,11 @@ set -euo pipefail
 
 # Build: a C compiler for ring and the bundled SQLite; pkg-config for -sys crates.
 # nasm: OpenH264's assembly (without it the encoder silently builds 3x slower; a test fails then).
-# Tests: Xvfb as the user's screen (input injection and, later, capture tests), xrandr.
-PACKAGES=(build-essential pkg-config nasm xvfb x11-xserver-utils)
+# Tests: Xvfb as the user's screen (input injection and capture tests), xrandr.
+# Windows (eframe/glow on X11): libGL/libEGL with Mesa's software renderer (llvmpipe) so the
+# console and agent windows also render under Xvfb without a GPU; xkbcommon, Xcursor, Xi, Xrandr
+# are loaded by winit at run time.
+PACKAGES=(build-essential pkg-config nasm xvfb x11-xserver-utils libgl1 libegl1 libgl1-mesa-dri libxkbcommon-x11-0 libxcursor1 libxi6 libxrandr2)
 
 missing=()
 for p in "${PACKAGES[@]}"; do

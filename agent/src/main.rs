@@ -1,27 +1,33 @@
 //! `tandem-agent`: runs on the user's PC. Shows a one-time code, asks the user's consent when a
 //! technician joins, and holds the end-to-end session. Thin glue over `tandem-session`.
 //!
-//! This build has the session, consent and control channel; screen streaming and remote input are
-//! the screen-pipeline and remote-input libraries' work and plug into the session's video and input
-//! channels.
+//! With a display it opens a small window ([`ui`]): the code, the consent prompt, and while a
+//! session runs an indicator with End and a view-only switch. `--headless` runs without windows
+//! (consent on the terminal or answered by a flag) for servers and tests; events then go to stdout,
+//! as text or JSON lines.
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, ValueEnum};
 use serde::Deserialize;
-use std::io::{BufRead, IsTerminal, Write};
+use std::io::{BufRead, IsTerminal};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 use tandem_client::tandem_certs::RelayTrust;
 use tandem_client::{ConnectOptions, EventOut};
-use tandem_input::{AgentInput, Injector, Permission, X11Injector};
+use tandem_input::{AgentInput, DisplayRect, Injector, Permission, X11Injector};
 use tandem_media::capture::x11::X11Capturer;
+use tandem_media::capture::{Capturer, CursorShape};
 use tandem_media::{ScreenPipeline, Target};
 use tandem_proto::EndReason;
 use tandem_session::{
-    AgentEvent, AgentHost, CodeChange, Consent, ControlMsg, Session, SessionConfig, SessionEvent,
+    AgentEvent, AgentHost, CodeChange, Consent, ControlMsg, MAX_CURSOR_SIDE, MonitorInfo, Session,
+    SessionConfig, SessionEvent,
 };
+use tokio::sync::mpsc;
+
+mod ui;
 
 /// Name of the configuration file an MSP ships next to the binary.
 const SHIPPED_CONFIG: &str = "tandem-agent.toml";
@@ -33,14 +39,19 @@ const SHIPPED_CONFIG: &str = "tandem-agent.toml";
     about = "Tandem agent: lets a technician see and control this PC, with your consent",
     long_about = "Tandem agent: shows a one-time code to read to your technician. When the technician \
 joins, you decide: allow control, view only, or deny. Nothing is shown to anyone before you allow it, and \
-you can end the session at any time.
+you can switch to view only or end the session at any time.
+
+With a display it opens a small window; with --headless (or without a display) it works on the \
+terminal.
 
 The relay address and its pin come from flags, environment variables, or a tandem-agent.toml file next \
 to this program (so that your IT provider can hand out a ready agent).
 
 Never read the code to someone who called you unexpectedly.",
     after_help = "Example:
-  tandem-agent --relay relay.example.com:4433 --relay-pin sha256:3f2a…"
+  tandem-agent --relay relay.example.com:4433 --relay-pin sha256:3f2a…
+
+While a session runs on the terminal, type `v` + Enter for view only, `c` to give control back, `e` to end."
 )]
 struct Cli {
     /// Relay address, host:port.
@@ -55,25 +66,29 @@ struct Cli {
     /// Configuration file. [default: tandem-agent.toml next to the program, if present]
     #[arg(short, long, env = "TANDEM_AGENT_CONFIG")]
     config: Option<PathBuf>,
-    /// How consent is asked: `tty` asks on this terminal (denied after 60 s without an answer).
-    /// `deny`, `view-only` and `allow` answer without asking: for demonstrations and tests on
-    /// machines without a person in front of them.
-    #[arg(long, value_enum, default_value_t = ConsentMode::Tty)]
-    consent: ConsentMode,
+    /// How consent is asked: `window` (the default with a window) or `tty` (the default without;
+    /// asks on this terminal). Either way it is denied after 60 s without an answer. `deny`,
+    /// `view-only` and `allow` answer without asking: for demonstrations and tests on machines
+    /// without a person in front of them.
+    #[arg(long, value_enum)]
+    consent: Option<ConsentMode>,
+    /// No window: events on stdout, consent on the terminal or by --consent.
+    #[arg(long)]
+    headless: bool,
     /// Print events as JSON lines on stdout (for scripts and tests).
     #[arg(long)]
     json: bool,
     /// Exit after the first session ends instead of showing a new code.
     #[arg(long)]
     once: bool,
-    /// X display whose input the technician may control. [default: $DISPLAY; without one, the
-    /// session is view-only]
+    /// X display to share and control. [default: $DISPLAY; without one, nothing can be shared]
     #[arg(long)]
     display: Option<String>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum ConsentMode {
+    Window,
     Tty,
     Deny,
     ViewOnly,
@@ -100,6 +115,98 @@ fn shipped_config() -> Option<PathBuf> {
     p.exists().then_some(p)
 }
 
+/// What the window shows.
+#[derive(Clone, Debug)]
+pub enum Phase {
+    Connecting,
+    Waiting {
+        code: String,
+        expires_at: Instant,
+        note: Option<String>,
+    },
+    Joining {
+        technician: String,
+        organisation: String,
+    },
+    Consent {
+        technician: String,
+        organisation: String,
+        deadline: Instant,
+    },
+    InSession {
+        technician: String,
+        organisation: String,
+        view_only: bool,
+        control_possible: bool,
+        note: Option<String>,
+    },
+    Ended {
+        text: String,
+    },
+    Failed {
+        text: String,
+    },
+    /// The program is ending: the window closes itself.
+    Closing,
+}
+
+pub struct State {
+    pub phase: Phase,
+    pub relay: String,
+}
+
+/// State shared by the session logic and the window.
+pub struct Shared {
+    pub state: Mutex<State>,
+    ctx: Option<eframe::egui::Context>,
+}
+
+pub fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// What the user did, in the window or on the terminal.
+#[derive(Debug)]
+pub enum UiCmd {
+    Consent(Consent),
+    ViewOnly(bool),
+    End,
+    /// A line typed on the terminal.
+    Line(String),
+}
+
+/// Reports every step to stdout (text or JSON lines) and to the window.
+struct Report {
+    out: EventOut,
+    shared: Arc<Shared>,
+}
+
+impl Report {
+    fn event(&self, kind: &str, text: &str, data: serde_json::Value) {
+        self.out.event(kind, text, data);
+    }
+    fn phase(&self, p: Phase) {
+        lock(&self.shared.state).phase = p;
+        if let Some(c) = &self.shared.ctx {
+            c.request_repaint();
+        }
+    }
+    /// Updates the in-session phase's fields.
+    fn update_session(&self, f: impl FnOnce(&mut bool, &mut Option<String>)) {
+        let mut s = lock(&self.shared.state);
+        if let Phase::InSession {
+            view_only, note, ..
+        } = &mut s.phase
+        {
+            f(view_only, note);
+        }
+        drop(s);
+        if let Some(c) = &self.shared.ctx {
+            c.request_repaint();
+        }
+    }
+}
+
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let _ = tracing_subscriber::fmt()
@@ -116,7 +223,70 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
-    match rt.block_on(run(cli)) {
+    // The window opens on $DISPLAY (the user's desktop); `--display` only chooses what is shared.
+    let windowed = !cli.headless && std::env::var_os("DISPLAY").is_some_and(|d| !d.is_empty());
+    let (tx, rx) = mpsc::unbounded_channel();
+    if !windowed {
+        let shared = Arc::new(Shared {
+            state: Mutex::new(State {
+                phase: Phase::Connecting,
+                relay: String::new(),
+            }),
+            ctx: None,
+        });
+        return finish(rt.block_on(run(cli, shared, rx, tx)));
+    }
+    let ctx = eframe::egui::Context::default();
+    let shared = Arc::new(Shared {
+        state: Mutex::new(State {
+            phase: Phase::Connecting,
+            relay: cli.relay.clone().unwrap_or_default(),
+        }),
+        ctx: Some(ctx.clone()),
+    });
+    let logic = {
+        let (shared, tx) = (shared.clone(), tx.clone());
+        rt.spawn(async move {
+            let r = run(cli, shared.clone(), rx, tx).await;
+            let mut s = lock(&shared.state);
+            s.phase = match &r {
+                Ok(()) => Phase::Closing,
+                Err(e) => Phase::Failed {
+                    text: format!("{e:#}"),
+                },
+            };
+            drop(s);
+            if let Some(c) = &shared.ctx {
+                c.request_repaint();
+            }
+            r
+        })
+    };
+    let window = eframe::run_native_ext(
+        "tandem-agent",
+        ui::options(),
+        Some(ctx),
+        Box::new({
+            let (shared, tx) = (shared.clone(), tx.clone());
+            move |_cc| Ok(Box::new(ui::AgentWindow::new(shared, tx)))
+        }),
+    );
+    if let Err(e) = window {
+        eprintln!(
+            "tandem-agent: cannot open a window ({e}); run with --headless to use the terminal"
+        );
+    }
+    // The window is closed: end any session (the peer is told) and stop.
+    let _ = tx.send(UiCmd::End);
+    let _ = tx.send(UiCmd::Line("quit".into()));
+    match rt.block_on(async { tokio::time::timeout(Duration::from_secs(3), logic).await }) {
+        Ok(Ok(r)) => finish(r),
+        _ => std::process::ExitCode::SUCCESS,
+    }
+}
+
+fn finish(r: Result<()>) -> std::process::ExitCode {
+    match r {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("tandem-agent: error: {e:#}");
@@ -125,7 +295,12 @@ fn main() -> std::process::ExitCode {
     }
 }
 
-async fn run(cli: Cli) -> Result<()> {
+async fn run(
+    cli: Cli,
+    shared: Arc<Shared>,
+    mut cmds: mpsc::UnboundedReceiver<UiCmd>,
+    cmd_tx: mpsc::UnboundedSender<UiCmd>,
+) -> Result<()> {
     let file = match cli.config.clone().or_else(shipped_config) {
         Some(p) => load_config(&p)?,
         None => FileConfig::default(),
@@ -133,73 +308,125 @@ async fn run(cli: Cli) -> Result<()> {
     let relay = cli.relay.clone().or(file.relay).context(
         "no relay given: use --relay HOST:PORT (or a tandem-agent.toml next to the program)",
     )?;
+    lock(&shared.state).relay = relay.clone();
     let pin = cli.relay_pin.clone().or(file.relay_pin);
     let ca = cli.relay_ca.clone().or(file.relay_ca);
     let trust = RelayTrust::from_options(pin.as_deref(), ca.as_deref())?;
-    if cli.consent == ConsentMode::Tty && !std::io::stdin().is_terminal() {
-        bail!(
-            "--consent tty needs a terminal; run it in one, or choose --consent deny|view-only|allow"
-        );
+    let windowed = shared.ctx.is_some();
+    let consent = cli.consent.unwrap_or(if windowed {
+        ConsentMode::Window
+    } else {
+        ConsentMode::Tty
+    });
+    if consent == ConsentMode::Window && !windowed {
+        bail!("--consent window needs a window; without a display use --consent tty");
     }
-    if matches!(cli.consent, ConsentMode::Allow | ConsentMode::ViewOnly) {
+    if consent == ConsentMode::Tty {
+        if !std::io::stdin().is_terminal() {
+            bail!(
+                "--consent tty needs a terminal; run it in one, or choose --consent deny|view-only|allow"
+            );
+        }
+        // One reader of the terminal for the consent answer and the in-session commands.
+        let tx = cmd_tx.clone();
+        std::thread::Builder::new()
+            .name("tandem-stdin".into())
+            .spawn(move || {
+                for line in std::io::stdin().lock().lines() {
+                    let Ok(line) = line else { return };
+                    if tx.send(UiCmd::Line(line)).is_err() {
+                        return;
+                    }
+                }
+            })
+            .context("cannot read the terminal")?;
+    }
+    if matches!(consent, ConsentMode::Allow | ConsentMode::ViewOnly) {
         eprintln!(
-            "tandem-agent: WARNING: --consent {:?} answers the consent prompt without asking anyone",
-            cli.consent
+            "tandem-agent: WARNING: --consent {consent:?} answers the consent prompt without asking anyone"
         );
     }
-    let out = EventOut { json: cli.json };
+    let report = Report {
+        out: EventOut { json: cli.json },
+        shared,
+    };
     let mut opts = ConnectOptions::new(relay.clone(), trust);
     opts.software = format!("tandem-agent {}", env!("CARGO_PKG_VERSION"));
     let cfg = SessionConfig {
         software: opts.software.clone(),
-        capabilities: vec!["control/v1".into()],
+        capabilities: vec!["control/v1".into(), "cursor/v1".into()],
         ..SessionConfig::default()
     };
     let mut host = AgentHost::connect(opts, cfg)
         .await
         .with_context(|| format!("cannot connect to the relay at {relay}"))?;
-    out.event(
+    report.event(
         "connected",
         &format!("Connected to relay {relay}"),
         serde_json::json!({"relay": relay}),
     );
     loop {
-        match host.next().await? {
+        let ev = tokio::select! {
+            ev = host.next() => ev?,
+            c = cmds.recv() => match c {
+                None | Some(UiCmd::Line(_)) if windowed && c.as_ref().is_none_or(|c| matches!(c, UiCmd::Line(l) if l == "quit")) => return Ok(()),
+                _ => continue,
+            },
+        };
+        match ev {
             AgentEvent::Code {
                 code,
                 expires_in,
                 why,
             } => {
-                let prefix = match why {
-                    CodeChange::New => "Your session code",
+                let note = match why {
+                    CodeChange::New => None,
                     CodeChange::WrongCode => {
-                        "Someone tried a wrong code; it is no longer valid. Your new code"
+                        Some("Someone tried a wrong code; that code is no longer valid.")
                     }
-                    CodeChange::Expired => "The code expired. Your new code",
-                    CodeChange::SetupFailed(_) => "The connection attempt failed. Your new code",
+                    CodeChange::Expired => Some("The code expired."),
+                    CodeChange::SetupFailed(_) => Some("The connection attempt failed."),
+                };
+                let prefix = if note.is_some() {
+                    "Your new code"
+                } else {
+                    "Your session code"
                 };
                 // The code goes to the user's screen only, never to a log.
-                out.event(
+                report.event(
                     "code",
                     &format!(
-                        "{prefix}: {}   (valid {} min; read it only to a technician you contacted)",
+                        "{}{prefix}: {}   (valid {} min; read it only to a technician you contacted)",
+                        note.map(|n| format!("{n} ")).unwrap_or_default(),
                         code.grouped(),
                         expires_in.as_secs() / 60
                     ),
                     serde_json::json!({"code": code.grouped(), "expires_in_secs": expires_in.as_secs()}),
                 );
+                report.phase(Phase::Waiting {
+                    code: code.grouped(),
+                    expires_at: Instant::now() + expires_in,
+                    note: note.map(str::to_owned),
+                });
             }
             AgentEvent::Joining {
                 technician,
                 organisation,
-            } => out.event(
-                "joining",
-                &format!("{technician} of {organisation} is connecting…"),
-                serde_json::json!({"technician": technician, "organisation": organisation}),
-            ),
+            } => {
+                report.event(
+                    "joining",
+                    &format!("{technician} of {organisation} is connecting…"),
+                    serde_json::json!({"technician": technician, "organisation": organisation}),
+                );
+                report.phase(Phase::Joining {
+                    technician,
+                    organisation,
+                });
+            }
             AgentEvent::Session(s) => {
-                run_session(*s, cli.consent, cli.display.clone(), &out).await?;
-                if cli.once {
+                let quit =
+                    run_session(*s, consent, cli.display.clone(), &report, &mut cmds).await?;
+                if cli.once || quit {
                     return Ok(());
                 }
             }
@@ -207,40 +434,56 @@ async fn run(cli: Cli) -> Result<()> {
     }
 }
 
-async fn ask_consent(mode: ConsentMode, technician: &str, organisation: &str) -> Consent {
+/// Waits for the user's answer; denied after 60 s.
+async fn ask_consent(
+    mode: ConsentMode,
+    technician: &str,
+    organisation: &str,
+    report: &Report,
+    cmds: &mut mpsc::UnboundedReceiver<UiCmd>,
+) -> Consent {
+    let wait = Duration::from_secs(60);
     match mode {
-        ConsentMode::Deny => Consent::Deny,
-        ConsentMode::ViewOnly => Consent::ViewOnly,
-        ConsentMode::Allow => Consent::AllowControl,
+        ConsentMode::Deny => return Consent::Deny,
+        ConsentMode::ViewOnly => return Consent::ViewOnly,
+        ConsentMode::Allow => return Consent::AllowControl,
         ConsentMode::Tty => {
             println!();
             println!("  {technician} of {organisation} wants to connect to this computer.");
             println!(
                 "  Only continue if YOU contacted them. Nobody legitimate calls you out of the blue."
             );
-            print!("  [a] allow control   [v] view only   [d] deny   (denied in 60 s): ");
-            let _ = std::io::stdout().flush();
-            let answer = tokio::task::spawn_blocking(|| {
-                let mut line = String::new();
-                let _ = std::io::stdin().lock().read_line(&mut line);
-                line
-            });
-            match tokio::time::timeout(Duration::from_secs(60), answer).await {
-                Ok(Ok(a)) => match a.trim().to_lowercase().as_str() {
-                    "a" | "allow" => Consent::AllowControl,
-                    "v" | "view" | "view only" => Consent::ViewOnly,
-                    _ => Consent::Deny,
-                },
-                _ => Consent::Deny,
+            println!("  [a] allow control   [v] view only   [d] deny   (denied in 60 s): ");
+        }
+        ConsentMode::Window => {}
+    }
+    report.phase(Phase::Consent {
+        technician: technician.to_owned(),
+        organisation: organisation.to_owned(),
+        deadline: Instant::now() + wait,
+    });
+    let answer = async {
+        while let Some(c) = cmds.recv().await {
+            match c {
+                UiCmd::Consent(c) => return c,
+                UiCmd::Line(l) => {
+                    return match l.trim().to_lowercase().as_str() {
+                        "a" | "allow" => Consent::AllowControl,
+                        "v" | "view" | "view only" => Consent::ViewOnly,
+                        _ => Consent::Deny,
+                    };
+                }
+                UiCmd::End => return Consent::Deny,
+                UiCmd::ViewOnly(_) => {}
             }
         }
-    }
+        Consent::Deny
+    };
+    tokio::time::timeout(wait, answer)
+        .await
+        .unwrap_or(Consent::Deny)
 }
 
-/// Streams the screen of `display` into the session until `stop` is set: capture → change detection
-/// → H.264, at most `fps` frames a second. Runs on its own thread (X11 and the encoder block). A
-/// frame is sent before the next is captured, so nothing queues behind a slow path: the next frame
-/// simply comes later, carrying everything that changed meanwhile.
 /// The video bitrate the path carries: half of what the inner connection's congestion window
 /// allows per round trip (the rest is headroom for input, control and retransmissions), between
 /// 300 kbit/s and 8 Mbit/s.
@@ -250,13 +493,98 @@ fn path_bitrate(inner: &quinn::Connection) -> u32 {
     ((cwnd * 8.0 / rtt) * 0.5).clamp(300_000.0, 8_000_000.0) as u32
 }
 
+/// Shared between the session loop and the screen thread.
+#[derive(Default)]
+struct ScreenCtl {
+    stop: AtomicBool,
+    keyframe: AtomicBool,
+    /// A monitor the technician asked for (-1: none pending).
+    select: AtomicI32,
+    /// The technician's ceiling in kbit/s (0: follow the path only).
+    max_kbps: AtomicU32,
+    frames: AtomicU64,
+    bytes: AtomicU64,
+    /// Median capture → encoded time of recent frames.
+    pipeline_us: AtomicU32,
+}
+
+/// What the screen thread tells the session loop.
+enum ScreenMsg {
+    Control(ControlMsg),
+    Display(DisplayRect),
+}
+
+/// Downscales a cursor image by halving until it fits the protocol's limit.
+fn cursor_msg(shape: &CursorShape) -> Option<ControlMsg> {
+    let (mut w, mut h) = (shape.width as usize, shape.height as usize);
+    if w == 0 || h == 0 || shape.rgba.len() != w * h * 4 {
+        return None;
+    }
+    let mut rgba = shape.rgba.clone();
+    let mut scale = 1u8;
+    while (w > MAX_CURSOR_SIDE as usize || h > MAX_CURSOR_SIDE as usize) && scale < 8 {
+        let (nw, nh) = (w.div_ceil(2), h.div_ceil(2));
+        let mut out = vec![0u8; nw * nh * 4];
+        for y in 0..nh {
+            for x in 0..nw {
+                let s = ((y * 2) * w + x * 2) * 4;
+                out[(y * nw + x) * 4..][..4].copy_from_slice(&rgba[s..s + 4]);
+            }
+        }
+        (w, h, rgba, scale) = (nw, nh, out, scale * 2);
+    }
+    if w > MAX_CURSOR_SIDE as usize || h > MAX_CURSOR_SIDE as usize {
+        return None;
+    }
+    let s = scale as u32;
+    Some(ControlMsg::CursorShape {
+        width: w as u16,
+        height: h as u16,
+        hot_x: ((shape.hot_x / s) as usize).min(w - 1) as u16,
+        hot_y: ((shape.hot_y / s) as usize).min(h - 1) as u16,
+        scale,
+        rgba,
+    })
+}
+
+fn monitors_msg(c: &X11Capturer, current: usize) -> (ControlMsg, Option<DisplayRect>) {
+    let ms = c.monitors();
+    let rect = ms.get(current).map(|m| DisplayRect {
+        x: m.x as i32,
+        y: m.y as i32,
+        width: m.width,
+        height: m.height,
+    });
+    let list = ms
+        .iter()
+        .take(tandem_session::MAX_MONITORS)
+        .map(|m| MonitorInfo {
+            name: m.name.chars().take(64).collect(),
+            width: m.width,
+            height: m.height,
+            primary: m.primary,
+        })
+        .collect();
+    (
+        ControlMsg::Monitors {
+            monitors: list,
+            current: current.min(255) as u8,
+        },
+        rect,
+    )
+}
+
+/// Streams the screen of `display` into the session until stopped: capture → change detection →
+/// H.264, at most 30 frames a second, plus the cursor's position and shape and the monitor list.
+/// Runs on its own thread (X11 and the encoder block). A frame is sent before the next is captured,
+/// so nothing queues behind a slow path: the next frame simply comes later, carrying everything
+/// that changed meanwhile.
 fn start_streaming(
     display: String,
     inner: quinn::Connection,
     video: tandem_session::VideoSender,
-    keyframe: Arc<AtomicBool>,
-    stop: Arc<AtomicBool>,
-    stats: Arc<StreamStats>,
+    ctl: Arc<ScreenCtl>,
+    tx: mpsc::Sender<ScreenMsg>,
 ) -> Result<std::thread::JoinHandle<()>> {
     let rt = tokio::runtime::Handle::current();
     let capturer = X11Capturer::open(Some(&display))
@@ -275,13 +603,41 @@ fn start_streaming(
             let mut seq = 0u64;
             let mut step_no = 0u64;
             let mut bitrate = 4_000_000u32;
-            while !stop.load(Ordering::Relaxed) {
-                let started = std::time::Instant::now();
+            let mut monitor = 0usize;
+            let mut last_cursor = None;
+            let mut recent = std::collections::VecDeque::with_capacity(31);
+            let announce = |pipeline: &ScreenPipeline<X11Capturer>, monitor: usize| {
+                let (m, rect) = monitors_msg(&pipeline.capturer, monitor);
+                let _ = tx.try_send(ScreenMsg::Control(m));
+                if let Some(r) = rect {
+                    let _ = tx.try_send(ScreenMsg::Display(r));
+                }
+            };
+            announce(&pipeline, monitor);
+            while !ctl.stop.load(Ordering::Relaxed) {
+                let started = Instant::now();
                 step_no += 1;
+                let want_monitor = ctl.select.swap(-1, Ordering::Relaxed);
+                if want_monitor >= 0 {
+                    match pipeline.capturer.select(want_monitor as usize) {
+                        Ok(()) => {
+                            monitor = want_monitor as usize;
+                            pipeline.request_keyframe();
+                            last_cursor = None;
+                        }
+                        Err(e) => tracing::warn!(error = %e, "monitor not selected"),
+                    }
+                    announce(&pipeline, monitor);
+                }
                 if step_no.is_multiple_of(15) {
                     // The encoder follows what the path carries (inner QUIC's window and RTT),
-                    // with hysteresis so that small swings do not re-tune it.
-                    let want = path_bitrate(&inner);
+                    // below the technician's ceiling, with hysteresis so that small swings do not
+                    // re-tune it.
+                    let mut want = path_bitrate(&inner);
+                    let cap = ctl.max_kbps.load(Ordering::Relaxed);
+                    if cap > 0 {
+                        want = want.min(cap.saturating_mul(1000)).max(100_000);
+                    }
                     if want.abs_diff(bitrate) > bitrate / 4 {
                         bitrate = want;
                         pipeline.set_target(Target {
@@ -290,16 +646,45 @@ fn start_streaming(
                         });
                     }
                 }
-                if keyframe.swap(false, Ordering::Relaxed) {
+                if ctl.keyframe.swap(false, Ordering::Relaxed) {
                     pipeline.request_keyframe();
                 }
                 match pipeline.step() {
                     Ok(step) => {
+                        let c = &step.cursor;
+                        let pos = (c.x, c.y, c.visible);
+                        if let Some(shape) = &c.shape
+                            && let Some(m) = cursor_msg(shape)
+                        {
+                            let _ = tx.try_send(ScreenMsg::Control(m));
+                        }
+                        if last_cursor != Some(pos) || step.resized {
+                            last_cursor = Some(pos);
+                            let (w, h) = pipeline.capturer.size();
+                            let _ = tx.try_send(ScreenMsg::Control(ControlMsg::Cursor {
+                                x: c.x,
+                                y: c.y,
+                                visible: c.visible,
+                                screen_w: w,
+                                screen_h: h,
+                            }));
+                        }
+                        if step.resized {
+                            announce(&pipeline, monitor);
+                        }
                         if let Some(frame) = step.encoded {
                             seq += 1;
-                            stats.frames.fetch_add(1, Ordering::Relaxed);
-                            stats
-                                .bytes
+                            let t = step.times;
+                            if recent.len() == 31 {
+                                recent.pop_front();
+                            }
+                            recent.push_back((t.capture + t.convert + t.encode).as_micros() as u32);
+                            let mut sorted: Vec<u32> = recent.iter().copied().collect();
+                            sorted.sort_unstable();
+                            ctl.pipeline_us
+                                .store(sorted[sorted.len() / 2], Ordering::Relaxed);
+                            ctl.frames.fetch_add(1, Ordering::Relaxed);
+                            ctl.bytes
                                 .fetch_add(frame.data.len() as u64, Ordering::Relaxed);
                             if rt.block_on(video.send(seq, &frame.data)).is_err() {
                                 return;
@@ -320,16 +705,10 @@ fn start_streaming(
     Ok(h)
 }
 
-#[derive(Default)]
-struct StreamStats {
-    frames: AtomicU64,
-    bytes: AtomicU64,
-}
-
-struct StopOnDrop(Arc<AtomicBool>);
+struct StopOnDrop(Arc<ScreenCtl>);
 impl Drop for StopOnDrop {
     fn drop(&mut self) {
-        self.0.store(true, Ordering::Relaxed);
+        self.0.stop.store(true, Ordering::Relaxed);
     }
 }
 
@@ -348,38 +727,44 @@ fn open_input(display: Option<String>) -> Option<AgentInput> {
     }
 }
 
+/// Runs one session to its end. Returns whether the program should quit (the window was closed).
 async fn run_session(
     s: Session,
     mode: ConsentMode,
     display: Option<String>,
-    out: &EventOut,
-) -> Result<()> {
+    report: &Report,
+    cmds: &mut mpsc::UnboundedReceiver<UiCmd>,
+) -> Result<bool> {
     let technician = s.peer().technician.clone().unwrap_or_default();
     let organisation = s.peer().organisation.clone().unwrap_or_default();
-    let decision = ask_consent(mode, &technician, &organisation).await;
+    let decision = ask_consent(mode, &technician, &organisation, report, cmds).await;
     s.send_control(&ControlMsg::Consent { decision }).await?;
     if decision == Consent::Deny {
-        out.event(
+        report.event(
             "denied",
             "You denied the request; nothing was shared.",
             serde_json::json!({}),
         );
+        report.phase(Phase::Ended {
+            text: "You denied the request; nothing was shared.".into(),
+        });
         s.end(EndReason::Denied).await;
-        return Ok(());
+        return Ok(false);
     }
-    let display = display.or_else(|| std::env::var("DISPLAY").ok());
+    let display = display.or_else(|| std::env::var("DISPLAY").ok().filter(|d| !d.is_empty()));
     // Pixels leave this machine only now, after the user's consent.
-    let keyframe = Arc::new(AtomicBool::new(false));
-    let stop = Arc::new(AtomicBool::new(false));
-    let stream_stats = Arc::new(StreamStats::default());
+    let ctl = Arc::new(ScreenCtl {
+        select: AtomicI32::new(-1),
+        ..ScreenCtl::default()
+    });
+    let (screen_tx, mut screen_rx) = mpsc::channel::<ScreenMsg>(256);
     let _streaming = match &display {
         Some(d) => match start_streaming(
             d.clone(),
             s.connection().clone(),
             s.video_sender(),
-            keyframe.clone(),
-            stop.clone(),
-            stream_stats.clone(),
+            ctl.clone(),
+            screen_tx,
         ) {
             Ok(h) => Some(h),
             Err(e) => {
@@ -392,10 +777,10 @@ async fn run_session(
             None
         }
     };
-    let _stop_guard = StopOnDrop(stop.clone());
+    let _stop_guard = StopOnDrop(ctl.clone());
     let input = open_input(display);
-    let control_possible = input.is_some();
-    let view_only = decision == Consent::ViewOnly || !control_possible;
+    let control_possible = input.is_some() && decision == Consent::AllowControl;
+    let mut view_only = !control_possible;
     if let Some(i) = &input {
         i.set_permission(if view_only {
             Permission::ViewOnly
@@ -403,7 +788,7 @@ async fn run_session(
             Permission::Control
         });
     }
-    if !control_possible && decision == Consent::AllowControl {
+    if input.is_none() && decision == Consent::AllowControl {
         let _ = s
             .send_control(&ControlMsg::Permissions { view_only: true })
             .await;
@@ -415,53 +800,127 @@ async fn run_session(
         }
     };
     tokio::pin!(pump);
-    out.event(
+    let may = |v: bool| {
+        if v {
+            "view your screen"
+        } else {
+            "view and control your screen"
+        }
+    };
+    report.event(
         "session",
         &format!(
-            "Session active: {technician} of {organisation} may {}. Press Ctrl-C to end it.",
-            if view_only { "view your screen" } else { "view and control your screen" }
+            "Session active: {technician} of {organisation} may {}. {}",
+            may(view_only),
+            if mode == ConsentMode::Tty {
+                "Type v + Enter for view only, c for control, e to end."
+            } else {
+                "End it in the window or with Ctrl-C."
+            }
         ),
         serde_json::json!({"technician": technician, "organisation": organisation, "view_only": view_only}),
     );
+    report.phase(Phase::InSession {
+        technician: technician.clone(),
+        organisation: organisation.clone(),
+        view_only,
+        control_possible,
+        note: None,
+    });
+    let ended = |text: String, reason: &str| {
+        report.event("ended", &text, serde_json::json!({"reason": reason}));
+        report.phase(Phase::Ended { text });
+    };
     loop {
         tokio::select! {
             end = &mut pump => {
-                out.event("ended", &format!("Session ended: {end}."), serde_json::json!({"reason": end.reason.label()}));
-                return Ok(());
+                ended(format!("Session ended: {end}."), end.reason.label());
+                return Ok(false);
+            }
+            m = screen_rx.recv() => match m {
+                Some(ScreenMsg::Control(m)) => { let _ = s.send_control(&m).await; }
+                Some(ScreenMsg::Display(r)) => if let Some(i) = &input { i.set_display(r) },
+                None => {}
+            },
+            c = cmds.recv() => {
+                let set_view_only = match c {
+                    Some(UiCmd::ViewOnly(v)) => Some(v),
+                    Some(UiCmd::Line(l)) => match l.trim().to_lowercase().as_str() {
+                        "v" | "view" | "view only" => Some(true),
+                        "c" | "control" => Some(false),
+                        "e" | "end" | "quit" => {
+                            s.end(EndReason::EndedByUser).await;
+                            ended("You ended the session.".into(), "ended_by_user");
+                            return Ok(l.trim() == "quit");
+                        }
+                        _ => None,
+                    },
+                    Some(UiCmd::End) | None => {
+                        s.end(EndReason::EndedByUser).await;
+                        ended("You ended the session.".into(), "ended_by_user");
+                        return Ok(false);
+                    }
+                    Some(UiCmd::Consent(_)) => None,
+                };
+                if let Some(v) = set_view_only
+                    && v != view_only
+                {
+                    if !v && !control_possible {
+                        report.event("permissions", "Control was not allowed for this session; it stays view only.", serde_json::json!({"view_only": true}));
+                        continue;
+                    }
+                    view_only = v;
+                    if let Some(i) = &input {
+                        i.set_permission(if v { Permission::ViewOnly } else { Permission::Control });
+                    }
+                    let _ = s.send_control(&ControlMsg::Permissions { view_only: v }).await;
+                    report.update_session(|vo, _| *vo = v);
+                    report.event("permissions", &format!("{technician} may now {}.", may(v)), serde_json::json!({"view_only": v}));
+                }
             }
             m = s.recv_control() => match m {
                 Ok(ControlMsg::End { reason }) => {
-                    out.event("ended", &format!("Session ended: {reason}."), serde_json::json!({"reason": reason.label()}));
-                    return Ok(());
+                    ended(format!("Session ended: {reason}."), reason.label());
+                    return Ok(false);
                 }
-                Ok(ControlMsg::KeyframeRequest) => keyframe.store(true, Ordering::Relaxed),
+                Ok(ControlMsg::KeyframeRequest) => ctl.keyframe.store(true, Ordering::Relaxed),
+                Ok(ControlMsg::SelectMonitor { index }) => ctl.select.store(index as i32, Ordering::Relaxed),
+                Ok(ControlMsg::Quality { max_kbps, .. }) => {
+                    ctl.max_kbps.store(max_kbps, Ordering::Relaxed);
+                }
                 Ok(ControlMsg::Stats { .. }) => {
                     // Echo: the console measures the session's round-trip time with it.
                     let _ = s
                         .send_control(&ControlMsg::Stats {
-                            rtt_us: 0,
-                            fps: stream_stats.frames.load(Ordering::Relaxed).min(u16::MAX as u64) as u16,
-                            kbps: (stream_stats.bytes.load(Ordering::Relaxed) / 125).min(u32::MAX as u64) as u32,
+                            rtt_us: s.connection().rtt().as_micros().min(u32::MAX as u128) as u32,
+                            fps: ctl.frames.load(Ordering::Relaxed).min(u16::MAX as u64) as u16,
+                            kbps: (ctl.bytes.load(Ordering::Relaxed) / 125).min(u32::MAX as u64) as u32,
+                            pipeline_us: ctl.pipeline_us.load(Ordering::Relaxed),
                         })
                         .await;
                 }
                 Ok(_) => {}
                 Err(_) => {
                     let end = s.closed().await;
-                    out.event("ended", &format!("Session ended: {end}."), serde_json::json!({"reason": end.reason.label()}));
-                    return Ok(());
+                    ended(format!("Session ended: {end}."), end.reason.label());
+                    return Ok(false);
                 }
             },
-            e = s.next_event() => match e {
-                SessionEvent::PeerSuspended { grace } => out.event("peer_suspended", &format!("The technician's connection dropped; waiting up to {} s.", grace.as_secs()), serde_json::json!({})),
-                SessionEvent::PeerResumed => out.event("peer_resumed", "The technician is back.", serde_json::json!({})),
-                SessionEvent::LinkLost => out.event("link_lost", "Connection to the relay lost; reconnecting…", serde_json::json!({})),
-                SessionEvent::LinkResumed => out.event("link_resumed", "Reconnected.", serde_json::json!({})),
-            },
+            e = s.next_event() => {
+                let (kind, text) = match e {
+                    SessionEvent::PeerSuspended { grace } => ("peer_suspended", format!("The technician's connection dropped; waiting up to {} s.", grace.as_secs())),
+                    SessionEvent::PeerResumed => ("peer_resumed", "The technician is back.".into()),
+                    SessionEvent::LinkLost => ("link_lost", "Connection to the relay lost; reconnecting…".into()),
+                    SessionEvent::LinkResumed => ("link_resumed", "Reconnected.".into()),
+                };
+                report.event(kind, &text, serde_json::json!({}));
+                let resumed = matches!(kind, "peer_resumed" | "link_resumed");
+                report.update_session(|_, note| *note = (!resumed).then_some(text));
+            }
             _ = tokio::signal::ctrl_c() => {
                 s.end(EndReason::EndedByUser).await;
-                out.event("ended", "You ended the session.", serde_json::json!({"reason": "ended_by_user"}));
-                return Ok(());
+                ended("You ended the session.".into(), "ended_by_user");
+                return Ok(true);
             }
         }
     }

@@ -1,24 +1,28 @@
-//! `tandem-console`: the technician's side. Joins a session by code and drives it. Thin glue over
-//! `tandem-session`.
+//! `tandem-console`: the technician's side. Joins a session by code and drives it.
 //!
-//! This build runs headless (for scripts and tests): it joins, reports the user's consent decision
-//! and the session's measurements as JSON lines, and ends on request, on a time limit, or when the
-//! agent ends. The remote-screen window is the screen pipeline's and GUI's work.
+//! With a display it opens a window ([`gui`]); `--headless` (or no display) runs for scripts and
+//! tests ([`headless`]): events as text or JSON lines, frames as PNG, an input script, exit codes
+//! that say why. Both drive the session through [`driver`].
 
 use anyhow::{Context, Result};
 use clap::Parser;
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::{Duration, Instant};
 use tandem_client::ClientError;
 use tandem_client::tandem_certs::RelayTrust;
 use tandem_client::{ConnectOptions, EventOut};
-use tandem_media::{DecodedFrame, VideoDecoder};
-use tandem_proto::{EndReason, ErrorCode, Secret};
-use tandem_session::{Consent, ControlMsg, SessionCode, SessionConfig, SessionError, SessionEvent};
+use tandem_proto::{ErrorCode, Secret};
+use tandem_session::{Session, SessionCode, SessionConfig, SessionError};
+
+mod driver;
+mod gui;
+mod headless;
 
 /// Exit codes: each failure a script may want to tell apart.
-mod exit {
+pub mod exit {
     pub const OK: u8 = 0;
     pub const OTHER: u8 = 1;
     pub const USAGE: u8 = 2;
@@ -65,9 +69,14 @@ struct Cli {
     /// The session code the user reads out (dashes, spaces and surrounding text are fine).
     #[arg(long)]
     code: Option<String>,
-    /// Run without a window (the only mode of this build).
+    /// Run without a window (the default when there is no display): events on stdout, frames to
+    /// --png, input from --input-script.
     #[arg(long)]
     headless: bool,
+    /// Headless: play this input script once the user allowed control (see the README for the
+    /// commands: move, click, type, key, combo, scroll, wait).
+    #[arg(long)]
+    input_script: Option<PathBuf>,
     /// Print events as JSON lines.
     #[arg(long)]
     json: bool,
@@ -132,7 +141,7 @@ fn save(path: &PathBuf, r: &Remembered) -> Result<()> {
 }
 
 /// A failure with its exit code.
-struct Failure {
+pub struct Failure {
     code: u8,
     error: anyhow::Error,
 }
@@ -174,15 +183,71 @@ fn classify(e: &SessionError) -> u8 {
     }
 }
 
-fn save_png(path: &std::path::Path, f: &DecodedFrame) -> Result<()> {
-    let file =
-        std::fs::File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
-    let mut enc = png::Encoder::new(std::io::BufWriter::new(file), f.width, f.height);
-    enc.set_color(png::ColorType::Rgba);
-    enc.set_depth(png::BitDepth::Eight);
-    let mut w = enc.write_header()?;
-    w.write_image_data(&f.rgba)?;
-    Ok(())
+/// How to log in, besides the form's fields.
+#[derive(Clone)]
+pub struct Login {
+    ca: Option<PathBuf>,
+    cfg_path: Option<PathBuf>,
+    remember: bool,
+    timeout: Duration,
+}
+
+/// Connects, authenticates and joins the session the code names; remembers the login on success.
+pub async fn join(form: &gui::Form, login: &Login) -> Result<Session, Failure> {
+    let usage = |e: anyhow::Error| Failure {
+        code: exit::USAGE,
+        error: e,
+    };
+    let relay = form.relay.trim().to_owned();
+    if relay.is_empty() {
+        return Err(usage(anyhow::anyhow!(
+            "no relay given: use --relay HOST:PORT"
+        )));
+    }
+    let token = form.token.trim().to_owned();
+    if token.is_empty() {
+        return Err(usage(anyhow::anyhow!(
+            "no technician token given: use --token (from `tandem-relay technician add`)"
+        )));
+    }
+    if form.code.trim().is_empty() {
+        return Err(usage(anyhow::anyhow!(
+            "no session code given: use --code 417-382-905"
+        )));
+    }
+    let code = SessionCode::parse(&form.code).map_err(|e| usage(e.into()))?;
+    let pin = Some(form.pin.trim().to_owned()).filter(|p| !p.is_empty());
+    let trust = RelayTrust::from_options(pin.as_deref(), login.ca.as_deref())
+        .map_err(|e| usage(e.into()))?;
+    let mut opts = ConnectOptions::new(relay.clone(), trust);
+    opts.software = format!("tandem-console {}", env!("CARGO_PKG_VERSION"));
+    opts.timeout = login.timeout;
+    let cfg = SessionConfig {
+        software: opts.software.clone(),
+        capabilities: vec!["control/v1".into(), "cursor/v1".into()],
+        ..SessionConfig::default()
+    };
+    let session = tandem_session::join(&opts, &Secret::new(token.clone()), &code, &cfg)
+        .await
+        .map_err(|e| Failure {
+            code: classify(&e),
+            error: e.into(),
+        })?;
+    if login.remember
+        && let Some(p) = &login.cfg_path
+        && let Err(e) = save(
+            p,
+            &Remembered {
+                relay: Some(relay),
+                relay_pin: pin,
+                relay_ca: login.ca.clone(),
+                token: Some(token),
+            },
+        )
+    {
+        eprintln!("tandem-console: warning: could not remember the login: {e:#}");
+    }
+    Ok(session)
 }
 
 fn main() -> std::process::ExitCode {
@@ -202,27 +267,63 @@ fn main() -> std::process::ExitCode {
         }
     };
     let json = cli.json;
-    match rt.block_on(run(cli)) {
-        Ok(()) => std::process::ExitCode::from(exit::OK),
-        Err(f) => {
-            if json {
-                println!(
-                    "{}",
-                    serde_json::json!({"event": "error", "exit_code": f.code, "message": format!("{:#}", f.error)})
-                );
-            }
-            eprintln!("tandem-console: error: {:#}", f.error);
-            std::process::ExitCode::from(f.code)
+    let fail = |f: Failure| {
+        if json {
+            println!(
+                "{}",
+                serde_json::json!({"event": "error", "exit_code": f.code, "message": format!("{:#}", f.error)})
+            );
         }
+        eprintln!("tandem-console: error: {:#}", f.error);
+        std::process::ExitCode::from(f.code)
+    };
+    let (form, login) = match setup(&cli) {
+        Ok(x) => x,
+        Err(f) => return fail(f),
+    };
+    let out = EventOut { json: cli.json };
+    let windowed = !cli.headless && std::env::var_os("DISPLAY").is_some_and(|d| !d.is_empty());
+    if !windowed {
+        return match rt.block_on(run_headless(&cli, form, login, out)) {
+            Ok(()) => std::process::ExitCode::from(exit::OK),
+            Err(f) => fail(f),
+        };
     }
+    let code = Arc::new(AtomicU8::new(exit::OK));
+    let handle = rt.handle().clone();
+    let seconds = cli.seconds;
+    let app_code = code.clone();
+    let r = eframe::run_native(
+        "tandem-console",
+        gui::options(),
+        Box::new(move |cc| {
+            Ok(Box::new(gui::ConsoleApp::new(
+                handle,
+                form,
+                login,
+                out,
+                seconds,
+                app_code,
+                &cc.egui_ctx,
+            )))
+        }),
+    );
+    if let Err(e) = r {
+        return fail(Failure {
+            code: exit::OTHER,
+            error: anyhow::anyhow!("cannot open a window ({e}); use --headless"),
+        });
+    }
+    std::process::ExitCode::from(code.load(Ordering::Relaxed))
 }
 
-async fn run(cli: Cli) -> Result<(), Failure> {
+/// The form's fields from flags and the remembered login.
+fn setup(cli: &Cli) -> Result<(gui::Form, Login), Failure> {
     let usage = |e: anyhow::Error| Failure {
         code: exit::USAGE,
         error: e,
     };
-    let cfg_path = config_path(&cli);
+    let cfg_path = config_path(cli);
     let remembered: Remembered = match &cfg_path {
         Some(p) if p.exists() => {
             let text = std::fs::read_to_string(p)
@@ -234,61 +335,49 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         }
         _ => Remembered::default(),
     };
-    let relay = cli
-        .relay
-        .clone()
-        .or(remembered.relay)
-        .context("no relay given: use --relay HOST:PORT")
-        .map_err(usage)?;
-    let pin = cli.relay_pin.clone().or(remembered.relay_pin);
-    let ca = cli.relay_ca.clone().or(remembered.relay_ca);
-    let token = cli
-        .token
-        .clone()
-        .or(remembered.token)
-        .context("no technician token given: use --token (from `tandem-relay technician add`)")
-        .map_err(usage)?;
-    let code_text = cli
-        .code
-        .clone()
-        .context("no session code given: use --code 417-382-905")
-        .map_err(usage)?;
-    let code = SessionCode::parse(&code_text).map_err(|e| usage(e.into()))?;
-    let trust = RelayTrust::from_options(pin.as_deref(), ca.as_deref()).map_err(|e| Failure {
-        code: exit::USAGE,
-        error: e.into(),
-    })?;
-    let out = EventOut { json: cli.json };
-    let mut opts = ConnectOptions::new(relay.clone(), trust);
-    opts.software = format!("tandem-console {}", env!("CARGO_PKG_VERSION"));
-    opts.timeout = Duration::from_secs(cli.connect_timeout.max(1));
-    let cfg = SessionConfig {
-        software: opts.software.clone(),
-        capabilities: vec!["control/v1".into()],
-        ..SessionConfig::default()
+    let form = gui::Form {
+        relay: cli.relay.clone().or(remembered.relay).unwrap_or_default(),
+        pin: cli
+            .relay_pin
+            .clone()
+            .or(remembered.relay_pin)
+            .unwrap_or_default(),
+        token: cli.token.clone().or(remembered.token).unwrap_or_default(),
+        code: cli.code.clone().unwrap_or_default(),
+    };
+    let login = Login {
+        ca: cli.relay_ca.clone().or(remembered.relay_ca),
+        cfg_path,
+        remember: !cli.no_remember,
+        timeout: Duration::from_secs(cli.connect_timeout.max(1)),
+    };
+    Ok((form, login))
+}
+
+async fn run_headless(
+    cli: &Cli,
+    form: gui::Form,
+    login: Login,
+    out: EventOut,
+) -> Result<(), Failure> {
+    let script = match &cli.input_script {
+        Some(p) => {
+            let text = std::fs::read_to_string(p)
+                .with_context(|| format!("cannot read the input script {}", p.display()))
+                .map_err(|e| Failure {
+                    code: exit::USAGE,
+                    error: e,
+                })?;
+            Some(headless::parse_script(&text).map_err(|e| Failure {
+                code: exit::USAGE,
+                error: e,
+            })?)
+        }
+        None => None,
     };
     let started = Instant::now();
-    let session = tandem_session::join(&opts, &Secret::new(token.clone()), &code, &cfg)
-        .await
-        .map_err(|e| Failure {
-            code: classify(&e),
-            error: e.into(),
-        })?;
+    let session = join(&form, &login).await?;
     let setup_ms = started.elapsed().as_secs_f64() * 1e3;
-    if !cli.no_remember
-        && let Some(p) = &cfg_path
-        && let Err(e) = save(
-            p,
-            &Remembered {
-                relay: Some(relay.clone()),
-                relay_pin: pin.clone(),
-                relay_ca: ca.clone(),
-                token: Some(token.clone()),
-            },
-        )
-    {
-        eprintln!("tandem-console: warning: could not remember the login: {e:#}");
-    }
     out.event(
         "joined",
         &format!(
@@ -296,141 +385,16 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         ),
         serde_json::json!({"setup_ms": setup_ms, "agent": session.peer().software}),
     );
-    let deadline = cli
-        .seconds
-        .map(|s| tokio::time::Instant::now() + Duration::from_secs(s));
-    let sleep_until = |d: Option<tokio::time::Instant>| async move {
-        match d {
-            Some(d) => tokio::time::sleep_until(d).await,
-            None => std::future::pending().await,
-        }
-    };
-    let mut consent: Option<Consent> = None;
-    let mut decoder = VideoDecoder::new().map_err(anyhow::Error::from)?;
-    let mut last: Option<DecodedFrame> = None;
-    let mut decoded: u64 = 0;
-    let mut video_bytes: u64 = 0;
-    let mut first_frame_ms: Option<f64> = None;
-    let write_png = |last: &Option<DecodedFrame>, out: &EventOut| {
-        if let (Some(path), Some(f)) = (&cli.png, last) {
-            match save_png(path, f) {
-                Ok(()) => out.event(
-                    "png",
-                    &format!(
-                        "Wrote the last frame ({}x{}) to {}",
-                        f.width,
-                        f.height,
-                        path.display()
-                    ),
-                    serde_json::json!({"path": path, "width": f.width, "height": f.height}),
-                ),
-                Err(e) => eprintln!("tandem-console: cannot write {}: {e:#}", path.display()),
-            }
-        }
-    };
-    let mut ping = tokio::time::interval(Duration::from_secs(1));
-    let mut ping_sent: Option<Instant> = None;
-    loop {
-        tokio::select! {
-            f = session.recv_video() => match f {
-                Ok(f) => {
-                    video_bytes += f.data.len() as u64;
-                    match decoder.decode(&f.data) {
-                        Ok(Some(frame)) => {
-                            decoded += 1;
-                            if first_frame_ms.is_none() {
-                                let ms = started.elapsed().as_secs_f64() * 1e3;
-                                first_frame_ms = Some(ms);
-                                out.event(
-                                    "first_frame",
-                                    &format!("Remote screen {}x{} after {ms:.0} ms", frame.width, frame.height),
-                                    serde_json::json!({"width": frame.width, "height": frame.height, "join_to_first_frame_ms": ms}),
-                                );
-                            }
-                            last = Some(frame);
-                            if cli.frames.is_some_and(|n| decoded >= n) {
-                                session.end(EndReason::EndedByTechnician).await;
-                                write_png(&last, &out);
-                                out.event("ended", "Frame limit reached; session ended.", serde_json::json!({"reason": "ended_by_technician", "frames": decoded}));
-                                return Ok(());
-                            }
-                        }
-                        Ok(None) => {}
-                        Err(e) => {
-                            tracing::warn!(error = %e, "undecodable frame; asking for a keyframe");
-                            let _ = session.send_control(&ControlMsg::KeyframeRequest).await;
-                        }
-                    }
-                }
-                Err(_) => {
-                    // The session is ending; the control branch reports why.
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-            },
-            m = session.recv_control() => match m {
-                Ok(ControlMsg::Consent { decision }) => {
-                    consent = Some(decision);
-                    let what = match decision {
-                        Consent::AllowControl => "allowed control",
-                        Consent::ViewOnly => "allowed viewing only",
-                        Consent::Deny => "denied the request",
-                    };
-                    out.event("consent", &format!("The user {what}."), serde_json::json!({"decision": format!("{decision:?}")}));
-                }
-                Ok(ControlMsg::Permissions { view_only }) => out.event(
-                    "permissions",
-                    if view_only { "The user switched to view only." } else { "The user allowed control." },
-                    serde_json::json!({"view_only": view_only}),
-                ),
-                Ok(ControlMsg::Stats { .. }) => {
-                    if let Some(t) = ping_sent.take() {
-                        let rtt = t.elapsed().as_secs_f64() * 1e3;
-                        let path_rtt = session.connection().rtt().as_secs_f64() * 1e3;
-                        let secs = started.elapsed().as_secs_f64().max(0.001);
-                        out.event("stats", &format!("round trip {rtt:.1} ms (path {path_rtt:.1} ms, via relay), {decoded} frames, {:.0} kbit/s", video_bytes as f64 * 8.0 / secs / 1000.0),
-                            serde_json::json!({"rtt_ms": rtt, "path_rtt_ms": path_rtt, "path": "relay", "frames": decoded, "kbit_s": video_bytes as f64 * 8.0 / secs / 1000.0}));
-                    }
-                }
-                Ok(ControlMsg::End { reason }) => {
-                    out.event("ended", &format!("The session ended: {reason}."), serde_json::json!({"reason": reason.label()}));
-                    return Err(Failure {
-                        code: if reason == EndReason::Denied { exit::DENIED } else { exit::ENDED_BY_AGENT },
-                        error: anyhow::anyhow!("the session ended: {reason}"),
-                    });
-                }
-                Ok(_) => {}
-                Err(e) => {
-                    let end = session.closed().await;
-                    let code = if end.reason == EndReason::Denied || consent == Some(Consent::Deny) { exit::DENIED } else { exit::ENDED_BY_AGENT };
-                    out.event("ended", &format!("The session ended: {end}."), serde_json::json!({"reason": end.reason.label()}));
-                    return Err(Failure { code, error: anyhow::Error::from(e) });
-                }
-            },
-            _ = ping.tick(), if consent.is_some() && ping_sent.is_none() => {
-                ping_sent = Some(Instant::now());
-                let _ = session.send_control(&ControlMsg::Stats { rtt_us: 0, fps: 0, kbps: 0 }).await;
-            }
-            e = session.next_event() => {
-                let text = match e {
-                    SessionEvent::PeerSuspended { .. } => "The user's connection dropped; waiting for it to come back.",
-                    SessionEvent::PeerResumed => "The user is back.",
-                    SessionEvent::LinkLost => "Lost the connection to the relay; reconnecting…",
-                    SessionEvent::LinkResumed => "Reconnected.",
-                };
-                out.event("link", text, serde_json::json!({}));
-            }
-            _ = sleep_until(deadline) => {
-                session.end(EndReason::EndedByTechnician).await;
-                write_png(&last, &out);
-                out.event("ended", "Time is up; session ended.", serde_json::json!({"reason": "ended_by_technician"}));
-                return Ok(());
-            }
-            _ = tokio::signal::ctrl_c() => {
-                session.end(EndReason::EndedByTechnician).await;
-                write_png(&last, &out);
-                out.event("ended", "You ended the session.", serde_json::json!({"reason": "ended_by_technician"}));
-                return Ok(());
-            }
-        }
-    }
+    headless::run(
+        session,
+        started,
+        headless::Options {
+            seconds: cli.seconds,
+            frames: cli.frames,
+            png: cli.png.clone(),
+            script,
+        },
+        out,
+    )
+    .await
 }

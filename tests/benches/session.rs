@@ -174,6 +174,7 @@ async fn run(quick: bool) {
                     rtt_us: i,
                     fps: 0,
                     kbps: 0,
+                    pipeline_us: 0,
                 })
                 .await
                 .unwrap();

@@ -109,7 +109,9 @@ pub struct XEv {
     pub at: Instant,
 }
 
-/// A full-screen window that records the input events it receives.
+/// A full-screen window that records the input events it receives (and, started with
+/// [`XRecorder::start_drawing`], draws what it gets: a 40×40 magenta block centred on each click
+/// and a 16×16 green block per key press, left to right from (20, 20)).
 pub struct XRecorder {
     conn: Arc<RustConnection>,
     pub events: Arc<Mutex<Vec<XEv>>>,
@@ -118,6 +120,15 @@ pub struct XRecorder {
 
 impl XRecorder {
     pub fn start(x: &Xvfb) -> XRecorder {
+        Self::start_with(x, false)
+    }
+
+    /// A recorder that draws what it gets (see the type's description).
+    pub fn start_drawing(x: &Xvfb) -> XRecorder {
+        Self::start_with(x, true)
+    }
+
+    fn start_with(x: &Xvfb, draw: bool) -> XRecorder {
         let (conn, screen_num) = RustConnection::connect(Some(&x.display)).unwrap();
         let conn = Arc::new(conn);
         let screen = &conn.setup().roots[screen_num];
@@ -134,13 +145,16 @@ impl XRecorder {
             0,
             WindowClass::INPUT_OUTPUT,
             screen.root_visual,
-            &CreateWindowAux::new().override_redirect(1).event_mask(
-                EventMask::KEY_PRESS
-                    | EventMask::KEY_RELEASE
-                    | EventMask::BUTTON_PRESS
-                    | EventMask::BUTTON_RELEASE
-                    | EventMask::POINTER_MOTION,
-            ),
+            &CreateWindowAux::new()
+                .override_redirect(1)
+                .background_pixel(0xffffff)
+                .event_mask(
+                    EventMask::KEY_PRESS
+                        | EventMask::KEY_RELEASE
+                        | EventMask::BUTTON_PRESS
+                        | EventMask::BUTTON_RELEASE
+                        | EventMask::POINTER_MOTION,
+                ),
         )
         .unwrap();
         conn.map_window(win).unwrap();
@@ -149,7 +163,10 @@ impl XRecorder {
             .unwrap();
         conn.sync().unwrap();
         let events = Arc::new(Mutex::new(Vec::new()));
+        let gc = conn.generate_id().unwrap();
+        conn.create_gc(gc, win, &CreateWindowAuxGc::new()).unwrap();
         let (c, ev) = (conn.clone(), events.clone());
+        let mut keys_drawn = 0i16;
         // A second connection for keysym look-ups while the first waits for events.
         let (lookup, _) = RustConnection::connect(Some(&x.display)).unwrap();
         std::thread::spawn(move || {
@@ -214,6 +231,31 @@ impl XRecorder {
                     _ => None,
                 };
                 if let Some(r) = rec {
+                    if draw {
+                        use x11rb::protocol::xproto::{ChangeGCAux, Rectangle};
+                        let block = match r.kind {
+                            Kind::ButtonPress => Some((0xff00ff, r.x - 20, r.y - 20, 40)),
+                            Kind::KeyPress => {
+                                keys_drawn += 1;
+                                Some((0x00c000, 20 * keys_drawn, 20, 16))
+                            }
+                            _ => None,
+                        };
+                        if let Some((color, x, y, side)) = block {
+                            let _ = c.change_gc(gc, &ChangeGCAux::new().foreground(color));
+                            let _ = c.poly_fill_rectangle(
+                                win,
+                                gc,
+                                &[Rectangle {
+                                    x,
+                                    y,
+                                    width: side,
+                                    height: side,
+                                }],
+                            );
+                            let _ = c.flush();
+                        }
+                    }
                     ev.lock().unwrap().push(r);
                 }
             }

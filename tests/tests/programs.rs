@@ -35,7 +35,7 @@ impl Agent {
             ])
             .args(["--consent", consent, "--json"])
             .stdout(Stdio::piped())
-            .stderr(Stdio::null())
+            .stderr(Stdio::inherit())
             .kill_on_drop(true)
             .spawn()
             .unwrap();
@@ -328,5 +328,214 @@ async fn console_sees_the_agents_screen() {
     );
     let _ = screen.kill();
     let _ = screen.wait();
+    relay.terminate().await;
+}
+
+/// Counts pixels of a BGRX frame within `tol` of 0xRRGGBB in the given rectangle.
+fn count_color(f: &tandem_media::Frame, rgb: u32, tol: i32, area: (u32, u32, u32, u32)) -> usize {
+    let (x0, y0, w, h) = area;
+    let (r, g, b) = (
+        (rgb >> 16) as i32,
+        ((rgb >> 8) & 0xff) as i32,
+        (rgb & 0xff) as i32,
+    );
+    let mut n = 0;
+    for y in y0..(y0 + h).min(f.height) {
+        let row = &f.data[y as usize * f.stride..];
+        for x in x0..(x0 + w).min(f.width) {
+            let p = &row[x as usize * 4..][..4];
+            if (p[2] as i32 - r).abs() <= tol
+                && (p[1] as i32 - g).abs() <= tol
+                && (p[0] as i32 - b).abs() <= tol
+            {
+                n += 1;
+            }
+        }
+    }
+    n
+}
+
+fn read_png(path: &std::path::Path) -> tandem_media::Frame {
+    let decoder = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(path).unwrap()));
+    let mut reader = decoder.read_info().unwrap();
+    let mut buf = vec![0; reader.output_buffer_size().unwrap()];
+    let info = reader.next_frame(&mut buf).unwrap();
+    tandem_media::rgba_to_frame(info.width, info.height, &buf[..info.buffer_size()])
+}
+
+/// The input script: a click and typed keys travel console → relay → agent → X server; a test
+/// window draws what it gets; the console's decoded picture shows the drawing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn typing_and_clicking_from_the_console_change_the_agents_screen() {
+    let (_dir, relay, token) = setup().await;
+    let x = tandem_tests::x11::Xvfb::start(800, 600);
+    let rec = tandem_tests::x11::XRecorder::start_drawing(&x);
+    let mut agent = Agent::start_on(&relay, "allow", Some(&x.display)).await;
+    let code = agent.code().await;
+    let dir = tempfile::tempdir().unwrap();
+    let script = dir.path().join("script.txt");
+    std::fs::write(
+        &script,
+        "# click the middle of the test window, then type\nclick left 400 300\nwait 100\n\
+         key h\nkey i\ntype !\nkey Enter\nwait 1500\n",
+    )
+    .unwrap();
+    let png = dir.path().join("seen.png");
+    let (rc, ev) = console(
+        &relay,
+        &token,
+        &code,
+        &[
+            "--input-script",
+            script.to_str().unwrap(),
+            "--seconds",
+            "5",
+            "--png",
+            png.to_str().unwrap(),
+        ],
+    )
+    .await;
+    assert_eq!(rc, 0, "{ev:?}");
+    assert!(has(&ev, "script"), "{ev:?}");
+    let got = rec.keys_and_buttons();
+    let press = got
+        .iter()
+        .find(|e| e.kind == tandem_tests::x11::Kind::ButtonPress)
+        .expect("the click reached the X server");
+    assert_eq!((press.detail, press.x, press.y), (1, 400, 300));
+    let keys = got
+        .iter()
+        .filter(|e| e.kind == tandem_tests::x11::Kind::KeyPress)
+        .count();
+    assert!(keys >= 4, "h, i, ! and Enter: {got:?}");
+    // What the technician saw: the test window's drawing of the click and of the keys.
+    let seen = read_png(&png);
+    let magenta = count_color(&seen, 0xff00ff, 40, (380, 280, 40, 40));
+    assert!(
+        magenta > 1000,
+        "the click's block is not in the console's picture ({magenta} px)"
+    );
+    let green = count_color(&seen, 0x00c000, 40, (20, 20, 200, 16));
+    assert!(
+        green >= 3 * 200,
+        "the keys' blocks are not in the console's picture ({green} px)"
+    );
+    relay.terminate().await;
+}
+
+/// View only: the same script changes nothing on the agent's machine.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn view_only_ignores_the_consoles_input() {
+    let (_dir, relay, token) = setup().await;
+    let x = tandem_tests::x11::Xvfb::start(640, 480);
+    let rec = tandem_tests::x11::XRecorder::start(&x);
+    let mut agent = Agent::start_on(&relay, "view-only", Some(&x.display)).await;
+    let code = agent.code().await;
+    let dir = tempfile::tempdir().unwrap();
+    let script = dir.path().join("script.txt");
+    std::fs::write(&script, "click left 100 100\ntype hello\ncombo alt-f4\n").unwrap();
+    let (rc, ev) = console(
+        &relay,
+        &token,
+        &code,
+        &["--input-script", script.to_str().unwrap(), "--seconds", "3"],
+    )
+    .await;
+    assert_eq!(rc, 0, "{ev:?}");
+    assert!(!has(&ev, "script"), "the console does not even try: {ev:?}");
+    assert!(rec.keys_and_buttons().is_empty());
+    relay.terminate().await;
+}
+
+/// The console's window under Xvfb (Mesa software rendering) shows the remote screen; the
+/// screenshot is kept in target/screenshots/ (and copied to docs/ with TANDEM_UPDATE_DOCS=1).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn console_window_shows_the_remote_screen() {
+    let (_dir, relay, token) = setup().await;
+    let agent_screen = tandem_tests::x11::Xvfb::start(1024, 768);
+    let mut demo = std::process::Command::new(binary("tandem-demo-screen"))
+        .arg(&agent_screen.display)
+        .spawn()
+        .unwrap();
+    let mut agent = Agent::start_on(&relay, "allow", Some(&agent_screen.display)).await;
+    let code = agent.code().await;
+    let tech_screen = tandem_tests::x11::Xvfb::start(1280, 800);
+    let cfg = tempfile::tempdir().unwrap();
+    let mut child = Command::new(binary("tandem-console"))
+        .args([
+            "--relay",
+            &relay.addr,
+            "--relay-pin",
+            &relay.pin.to_string(),
+        ])
+        .args([
+            "--token",
+            &token,
+            "--code",
+            &code,
+            "--json",
+            "--seconds",
+            "10",
+        ])
+        .arg("--config")
+        .arg(cfg.path().join("console.toml"))
+        .env("DISPLAY", &tech_screen.display)
+        .env("LIBGL_ALWAYS_SOFTWARE", "1")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut events = vec![];
+    tokio::time::timeout(T, async {
+        while let Some(l) = lines.next_line().await.unwrap() {
+            let v: serde_json::Value = serde_json::from_str(&l).unwrap();
+            let shown = v["event"] == "frame_shown";
+            events.push(v);
+            if shown {
+                return;
+            }
+        }
+        panic!("the console window never showed a frame: {events:?}");
+    })
+    .await
+    .unwrap_or_else(|_| panic!("no frame_shown: {events:?}"));
+    // Let a few more frames paint, then look at the technician's screen.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let out_dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/screenshots");
+    std::fs::create_dir_all(&out_dir).unwrap();
+    let path = out_dir.join("console-window.png");
+    let shot = std::process::Command::new(binary("tandem-screenshot"))
+        .arg(&tech_screen.display)
+        .arg(&path)
+        .status()
+        .unwrap();
+    assert!(shot.success());
+    let shot = read_png(&path);
+    if std::env::var_os("TANDEM_UPDATE_DOCS").is_some() {
+        let docs = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs");
+        std::fs::create_dir_all(&docs).unwrap();
+        std::fs::copy(&path, docs.join("console-window.png")).unwrap();
+    }
+    // The demo desktop's teal background fills much of the window: the remote screen is drawn.
+    let teal = count_color(&shot, 0x1f6f6f, 12, (0, 0, shot.width, shot.height));
+    let share = teal as f64 / (shot.width * shot.height) as f64;
+    assert!(
+        share > 0.15,
+        "remote screen not visible in the window ({:.1}% teal); see {}",
+        share * 100.0,
+        path.display()
+    );
+    // The window ends the session when its time is up and exits with 0.
+    let status = tokio::time::timeout(T, child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(status.code(), Some(0));
+    let ended = agent.next("ended").await;
+    assert_eq!(ended["reason"], "ended_by_technician");
+    let _ = demo.kill();
+    let _ = demo.wait();
     relay.terminate().await;
 }

@@ -113,6 +113,90 @@ pub fn hid_to_evdev(usage: u16) -> Option<u16> {
     Some(code)
 }
 
+/// The HID usage of a key by name: letters and digits, egui's key names (`Enter`, `Escape`,
+/// `ArrowUp` or `Up`, `PageDown`, `F5`, `Minus`, `Backtick`, …) and the modifiers `Ctrl`, `Shift`,
+/// `Alt`, `Super` (left ones; `RightCtrl` etc. for the others). Case does not matter. Used by the
+/// console's window (egui keys) and its input scripts.
+pub fn usage_by_name(name: &str) -> Option<u16> {
+    let n = name.trim().to_ascii_lowercase();
+    let b = n.as_bytes();
+    if b.len() == 1 {
+        return match b[0] {
+            c @ b'a'..=b'z' => Some(0x04 + (c - b'a') as u16),
+            b'0' => Some(0x27),
+            c @ b'1'..=b'9' => Some(0x1E + (c - b'1') as u16),
+            b'-' => Some(0x2D),
+            b'=' => Some(0x2E),
+            b'[' => Some(0x2F),
+            b']' => Some(0x30),
+            b'\\' => Some(0x31),
+            b';' => Some(0x33),
+            b'\'' => Some(0x34),
+            b'`' => Some(0x35),
+            b',' => Some(0x36),
+            b'.' => Some(0x37),
+            b'/' => Some(0x38),
+            _ => None,
+        };
+    }
+    if let Some(num) = n.strip_prefix('f').and_then(|d| d.parse::<u16>().ok()) {
+        return match num {
+            1..=12 => Some(0x3A + num - 1),
+            13..=24 => Some(0x68 + num - 13),
+            _ => None,
+        };
+    }
+    if let Some(d) = n.strip_prefix("num").and_then(|d| d.parse::<u16>().ok()) {
+        return match d {
+            0 => Some(0x27),
+            1..=9 => Some(0x1E + d - 1),
+            _ => None,
+        };
+    }
+    Some(match n.as_str() {
+        "enter" | "return" => 0x28,
+        "escape" | "esc" => 0x29,
+        "backspace" => 0x2A,
+        "tab" => 0x2B,
+        "space" => 0x2C,
+        "minus" => 0x2D,
+        "equals" | "plus" => 0x2E,
+        "openbracket" => 0x2F,
+        "closebracket" => 0x30,
+        "backslash" => 0x31,
+        "semicolon" => 0x33,
+        "quote" => 0x34,
+        "backtick" => 0x35,
+        "comma" => 0x36,
+        "period" => 0x37,
+        "slash" => 0x38,
+        "capslock" => 0x39,
+        "printscreen" => 0x46,
+        "scrolllock" => 0x47,
+        "pause" => 0x48,
+        "insert" => 0x49,
+        "home" => 0x4A,
+        "pageup" => 0x4B,
+        "delete" => 0x4C,
+        "end" => 0x4D,
+        "pagedown" => 0x4E,
+        "right" | "arrowright" => 0x4F,
+        "left" | "arrowleft" => 0x50,
+        "down" | "arrowdown" => 0x51,
+        "up" | "arrowup" => 0x52,
+        "menu" | "contextmenu" => 0x65,
+        "ctrl" | "control" => usage::LEFT_CTRL,
+        "shift" => usage::LEFT_SHIFT,
+        "alt" => usage::LEFT_ALT,
+        "super" | "win" | "meta" | "command" => usage::LEFT_GUI,
+        "rightctrl" => usage::RIGHT_CTRL,
+        "rightshift" => usage::RIGHT_SHIFT,
+        "rightalt" | "altgr" => usage::RIGHT_ALT,
+        "rightsuper" => usage::RIGHT_GUI,
+        _ => return None,
+    })
+}
+
 /// The X11 keycode of a HID usage (evdev keymap).
 pub fn hid_to_x11(usage: u16) -> Option<u8> {
     hid_to_evdev(usage).and_then(|c| u8::try_from(c + 8).ok())
@@ -149,6 +233,29 @@ mod tests {
         let mut seen = std::collections::HashSet::new();
         for u in 0x04..=0x1Du16 {
             assert!(seen.insert(hid_to_evdev(u).unwrap()));
+        }
+    }
+
+    #[test]
+    fn names_map_to_forwarded_keys() {
+        assert_eq!(usage_by_name("a"), Some(usage::A));
+        assert_eq!(usage_by_name("Z"), Some(usage::Z));
+        assert_eq!(usage_by_name("1"), Some(usage::DIGIT_1));
+        assert_eq!(usage_by_name("Num1"), Some(usage::DIGIT_1));
+        assert_eq!(usage_by_name("0"), Some(0x27));
+        assert_eq!(usage_by_name("Enter"), Some(usage::ENTER));
+        assert_eq!(usage_by_name("ArrowUp"), usage_by_name("up"));
+        assert_eq!(usage_by_name("F4"), Some(usage::F4));
+        assert_eq!(usage_by_name("F13"), Some(0x68));
+        assert_eq!(usage_by_name("ctrl"), Some(usage::LEFT_CTRL));
+        assert_eq!(usage_by_name("F25"), None);
+        assert_eq!(usage_by_name("nonsense"), None);
+        for name in [
+            "Escape", "Tab", "Space", "Minus", "Backtick", "Delete", "PageDown", "Home", "Super",
+            "RightAlt", "Slash", ";", "\\",
+        ] {
+            let u = usage_by_name(name).unwrap_or_else(|| panic!("{name}"));
+            assert!(hid_to_evdev(u).is_some(), "{name} is not forwarded");
         }
     }
 }

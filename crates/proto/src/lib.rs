@@ -305,6 +305,8 @@ pub enum ProtoError {
     InvalidSlot,
     #[error("text field longer than {MAX_TEXT} bytes")]
     TextTooLong,
+    #[error("invalid {0}")]
+    Invalid(&'static str),
 }
 
 impl ProtoError {

@@ -22,7 +22,7 @@ pub mod setup;
 pub use carrier::Fallback;
 pub use code::{CodeError, SessionCode};
 pub use session::{
-    Consent, ControlMsg, InputItem, InputSender, PeerInfo, Role, Session, SessionEnd, SessionError,
-    SessionEvent, VideoFrame, VideoSender,
+    Consent, ControlMsg, InputItem, InputSender, MAX_CURSOR_SIDE, MAX_MONITORS, MonitorInfo,
+    PeerInfo, Role, Session, SessionEnd, SessionError, SessionEvent, VideoFrame, VideoSender,
 };
 pub use setup::{AgentEvent, AgentHost, CodeChange, SessionConfig, join, join_on};

@@ -74,10 +74,55 @@ pub enum ControlMsg {
     Quality { max_kbps: u32, max_fps: u16 },
     /// Console → agent: the decoder needs a keyframe.
     KeyframeRequest,
-    /// Either way: measurements for the stats line.
-    Stats { rtt_us: u32, fps: u16, kbps: u32 },
+    /// Either way: measurements for the stats line. The agent's answer carries the frames and
+    /// bytes it sent and the median time from capture to encoded bytes (`pipeline_us`).
+    Stats {
+        rtt_us: u32,
+        fps: u16,
+        kbps: u32,
+        pipeline_us: u32,
+    },
     /// Either way: the sender ends the session.
     End { reason: EndReason },
+    /// Agent → console: where the pointer is on the shared monitor, in its pixels.
+    Cursor {
+        x: i32,
+        y: i32,
+        visible: bool,
+        screen_w: u32,
+        screen_h: u32,
+    },
+    /// Agent → console: the pointer's image (premultiplied RGBA, at most
+    /// [`MAX_CURSOR_SIDE`] pixels a side); each pixel covers `scale × scale` screen pixels.
+    CursorShape {
+        width: u16,
+        height: u16,
+        hot_x: u16,
+        hot_y: u16,
+        scale: u8,
+        rgba: Vec<u8>,
+    },
+    /// Agent → console: the monitors the user has, and which one is shared.
+    Monitors {
+        monitors: Vec<MonitorInfo>,
+        current: u8,
+    },
+    /// Console → agent: share another monitor.
+    SelectMonitor { index: u8 },
+}
+
+/// Largest cursor image side sent (larger cursors are sent downscaled).
+pub const MAX_CURSOR_SIDE: u16 = 48;
+/// Most monitors listed.
+pub const MAX_MONITORS: usize = 16;
+
+/// One monitor of the agent's machine.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MonitorInfo {
+    pub name: String,
+    pub width: u32,
+    pub height: u32,
+    pub primary: bool,
 }
 
 impl Validate for ControlMsg {
@@ -97,6 +142,41 @@ impl Validate for ControlMsg {
                 Ok(())
             }
             ControlMsg::End { reason } => reason.validate(),
+            ControlMsg::CursorShape {
+                width,
+                height,
+                hot_x,
+                hot_y,
+                scale,
+                rgba,
+            } => {
+                if *width == 0
+                    || *height == 0
+                    || *width > MAX_CURSOR_SIDE
+                    || *height > MAX_CURSOR_SIDE
+                    || hot_x >= width
+                    || hot_y >= height
+                    || !matches!(scale, 1 | 2 | 4 | 8)
+                    || rgba.len() != *width as usize * *height as usize * 4
+                {
+                    return Err(ProtoError::Invalid("cursor image"));
+                }
+                Ok(())
+            }
+            ControlMsg::Monitors { monitors, current } => {
+                if monitors.len() > MAX_MONITORS
+                    || monitors.iter().any(|m| m.name.len() > 64)
+                    || (!monitors.is_empty() && *current as usize >= monitors.len())
+                {
+                    return Err(ProtoError::Invalid("monitor list"));
+                }
+                Ok(())
+            }
+            ControlMsg::Cursor {
+                screen_w, screen_h, ..
+            } if *screen_w > 65_536 || *screen_h > 65_536 => {
+                Err(ProtoError::Invalid("cursor position"))
+            }
             _ => Ok(()),
         }
     }

@@ -82,7 +82,33 @@ fn main() {
             rtt_us: 1,
             fps: 30,
             kbps: 100,
+            pipeline_us: 20_000,
         },
+        ControlMsg::Cursor {
+            x: 10,
+            y: 20,
+            visible: true,
+            screen_w: 1920,
+            screen_h: 1080,
+        },
+        ControlMsg::CursorShape {
+            width: 2,
+            height: 2,
+            hot_x: 1,
+            hot_y: 0,
+            scale: 1,
+            rgba: vec![255; 16],
+        },
+        ControlMsg::Monitors {
+            monitors: vec![tandem_session::MonitorInfo {
+                name: "screen".into(),
+                width: 1920,
+                height: 1080,
+                primary: true,
+            }],
+            current: 0,
+        },
+        ControlMsg::SelectMonitor { index: 0 },
         ControlMsg::End {
             reason: EndReason::EndedByUser,
         },

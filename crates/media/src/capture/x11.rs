@@ -150,6 +150,13 @@ impl X11Capturer {
         Ok(c)
     }
 
+    /// The size of the monitor being captured.
+    pub fn size(&self) -> (u32, u32) {
+        self.monitors
+            .get(self.selected)
+            .map_or((0, 0), |m| (m.width, m.height))
+    }
+
     /// True when frames come through a private shared-memory segment.
     pub fn uses_shm(&self) -> bool {
         self.shm_supported

@@ -1,0 +1,194 @@
+//! The agent's window (eframe/egui): the code, the consent prompt, and while a session runs an
+//! always-on-top indicator with the technician's name, what they may do, a view-only switch and End.
+//!
+//! The window only shows [`Shared`] state and sends [`UiCmd`]s; the session logic runs on a tokio
+//! runtime beside it and never waits for the window.
+
+use crate::{Phase, Shared, UiCmd};
+use eframe::egui::{self, Color32, RichText};
+use std::sync::Arc;
+use std::time::Instant;
+use tandem_session::Consent;
+use tokio::sync::mpsc::UnboundedSender;
+
+pub struct AgentWindow {
+    shared: Arc<Shared>,
+    cmds: UnboundedSender<UiCmd>,
+    copied_at: Option<Instant>,
+}
+
+impl AgentWindow {
+    pub fn new(shared: Arc<Shared>, cmds: UnboundedSender<UiCmd>) -> Self {
+        AgentWindow {
+            shared,
+            cmds,
+            copied_at: None,
+        }
+    }
+
+    fn send(&self, c: UiCmd) {
+        // The logic is gone only when the program is ending anyway.
+        let _ = self.cmds.send(c);
+    }
+}
+
+pub fn options() -> eframe::NativeOptions {
+    eframe::NativeOptions {
+        viewport: egui::ViewportBuilder::default()
+            .with_title("Tandem remote support")
+            .with_inner_size([460.0, 330.0])
+            .with_always_on_top(),
+        renderer: eframe::Renderer::Glow,
+        ..Default::default()
+    }
+}
+
+const WARN: Color32 = Color32::from_rgb(0xe0, 0x8a, 0x00);
+const LIVE: Color32 = Color32::from_rgb(0xc6, 0x28, 0x28);
+
+impl eframe::App for AgentWindow {
+    fn ui(&mut self, ui: &mut egui::Ui, _frame: &mut eframe::Frame) {
+        let (phase, relay) = {
+            let s = crate::lock(&self.shared.state);
+            (s.phase.clone(), s.relay.clone())
+        };
+        if matches!(phase, Phase::Closing) {
+            ui.ctx().send_viewport_cmd(egui::ViewportCommand::Close);
+        }
+        // Countdowns and expiry need a tick even without input.
+        ui.ctx()
+            .request_repaint_after(std::time::Duration::from_millis(250));
+        egui::CentralPanel::default().show(ui, |ui| {
+            ui.add_space(6.0);
+            match &phase {
+                Phase::Connecting => {
+                    ui.heading("Connecting to the relay…");
+                    ui.label(format!("Relay: {relay}"));
+                }
+                Phase::Waiting {
+                    code,
+                    expires_at,
+                    note,
+                } => {
+                    if let Some(n) = note {
+                        ui.colored_label(WARN, n);
+                    }
+                    ui.label("Read this code to your technician:");
+                    ui.horizontal(|ui| {
+                        ui.label(RichText::new(code).size(44.0).monospace().strong());
+                        if ui.button("Copy").clicked() {
+                            ui.ctx().copy_text(code.clone());
+                            self.copied_at = Some(Instant::now());
+                        }
+                        if self
+                            .copied_at
+                            .is_some_and(|t| t.elapsed().as_secs_f32() < 2.0)
+                        {
+                            ui.label("copied");
+                        }
+                    });
+                    let left = expires_at.saturating_duration_since(Instant::now());
+                    ui.label(format!(
+                        "Valid for {}:{:02} more; a new code follows.",
+                        left.as_secs() / 60,
+                        left.as_secs() % 60
+                    ));
+                    ui.add_space(8.0);
+                    ui.colored_label(
+                        WARN,
+                        "Only give this code to a technician YOU contacted. Nobody legitimate \
+                         calls you out of the blue and asks for it.",
+                    );
+                    ui.add_space(8.0);
+                    ui.small(format!("Relay: {relay}"));
+                }
+                Phase::Joining {
+                    technician,
+                    organisation,
+                } => {
+                    ui.heading(format!("{technician} of {organisation} is connecting…"));
+                }
+                Phase::Consent {
+                    technician,
+                    organisation,
+                    deadline,
+                } => {
+                    ui.heading(format!(
+                        "{technician} of {organisation} wants to connect to this computer."
+                    ));
+                    ui.small("(name and organisation as the relay verified them)");
+                    ui.add_space(6.0);
+                    ui.colored_label(
+                        WARN,
+                        "Only continue if YOU contacted them. Someone who called you unexpectedly \
+                         is not your technician.",
+                    );
+                    ui.add_space(10.0);
+                    ui.horizontal(|ui| {
+                        if ui.button(RichText::new("Allow control").strong()).clicked() {
+                            self.send(UiCmd::Consent(Consent::AllowControl));
+                        }
+                        if ui.button("View only").clicked() {
+                            self.send(UiCmd::Consent(Consent::ViewOnly));
+                        }
+                        if ui.button("Deny").clicked() {
+                            self.send(UiCmd::Consent(Consent::Deny));
+                        }
+                    });
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    ui.label(format!("Denied automatically in {} s.", left.as_secs()));
+                }
+                Phase::InSession {
+                    technician,
+                    organisation,
+                    view_only,
+                    control_possible,
+                    note,
+                } => {
+                    ui.label(
+                        RichText::new(format!(
+                            "LIVE: {technician} of {organisation} can {}",
+                            if *view_only {
+                                "see your screen"
+                            } else {
+                                "see and control your screen"
+                            }
+                        ))
+                        .color(LIVE)
+                        .size(18.0)
+                        .strong(),
+                    );
+                    if let Some(n) = note {
+                        ui.colored_label(WARN, n);
+                    }
+                    ui.add_space(10.0);
+                    if *control_possible {
+                        let mut vo = *view_only;
+                        if ui
+                            .checkbox(&mut vo, "View only (the technician cannot click or type)")
+                            .changed()
+                        {
+                            self.send(UiCmd::ViewOnly(vo));
+                        }
+                    }
+                    ui.add_space(10.0);
+                    if ui
+                        .button(RichText::new("End session").size(18.0).strong())
+                        .clicked()
+                    {
+                        self.send(UiCmd::End);
+                    }
+                }
+                Phase::Ended { text } => {
+                    ui.heading(text);
+                    ui.label("Waiting for a new code…");
+                }
+                Phase::Failed { text } => {
+                    ui.heading("Tandem cannot continue");
+                    ui.colored_label(LIVE, text);
+                }
+                Phase::Closing => {}
+            }
+        });
+    }
+}

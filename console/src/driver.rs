@@ -1,0 +1,262 @@
+//! The console's side of a running session, shared by the window and the headless mode: decodes
+//! video into the newest frame, forwards the technician's input and requests, measures the stats
+//! line and reports everything the agent says as [`Update`]s.
+//!
+//! Frames are not queued: the newest decoded frame replaces the previous one in [`Latest`], so a
+//! slow window never shows old pictures.
+
+use crate::exit;
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+use tandem_input::{InputClient, InputEvent, Pos};
+use tandem_media::{DecodedFrame, VideoDecoder};
+use tandem_proto::EndReason;
+use tandem_session::{Consent, ControlMsg, MonitorInfo, Session, SessionEvent};
+use tokio::sync::mpsc;
+
+/// What the technician asks of the session.
+#[derive(Debug)]
+pub enum Cmd {
+    Input(InputEvent),
+    /// Pointer position (sent as a datagram: newest wins).
+    Pointer(Pos),
+    Keyframe,
+    /// Ceiling for the video bitrate in kbit/s (0: follow the path).
+    Quality(u32),
+    Monitor(u8),
+    End,
+}
+
+/// The remote cursor.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Cursor {
+    pub x: i32,
+    pub y: i32,
+    pub visible: bool,
+    pub screen_w: u32,
+    pub screen_h: u32,
+}
+
+/// The remote cursor's image.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CursorImage {
+    pub width: u16,
+    pub height: u16,
+    pub hot_x: u16,
+    pub hot_y: u16,
+    pub scale: u8,
+    /// Premultiplied RGBA.
+    pub rgba: Vec<u8>,
+}
+
+/// Measurements for the stats line.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Stats {
+    /// Control-channel round trip (console → agent → console).
+    pub rtt_ms: f64,
+    /// The inner QUIC connection's smoothed RTT.
+    pub path_rtt_ms: f64,
+    /// Frames decoded per second over the last interval.
+    pub fps: f64,
+    pub kbit_s: f64,
+    /// Agent capture → encoded median + half the path RTT + decode and conversion here.
+    pub glass_ms: f64,
+    pub decode_ms: f64,
+    pub frames: u64,
+}
+
+#[derive(Clone, Debug)]
+pub enum Update {
+    Consent(Consent),
+    Permissions {
+        view_only: bool,
+    },
+    FirstFrame {
+        width: u32,
+        height: u32,
+        ms: f64,
+    },
+    /// A new frame is in [`Latest`].
+    Frame,
+    Cursor(Cursor),
+    CursorImage(CursorImage),
+    Monitors {
+        monitors: Vec<MonitorInfo>,
+        current: u8,
+    },
+    Stats(Stats),
+    Link(&'static str),
+    /// The session is over; `exit_code` says why (see `exit`).
+    Ended {
+        text: String,
+        reason: String,
+        exit_code: u8,
+    },
+}
+
+/// The newest decoded frame.
+#[derive(Default)]
+pub struct Latest {
+    frame: Mutex<Option<DecodedFrame>>,
+}
+
+impl Latest {
+    pub fn lock(&self) -> MutexGuard<'_, Option<DecodedFrame>> {
+        self.frame.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Drives `session` until it ends; `wake` is called after each update (the window repaints).
+pub async fn drive(
+    session: Session,
+    started: Instant,
+    mut cmds: mpsc::UnboundedReceiver<Cmd>,
+    tx: mpsc::UnboundedSender<Update>,
+    latest: Arc<Latest>,
+    wake: impl Fn(),
+) {
+    let send = |u: Update| {
+        let _ = tx.send(u);
+        wake();
+    };
+    let input = InputClient::new(&session);
+    let mut decoder = match VideoDecoder::new() {
+        Ok(d) => d,
+        Err(e) => {
+            session.end(EndReason::Other("console error".into())).await;
+            send(Update::Ended {
+                text: format!("cannot start the video decoder: {e}"),
+                reason: "error".into(),
+                exit_code: exit::OTHER,
+            });
+            return;
+        }
+    };
+    let mut consent: Option<Consent> = None;
+    let mut decoded: u64 = 0;
+    let mut video_bytes: u64 = 0;
+    let mut first = true;
+    let mut decode_times: VecDeque<f64> = VecDeque::with_capacity(31);
+    let mut ping = tokio::time::interval(Duration::from_secs(1));
+    let mut ping_sent: Option<Instant> = None;
+    let mut last_stats = (Instant::now(), 0u64, 0u64);
+    let ended = |text: String, reason: &str, exit_code| Update::Ended {
+        text,
+        reason: reason.into(),
+        exit_code,
+    };
+    loop {
+        tokio::select! {
+            f = session.recv_video() => match f {
+                Ok(f) => {
+                    video_bytes += f.data.len() as u64;
+                    let t = Instant::now();
+                    match decoder.decode(&f.data) {
+                        Ok(Some(frame)) => {
+                            decoded += 1;
+                            if decode_times.len() == 31 {
+                                decode_times.pop_front();
+                            }
+                            decode_times.push_back(t.elapsed().as_secs_f64() * 1e3);
+                            if first {
+                                first = false;
+                                send(Update::FirstFrame {
+                                    width: frame.width,
+                                    height: frame.height,
+                                    ms: started.elapsed().as_secs_f64() * 1e3,
+                                });
+                            }
+                            *latest.lock() = Some(frame);
+                            send(Update::Frame);
+                        }
+                        Ok(None) => {}
+                        Err(e) => {
+                            tracing::warn!(error = %e, "undecodable frame; asking for a keyframe");
+                            let _ = session.send_control(&ControlMsg::KeyframeRequest).await;
+                        }
+                    }
+                }
+                Err(_) => {
+                    // The session is ending; the control branch reports why.
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+            c = cmds.recv() => {
+                let r = match c {
+                    Some(Cmd::Input(e)) => input.send(&e).await,
+                    Some(Cmd::Pointer(p)) => input.pointer(p),
+                    Some(Cmd::Keyframe) => session.send_control(&ControlMsg::KeyframeRequest).await,
+                    Some(Cmd::Quality(kbps)) => session.send_control(&ControlMsg::Quality { max_kbps: kbps, max_fps: 30 }).await,
+                    Some(Cmd::Monitor(index)) => session.send_control(&ControlMsg::SelectMonitor { index }).await,
+                    Some(Cmd::End) | None => {
+                        session.end(EndReason::EndedByTechnician).await;
+                        send(ended("You ended the session.".into(), EndReason::EndedByTechnician.label(), exit::OK));
+                        return;
+                    }
+                };
+                if let Err(e) = r {
+                    tracing::debug!(error = %e, "request not sent; the session is ending");
+                }
+            }
+            m = session.recv_control() => match m {
+                Ok(ControlMsg::Consent { decision }) => {
+                    consent = Some(decision);
+                    send(Update::Consent(decision));
+                }
+                Ok(ControlMsg::Permissions { view_only }) => send(Update::Permissions { view_only }),
+                Ok(ControlMsg::Cursor { x, y, visible, screen_w, screen_h }) => {
+                    send(Update::Cursor(Cursor { x, y, visible, screen_w, screen_h }));
+                }
+                Ok(ControlMsg::CursorShape { width, height, hot_x, hot_y, scale, rgba }) => {
+                    send(Update::CursorImage(CursorImage { width, height, hot_x, hot_y, scale, rgba }));
+                }
+                Ok(ControlMsg::Monitors { monitors, current }) => send(Update::Monitors { monitors, current }),
+                Ok(ControlMsg::Stats { pipeline_us, .. }) => {
+                    if let Some(t) = ping_sent.take() {
+                        let now = Instant::now();
+                        let secs = now.duration_since(last_stats.0).as_secs_f64().max(0.001);
+                        let path_rtt_ms = session.connection().rtt().as_secs_f64() * 1e3;
+                        let mut d: Vec<f64> = decode_times.iter().copied().collect();
+                        d.sort_by(f64::total_cmp);
+                        let decode_ms = d.get(d.len() / 2).copied().unwrap_or(0.0);
+                        send(Update::Stats(Stats {
+                            rtt_ms: t.elapsed().as_secs_f64() * 1e3,
+                            path_rtt_ms,
+                            fps: (decoded - last_stats.1) as f64 / secs,
+                            kbit_s: (video_bytes - last_stats.2) as f64 * 8.0 / secs / 1000.0,
+                            glass_ms: pipeline_us as f64 / 1e3 + path_rtt_ms / 2.0 + decode_ms,
+                            decode_ms,
+                            frames: decoded,
+                        }));
+                        last_stats = (now, decoded, video_bytes);
+                    }
+                }
+                Ok(ControlMsg::End { reason }) => {
+                    let code = if reason == EndReason::Denied { exit::DENIED } else { exit::ENDED_BY_AGENT };
+                    send(ended(format!("The session ended: {reason}."), reason.label(), code));
+                    return;
+                }
+                Ok(_) => {}
+                Err(_) => {
+                    let end = session.closed().await;
+                    let code = if end.reason == EndReason::Denied || consent == Some(Consent::Deny) { exit::DENIED } else { exit::ENDED_BY_AGENT };
+                    send(ended(format!("The session ended: {end}."), end.reason.label(), code));
+                    return;
+                }
+            },
+            _ = ping.tick(), if consent.is_some() && ping_sent.is_none() => {
+                ping_sent = Some(Instant::now());
+                let _ = session.send_control(&ControlMsg::Stats { rtt_us: 0, fps: 0, kbps: 0, pipeline_us: 0 }).await;
+            }
+            e = session.next_event() => {
+                send(Update::Link(match e {
+                    SessionEvent::PeerSuspended { .. } => "The user's connection dropped; waiting for it to come back.",
+                    SessionEvent::PeerResumed => "The user is back.",
+                    SessionEvent::LinkLost => "Lost the connection to the relay; reconnecting…",
+                    SessionEvent::LinkResumed => "Reconnected.",
+                }));
+            }
+        }
+    }
+}

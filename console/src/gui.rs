@@ -1,0 +1,809 @@
+//! The console's window (eframe/egui): a login form (relay, pin and token remembered after the
+//! first login) and the code; then the remote screen scaled to the window with its aspect kept (or
+//! 1:1, or full screen), the remote cursor drawn from its position and shape, a toolbar and a stats
+//! line.
+//!
+//! Input: while the view has focus (click into it; click the toolbar to leave) keys go to the
+//! remote as physical keys (the remote's layout decides the character), and pointer and wheel go
+//! to the remote whenever the pointer is over the view. Keys are taken from egui's raw input before
+//! egui sees them, so Tab, Escape and shortcuts reach the remote instead of the window. Ctrl+C/X/V
+//! act on the remote's clipboard.
+
+use crate::Login;
+use crate::driver::{self, Cmd, Cursor, CursorImage, Latest, Stats, Update};
+use eframe::egui::{
+    self, Color32, ColorImage, Event, Modifiers, Pos2, Rect, RichText, TextureHandle,
+    TextureOptions, Vec2,
+};
+use std::sync::Arc;
+use std::sync::mpsc as std_mpsc;
+use std::time::{Duration, Instant};
+use tandem_client::EventOut;
+use tandem_input::keymap::{usage, usage_by_name};
+use tandem_input::{Combo, InputEvent, MouseButton, Pos};
+use tandem_session::{Consent, MonitorInfo};
+use tokio::sync::mpsc;
+
+pub fn options() -> eframe::NativeOptions {
+    eframe::NativeOptions {
+        viewport: egui::ViewportBuilder::default()
+            .with_title("Tandem console")
+            .with_inner_size([1100.0, 720.0]),
+        renderer: eframe::Renderer::Glow,
+        ..Default::default()
+    }
+}
+
+/// The form's fields.
+#[derive(Clone, Default)]
+pub struct Form {
+    pub relay: String,
+    pub pin: String,
+    pub token: String,
+    pub code: String,
+}
+
+enum Phase {
+    Login {
+        error: Option<String>,
+    },
+    Joining {
+        rx: std_mpsc::Receiver<Result<Box<Live>, (u8, String)>>,
+        since: Instant,
+    },
+    Session(Box<Live>),
+    Ended {
+        text: String,
+    },
+}
+
+/// A running session as the window sees it.
+pub struct Live {
+    cmds: mpsc::UnboundedSender<Cmd>,
+    updates: mpsc::UnboundedReceiver<Update>,
+    latest: Arc<Latest>,
+    texture: Option<TextureHandle>,
+    remote: (u32, u32),
+    cursor: Cursor,
+    cursor_image: Option<(TextureHandle, CursorImage)>,
+    consent: Option<Consent>,
+    view_only: bool,
+    monitors: Vec<MonitorInfo>,
+    monitor: u8,
+    stats: Option<Stats>,
+    note: Option<String>,
+    one_to_one: bool,
+    fullscreen: bool,
+    quality: u32,
+    /// Where the remote screen was drawn last frame (points).
+    view: Option<Rect>,
+    /// Keys go to the remote.
+    keyboard: bool,
+    mods: Modifiers,
+    buttons: Vec<MouseButton>,
+    last_pointer: Option<Pos2>,
+    shown: bool,
+    /// Signalled when the session thread is done (ended and told the agent).
+    done: std_mpsc::Receiver<()>,
+}
+
+pub struct ConsoleApp {
+    rt: tokio::runtime::Handle,
+    form: Form,
+    login: Login,
+    phase: Phase,
+    out: EventOut,
+    /// End the session after this long (for scripts and the screenshot test).
+    limit: Option<(Instant, Duration)>,
+    exit_code: Arc<std::sync::atomic::AtomicU8>,
+    /// Started with a time limit: the window closes when the session is over.
+    closes_when_done: bool,
+}
+
+impl ConsoleApp {
+    pub fn new(
+        rt: tokio::runtime::Handle,
+        form: Form,
+        login: Login,
+        out: EventOut,
+        seconds: Option<u64>,
+        exit_code: Arc<std::sync::atomic::AtomicU8>,
+        ctx: &egui::Context,
+    ) -> Self {
+        let auto = !form.code.trim().is_empty();
+        let mut app = ConsoleApp {
+            rt,
+            form,
+            login,
+            phase: Phase::Login { error: None },
+            out,
+            limit: seconds.map(|s| (Instant::now(), Duration::from_secs(s))),
+            exit_code,
+            closes_when_done: seconds.is_some(),
+        };
+        if auto {
+            app.connect(ctx);
+        }
+        app
+    }
+
+    fn connect(&mut self, ctx: &egui::Context) {
+        let (tx, rx) = std_mpsc::channel();
+        let form = self.form.clone();
+        let login = self.login.clone();
+        let rt = self.rt.clone();
+        let ctx = ctx.clone();
+        let out = self.out;
+        let spawned = std::thread::Builder::new()
+            .name("tandem-session".into())
+            .spawn(move || {
+                rt.block_on(async move {
+                    let started = Instant::now();
+                    let session = match crate::join(&form, &login).await {
+                        Ok(s) => s,
+                        Err(f) => {
+                            let _ = tx.send(Err((f.code, format!("{:#}", f.error))));
+                            ctx.request_repaint();
+                            return;
+                        }
+                    };
+                    out.event(
+                        "joined",
+                        "Joined; waiting for the user to answer",
+                        serde_json::json!({"setup_ms": started.elapsed().as_secs_f64() * 1e3}),
+                    );
+                    let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
+                    let (up_tx, up_rx) = mpsc::unbounded_channel();
+                    let latest = Arc::new(Latest::default());
+                    let (done_tx, done_rx) = std_mpsc::channel();
+                    let live = Live {
+                        cmds: cmd_tx,
+                        updates: up_rx,
+                        latest: latest.clone(),
+                        texture: None,
+                        remote: (0, 0),
+                        cursor: Cursor::default(),
+                        cursor_image: None,
+                        consent: None,
+                        view_only: true,
+                        monitors: vec![],
+                        monitor: 0,
+                        stats: None,
+                        note: None,
+                        one_to_one: false,
+                        fullscreen: false,
+                        quality: 0,
+                        view: None,
+                        keyboard: false,
+                        mods: Modifiers::NONE,
+                        buttons: vec![],
+                        last_pointer: None,
+                        shown: false,
+                        done: done_rx,
+                    };
+                    if tx.send(Ok(Box::new(live))).is_err() {
+                        session
+                            .end(tandem_proto::EndReason::EndedByTechnician)
+                            .await;
+                        return;
+                    }
+                    ctx.request_repaint();
+                    let c = ctx.clone();
+                    driver::drive(session, started, cmd_rx, up_tx, latest, move || {
+                        c.request_repaint()
+                    })
+                    .await;
+                    let _ = done_tx.send(());
+                });
+            });
+        self.phase = match spawned {
+            Ok(_) => Phase::Joining {
+                rx,
+                since: Instant::now(),
+            },
+            Err(e) => Phase::Login {
+                error: Some(format!("cannot start: {e}")),
+            },
+        };
+    }
+
+    fn login_ui(&mut self, ui: &mut egui::Ui, error: Option<String>) {
+        let mut go = false;
+        egui::CentralPanel::default().show(ui, |ui| {
+            ui.heading("Join a support session");
+            ui.add_space(8.0);
+            egui::Grid::new("login").num_columns(2).show(ui, |ui| {
+                ui.label("Relay");
+                ui.text_edit_singleline(&mut self.form.relay)
+                    .on_hover_text("host:port of your relay");
+                ui.end_row();
+                ui.label("Relay pin");
+                ui.text_edit_singleline(&mut self.form.pin)
+                    .on_hover_text("sha256:… as printed by `tandem-relay fingerprint`");
+                ui.end_row();
+                ui.label("Token");
+                ui.add(egui::TextEdit::singleline(&mut self.form.token).password(true))
+                    .on_hover_text("from `tandem-relay technician add`");
+                ui.end_row();
+                ui.label("Session code");
+                let r = ui.add(
+                    egui::TextEdit::singleline(&mut self.form.code)
+                        .hint_text("417-382-905")
+                        .font(egui::TextStyle::Heading),
+                );
+                if r.lost_focus() && ui.input(|i| i.key_pressed(egui::Key::Enter)) {
+                    go = true;
+                }
+                ui.end_row();
+            });
+            ui.add_space(8.0);
+            if ui.button(RichText::new("Connect").strong()).clicked() {
+                go = true;
+            }
+            if let Some(e) = &error {
+                ui.add_space(8.0);
+                ui.colored_label(Color32::from_rgb(0xd0, 0x40, 0x40), e);
+            }
+            ui.add_space(8.0);
+            ui.small("Relay, pin and token are remembered after the first successful login.");
+        });
+        if go {
+            self.connect(ui.ctx());
+        }
+    }
+}
+
+/// Scales `size` into `avail`, keeping the aspect ratio.
+pub fn fit(size: Vec2, avail: Vec2) -> Vec2 {
+    if size.x <= 0.0 || size.y <= 0.0 {
+        return Vec2::ZERO;
+    }
+    let s = (avail.x / size.x).min(avail.y / size.y);
+    size * s
+}
+
+fn egui_button(b: egui::PointerButton) -> Option<MouseButton> {
+    Some(match b {
+        egui::PointerButton::Primary => MouseButton::Left,
+        egui::PointerButton::Secondary => MouseButton::Right,
+        egui::PointerButton::Middle => MouseButton::Middle,
+        egui::PointerButton::Extra1 => MouseButton::Back,
+        egui::PointerButton::Extra2 => MouseButton::Forward,
+    })
+}
+
+impl Live {
+    fn can_control(&self) -> bool {
+        self.consent == Some(Consent::AllowControl) && !self.view_only
+    }
+
+    fn pos(&self, p: Pos2, view: Rect) -> Pos {
+        let (w, h) = self.screen();
+        Pos::from_view(
+            p.x - view.min.x,
+            p.y - view.min.y,
+            view.width(),
+            view.height(),
+            w,
+            h,
+        )
+    }
+
+    /// The remote screen's size in its own pixels (the video may be sent at half size).
+    fn screen(&self) -> (u32, u32) {
+        if self.cursor.screen_w > 0 && self.cursor.screen_h > 0 {
+            (self.cursor.screen_w, self.cursor.screen_h)
+        } else {
+            (self.remote.0.max(1), self.remote.1.max(1))
+        }
+    }
+
+    fn send(&self, c: Cmd) {
+        let _ = self.cmds.send(c);
+    }
+
+    fn key(&self, usage: u16, pressed: bool) {
+        self.send(Cmd::Input(InputEvent::Key { usage, pressed }));
+    }
+
+    /// Takes the events meant for the remote out of egui's input. Returns whether egui keeps it.
+    fn route(&mut self, e: &Event) -> bool {
+        let Some(view) = self.view else { return true };
+        if !self.can_control() {
+            return true;
+        }
+        match e {
+            Event::PointerMoved(p) if view.contains(*p) => {
+                self.send(Cmd::Pointer(self.pos(*p, view)));
+                true
+            }
+            Event::PointerButton {
+                pos,
+                button,
+                pressed,
+                ..
+            } => {
+                let Some(b) = egui_button(*button) else {
+                    return true;
+                };
+                let inside = view.contains(*pos);
+                if *pressed && inside {
+                    self.keyboard = true;
+                    self.buttons.push(b);
+                    self.send(Cmd::Input(InputEvent::Button {
+                        button: b,
+                        pressed: true,
+                        at: self.pos(*pos, view),
+                    }));
+                } else if *pressed {
+                    self.keyboard = false;
+                } else if let Some(i) = self.buttons.iter().position(|x| *x == b) {
+                    self.buttons.remove(i);
+                    let p = Pos2::new(
+                        pos.x.clamp(view.min.x, view.max.x - 1.0),
+                        pos.y.clamp(view.min.y, view.max.y - 1.0),
+                    );
+                    self.send(Cmd::Input(InputEvent::Button {
+                        button: b,
+                        pressed: false,
+                        at: self.pos(p, view),
+                    }));
+                }
+                true
+            }
+            Event::MouseWheel { unit, delta, .. } => {
+                let Some(p) = self.last_pointer else {
+                    return true;
+                };
+                if !view.contains(p) {
+                    return true;
+                }
+                let per_notch = match unit {
+                    egui::MouseWheelUnit::Point => 50.0,
+                    egui::MouseWheelUnit::Line => 1.0,
+                    egui::MouseWheelUnit::Page => 0.1,
+                };
+                // egui: positive y scrolls up; Tandem: positive dy scrolls down.
+                self.send(Cmd::Input(InputEvent::Wheel {
+                    dx: (-delta.x / per_notch).clamp(-100.0, 100.0),
+                    dy: (-delta.y / per_notch).clamp(-100.0, 100.0),
+                    at: self.pos(p, view),
+                }));
+                false
+            }
+            _ if !self.keyboard => true,
+            Event::Key {
+                key,
+                physical_key,
+                pressed,
+                repeat,
+                ..
+            } => {
+                // The remote repeats held keys itself.
+                if !repeat && let Some(u) = usage_by_name(physical_key.unwrap_or(*key).name()) {
+                    self.key(u, *pressed);
+                }
+                false
+            }
+            // Clipboard shortcuts arrive as commands; the key's release comes as a key event.
+            Event::Copy => {
+                self.key(usage::C, true);
+                false
+            }
+            Event::Cut => {
+                self.key(0x1B, true);
+                false
+            }
+            Event::Paste(_) => {
+                self.key(usage::V, true);
+                false
+            }
+            Event::Text(_) | Event::Ime(_) => false,
+            Event::ModifiersChanged(m) => {
+                for (was, now, u) in [
+                    (self.mods.ctrl, m.ctrl, usage::LEFT_CTRL),
+                    (self.mods.shift, m.shift, usage::LEFT_SHIFT),
+                    (self.mods.alt, m.alt, usage::LEFT_ALT),
+                    (self.mods.mac_cmd, m.mac_cmd, usage::LEFT_GUI),
+                ] {
+                    if was != now {
+                        self.key(u, now);
+                    }
+                }
+                self.mods = *m;
+                true
+            }
+            _ => true,
+        }
+    }
+}
+
+impl Live {
+    /// Applies the driver's updates; returns the end text if the session is over.
+    fn pump(&mut self, ctx: &egui::Context, out: &EventOut) -> Option<(String, u8)> {
+        while let Ok(u) = self.updates.try_recv() {
+            match u {
+                Update::Consent(c) => {
+                    self.consent = Some(c);
+                    self.view_only = c != Consent::AllowControl;
+                    out.event(
+                        "consent",
+                        &format!("The user answered: {c:?}"),
+                        serde_json::json!({"decision": format!("{c:?}")}),
+                    );
+                }
+                Update::Permissions { view_only } => {
+                    self.view_only = view_only;
+                    if view_only {
+                        self.keyboard = false;
+                    }
+                }
+                Update::FirstFrame { width, height, ms } => out.event(
+                    "first_frame",
+                    &format!("Remote screen {width}x{height} after {ms:.0} ms"),
+                    serde_json::json!({"width": width, "height": height, "join_to_first_frame_ms": ms}),
+                ),
+                Update::Frame => {
+                    if let Some(f) = self.latest.lock().take() {
+                        let size = [f.width as usize, f.height as usize];
+                        let img = ColorImage::from_rgba_unmultiplied(size, &f.rgba);
+                        self.remote = (f.width, f.height);
+                        match &mut self.texture {
+                            Some(t) => t.set(img, TextureOptions::LINEAR),
+                            None => {
+                                self.texture =
+                                    Some(ctx.load_texture("remote", img, TextureOptions::LINEAR))
+                            }
+                        }
+                    }
+                }
+                Update::Cursor(c) => self.cursor = c,
+                Update::CursorImage(c) => {
+                    let img = ColorImage::from_rgba_premultiplied(
+                        [c.width as usize, c.height as usize],
+                        &c.rgba,
+                    );
+                    let t = ctx.load_texture("cursor", img, TextureOptions::NEAREST);
+                    self.cursor_image = Some((t, c));
+                }
+                Update::Monitors { monitors, current } => {
+                    self.monitors = monitors;
+                    self.monitor = current;
+                }
+                Update::Stats(s) => self.stats = Some(s),
+                Update::Link(t) => {
+                    self.note = (!matches!(t, "The user is back." | "Reconnected."))
+                        .then(|| t.to_owned());
+                }
+                Update::Ended {
+                    text,
+                    reason,
+                    exit_code,
+                } => {
+                    out.event("ended", &text, serde_json::json!({"reason": reason}));
+                    return Some((text, exit_code));
+                }
+            }
+        }
+        None
+    }
+
+    fn toolbar(&mut self, ui: &mut egui::Ui) {
+        ui.horizontal_wrapped(|ui| {
+            let (label, color) = match (self.consent, self.view_only) {
+                (None, _) => ("Waiting for the user to answer…", Color32::GRAY),
+                (Some(Consent::Deny), _) => ("Denied", Color32::RED),
+                (Some(_), true) => ("View only", Color32::from_rgb(0xe0, 0x8a, 0x00)),
+                (Some(_), false) => ("Control", Color32::from_rgb(0x2e, 0x9d, 0x4a)),
+            };
+            ui.label(RichText::new(label).color(color).strong());
+            if self.can_control() {
+                ui.label(if self.keyboard {
+                    "· keys go to the remote"
+                } else {
+                    "· click the screen to type"
+                });
+            }
+            ui.separator();
+            let control = self.can_control();
+            ui.add_enabled_ui(control, |ui| {
+                if ui.button("Ctrl+Alt+Del").clicked() {
+                    self.send(Cmd::Input(InputEvent::Combo {
+                        combo: Combo::CtrlAltDel,
+                    }));
+                }
+                ui.menu_button("Keys", |ui| {
+                    for (name, combo) in [
+                        ("Alt+Tab", Combo::AltTab),
+                        ("Alt+Shift+Tab", Combo::AltShiftTab),
+                        ("Alt+F4", Combo::AltF4),
+                        ("Super", Combo::Super),
+                        ("Ctrl+Esc", Combo::CtrlEsc),
+                        ("Ctrl+Shift+Esc", Combo::CtrlShiftEsc),
+                        ("Print Screen", Combo::PrintScreen),
+                    ] {
+                        if ui.button(name).clicked() {
+                            self.send(Cmd::Input(InputEvent::Combo { combo }));
+                            ui.close();
+                        }
+                    }
+                });
+            });
+            if self.monitors.len() > 1 {
+                let current = self
+                    .monitors
+                    .get(self.monitor as usize)
+                    .map(|m| format!("{} {}x{}", m.name, m.width, m.height))
+                    .unwrap_or_default();
+                egui::ComboBox::from_id_salt("monitor")
+                    .selected_text(current)
+                    .show_ui(ui, |ui| {
+                        for (i, m) in self.monitors.iter().enumerate() {
+                            let text = format!(
+                                "{} {}x{}{}",
+                                m.name,
+                                m.width,
+                                m.height,
+                                if m.primary { " (primary)" } else { "" }
+                            );
+                            if ui
+                                .selectable_label(i == self.monitor as usize, text)
+                                .clicked()
+                            {
+                                let _ = self.cmds.send(Cmd::Monitor(i as u8));
+                            }
+                        }
+                    });
+            }
+            let qualities = [
+                (0, "Auto quality"),
+                (8000, "High (8 Mbit/s)"),
+                (2000, "Medium (2 Mbit/s)"),
+                (500, "Low (0.5 Mbit/s)"),
+            ];
+            let name = qualities
+                .iter()
+                .find(|q| q.0 == self.quality)
+                .map_or("Quality", |q| q.1);
+            egui::ComboBox::from_id_salt("quality")
+                .selected_text(name)
+                .show_ui(ui, |ui| {
+                    for (kbps, name) in qualities {
+                        if ui.selectable_label(self.quality == kbps, name).clicked() {
+                            self.quality = kbps;
+                            let _ = self.cmds.send(Cmd::Quality(kbps));
+                        }
+                    }
+                });
+            if ui
+                .button("Keyframe")
+                .on_hover_text("ask for a full picture")
+                .clicked()
+            {
+                self.send(Cmd::Keyframe);
+            }
+            ui.toggle_value(&mut self.one_to_one, "1:1");
+            if ui
+                .toggle_value(&mut self.fullscreen, "Full screen")
+                .changed()
+            {
+                ui.ctx()
+                    .send_viewport_cmd(egui::ViewportCommand::Fullscreen(self.fullscreen));
+            }
+            if ui
+                .button(RichText::new("End").color(Color32::from_rgb(0xd0, 0x40, 0x40)))
+                .clicked()
+            {
+                self.send(Cmd::End);
+            }
+        });
+    }
+
+    fn stats_line(&self, ui: &mut egui::Ui) {
+        let text = match &self.stats {
+            Some(s) => format!(
+                "{:.0} fps · glass-to-glass ≈{:.0} ms · {:.0} kbit/s · RTT {:.1} ms (control {:.1} ms) · path: via relay · {}x{}",
+                s.fps, s.glass_ms, s.kbit_s, s.path_rtt_ms, s.rtt_ms, self.remote.0, self.remote.1
+            ),
+            None => "measuring…".into(),
+        };
+        ui.horizontal(|ui| {
+            ui.small(text);
+            if let Some(n) = &self.note {
+                ui.colored_label(Color32::from_rgb(0xe0, 0x8a, 0x00), n);
+            }
+        });
+    }
+
+    fn screen_ui(&mut self, ui: &mut egui::Ui, out: &EventOut) {
+        let Some(tex) = &self.texture else {
+            self.view = None;
+            ui.centered_and_justified(|ui| {
+                ui.label(match self.consent {
+                    None => "Waiting for the user to allow the session…",
+                    Some(Consent::Deny) => "The user denied the request.",
+                    Some(_) => "Waiting for the first picture…",
+                });
+            });
+            return;
+        };
+        let (sw, sh) = self.screen();
+        let natural = Vec2::new(sw as f32, sh as f32) / ui.ctx().pixels_per_point();
+        let tex_id = tex.id();
+        let rect = if self.one_to_one {
+            let r = egui::ScrollArea::both().show(ui, |ui| {
+                ui.allocate_exact_size(natural, egui::Sense::click()).0
+            });
+            // Only the visible part takes input.
+            r.inner.intersect(r.inner_rect)
+        } else {
+            let avail = ui.available_size();
+            let size = fit(natural, avail);
+            let (r, _) = ui.allocate_exact_size(avail, egui::Sense::click());
+            Rect::from_center_size(r.center(), size)
+        };
+        let full = if self.one_to_one {
+            // The whole picture's rect (may extend beyond what is visible).
+            Rect::from_min_size(rect.min, natural)
+        } else {
+            rect
+        };
+        let painter = ui.painter_at(rect);
+        painter.image(
+            tex_id,
+            full,
+            Rect::from_min_max(Pos2::ZERO, Pos2::new(1.0, 1.0)),
+            Color32::WHITE,
+        );
+        if self.keyboard && self.can_control() {
+            painter.rect_stroke(
+                rect.shrink(1.0),
+                0.0,
+                egui::Stroke::new(2.0, Color32::from_rgb(0x2e, 0x9d, 0x4a)),
+                egui::StrokeKind::Inside,
+            );
+        }
+        // The remote cursor: its image at its position, scaled like the picture.
+        if self.cursor.visible
+            && let Some((ctex, img)) = &self.cursor_image
+        {
+            let k = full.width() / sw.max(1) as f32;
+            let scale = img.scale as f32 * k;
+            let at = full.min
+                + Vec2::new(
+                    (self.cursor.x as f32 - img.hot_x as f32 * img.scale as f32) * k,
+                    (self.cursor.y as f32 - img.hot_y as f32 * img.scale as f32) * k,
+                );
+            let size = Vec2::new(img.width as f32, img.height as f32) * scale;
+            painter.image(
+                ctex.id(),
+                Rect::from_min_size(at, size),
+                Rect::from_min_max(Pos2::ZERO, Pos2::new(1.0, 1.0)),
+                Color32::WHITE,
+            );
+        }
+        self.view = Some(full.intersect(rect));
+        if !self.shown {
+            self.shown = true;
+            out.event(
+                "frame_shown",
+                "The remote screen is on the window",
+                serde_json::json!({"width": self.remote.0, "height": self.remote.1,
+                    "view_w": rect.width(), "view_h": rect.height()}),
+            );
+        }
+    }
+}
+
+impl eframe::App for ConsoleApp {
+    fn raw_input_hook(&mut self, _ctx: &egui::Context, raw: &mut egui::RawInput) {
+        if let Phase::Session(live) = &mut self.phase {
+            raw.events.retain(|e| {
+                if let Event::PointerMoved(p) = e {
+                    live.last_pointer = Some(*p);
+                }
+                live.route(e)
+            });
+        }
+    }
+
+    fn ui(&mut self, ui: &mut egui::Ui, _frame: &mut eframe::Frame) {
+        let ctx = ui.ctx().clone();
+        if let Some((t0, d)) = self.limit {
+            if t0.elapsed() >= d {
+                match &self.phase {
+                    Phase::Session(live) => live.send(Cmd::End),
+                    _ => ctx.send_viewport_cmd(egui::ViewportCommand::Close),
+                }
+                self.limit = None;
+            } else {
+                ctx.request_repaint_after(d - t0.elapsed());
+            }
+        }
+        let phase = std::mem::replace(&mut self.phase, Phase::Login { error: None });
+        self.phase = match phase {
+            Phase::Login { error } => {
+                self.login_ui(ui, error.clone());
+                if matches!(self.phase, Phase::Login { .. }) {
+                    Phase::Login { error }
+                } else {
+                    std::mem::replace(&mut self.phase, Phase::Login { error: None })
+                }
+            }
+            Phase::Joining { rx, since } => match rx.try_recv() {
+                Ok(Ok(live)) => Phase::Session(live),
+                Ok(Err((code, text))) => {
+                    self.exit_code
+                        .store(code, std::sync::atomic::Ordering::Relaxed);
+                    self.out.event(
+                        "error",
+                        &text,
+                        serde_json::json!({"exit_code": code, "message": text}),
+                    );
+                    if self.closes_when_done {
+                        ctx.send_viewport_cmd(egui::ViewportCommand::Close);
+                    }
+                    Phase::Login { error: Some(text) }
+                }
+                Err(std_mpsc::TryRecvError::Empty) => {
+                    egui::CentralPanel::default().show(ui, |ui| {
+                        ui.heading(format!(
+                            "Connecting to {} … {:.0} s",
+                            self.form.relay,
+                            since.elapsed().as_secs_f32()
+                        ));
+                    });
+                    ctx.request_repaint_after(Duration::from_millis(200));
+                    Phase::Joining { rx, since }
+                }
+                Err(std_mpsc::TryRecvError::Disconnected) => Phase::Login {
+                    error: Some("the connection attempt stopped".into()),
+                },
+            },
+            Phase::Session(mut live) => {
+                if let Some((text, code)) = live.pump(&ctx, &self.out) {
+                    self.exit_code
+                        .store(code, std::sync::atomic::Ordering::Relaxed);
+                    if live.fullscreen {
+                        ctx.send_viewport_cmd(egui::ViewportCommand::Fullscreen(false));
+                    }
+                    if self.closes_when_done {
+                        ctx.send_viewport_cmd(egui::ViewportCommand::Close);
+                    }
+                    Phase::Ended { text }
+                } else {
+                    egui::Panel::top("toolbar").show(ui, |ui| live.toolbar(ui));
+                    egui::Panel::bottom("stats").show(ui, |ui| live.stats_line(ui));
+                    egui::CentralPanel::default()
+                        .frame(egui::Frame::NONE.fill(Color32::from_gray(20)))
+                        .show(ui, |ui| live.screen_ui(ui, &self.out));
+                    Phase::Session(live)
+                }
+            }
+            Phase::Ended { text } => {
+                let mut again = false;
+                egui::CentralPanel::default().show(ui, |ui| {
+                    ui.heading(&text);
+                    ui.add_space(8.0);
+                    if ui.button("New session").clicked() {
+                        again = true;
+                    }
+                });
+                if again {
+                    self.form.code.clear();
+                    Phase::Login { error: None }
+                } else {
+                    Phase::Ended { text }
+                }
+            }
+        };
+    }
+
+    fn on_exit(&mut self, _gl: Option<&eframe::glow::Context>) {
+        // Closing the window ends the session; wait (bounded) until the agent was told.
+        if let Phase::Session(live) = &self.phase {
+            live.send(Cmd::End);
+            let _ = live.done.recv_timeout(Duration::from_secs(3));
+        }
+    }
+}
