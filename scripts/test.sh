@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Runs Tandem's whole test suite: formatting, lints, unit tests, and the end-to-end tests that start
-# real relays (and, as they land, agents and consoles) on loopback. Installs what it needs first.
+# Runs Tandem's whole test suite: formatting, lints, unit tests, the end-to-end tests that start
+# real relays, agents and consoles (windows included, on Xvfb with Mesa's software renderer) on
+# loopback, and a short run of every fuzz target. Installs what it needs first.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/deps.sh
@@ -22,3 +23,6 @@ echo "==> tests"
 profile=default
 [[ "${CI:-}" == "true" ]] && profile=ci
 cargo nextest run --workspace --profile "$profile" "$@"
+
+echo "==> fuzz smoke run"
+scripts/fuzz-smoke.sh

@@ -457,6 +457,11 @@ async fn ask_consent(
         }
         ConsentMode::Window => {}
     }
+    report.event(
+        "consent_asked",
+        &format!("Asking you whether {technician} of {organisation} may connect…"),
+        serde_json::json!({"technician": technician, "organisation": organisation}),
+    );
     report.phase(Phase::Consent {
         technician: technician.to_owned(),
         organisation: organisation.to_owned(),
@@ -814,8 +819,10 @@ async fn run_session(
             may(view_only),
             if mode == ConsentMode::Tty {
                 "Type v + Enter for view only, c for control, e to end."
+            } else if report.shared.ctx.is_some() {
+                "End it in the window."
             } else {
-                "End it in the window or with Ctrl-C."
+                "Press Ctrl-C to end it."
             }
         ),
         serde_json::json!({"technician": technician, "organisation": organisation, "view_only": view_only}),

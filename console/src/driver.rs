@@ -60,8 +60,9 @@ pub struct Stats {
     /// Frames decoded per second over the last interval.
     pub fps: f64,
     pub kbit_s: f64,
-    /// Agent capture → encoded median + half the path RTT + decode and conversion here.
-    pub glass_ms: f64,
+    /// Agent capture → encoded median + half the path RTT + decode and conversion here (once
+    /// frames flow).
+    pub glass_ms: Option<f64>,
     pub decode_ms: f64,
     pub frames: u64,
 }
@@ -225,7 +226,8 @@ pub async fn drive(
                             path_rtt_ms,
                             fps: (decoded - last_stats.1) as f64 / secs,
                             kbit_s: (video_bytes - last_stats.2) as f64 * 8.0 / secs / 1000.0,
-                            glass_ms: pipeline_us as f64 / 1e3 + path_rtt_ms / 2.0 + decode_ms,
+                            glass_ms: (decoded > 0 && pipeline_us > 0)
+                                .then(|| pipeline_us as f64 / 1e3 + path_rtt_ms / 2.0 + decode_ms),
                             decode_ms,
                             frames: decoded,
                         }));

@@ -602,8 +602,14 @@ impl Live {
     fn stats_line(&self, ui: &mut egui::Ui) {
         let text = match &self.stats {
             Some(s) => format!(
-                "{:.0} fps · glass-to-glass ≈{:.0} ms · {:.0} kbit/s · RTT {:.1} ms (control {:.1} ms) · path: via relay · {}x{}",
-                s.fps, s.glass_ms, s.kbit_s, s.path_rtt_ms, s.rtt_ms, self.remote.0, self.remote.1
+                "{:.0} fps · glass-to-glass {} · {:.0} kbit/s · RTT {:.1} ms (control {:.1} ms) · path: via relay · {}x{}",
+                s.fps,
+                s.glass_ms.map_or("–".into(), |g| format!("≈{g:.0} ms")),
+                s.kbit_s,
+                s.path_rtt_ms,
+                s.rtt_ms,
+                self.remote.0,
+                self.remote.1
             ),
             None => "measuring…".into(),
         };

@@ -344,8 +344,14 @@ pub async fn run(
             Update::Stats(s) => out.event(
                 "stats",
                 &format!(
-                    "{:.0} fps, {:.0} kbit/s, round trip {:.1} ms (path {:.1} ms, via relay), glass-to-glass ≈{:.0} ms",
-                    s.fps, s.kbit_s, s.rtt_ms, s.path_rtt_ms, s.glass_ms
+                    "{:.0} fps, {:.0} kbit/s, round trip {:.1} ms (path {:.1} ms, via relay){}",
+                    s.fps,
+                    s.kbit_s,
+                    s.rtt_ms,
+                    s.path_rtt_ms,
+                    s.glass_ms
+                        .map(|g| format!(", glass-to-glass ≈{g:.0} ms"))
+                        .unwrap_or_default()
                 ),
                 serde_json::json!({"rtt_ms": s.rtt_ms, "path_rtt_ms": s.path_rtt_ms, "path": "relay",
                     "frames": s.frames, "fps": s.fps, "kbit_s": s.kbit_s, "glass_ms_estimate": s.glass_ms,

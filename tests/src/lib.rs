@@ -217,8 +217,22 @@ impl RelayProcess {
 
     /// Starts the relay binary with extra arguments (e.g. `--config FILE`).
     pub async fn start_with(data_dir: &Path, extra: &[&str]) -> RelayProcess {
+        Self::start_on_port(data_dir, extra, free_port()).await
+    }
+
+    /// Kills the relay (SIGKILL: no drain, no goodbye) and starts it again on the same address.
+    pub async fn crash_and_restart(mut self, data_dir: &Path) -> RelayProcess {
+        let _ = self.child.kill().await;
+        let port: u16 = self
+            .addr
+            .rsplit_once(':')
+            .and_then(|(_, p)| p.parse().ok())
+            .unwrap();
+        Self::start_on_port(data_dir, &[], port).await
+    }
+
+    async fn start_on_port(data_dir: &Path, extra: &[&str], port: u16) -> RelayProcess {
         use tokio::io::AsyncBufReadExt;
-        let port = free_port();
         let mport = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()

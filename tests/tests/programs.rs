@@ -539,3 +539,154 @@ async fn console_window_shows_the_remote_screen() {
     let _ = demo.wait();
     relay.terminate().await;
 }
+
+/// The relay crashes mid-session and comes back: both sides say so, end with a reason (the new
+/// relay process knows nothing of the old session, so there is nothing to resume), and the agent
+/// reconnects and offers a new code.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relay_crash_mid_session_ends_both_sides_with_a_reason() {
+    let (dir, relay, token) = setup().await;
+    let x = tandem_tests::x11::Xvfb::start(640, 480);
+    let mut agent = Agent::start_on(&relay, "allow", Some(&x.display)).await;
+    let code = agent.code().await;
+    let console = {
+        let (addr, pin, token) = (relay.addr.clone(), relay.pin.to_string(), token.clone());
+        tokio::spawn(async move {
+            let out = Command::new(binary("tandem-console"))
+                .args(["--relay", &addr, "--relay-pin", &pin, "--token", &token])
+                .args(["--code", &code, "--headless", "--json", "--no-remember"])
+                .args(["--seconds", "60"])
+                .stderr(Stdio::null())
+                .kill_on_drop(true)
+                .output()
+                .await
+                .unwrap();
+            let events: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .filter_map(|l| serde_json::from_str(l).ok())
+                .collect();
+            (out.status.code().unwrap_or(-1), events)
+        })
+    };
+    agent.next("session").await;
+    let started = std::time::Instant::now();
+    let relay = relay.crash_and_restart(dir.path()).await;
+    let (rc, ev) = tokio::time::timeout(T, console).await.unwrap().unwrap();
+    assert_eq!(rc, 17, "{ev:?}");
+    assert!(
+        has(&ev, "link"),
+        "the console said the link was lost: {ev:?}"
+    );
+    let ended = ev.iter().find(|e| e["event"] == "ended").expect("ended");
+    assert!(
+        ended["message"].as_str().unwrap().len() > 20,
+        "a reason: {ended:?}"
+    );
+    agent.next("link_lost").await;
+    let end = agent.next("ended").await;
+    assert!(!end["reason"].as_str().unwrap().is_empty());
+    // Well within the resume grace (15 s): the restarted relay refuses the unknown session at once.
+    assert!(
+        started.elapsed() < Duration::from_secs(25),
+        "{:?}",
+        started.elapsed()
+    );
+    // The agent is back on the relay with a fresh code.
+    let again = agent.next("code").await;
+    assert!(again["code"].as_str().is_some());
+    relay.terminate().await;
+}
+
+/// Clicks the left button at (x, y) with XTest, as a user would.
+fn x_click(display: &str, x: i16, y: i16) {
+    use x11rb::connection::Connection;
+    use x11rb::protocol::xproto::{BUTTON_PRESS_EVENT, BUTTON_RELEASE_EVENT, MOTION_NOTIFY_EVENT};
+    use x11rb::protocol::xtest::ConnectionExt as _;
+    use x11rb::wrapper::ConnectionExt as _;
+    let (conn, n) = x11rb::rust_connection::RustConnection::connect(Some(display)).unwrap();
+    let root = conn.setup().roots[n].root;
+    conn.xtest_fake_input(MOTION_NOTIFY_EVENT, 0, 0, root, x, y, 0)
+        .unwrap();
+    conn.sync().unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    conn.xtest_fake_input(BUTTON_PRESS_EVENT, 1, 0, root, 0, 0, 0)
+        .unwrap();
+    conn.sync().unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    conn.xtest_fake_input(BUTTON_RELEASE_EVENT, 1, 0, root, 0, 0, 0)
+        .unwrap();
+    conn.sync().unwrap();
+}
+
+/// The agent's window: it shows the code, asks for consent when the technician joins, and the
+/// user's click on "Allow control" starts the session.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_window_asks_and_allow_starts_the_session() {
+    let (_dir, relay, token) = setup().await;
+    let x = tandem_tests::x11::Xvfb::start(1024, 768);
+    let mut child = Command::new(binary("tandem-agent"))
+        .args([
+            "--relay",
+            &relay.addr,
+            "--relay-pin",
+            &relay.pin.to_string(),
+            "--json",
+            "--once",
+        ])
+        .env("DISPLAY", &x.display)
+        .env("LIBGL_ALWAYS_SOFTWARE", "1")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut agent = Agent { child, lines };
+    let code = agent.code().await;
+    let console = {
+        let (addr, pin, token) = (relay.addr.clone(), relay.pin.to_string(), token.clone());
+        tokio::spawn(async move {
+            let out = Command::new(binary("tandem-console"))
+                .args(["--relay", &addr, "--relay-pin", &pin, "--token", &token])
+                .args(["--code", &code, "--headless", "--json", "--no-remember"])
+                .args(["--frames", "2", "--seconds", "20"])
+                .stderr(Stdio::null())
+                .kill_on_drop(true)
+                .output()
+                .await
+                .unwrap();
+            let events: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .filter_map(|l| serde_json::from_str(l).ok())
+                .collect();
+            (out.status.code().unwrap_or(-1), events)
+        })
+    };
+    let asked = agent.next("consent_asked").await;
+    assert_eq!(asked["technician"], "alice");
+    // Let the prompt paint, keep a screenshot of it, then answer with the mouse.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let out_dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/screenshots");
+    std::fs::create_dir_all(&out_dir).unwrap();
+    let _ = std::process::Command::new(binary("tandem-screenshot"))
+        .arg(&x.display)
+        .arg(out_dir.join("agent-consent.png"))
+        .status();
+    // "Allow control" is the first button under the warning (window at the top-left corner: no
+    // window manager on Xvfb); target/screenshots/agent-consent.png shows where.
+    let display = x.display.clone();
+    tokio::task::spawn_blocking(move || x_click(&display, 54, 110))
+        .await
+        .unwrap();
+    let session = agent.next("session").await;
+    assert_eq!(session["view_only"], false, "{session:?}");
+    let (rc, ev) = tokio::time::timeout(T, console).await.unwrap().unwrap();
+    assert_eq!(rc, 0, "{ev:?}");
+    let consent = ev
+        .iter()
+        .find(|e| e["event"] == "consent")
+        .expect("consent");
+    assert_eq!(consent["decision"], "AllowControl");
+    assert!(has(&ev, "first_frame"), "{ev:?}");
+    relay.terminate().await;
+}

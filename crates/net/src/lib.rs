@@ -11,10 +11,15 @@ use std::time::Duration;
 
 /// Kernel send and receive buffer asked for on every UDP socket.
 pub const UDP_BUFFER_BYTES: usize = 4 * 1024 * 1024;
-/// An idle outer connection is closed after this long without any packet.
+/// An idle outer connection is closed after this long without any packet (the relay's side).
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Clients ask for a shorter idle timeout (QUIC uses the smaller of the two): with keep-alives
+/// every [`KEEP_ALIVE`], a relay that crashed or a path that died is noticed within this long,
+/// and the session supervisor resumes or ends the session, instead of a frozen picture for 30 s.
+/// Four keep-alives fit in it, so a lossy path does not trip it.
+pub const CLIENT_IDLE_TIMEOUT: Duration = Duration::from_secs(8);
 /// Clients send a keep-alive this often, so NAT bindings and the idle timer stay fresh.
-pub const KEEP_ALIVE: Duration = Duration::from_secs(5);
+pub const KEEP_ALIVE: Duration = Duration::from_secs(2);
 
 #[derive(Debug, thiserror::Error)]
 pub enum NetError {
@@ -53,8 +58,12 @@ pub fn bind_udp(addr: SocketAddr) -> Result<UdpSocket, NetError> {
 /// Transport settings of the outer link (relay side and client side alike).
 pub fn transport_config(keep_alive: bool) -> quinn::TransportConfig {
     let mut t = quinn::TransportConfig::default();
-    // quinn's default 30 s idle timeout, made explicit.
-    if let Ok(idle) = quinn::IdleTimeout::try_from(IDLE_TIMEOUT) {
+    let idle = if keep_alive {
+        CLIENT_IDLE_TIMEOUT
+    } else {
+        IDLE_TIMEOUT
+    };
+    if let Ok(idle) = quinn::IdleTimeout::try_from(idle) {
         t.max_idle_timeout(Some(idle));
     }
     if keep_alive {
