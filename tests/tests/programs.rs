@@ -618,10 +618,11 @@ fn x_click(display: &str, x: i16, y: i16) {
     conn.sync().unwrap();
 }
 
-/// The agent's window: it shows the code, asks for consent when the technician joins, and the
-/// user's click on "Allow control" starts the session.
+/// The agent's window: it shows the code, asks for consent when the technician joins, the user's
+/// click on "Allow control" starts the session, the view-only switch takes control away, and End
+/// ends the session with the console told why.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn agent_window_asks_and_allow_starts_the_session() {
+async fn agent_window_consent_view_only_and_end() {
     let (_dir, relay, token) = setup().await;
     let x = tandem_tests::x11::Xvfb::start(1024, 768);
     let mut child = Command::new(binary("tandem-agent"))
@@ -649,7 +650,7 @@ async fn agent_window_asks_and_allow_starts_the_session() {
             let out = Command::new(binary("tandem-console"))
                 .args(["--relay", &addr, "--relay-pin", &pin, "--token", &token])
                 .args(["--code", &code, "--headless", "--json", "--no-remember"])
-                .args(["--frames", "2", "--seconds", "20"])
+                .args(["--seconds", "25"])
                 .stderr(Stdio::null())
                 .kill_on_drop(true)
                 .output()
@@ -664,29 +665,98 @@ async fn agent_window_asks_and_allow_starts_the_session() {
     };
     let asked = agent.next("consent_asked").await;
     assert_eq!(asked["technician"], "alice");
-    // Let the prompt paint, keep a screenshot of it, then answer with the mouse.
+    // Let the prompt paint, keep a screenshot of it, then answer with the mouse. The window sits
+    // at the top-left corner (no window manager on Xvfb); the screenshots show where things are.
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    let out_dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/screenshots");
-    std::fs::create_dir_all(&out_dir).unwrap();
-    let _ = std::process::Command::new(binary("tandem-screenshot"))
-        .arg(&x.display)
-        .arg(out_dir.join("agent-consent.png"))
-        .status();
-    // "Allow control" is the first button under the warning (window at the top-left corner: no
-    // window manager on Xvfb); target/screenshots/agent-consent.png shows where.
-    let display = x.display.clone();
-    tokio::task::spawn_blocking(move || x_click(&display, 54, 110))
-        .await
-        .unwrap();
+    let shots = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/screenshots");
+    std::fs::create_dir_all(&shots).unwrap();
+    let shot = |name: &str| {
+        let _ = std::process::Command::new(binary("tandem-screenshot"))
+            .arg(&x.display)
+            .arg(shots.join(name))
+            .status();
+    };
+    shot("agent-consent.png");
+    let click = |px: i16, py: i16| {
+        let display = x.display.clone();
+        tokio::task::spawn_blocking(move || x_click(&display, px, py))
+    };
+    click(54, 110).await.unwrap(); // "Allow control"
     let session = agent.next("session").await;
     assert_eq!(session["view_only"], false, "{session:?}");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    shot("agent-in-session.png");
+    click(15, 58).await.unwrap(); // "View only"
+    let p = agent.next("permissions").await;
+    assert_eq!(p["view_only"], true, "{p:?}");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    click(62, 93).await.unwrap(); // "End session"
+    let ended = agent.next("ended").await;
+    assert_eq!(ended["reason"], "ended_by_user");
     let (rc, ev) = tokio::time::timeout(T, console).await.unwrap().unwrap();
-    assert_eq!(rc, 0, "{ev:?}");
+    assert_eq!(rc, 17, "ended by the other side: {ev:?}");
     let consent = ev
         .iter()
         .find(|e| e["event"] == "consent")
         .expect("consent");
     assert_eq!(consent["decision"], "AllowControl");
     assert!(has(&ev, "first_frame"), "{ev:?}");
+    let perm = ev
+        .iter()
+        .find(|e| e["event"] == "permissions")
+        .expect("told of view only");
+    assert_eq!(perm["view_only"], true);
+    let end = ev.iter().find(|e| e["event"] == "ended").expect("ended");
+    assert_eq!(end["reason"], "ended_by_user", "{end:?}");
+    relay.terminate().await;
+}
+
+/// The console window reports a failed login like the headless mode: the message, and the exit
+/// code when it was started for a script (`--seconds`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn console_window_reports_a_refused_token() {
+    let (_dir, relay, _token) = setup().await;
+    let mut agent = Agent::start(&relay, "allow").await;
+    let code = agent.code().await;
+    let screen = tandem_tests::x11::Xvfb::start(1024, 768);
+    let cfg = tempfile::tempdir().unwrap();
+    let out = tokio::time::timeout(
+        T,
+        Command::new(binary("tandem-console"))
+            .args([
+                "--relay",
+                &relay.addr,
+                "--relay-pin",
+                &relay.pin.to_string(),
+            ])
+            .args([
+                "--token",
+                "tnd_1_0000000000000000000000000000000000000000000000000000000000000000",
+            ])
+            .args(["--code", &code, "--json", "--seconds", "20"])
+            .arg("--config")
+            .arg(cfg.path().join("console.toml"))
+            .env("DISPLAY", &screen.display)
+            .env("LIBGL_ALWAYS_SOFTWARE", "1")
+            .stderr(Stdio::null())
+            .output(),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    let events: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    assert_eq!(out.status.code(), Some(15), "{events:?}");
+    let e = events
+        .iter()
+        .find(|e| e["event"] == "error")
+        .expect("error event");
+    assert!(e["message"].as_str().unwrap().contains("token"), "{e:?}");
+    assert!(
+        !cfg.path().join("console.toml").exists(),
+        "a refused login is not remembered"
+    );
     relay.terminate().await;
 }
