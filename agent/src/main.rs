@@ -517,6 +517,11 @@ struct ScreenCtl {
 enum ScreenMsg {
     Control(ControlMsg),
     Display(DisplayRect),
+    /// The encoder's new bitrate target (kbit/s) and whether frames are halved.
+    Target {
+        kbps: u32,
+        halved: bool,
+    },
 }
 
 /// Downscales a cursor image by halving until it fits the protocol's limit.
@@ -611,6 +616,7 @@ fn start_streaming(
             let mut monitor = 0usize;
             let mut last_cursor = None;
             let mut recent = std::collections::VecDeque::with_capacity(31);
+            let mut not_before = Instant::now();
             let announce = |pipeline: &ScreenPipeline<X11Capturer>, monitor: usize| {
                 let (m, rect) = monitors_msg(&pipeline.capturer, monitor);
                 let _ = tx.try_send(ScreenMsg::Control(m));
@@ -648,6 +654,10 @@ fn start_streaming(
                         pipeline.set_target(Target {
                             bitrate_bps: bitrate,
                             max_fps: 30.0,
+                        });
+                        let _ = tx.try_send(ScreenMsg::Target {
+                            kbps: bitrate / 1000,
+                            halved: pipeline.halved(),
                         });
                     }
                 }
@@ -694,6 +704,13 @@ fn start_streaming(
                             if rt.block_on(video.send(seq, &frame.data)).is_err() {
                                 return;
                             }
+                            // Pace by size: the next frame waits until the path has carried
+                            // most of this one (the target is half the path's estimated rate;
+                            // pace at 80 % of that rate), so a slow path gets fewer frames
+                            // instead of a queue (changes meanwhile go into the next frame).
+                            let airtime =
+                                frame.data.len() as f64 * 8.0 / (bitrate.max(1) as f64 * 1.6);
+                            not_before = started + Duration::from_secs_f64(airtime.min(2.0));
                         }
                     }
                     Err(e) => {
@@ -701,7 +718,8 @@ fn start_streaming(
                         std::thread::sleep(Duration::from_millis(500));
                     }
                 }
-                if let Some(rest) = interval.checked_sub(started.elapsed()) {
+                let next = (started + interval).max(not_before);
+                if let Some(rest) = next.checked_duration_since(Instant::now()) {
                     std::thread::sleep(rest);
                 }
             }
@@ -847,6 +865,11 @@ async fn run_session(
             m = screen_rx.recv() => match m {
                 Some(ScreenMsg::Control(m)) => { let _ = s.send_control(&m).await; }
                 Some(ScreenMsg::Display(r)) => if let Some(i) = &input { i.set_display(r) },
+                Some(ScreenMsg::Target { kbps, halved }) => report.event(
+                    "video_target",
+                    &format!("Video now aims at {kbps} kbit/s{} (follows the path)", if halved { " at half resolution" } else { "" }),
+                    serde_json::json!({"kbps": kbps, "halved": halved}),
+                ),
                 None => {}
             },
             c = cmds.recv() => {

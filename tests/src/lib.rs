@@ -3,6 +3,7 @@
 #![allow(clippy::unwrap_used)]
 
 pub mod fake_relay;
+pub mod impair;
 pub mod x11;
 
 use std::path::{Path, PathBuf};

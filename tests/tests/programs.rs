@@ -21,18 +21,23 @@ impl Agent {
     }
 
     async fn start_on(relay: &RelayProcess, consent: &str, display: Option<&str>) -> Agent {
+        Self::start_at(&relay.addr, relay, consent, display).await
+    }
+
+    /// An agent that reaches the relay at `addr` (e.g. through an impairment proxy).
+    async fn start_at(
+        addr: &str,
+        relay: &RelayProcess,
+        consent: &str,
+        display: Option<&str>,
+    ) -> Agent {
         let mut cmd = Command::new(binary("tandem-agent"));
         if let Some(d) = display {
             cmd.args(["--display", d]);
         }
         cmd.env_remove("DISPLAY");
         let mut child = cmd
-            .args([
-                "--relay",
-                &relay.addr,
-                "--relay-pin",
-                &relay.pin.to_string(),
-            ])
+            .args(["--relay", addr, "--relay-pin", &relay.pin.to_string()])
             .args(["--consent", consent, "--json"])
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -73,36 +78,46 @@ async fn console(
     code: &str,
     extra: &[&str],
 ) -> (i32, Vec<serde_json::Value>) {
-    let out = tokio::time::timeout(
-        T,
-        Command::new(binary("tandem-console"))
-            .args([
-                "--relay",
-                &relay.addr,
-                "--relay-pin",
-                &relay.pin.to_string(),
-            ])
-            .args([
-                "--token",
-                token,
-                "--code",
-                code,
-                "--headless",
-                "--json",
-                "--no-remember",
-            ])
-            .args(extra)
-            .stderr(Stdio::piped())
-            .output(),
-    )
-    .await
-    .unwrap()
-    .unwrap();
-    let events = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter_map(|l| serde_json::from_str(l).ok())
-        .collect();
-    (out.status.code().unwrap_or(-1), events)
+    tokio::time::timeout(T, spawn_console(relay, token, code, extra))
+        .await
+        .unwrap()
+        .unwrap()
+}
+
+/// Starts a headless console in the background; the handle yields (exit code, JSON events).
+fn spawn_console(
+    relay: &RelayProcess,
+    token: &str,
+    code: &str,
+    extra: &[&str],
+) -> tokio::task::JoinHandle<(i32, Vec<serde_json::Value>)> {
+    let mut cmd = Command::new(binary("tandem-console"));
+    cmd.args([
+        "--relay",
+        &relay.addr,
+        "--relay-pin",
+        &relay.pin.to_string(),
+    ])
+    .args([
+        "--token",
+        token,
+        "--code",
+        code,
+        "--headless",
+        "--json",
+        "--no-remember",
+    ])
+    .args(extra)
+    .stderr(Stdio::null())
+    .kill_on_drop(true);
+    tokio::spawn(async move {
+        let out = cmd.output().await.unwrap();
+        let events = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect();
+        (out.status.code().unwrap_or(-1), events)
+    })
 }
 
 fn has(events: &[serde_json::Value], kind: &str) -> bool {
@@ -549,25 +564,7 @@ async fn relay_crash_mid_session_ends_both_sides_with_a_reason() {
     let x = tandem_tests::x11::Xvfb::start(640, 480);
     let mut agent = Agent::start_on(&relay, "allow", Some(&x.display)).await;
     let code = agent.code().await;
-    let console = {
-        let (addr, pin, token) = (relay.addr.clone(), relay.pin.to_string(), token.clone());
-        tokio::spawn(async move {
-            let out = Command::new(binary("tandem-console"))
-                .args(["--relay", &addr, "--relay-pin", &pin, "--token", &token])
-                .args(["--code", &code, "--headless", "--json", "--no-remember"])
-                .args(["--seconds", "60"])
-                .stderr(Stdio::null())
-                .kill_on_drop(true)
-                .output()
-                .await
-                .unwrap();
-            let events: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
-                .lines()
-                .filter_map(|l| serde_json::from_str(l).ok())
-                .collect();
-            (out.status.code().unwrap_or(-1), events)
-        })
-    };
+    let console = spawn_console(&relay, &token, &code, &["--seconds", "60"]);
     agent.next("session").await;
     let started = std::time::Instant::now();
     let relay = relay.crash_and_restart(dir.path()).await;
@@ -644,25 +641,7 @@ async fn agent_window_consent_view_only_and_end() {
     let lines = BufReader::new(child.stdout.take().unwrap()).lines();
     let mut agent = Agent { child, lines };
     let code = agent.code().await;
-    let console = {
-        let (addr, pin, token) = (relay.addr.clone(), relay.pin.to_string(), token.clone());
-        tokio::spawn(async move {
-            let out = Command::new(binary("tandem-console"))
-                .args(["--relay", &addr, "--relay-pin", &pin, "--token", &token])
-                .args(["--code", &code, "--headless", "--json", "--no-remember"])
-                .args(["--seconds", "25"])
-                .stderr(Stdio::null())
-                .kill_on_drop(true)
-                .output()
-                .await
-                .unwrap();
-            let events: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
-                .lines()
-                .filter_map(|l| serde_json::from_str(l).ok())
-                .collect();
-            (out.status.code().unwrap_or(-1), events)
-        })
-    };
+    let console = spawn_console(&relay, &token, &code, &["--seconds", "25"]);
     let asked = agent.next("consent_asked").await;
     assert_eq!(asked["technician"], "alice");
     // Let the prompt paint, keep a screenshot of it, then answer with the mouse. The window sits
@@ -758,5 +737,302 @@ async fn console_window_reports_a_refused_token() {
         !cfg.path().join("console.toml").exists(),
         "a refused login is not remembered"
     );
+    relay.terminate().await;
+}
+
+fn stat_values(ev: &[serde_json::Value], key: &str) -> Vec<f64> {
+    ev.iter()
+        .filter(|e| e["event"] == "stats")
+        .filter_map(|e| e[key].as_f64())
+        .collect()
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
+/// Collects the agent's JSON events for a while.
+async fn agent_events(agent: &mut Agent, for_: Duration) -> Vec<serde_json::Value> {
+    let mut out = vec![];
+    let _ = tokio::time::timeout(for_, async {
+        while let Ok(Some(l)) = agent.lines.next_line().await {
+            if let Ok(v) = serde_json::from_str::<serde_json::Value>(&l) {
+                out.push(v);
+            }
+        }
+    })
+    .await;
+    out
+}
+
+/// 100 ms RTT and 5 % loss each way on the agent's path: the session keeps streaming with bounded
+/// latency, every key the technician types arrives once and nothing stays pressed, and the
+/// encoder's target drops with the path instead of queueing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lossy_slow_path_keeps_streaming_and_loses_no_input() {
+    use tandem_tests::impair::{ImpairProxy, Impairment};
+    let (_dir, relay, token) = setup().await;
+    let imp = Impairment::rtt_loss(Duration::from_millis(100), 0.05);
+    let proxy = ImpairProxy::start(relay.addr.parse().unwrap(), imp, imp).await;
+    let x = tandem_tests::x11::Xvfb::start(1024, 768);
+    let rec = tandem_tests::x11::XRecorder::start_drawing(&x);
+    let mut agent =
+        Agent::start_at(&proxy.addr.to_string(), &relay, "allow", Some(&x.display)).await;
+    let code = agent.code().await;
+    let dir = tempfile::tempdir().unwrap();
+    let script = dir.path().join("script.txt");
+    // 30 keys, one every 150 ms, each drawing a block on the agent's screen; the pointer wanders.
+    let mut text = String::new();
+    for i in 0..30 {
+        text.push_str(&format!(
+            "move {} {}\nkey {}\nwait 150\n",
+            100 + i * 20,
+            300,
+            ["a", "s", "d"][i % 3]
+        ));
+    }
+    std::fs::write(&script, text).unwrap();
+    let (rc, ev) = console(
+        &relay,
+        &token,
+        &code,
+        &[
+            "--input-script",
+            script.to_str().unwrap(),
+            "--seconds",
+            "12",
+        ],
+    )
+    .await;
+    assert_eq!(rc, 0, "{ev:?}");
+    let presses = rec
+        .keys_and_buttons()
+        .iter()
+        .filter(|e| e.kind == tandem_tests::x11::Kind::KeyPress)
+        .count();
+    assert_eq!(presses, 30, "every key arrives exactly once");
+    assert!(rec.pressed_keys().is_empty(), "nothing stays pressed");
+    let frames = stat_values(&ev, "frames");
+    assert!(
+        frames.last().copied().unwrap_or(0.0) >= 10.0,
+        "frames kept coming: {frames:?}"
+    );
+    let rtt = stat_values(&ev, "rtt_ms");
+    eprintln!("100 ms RTT, 5 % loss: frames {frames:?} rtt {rtt:?}");
+    assert!(
+        median(rtt.clone()) < 400.0,
+        "control round trips stay bounded: {rtt:?}"
+    );
+    let aev = agent_events(&mut agent, Duration::from_secs(2)).await;
+    let targets: Vec<f64> = aev
+        .iter()
+        .filter(|e| e["event"] == "video_target")
+        .filter_map(|e| e["kbps"].as_f64())
+        .collect();
+    assert!(
+        targets.iter().any(|&k| k < 4000.0),
+        "the encoder's target follows the lossy path down from 4 Mbit/s: {targets:?}"
+    );
+    assert!(proxy.stats.lost.load(std::sync::atomic::Ordering::Relaxed) > 0);
+    relay.terminate().await;
+}
+
+/// A 1 Mbit/s cap on the agent's uplink under full-screen changes (a new page of text every
+/// 400 ms; one such frame is 110–450 KB, about a second of this path): the encoder's target falls
+/// to what the path carries, frames are paced by their size so the stream stays within the cap,
+/// fewer frames arrive instead of a queue forming, and control round trips stay bounded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_megabit_cap_lowers_quality_not_latency() {
+    use tandem_tests::impair::{ImpairProxy, Impairment};
+    let (_dir, relay, token) = setup().await;
+    let up = Impairment {
+        delay: Duration::from_millis(10),
+        rate_bps: Some(1_000_000),
+        ..Impairment::default()
+    };
+    let down = Impairment {
+        delay: Duration::from_millis(10),
+        ..Impairment::default()
+    };
+    let proxy = ImpairProxy::start(relay.addr.parse().unwrap(), up, down).await;
+    let x = tandem_tests::x11::Xvfb::start(1280, 720);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let painter = {
+        let (display, stop) = (x.display.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut p = tandem_tests::x11::Painter::new(&display);
+            let mut n = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                p.page(n);
+                p.sync();
+                n += 3;
+                std::thread::sleep(Duration::from_millis(400));
+            }
+        })
+    };
+    let mut agent = Agent::start_at(
+        &proxy.addr.to_string(),
+        &relay,
+        "view-only",
+        Some(&x.display),
+    )
+    .await;
+    let code = agent.code().await;
+    let (rc, ev) = console(&relay, &token, &code, &["--seconds", "15"]).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let _ = painter.join();
+    assert_eq!(rc, 0, "{ev:?}");
+    let aev = agent_events(&mut agent, Duration::from_secs(2)).await;
+    let targets: Vec<f64> = aev
+        .iter()
+        .filter(|e| e["event"] == "video_target")
+        .filter_map(|e| e["kbps"].as_f64())
+        .collect();
+    assert!(
+        targets.last().is_some_and(|&k| k <= 1000.0),
+        "the encoder aims at what the capped path carries: {targets:?}"
+    );
+    let kbps = stat_values(&ev, "kbit_s");
+    let late: Vec<f64> = kbps.iter().skip(kbps.len() / 2).copied().collect();
+    assert!(
+        median(late.clone()) <= 1100.0,
+        "video within the cap: {kbps:?}"
+    );
+    let rtt = stat_values(&ev, "rtt_ms");
+    let late_rtt: Vec<f64> = rtt.iter().skip(rtt.len() / 2).copied().collect();
+    assert!(
+        median(late_rtt) < 500.0,
+        "no standing queue behind the video: {rtt:?}"
+    );
+    let frames = stat_values(&ev, "frames");
+    eprintln!("1 Mbit/s cap: frames {frames:?} kbit/s {kbps:?} rtt {rtt:?} targets {targets:?}");
+    assert!(
+        frames.last().copied().unwrap_or(0.0) >= 4.0,
+        "frames {frames:?} kbit/s {kbps:?} rtt {rtt:?} targets {targets:?}"
+    );
+    relay.terminate().await;
+}
+
+/// The agent's network is cut for 10 s and restored: both sides notice, the agent reconnects, the
+/// same session resumes within the relay's grace period and frames flow again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn network_cut_and_restored_resumes_the_session() {
+    use tandem_tests::impair::{ImpairProxy, Impairment};
+    let (_dir, relay, token) = setup().await;
+    let proxy = ImpairProxy::start(
+        relay.addr.parse().unwrap(),
+        Impairment::default(),
+        Impairment::default(),
+    )
+    .await;
+    let x = tandem_tests::x11::Xvfb::start(640, 480);
+    let mut demo = std::process::Command::new(binary("tandem-demo-screen"))
+        .arg(&x.display)
+        .spawn()
+        .unwrap();
+    let mut agent = Agent::start_at(
+        &proxy.addr.to_string(),
+        &relay,
+        "view-only",
+        Some(&x.display),
+    )
+    .await;
+    let code = agent.code().await;
+    let console = spawn_console(&relay, &token, &code, &["--seconds", "28"]);
+    agent.next("session").await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    proxy.cut(true);
+    agent.next("link_lost").await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    proxy.cut(false);
+    agent.next("link_resumed").await;
+    let (rc, ev) = tokio::time::timeout(Duration::from_secs(60), console)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(rc, 0, "the session survived: {ev:?}");
+    let links: Vec<&str> = ev
+        .iter()
+        .filter(|e| e["event"] == "link")
+        .filter_map(|e| e["message"].as_str())
+        .collect();
+    assert!(links.iter().any(|m| m.contains("dropped")), "{links:?}");
+    assert!(links.iter().any(|m| m.contains("back")), "{links:?}");
+    // Frames after the resume: the uptime line changes every second.
+    let back = ev
+        .iter()
+        .position(|e| {
+            e["event"] == "link" && e["message"].as_str().is_some_and(|m| m.contains("back"))
+        })
+        .unwrap();
+    let before = stat_values(&ev[..back], "frames")
+        .last()
+        .copied()
+        .unwrap_or(0.0);
+    let after = stat_values(&ev[back..], "frames")
+        .last()
+        .copied()
+        .unwrap_or(0.0);
+    assert!(
+        after > before + 3.0,
+        "frames flow after the resume: {before} → {after}"
+    );
+    let _ = demo.kill();
+    let _ = demo.wait();
+    relay.terminate().await;
+}
+
+/// Killing either program mid-session: the other side notices within seconds, ends with a reason
+/// (after the relay's grace period for a return), and the relay's counts go back to zero.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_agent_or_console_is_noticed_and_the_relay_empties() {
+    let (_dir, relay, token) = setup().await;
+    let x = tandem_tests::x11::Xvfb::start(640, 480);
+    // The agent is killed: the console is told it dropped, then that the session ended.
+    let mut agent = Agent::start_on(&relay, "view-only", Some(&x.display)).await;
+    let code = agent.code().await;
+    let console = spawn_console(&relay, &token, &code, &["--seconds", "60"]);
+    agent.next("session").await;
+    let killed = std::time::Instant::now();
+    agent.child.kill().await.unwrap();
+    let (rc, ev) = tokio::time::timeout(Duration::from_secs(45), console)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(rc, 17, "{ev:?}");
+    assert!(has(&ev, "link") && has(&ev, "ended"), "{ev:?}");
+    assert!(
+        killed.elapsed() < Duration::from_secs(30),
+        "{:?}",
+        killed.elapsed()
+    );
+    // The console is killed: the agent is told, ends the session and shows a new code.
+    let mut agent = Agent::start_on(&relay, "view-only", Some(&x.display)).await;
+    let code = agent.code().await;
+    let console = spawn_console(&relay, &token, &code, &["--seconds", "60"]);
+    agent.next("session").await;
+    console.abort(); // kill_on_drop: the console process dies with its task
+    let _ = console.await;
+    agent.next("peer_suspended").await;
+    let end = agent.next("ended").await;
+    assert!(!end["reason"].as_str().unwrap().is_empty());
+    agent.next("code").await;
+    // The relay holds nothing of either session.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let text = tandem_tests::http_get(relay.metrics, "/metrics").await.1;
+        let sessions = tandem_tests::metric(&text, "tandem_relay_sessions");
+        let conns = tandem_tests::metric(&text, "tandem_relay_connections");
+        // The live agent's own connection (waiting with its new code) is the only one left.
+        if sessions == 0.0 && conns <= 1.0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "relay still holds sessions={sessions} connections={conns}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     relay.terminate().await;
 }

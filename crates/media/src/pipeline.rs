@@ -42,7 +42,7 @@ pub struct Step {
 
 /// Below this many bits per pixel per frame the picture is halved in both directions: fewer,
 /// sharper pixels beat many smeared ones on a slow path.
-pub const HALVE_BELOW_BITS_PER_PIXEL: f64 = 0.01;
+pub const HALVE_BELOW_BITS_PER_PIXEL: f64 = 0.02;
 
 pub struct ScreenPipeline<C: Capturer> {
     pub capturer: C,

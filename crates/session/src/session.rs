@@ -414,6 +414,10 @@ impl Session {
             ))
             .abort_handle(),
         );
+        // Control messages (consent, end, stats, cursor) go before any video: video streams take
+        // priorities up to the frame number, so on a slow path control would otherwise wait
+        // behind seconds of frames.
+        let _ = p.ctl_send.set_priority(i32::MAX);
         Session {
             role: p.role,
             conn: p.conn,
