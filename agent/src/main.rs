@@ -368,9 +368,11 @@ async fn run(
     loop {
         let ev = tokio::select! {
             ev = host.next() => ev?,
+            // Between sessions only "quit" matters (the window was closed, or typed on the terminal).
             c = cmds.recv() => match c {
-                None | Some(UiCmd::Line(_)) if windowed && c.as_ref().is_none_or(|c| matches!(c, UiCmd::Line(l) if l == "quit")) => return Ok(()),
-                _ => continue,
+                None => return Ok(()),
+                Some(UiCmd::Line(l)) if l.trim() == "quit" => return Ok(()),
+                Some(_) => continue,
             },
         };
         match ev {

@@ -1,0 +1,290 @@
+//! Relay soak: many concurrent paired sessions through one relay process with synthetic traffic
+//! averaging a given bitrate each (default 1,000 sessions × 180 kbit/s, RustDesk's published
+//! average relayed session), for a bounded time. Reports per minute: traffic forwarded, relay CPU
+//! and memory, forwarding latency (one clock: sender and receiver are this process) and loss; and
+//! the relay's CPU cost per Mbit/s. Table on stdout, JSON in `target/bench/soak.json`.
+//!
+//!     cargo bench -p tandem-tests --bench soak [-- --sessions 1000 --minutes 10 --kbps 180]
+//!
+//! Traffic per session: DATAGRAMs of 1,100 bytes agent → console at the session's rate (video),
+//! and a 64-byte datagram console → agent every 100 ms (input); each carries its send time.
+#![allow(clippy::unwrap_used)]
+
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+use tandem_certs::RelayTrust;
+use tandem_client::{ConnectOptions, RelayLink};
+use tandem_proto::Secret;
+use tandem_tests::{RelayProcess, http_get, metric, relay_admin, token_from_output};
+
+struct Args {
+    sessions: usize,
+    minutes: f64,
+    kbps: f64,
+}
+
+fn args() -> Args {
+    let mut a = Args {
+        sessions: 1000,
+        minutes: 10.0,
+        kbps: 180.0,
+    };
+    let v: Vec<String> = std::env::args().collect();
+    let mut i = 1;
+    while i < v.len() {
+        let next = v.get(i + 1).cloned().unwrap_or_default();
+        match v[i].as_str() {
+            "--sessions" => a.sessions = next.parse().unwrap(),
+            "--minutes" => a.minutes = next.parse().unwrap(),
+            "--kbps" => a.kbps = next.parse().unwrap(),
+            _ => {
+                i += 1;
+                continue;
+            }
+        }
+        i += 2;
+    }
+    a
+}
+
+const VIDEO: usize = 1100;
+const INPUT: usize = 64;
+
+#[derive(Default)]
+struct Counters {
+    sent: AtomicU64,
+    received: AtomicU64,
+    bytes: AtomicU64,
+    send_errors: AtomicU64,
+    lost_links: AtomicU64,
+}
+
+fn percentile(v: &mut [f64], p: f64) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(f64::total_cmp);
+    v[((v.len() - 1) as f64 * p).round() as usize]
+}
+
+fn main() {
+    let a = args();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(run(a));
+}
+
+async fn run(a: Args) {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("relay.toml");
+    std::fs::write(
+        &cfg,
+        "[limits]\nmax_connections = 100000\nmax_connections_per_address = 100000\nmax_sessions = 100000\n\
+         joins_per_minute_per_technician = 1000000\njoins_per_minute_per_address = 1000000\n\
+         auths_per_minute_per_address = 1000000\n",
+    )
+    .unwrap();
+    let out = relay_admin(
+        dir.path(),
+        &["technician", "add", "--org", "Soak", "--name", "soak"],
+    );
+    let token: Secret = token_from_output(&out);
+    let relay = RelayProcess::start_with(dir.path(), &["--config", cfg.to_str().unwrap()]).await;
+    let opts = ConnectOptions::new(relay.addr.clone(), RelayTrust::Pin(relay.pin));
+    let idle_rss = relay.rss_bytes().unwrap_or(0);
+
+    // ---- set up the sessions, 50 at a time, on a few client endpoints ----
+    let eps: Vec<_> = (0..4)
+        .map(|_| tandem_client::client_endpoint(&opts, relay.addr.parse().unwrap()).unwrap())
+        .collect();
+    let t_setup = Instant::now();
+    let mut pairs = Vec::with_capacity(a.sessions);
+    for chunk in 0..a.sessions.div_ceil(50) {
+        let n = 50.min(a.sessions - chunk * 50);
+        let mut js = tokio::task::JoinSet::new();
+        for i in 0..n {
+            let (ep, opts, token) = (eps[i % eps.len()].clone(), opts.clone(), token.clone());
+            js.spawn(async move {
+                let mut ag = RelayLink::connect_on(&ep, &opts).await.unwrap();
+                let (slot, _) = ag.register().await.unwrap();
+                let mut co = RelayLink::connect_on(&ep, &opts).await.unwrap();
+                co.authenticate(&token).await.unwrap();
+                co.join(&slot).await.unwrap();
+                ag.wait_paired().await.unwrap();
+                (ag, co)
+            });
+        }
+        while let Some(r) = js.join_next().await {
+            pairs.push(r.unwrap());
+        }
+    }
+    let setup_secs = t_setup.elapsed().as_secs_f64();
+    eprintln!("{} sessions set up in {setup_secs:.1} s", a.sessions);
+
+    // ---- traffic ----
+    let start = Instant::now();
+    let counters = Arc::new(Counters::default());
+    let latencies = Arc::new(Mutex::new(Vec::<f64>::new()));
+    let video_interval = Duration::from_secs_f64(VIDEO as f64 * 8.0 / (a.kbps * 1000.0));
+    let mut tasks = tokio::task::JoinSet::new();
+    for (k, (ag, co)) in pairs.iter().enumerate() {
+        let (a_conn, c_conn) = (ag.connection().clone(), co.connection().clone());
+        // Senders start spread over one interval so the load is smooth.
+        let offset = video_interval.mul_f64(k as f64 / a.sessions as f64);
+        for (conn, size, every) in [
+            (a_conn.clone(), VIDEO, video_interval),
+            (c_conn.clone(), INPUT, Duration::from_millis(100)),
+        ] {
+            let counters = counters.clone();
+            tasks.spawn(async move {
+                tokio::time::sleep(offset).await;
+                let mut tick = tokio::time::interval(every);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                let mut buf = vec![0u8; size];
+                loop {
+                    tick.tick().await;
+                    let ns = start.elapsed().as_nanos() as u64;
+                    buf[..8].copy_from_slice(&ns.to_be_bytes());
+                    match conn.send_datagram(bytes::Bytes::copy_from_slice(&buf)) {
+                        Ok(()) => {
+                            counters.sent.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Err(_) => {
+                            counters.send_errors.fetch_add(1, Ordering::Relaxed);
+                            if conn.close_reason().is_some() {
+                                counters.lost_links.fetch_add(1, Ordering::Relaxed);
+                                return;
+                            }
+                        }
+                    }
+                }
+            });
+        }
+        for conn in [a_conn, c_conn] {
+            let (counters, latencies) = (counters.clone(), latencies.clone());
+            tasks.spawn(async move {
+                let mut n = 0u64;
+                while let Ok(d) = conn.read_datagram().await {
+                    counters.received.fetch_add(1, Ordering::Relaxed);
+                    counters.bytes.fetch_add(d.len() as u64, Ordering::Relaxed);
+                    n += 1;
+                    // Sample one datagram in 8 for latency (keeps the lock cold).
+                    if n.is_multiple_of(8) && d.len() >= 8 {
+                        let sent = u64::from_be_bytes(d[..8].try_into().unwrap());
+                        let now = start.elapsed().as_nanos() as u64;
+                        let us = now.saturating_sub(sent) as f64 / 1e3;
+                        latencies.lock().unwrap().push(us);
+                    }
+                }
+            });
+        }
+    }
+
+    // ---- per-minute (or shorter) rows ----
+    let total = Duration::from_secs_f64(a.minutes * 60.0);
+    let row_len = Duration::from_secs(60).min(total);
+    let mut rows = vec![];
+    let mut last = (
+        Instant::now(),
+        relay.cpu_seconds().unwrap_or(0.0),
+        0u64,
+        0u64,
+        0u64,
+    );
+    let (cpu_start, mut bytes_total) = (last.1, 0u64);
+    println!();
+    println!(
+        "Tandem relay soak: {} sessions × {} kbit/s for {} min ({} cores, load generator on the same machine)",
+        a.sessions,
+        a.kbps,
+        a.minutes,
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(0)
+    );
+    println!(
+        "{:>6} {:>10} {:>9} {:>9} {:>11} {:>11} {:>8}",
+        "minute", "Mbit/s", "relay CPU", "relay MB", "lat p50 µs", "lat p99 µs", "loss %"
+    );
+    let mut minute = 0;
+    while start.elapsed() < total {
+        tokio::time::sleep(row_len.min(total - start.elapsed())).await;
+        minute += 1;
+        let now = Instant::now();
+        let cpu = relay.cpu_seconds().unwrap_or(0.0);
+        let sent = counters.sent.load(Ordering::Relaxed);
+        let recv = counters.received.load(Ordering::Relaxed);
+        let bytes = counters.bytes.load(Ordering::Relaxed);
+        let secs = now.duration_since(last.0).as_secs_f64();
+        let mbit = (bytes - last.4) as f64 * 8.0 / secs / 1e6;
+        bytes_total = bytes;
+        let cpu_pct = (cpu - last.1) / secs * 100.0;
+        let rss = relay.rss_bytes().unwrap_or(0) as f64 / 1e6;
+        let mut lat = std::mem::take(&mut *latencies.lock().unwrap());
+        let p50 = percentile(&mut lat, 0.5);
+        let p99 = percentile(&mut lat, 0.99);
+        let (ds, dr) = (sent - last.2, recv - last.3);
+        let loss = if ds > 0 {
+            (ds.saturating_sub(dr)) as f64 / ds as f64 * 100.0
+        } else {
+            0.0
+        };
+        println!(
+            "{minute:>6} {mbit:>10.1} {cpu_pct:>8.0}% {rss:>9.0} {p50:>11.0} {p99:>11.0} {loss:>8.2}"
+        );
+        rows.push(serde_json::json!({"minute": minute, "mbit_s": mbit, "relay_cpu_percent": cpu_pct,
+            "relay_rss_mb": rss, "latency_p50_us": p50, "latency_p99_us": p99, "loss_percent": loss}));
+        last = (now, cpu, sent, recv, bytes);
+    }
+    let cpu_total = relay.cpu_seconds().unwrap_or(0.0) - cpu_start;
+    let mbit_forwarded = bytes_total as f64 * 8.0 / 1e6;
+    let mbit_s_per_core = mbit_forwarded / cpu_total.max(1e-9);
+    let text = http_get(relay.metrics, "/metrics").await.1;
+    let sessions_now = metric(&text, "tandem_relay_sessions");
+    let refused: f64 = text
+        .lines()
+        .filter(|l| l.starts_with("tandem_relay_connections_refused_total"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .fold(0.0, |a, b| a + b);
+    let loaded_rss = relay.rss_bytes().unwrap_or(0);
+    println!();
+    println!(
+        "relay forwarded {mbit_forwarded:.0} Mbit using {cpu_total:.1} CPU-s: {mbit_s_per_core:.0} Mbit/s per relay core (target ≥ 360)"
+    );
+    println!(
+        "sessions at the end: {sessions_now} (of {}), links lost: {}, send errors: {}, refused connections: {refused}",
+        a.sessions,
+        counters.lost_links.load(Ordering::Relaxed),
+        counters.send_errors.load(Ordering::Relaxed)
+    );
+    println!(
+        "relay memory: {:.0} MB idle → {:.0} MB loaded ({:.0} KiB per session)",
+        idle_rss as f64 / 1e6,
+        loaded_rss as f64 / 1e6,
+        (loaded_rss.saturating_sub(idle_rss)) as f64 / 1024.0 / a.sessions as f64
+    );
+    let json = serde_json::json!({
+        "sessions": a.sessions, "minutes": a.minutes, "kbps_per_session": a.kbps,
+        "setup_seconds": setup_secs, "rows": rows,
+        "mbit_forwarded": mbit_forwarded, "relay_cpu_seconds": cpu_total,
+        "mbit_s_per_relay_core": mbit_s_per_core, "sessions_at_end": sessions_now,
+        "links_lost": counters.lost_links.load(Ordering::Relaxed),
+        "send_errors": counters.send_errors.load(Ordering::Relaxed),
+        "relay_rss_idle_bytes": idle_rss, "relay_rss_loaded_bytes": loaded_rss,
+    });
+    let out = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
+    std::fs::create_dir_all(&out).unwrap();
+    std::fs::write(
+        out.join("soak.json"),
+        serde_json::to_string_pretty(&json).unwrap(),
+    )
+    .unwrap();
+    tasks.abort_all();
+    drop(pairs);
+    relay.terminate().await;
+}
