@@ -10,74 +10,8 @@
 use std::time::{Duration, Instant};
 use tandem_media::capture::x11::X11Capturer;
 use tandem_media::{Capturer, I420, Target, VideoDecoder, VideoEncoder, bgrx_to_i420, plane_psnr};
+use tandem_tests::scenes::{Scene, draw};
 use tandem_tests::x11::{Painter, Xvfb};
-use x11rb::protocol::xproto::ConnectionExt;
-
-#[derive(Clone, Copy, Debug, PartialEq)]
-enum Scene {
-    Idle,
-    Typing,
-    Scrolling,
-    Dragging,
-    FullMotion,
-}
-
-impl Scene {
-    fn name(self) -> &'static str {
-        match self {
-            Scene::Idle => "idle desktop",
-            Scene::Typing => "typing in a terminal",
-            Scene::Scrolling => "scrolling a long page",
-            Scene::Dragging => "dragging a window",
-            Scene::FullMotion => "full-screen motion",
-        }
-    }
-}
-
-/// Draws frame `i` of a scene (after the page drawn at setup).
-fn draw(p: &mut Painter, scene: Scene, i: usize) {
-    match scene {
-        Scene::Idle => {}
-        Scene::Typing => {
-            // About 7 characters a second at 30 fps: one every 4th frame, on the bottom line.
-            if i.is_multiple_of(4) {
-                let col = (i / 4) % 100;
-                let y = p.h as i16 - 20;
-                let c = [b'a' + (i % 26) as u8];
-                p.conn
-                    .image_text8(p.root, p.text_gc, 4 + 6 * col as i16, y, &c)
-                    .unwrap();
-            }
-        }
-        Scene::Scrolling => {
-            // One line (15 px) a frame: copy the page up and draw a new bottom line.
-            p.conn
-                .copy_area(p.root, p.root, p.gc, 0, 15, 0, 0, p.w, p.h - 15)
-                .unwrap();
-            let y = (p.h as i16 / 15) * 15 - 1;
-            p.line(y, 1000 + i);
-        }
-        Scene::Dragging => {
-            // A 400×300 window moving 8 px right and 4 px down a frame over the page.
-            let (ox, oy) = (40 + 8 * i as i16, 40 + 4 * i as i16);
-            let (nx, ny) = (ox + 8, oy + 4);
-            // What the window uncovers: the page is redrawn there (as the desktop would).
-            p.fill(0xffffff, ox, oy, 8, 300);
-            p.fill(0xffffff, ox, oy, 400, 4);
-            p.fill(0x3060a0, nx, ny, 400, 24);
-            p.fill(0xf8f8f8, nx, ny + 24, 400, 276);
-            p.fill(0x202020, nx + 20, ny + 50, 300, 2);
-        }
-        Scene::FullMotion => {
-            for _ in 0..40 {
-                let (x, y) = ((p.rnd() % p.w as u32) as i16, (p.rnd() % p.h as u32) as i16);
-                let c = p.rnd() & 0xffffff;
-                p.fill(c, x, y, 200, 150);
-            }
-        }
-    }
-    p.sync();
-}
 
 #[derive(Default)]
 struct Samples {

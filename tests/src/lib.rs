@@ -4,6 +4,7 @@
 
 pub mod fake_relay;
 pub mod impair;
+pub mod scenes;
 pub mod x11;
 
 use std::path::{Path, PathBuf};

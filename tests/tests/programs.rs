@@ -894,11 +894,10 @@ async fn one_megabit_cap_lowers_quality_not_latency() {
         "the encoder aims at what the capped path carries: {targets:?}"
     );
     let kbps = stat_values(&ev, "kbit_s");
-    let late: Vec<f64> = kbps.iter().skip(kbps.len() / 2).copied().collect();
-    assert!(
-        median(late.clone()) <= 1100.0,
-        "video within the cap: {kbps:?}"
-    );
+    // A frame's bytes count when it has arrived whole, so single intervals are lumpy; over the
+    // run (intervals of about a second) the stream must fit the cap.
+    let mean = kbps.iter().sum::<f64>() / kbps.len().max(1) as f64;
+    assert!(mean <= 1050.0, "video within the cap: {kbps:?}");
     let rtt = stat_values(&ev, "rtt_ms");
     let late_rtt: Vec<f64> = rtt.iter().skip(rtt.len() / 2).copied().collect();
     assert!(

@@ -127,9 +127,8 @@ async fn happy_path_with_all_channels() {
     let big: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
     video.send(1, b"frame one").await.unwrap();
     video.send(2, &big).await.unwrap();
-    // Frame 2 has the higher priority; if it completes first, frame 1 is late and dropped (a late
-    // frame never delays or follows a newer one). Either way frames come in increasing order and
-    // the newest arrives whole.
+    // Frames go oldest first and are never skipped by the sender; the receiver never goes
+    // backwards. Frames come in increasing order and the newest arrives whole.
     let mut seqs = vec![];
     let f2 = within(async {
         loop {

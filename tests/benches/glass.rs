@@ -1,0 +1,464 @@
+//! Whole-session performance: the real relay and agent (release processes) and a console in this
+//! process, on one machine, one clock. Scenes are drawn on an Xvfb screen by an X client together
+//! with a 16-bit frame counter (a barcode in the top-right corner); the console decodes each frame
+//! and reads the counter back, so glass-to-glass latency is "the moment frame N was drawn" to "the
+//! moment the console has frame N decoded and ready to show".
+//!
+//! In the same run, the compute floor: capture → convert → encode → decode of the same scene in
+//! this process with no network and no frame pacing; the report gives latency ÷ floor.
+//!
+//! Also per scene: kbit/s, delivered fps, luma PSNR (from the floor pass); join → first frame; relay
+//! CPU per Mbit/s; with `--creep-minutes M` a long typing session reporting its first and last
+//! minute. Table on stdout, JSON in `target/bench/glass.json`.
+//!
+//!     cargo bench -p tandem-tests --bench glass [-- --seconds 10 --width 1920 --height 1080 --creep-minutes 10]
+#![allow(clippy::unwrap_used)]
+
+use std::collections::HashMap;
+use std::process::Stdio;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tandem_certs::RelayTrust;
+use tandem_client::ConnectOptions;
+use tandem_media::capture::Capturer;
+use tandem_media::capture::x11::X11Capturer;
+use tandem_media::{ScreenPipeline, Target, VideoDecoder, luma_psnr};
+use tandem_proto::Secret;
+use tandem_session::{ControlMsg, SessionCode};
+use tandem_tests::scenes::{Scene, draw, draw_counter, read_counter};
+use tandem_tests::x11::{Painter, Xvfb};
+use tandem_tests::{RelayProcess, binary, relay_admin, token_from_output};
+use tokio::io::AsyncBufReadExt;
+
+struct Args {
+    seconds: f64,
+    width: u32,
+    height: u32,
+    creep_minutes: f64,
+}
+
+fn args() -> Args {
+    let mut a = Args {
+        seconds: 10.0,
+        width: 1920,
+        height: 1080,
+        creep_minutes: 0.0,
+    };
+    let v: Vec<String> = std::env::args().collect();
+    let mut i = 1;
+    while i < v.len() {
+        let next = v.get(i + 1).cloned().unwrap_or_default();
+        match v[i].as_str() {
+            "--seconds" => a.seconds = next.parse().unwrap(),
+            "--width" => a.width = next.parse().unwrap(),
+            "--height" => a.height = next.parse().unwrap(),
+            "--creep-minutes" => a.creep_minutes = next.parse().unwrap(),
+            _ => {
+                i += 1;
+                continue;
+            }
+        }
+        i += 2;
+    }
+    a
+}
+
+fn pct(v: &[f64], p: f64) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    s[((s.len() - 1) as f64 * p).round() as usize]
+}
+
+/// When each counter value was drawn.
+#[derive(Default)]
+struct Drawn {
+    at: Mutex<HashMap<u32, Instant>>,
+}
+
+/// Draws `scene` at 30 fps with the counter until `stop`; counter values continue from `next`.
+fn painter(
+    display: String,
+    scene: Scene,
+    next: Arc<AtomicU32>,
+    drawn: Arc<Drawn>,
+    stop: Arc<AtomicBool>,
+) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        let mut p = Painter::new(&display);
+        let mut i = 0;
+        let tick = Duration::from_secs_f64(1.0 / 30.0);
+        let mut due = Instant::now();
+        while !stop.load(Ordering::Relaxed) {
+            draw(&mut p, scene, i);
+            if scene != Scene::Idle {
+                let n = next.fetch_add(1, Ordering::Relaxed) & 0xffff;
+                draw_counter(&p, n);
+                p.sync();
+                drawn.at.lock().unwrap().insert(n, Instant::now());
+            }
+            i += 1;
+            due += tick;
+            if let Some(d) = due.checked_duration_since(Instant::now()) {
+                std::thread::sleep(d);
+            }
+        }
+    })
+}
+
+/// The compute floor of a scene: draw, then at once capture → convert → encode → decode, in this
+/// process; returns (latency ms per frame, luma PSNR per frame).
+fn floor(display: &str, scene: Scene, frames: usize, next: &AtomicU32) -> (Vec<f64>, Vec<f64>) {
+    let mut p = Painter::new(display);
+    p.page(0);
+    p.sync();
+    let cap = X11Capturer::open(Some(display)).unwrap();
+    let mut pipe = ScreenPipeline::new(
+        cap,
+        Target {
+            bitrate_bps: 8_000_000,
+            max_fps: 30.0,
+        },
+    )
+    .unwrap();
+    let mut dec = VideoDecoder::new().unwrap();
+    // The truth for PSNR: the same screen, captured after the frame was timed (it is unchanged
+    // until the next draw).
+    let mut truth_cap = X11Capturer::open(Some(display)).unwrap();
+    let (mut lat, mut psnr) = (vec![], vec![]);
+    for i in 0..frames {
+        draw(&mut p, scene, i);
+        let n = next.fetch_add(1, Ordering::Relaxed) & 0xffff;
+        draw_counter(&p, n);
+        p.sync();
+        let t = Instant::now();
+        let step = pipe.step().unwrap();
+        if let Some(e) = step.encoded
+            && let Ok(Some(f)) = dec.decode(&e.data)
+        {
+            lat.push(t.elapsed().as_secs_f64() * 1e3);
+            let truth = truth_cap.capture().unwrap().frame;
+            let seen = tandem_media::rgba_to_frame(f.width, f.height, &f.rgba);
+            if truth.width == seen.width {
+                psnr.push(luma_psnr(truth, &seen));
+            }
+        }
+        std::thread::sleep(Duration::from_millis(33));
+    }
+    (lat, psnr)
+}
+
+struct SceneResult {
+    scene: Scene,
+    glass: Vec<f64>,
+    fps: f64,
+    kbps: f64,
+    floor: Vec<f64>,
+    psnr: Vec<f64>,
+}
+
+fn main() {
+    let a = args();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(run(a));
+}
+
+async fn run(a: Args) {
+    let dir = tempfile::tempdir().unwrap();
+    let out = relay_admin(
+        dir.path(),
+        &["technician", "add", "--org", "Bench", "--name", "bench"],
+    );
+    let token: Secret = token_from_output(&out);
+    let relay = RelayProcess::start(dir.path()).await;
+    let x = Xvfb::start(a.width, a.height);
+    Painter::new(&x.display).page(0);
+
+    let mut agent = tokio::process::Command::new(binary("tandem-agent"))
+        .args(["--headless", "--relay", &relay.addr, "--relay-pin"])
+        .arg(relay.pin.to_string())
+        .args([
+            "--consent",
+            "allow",
+            "--json",
+            "--once",
+            "--display",
+            &x.display,
+        ])
+        .env_remove("DISPLAY")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = tokio::io::BufReader::new(agent.stdout.take().unwrap()).lines();
+    let code = loop {
+        let l = lines.next_line().await.unwrap().unwrap();
+        let v: serde_json::Value = serde_json::from_str(&l).unwrap();
+        if v["event"] == "code" {
+            break v["code"].as_str().unwrap().to_string();
+        }
+    };
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+
+    // ---- join → first frame ----
+    let opts = ConnectOptions::new(relay.addr.clone(), RelayTrust::Pin(relay.pin));
+    let t_join = Instant::now();
+    let session = tandem_session::join(
+        &opts,
+        &token,
+        &SessionCode::parse(&code).unwrap(),
+        &tandem_session::SessionConfig::default(),
+    )
+    .await
+    .unwrap();
+    let session = Arc::new(session);
+    {
+        // Drain control messages (consent, cursor, stats) so nothing backs up.
+        let s = session.clone();
+        tokio::spawn(async move { while s.recv_control().await.is_ok() {} });
+    }
+    let mut dec = VideoDecoder::new().unwrap();
+    let first_frame_ms = loop {
+        let f = session.recv_video().await.unwrap();
+        if let Ok(Some(_)) = dec.decode(&f.data) {
+            break t_join.elapsed().as_secs_f64() * 1e3;
+        }
+    };
+
+    // ---- scenes through the whole session ----
+    let next = Arc::new(AtomicU32::new(1));
+    let scenes = [
+        Scene::Idle,
+        Scene::Typing,
+        Scene::Scrolling,
+        Scene::Dragging,
+        Scene::FullMotion,
+    ];
+    let mut results = vec![];
+    let cpu0 = relay.cpu_seconds().unwrap_or(0.0);
+    let mut total_bytes = 0u64;
+    for scene in scenes {
+        let (glass, fps, kbps) =
+            measure(&session, &mut dec, &x, scene, a.seconds, &next, a.width).await;
+        total_bytes += (kbps * 1000.0 / 8.0 * a.seconds) as u64;
+        results.push(SceneResult {
+            scene,
+            glass,
+            fps,
+            kbps,
+            floor: vec![],
+            psnr: vec![],
+        });
+    }
+    let relay_cpu = relay.cpu_seconds().unwrap_or(0.0) - cpu0;
+    let relay_mbit_per_cpu_s = total_bytes as f64 * 8.0 / 1e6 / relay_cpu.max(1e-9);
+
+    // ---- creep: a long typing session, first and last minute ----
+    let mut creep = None;
+    if a.creep_minutes > 0.0 {
+        let secs = a.creep_minutes * 60.0;
+        let drawn = Arc::new(Drawn::default());
+        let stop = Arc::new(AtomicBool::new(false));
+        let h = painter(
+            x.display.clone(),
+            Scene::Typing,
+            next.clone(),
+            drawn.clone(),
+            stop.clone(),
+        );
+        let t0 = Instant::now();
+        let (mut first, mut last) = (vec![], vec![]);
+        while t0.elapsed().as_secs_f64() < secs {
+            let Ok(Ok(f)) =
+                tokio::time::timeout(Duration::from_millis(500), session.recv_video()).await
+            else {
+                continue;
+            };
+            if let Ok(Some(fr)) = dec.decode(&f.data)
+                && let Some(n) = read_counter(&fr.rgba, fr.width, fr.height, a.width)
+                && let Some(t) = drawn.at.lock().unwrap().remove(&n)
+            {
+                let ms = t.elapsed().as_secs_f64() * 1e3;
+                let el = t0.elapsed().as_secs_f64();
+                if el < 60.0 {
+                    first.push(ms);
+                } else if el > secs - 60.0 {
+                    last.push(ms);
+                }
+            }
+        }
+        stop.store(true, Ordering::Relaxed);
+        let _ = h.join();
+        creep = Some((first, last));
+    }
+    session
+        .end(tandem_proto::EndReason::EndedByTechnician)
+        .await;
+    let _ = agent.wait().await;
+
+    // ---- the floor, same scenes, same screen, no network ----
+    for r in results.iter_mut() {
+        if r.scene == Scene::Idle {
+            continue;
+        }
+        let frames = (a.seconds * 30.0 / 2.0) as usize;
+        let (lat, psnr) = floor(&x.display, r.scene, frames.max(30), &next);
+        r.floor = lat;
+        r.psnr = psnr;
+    }
+
+    // ---- report ----
+    println!();
+    println!(
+        "Tandem glass-to-glass at {}x{} ({} cores; relay and agent as release processes, console in this process)",
+        a.width,
+        a.height,
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(0)
+    );
+    println!("join → first decoded frame: {first_frame_ms:.0} ms (target ≤ 300)");
+    println!(
+        "{:<24} {:>9} {:>9} {:>10} {:>10} {:>7} {:>8} {:>7} {:>9}",
+        "scene",
+        "g2g p50",
+        "g2g p99",
+        "floor p50",
+        "floor p99",
+        "ratio",
+        "kbit/s",
+        "fps",
+        "PSNR dB"
+    );
+    let mut rows = vec![];
+    for r in &results {
+        let (g50, g99) = (pct(&r.glass, 0.5), pct(&r.glass, 0.99));
+        let (f50, f99) = (pct(&r.floor, 0.5), pct(&r.floor, 0.99));
+        let psnr = pct(&r.psnr, 0.5);
+        println!(
+            "{:<24} {:>9.1} {:>9.1} {:>10.1} {:>10.1} {:>7.2} {:>8.0} {:>7.1} {:>9.1}",
+            r.scene.name(),
+            g50,
+            g99,
+            f50,
+            f99,
+            g50 / f50,
+            r.kbps,
+            r.fps,
+            psnr
+        );
+        rows.push(
+            serde_json::json!({"scene": r.scene.name(), "glass_p50_ms": g50, "glass_p99_ms": g99,
+            "floor_p50_ms": f50, "floor_p99_ms": f99, "ratio_p50": g50 / f50, "kbit_s": r.kbps,
+            "fps": r.fps, "psnr_db": psnr, "frames_measured": r.glass.len()}),
+        );
+    }
+    println!("relay: {relay_mbit_per_cpu_s:.0} Mbit/s forwarded per relay CPU-second");
+    let mut creep_json = serde_json::Value::Null;
+    if let Some((first, last)) = &creep {
+        println!(
+            "creep ({} min typing): first minute p50 {:.1} / p99 {:.1} ms, last minute p50 {:.1} / p99 {:.1} ms",
+            a.creep_minutes,
+            pct(first, 0.5),
+            pct(first, 0.99),
+            pct(last, 0.5),
+            pct(last, 0.99)
+        );
+        creep_json = serde_json::json!({"minutes": a.creep_minutes,
+            "first_p50_ms": pct(first, 0.5), "first_p99_ms": pct(first, 0.99),
+            "last_p50_ms": pct(last, 0.5), "last_p99_ms": pct(last, 0.99)});
+    }
+    let json = serde_json::json!({"width": a.width, "height": a.height, "seconds_per_scene": a.seconds,
+        "join_to_first_frame_ms": first_frame_ms, "scenes": rows,
+        "relay_mbit_per_cpu_second": relay_mbit_per_cpu_s, "creep": creep_json});
+    let out = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
+    std::fs::create_dir_all(&out).unwrap();
+    std::fs::write(
+        out.join("glass.json"),
+        serde_json::to_string_pretty(&json).unwrap(),
+    )
+    .unwrap();
+    relay.terminate().await;
+}
+
+/// Runs one scene through the session; returns (glass-to-glass ms per counted frame, delivered
+/// fps, kbit/s).
+async fn measure(
+    session: &tandem_session::Session,
+    dec: &mut VideoDecoder,
+    x: &Xvfb,
+    scene: Scene,
+    seconds: f64,
+    next: &Arc<AtomicU32>,
+    screen_w: u32,
+) -> (Vec<f64>, f64, f64) {
+    let drawn = Arc::new(Drawn::default());
+    let stop = Arc::new(AtomicBool::new(false));
+    // A fresh page, then let its frames (and the previous scene's) drain before measuring.
+    let p = Painter::new(&x.display);
+    let mut p = p;
+    p.page(0);
+    p.sync();
+    let _ = tokio::time::timeout(Duration::from_millis(1500), async {
+        loop {
+            if let Ok(f) = session.recv_video().await
+                && dec.decode(&f.data).is_err()
+            {
+                let _ = session.send_control(&ControlMsg::KeyframeRequest).await;
+            }
+        }
+    })
+    .await;
+    let h = painter(
+        x.display.clone(),
+        scene,
+        next.clone(),
+        drawn.clone(),
+        stop.clone(),
+    );
+    let t0 = Instant::now();
+    let (mut glass, mut frames, mut bytes, mut decode_errors) = (vec![], 0u64, 0u64, 0u64);
+    while t0.elapsed().as_secs_f64() < seconds {
+        let Ok(Ok(f)) =
+            tokio::time::timeout(Duration::from_millis(200), session.recv_video()).await
+        else {
+            continue;
+        };
+        bytes += f.data.len() as u64;
+        let decoded = dec.decode(&f.data);
+        if decoded.is_err() {
+            decode_errors += 1;
+            let _ = session.send_control(&ControlMsg::KeyframeRequest).await;
+        }
+        if let Ok(Some(fr)) = decoded {
+            frames += 1;
+            if let Some(n) = read_counter(&fr.rgba, fr.width, fr.height, screen_w)
+                && let Some(t) = drawn.at.lock().unwrap().remove(&n)
+            {
+                glass.push(t.elapsed().as_secs_f64() * 1e3);
+            }
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    let _ = h.join();
+    let secs = t0.elapsed().as_secs_f64();
+    if decode_errors > 0 {
+        eprintln!(
+            "{}: {decode_errors} undecodable frames (keyframes requested)",
+            scene.name()
+        );
+    }
+    (
+        glass,
+        frames as f64 / secs,
+        bytes as f64 * 8.0 / secs / 1000.0,
+    )
+}
