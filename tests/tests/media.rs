@@ -277,3 +277,29 @@ fn hostile_bitstreams_give_errors_not_panics() {
     assert!(key2.keyframe);
     assert!(dec2.decode(&key2.data).unwrap().is_some());
 }
+
+/// XDamage: the capturer sleeps until something is drawn (the agent then captures at once instead
+/// of on its next tick), and an idle screen lets it sleep the whole timeout.
+#[test]
+fn drawing_wakes_the_capturer_and_an_idle_screen_does_not() {
+    let x = Xvfb::start(320, 240);
+    let mut c = X11Capturer::open(Some(&x.display)).unwrap();
+    c.capture().unwrap();
+    let t = std::time::Instant::now();
+    assert!(!c.wait_for_change(Duration::from_millis(200)));
+    assert!(t.elapsed() >= Duration::from_millis(190));
+    let display = x.display.clone();
+    let painter = std::thread::spawn(move || {
+        let p = Painter::new(&display);
+        std::thread::sleep(Duration::from_millis(50));
+        p.fill(0xff0000, 10, 10, 20, 20);
+        p.sync();
+    });
+    let t = std::time::Instant::now();
+    assert!(c.wait_for_change(Duration::from_secs(10)));
+    assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+    painter.join().unwrap();
+    // The change is in the next capture, and after it the damage is re-armed.
+    assert!(!c.capture().unwrap().damage.is_empty());
+    assert!(!c.wait_for_change(Duration::from_millis(100)));
+}

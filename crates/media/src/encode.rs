@@ -83,6 +83,13 @@ pub fn max_qp(bits_per_pixel: f64) -> u8 {
     }
 }
 
+/// Encoder threads: OpenH264 splits the picture into slices and encodes them in parallel. Measured
+/// with the glass-to-glass bench at 1080p on 2 cores: 2 threads cut the compute floor from 38 to 25
+/// ms (typing) and from 100 to 68 ms (full motion), glass-to-glass p50 from 53 to 41 ms (typing).
+fn encoder_threads() -> u16 {
+    std::thread::available_parallelism().map_or(1, |n| n.get().min(4) as u16)
+}
+
 fn config(t: Target, max_qp: u8) -> EncoderConfig {
     EncoderConfig::new()
         .usage_type(UsageType::ScreenContentRealTime)
@@ -95,7 +102,7 @@ fn config(t: Target, max_qp: u8) -> EncoderConfig {
         // Keyframes on request and on scene changes only: a periodic one is a burst the path may
         // not carry, and lost frames are answered with a requested keyframe.
         .intra_frame_period(IntraFramePeriod::from_num_frames(0))
-        .num_threads(1)
+        .num_threads(encoder_threads())
 }
 
 impl VideoEncoder {

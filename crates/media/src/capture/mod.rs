@@ -69,4 +69,11 @@ pub trait Capturer {
     /// The next capture reports the whole frame as changed (for a keyframe).
     fn request_full(&mut self);
     fn capture(&mut self) -> Result<Captured<'_>, CaptureError>;
+    /// Waits until the screen (or the cursor) may have changed, at most `timeout`; returns whether
+    /// it did. Backends without change notifications wait the whole timeout and return `true`, so
+    /// callers simply capture on a timer.
+    fn wait_for_change(&mut self, timeout: std::time::Duration) -> bool {
+        std::thread::sleep(timeout);
+        true
+    }
 }

@@ -14,6 +14,7 @@ use super::{CaptureError, Captured, Capturer, CursorShape, CursorState, Monitor}
 use crate::frame::{ChangeDetector, Frame};
 use std::os::fd::OwnedFd;
 use x11rb::connection::{Connection, RequestConnection};
+use x11rb::protocol::damage::{ConnectionExt as _, ReportLevel};
 use x11rb::protocol::randr::ConnectionExt as _;
 use x11rb::protocol::shm::ConnectionExt as _;
 use x11rb::protocol::xfixes::{ConnectionExt as _, CursorNotifyMask};
@@ -57,6 +58,11 @@ pub struct X11Capturer {
     /// Captures since the screen size was last read from the server (a safety net for a missed
     /// event).
     since_geometry: u32,
+    /// XDamage object on the root window (None without the extension): the server tells us when
+    /// something was drawn, so [`Capturer::wait_for_change`] wakes at once instead of polling.
+    damage: Option<u32>,
+    /// Something was drawn since the last capture.
+    damaged: bool,
 }
 
 impl std::fmt::Debug for X11Capturer {
@@ -127,6 +133,18 @@ impl X11Capturer {
             root,
             &ChangeWindowAttributesAux::new().event_mask(EventMask::STRUCTURE_NOTIFY),
         );
+        let damage = conn
+            .damage_query_version(1, 1)
+            .ok()
+            .and_then(|c| c.reply().ok())
+            .and_then(|_| {
+                let id = conn.generate_id().ok()?;
+                conn.damage_create(id, root, ReportLevel::NON_EMPTY)
+                    .ok()?
+                    .check()
+                    .ok()?;
+                Some(id)
+            });
         let mut c = X11Capturer {
             conn,
             root,
@@ -142,6 +160,8 @@ impl X11Capturer {
             xfixes,
             resize_pending: false,
             since_geometry: 0,
+            damage,
+            damaged: true,
         };
         c.monitors = c.read_monitors()?;
         if !shm_supported {
@@ -240,6 +260,7 @@ impl X11Capturer {
         while let Ok(Some(ev)) = self.conn.poll_for_event() {
             match ev {
                 x11rb::protocol::Event::XfixesCursorNotify(_) => self.cursor_dirty = true,
+                x11rb::protocol::Event::DamageNotify(_) => self.damaged = true,
                 x11rb::protocol::Event::ConfigureNotify(c) if c.window == self.root => {
                     self.resize_pending = true
                 }
@@ -345,7 +366,44 @@ impl Capturer for X11Capturer {
         self.detector.reset();
     }
 
+    fn wait_for_change(&mut self, timeout: std::time::Duration) -> bool {
+        use rustix::event::{PollFd, PollFlags, Timespec, poll};
+        if self.damage.is_none() {
+            std::thread::sleep(timeout);
+            return true;
+        }
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            // Events already read into the connection's buffer do not make the socket readable:
+            // take them first, then sleep on the socket.
+            self.drain_events();
+            if self.damaged || self.resize_pending {
+                return true;
+            }
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            let ts = Timespec {
+                tv_sec: left.as_secs() as _,
+                tv_nsec: left.subsec_nanos() as _,
+            };
+            let mut fds = [PollFd::new(self.conn.stream(), PollFlags::IN)];
+            if poll(&mut fds, Some(&ts)).is_err() {
+                std::thread::sleep(left.min(std::time::Duration::from_millis(5)));
+            }
+        }
+    }
+
     fn capture(&mut self) -> Result<Captured<'_>, CaptureError> {
+        if let Some(d) = self.damage {
+            // Re-arm the notification before reading pixels: a change drawn while we read is
+            // reported again and captured next time. Notifications already queued are about
+            // what this capture reads, so they are taken first.
+            self.drain_events();
+            self.damaged = false;
+            let _ = self.conn.damage_subtract(d, x11rb::NONE, x11rb::NONE);
+        }
         let resized = self.check_resize()?;
         let m = self.monitors[self.selected].clone();
         let (w, h) = (m.width, m.height);
