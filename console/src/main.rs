@@ -44,6 +44,10 @@ pub mod exit {
     about = "Tandem console: join a user's session by the code they read to you",
     long_about = "Tandem console: join a user's session by the code they read to you.
 
+With a display it opens a window: a login form (filled from flags or the remembered login; with \
+--code it connects at once), then the remote screen with a toolbar and a stats line. With --headless \
+(or without a display) it runs for scripts: events on stdout, --png, --input-script, exit codes.
+
 Relay, pin and token are remembered after the first successful login (in the console configuration \
 file, readable only by you), so later you only give the code.",
     after_help = "Exit codes: 0 ok, 1 other error, 2 usage, 10 wrong code, 11 code expired or already used, \
@@ -80,7 +84,8 @@ struct Cli {
     /// Print events as JSON lines.
     #[arg(long)]
     json: bool,
-    /// End the session after this many seconds.
+    /// End the session after this many seconds (a window then closes and the exit code says how
+    /// the session went).
     #[arg(long)]
     seconds: Option<u64>,
     /// Configuration file where relay, pin and token are remembered.
