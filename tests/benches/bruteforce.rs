@@ -8,14 +8,10 @@
 
 use std::time::{Duration, Instant};
 use tandem_client::RelayLink;
-use tandem_tests::TestRelay;
+use tandem_tests::{TestRelay, bench_arg, write_bench_json};
 
 fn main() {
-    let secs: u64 = std::env::args()
-        .skip_while(|a| a != "--seconds")
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(120);
+    let secs: u64 = bench_arg("--seconds", 120);
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(run(Duration::from_secs(secs)));
 }
@@ -65,13 +61,7 @@ async fn run(for_: Duration) {
     let json = serde_json::json!({"seconds": secs, "attempts": attempts, "accepted": accepted,
         "refused_auth": refused_auth, "refused_join": refused_join, "guesses_per_hour": per_hour,
         "success_probability_per_hour": p_hour, "days_to_50_percent": days_to_even});
-    let out = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
-    std::fs::create_dir_all(&out).unwrap();
-    std::fs::write(
-        out.join("bruteforce.json"),
-        serde_json::to_string_pretty(&json).unwrap(),
-    )
-    .unwrap();
+    write_bench_json("bruteforce", &json);
     drop(agents);
     relay.shutdown().await;
 }

@@ -28,7 +28,9 @@ use tandem_proto::Secret;
 use tandem_session::{ControlMsg, SessionCode};
 use tandem_tests::scenes::{Scene, draw, draw_counter, read_counter};
 use tandem_tests::x11::{Painter, Xvfb};
-use tandem_tests::{RelayProcess, binary, relay_admin, token_from_output};
+use tandem_tests::{
+    RelayProcess, bench_arg, binary, relay_admin, token_from_output, write_bench_json,
+};
 use tokio::io::AsyncBufReadExt;
 
 struct Args {
@@ -39,29 +41,12 @@ struct Args {
 }
 
 fn args() -> Args {
-    let mut a = Args {
-        seconds: 10.0,
-        width: 1920,
-        height: 1080,
-        creep_minutes: 0.0,
-    };
-    let v: Vec<String> = std::env::args().collect();
-    let mut i = 1;
-    while i < v.len() {
-        let next = v.get(i + 1).cloned().unwrap_or_default();
-        match v[i].as_str() {
-            "--seconds" => a.seconds = next.parse().unwrap(),
-            "--width" => a.width = next.parse().unwrap(),
-            "--height" => a.height = next.parse().unwrap(),
-            "--creep-minutes" => a.creep_minutes = next.parse().unwrap(),
-            _ => {
-                i += 1;
-                continue;
-            }
-        }
-        i += 2;
+    Args {
+        seconds: bench_arg("--seconds", 10.0),
+        width: bench_arg("--width", 1920),
+        height: bench_arg("--height", 1080),
+        creep_minutes: bench_arg("--creep-minutes", 0.0),
     }
-    a
 }
 
 fn pct(v: &[f64], p: f64) -> f64 {
@@ -379,13 +364,7 @@ async fn run(a: Args) {
     let json = serde_json::json!({"width": a.width, "height": a.height, "seconds_per_scene": a.seconds,
         "join_to_first_frame_ms": first_frame_ms, "scenes": rows,
         "relay_mbit_per_cpu_second": relay_mbit_per_cpu_s, "creep": creep_json});
-    let out = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
-    std::fs::create_dir_all(&out).unwrap();
-    std::fs::write(
-        out.join("glass.json"),
-        serde_json::to_string_pretty(&json).unwrap(),
-    )
-    .unwrap();
+    write_bench_json("glass", &json);
     relay.terminate().await;
 }
 

@@ -15,8 +15,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tandem_certs::{Fingerprint, RelayTrust};
 use tandem_client::{ConnectOptions, RelayLink};
-use tandem_proto::Secret;
-use tandem_tests::{RelayProcess, http_get, relay_admin, token_from_output};
+use tandem_tests::{http_get, load_relay};
 
 const ALPN: &[u8] = b"tandem-bench";
 
@@ -191,20 +190,7 @@ fn main() {
 async fn run(a: Args) {
     // The relay, a technician, and limits raised for a load test from one address.
     let dir = tempfile::tempdir().unwrap();
-    let cfg = dir.path().join("relay.toml");
-    std::fs::write(
-        &cfg,
-        "[limits]\nmax_connections = 100000\nmax_connections_per_address = 100000\nmax_sessions = 100000\n\
-         joins_per_minute_per_technician = 1000000\njoins_per_minute_per_address = 1000000\n\
-         auths_per_minute_per_address = 1000000\n",
-    )
-    .unwrap();
-    let out = relay_admin(
-        dir.path(),
-        &["technician", "add", "--org", "Bench", "--name", "bench"],
-    );
-    let token: Secret = token_from_output(&out);
-    let relay = RelayProcess::start_with(dir.path(), &["--config", cfg.to_str().unwrap()]).await;
+    let (relay, token) = load_relay(dir.path(), "Bench").await;
     let opts = ConnectOptions::new(relay.addr.clone(), RelayTrust::Pin(relay.pin));
     let _: Fingerprint = relay.pin;
 

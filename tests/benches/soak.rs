@@ -16,8 +16,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 use tandem_certs::RelayTrust;
 use tandem_client::{ConnectOptions, RelayLink};
-use tandem_proto::Secret;
-use tandem_tests::{RelayProcess, http_get, metric, relay_admin, token_from_output};
+use tandem_tests::{bench_arg, http_get, load_relay, metric, write_bench_json};
 
 struct Args {
     sessions: usize,
@@ -26,27 +25,11 @@ struct Args {
 }
 
 fn args() -> Args {
-    let mut a = Args {
-        sessions: 1000,
-        minutes: 10.0,
-        kbps: 180.0,
-    };
-    let v: Vec<String> = std::env::args().collect();
-    let mut i = 1;
-    while i < v.len() {
-        let next = v.get(i + 1).cloned().unwrap_or_default();
-        match v[i].as_str() {
-            "--sessions" => a.sessions = next.parse().unwrap(),
-            "--minutes" => a.minutes = next.parse().unwrap(),
-            "--kbps" => a.kbps = next.parse().unwrap(),
-            _ => {
-                i += 1;
-                continue;
-            }
-        }
-        i += 2;
+    Args {
+        sessions: bench_arg("--sessions", 1000),
+        minutes: bench_arg("--minutes", 10.0),
+        kbps: bench_arg("--kbps", 180.0),
     }
-    a
 }
 
 const VIDEO: usize = 1100;
@@ -81,20 +64,7 @@ fn main() {
 
 async fn run(a: Args) {
     let dir = tempfile::tempdir().unwrap();
-    let cfg = dir.path().join("relay.toml");
-    std::fs::write(
-        &cfg,
-        "[limits]\nmax_connections = 100000\nmax_connections_per_address = 100000\nmax_sessions = 100000\n\
-         joins_per_minute_per_technician = 1000000\njoins_per_minute_per_address = 1000000\n\
-         auths_per_minute_per_address = 1000000\n",
-    )
-    .unwrap();
-    let out = relay_admin(
-        dir.path(),
-        &["technician", "add", "--org", "Soak", "--name", "soak"],
-    );
-    let token: Secret = token_from_output(&out);
-    let relay = RelayProcess::start_with(dir.path(), &["--config", cfg.to_str().unwrap()]).await;
+    let (relay, token) = load_relay(dir.path(), "Soak").await;
     let opts = ConnectOptions::new(relay.addr.clone(), RelayTrust::Pin(relay.pin));
     let idle_rss = relay.rss_bytes().unwrap_or(0);
 
@@ -277,13 +247,7 @@ async fn run(a: Args) {
         "send_errors": counters.send_errors.load(Ordering::Relaxed),
         "relay_rss_idle_bytes": idle_rss, "relay_rss_loaded_bytes": loaded_rss,
     });
-    let out = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
-    std::fs::create_dir_all(&out).unwrap();
-    std::fs::write(
-        out.join("soak.json"),
-        serde_json::to_string_pretty(&json).unwrap(),
-    )
-    .unwrap();
+    write_bench_json("soak", &json);
     tasks.abort_all();
     drop(pairs);
     relay.terminate().await;

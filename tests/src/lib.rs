@@ -322,3 +322,42 @@ impl RelayProcess {
             .unwrap()
     }
 }
+
+/// `--name VALUE` from a benchmark's command line, or `default` (cargo bench adds its own flags,
+/// which are ignored).
+pub fn bench_arg<T: std::str::FromStr>(name: &str, default: T) -> T {
+    let argv: Vec<String> = std::env::args().collect();
+    argv.iter()
+        .position(|a| a == name)
+        .and_then(|i| argv.get(i + 1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// Writes a benchmark's results to `target/bench/<name>.json`.
+pub fn write_bench_json(name: &str, v: &serde_json::Value) {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join(format!("{name}.json")),
+        serde_json::to_string_pretty(v).unwrap(),
+    )
+    .unwrap();
+}
+
+/// A relay process with its limits raised for load from one address (benchmarks), and the token
+/// of a technician of `org`.
+pub async fn load_relay(dir: &Path, org: &str) -> (RelayProcess, Secret) {
+    let cfg = dir.join("relay.toml");
+    std::fs::write(
+        &cfg,
+        "[limits]\nmax_connections = 100000\nmax_connections_per_address = 100000\nmax_sessions = 100000\n\
+         joins_per_minute_per_technician = 1000000\njoins_per_minute_per_address = 1000000\n\
+         auths_per_minute_per_address = 1000000\n",
+    )
+    .unwrap();
+    let out = relay_admin(dir, &["technician", "add", "--org", org, "--name", "bench"]);
+    let token = token_from_output(&out);
+    let relay = RelayProcess::start_with(dir, &["--config", cfg.to_str().unwrap()]).await;
+    (relay, token)
+}
