@@ -161,6 +161,18 @@ pub struct Shared {
     ctx: Option<eframe::egui::Context>,
 }
 
+impl Shared {
+    fn repaint(&self) {
+        if let Some(c) = &self.ctx {
+            c.request_repaint();
+        }
+    }
+    fn set_phase(&self, p: Phase) {
+        lock(&self.state).phase = p;
+        self.repaint();
+    }
+}
+
 pub fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
@@ -186,10 +198,7 @@ impl Report {
         self.out.event(kind, text, data);
     }
     fn phase(&self, p: Phase) {
-        lock(&self.shared.state).phase = p;
-        if let Some(c) = &self.shared.ctx {
-            c.request_repaint();
-        }
+        self.shared.set_phase(p);
     }
     /// Updates the in-session phase's fields.
     fn update_session(&self, f: impl FnOnce(&mut bool, &mut Option<String>)) {
@@ -201,9 +210,7 @@ impl Report {
             f(view_only, note);
         }
         drop(s);
-        if let Some(c) = &self.shared.ctx {
-            c.request_repaint();
-        }
+        self.shared.repaint();
     }
 }
 
@@ -248,17 +255,12 @@ fn main() -> std::process::ExitCode {
         let (shared, tx) = (shared.clone(), tx.clone());
         rt.spawn(async move {
             let r = run(cli, shared.clone(), rx, tx).await;
-            let mut s = lock(&shared.state);
-            s.phase = match &r {
+            shared.set_phase(match &r {
                 Ok(()) => Phase::Closing,
                 Err(e) => Phase::Failed {
                     text: format!("{e:#}"),
                 },
-            };
-            drop(s);
-            if let Some(c) = &shared.ctx {
-                c.request_repaint();
-            }
+            });
             r
         })
     };

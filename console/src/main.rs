@@ -151,6 +151,16 @@ pub struct Failure {
     error: anyhow::Error,
 }
 
+impl Failure {
+    /// A mistake in how the console was called (exit code 2).
+    fn usage(error: impl Into<anyhow::Error>) -> Failure {
+        Failure {
+            code: exit::USAGE,
+            error: error.into(),
+        }
+    }
+}
+
 impl<E: Into<anyhow::Error>> From<E> for Failure {
     fn from(e: E) -> Self {
         Failure {
@@ -199,31 +209,27 @@ pub struct Login {
 
 /// Connects, authenticates and joins the session the code names; remembers the login on success.
 pub async fn join(form: &gui::Form, login: &Login) -> Result<Session, Failure> {
-    let usage = |e: anyhow::Error| Failure {
-        code: exit::USAGE,
-        error: e,
-    };
     let relay = form.relay.trim().to_owned();
     if relay.is_empty() {
-        return Err(usage(anyhow::anyhow!(
+        return Err(Failure::usage(anyhow::anyhow!(
             "no relay given: use --relay HOST:PORT"
         )));
     }
     let token = form.token.trim().to_owned();
     if token.is_empty() {
-        return Err(usage(anyhow::anyhow!(
+        return Err(Failure::usage(anyhow::anyhow!(
             "no technician token given: use --token (from `tandem-relay technician add`)"
         )));
     }
     if form.code.trim().is_empty() {
-        return Err(usage(anyhow::anyhow!(
+        return Err(Failure::usage(anyhow::anyhow!(
             "no session code given: use --code 417-382-905"
         )));
     }
-    let code = SessionCode::parse(&form.code).map_err(|e| usage(e.into()))?;
+    let code = SessionCode::parse(&form.code).map_err(Failure::usage)?;
     let pin = Some(form.pin.trim().to_owned()).filter(|p| !p.is_empty());
-    let trust = RelayTrust::from_options(pin.as_deref(), login.ca.as_deref())
-        .map_err(|e| usage(e.into()))?;
+    let trust =
+        RelayTrust::from_options(pin.as_deref(), login.ca.as_deref()).map_err(Failure::usage)?;
     let mut opts = ConnectOptions::new(relay.clone(), trust);
     opts.software = format!("tandem-console {}", env!("CARGO_PKG_VERSION"));
     opts.timeout = login.timeout;
@@ -324,19 +330,15 @@ fn main() -> std::process::ExitCode {
 
 /// The form's fields from flags and the remembered login.
 fn setup(cli: &Cli) -> Result<(gui::Form, Login), Failure> {
-    let usage = |e: anyhow::Error| Failure {
-        code: exit::USAGE,
-        error: e,
-    };
     let cfg_path = config_path(cli);
     let remembered: Remembered = match &cfg_path {
         Some(p) if p.exists() => {
             let text = std::fs::read_to_string(p)
                 .with_context(|| format!("cannot read {}", p.display()))
-                .map_err(usage)?;
+                .map_err(Failure::usage)?;
             toml::from_str(&text)
                 .with_context(|| format!("invalid {}", p.display()))
-                .map_err(usage)?
+                .map_err(Failure::usage)?
         }
         _ => Remembered::default(),
     };
@@ -369,14 +371,8 @@ async fn run_headless(
         Some(p) => {
             let text = std::fs::read_to_string(p)
                 .with_context(|| format!("cannot read the input script {}", p.display()))
-                .map_err(|e| Failure {
-                    code: exit::USAGE,
-                    error: e,
-                })?;
-            Some(headless::parse_script(&text).map_err(|e| Failure {
-                code: exit::USAGE,
-                error: e,
-            })?)
+                .map_err(Failure::usage)?;
+            Some(headless::parse_script(&text).map_err(Failure::usage)?)
         }
         None => None,
     };

@@ -147,12 +147,7 @@ struct SceneResult {
 
 fn main() {
     let a = args();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(run(a));
+    tandem_tests::bench_main(run(a));
 }
 
 async fn run(a: Args) {

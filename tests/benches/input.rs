@@ -46,12 +46,7 @@ fn arrival(rec: &XRecorder, n: usize) -> Option<Instant> {
 fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
     let n = if quick { 200 } else { 1000 };
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(run(n));
+    tandem_tests::bench_main(run(n));
 }
 
 async fn run(n: usize) {

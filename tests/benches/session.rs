@@ -102,12 +102,7 @@ async fn outer_throughput(a: &RelayLink, c: &RelayLink, mib: usize) -> f64 {
 
 fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(run(quick));
+    tandem_tests::bench_main(run(quick));
 }
 
 async fn run(quick: bool) {

@@ -334,6 +334,16 @@ pub fn bench_arg<T: std::str::FromStr>(name: &str, default: T) -> T {
         .unwrap_or(default)
 }
 
+/// Runs a benchmark's body on the runtime all benchmarks use (two workers, like the machine).
+pub fn bench_main<F: std::future::Future>(body: F) -> F::Output {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(body)
+}
+
 /// Writes a benchmark's results to `target/bench/<name>.json`.
 pub fn write_bench_json(name: &str, v: &serde_json::Value) {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
