@@ -2736,9 +2736,12 @@ void PreprocessSliceCoding (sWelsEncCtx* pCtx) {
         //calculate bFMESwitchFlag
         SVAAFrameInfoExt* pVaaExt = static_cast<SVAAFrameInfoExt*> (pCtx->pVaa);
         const int32_t kiMbSize = pCurLayer->iMbHeight * pCurLayer->iMbWidth;
+        // Tandem: a "scroll" by 0 lines is what the scroll detector reports for content that did not
+        // move; it must not switch on the feature search (which hashes the whole reference picture).
         pFeatureSearchPreparation->bFMESwitchFlag = CalcFMESwitchFlag (pFeatureSearchPreparation->uiFMEGoodFrameCount,
             pFeatureSearchPreparation->iHighFreMbCount * 100 / kiMbSize, pCtx->pVaa->sVaaCalcInfo.iFrameSad / kiMbSize,
-            pVaaExt->sScrollDetectInfo.bScrollDetectFlag);
+            pVaaExt->sScrollDetectInfo.bScrollDetectFlag
+            && (pVaaExt->sScrollDetectInfo.iScrollMvX | pVaaExt->sScrollDetectInfo.iScrollMvY));
 
         //PerformFMEPreprocess
         SScreenBlockFeatureStorage* pScreenBlockFeatureStorage = pCurLayer->pRefPic->pScreenBlockFeatureStorage;
