@@ -303,3 +303,82 @@ fn drawing_wakes_the_capturer_and_an_idle_screen_does_not() {
     assert!(!c.capture().unwrap().damage.is_empty());
     assert!(!c.wait_for_change(Duration::from_millis(100)));
 }
+
+/// With XDamage and XFixes the capturer reads only what was drawn — on the root window and in a
+/// client's window — and the frame it keeps is still exactly the screen (compared with a full read
+/// by a second capturer); an idle screen reads nothing.
+#[test]
+fn only_drawn_areas_are_read_and_the_frame_stays_exact() {
+    use x11rb::protocol::xproto::{CreateWindowAux, Rectangle, WindowClass};
+    let x = Xvfb::start(640, 480);
+    let mut p = Painter::new(&x.display);
+    p.page(0);
+    p.sync();
+    let mut c = X11Capturer::open(Some(&x.display)).unwrap();
+    c.capture().unwrap();
+    assert_eq!(
+        c.last_read_pixels(),
+        640 * 480,
+        "the first capture reads everything"
+    );
+    c.capture().unwrap();
+    assert_eq!(c.last_read_pixels(), 0, "idle: nothing read");
+    // A client window mapped over the page, then drawn into.
+    let win = p.conn.generate_id().unwrap();
+    p.conn
+        .create_window(
+            0,
+            win,
+            p.root,
+            300,
+            200,
+            120,
+            90,
+            0,
+            WindowClass::INPUT_OUTPUT,
+            0,
+            &CreateWindowAux::new().background_pixel(0x3060a0),
+        )
+        .unwrap();
+    p.conn.map_window(win).unwrap();
+    p.sync();
+    let cap = c.capture().unwrap();
+    assert!(!cap.damage.is_empty());
+    assert!(
+        c.last_read_pixels() <= 200 * 200,
+        "{}",
+        c.last_read_pixels()
+    );
+    let rect = |x, y, w, h| Rectangle {
+        x,
+        y,
+        width: w,
+        height: h,
+    };
+    p.conn
+        .change_gc(
+            p.gc,
+            &x11rb::protocol::xproto::ChangeGCAux::new().foreground(0xffee00),
+        )
+        .unwrap();
+    p.conn
+        .poly_fill_rectangle(win, p.gc, &[rect(10, 10, 30, 20)])
+        .unwrap();
+    p.fill(0xcc0000, 5, 470, 40, 6);
+    p.text(500, 20, "typed");
+    p.sync();
+    let cap = c.capture().unwrap();
+    let changed: u64 = cap.damage.iter().map(|r| r.area()).sum();
+    assert!(changed > 0);
+    let read = c.last_read_pixels();
+    assert!(read > 0 && read < 640 * 480 / 10, "read {read} pixels");
+    let ours = c.capture().unwrap().frame.clone();
+    let mut fresh = X11Capturer::open(Some(&x.display)).unwrap();
+    let truth = fresh.capture().unwrap().frame.clone();
+    assert_eq!(bgr(&truth, 320, 220), 0xffee00, "drawn in the window");
+    assert_eq!(bgr(&truth, 10, 472), 0xcc0000);
+    assert!(
+        ours == truth,
+        "the incrementally read frame differs from the screen"
+    );
+}

@@ -2,7 +2,7 @@
 //! (SIMD: AVX2/SSE on x86-64, chosen at run time), BT.601 limited range as OpenH264 expects.
 //! The pipeline benchmark compares it with OpenH264's own converter; see the README.
 
-use crate::frame::Frame;
+use crate::frame::{Frame, Rect};
 use yuv::{
     YuvConversionMode, YuvPlanarImage, YuvPlanarImageMut, YuvRange, YuvStandardMatrix,
     bgra_to_yuv420, yuv420_to_rgba,
@@ -68,6 +68,44 @@ impl openh264::formats::YUVSource for I420 {
 /// Converts a BGRX frame into `out` (reusing its buffers). Odd widths or heights lose their last
 /// column or row (H.264 macroblocks are even).
 pub fn bgrx_to_i420(frame: &Frame, out: &mut I420) -> Result<(), ConvertError> {
+    let (w, h) = check_frame(frame)?;
+    out.resize(w, h);
+    convert_rows(frame, out, 0, h)
+}
+
+/// Brings `out`, the conversion of the previous version of `frame`, up to date by converting only
+/// the rows of the `changed` rectangles (whole-width bands, widened to even rows). Converts the
+/// whole frame when `out` is of another size. The result is the same as [`bgrx_to_i420`]'s.
+pub fn bgrx_to_i420_changed(
+    frame: &Frame,
+    out: &mut I420,
+    changed: &[Rect],
+) -> Result<(), ConvertError> {
+    let (w, h) = check_frame(frame)?;
+    if out.width != w || out.height != h {
+        return bgrx_to_i420(frame, out);
+    }
+    let mut bands: Vec<(u32, u32)> = changed
+        .iter()
+        .map(|r| (r.y & !1, ((r.y + r.h + 1) & !1).min(h)))
+        .filter(|(a, b)| a < b)
+        .collect();
+    bands.sort_unstable();
+    let mut merged: Vec<(u32, u32)> = Vec::with_capacity(bands.len());
+    for (a, b) in bands {
+        match merged.last_mut() {
+            Some(last) if a <= last.1 => last.1 = last.1.max(b),
+            _ => merged.push((a, b)),
+        }
+    }
+    for (a, b) in merged {
+        convert_rows(frame, out, a, b)?;
+    }
+    Ok(())
+}
+
+/// The even dimensions a frame converts at.
+fn check_frame(frame: &Frame) -> Result<(u32, u32), ConvertError> {
     let (w, h) = (frame.width & !1, frame.height & !1);
     let err = |reason: &str| ConvertError::Size {
         width: frame.width,
@@ -80,27 +118,42 @@ pub fn bgrx_to_i420(frame: &Frame, out: &mut I420) -> Result<(), ConvertError> {
     if frame.data.len() < frame.stride * (h as usize - 1) + w as usize * 4 {
         return Err(err("buffer shorter than its dimensions"));
     }
-    out.resize(w, h);
+    Ok((w, h))
+}
+
+/// Converts rows `y0..y1` (both even, within `out`'s height) of `frame` into `out`.
+fn convert_rows(frame: &Frame, out: &mut I420, y0: u32, y1: u32) -> Result<(), ConvertError> {
+    let (w, rows) = (out.width, y1 - y0);
     let cw = out.chroma_width();
+    let (luma, chroma) = (y0 as usize * w as usize, (y0 / 2) as usize * cw as usize);
+    let (luma_len, chroma_len) = (
+        rows as usize * w as usize,
+        (rows / 2) as usize * cw as usize,
+    );
     let mut planar = YuvPlanarImageMut {
-        y_plane: yuv::BufferStoreMut::Borrowed(&mut out.y),
+        y_plane: yuv::BufferStoreMut::Borrowed(&mut out.y[luma..luma + luma_len]),
         y_stride: w,
-        u_plane: yuv::BufferStoreMut::Borrowed(&mut out.u),
+        u_plane: yuv::BufferStoreMut::Borrowed(&mut out.u[chroma..chroma + chroma_len]),
         u_stride: cw,
-        v_plane: yuv::BufferStoreMut::Borrowed(&mut out.v),
+        v_plane: yuv::BufferStoreMut::Borrowed(&mut out.v[chroma..chroma + chroma_len]),
         v_stride: cw,
         width: w,
-        height: h,
+        height: rows,
     };
+    let src = &frame.data[y0 as usize * frame.stride..];
     bgra_to_yuv420(
         &mut planar,
-        &frame.data,
+        src,
         frame.stride as u32,
         YuvRange::Limited,
         YuvStandardMatrix::Bt601,
         YuvConversionMode::Balanced,
     )
-    .map_err(|e| err(&e.to_string()))
+    .map_err(|e| ConvertError::Size {
+        width: frame.width,
+        height: frame.height,
+        reason: e.to_string(),
+    })
 }
 
 /// Converts planes (strides in bytes) to packed RGBA.
@@ -188,6 +241,56 @@ mod tests {
             }
         }
         f
+    }
+
+    /// Converting only the changed rows gives exactly what converting the whole frame gives,
+    /// for rectangles at odd rows, at the bottom edge and overlapping, on an odd-sized frame.
+    #[test]
+    fn converting_changed_rows_equals_converting_everything() {
+        let mut f = gradient(321, 241);
+        let mut partial = I420::default();
+        bgrx_to_i420(&f, &mut partial).unwrap();
+        let changed = [
+            Rect {
+                x: 5,
+                y: 3,
+                w: 40,
+                h: 7,
+            },
+            Rect {
+                x: 100,
+                y: 8,
+                w: 3,
+                h: 4,
+            },
+            Rect {
+                x: 200,
+                y: 230,
+                w: 121,
+                h: 11,
+            },
+        ];
+        for (n, r) in changed.iter().enumerate() {
+            for y in r.y..r.y + r.h {
+                for x in r.x..r.x + r.w {
+                    let i = y as usize * f.stride + x as usize * 4;
+                    f.data[i..i + 3].copy_from_slice(&[(n * 90) as u8, 255 - x as u8, y as u8]);
+                }
+            }
+        }
+        bgrx_to_i420_changed(&f, &mut partial, &changed).unwrap();
+        let mut full = I420::default();
+        bgrx_to_i420(&f, &mut full).unwrap();
+        assert_eq!((partial.width, partial.height), (320, 240));
+        assert!(partial.y == full.y && partial.u == full.u && partial.v == full.v);
+        // Nothing changed: nothing converted, still equal. Another size: everything converted.
+        bgrx_to_i420_changed(&f, &mut partial, &[]).unwrap();
+        assert!(partial.y == full.y);
+        let small = gradient(64, 48);
+        bgrx_to_i420_changed(&small, &mut partial, &[]).unwrap();
+        let mut small_full = I420::default();
+        bgrx_to_i420(&small, &mut small_full).unwrap();
+        assert!(partial.y == small_full.y && partial.u == small_full.u);
     }
 
     #[test]

@@ -55,6 +55,7 @@ pub struct VideoEncoder {
     size: (u32, u32),
     qp_ceiling: u8,
     want_key: bool,
+    threads: u16,
     started: std::time::Instant,
 }
 
@@ -90,7 +91,7 @@ fn encoder_threads() -> u16 {
     std::thread::available_parallelism().map_or(1, |n| n.get().min(4) as u16)
 }
 
-fn config(t: Target, max_qp: u8) -> EncoderConfig {
+fn config(t: Target, max_qp: u8, threads: u16) -> EncoderConfig {
     EncoderConfig::new()
         .usage_type(UsageType::ScreenContentRealTime)
         .rate_control_mode(RateControlMode::Bitrate)
@@ -98,11 +99,14 @@ fn config(t: Target, max_qp: u8) -> EncoderConfig {
         .max_frame_rate(FrameRate::from_hz(t.max_fps))
         .skip_frames(true)
         .complexity(Complexity::Low)
+        // Neither is supported for screen content (OpenH264 turns them off and logs a warning).
+        .adaptive_quantization(false)
+        .background_detection(false)
         .qp(QpRange::new(10, max_qp))
         // Keyframes on request and on scene changes only: a periodic one is a burst the path may
         // not carry, and lost frames are answered with a requested keyframe.
         .intra_frame_period(IntraFramePeriod::from_num_frames(0))
-        .num_threads(encoder_threads())
+        .num_threads(threads)
 }
 
 impl VideoEncoder {
@@ -113,8 +117,18 @@ impl VideoEncoder {
             size: (0, 0),
             qp_ceiling: 0,
             want_key: false,
+            threads: encoder_threads(),
             started: std::time::Instant::now(),
         })
+    }
+
+    /// Encoder threads from the next (re-)initialisation on; the default is one per core, up to 4.
+    /// Benchmarks use 1 to measure the cost on one core.
+    pub fn set_threads(&mut self, threads: u16) {
+        if threads.max(1) != self.threads {
+            self.threads = threads.max(1);
+            self.enc = None;
+        }
     }
 
     pub fn target(&self) -> Target {
@@ -163,8 +177,9 @@ impl VideoEncoder {
         if self.enc.is_none() || self.size != (w, h) {
             self.qp_ceiling = self.ceiling_for((w, h));
             let api = OpenH264API::from_source();
-            let enc = Encoder::with_api_config(api, config(self.target, self.qp_ceiling))
-                .map_err(|e| EncodeError::Create(e.to_string()))?;
+            let enc =
+                Encoder::with_api_config(api, config(self.target, self.qp_ceiling, self.threads))
+                    .map_err(|e| EncodeError::Create(e.to_string()))?;
             self.enc = Some(enc);
             self.size = (w, h);
             self.want_key = false; // a fresh encoder starts with one

@@ -96,32 +96,76 @@ impl ChangeDetector {
             self.size = (w, h);
             return vec![Rect { x: 0, y: 0, w, h }];
         }
+        self.compare_region(src, src_stride, Rect { x: 0, y: 0, w, h }, frame)
+    }
+
+    /// Whether the next update must read the whole frame (first capture, after [`Self::reset`], or
+    /// at a new size): a region update alone would leave the rest of the frame stale.
+    pub fn needs_full(&self, w: u32, h: u32) -> bool {
+        self.full || self.size != (w, h)
+    }
+
+    /// Like [`Self::update_from`], for a part of the frame: `src` holds the pixels of `region`
+    /// (its first byte is the region's top-left pixel, rows `src_stride` bytes apart). Used when
+    /// the X server said which areas were drawn, so only those are read. Requires a frame already
+    /// filled ([`Self::needs_full`] false); returns the changed tiles clipped to the region.
+    pub fn update_region(
+        &mut self,
+        src: &[u8],
+        src_stride: usize,
+        region: Rect,
+        frame: &mut Frame,
+    ) -> Vec<Rect> {
+        let region = Rect {
+            w: region.w.min(frame.width.saturating_sub(region.x)),
+            h: region.h.min(frame.height.saturating_sub(region.y)),
+            ..region
+        };
+        if region.w == 0 || region.h == 0 {
+            return Vec::new();
+        }
+        self.compare_region(src, src_stride, region, frame)
+    }
+
+    /// Compares `region` of `frame` with `src` tile by tile (tiles on the frame's 64-pixel grid,
+    /// clipped to the region), copies what differs and reports it, merged along tile rows.
+    fn compare_region(
+        &mut self,
+        src: &[u8],
+        src_stride: usize,
+        region: Rect,
+        frame: &mut Frame,
+    ) -> Vec<Rect> {
         let mut out: Vec<Rect> = Vec::new();
-        for ty in 0..h.div_ceil(TILE) {
-            let y0 = ty * TILE;
-            let th = TILE.min(h - y0);
+        let (rx1, ry1) = (region.x + region.w, region.y + region.h);
+        for ty in region.y / TILE..ry1.div_ceil(TILE) {
+            let y0 = (ty * TILE).max(region.y);
+            let y1 = ((ty + 1) * TILE).min(ry1);
             let mut run: Option<Rect> = None;
-            for tx in 0..w.div_ceil(TILE) {
-                let x0 = tx * TILE;
-                let tw = TILE.min(w - x0);
-                let (b0, b1) = (x0 as usize * 4, (x0 + tw) as usize * 4);
+            for tx in region.x / TILE..rx1.div_ceil(TILE) {
+                let x0 = (tx * TILE).max(region.x);
+                let x1 = ((tx + 1) * TILE).min(rx1);
+                let (f0, f1) = (x0 as usize * 4, x1 as usize * 4);
+                let (s0, s1) = (f0 - region.x as usize * 4, f1 - region.x as usize * 4);
                 let mut dirty = false;
-                for y in y0 as usize..(y0 + th) as usize {
-                    let s = &src[y * src_stride + b0..y * src_stride + b1];
-                    let d = &mut frame.data[y * frame.stride + b0..y * frame.stride + b1];
+                for y in y0..y1 {
+                    let sy = (y - region.y) as usize * src_stride;
+                    let s = &src[sy + s0..sy + s1];
+                    let fy = y as usize * frame.stride;
+                    let d = &mut frame.data[fy + f0..fy + f1];
                     if s != d {
                         d.copy_from_slice(s);
                         dirty = true;
                     }
                 }
                 match (&mut run, dirty) {
-                    (Some(r), true) => r.w += tw,
+                    (Some(r), true) => r.w += x1 - x0,
                     (None, true) => {
                         run = Some(Rect {
                             x: x0,
                             y: y0,
-                            w: tw,
-                            h: th,
+                            w: x1 - x0,
+                            h: y1 - y0,
                         })
                     }
                     (Some(_), false) => out.extend(run.take()),
@@ -194,6 +238,86 @@ mod tests {
                 f.data[i..i + 3].copy_from_slice(&[v, v, v]);
             }
         }
+    }
+
+    /// A region update copies and reports what changed inside the region (tiles clipped to it)
+    /// and leaves the rest of the frame alone.
+    #[test]
+    fn region_update_reads_only_the_region() {
+        let mut d = ChangeDetector::new();
+        let mut screen = Frame::new(300, 200);
+        let mut mirror = Frame::new(300, 200);
+        assert!(d.needs_full(300, 200));
+        d.update_from(&screen.data, screen.stride, &mut mirror);
+        assert!(!d.needs_full(300, 200));
+        assert!(d.needs_full(200, 300), "another size needs a full read");
+        let inside = Rect {
+            x: 70,
+            y: 10,
+            w: 30,
+            h: 20,
+        };
+        let outside = Rect {
+            x: 250,
+            y: 150,
+            w: 10,
+            h: 10,
+        };
+        paint(&mut screen, inside, 9);
+        paint(&mut screen, outside, 7);
+        // What the X server hands over for the region: its pixels only, rows packed.
+        let region = Rect {
+            x: 60,
+            y: 5,
+            w: 50,
+            h: 40,
+        };
+        let mut src = Vec::new();
+        for y in region.y..region.y + region.h {
+            let o = y as usize * screen.stride + region.x as usize * 4;
+            src.extend_from_slice(&screen.data[o..o + region.w as usize * 4]);
+        }
+        let rects = d.update_region(&src, region.w as usize * 4, region, &mut mirror);
+        // The change spans the tile columns 64..128 and 0..64 at x 70..100 → one tile, clipped.
+        assert_eq!(
+            rects,
+            vec![Rect {
+                x: 64,
+                y: 5,
+                w: 46,
+                h: 40
+            }]
+        );
+        for y in region.y..region.y + region.h {
+            assert_eq!(mirror.row(y)[240..440], screen.row(y)[240..440]);
+        }
+        assert_eq!(
+            mirror.pixel(255, 155),
+            (0, 0, 0),
+            "outside the region: untouched"
+        );
+        // The same region again: nothing changed.
+        assert!(
+            d.update_region(&src, region.w as usize * 4, region, &mut mirror)
+                .is_empty()
+        );
+        // A region reaching past the frame is clipped, not a panic.
+        let edge = Rect {
+            x: 290,
+            y: 190,
+            w: 50,
+            h: 50,
+        };
+        let src = vec![1u8; 50 * 50 * 4];
+        let rects = d.update_region(&src, 50 * 4, edge, &mut mirror);
+        // (Split at the tile boundary y = 192.)
+        let covered: u64 = rects.iter().map(Rect::area).sum();
+        assert_eq!(covered, 100);
+        assert!(
+            rects
+                .iter()
+                .all(|r| r.x == 290 && r.y >= 190 && r.y + r.h <= 200)
+        );
     }
 
     #[test]

@@ -13,7 +13,9 @@ pub mod frame;
 pub mod pipeline;
 
 pub use capture::{CaptureError, Captured, Capturer, CursorShape, CursorState, Monitor};
-pub use convert::{I420, bgrx_to_i420, downscale_half, i420_to_rgba, rgba_to_frame};
+pub use convert::{
+    I420, bgrx_to_i420, bgrx_to_i420_changed, downscale_half, i420_to_rgba, rgba_to_frame,
+};
 pub use decode::{DecodeError, DecodedFrame, VideoDecoder};
 pub use encode::{EncodeError, EncodedFrame, Target, VideoEncoder};
 pub use frame::{ChangeDetector, Frame, Rect, luma_psnr, plane_psnr};

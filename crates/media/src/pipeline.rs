@@ -5,7 +5,7 @@
 //! to send: there is no queue inside, so a frame is never encoded behind newer ones.
 
 use crate::capture::{CaptureError, Capturer, CursorState};
-use crate::convert::{I420, bgrx_to_i420, downscale_half};
+use crate::convert::{I420, bgrx_to_i420, bgrx_to_i420_changed, downscale_half};
 use crate::encode::{EncodeError, EncodedFrame, Target, VideoEncoder};
 use crate::frame::Frame;
 use std::time::{Duration, Instant};
@@ -131,7 +131,9 @@ impl<C: Capturer> ScreenPipeline<C> {
             downscale_half(frame, &mut self.half);
             bgrx_to_i420(&self.half, &mut self.yuv)?;
         } else {
-            bgrx_to_i420(frame, &mut self.yuv)?;
+            // Only the changed rows; the whole frame when the picture was halved before (the
+            // I420 buffer then has another size).
+            bgrx_to_i420_changed(frame, &mut self.yuv, &cap.damage)?;
         }
         let t2 = Instant::now();
         times.convert = t2 - t1;
