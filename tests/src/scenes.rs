@@ -84,17 +84,21 @@ pub fn counter_origin(w: u16) -> (i16, i16) {
 }
 
 /// Draws frame counter `n` (mod 2^16) as a barcode: a black and a white guard block, then 16 bits,
-/// most significant first, black for 1.
+/// most significant first, black for 1. The barcode is presented in one request, so a capture
+/// never sees half of it (which would read as another number).
 pub fn draw_counter(p: &Painter, n: u32) {
     let (x0, y0) = counter_origin(p.w);
     let b = COUNTER_BLOCK;
-    p.fill(0x000000, x0, y0, b, b);
-    p.fill(0xffffff, x0 + b as i16, y0, b, b);
-    for i in 0..COUNTER_BITS {
-        let bit = (n >> (COUNTER_BITS - 1 - i)) & 1;
-        let color = if bit == 1 { 0x000000 } else { 0xffffff };
-        p.fill(color, x0 + ((i + 2) as i16 * b as i16), y0, b, b);
-    }
+    let blocks = (COUNTER_BITS + 2) as u16;
+    p.present(x0, y0, blocks * b, b, |p, pm| {
+        p.fill_on(pm, 0x000000, 0, 0, b, b);
+        p.fill_on(pm, 0xffffff, b as i16, 0, b, b);
+        for i in 0..COUNTER_BITS {
+            let bit = (n >> (COUNTER_BITS - 1 - i)) & 1;
+            let color = if bit == 1 { 0x000000 } else { 0xffffff };
+            p.fill_on(pm, color, (i + 2) as i16 * b as i16, 0, b, b);
+        }
+    });
 }
 
 /// Reads the counter from a decoded RGBA picture of a screen `screen_w` pixels wide (the picture

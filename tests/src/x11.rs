@@ -392,15 +392,20 @@ impl Painter {
         self.seed
     }
 
-    /// Fills a rectangle with 0xRRGGBB.
+    /// Fills a rectangle of the root window with 0xRRGGBB.
     pub fn fill(&self, color: u32, x: i16, y: i16, w: u16, h: u16) {
+        self.fill_on(self.root, color, x, y, w, h);
+    }
+
+    /// Fills a rectangle of `drawable` (the root window or a pixmap of its depth) with 0xRRGGBB.
+    pub fn fill_on(&self, drawable: u32, color: u32, x: i16, y: i16, w: u16, h: u16) {
         use x11rb::protocol::xproto::{ChangeGCAux, ConnectionExt as _, Rectangle};
         self.conn
             .change_gc(self.gc, &ChangeGCAux::new().foreground(color))
             .unwrap();
         self.conn
             .poly_fill_rectangle(
-                self.root,
+                drawable,
                 self.gc,
                 &[Rectangle {
                     x,
@@ -410,6 +415,23 @@ impl Painter {
                 }],
             )
             .unwrap();
+    }
+
+    /// Draws `paint` into an off-screen pixmap of `w`×`h` and copies it to the root window at
+    /// (`x`, `y`) in one request, as double-buffered applications present a frame: a capture sees
+    /// all of it or none of it.
+    pub fn present(&self, x: i16, y: i16, w: u16, h: u16, paint: impl FnOnce(&Painter, u32)) {
+        use x11rb::protocol::xproto::ConnectionExt as _;
+        let depth = self.conn.setup().roots[0].root_depth;
+        let pixmap = self.conn.generate_id().unwrap();
+        self.conn
+            .create_pixmap(depth, pixmap, self.root, w, h)
+            .unwrap();
+        paint(self, pixmap);
+        self.conn
+            .copy_area(pixmap, self.root, self.gc, 0, 0, x, y, w, h)
+            .unwrap();
+        self.conn.free_pixmap(pixmap).unwrap();
     }
 
     /// Draws text (at most 255 bytes) with its baseline at `y`.
