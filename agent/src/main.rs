@@ -734,7 +734,11 @@ fn start_streaming(
                 // The frame rate limit (and the pacing) counts frames sent, not looks at the
                 // screen: a capture that found nothing new (drawing reported while the previous
                 // capture read it) must not hold back the next real change.
-                if let Some(rest) = not_before.checked_duration_since(Instant::now()) {
+                // Looks that find nothing new are themselves limited to one per 8 ms, so that
+                // drawing nobody sees (another monitor, the same pixels repainted) cannot drive
+                // captures at its own rate.
+                let next_look = not_before.max(started + Duration::from_millis(8));
+                if let Some(rest) = next_look.checked_duration_since(Instant::now()) {
                     std::thread::sleep(rest);
                 }
                 // Then capture as soon as something is drawn (XDamage), instead of on the next

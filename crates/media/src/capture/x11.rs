@@ -70,6 +70,17 @@ pub struct X11Capturer {
     last_read: u64,
     /// Captures since the whole monitor was last read.
     since_full: u32,
+    /// A capture failed after the server's record of what was drawn had been taken: that record
+    /// is lost, so the next capture reads the whole monitor.
+    reread_all: bool,
+    /// The server's damage reports are trusted to cover every drawing. Cleared (for the rest of
+    /// this capturer's life) when a safety-net full read finds a change nobody reported.
+    trust_damage: bool,
+    /// Drawn areas reported since the last full read (monitor coordinates), for that check;
+    /// `None` once too many to keep.
+    reported: Option<Vec<Rect>>,
+    /// When the first drawing since the last capture was reported.
+    damaged_at: Option<std::time::Instant>,
 }
 
 impl std::fmt::Debug for X11Capturer {
@@ -98,8 +109,13 @@ const MAX_REGION_READS: usize = 16;
 const SETTLE: std::time::Duration = std::time::Duration::from_micros(1500);
 
 /// Every this many captures the whole monitor is read even when the server reported only parts
-/// (about every 5 s at 30 captures a second; an idle screen costs one full compare per 100 s).
+/// (every 2.5–5 s: the agent looks at the screen 30–60 times a second). If such a read finds a
+/// change the server did not report (some drivers render without telling XDamage), reports are
+/// no longer trusted and every capture reads the whole monitor, as before XDamage was used.
 const FULL_READ_EVERY: u32 = 150;
+
+/// At most this many reported areas are remembered between full reads for that check.
+const MAX_REPORTED: usize = 4096;
 
 /// The drawn rectangles (root coordinates) that fall on monitor `m`, relative to it.
 fn clip_to_monitor(drawn: &[Rectangle], m: &Monitor) -> Vec<Rect> {
@@ -207,6 +223,10 @@ impl X11Capturer {
             damage_parts,
             last_read: 0,
             since_full: 0,
+            reread_all: false,
+            trust_damage: true,
+            reported: Some(Vec::new()),
+            damaged_at: None,
         };
         c.monitors = c.read_monitors()?;
         if !shm_supported {
@@ -303,20 +323,32 @@ impl X11Capturer {
     /// Reads only what was drawn, when the server told us what (`drawn`, root coordinates) and it
     /// is a small part of the monitor; `None` when the whole monitor must be read instead (and
     /// compared with the last frame). As a safety net against a drawing the server did not
-    /// report, every `FULL_READ_EVERY`-th capture reads the whole monitor anyway.
+    /// report, every `FULL_READ_EVERY`-th capture reads the whole monitor anyway; so does one
+    /// after a failed capture (`force_full`).
     fn read_drawn(
         &mut self,
         drawn: Option<Vec<Rectangle>>,
         m: &Monitor,
+        force_full: bool,
     ) -> Result<Option<Vec<Rect>>, CaptureError> {
         self.since_full += 1;
         let Some(drawn) = drawn else {
             return Ok(None);
         };
-        if self.detector.needs_full(m.width, m.height) || self.since_full >= FULL_READ_EVERY {
+        let rects = clip_to_monitor(&drawn, m);
+        if let Some(reported) = &mut self.reported {
+            reported.extend_from_slice(&rects);
+            if reported.len() > MAX_REPORTED {
+                self.reported = None;
+            }
+        }
+        if !self.trust_damage
+            || force_full
+            || self.detector.needs_full(m.width, m.height)
+            || self.since_full >= FULL_READ_EVERY
+        {
             return Ok(None);
         }
-        let rects = clip_to_monitor(&drawn, m);
         let area: u64 = rects.iter().map(Rect::area).sum();
         if rects.len() > MAX_REGION_READS || area * 2 >= m.width as u64 * m.height as u64 {
             return Ok(None);
@@ -389,7 +421,10 @@ impl X11Capturer {
         while let Ok(Some(ev)) = self.conn.poll_for_event() {
             match ev {
                 x11rb::protocol::Event::XfixesCursorNotify(_) => self.cursor_dirty = true,
-                x11rb::protocol::Event::DamageNotify(_) => self.damaged = true,
+                x11rb::protocol::Event::DamageNotify(_) => {
+                    self.damaged = true;
+                    self.damaged_at.get_or_insert_with(std::time::Instant::now);
+                }
                 x11rb::protocol::Event::ConfigureNotify(c) if c.window == self.root => {
                     self.resize_pending = true
                 }
@@ -512,8 +547,12 @@ impl Capturer for X11Capturer {
                 // the frame interval. Measured with the glass bench at 1080p (a scene drawn,
                 // then its frame counter): dragging a window p50 39–42 → 25–26 ms, typing
                 // 21–23 → 13–14 ms glass-to-glass, for 1.5 ms on a single-request change.
-                std::thread::sleep(SETTLE);
-                self.drain_events();
+                // A drawing reported while the caller was busy has had its time already.
+                let age = self.damaged_at.map_or(SETTLE, |t| t.elapsed());
+                if let Some(rest) = SETTLE.checked_sub(age) {
+                    std::thread::sleep(rest);
+                    self.drain_events();
+                }
                 return true;
             }
             let left = deadline.saturating_duration_since(std::time::Instant::now());
@@ -539,6 +578,7 @@ impl Capturer for X11Capturer {
             // what this capture reads, so they are taken first.
             self.drain_events();
             self.damaged = false;
+            self.damaged_at = None;
             let parts = self.damage_parts.unwrap_or(x11rb::NONE);
             let _ = self.conn.damage_subtract(d, x11rb::NONE, parts);
             if parts != x11rb::NONE {
@@ -550,6 +590,9 @@ impl Capturer for X11Capturer {
                     .map(|r| r.rectangles);
             }
         }
+        // Until this capture succeeds, what the server reported is only in `drawn`: if anything
+        // below fails, the next capture must read everything.
+        let force_full = std::mem::replace(&mut self.reread_all, true);
         let resized = self.check_resize()?;
         let m = self.monitors[self.selected].clone();
         let (w, h) = (m.width, m.height);
@@ -558,7 +601,10 @@ impl Capturer for X11Capturer {
             self.frame = Frame::new(w, h);
         }
         self.ensure_shm(bytes)?;
-        if let Some(damage) = self.read_drawn(drawn, &m)? {
+        let drawn_known = drawn.is_some();
+        let region_read = self.read_drawn(drawn, &m, force_full);
+        if let Some(damage) = region_read? {
+            self.reread_all = false;
             let cursor = self.cursor(&m);
             return Ok(Captured {
                 frame: &self.frame,
@@ -568,7 +614,13 @@ impl Capturer for X11Capturer {
             });
         }
         self.last_read = w as u64 * h as u64;
+        let safety_net = drawn_known
+            && self.trust_damage
+            && self.since_full >= FULL_READ_EVERY
+            && !self.detector.needs_full(w, h);
         self.since_full = 0;
+        // Reported since the previous full read, this capture's areas included.
+        let reported = self.reported.replace(Vec::new());
         let plane_mask = u32::MAX;
         let row = w as usize * 4;
         let damage = if let Some(shm) = &self.shm {
@@ -609,6 +661,19 @@ impl Capturer for X11Capturer {
             check_size(r.data.len(), bytes, w, h)?;
             self.detector.update_from(&r.data, row, &mut self.frame)
         };
+        if safety_net
+            && let Some(reported) = reported
+            && damage
+                .iter()
+                .any(|d| !reported.iter().any(|r| overlaps(d, r)))
+        {
+            tracing::warn!(
+                "the X server did not report a change on screen (XDamage); reading the whole \
+                 screen on every capture from now on"
+            );
+            self.trust_damage = false;
+        }
+        self.reread_all = false;
         let cursor = self.cursor(&m);
         Ok(Captured {
             frame: &self.frame,
@@ -617,4 +682,8 @@ impl Capturer for X11Capturer {
             resized,
         })
     }
+}
+
+fn overlaps(a: &Rect, b: &Rect) -> bool {
+    a.x < b.x + b.w && b.x < a.x + a.w && a.y < b.y + b.h && b.y < a.y + a.h
 }
