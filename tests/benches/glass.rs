@@ -29,7 +29,7 @@ use tandem_session::{ControlMsg, SessionCode};
 use tandem_tests::scenes::{Scene, draw, draw_counter, read_counter};
 use tandem_tests::x11::{Painter, Xvfb};
 use tandem_tests::{
-    RelayProcess, bench_arg, binary, relay_admin, token_from_output, write_bench_json,
+    RelayProcess, bench_arg, binary, percentile, relay_admin, token_from_output, write_bench_json,
 };
 use tokio::io::AsyncBufReadExt;
 
@@ -47,15 +47,6 @@ fn args() -> Args {
         height: bench_arg("--height", 1080),
         creep_minutes: bench_arg("--creep-minutes", 0.0),
     }
-}
-
-fn pct(v: &[f64], p: f64) -> f64 {
-    if v.is_empty() {
-        return f64::NAN;
-    }
-    let mut s = v.to_vec();
-    s.sort_by(f64::total_cmp);
-    s[((s.len() - 1) as f64 * p).round() as usize]
 }
 
 /// When each counter value was drawn.
@@ -320,9 +311,9 @@ async fn run(a: Args) {
     );
     let mut rows = vec![];
     for r in &results {
-        let (g50, g99) = (pct(&r.glass, 0.5), pct(&r.glass, 0.99));
-        let (f50, f99) = (pct(&r.floor, 0.5), pct(&r.floor, 0.99));
-        let psnr = pct(&r.psnr, 0.5);
+        let (g50, g99) = (percentile(&r.glass, 0.5), percentile(&r.glass, 0.99));
+        let (f50, f99) = (percentile(&r.floor, 0.5), percentile(&r.floor, 0.99));
+        let psnr = percentile(&r.psnr, 0.5);
         println!(
             "{:<24} {:>9.1} {:>9.1} {:>10.1} {:>10.1} {:>7.2} {:>8.0} {:>7.1} {:>9.1}",
             r.scene.name(),
@@ -347,14 +338,14 @@ async fn run(a: Args) {
         println!(
             "creep ({} min typing): first minute p50 {:.1} / p99 {:.1} ms, last minute p50 {:.1} / p99 {:.1} ms",
             a.creep_minutes,
-            pct(first, 0.5),
-            pct(first, 0.99),
-            pct(last, 0.5),
-            pct(last, 0.99)
+            percentile(first, 0.5),
+            percentile(first, 0.99),
+            percentile(last, 0.5),
+            percentile(last, 0.99)
         );
         creep_json = serde_json::json!({"minutes": a.creep_minutes,
-            "first_p50_ms": pct(first, 0.5), "first_p99_ms": pct(first, 0.99),
-            "last_p50_ms": pct(last, 0.5), "last_p99_ms": pct(last, 0.99)});
+            "first_p50_ms": percentile(first, 0.5), "first_p99_ms": percentile(first, 0.99),
+            "last_p50_ms": percentile(last, 0.5), "last_p99_ms": percentile(last, 0.99)});
     }
     let json = serde_json::json!({"width": a.width, "height": a.height, "seconds_per_scene": a.seconds,
         "join_to_first_frame_ms": first_frame_ms, "scenes": rows,

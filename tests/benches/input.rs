@@ -15,12 +15,7 @@ use tandem_input::keymap::usage;
 use tandem_input::{AgentInput, Injector, InputClient, InputEvent, Permission, X11Injector};
 use tandem_session::{AgentEvent, AgentHost, InputItem, SessionConfig};
 use tandem_tests::x11::{Kind, XRecorder, Xvfb};
-use tandem_tests::{RelayProcess, relay_admin, token_from_output};
-
-fn pct(v: &mut [f64], p: f64) -> f64 {
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    v[((v.len() - 1) as f64 * p).round() as usize]
-}
+use tandem_tests::{RelayProcess, percentile, relay_admin, token_from_output};
 
 /// Waits until the recorder has `n` key events; returns the arrival time of the last.
 fn arrival(rec: &XRecorder, n: usize) -> Option<Instant> {
@@ -128,8 +123,8 @@ async fn run(n: usize) {
         }
     }
     let lost = n - remote.len();
-    let (l50, l99) = (pct(&mut local, 0.5), pct(&mut local, 0.99));
-    let (r50, r99) = (pct(&mut remote, 0.5), pct(&mut remote, 0.99));
+    let (l50, l99) = (percentile(&local, 0.5), percentile(&local, 0.99));
+    let (r50, r99) = (percentile(&remote, 0.5), percentile(&remote, 0.99));
     println!();
     println!(
         "Tandem input latency ({n} key events each; console send → X server delivers to a client)"

@@ -12,6 +12,7 @@ use tandem_media::capture::x11::X11Capturer;
 use tandem_media::{
     Capturer, I420, Target, VideoDecoder, VideoEncoder, bgrx_to_i420_changed, plane_psnr,
 };
+use tandem_tests::percentile;
 use tandem_tests::scenes::{Scene, draw};
 use tandem_tests::x11::{Painter, Xvfb};
 
@@ -24,15 +25,6 @@ struct Samples {
     decode: Vec<f64>,
     rgba: Vec<f64>,
     cap_to_bytes: Vec<f64>,
-}
-
-fn pct(v: &[f64], p: f64) -> f64 {
-    if v.is_empty() {
-        return 0.0;
-    }
-    let mut s = v.to_vec();
-    s.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    s[((s.len() - 1) as f64 * p).round() as usize]
 }
 
 fn ms(d: Duration) -> f64 {
@@ -148,20 +140,20 @@ fn main() {
                 psnr_avg,
                 psnr_min,
                 encoded,
-                pct(&scene_encode, 0.5),
-                pct(&scene_encode, 0.99),
-                pct(&scene_c2b, 0.5),
-                pct(&scene_c2b, 0.99),
-                pct(&scene_cap, 0.5),
+                percentile(&scene_encode, 0.5),
+                percentile(&scene_encode, 0.99),
+                percentile(&scene_c2b, 0.5),
+                percentile(&scene_c2b, 0.99),
+                percentile(&scene_cap, 0.5),
             ));
             json_rows.push(serde_json::json!({
                 "resolution": format!("{w}x{h}"), "scene": scene.name(), "kbit_s_at_30fps": kbps,
                 "psnr_avg_db": if psnr_avg.is_finite() { psnr_avg } else { 99.0 },
                 "psnr_min_db": if psnr_min.is_finite() { psnr_min } else { 99.0 },
                 "frames_encoded": encoded, "frames_skipped_by_rate_control": skipped, "frames": frames, "qp_ceiling": enc.qp_ceiling(),
-                "encode_ms": {"p50": pct(&scene_encode, 0.5), "p99": pct(&scene_encode, 0.99)},
-                "capture_to_encoded_ms": {"p50": pct(&scene_c2b, 0.5), "p99": pct(&scene_c2b, 0.99)},
-                "capture_ms": {"p50": pct(&scene_cap, 0.5), "p99": pct(&scene_cap, 0.99)},
+                "encode_ms": {"p50": percentile(&scene_encode, 0.5), "p99": percentile(&scene_encode, 0.99)},
+                "capture_to_encoded_ms": {"p50": percentile(&scene_c2b, 0.5), "p99": percentile(&scene_c2b, 0.99)},
+                "capture_ms": {"p50": percentile(&scene_cap, 0.5), "p99": percentile(&scene_cap, 0.99)},
             }));
         }
         println!(
@@ -180,24 +172,24 @@ fn main() {
             println!(
                 "{:<30} {:>9.2} {:>9.2} {:>7}",
                 name,
-                pct(v, 0.5),
-                pct(v, 0.99),
+                percentile(v, 0.5),
+                percentile(v, 0.99),
                 v.len()
             );
         }
         println!(
             "convert speed-up over baseline: {:.2}× (median)",
-            pct(&all.convert_openh264, 0.5) / pct(&all.convert, 0.5).max(1e-9)
+            percentile(&all.convert_openh264, 0.5) / percentile(&all.convert, 0.5).max(1e-9)
         );
         json_rows.push(serde_json::json!({
             "resolution": format!("{w}x{h}"), "stages_ms": {
-                "capture": {"p50": pct(&all.capture, 0.5), "p99": pct(&all.capture, 0.99)},
-                "convert": {"p50": pct(&all.convert, 0.5), "p99": pct(&all.convert, 0.99)},
-                "convert_openh264_baseline": {"p50": pct(&all.convert_openh264, 0.5), "p99": pct(&all.convert_openh264, 0.99)},
-                "encode": {"p50": pct(&all.encode, 0.5), "p99": pct(&all.encode, 0.99)},
-                "decode": {"p50": pct(&all.decode, 0.5), "p99": pct(&all.decode, 0.99)},
-                "to_rgba": {"p50": pct(&all.rgba, 0.5), "p99": pct(&all.rgba, 0.99)},
-                "capture_to_encoded": {"p50": pct(&all.cap_to_bytes, 0.5), "p99": pct(&all.cap_to_bytes, 0.99)},
+                "capture": {"p50": percentile(&all.capture, 0.5), "p99": percentile(&all.capture, 0.99)},
+                "convert": {"p50": percentile(&all.convert, 0.5), "p99": percentile(&all.convert, 0.99)},
+                "convert_openh264_baseline": {"p50": percentile(&all.convert_openh264, 0.5), "p99": percentile(&all.convert_openh264, 0.99)},
+                "encode": {"p50": percentile(&all.encode, 0.5), "p99": percentile(&all.encode, 0.99)},
+                "decode": {"p50": percentile(&all.decode, 0.5), "p99": percentile(&all.decode, 0.99)},
+                "to_rgba": {"p50": percentile(&all.rgba, 0.5), "p99": percentile(&all.rgba, 0.99)},
+                "capture_to_encoded": {"p50": percentile(&all.cap_to_bytes, 0.5), "p99": percentile(&all.cap_to_bytes, 0.99)},
             }
         }));
     }

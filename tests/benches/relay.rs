@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tandem_certs::{Fingerprint, RelayTrust};
 use tandem_client::{ConnectOptions, RelayLink};
-use tandem_tests::{http_get, load_relay};
+use tandem_tests::{http_get, load_relay, percentile};
 
 const ALPN: &[u8] = b"tandem-bench";
 
@@ -52,19 +52,6 @@ fn args() -> Args {
         i += 1;
     }
     a
-}
-
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    let idx = ((sorted.len() - 1) as f64 * p).round() as usize;
-    sorted[idx]
-}
-
-fn sorted(mut v: Vec<f64>) -> Vec<f64> {
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    v
 }
 
 /// Round trips of a 64-byte datagram; `send` and `recv` are the two ends of the measured path, the
@@ -209,8 +196,6 @@ async fn run(a: Args) {
         d_rtt.extend(rtt_samples(&dc, per_round).await);
         r_rtt.extend(rtt_samples(agent.connection(), per_round).await);
     }
-    let d_rtt = sorted(d_rtt);
-    let r_rtt = sorted(r_rtt);
 
     // ---- throughput, interleaved ----
     let (mut d_tp, mut r_tp) = (vec![], vec![]);
@@ -225,8 +210,6 @@ async fn run(a: Args) {
         relay_bytes += (a.transfer_mib * 1024 * 1024) as f64;
     }
     let relay_cpu = relay.cpu_seconds().unwrap_or(0.0) - cpu0;
-    let d_tp = sorted(d_tp);
-    let r_tp = sorted(r_tp);
     let mbit_per_cpu_s = relay_bytes * 8.0 / 1e6 / relay_cpu.max(1e-9);
     agent.close().await;
     console.close().await;
@@ -278,7 +261,6 @@ async fn run(a: Args) {
     let per_session =
         (loaded_rss.saturating_sub(half_rss)) as f64 / (a.sessions - half_n).max(1) as f64;
     let per_session_total = (loaded_rss.saturating_sub(idle_rss)) as f64 / a.sessions as f64;
-    let setups = sorted(setups);
     drop(links);
 
     // ---- report ----

@@ -14,15 +14,7 @@ use tandem_certs::RelayTrust;
 use tandem_client::{ConnectOptions, RelayLink};
 use tandem_proto::Secret;
 use tandem_session::{AgentEvent, AgentHost, ControlMsg, Fallback, Session, SessionConfig};
-use tandem_tests::{RelayProcess, relay_admin, token_from_output};
-
-fn pct(v: &mut [f64], p: f64) -> f64 {
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    if v.is_empty() {
-        return f64::NAN;
-    }
-    v[((v.len() - 1) as f64 * p).round() as usize]
-}
+use tandem_tests::{RelayProcess, percentile, relay_admin, token_from_output};
 
 async fn pair(
     opts: &ConnectOptions,
@@ -181,8 +173,8 @@ async fn run(quick: bool) {
         rows.push((
             fb,
             tp,
-            pct(&mut rtt.clone(), 0.5),
-            pct(&mut rtt, 0.99),
+            percentile(&rtt, 0.5),
+            percentile(&rtt, 0.99),
             quinn_rtt,
             agent_big + console_big,
             (agent_whole, agent_blocked),
@@ -220,13 +212,13 @@ async fn run(quick: bool) {
             ortt.push(t.elapsed().as_secs_f64() * 1e6);
         }
     }
-    let o50 = pct(&mut ortt.clone(), 0.5);
-    let o99 = pct(&mut ortt, 0.99);
+    let o50 = percentile(&ortt, 0.5);
+    let o99 = percentile(&ortt, 0.99);
 
-    let f50 = pct(&mut frag_ms.clone(), 0.5);
-    let f99 = pct(&mut frag_ms.clone(), 0.99);
-    let s50 = pct(&mut stream_ms.clone(), 0.5);
-    let s99 = pct(&mut stream_ms.clone(), 0.99);
+    let f50 = percentile(&frag_ms, 0.5);
+    let f99 = percentile(&frag_ms, 0.99);
+    let s50 = percentile(&stream_ms, 0.5);
+    let s99 = percentile(&stream_ms, 0.99);
     println!();
     println!("Tandem session benchmark (through tandem-relay on loopback, {setups} setups each)");
     println!("{:<44} {:>12} {:>12}", "measure", "fragment", "stream");

@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 use tandem_certs::RelayTrust;
 use tandem_client::{ConnectOptions, RelayLink};
-use tandem_tests::{bench_arg, http_get, load_relay, metric, write_bench_json};
+use tandem_tests::{bench_arg, http_get, load_relay, metric, percentile, write_bench_json};
 
 struct Args {
     sessions: usize,
@@ -42,14 +42,6 @@ struct Counters {
     bytes: AtomicU64,
     send_errors: AtomicU64,
     lost_links: AtomicU64,
-}
-
-fn percentile(v: &mut [f64], p: f64) -> f64 {
-    if v.is_empty() {
-        return f64::NAN;
-    }
-    v.sort_by(f64::total_cmp);
-    v[((v.len() - 1) as f64 * p).round() as usize]
 }
 
 fn main() {
@@ -190,9 +182,9 @@ async fn run(a: Args) {
         bytes_total = bytes;
         let cpu_pct = (cpu - last.1) / secs * 100.0;
         let rss = relay.rss_bytes().unwrap_or(0) as f64 / 1e6;
-        let mut lat = std::mem::take(&mut *latencies.lock().unwrap());
-        let p50 = percentile(&mut lat, 0.5);
-        let p99 = percentile(&mut lat, 0.99);
+        let lat = std::mem::take(&mut *latencies.lock().unwrap());
+        let p50 = percentile(&lat, 0.5);
+        let p99 = percentile(&lat, 0.99);
         let (ds, dr) = (sent - last.2, recv - last.3);
         let loss = if ds > 0 {
             (ds.saturating_sub(dr)) as f64 / ds as f64 * 100.0

@@ -334,6 +334,16 @@ pub fn bench_arg<T: std::str::FromStr>(name: &str, default: T) -> T {
         .unwrap_or(default)
 }
 
+/// The `p` quantile (0 ≤ p ≤ 1, nearest rank) of `v` (any order); NaN when `v` is empty.
+pub fn percentile(v: &[f64], p: f64) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    s[((s.len() - 1) as f64 * p.clamp(0.0, 1.0)).round() as usize]
+}
+
 /// Runs a benchmark's body on the runtime all benchmarks use (two workers, like the machine).
 pub fn bench_main<F: std::future::Future>(body: F) -> F::Output {
     tokio::runtime::Builder::new_multi_thread()

@@ -333,6 +333,7 @@ pub struct Painter {
     pub text_gc: u32,
     pub w: u16,
     pub h: u16,
+    depth: u8,
     seed: u32,
 }
 
@@ -360,6 +361,7 @@ impl Painter {
         let (conn, n) = RustConnection::connect(Some(display)).unwrap();
         let screen = &conn.setup().roots[n];
         let (root, w, h) = (screen.root, screen.width_in_pixels, screen.height_in_pixels);
+        let depth = screen.root_depth;
         let gc = conn.generate_id().unwrap();
         conn.create_gc(gc, root, &CreateWindowAuxGc::new()).unwrap();
         let font = conn.generate_id().unwrap();
@@ -381,6 +383,7 @@ impl Painter {
             text_gc,
             w,
             h,
+            depth,
             seed: 1,
         }
     }
@@ -422,10 +425,9 @@ impl Painter {
     /// all of it or none of it.
     pub fn present(&self, x: i16, y: i16, w: u16, h: u16, paint: impl FnOnce(&Painter, u32)) {
         use x11rb::protocol::xproto::ConnectionExt as _;
-        let depth = self.conn.setup().roots[0].root_depth;
         let pixmap = self.conn.generate_id().unwrap();
         self.conn
-            .create_pixmap(depth, pixmap, self.root, w, h)
+            .create_pixmap(self.depth, pixmap, self.root, w, h)
             .unwrap();
         paint(self, pixmap);
         self.conn

@@ -96,7 +96,7 @@ impl ChangeDetector {
             self.size = (w, h);
             return vec![Rect { x: 0, y: 0, w, h }];
         }
-        self.compare_region(src, src_stride, Rect { x: 0, y: 0, w, h }, frame)
+        Self::compare_region(src, src_stride, Rect { x: 0, y: 0, w, h }, frame)
     }
 
     /// Whether the next update must read the whole frame (first capture, after [`Self::reset`], or
@@ -124,18 +124,12 @@ impl ChangeDetector {
         if region.w == 0 || region.h == 0 {
             return Vec::new();
         }
-        self.compare_region(src, src_stride, region, frame)
+        Self::compare_region(src, src_stride, region, frame)
     }
 
     /// Compares `region` of `frame` with `src` tile by tile (tiles on the frame's 64-pixel grid,
     /// clipped to the region), copies what differs and reports it, merged along tile rows.
-    fn compare_region(
-        &mut self,
-        src: &[u8],
-        src_stride: usize,
-        region: Rect,
-        frame: &mut Frame,
-    ) -> Vec<Rect> {
+    fn compare_region(src: &[u8], src_stride: usize, region: Rect, frame: &mut Frame) -> Vec<Rect> {
         let mut out: Vec<Rect> = Vec::new();
         let (rx1, ry1) = (region.x + region.w, region.y + region.h);
         for ty in region.y / TILE..ry1.div_ceil(TILE) {
