@@ -493,6 +493,9 @@ int32_t MarkECFrameAsRef (PWelsDecoderContext pCtx) {
 bool NeedErrorCon (PWelsDecoderContext pCtx) {
   bool bNeedEC = false;
   int32_t iMbNum = pCtx->pSps->iMbWidth * pCtx->pSps->iMbHeight;
+  // Tandem: a new, larger SPS can be active before the per-macroblock flags are reallocated
+  // for it (found by fuzzing: heap-buffer-overflow read); never read past what was allocated.
+  iMbNum = WELS_MIN (iMbNum, pCtx->sMb.iMbWidth * pCtx->sMb.iMbHeight);
   for (int32_t i = 0; i < iMbNum; ++i) {
     if (!pCtx->pCurDqLayer->pMbCorrectlyDecodedFlag[i]) {
       bNeedEC = true;
