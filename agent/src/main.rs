@@ -521,10 +521,12 @@ struct ScreenCtl {
 enum ScreenMsg {
     Control(ControlMsg),
     Display(DisplayRect),
-    /// The encoder's new bitrate target (kbit/s) and whether frames are halved.
+    /// The encoder's new bitrate target (kbit/s) and whether frames are halved; `load`: the
+    /// change came from the encoder's load rather than the path.
     Target {
         kbps: u32,
         halved: bool,
+        load: bool,
     },
 }
 
@@ -663,13 +665,23 @@ fn start_streaming(
                         let _ = tx.try_send(ScreenMsg::Target {
                             kbps: bitrate / 1000,
                             halved: pipeline.halved(),
+                            load: false,
                         });
                     }
                 }
                 if ctl.keyframe.swap(false, Ordering::Relaxed) {
                     pipeline.request_keyframe();
                 }
-                match pipeline.step() {
+                let was_halved = pipeline.halved();
+                let step = pipeline.step();
+                if pipeline.halved() != was_halved {
+                    let _ = tx.try_send(ScreenMsg::Target {
+                        kbps: bitrate / 1000,
+                        halved: pipeline.halved(),
+                        load: true,
+                    });
+                }
+                match step {
                     Ok(step) => {
                         let c = &step.cursor;
                         let pos = (c.x, c.y, c.visible);
@@ -888,10 +900,18 @@ async fn run_session(
             m = screen_rx.recv() => match m {
                 Some(ScreenMsg::Control(m)) => { let _ = s.send_control(&m).await; }
                 Some(ScreenMsg::Display(r)) => if let Some(i) = &input { i.set_display(r) },
-                Some(ScreenMsg::Target { kbps, halved }) => report.event(
+                Some(ScreenMsg::Target { kbps, halved, load }) => report.event(
                     "video_target",
-                    &format!("Video now aims at {kbps} kbit/s{} (follows the path)", if halved { " at half resolution" } else { "" }),
-                    serde_json::json!({"kbps": kbps, "halved": halved}),
+                    &format!(
+                        "Video now aims at {kbps} kbit/s{} ({})",
+                        if halved { " at half resolution" } else { "" },
+                        match (load, halved) {
+                            (false, _) => "follows the path",
+                            (true, true) => "the screen changes faster than this computer can encode it at full resolution",
+                            (true, false) => "the encoder keeps up at full resolution again",
+                        },
+                    ),
+                    serde_json::json!({"kbps": kbps, "halved": halved, "cause": if load { "load" } else { "path" }}),
                 ),
                 None => {}
             },

@@ -86,8 +86,14 @@ fn painter(
 }
 
 /// The compute floor of a scene: draw, then at once capture → convert → encode → decode, in this
-/// process; returns (latency ms per frame, luma PSNR per frame).
-fn floor(display: &str, scene: Scene, frames: usize, next: &AtomicU32) -> (Vec<f64>, Vec<f64>) {
+/// process; returns (latency ms per frame, luma PSNR per frame, share of frames at half
+/// resolution).
+fn floor(
+    display: &str,
+    scene: Scene,
+    frames: usize,
+    next: &AtomicU32,
+) -> (Vec<f64>, Vec<f64>, f64) {
     let mut p = Painter::new(display);
     p.page(0);
     p.sync();
@@ -105,6 +111,7 @@ fn floor(display: &str, scene: Scene, frames: usize, next: &AtomicU32) -> (Vec<f
     // until the next draw).
     let mut truth_cap = X11Capturer::open(Some(display)).unwrap();
     let (mut lat, mut psnr) = (vec![], vec![]);
+    let mut halved = 0usize;
     for i in 0..frames {
         draw(&mut p, scene, i);
         let n = next.fetch_add(1, Ordering::Relaxed) & 0xffff;
@@ -120,11 +127,14 @@ fn floor(display: &str, scene: Scene, frames: usize, next: &AtomicU32) -> (Vec<f
             let seen = tandem_media::rgba_to_frame(f.width, f.height, &f.rgba);
             if truth.width == seen.width {
                 psnr.push(luma_psnr(truth, &seen));
+            } else {
+                halved += 1;
             }
         }
         std::thread::sleep(Duration::from_millis(33));
     }
-    (lat, psnr)
+    let share = halved as f64 / lat.len().max(1) as f64;
+    (lat, psnr, share)
 }
 
 struct SceneResult {
@@ -134,6 +144,10 @@ struct SceneResult {
     kbps: f64,
     floor: Vec<f64>,
     psnr: Vec<f64>,
+    /// Share of delivered frames at half resolution (the agent's pipeline halves the picture when
+    /// the path or its own CPU cannot keep up), in the session and in the floor pass.
+    halved: f64,
+    floor_halved: f64,
 }
 
 fn main() {
@@ -217,7 +231,7 @@ async fn run(a: Args) {
     let cpu0 = relay.cpu_seconds().unwrap_or(0.0);
     let mut total_bytes = 0u64;
     for scene in scenes {
-        let (glass, fps, kbps) =
+        let (glass, fps, kbps, halved) =
             measure(&session, &mut dec, &x, scene, a.seconds, &next, a.width).await;
         total_bytes += (kbps * 1000.0 / 8.0 * a.seconds) as u64;
         results.push(SceneResult {
@@ -227,6 +241,8 @@ async fn run(a: Args) {
             kbps,
             floor: vec![],
             psnr: vec![],
+            halved,
+            floor_halved: 0.0,
         });
     }
     let relay_cpu = relay.cpu_seconds().unwrap_or(0.0) - cpu0;
@@ -281,9 +297,10 @@ async fn run(a: Args) {
             continue;
         }
         let frames = (a.seconds * 30.0 / 2.0) as usize;
-        let (lat, psnr) = floor(&x.display, r.scene, frames.max(30), &next);
+        let (lat, psnr, halved) = floor(&x.display, r.scene, frames.max(30), &next);
         r.floor = lat;
         r.psnr = psnr;
+        r.floor_halved = halved;
     }
 
     // ---- report ----
@@ -298,7 +315,7 @@ async fn run(a: Args) {
     );
     println!("join → first decoded frame: {first_frame_ms:.0} ms (target ≤ 300)");
     println!(
-        "{:<24} {:>9} {:>9} {:>10} {:>10} {:>7} {:>8} {:>7} {:>9}",
+        "{:<24} {:>9} {:>9} {:>10} {:>10} {:>7} {:>8} {:>7} {:>9} {:>11}",
         "scene",
         "g2g p50",
         "g2g p99",
@@ -307,7 +324,8 @@ async fn run(a: Args) {
         "ratio",
         "kbit/s",
         "fps",
-        "PSNR dB"
+        "PSNR dB",
+        "half-res %"
     );
     let mut rows = vec![];
     for r in &results {
@@ -315,7 +333,7 @@ async fn run(a: Args) {
         let (f50, f99) = (percentile(&r.floor, 0.5), percentile(&r.floor, 0.99));
         let psnr = percentile(&r.psnr, 0.5);
         println!(
-            "{:<24} {:>9.1} {:>9.1} {:>10.1} {:>10.1} {:>7.2} {:>8.0} {:>7.1} {:>9.1}",
+            "{:<24} {:>9.1} {:>9.1} {:>10.1} {:>10.1} {:>7.2} {:>8.0} {:>7.1} {:>9.1} {:>5.0} / {:<3.0}",
             r.scene.name(),
             g50,
             g99,
@@ -324,12 +342,15 @@ async fn run(a: Args) {
             g50 / f50,
             r.kbps,
             r.fps,
-            psnr
+            psnr,
+            r.halved * 100.0,
+            r.floor_halved * 100.0,
         );
         rows.push(
             serde_json::json!({"scene": r.scene.name(), "glass_p50_ms": g50, "glass_p99_ms": g99,
             "floor_p50_ms": f50, "floor_p99_ms": f99, "ratio_p50": g50 / f50, "kbit_s": r.kbps,
-            "fps": r.fps, "psnr_db": psnr, "frames_measured": r.glass.len()}),
+            "fps": r.fps, "psnr_db": psnr, "frames_measured": r.glass.len(),
+            "half_resolution_share": r.halved, "floor_half_resolution_share": r.floor_halved}),
         );
     }
     println!("relay: {relay_mbit_per_cpu_s:.0} Mbit/s forwarded per relay CPU-second");
@@ -364,7 +385,7 @@ async fn measure(
     seconds: f64,
     next: &Arc<AtomicU32>,
     screen_w: u32,
-) -> (Vec<f64>, f64, f64) {
+) -> (Vec<f64>, f64, f64, f64) {
     let drawn = Arc::new(Drawn::default());
     let stop = Arc::new(AtomicBool::new(false));
     // A fresh page, then let its frames (and the previous scene's) drain before measuring.
@@ -391,6 +412,7 @@ async fn measure(
     );
     let t0 = Instant::now();
     let (mut glass, mut frames, mut bytes, mut decode_errors) = (vec![], 0u64, 0u64, 0u64);
+    let mut halved = 0u64;
     while t0.elapsed().as_secs_f64() < seconds {
         let Ok(Ok(f)) =
             tokio::time::timeout(Duration::from_millis(200), session.recv_video()).await
@@ -405,6 +427,7 @@ async fn measure(
         }
         if let Ok(Some(fr)) = decoded {
             frames += 1;
+            halved += u64::from(fr.width < screen_w);
             if let Some(n) = read_counter(&fr.rgba, fr.width, fr.height, screen_w)
                 && let Some(t) = drawn.at.lock().unwrap().remove(&n)
             {
@@ -425,5 +448,6 @@ async fn measure(
         glass,
         frames as f64 / secs,
         bytes as f64 * 8.0 / secs / 1000.0,
+        halved as f64 / frames.max(1) as f64,
     )
 }

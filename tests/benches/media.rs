@@ -37,9 +37,15 @@ fn main() {
     // The target is per core: one encoder thread unless asked otherwise.
     let threads: u16 = tandem_tests::bench_arg("--threads", 1);
     println!("encoder threads: {threads}");
+    // For profiling one case: `--scene scroll` (a part of the scene's name), `--height 1080`.
+    let only_scene: String = tandem_tests::bench_arg("--scene", String::new());
+    let only_height: u32 = tandem_tests::bench_arg("--height", 0);
     let mut json_rows = vec![];
     let mut table = vec![];
     for (w, h) in [(1280u32, 720u32), (1920, 1080)] {
+        if only_height != 0 && h != only_height {
+            continue;
+        }
         let x = Xvfb::start(w, h);
         let mut p = Painter::new(&x.display);
         let mut cap = X11Capturer::open(Some(&x.display)).unwrap();
@@ -51,6 +57,9 @@ fn main() {
             Scene::Dragging,
             Scene::FullMotion,
         ] {
+            if !scene.name().contains(only_scene.as_str()) {
+                continue;
+            }
             p.page(0);
             p.sync();
             cap.request_full();

@@ -199,15 +199,53 @@ pub fn downscale_half(src: &Frame, dst: &mut Frame) {
     if dst.width != w || dst.height != h {
         *dst = Frame::new(w, h);
     }
-    for y in 0..h as usize {
-        let r0 = &src.data[2 * y * src.stride..];
-        let r1 = &src.data[(2 * y + 1) * src.stride..];
-        let out = &mut dst.data[y * dst.stride..y * dst.stride + w as usize * 4];
-        for x in 0..w as usize {
+    downscale_rows(src, dst, 0, h);
+}
+
+/// Brings `dst`, the halved previous version of `src`, up to date by halving only the rows of the
+/// `changed` rectangles (whole-width bands); returns what changed in `dst`'s coordinates. Halves
+/// everything when `dst` is of another size. The result is the same as [`downscale_half`]'s.
+pub fn downscale_half_changed(src: &Frame, dst: &mut Frame, changed: &[Rect]) -> Vec<Rect> {
+    let (w, h) = (src.width / 2, src.height / 2);
+    if dst.width != w || dst.height != h {
+        downscale_half(src, dst);
+        return vec![Rect { x: 0, y: 0, w, h }];
+    }
+    let mut out = Vec::with_capacity(changed.len());
+    for r in changed {
+        let (x0, y0) = ((r.x / 2).min(w), (r.y / 2).min(h));
+        let (x1, y1) = (
+            (r.x + r.w).div_ceil(2).min(w),
+            (r.y + r.h).div_ceil(2).min(h),
+        );
+        if x0 < x1 && y0 < y1 {
+            downscale_rows(src, dst, y0, y1);
+            out.push(Rect {
+                x: x0,
+                y: y0,
+                w: x1 - x0,
+                h: y1 - y0,
+            });
+        }
+    }
+    out
+}
+
+/// Halves source rows `2·y0..2·y1` into rows `y0..y1` of `dst` (sized half of `src`).
+fn downscale_rows(src: &Frame, dst: &mut Frame, y0: u32, y1: u32) {
+    let w = dst.width as usize;
+    for y in y0 as usize..y1 as usize {
+        let r0 = &src.data[2 * y * src.stride..][..8 * w];
+        let r1 = &src.data[(2 * y + 1) * src.stride..][..8 * w];
+        let out = &mut dst.data[y * dst.stride..][..4 * w];
+        for ((a, b), o) in r0
+            .chunks_exact(8)
+            .zip(r1.chunks_exact(8))
+            .zip(out.chunks_exact_mut(4))
+        {
             for c in 0..4 {
-                let i = 8 * x + c;
-                let s = r0[i] as u16 + r0[i + 4] as u16 + r1[i] as u16 + r1[i + 4] as u16;
-                out[4 * x + c] = ((s + 2) / 4) as u8;
+                let s = a[c] as u16 + a[c + 4] as u16 + b[c] as u16 + b[c + 4] as u16;
+                o[c] = ((s + 2) >> 2) as u8;
             }
         }
     }
@@ -319,6 +357,69 @@ mod tests {
         };
         assert!(bgrx_to_i420(&bad, &mut yuv).is_err());
         assert!(bgrx_to_i420(&Frame::new(1, 1), &mut yuv).is_err());
+    }
+
+    #[test]
+    fn halving_changed_rows_equals_halving_everything() {
+        let (w, h) = (37u32, 23u32);
+        let mut src = gradient(w, h);
+        let mut half = Frame::new(0, 0);
+        // Another size: everything, reported as one rectangle.
+        let all = downscale_half_changed(&src, &mut half, &[]);
+        assert_eq!(
+            all,
+            vec![Rect {
+                x: 0,
+                y: 0,
+                w: 18,
+                h: 11
+            }]
+        );
+        let changes = [
+            Rect {
+                x: 3,
+                y: 5,
+                w: 1,
+                h: 1,
+            },
+            Rect {
+                x: 30,
+                y: 20,
+                w: 7,
+                h: 3,
+            },
+        ];
+        for r in &changes {
+            for y in r.y..r.y + r.h {
+                for x in r.x..r.x + r.w {
+                    let i = y as usize * src.stride + x as usize * 4;
+                    src.data[i..i + 3].copy_from_slice(&[9, 200, 77]);
+                }
+            }
+        }
+        let reported = downscale_half_changed(&src, &mut half, &changes);
+        let mut fresh = Frame::new(0, 0);
+        downscale_half(&src, &mut fresh);
+        assert_eq!(half.data, fresh.data);
+        // The reported rectangles cover every halved pixel that differs from before, clipped.
+        assert_eq!(
+            reported[0],
+            Rect {
+                x: 1,
+                y: 2,
+                w: 1,
+                h: 1
+            }
+        );
+        assert_eq!(
+            reported[1],
+            Rect {
+                x: 15,
+                y: 10,
+                w: 3,
+                h: 1
+            }
+        );
     }
 
     #[test]

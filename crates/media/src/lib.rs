@@ -10,11 +10,13 @@ pub mod convert;
 pub mod decode;
 pub mod encode;
 pub mod frame;
+pub mod load;
 pub mod pipeline;
 
 pub use capture::{CaptureError, Captured, Capturer, CursorShape, CursorState, Monitor};
 pub use convert::{
-    I420, bgrx_to_i420, bgrx_to_i420_changed, downscale_half, i420_to_rgba, rgba_to_frame,
+    I420, bgrx_to_i420, bgrx_to_i420_changed, downscale_half, downscale_half_changed, i420_to_rgba,
+    rgba_to_frame,
 };
 pub use decode::{DecodeError, DecodedFrame, VideoDecoder};
 pub use encode::{EncodeError, EncodedFrame, Target, VideoEncoder};

@@ -5,9 +5,10 @@
 //! to send: there is no queue inside, so a frame is never encoded behind newer ones.
 
 use crate::capture::{CaptureError, Capturer, CursorState};
-use crate::convert::{I420, bgrx_to_i420, bgrx_to_i420_changed, downscale_half};
+use crate::convert::{I420, bgrx_to_i420_changed, downscale_half_changed};
 use crate::encode::{EncodeError, EncodedFrame, Target, VideoEncoder};
 use crate::frame::Frame;
+use crate::load::LoadGovernor;
 use std::time::{Duration, Instant};
 
 #[derive(Debug, thiserror::Error)]
@@ -44,12 +45,21 @@ pub struct Step {
 /// sharper pixels beat many smeared ones on a slow path.
 pub const HALVE_BELOW_BITS_PER_PIXEL: f64 = 0.02;
 
+fn frame_interval(t: Target) -> Duration {
+    Duration::from_secs_f64(1.0 / f64::from(t.max_fps.clamp(1.0, 240.0)))
+}
+
 pub struct ScreenPipeline<C: Capturer> {
     pub capturer: C,
     encoder: VideoEncoder,
     yuv: I420,
     half: Frame,
+    /// Halved, for either reason below.
     halve: bool,
+    /// The path cannot carry full resolution.
+    path_halve: bool,
+    /// The CPU cannot encode full resolution at the frame rate.
+    load: LoadGovernor,
     size: (u32, u32),
     /// A change was captured but rate control skipped its frame: encode again even if nothing
     /// new changes, or the change would never reach the technician.
@@ -64,6 +74,8 @@ impl<C: Capturer> ScreenPipeline<C> {
             yuv: I420::default(),
             half: Frame::new(0, 0),
             halve: false,
+            path_halve: false,
+            load: LoadGovernor::new(frame_interval(target)),
             size: (0, 0),
             pending: false,
         })
@@ -72,6 +84,7 @@ impl<C: Capturer> ScreenPipeline<C> {
     /// The session's target from what the path carries.
     pub fn set_target(&mut self, t: Target) {
         self.encoder.set_target(t);
+        self.load.set_interval(frame_interval(t));
         self.update_scale();
     }
 
@@ -82,13 +95,24 @@ impl<C: Capturer> ScreenPipeline<C> {
             return;
         }
         let bpp = t.bitrate_bps as f64 / (w as f64 * h as f64 * t.max_fps.max(1.0) as f64);
-        let halve = bpp < HALVE_BELOW_BITS_PER_PIXEL && w >= 640 && h >= 360;
-        if halve != self.halve {
+        let path_halve = bpp < HALVE_BELOW_BITS_PER_PIXEL && w >= 640 && h >= 360;
+        if path_halve != self.path_halve {
             tracing::info!(
-                halve,
+                halve = path_halve,
                 bits_per_pixel = bpp,
                 "video resolution follows the path"
             );
+            self.path_halve = path_halve;
+        }
+        self.apply_scale();
+    }
+
+    /// Halves or restores the picture when either reason changed (the next frame is then a
+    /// keyframe of the whole screen at the new size).
+    fn apply_scale(&mut self) {
+        let (w, h) = self.size;
+        let halve = (self.path_halve || self.load.halved()) && w >= 640 && h >= 360;
+        if halve != self.halve {
             self.halve = halve;
             self.capturer.request_full();
         }
@@ -118,6 +142,10 @@ impl<C: Capturer> ScreenPipeline<C> {
             ..StageTimes::default()
         };
         if changed == 0 && !self.pending {
+            if self.load.idle(t1) {
+                tracing::info!("screen still: back to full resolution");
+                self.apply_scale();
+            }
             return Ok(Step {
                 encoded: None,
                 cursor,
@@ -128,8 +156,10 @@ impl<C: Capturer> ScreenPipeline<C> {
         }
         let frame: &Frame = cap.frame;
         if self.halve {
-            downscale_half(frame, &mut self.half);
-            bgrx_to_i420(&self.half, &mut self.yuv)?;
+            // Only the changed rows, halved; everything when the size changed (the switch to
+            // half resolution asks the capturer for the whole screen, so nothing stale remains).
+            let changed = downscale_half_changed(frame, &mut self.half, &cap.damage);
+            bgrx_to_i420_changed(&self.half, &mut self.yuv, &changed)?;
         } else {
             // Only the changed rows; the whole frame when the picture was halved before (the
             // I420 buffer then has another size).
@@ -143,6 +173,14 @@ impl<C: Capturer> ScreenPipeline<C> {
         if size != self.size {
             self.size = size;
             self.update_scale();
+        } else if encoded.is_some() && self.load.frame(times, self.halve, Instant::now()) {
+            tracing::info!(
+                halve = self.load.halved(),
+                capture_to_encoded_ms =
+                    (times.capture + times.convert + times.encode).as_secs_f64() * 1e3,
+                "video resolution follows the encoder's load"
+            );
+            self.apply_scale();
         }
         Ok(Step {
             encoded,
@@ -151,5 +189,118 @@ impl<C: Capturer> ScreenPipeline<C> {
             resized,
             times,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::capture::{Captured, Monitor};
+    use crate::frame::Rect;
+
+    /// A screen in memory: while `moving`, every capture is a new picture that takes 30 ms to
+    /// capture (a machine too slow for the frame rate, deterministically); nothing new otherwise.
+    struct Moving {
+        frame: Frame,
+        moving: bool,
+        full: bool,
+        n: u8,
+    }
+
+    impl Capturer for Moving {
+        fn monitors(&self) -> Vec<Monitor> {
+            vec![]
+        }
+        fn select(&mut self, _: usize) -> Result<(), CaptureError> {
+            Ok(())
+        }
+        fn request_full(&mut self) {
+            self.full = true;
+        }
+        fn capture(&mut self) -> Result<Captured<'_>, CaptureError> {
+            let all = Rect {
+                x: 0,
+                y: 0,
+                w: self.frame.width,
+                h: self.frame.height,
+            };
+            if self.moving {
+                self.n = self.n.wrapping_add(1);
+                let w = self.frame.width as usize;
+                for (i, px) in self.frame.data.chunks_exact_mut(4).enumerate() {
+                    let (x, y) = ((i % w) as u8, (i / w) as u8);
+                    px[..3].copy_from_slice(&[x ^ self.n, y.wrapping_add(self.n), x ^ y]);
+                }
+                std::thread::sleep(Duration::from_millis(30));
+            }
+            let damage = if self.moving || std::mem::take(&mut self.full) {
+                vec![all]
+            } else {
+                vec![]
+            };
+            Ok(Captured {
+                frame: &self.frame,
+                damage,
+                cursor: CursorState::default(),
+                resized: false,
+            })
+        }
+    }
+
+    /// The pipeline's load, not the path, halves the picture, and a still screen brings it back:
+    /// each switch is a keyframe at the new size. (At 60 frames a second the rule allows 25 ms a
+    /// frame; the capture alone takes 30.)
+    #[test]
+    fn a_screen_the_machine_cannot_keep_up_with_is_halved_until_it_is_still() {
+        let cap = Moving {
+            frame: Frame::new(1280, 720),
+            moving: true,
+            full: true,
+            n: 0,
+        };
+        let target = Target {
+            bitrate_bps: 10_000_000,
+            max_fps: 60.0,
+        };
+        let mut pipe = ScreenPipeline::new(cap, target).unwrap();
+        let mut sizes = vec![];
+        // (Rate control may skip a frame now and then; the rule counts encoded frames.)
+        for _ in 0..40 {
+            if let Some(e) = pipe.step().unwrap().encoded {
+                sizes.push((e.width, e.keyframe));
+            }
+            if sizes.iter().filter(|s| s.0 == 640).count() == 3 {
+                break;
+            }
+        }
+        assert!(pipe.halved(), "{sizes:?}");
+        let first_half = sizes.iter().position(|s| s.0 == 640).unwrap();
+        assert!(sizes[first_half].1, "the first halved frame is a keyframe");
+        assert!(sizes[..first_half].iter().all(|s| s.0 == 1280));
+        assert!(sizes[first_half..].iter().all(|s| s.0 == 640));
+
+        pipe.capturer.moving = false;
+        // (A frame rate control skipped is encoded again first.)
+        let mut settled = false;
+        for _ in 0..10 {
+            if pipe.step().unwrap().encoded.is_none() {
+                settled = true;
+                break;
+            }
+        }
+        assert!(settled && pipe.halved());
+        std::thread::sleep(crate::load::QUIET);
+        assert!(
+            pipe.step().unwrap().encoded.is_none(),
+            "nothing changed yet"
+        );
+        assert!(!pipe.halved());
+        let back = pipe
+            .step()
+            .unwrap()
+            .encoded
+            .expect("the still screen, sharp");
+        assert_eq!((back.width, back.keyframe), (1280, true));
+        assert!(pipe.step().unwrap().encoded.is_none());
     }
 }

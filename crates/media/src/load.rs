@@ -1,0 +1,289 @@
+//! When the machine, not the path, is too slow: the screen pipeline's own overuse detector.
+//!
+//! The pipeline halves the picture when the path cannot carry full resolution
+//! ([`crate::pipeline::HALVE_BELOW_BITS_PER_PIXEL`]). This is the other reason: the agent's CPU cannot
+//! capture and encode full-resolution frames as fast as the screen changes. Measured at 1920×1080
+//! on the reference 2-core machine, a screen full of motion costs 40–60 ms a frame to encode, so
+//! the technician gets 10 frames a second, each ≈100 ms old. Half resolution costs about a quarter
+//! of that and keeps 30 frames a second.
+//!
+//! The rule (as WebRTC's CPU-overuse detector, with thresholds chosen for screen content, where
+//! sharp text matters more than frame rate):
+//! * **Down** when the median capture → encoded time of the last [`WINDOW`] frames at full
+//!   resolution exceeds one and a half frame intervals (under 20 frames a second at a 30 fps
+//!   target). A scene that is merely expensive (scrolling text, 20–40 ms a frame under load)
+//!   stays sharp: halved, a 15-pixel scroll becomes a 7.5-pixel one that the encoder's scroll
+//!   detection cannot follow, and the text blurs (measured: with the threshold at one interval the
+//!   scrolling scene switched back and forth, each switch a keyframe, 4.9 Mbit/s at 17 fps).
+//! * **Up** when the same frames at full resolution would cost under half the interval (estimated
+//!   from the halved frames: four times the encode, the rest as measured) and the picture has been
+//!   halved for at least the hold time, or when the screen has been still for [`QUIET`]: a picture
+//!   at rest is re-sent sharp (the switch is a keyframe).
+//! * The hold time starts at [`HOLD_MIN`] and doubles (up to [`HOLD_MAX`]) each time the picture
+//!   has to be halved again within [`RELAPSE`] of coming back: content that flips between cheap and
+//!   expensive does not become a stream of keyframes.
+//! * After a switch the window starts empty, so a decision always rests on [`WINDOW`] frames
+//!   measured at the current resolution: no flapping on a single slow frame.
+//!
+//! Pure logic: time comes in as arguments, tested without clocks or X.
+
+use crate::pipeline::StageTimes;
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+/// Frames a decision rests on.
+pub const WINDOW: usize = 9;
+/// A halved picture comes back to full resolution after the screen has been still this long.
+pub const QUIET: Duration = Duration::from_secs(1);
+/// The shortest time a picture stays halved before light frames bring it back.
+pub const HOLD_MIN: Duration = Duration::from_secs(2);
+pub const HOLD_MAX: Duration = Duration::from_secs(60);
+/// Halving again this soon after coming back doubles the hold time.
+pub const RELAPSE: Duration = Duration::from_secs(10);
+
+#[derive(Debug)]
+pub struct LoadGovernor {
+    interval: Duration,
+    halved: bool,
+    /// Costs (full-resolution estimates when halved) of recent frames at the current resolution.
+    recent: VecDeque<Duration>,
+    last_frame: Option<Instant>,
+    hold: Duration,
+    /// When the picture was last halved, and last came back.
+    halved_at: Option<Instant>,
+    restored_at: Option<Instant>,
+}
+
+impl LoadGovernor {
+    /// `interval`: the time between frames at the target frame rate.
+    pub fn new(interval: Duration) -> Self {
+        LoadGovernor {
+            interval,
+            halved: false,
+            recent: VecDeque::with_capacity(WINDOW),
+            last_frame: None,
+            hold: HOLD_MIN,
+            halved_at: None,
+            restored_at: None,
+        }
+    }
+
+    /// Whether the load asks for half resolution.
+    pub fn halved(&self) -> bool {
+        self.halved
+    }
+
+    pub fn set_interval(&mut self, interval: Duration) {
+        self.interval = interval;
+    }
+
+    /// How long the picture stays halved at least (it grows when halving keeps coming back).
+    pub fn hold(&self) -> Duration {
+        self.hold
+    }
+
+    fn switch(&mut self, halved: bool, now: Instant) -> bool {
+        if halved {
+            let relapse = self
+                .restored_at
+                .is_some_and(|t| now.saturating_duration_since(t) < RELAPSE);
+            self.hold = if relapse {
+                (self.hold * 2).min(HOLD_MAX)
+            } else {
+                HOLD_MIN
+            };
+            self.halved_at = Some(now);
+        } else {
+            self.restored_at = Some(now);
+        }
+        self.halved = halved;
+        self.recent.clear();
+        true
+    }
+
+    fn median(&self) -> Duration {
+        let mut v: Vec<Duration> = self.recent.iter().copied().collect();
+        v.sort_unstable();
+        v[v.len() / 2]
+    }
+
+    /// One encoded frame: its stage times and whether it was encoded at half resolution (for any
+    /// reason). Returns true when the decision changed.
+    pub fn frame(&mut self, t: StageTimes, picture_halved: bool, now: Instant) -> bool {
+        self.last_frame = Some(now);
+        let cost = if picture_halved {
+            if !self.halved {
+                // Halved for the path: says nothing about full-resolution cost.
+                self.recent.clear();
+                return false;
+            }
+            t.capture + t.convert + t.encode * 4
+        } else {
+            t.capture + t.convert + t.encode
+        };
+        if self.recent.len() == WINDOW {
+            self.recent.pop_front();
+        }
+        self.recent.push_back(cost);
+        if self.recent.len() < WINDOW {
+            return false;
+        }
+        let m = self.median();
+        let held = self
+            .halved_at
+            .is_none_or(|t| now.saturating_duration_since(t) >= self.hold);
+        if !self.halved && m > self.interval * 3 / 2 {
+            self.switch(true, now)
+        } else if self.halved && held && m < self.interval / 2 {
+            self.switch(false, now)
+        } else {
+            false
+        }
+    }
+
+    /// A look at the screen that found nothing to encode. Returns true when the decision changed
+    /// (the screen was still for [`QUIET`] with the picture halved).
+    pub fn idle(&mut self, now: Instant) -> bool {
+        let still = self
+            .last_frame
+            .is_some_and(|t| now.saturating_duration_since(t) >= QUIET);
+        if self.halved && still {
+            return self.switch(false, now);
+        }
+        false
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FRAME: Duration = Duration::from_millis(33);
+
+    fn times(capture: u64, convert: u64, encode: u64) -> StageTimes {
+        StageTimes {
+            capture: Duration::from_millis(capture),
+            convert: Duration::from_millis(convert),
+            encode: Duration::from_millis(encode),
+        }
+    }
+
+    /// Feeds up to `n` frames 33 ms apart, stopping at the first change of the decision; returns
+    /// that frame's index.
+    fn feed(g: &mut LoadGovernor, t0: &mut Instant, n: usize, t: StageTimes) -> Option<usize> {
+        for i in 0..n {
+            *t0 += FRAME;
+            let halved = g.halved();
+            if g.frame(t, halved, *t0) {
+                return Some(i);
+            }
+        }
+        None
+    }
+
+    #[test]
+    fn expensive_but_sustainable_frames_stay_sharp() {
+        let mut g = LoadGovernor::new(FRAME);
+        let mut t = Instant::now();
+        // Scrolling text under load: 45 ms a frame, 22 frames a second, stays sharp.
+        assert_eq!(feed(&mut g, &mut t, 100, times(2, 1, 42)), None);
+        assert!(!g.halved());
+    }
+
+    #[test]
+    fn motion_the_cpu_cannot_keep_up_with_halves_after_a_window_and_stays() {
+        let mut g = LoadGovernor::new(FRAME);
+        let mut t = Instant::now();
+        assert_eq!(feed(&mut g, &mut t, 20, times(3, 2, 55)), Some(WINDOW - 1));
+        assert!(g.halved());
+        // Halved, the same motion costs a quarter to encode: 3 + 2 + 4×14 = 61 ms estimated at
+        // full resolution, so it stays halved.
+        assert_eq!(feed(&mut g, &mut t, 100, times(3, 2, 14)), None);
+        assert!(g.halved());
+    }
+
+    #[test]
+    fn one_slow_frame_decides_nothing() {
+        let mut g = LoadGovernor::new(FRAME);
+        let mut t = Instant::now();
+        for i in 0..50 {
+            let e = if i % 5 == 0 { 200 } else { 5 };
+            t += FRAME;
+            assert!(!g.frame(times(1, 1, e), false, t));
+        }
+        assert!(!g.halved());
+    }
+
+    #[test]
+    fn light_work_after_motion_returns_to_full_resolution() {
+        let mut g = LoadGovernor::new(FRAME);
+        let mut t = Instant::now();
+        feed(&mut g, &mut t, WINDOW, times(3, 2, 60));
+        assert!(g.halved());
+        // Typing at half resolution: 1 + 2 + 4×2 = 11 ms < 16.5 ms estimated, but not before the
+        // hold time (2 s = 61 frames) is over.
+        let back = feed(&mut g, &mut t, 100, times(1, 2, 2)).unwrap();
+        assert!(!g.halved());
+        assert_eq!(
+            back,
+            HOLD_MIN.as_millis().div_ceil(FRAME.as_millis()) as usize - 1
+        );
+    }
+
+    #[test]
+    fn content_that_keeps_flipping_is_held_halved_longer_each_time() {
+        let mut g = LoadGovernor::new(FRAME);
+        let mut t = Instant::now();
+        let mut holds = vec![];
+        for _ in 0..8 {
+            assert!(feed(&mut g, &mut t, WINDOW, times(3, 2, 60)).is_some());
+            holds.push(g.hold());
+            assert!(feed(&mut g, &mut t, 3000, times(1, 2, 2)).is_some());
+        }
+        assert_eq!(holds[0], HOLD_MIN);
+        assert_eq!(holds[1], HOLD_MIN * 2);
+        assert_eq!(holds[2], HOLD_MIN * 4);
+        assert_eq!(*holds.last().unwrap(), HOLD_MAX);
+        // Calm for longer than RELAPSE: the next halving starts from the shortest hold again.
+        feed(&mut g, &mut t, 400, times(1, 1, 3));
+        assert!(feed(&mut g, &mut t, WINDOW, times(3, 2, 60)).is_some());
+        assert_eq!(g.hold(), HOLD_MIN);
+    }
+
+    #[test]
+    fn a_still_screen_returns_to_full_resolution() {
+        let mut g = LoadGovernor::new(FRAME);
+        let mut t = Instant::now();
+        feed(&mut g, &mut t, WINDOW, times(3, 2, 60));
+        assert!(g.halved());
+        assert!(!g.idle(t + QUIET / 2));
+        assert!(g.halved());
+        assert!(g.idle(t + QUIET));
+        assert!(!g.halved());
+        // Not halved: idling changes nothing.
+        assert!(!g.idle(t + QUIET * 5));
+    }
+
+    #[test]
+    fn frames_halved_for_the_path_do_not_count() {
+        let mut g = LoadGovernor::new(FRAME);
+        let mut t = Instant::now();
+        for _ in 0..50 {
+            t += FRAME;
+            assert!(!g.frame(times(3, 2, 60), true, t));
+        }
+        assert!(!g.halved());
+        // Full-resolution frames after that need a whole window of their own.
+        assert_eq!(feed(&mut g, &mut t, 20, times(3, 2, 60)), Some(WINDOW - 1));
+    }
+
+    #[test]
+    fn a_longer_interval_tolerates_slower_frames() {
+        let mut g = LoadGovernor::new(Duration::from_millis(100));
+        let mut t = Instant::now();
+        assert_eq!(feed(&mut g, &mut t, 30, times(3, 2, 60)), None);
+        // The frames measured so far count for the new interval: the next one decides.
+        g.set_interval(FRAME);
+        assert_eq!(feed(&mut g, &mut t, 30, times(3, 2, 60)), Some(0));
+    }
+}
