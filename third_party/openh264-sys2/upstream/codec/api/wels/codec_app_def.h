@@ -142,7 +142,9 @@ typedef enum {
 
   ENCODER_OPTION_IS_LOSSLESS_LINK,            ///< advanced algorithmetic settings
 
-  ENCODER_OPTION_BITS_VARY_PERCENTAGE        ///< bit vary percentage
+  ENCODER_OPTION_BITS_VARY_PERCENTAGE,       ///< bit vary percentage
+
+  ENCODER_OPTION_TANDEM_FME_ON_SCROLL_ONLY   ///< (Tandem) bool: screen-content feature search only on scrolled frames
 } ENCODER_OPTION;
 
 /**

@@ -119,6 +119,9 @@ typedef struct TagWelsSvcCodingParam: SEncParamExt {
 
   bool      bDeblockingParallelFlag;        // deblocking filter parallelization control flag
   int32_t   iBitsVaryPercentage;
+  // Tandem: the screen-content feature search only on frames that scrolled (not kept on by the
+  // "it paid off recently" count); ENCODER_OPTION_TANDEM_FME_ON_SCROLL_ONLY.
+  bool      bFmeOnScrollOnly;
 
   int8_t   iDecompStages;          // GOP size dependency
   int32_t  iMaxNumRefFrame;
@@ -231,6 +234,7 @@ typedef struct TagWelsSvcCodingParam: SEncParamExt {
 
     iDecompStages               = 0;    // GOP size dependency, unknown here and be revised later
     iBitsVaryPercentage = 10;
+    bFmeOnScrollOnly = false;
   }
 
   int32_t ParamBaseTranscode (const SEncParamBase& pCodingParam) {

@@ -2738,7 +2738,10 @@ void PreprocessSliceCoding (sWelsEncCtx* pCtx) {
         const int32_t kiMbSize = pCurLayer->iMbHeight * pCurLayer->iMbWidth;
         // Tandem: a "scroll" by 0 lines is what the scroll detector reports for content that did not
         // move; it must not switch on the feature search (which hashes the whole reference picture).
-        pFeatureSearchPreparation->bFMESwitchFlag = CalcFMESwitchFlag (pFeatureSearchPreparation->uiFMEGoodFrameCount,
+        // With bFmeOnScrollOnly, "it paid off on recent frames" does not keep it on: the search
+        // hashes the whole reference picture on every frame (~10 ms at 1080p), which a window
+        // being dragged pays for in latency to save about a fifth of its bits.
+        pFeatureSearchPreparation->bFMESwitchFlag = CalcFMESwitchFlag (pCtx->pSvcParam->bFmeOnScrollOnly ? 0 : pFeatureSearchPreparation->uiFMEGoodFrameCount,
             pFeatureSearchPreparation->iHighFreMbCount * 100 / kiMbSize, pCtx->pVaa->sVaaCalcInfo.iFrameSad / kiMbSize,
             pVaaExt->sScrollDetectInfo.bScrollDetectFlag
             && (pVaaExt->sScrollDetectInfo.iScrollMvX | pVaaExt->sScrollDetectInfo.iScrollMvY));

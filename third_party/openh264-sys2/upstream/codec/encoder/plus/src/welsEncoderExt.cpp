@@ -1189,6 +1189,10 @@ int CWelsH264SVCEncoder::SetOption (ENCODER_OPTION eOptionId, void* pOption) {
              "CWelsH264SVCEncoder::SetOption():ENCODER_OPTION_BITS_VARY_PERCENTAGE,iBitsVaryPercentage = %d", iValue);
   }
   break;
+  case ENCODER_OPTION_TANDEM_FME_ON_SCROLL_ONLY: {
+    m_pEncContext->pSvcParam->bFmeOnScrollOnly = * (static_cast<bool*> (pOption));
+  }
+  break;
 
   default:
     return cmInitParaError;
