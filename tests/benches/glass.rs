@@ -11,7 +11,7 @@
 //! CPU per Mbit/s; with `--creep-minutes M` a long typing session reporting its first and last
 //! minute. Table on stdout, JSON in `target/bench/glass.json`.
 //!
-//!     cargo bench -p tandem-tests --bench glass [-- --seconds 10 --width 1920 --height 1080 --creep-minutes 10]
+//!     cargo bench -p tandem-tests --bench glass [-- --seconds 10 --width 1920 --height 1080 --creep-minutes 10 --scene drag]
 #![allow(clippy::unwrap_used)]
 
 use std::collections::HashMap;
@@ -38,6 +38,8 @@ struct Args {
     width: u32,
     height: u32,
     creep_minutes: f64,
+    /// Only the scenes whose name contains this (all by default).
+    scene: String,
 }
 
 fn args() -> Args {
@@ -46,6 +48,7 @@ fn args() -> Args {
         width: bench_arg("--width", 1920),
         height: bench_arg("--height", 1080),
         creep_minutes: bench_arg("--creep-minutes", 0.0),
+        scene: bench_arg("--scene", String::new()),
     }
 }
 
@@ -148,6 +151,8 @@ struct SceneResult {
     /// the path or its own CPU cannot keep up), in the session and in the floor pass.
     halved: f64,
     floor_halved: f64,
+    /// The agent's median capture → encoded time at the end of the scene.
+    agent_ms: f64,
 }
 
 fn main() {
@@ -205,10 +210,19 @@ async fn run(a: Args) {
     .await
     .unwrap();
     let session = Arc::new(session);
+    // The agent's own median capture → encoded time, from its answers to stats requests.
+    let agent_pipeline_us = Arc::new(AtomicU32::new(0));
     {
         // Drain control messages (consent, cursor, stats) so nothing backs up.
         let s = session.clone();
-        tokio::spawn(async move { while s.recv_control().await.is_ok() {} });
+        let us = agent_pipeline_us.clone();
+        tokio::spawn(async move {
+            while let Ok(m) = s.recv_control().await {
+                if let ControlMsg::Stats { pipeline_us, .. } = m {
+                    us.store(pipeline_us, Ordering::Relaxed);
+                }
+            }
+        });
     }
     let mut dec = VideoDecoder::new().unwrap();
     let first_frame_ms = loop {
@@ -226,13 +240,31 @@ async fn run(a: Args) {
         Scene::Scrolling,
         Scene::Dragging,
         Scene::FullMotion,
-    ];
+    ]
+    .into_iter()
+    .filter(|s| s.name().contains(a.scene.as_str()));
     let mut results = vec![];
     let cpu0 = relay.cpu_seconds().unwrap_or(0.0);
     let mut total_bytes = 0u64;
     for scene in scenes {
         let (glass, fps, kbps, halved) =
             measure(&session, &mut dec, &x, scene, a.seconds, &next, a.width).await;
+        // The agent's median over its last 31 frames, i.e. the end of this scene.
+        agent_pipeline_us.store(0, Ordering::Relaxed);
+        let _ = session
+            .send_control(&ControlMsg::Stats {
+                rtt_us: 0,
+                fps: 0,
+                kbps: 0,
+                pipeline_us: 0,
+            })
+            .await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let agent_ms = if fps > 0.0 {
+            f64::from(agent_pipeline_us.load(Ordering::Relaxed)) / 1e3
+        } else {
+            f64::NAN // no frames in this scene: the median would be older frames'
+        };
         total_bytes += (kbps * 1000.0 / 8.0 * a.seconds) as u64;
         results.push(SceneResult {
             scene,
@@ -243,6 +275,7 @@ async fn run(a: Args) {
             psnr: vec![],
             halved,
             floor_halved: 0.0,
+            agent_ms,
         });
     }
     let relay_cpu = relay.cpu_seconds().unwrap_or(0.0) - cpu0;
@@ -315,7 +348,7 @@ async fn run(a: Args) {
     );
     println!("join → first decoded frame: {first_frame_ms:.0} ms (target ≤ 300)");
     println!(
-        "{:<24} {:>9} {:>9} {:>10} {:>10} {:>7} {:>8} {:>7} {:>9} {:>11}",
+        "{:<24} {:>9} {:>9} {:>10} {:>10} {:>7} {:>8} {:>7} {:>9} {:>11} {:>9}",
         "scene",
         "g2g p50",
         "g2g p99",
@@ -325,7 +358,8 @@ async fn run(a: Args) {
         "kbit/s",
         "fps",
         "PSNR dB",
-        "half-res %"
+        "half-res %",
+        "agent c→e"
     );
     let mut rows = vec![];
     for r in &results {
@@ -333,7 +367,7 @@ async fn run(a: Args) {
         let (f50, f99) = (percentile(&r.floor, 0.5), percentile(&r.floor, 0.99));
         let psnr = percentile(&r.psnr, 0.5);
         println!(
-            "{:<24} {:>9.1} {:>9.1} {:>10.1} {:>10.1} {:>7.2} {:>8.0} {:>7.1} {:>9.1} {:>5.0} / {:<3.0}",
+            "{:<24} {:>9.1} {:>9.1} {:>10.1} {:>10.1} {:>7.2} {:>8.0} {:>7.1} {:>9.1} {:>5.0} / {:<3.0} {:>9.1}",
             r.scene.name(),
             g50,
             g99,
@@ -345,12 +379,14 @@ async fn run(a: Args) {
             psnr,
             r.halved * 100.0,
             r.floor_halved * 100.0,
+            r.agent_ms,
         );
         rows.push(
             serde_json::json!({"scene": r.scene.name(), "glass_p50_ms": g50, "glass_p99_ms": g99,
             "floor_p50_ms": f50, "floor_p99_ms": f99, "ratio_p50": g50 / f50, "kbit_s": r.kbps,
             "fps": r.fps, "psnr_db": psnr, "frames_measured": r.glass.len(),
-            "half_resolution_share": r.halved, "floor_half_resolution_share": r.floor_halved}),
+            "half_resolution_share": r.halved, "floor_half_resolution_share": r.floor_halved,
+            "agent_capture_to_encoded_p50_ms": r.agent_ms}),
         );
     }
     println!("relay: {relay_mbit_per_cpu_s:.0} Mbit/s forwarded per relay CPU-second");

@@ -15,6 +15,8 @@
 //!   stays sharp: halved, a 15-pixel scroll becomes a 7.5-pixel one that the encoder's scroll
 //!   detection cannot follow, and the text blurs (measured: with the threshold at one interval the
 //!   scrolling scene switched back and forth, each switch a keyframe, 4.9 Mbit/s at 17 fps).
+//!   When each of the last [`FAST`] frames took over two intervals (under 15 frames a second),
+//!   that decides at once: the window would show the technician a second of slow frames first.
 //! * **Up** when the same frames at full resolution would cost under half the interval (estimated
 //!   from the halved frames: four times the encode, the rest as measured) and the picture has been
 //!   halved for at least the hold time, or when the screen has been still for [`QUIET`]: a picture
@@ -33,6 +35,8 @@ use std::time::{Duration, Instant};
 
 /// Frames a decision rests on.
 pub const WINDOW: usize = 9;
+/// Frames that decide at once when each takes over two frame intervals.
+pub const FAST: usize = 3;
 /// A halved picture comes back to full resolution after the screen has been still this long.
 pub const QUIET: Duration = Duration::from_secs(1);
 /// The shortest time a picture stays halved before light frames bring it back.
@@ -125,7 +129,18 @@ impl LoadGovernor {
             self.recent.pop_front();
         }
         self.recent.push_back(cost);
-        if self.recent.len() < WINDOW {
+        // Far too slow (under 15 frames a second): three frames in a row are enough to decide.
+        let n = self.recent.len();
+        if !self.halved
+            && n >= FAST
+            && self
+                .recent
+                .range(n - FAST..)
+                .all(|&c| c > self.interval * 2)
+        {
+            return self.switch(true, now);
+        }
+        if n < WINDOW {
             return false;
         }
         let m = self.median();
@@ -200,6 +215,21 @@ mod tests {
         // full resolution, so it stays halved.
         assert_eq!(feed(&mut g, &mut t, 100, times(3, 2, 14)), None);
         assert!(g.halved());
+    }
+
+    #[test]
+    fn far_too_slow_frames_decide_after_three() {
+        let mut g = LoadGovernor::new(FRAME);
+        let mut t = Instant::now();
+        assert_eq!(feed(&mut g, &mut t, 20, times(3, 2, 80)), Some(FAST - 1));
+        assert!(g.halved());
+        // Slow frames that come one at a time among fast ones do not.
+        let mut g = LoadGovernor::new(FRAME);
+        for i in 0..60 {
+            let e = if i % 3 == 0 { 90 } else { 5 };
+            t += FRAME;
+            assert!(!g.frame(times(1, 1, e), false, t));
+        }
     }
 
     #[test]
