@@ -3,9 +3,9 @@
 //! The pipeline halves the picture when the path cannot carry full resolution
 //! ([`crate::pipeline::HALVE_BELOW_BITS_PER_PIXEL`]). This is the other reason: the agent's CPU cannot
 //! capture and encode full-resolution frames as fast as the screen changes. Measured at 1920×1080
-//! on the reference 2-core machine, a screen full of motion costs 40–60 ms a frame to encode, so
-//! the technician gets 10 frames a second, each ≈100 ms old. Half resolution costs about a quarter
-//! of that and keeps 30 frames a second.
+//! on the reference 2-core machine with the console beside the agent (the glass bench), a screen
+//! full of motion gave the technician 10 frames a second, each ≈100 ms old; halved, it costs about
+//! a quarter and keeps 30 frames a second, 19–20 ms glass-to-glass.
 //!
 //! The rule (as WebRTC's CPU-overuse detector, with thresholds chosen for screen content, where
 //! sharp text matters more than frame rate):
