@@ -936,12 +936,46 @@ DECODING_STATE CWelsDecoder::DecodeFrame2WithCtx (PWelsDecoderContext pDecContex
   return dsErrorFree;
 }
 
+// Tandem: true when the output planes lie inside one of the decoder's live picture buffers.
+// A malformed stream can make the decoder reallocate its pictures (a new size) after it set the
+// output within the same call; the caller would then read freed memory (heap-use-after-free found
+// by Tandem's video_decoder fuzz target).
+static bool OutputInLivePicture (PWelsDecoderContext pCtx, SBufferInfo* pDstInfo) {
+  if (pCtx == NULL || pCtx->pPicBuff == NULL || pCtx->pPicBuff->ppPic == NULL) {
+    return false;
+  }
+  PPicBuff pBuff = pCtx->pPicBuff;
+  for (int32_t i = 0; i < pBuff->iCapacity; ++i) {
+    PPicture pPic = pBuff->ppPic[i];
+    if (pPic == NULL || pPic->pBuffer[0] == NULL) {
+      continue;
+    }
+    const uint8_t* pY = pPic->pBuffer[0];
+    const uint8_t* pU = pPic->pBuffer[1];
+    const uint8_t* pV = pPic->pBuffer[2];
+    const uint8_t* pEnd = pV + (pV - pU);
+    if (pDstInfo->pDst[0] >= pY && pDstInfo->pDst[0] < pU && pDstInfo->pDst[1] >= pU && pDstInfo->pDst[1] < pV
+        && pDstInfo->pDst[2] >= pV && pDstInfo->pDst[2] < pEnd) {
+      return true;
+    }
+  }
+  return false;
+}
+
 DECODING_STATE CWelsDecoder::DecodeFrame2 (const unsigned char* kpSrc,
     const int kiSrcLen,
     unsigned char** ppDst,
     SBufferInfo* pDstInfo) {
   PWelsDecoderContext pDecContext = m_pDecThrCtx[0].pCtx;
-  return DecodeFrame2WithCtx (pDecContext, kpSrc, kiSrcLen, ppDst, pDstInfo);
+  DECODING_STATE eRet = DecodeFrame2WithCtx (pDecContext, kpSrc, kiSrcLen, ppDst, pDstInfo);
+  if (pDstInfo != NULL && pDstInfo->iBufferStatus == 1 && m_iThreadCount <= 1
+      && !OutputInLivePicture (pDecContext, pDstInfo)) {
+    WelsLog (&m_pWelsTrace->m_sLogCtx, WELS_LOG_WARNING, "decoded picture no longer allocated; output dropped");
+    pDstInfo->iBufferStatus = 0;
+    ppDst[0] = ppDst[1] = ppDst[2] = NULL;
+    pDstInfo->pDst[0] = pDstInfo->pDst[1] = pDstInfo->pDst[2] = NULL;
+  }
+  return eRet;
 }
 
 DECODING_STATE CWelsDecoder::FlushFrame (unsigned char** ppDst,
