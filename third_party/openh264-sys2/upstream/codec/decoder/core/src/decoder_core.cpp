@@ -2362,7 +2362,7 @@ int32_t InitConstructAccessUnit (PWelsDecoderContext pCtx, SBufferInfo* pDstInfo
     // picture an earlier access unit of this same call has already been output from: drop that
     // output rather than hand the caller freed memory (heap-use-after-free read found by
     // Tandem's video_decoder fuzz target; cisco/openh264#3684 looks like the same bug).
-    if (pDstInfo->iBufferStatus == 1) {
+    if (!pCtx->pParam->bParseOnly && pDstInfo != NULL && pDstInfo->iBufferStatus == 1) {
       pDstInfo->iBufferStatus = 0;
       pDstInfo->pDst[0] = pDstInfo->pDst[1] = pDstInfo->pDst[2] = NULL;
     }
