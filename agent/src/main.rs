@@ -737,6 +737,10 @@ fn start_streaming(
                             frame_due = frame_due.max(started) + interval;
                             not_before = (frame_due - interval)
                                 .max(started + Duration::from_secs_f64(airtime.min(2.0)));
+                            // The frame is on its way: now the encoder's work for the next one
+                            // (after a scroll, hashing the picture it will refer to), which would
+                            // otherwise come first when the next frame is drawn.
+                            pipeline.prepare_next();
                         }
                     }
                     Err(e) => {

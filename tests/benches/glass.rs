@@ -134,6 +134,8 @@ fn floor(
                 halved += 1;
             }
         }
+        // As the agent does once a frame is sent (untimed: the next draw waits for it).
+        pipe.prepare_next();
         std::thread::sleep(Duration::from_millis(33));
     }
     let share = halved as f64 / lat.len().max(1) as f64;

@@ -129,6 +129,13 @@ impl<C: Capturer> ScreenPipeline<C> {
         self.encoder.request_keyframe();
     }
 
+    /// Work for the time between frames, to call once a frame is on its way (see
+    /// [`VideoEncoder::prepare_next`]): after a scroll, the encoder's hashes of the picture just
+    /// encoded, which the next frame would otherwise compute first. Returns whether it worked.
+    pub fn prepare_next(&mut self) -> bool {
+        self.encoder.prepare_next()
+    }
+
     pub fn step(&mut self) -> Result<Step, PipelineError> {
         let t0 = Instant::now();
         let cap = self.capturer.capture()?;

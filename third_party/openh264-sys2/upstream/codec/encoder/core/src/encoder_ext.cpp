@@ -2664,6 +2664,35 @@ bool SetMeMethod (const uint8_t uiMethod, PSearchMethodFunc& pSearchMethodFunc) 
 
 
 
+// Tandem: see extern.h. Only the configuration Tandem uses is handled (one spatial layer, no long-term
+// references: the next frame then refers to the newest short-term picture, pShortRefList[0], which is
+// what WelsBuildRefList picks); anything else returns false and the next frame hashes as upstream.
+// The hashes belong to the reference picture (its SScreenBlockFeatureStorage) and are computed with
+// the same function and inputs the next frame would use, so the result is bit-identical; a picture
+// that stops being a reference (an IDR, a re-initialisation) drops them in SPicture::SetUnref.
+bool WelsTandemPrepareFeatureSearch (sWelsEncCtx* pCtx) {
+  if (NULL == pCtx || NULL == pCtx->pSvcParam || NULL == pCtx->ppDqLayerList || NULL == pCtx->ppRefPicListExt
+      || pCtx->pSvcParam->iUsageType != SCREEN_CONTENT_REAL_TIME || pCtx->pSvcParam->iSpatialLayerNum != 1
+      || pCtx->pSvcParam->bEnableLongTermReference) {
+    return false;
+  }
+  SDqLayer* pLayer = pCtx->ppDqLayerList[0];
+  SRefList* pRefList = pCtx->ppRefPicListExt[0];
+  // After an I slice the switch reads true as a reset value, not because the search ran.
+  if (P_SLICE != pCtx->eSliceType || NULL == pLayer || NULL == pRefList || NULL == pLayer->pFeatureSearchPreparation
+      || !pLayer->pFeatureSearchPreparation->bFMESwitchFlag || pRefList->uiShortRefCount == 0) {
+    return false;
+  }
+  SPicture* pRef = pRefList->pShortRefList[0];
+  if (NULL == pRef || !pRef->bUsedAsRef || pRef->iFramePoc < 0 || NULL == pRef->pScreenBlockFeatureStorage
+      || pRef->pScreenBlockFeatureStorage->bRefBlockFeatureCalculated) {
+    return false;
+  }
+  PerformFMEPreprocess (pCtx->pFuncList, pRef, pLayer->pFeatureSearchPreparation->pFeatureOfBlock,
+                        pRef->pScreenBlockFeatureStorage);
+  return pRef->pScreenBlockFeatureStorage->bRefBlockFeatureCalculated;
+}
+
 void PreprocessSliceCoding (sWelsEncCtx* pCtx) {
   SDqLayer* pCurLayer           = pCtx->pCurDqLayer;
   //const bool kbBaseAvail      = pCurLayer->bBaseLayerAvailableFlag;

@@ -1193,6 +1193,10 @@ int CWelsH264SVCEncoder::SetOption (ENCODER_OPTION eOptionId, void* pOption) {
     m_pEncContext->pSvcParam->bFmeOnScrollOnly = * (static_cast<bool*> (pOption));
   }
   break;
+  case ENCODER_OPTION_TANDEM_PREPARE_FEATURE_SEARCH: {
+    * (static_cast<int32_t*> (pOption)) = WelsTandemPrepareFeatureSearch (m_pEncContext) ? 1 : 0;
+  }
+  break;
 
   default:
     return cmInitParaError;
