@@ -11,7 +11,7 @@
 //! CPU per Mbit/s; with `--creep-minutes M` a long typing session reporting its first and last
 //! minute. Table on stdout, JSON in `target/bench/glass.json`.
 //!
-//!     cargo bench -p tandem-tests --bench glass [-- --seconds 10 --width 1920 --height 1080 --creep-minutes 10 --scene drag]
+//!     cargo bench -p tandem-tests --bench glass [-- --seconds 10 --width 1920 --height 1080 --creep-minutes 10 --scene drag --trace 30]
 #![allow(clippy::unwrap_used)]
 
 use std::collections::HashMap;
@@ -40,6 +40,8 @@ struct Args {
     creep_minutes: f64,
     /// Only the scenes whose name contains this (all by default).
     scene: String,
+    /// Print the first this many frames of each scene (glass ms, size) to stderr.
+    trace: usize,
 }
 
 fn args() -> Args {
@@ -49,6 +51,7 @@ fn args() -> Args {
         height: bench_arg("--height", 1080),
         creep_minutes: bench_arg("--creep-minutes", 0.0),
         scene: bench_arg("--scene", String::new()),
+        trace: bench_arg("--trace", 0),
     }
 }
 
@@ -249,8 +252,7 @@ async fn run(a: Args) {
     let cpu0 = relay.cpu_seconds().unwrap_or(0.0);
     let mut total_bytes = 0u64;
     for scene in scenes {
-        let (glass, fps, kbps, halved) =
-            measure(&session, &mut dec, &x, scene, a.seconds, &next, a.width).await;
+        let (glass, fps, kbps, halved) = measure(&session, &mut dec, &x, scene, &a, &next).await;
         // The agent's median over its last 31 frames, i.e. the end of this scene.
         agent_pipeline_us.store(0, Ordering::Relaxed);
         let _ = session
@@ -420,10 +422,10 @@ async fn measure(
     dec: &mut VideoDecoder,
     x: &Xvfb,
     scene: Scene,
-    seconds: f64,
+    a: &Args,
     next: &Arc<AtomicU32>,
-    screen_w: u32,
 ) -> (Vec<f64>, f64, f64, f64) {
+    let (seconds, screen_w) = (a.seconds, a.width);
     let drawn = Arc::new(Drawn::default());
     let stop = Arc::new(AtomicBool::new(false));
     // A fresh page, then let its frames (and the previous scene's) drain before measuring.
@@ -470,6 +472,21 @@ async fn measure(
                 && let Some(t) = drawn.at.lock().unwrap().remove(&n)
             {
                 glass.push(t.elapsed().as_secs_f64() * 1e3);
+                if glass.len() <= a.trace {
+                    eprintln!(
+                        "{} #{}: {:.1} ms, {}x{}{}",
+                        scene.name(),
+                        glass.len(),
+                        glass[glass.len() - 1],
+                        fr.width,
+                        fr.height,
+                        if f.data.len() > 100_000 {
+                            " (large)"
+                        } else {
+                            ""
+                        }
+                    );
+                }
             }
         }
     }
