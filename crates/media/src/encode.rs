@@ -461,6 +461,42 @@ mod tests {
         assert!(!ahead.prepare_next());
     }
 
+    /// After a pause, the pause's budget pays for the large picture before it: small changes are
+    /// not skipped. (Upstream OpenH264 skipped the first 9 here: its rate control drains its
+    /// frame-skip buffer per picture, not per second; Tandem's patch
+    /// `third_party/openh264-rc-pause-drains.patch` drains it by time too.)
+    #[test]
+    fn a_pause_pays_for_the_picture_before_it() {
+        let (w, h) = (1280u32, 720u32);
+        let mut enc = VideoEncoder::new(Target {
+            bitrate_bps: 4_000_000,
+            max_fps: 30.0,
+        })
+        .unwrap();
+        enc.set_threads(1);
+        let mut yuv = I420::default();
+        let mut f = Frame::new(w, h);
+        f.data.fill(255);
+        crate::convert::bgrx_to_i420(&f, &mut yuv).unwrap();
+        assert!(enc.encode_at(&yuv, 0).unwrap().is_some());
+        // A page of text appears (a large picture), then the screen is still for 1.5 s.
+        let mut f = page(w, h);
+        crate::convert::bgrx_to_i420(&f, &mut yuv).unwrap();
+        let big = enc.encode_at(&yuv, 33).unwrap().map_or(0, |e| e.data.len());
+        assert!(big > 100_000, "{big}");
+        let mut skipped = vec![];
+        for k in 0..10u64 {
+            // A keystroke.
+            let i = ((h as usize - 20) * w as usize + 8 * k as usize) * 4;
+            f.data[i..i + 12].fill(0);
+            crate::convert::bgrx_to_i420(&f, &mut yuv).unwrap();
+            if enc.encode_at(&yuv, 1533 + k * 33).unwrap().is_none() {
+                skipped.push(k);
+            }
+        }
+        assert!(skipped.is_empty(), "skipped {skipped:?}");
+    }
+
     /// OpenH264 fails a picture larger than its output buffer, and every picture after it. Found
     /// with a 1080p screen of noise at the fine quantiser text gets: before the rebuild, all six
     /// pictures here failed and the technician's view would have frozen for good.

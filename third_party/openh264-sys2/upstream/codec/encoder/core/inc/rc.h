@@ -237,6 +237,10 @@ int64_t     iCost2BitsIntra;
 int32_t    iBaseQp;
 long long  uiLastTimeStamp;
 
+//Tandem: the timestamp of the previous picture given to rate control (see TandemDrainPause)
+bool       bTandemHaveLastTs;
+long long  iTandemLastTs;
+
 //for statistics and online adjustments
 int32_t   iActualBitRate; // TODO: to complete later
 float     fLatestFrameRate; // TODO: to complete later

@@ -868,9 +868,56 @@ void CheckFrameSkipBasedMaxbr (sWelsEncCtx* pEncCtx, const long long uiTimeStamp
   }
 }
 
+// Tandem: in bitrate mode the frame-skip buffers drain by one frame's bits per picture (encoded or
+// skipped), whatever the time between pictures. A screen-sharing caller encodes only when the screen
+// changed, so seconds can pass between two pictures: the bits the path could have carried meanwhile
+// were never counted, and a large picture before a pause made the first pictures after it be skipped
+// (measured at 1080p, 8 Mbit/s: a page of text redrawn, 1.5 s still, then typing: the first 7
+// keystroke pictures skipped, the next 12 each a frame late). Here the time beyond one frame
+// interval since the previous picture drains the buffers as well (down to empty, never into credit).
+static void TandemDrainPause (sWelsEncCtx* pEncCtx, long long uiTimeStamp, int32_t iSpatialNum) {
+  // (One spatial layer, as Tandem encodes; with more, simulcast calls this once per layer.)
+  if (pEncCtx->pSvcParam->iRCMode != RC_BITRATE_MODE || pEncCtx->pSvcParam->iSpatialLayerNum != 1)
+    return;
+  for (int32_t i = 0; i < iSpatialNum; i++) {
+    const int32_t iDid = pEncCtx->sSpatialIndexMap[i].iDid;
+    SWelsSvcRc* pRc = &pEncCtx->pWelsSvcRc[iDid];
+    const SSpatialLayerConfig* pLayer = &pEncCtx->pSvcParam->sSpatialLayers[iDid];
+    const bool bHaveLast = pRc->bTandemHaveLastTs;
+    const long long iLast = pRc->iTandemLastTs;
+    pRc->bTandemHaveLastTs = true;
+    pRc->iTandemLastTs = uiTimeStamp;
+    if (!bHaveLast || uiTimeStamp <= iLast || pLayer->fFrameRate <= 0)
+      continue;
+    const double dBeyondMs = (double) (uiTimeStamp - iLast) - 1000.0 / pLayer->fFrameRate;
+    if (dBeyondMs <= 0)
+      continue;
+    const int64_t iDrain = (int64_t) (pLayer->iSpatialBitrate * dBeyondMs / 1000.0);
+    if (pRc->iBufferFullnessSkip > 0)
+      pRc->iBufferFullnessSkip = WELS_MAX ((int64_t) 0, pRc->iBufferFullnessSkip - iDrain);
+    const int64_t iDrainMax = (pLayer->iMaxSpatialBitrate > 0 && pLayer->iMaxSpatialBitrate != UNSPECIFIED_BIT_RATE)
+                              ? (int64_t) (pLayer->iMaxSpatialBitrate * dBeyondMs / 1000.0) : iDrain;
+    for (int32_t w = 0; w < TIME_WINDOW_TOTAL; w++) {
+      if (pRc->iBufferMaxBRFullness[w] > 0)
+        pRc->iBufferMaxBRFullness[w] = WELS_MAX ((int64_t) 0, pRc->iBufferMaxBRFullness[w] - iDrainMax);
+    }
+    // The bits still allowed in this group of pictures: a deficit carried over from a large picture
+    // (bFixRCOverShoot) is paid by the pause too, up to one group's full allocation.
+    const int64_t iVGopBits = (int64_t) VGOP_SIZE * pRc->iBitsPerFrame;
+    if (pRc->iRemainingBits < iVGopBits)
+      pRc->iRemainingBits = (int32_t) WELS_MIN (iVGopBits, (int64_t) pRc->iRemainingBits + iDrain);
+    // A skip decided after the previous picture judged the buffer as it was then; the maximum-bitrate
+    // check that follows judges it as it is now.
+    if (pRc->iBufferFullnessSkip <= pRc->iBufferSizeSkip && pRc->iRemainingBits >= 0)
+      pRc->bSkipFlag = false;
+  }
+}
+
 bool WelsRcCheckFrameStatus (sWelsEncCtx* pEncCtx, long long uiTimeStamp, int32_t iSpatialNum, int32_t iCurDid) {
 
   bool bSkipMustFlag = false;
+
+  TandemDrainPause (pEncCtx, uiTimeStamp, iSpatialNum);
 
   SSpatialPicIndex* pSpatialIndexMap = &pEncCtx->sSpatialIndexMap[0];
 
