@@ -28,6 +28,9 @@
 //! * After a switch the window starts empty, so a decision always rests on [`WINDOW`] frames
 //!   measured at the current resolution: no flapping on a single slow frame.
 //!
+//! The pipeline applies the decision to screens of at least
+//! [`LOAD_HALVE_MIN`](crate::pipeline::LOAD_HALVE_MIN) only.
+//!
 //! Pure logic: time comes in as arguments, tested without clocks or X.
 
 use crate::pipeline::StageTimes;

@@ -45,6 +45,12 @@ pub struct Step {
 /// sharper pixels beat many smeared ones on a slow path.
 pub const HALVE_BELOW_BITS_PER_PIXEL: f64 = 0.02;
 
+/// The smallest screen the machine's load may halve (to 640×360). Smaller screens cost little to
+/// encode, and halved their text is illegible: a machine too slow for them sends fewer frames
+/// instead. (The path may halve screens down from 640×360: there the choice is between fewer
+/// pixels and no picture.)
+pub const LOAD_HALVE_MIN: (u32, u32) = (1280, 720);
+
 fn frame_interval(t: Target) -> Duration {
     Duration::from_secs_f64(1.0 / f64::from(t.max_fps.clamp(1.0, 240.0)))
 }
@@ -111,7 +117,8 @@ impl<C: Capturer> ScreenPipeline<C> {
     /// keyframe of the whole screen at the new size).
     fn apply_scale(&mut self) {
         let (w, h) = self.size;
-        let halve = (self.path_halve || self.load.halved()) && w >= 640 && h >= 360;
+        let halve = (self.path_halve && w >= 640 && h >= 360)
+            || (self.load.halved() && w >= LOAD_HALVE_MIN.0 && h >= LOAD_HALVE_MIN.1);
         if halve != self.halve {
             self.halve = halve;
             self.capturer.request_full();
@@ -252,6 +259,31 @@ mod tests {
                 resized: false,
             })
         }
+    }
+
+    /// A small screen stays whole however slow the machine: fewer frames, legible text.
+    #[test]
+    fn the_load_does_not_halve_a_small_screen() {
+        let cap = Moving {
+            frame: Frame::new(1024, 768),
+            moving: true,
+            full: true,
+            n: 0,
+        };
+        let target = Target {
+            bitrate_bps: 10_000_000,
+            max_fps: 60.0,
+        };
+        let mut pipe = ScreenPipeline::new(cap, target).unwrap();
+        let mut widths = vec![];
+        for _ in 0..12 {
+            if let Some(e) = pipe.step().unwrap().encoded {
+                widths.push(e.width);
+            }
+        }
+        assert!(widths.len() >= 6, "{widths:?}");
+        assert!(widths.iter().all(|&w| w == 1024), "{widths:?}");
+        assert!(!pipe.halved());
     }
 
     /// The pipeline's load, not the path, halves the picture, and a still screen brings it back:
