@@ -1,6 +1,6 @@
 //! The agent's screen pipeline: capture → change detection → (downscale) → I420 → H.264.
 //!
-//! One call of [`ScreenPipeline::next`] captures once and, only if something changed, converts and
+//! One call of [`ScreenPipeline::step`] captures once and, only if something changed, converts and
 //! encodes. The caller drives it at the frame rate it wants and calls it again only when it is ready
 //! to send: there is no queue inside, so a frame is never encoded behind newer ones.
 
