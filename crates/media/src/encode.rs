@@ -442,17 +442,23 @@ mod tests {
         ahead.set_threads(1);
         let mut yuv = I420::default();
         let mut prepared = 0;
-        for k in 0..40u32 {
-            // Still for a while, then scroll by 27 lines a frame.
-            let top = k.saturating_sub(10) * 27;
-            crate::convert::bgrx_to_i420(&view(top), &mut yuv).unwrap();
+        for k in 0..60u32 {
+            // Still for a while, then scroll by 27 lines a frame, then type (the search thresholds
+            // of a picture hashed ahead but not searched must not change what follows).
+            let top = k.clamp(10, 40).saturating_sub(10) * 27;
+            let mut f = view(top);
+            for t in 40..k {
+                let i = ((h as usize - 30) * w as usize + 8 * (t as usize - 40)) * 4;
+                f.data[i..i + 16].fill(0);
+            }
+            crate::convert::bgrx_to_i420(&f, &mut yuv).unwrap();
             let ts = u64::from(k) * 33;
             let a = plain.encode_at(&yuv, ts).unwrap().map(|e| e.data);
             let b = ahead.encode_at(&yuv, ts).unwrap().map(|e| e.data);
             assert_eq!(a, b, "frame {k}");
             if ahead.prepare_next() {
                 prepared += 1;
-                assert!(k >= 10, "only after a scroll: frame {k}");
+                assert!((10..=40).contains(&k), "only after a scroll: frame {k}");
             }
         }
         // The scroll detector reports 19 of the 30 scrolled frames here; any number near it will do.

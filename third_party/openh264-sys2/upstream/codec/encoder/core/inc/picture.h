@@ -54,6 +54,7 @@ uint16_t*  pLocationPointer;  // buffer of position array
 int32_t    iActualListSize;      // actual list size
 uint32_t uiSadCostThreshold[BLOCK_SIZE_ALL];
 bool      bRefBlockFeatureCalculated; // flag of whether pre-process is done
+bool      bTandemThresholdsPending; // Tandem: hashed ahead, uiSadCostThreshold not yet set (see WelsTandemPrepareFeatureSearch)
 uint16_t **pFeatureValuePointerList;//uint16_t* pFeatureValuePointerList[WELS_MAX (LIST_SIZE_SUM_16x16, LIST_SIZE_MSE_16x16)]
 } SScreenBlockFeatureStorage; //should be stored with RefPic, one for each frame
 
@@ -114,8 +115,10 @@ SScreenBlockFeatureStorage* pScreenBlockFeatureStorage;
       iMarkFrameNum      = -1;
       bUsedAsRef         = false;
 
-      if (NULL != pScreenBlockFeatureStorage)
+      if (NULL != pScreenBlockFeatureStorage) {
         pScreenBlockFeatureStorage->bRefBlockFeatureCalculated = false;
+        pScreenBlockFeatureStorage->bTandemThresholdsPending = false;
+      }
   }
 
 } SPicture;

@@ -237,9 +237,9 @@ int64_t     iCost2BitsIntra;
 int32_t    iBaseQp;
 long long  uiLastTimeStamp;
 
-//Tandem: the timestamp of the previous picture given to rate control (see TandemDrainPause)
+//Tandem: see TandemDrainPause
 bool       bTandemHaveLastTs;
-long long  iTandemLastTs;
+double     dTandemPaidUntilMs; // the time upstream's per-picture drain has paid for
 
 //for statistics and online adjustments
 int32_t   iActualBitRate; // TODO: to complete later

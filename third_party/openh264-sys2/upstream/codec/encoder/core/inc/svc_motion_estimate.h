@@ -328,6 +328,7 @@ int32_t ReleaseFeatureSearchPreparation (CMemoryAlign* pMa, uint16_t*& pFeatureO
 
 void PerformFMEPreprocess (SWelsFuncPtrList* pFunc, SPicture* pRef, uint16_t* pFeatureOfBlock,
                            SScreenBlockFeatureStorage* pScreenBlockFeatureStorage);
+void SetFMESadCostThresholds (const SPicture* pRef, SScreenBlockFeatureStorage* pScreenBlockFeatureStorage);
 bool SetFeatureSearchIn (SWelsFuncPtrList* pFunc,  const SWelsME& sMe,
                          const SSlice* pSlice, SScreenBlockFeatureStorage* pRefFeatureStorage,
                          const int32_t kiEncStride, const int32_t kiRefStride,

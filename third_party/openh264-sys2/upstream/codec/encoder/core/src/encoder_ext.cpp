@@ -2670,6 +2670,9 @@ bool SetMeMethod (const uint8_t uiMethod, PSearchMethodFunc& pSearchMethodFunc) 
 // The hashes belong to the reference picture (its SScreenBlockFeatureStorage) and are computed with
 // the same function and inputs the next frame would use, so the result is bit-identical; a picture
 // that stops being a reference (an IDR, a re-initialisation) drops them in SPicture::SetUnref.
+// PerformFMEPreprocess also sets the picture's SAD thresholds, which every later screen-content
+// motion search reads, feature search or not; upstream sets them only when a frame does search
+// this picture. So they are put back as they were, and set when (if) the next frame searches.
 bool WelsTandemPrepareFeatureSearch (sWelsEncCtx* pCtx) {
   if (NULL == pCtx || NULL == pCtx->pSvcParam || NULL == pCtx->ppDqLayerList || NULL == pCtx->ppRefPicListExt
       || pCtx->pSvcParam->iUsageType != SCREEN_CONTENT_REAL_TIME || pCtx->pSvcParam->iSpatialLayerNum != 1
@@ -2688,9 +2691,13 @@ bool WelsTandemPrepareFeatureSearch (sWelsEncCtx* pCtx) {
       || pRef->pScreenBlockFeatureStorage->bRefBlockFeatureCalculated) {
     return false;
   }
-  PerformFMEPreprocess (pCtx->pFuncList, pRef, pLayer->pFeatureSearchPreparation->pFeatureOfBlock,
-                        pRef->pScreenBlockFeatureStorage);
-  return pRef->pScreenBlockFeatureStorage->bRefBlockFeatureCalculated;
+  SScreenBlockFeatureStorage* pStorage = pRef->pScreenBlockFeatureStorage;
+  uint32_t uiThresholds[BLOCK_SIZE_ALL];
+  memcpy (uiThresholds, pStorage->uiSadCostThreshold, sizeof (uiThresholds));
+  PerformFMEPreprocess (pCtx->pFuncList, pRef, pLayer->pFeatureSearchPreparation->pFeatureOfBlock, pStorage);
+  memcpy (pStorage->uiSadCostThreshold, uiThresholds, sizeof (uiThresholds));
+  pStorage->bTandemThresholdsPending = pStorage->bRefBlockFeatureCalculated;
+  return pStorage->bRefBlockFeatureCalculated;
 }
 
 void PreprocessSliceCoding (sWelsEncCtx* pCtx) {
@@ -2783,6 +2790,12 @@ void PreprocessSliceCoding (sWelsEncCtx* pCtx) {
           SPicture* pRef = (pCtx->pSvcParam->bEnableLongTermReference ? pCurLayer->pRefOri[0] : pCurLayer->pRefPic);
           PerformFMEPreprocess (pFuncList, pRef, pFeatureSearchPreparation->pFeatureOfBlock,
                                 pScreenBlockFeatureStorage);
+        } else if (pFeatureSearchPreparation->bFMESwitchFlag && pScreenBlockFeatureStorage->bTandemThresholdsPending) {
+          // Tandem: hashed ahead (WelsTandemPrepareFeatureSearch); what PerformFMEPreprocess would
+          // have set here besides the hashes.
+          SPicture* pRef = (pCtx->pSvcParam->bEnableLongTermReference ? pCurLayer->pRefOri[0] : pCurLayer->pRefPic);
+          SetFMESadCostThresholds (pRef, pScreenBlockFeatureStorage);
+          pScreenBlockFeatureStorage->bTandemThresholdsPending = false;
         }
 
         //assign ME pointer

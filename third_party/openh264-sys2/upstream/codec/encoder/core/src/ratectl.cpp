@@ -774,9 +774,25 @@ void RcCalculateGomQp (sWelsEncCtx* pEncCtx, SSlice* pSlice, SMB* pCurMb) {
 
 }
 
+// (Tandem: taken out of RcVBufferCalculationSkip, unchanged, so that TandemDrainPause can judge the
+// same conditions.)
+static double RcVGopIncPercent (const SWelsSvcRc* pWelsSvcRc) {
+  const SRCTemporal* pTOverRc = pWelsSvcRc->pTemporalOverRc;
+  int64_t iVGopBitsPred = 0;
+  for (int32_t i = pWelsSvcRc->iFrameCodedInVGop + 1; i < VGOP_SIZE; i++)
+    iVGopBitsPred += pTOverRc[pWelsSvcRc->iTlOfFrames[i]].iMinBitsTl;
+  iVGopBitsPred -= pWelsSvcRc->iRemainingBits;
+  return iVGopBitsPred * 100.0 / (pWelsSvcRc->iBitsPerFrame * VGOP_SIZE) -
+         (double)VGOP_BITS_PERCENTAGE_DIFF;
+}
+static bool RcSkipConditions (const SWelsSvcRc* pWelsSvcRc, const double dIncPercent) {
+  return (pWelsSvcRc->iBufferFullnessSkip > pWelsSvcRc->iBufferSizeSkip
+          && pWelsSvcRc->iAverageFrameQp > pWelsSvcRc->iSkipQpValue)
+         || (dIncPercent > pWelsSvcRc->iRcVaryPercentage);
+}
+
 void   RcVBufferCalculationSkip (sWelsEncCtx* pEncCtx) {
   SWelsSvcRc* pWelsSvcRc = &pEncCtx->pWelsSvcRc[pEncCtx->uiDependencyId];
-  SRCTemporal* pTOverRc = pWelsSvcRc->pTemporalOverRc;
   const int32_t kiOutputBits = pWelsSvcRc->iBitsPerFrame;
   const int32_t kiOutputMaxBits = pWelsSvcRc->iMaxBitsPerFrame;
 //condition 1: whole pBuffer fullness
@@ -788,16 +804,9 @@ void   RcVBufferCalculationSkip (sWelsEncCtx* pEncCtx) {
            "[Rc] bits in buffer = %" PRId64 ", bits in Max bitrate buffer = %" PRId64,
            pWelsSvcRc->iBufferFullnessSkip, pWelsSvcRc->iBufferMaxBRFullness[EVEN_TIME_WINDOW]);
 //condition 2: VGOP bits constraint
-  int64_t iVGopBitsPred = 0;
-  for (int32_t i = pWelsSvcRc->iFrameCodedInVGop + 1; i < VGOP_SIZE; i++)
-    iVGopBitsPred += pTOverRc[pWelsSvcRc->iTlOfFrames[i]].iMinBitsTl;
-  iVGopBitsPred -= pWelsSvcRc->iRemainingBits;
-  double dIncPercent = iVGopBitsPred * 100.0 / (pWelsSvcRc->iBitsPerFrame * VGOP_SIZE) -
-                       (double)VGOP_BITS_PERCENTAGE_DIFF;
+  double dIncPercent = RcVGopIncPercent (pWelsSvcRc);
 
-  if ((pWelsSvcRc->iBufferFullnessSkip > pWelsSvcRc->iBufferSizeSkip
-       && pWelsSvcRc->iAverageFrameQp > pWelsSvcRc->iSkipQpValue)
-      || (dIncPercent > pWelsSvcRc->iRcVaryPercentage)) {
+  if (RcSkipConditions (pWelsSvcRc, dIncPercent)) {
     pWelsSvcRc->bSkipFlag = true;
   }
   WelsLog (& (pEncCtx->sLogCtx), WELS_LOG_DEBUG,
@@ -873,8 +882,13 @@ void CheckFrameSkipBasedMaxbr (sWelsEncCtx* pEncCtx, const long long uiTimeStamp
 // changed, so seconds can pass between two pictures: the bits the path could have carried meanwhile
 // were never counted, and a large picture before a pause made the first pictures after it be skipped
 // (measured at 1080p, 8 Mbit/s: a page of text redrawn, 1.5 s still, then typing: the first 7
-// keystroke pictures skipped, the next 12 each a frame late). Here the time beyond one frame
-// interval since the previous picture drains the buffers as well (down to empty, never into credit).
+// keystroke pictures skipped, the next 12 each a frame late). Here the time a picture comes later
+// than the per-picture drain has already paid for drains the buffers as well (down to empty, never
+// into credit) and returns bits to the group-of-pictures budget as skipped pictures do. The time
+// paid for advances one frame interval per picture, as upstream's drain does, and jumps to the
+// picture's timestamp only when that is later: pictures at or above the frame rate, jittered or not,
+// drain exactly as upstream; only real pauses add. A skip decided after the previous picture is
+// dropped if, after the pause, neither of its conditions holds any more.
 static void TandemDrainPause (sWelsEncCtx* pEncCtx, long long uiTimeStamp, int32_t iSpatialNum) {
   // (One spatial layer, as Tandem encodes; with more, simulcast calls this once per layer.)
   if (pEncCtx->pSvcParam->iRCMode != RC_BITRATE_MODE || pEncCtx->pSvcParam->iSpatialLayerNum != 1)
@@ -883,32 +897,41 @@ static void TandemDrainPause (sWelsEncCtx* pEncCtx, long long uiTimeStamp, int32
     const int32_t iDid = pEncCtx->sSpatialIndexMap[i].iDid;
     SWelsSvcRc* pRc = &pEncCtx->pWelsSvcRc[iDid];
     const SSpatialLayerConfig* pLayer = &pEncCtx->pSvcParam->sSpatialLayers[iDid];
-    const bool bHaveLast = pRc->bTandemHaveLastTs;
-    const long long iLast = pRc->iTandemLastTs;
-    pRc->bTandemHaveLastTs = true;
-    pRc->iTandemLastTs = uiTimeStamp;
-    if (!bHaveLast || uiTimeStamp <= iLast || pLayer->fFrameRate <= 0)
+    const float fFps = pEncCtx->pSvcParam->sDependencyLayers[iDid].fOutputFrameRate;
+    if (fFps <= 0) {
       continue;
-    const double dBeyondMs = (double) (uiTimeStamp - iLast) - 1000.0 / pLayer->fFrameRate;
-    if (dBeyondMs <= 0)
+    }
+    const double dFrameMs = 1000.0 / fFps;
+    if (!pRc->bTandemHaveLastTs) {
+      pRc->bTandemHaveLastTs = true;
+      pRc->dTandemPaidUntilMs = (double) uiTimeStamp;
       continue;
-    const int64_t iDrain = (int64_t) (pLayer->iSpatialBitrate * dBeyondMs / 1000.0);
+    }
+    // Upstream's drain for this picture covers one more interval.
+    pRc->dTandemPaidUntilMs += dFrameMs;
+    // Pictures faster than the frame rate must not store up more than a second of future time.
+    pRc->dTandemPaidUntilMs = WELS_MIN (pRc->dTandemPaidUntilMs, (double) uiTimeStamp + 1000.0);
+    const double dLateMs = WELS_MIN ((double) uiTimeStamp - pRc->dTandemPaidUntilMs, 10000.0);
+    if (dLateMs <= 0) {
+      continue;
+    }
+    pRc->dTandemPaidUntilMs = (double) uiTimeStamp;
+    const int64_t iDrain = (int64_t) (pLayer->iSpatialBitrate * dLateMs / 1000.0);
     if (pRc->iBufferFullnessSkip > 0)
       pRc->iBufferFullnessSkip = WELS_MAX ((int64_t) 0, pRc->iBufferFullnessSkip - iDrain);
     const int64_t iDrainMax = (pLayer->iMaxSpatialBitrate > 0 && pLayer->iMaxSpatialBitrate != UNSPECIFIED_BIT_RATE)
-                              ? (int64_t) (pLayer->iMaxSpatialBitrate * dBeyondMs / 1000.0) : iDrain;
+                              ? (int64_t) (pLayer->iMaxSpatialBitrate * dLateMs / 1000.0) : iDrain;
     for (int32_t w = 0; w < TIME_WINDOW_TOTAL; w++) {
       if (pRc->iBufferMaxBRFullness[w] > 0)
         pRc->iBufferMaxBRFullness[w] = WELS_MAX ((int64_t) 0, pRc->iBufferMaxBRFullness[w] - iDrainMax);
     }
-    // The bits still allowed in this group of pictures: a deficit carried over from a large picture
-    // (bFixRCOverShoot) is paid by the pause too, up to one group's full allocation.
+    // The group-of-pictures budget: a skipped picture gives its frame's bits back to it
+    // (UpdateBufferWhenFrameSkipped); the pictures a pause stands for do the same, up to one group's
+    // allocation (a deficit carried from a large picture is paid first).
     const int64_t iVGopBits = (int64_t) VGOP_SIZE * pRc->iBitsPerFrame;
     if (pRc->iRemainingBits < iVGopBits)
       pRc->iRemainingBits = (int32_t) WELS_MIN (iVGopBits, (int64_t) pRc->iRemainingBits + iDrain);
-    // A skip decided after the previous picture judged the buffer as it was then; the maximum-bitrate
-    // check that follows judges it as it is now.
-    if (pRc->iBufferFullnessSkip <= pRc->iBufferSizeSkip && pRc->iRemainingBits >= 0)
+    if (pRc->bSkipFlag && !RcSkipConditions (pRc, RcVGopIncPercent (pRc)))
       pRc->bSkipFlag = false;
   }
 }

@@ -721,6 +721,7 @@ int32_t RequestScreenBlockFeatureStorage (CMemoryAlign* pMa, const int32_t kiFra
   pScreenBlockFeatureStorage->iActualListSize = kiListSize;
   WelsSetMemMultiplebytes_c (pScreenBlockFeatureStorage->uiSadCostThreshold, UINT_MAX, BLOCK_SIZE_ALL, sizeof (uint32_t));
   pScreenBlockFeatureStorage->bRefBlockFeatureCalculated = false;
+  pScreenBlockFeatureStorage->bTandemThresholdsPending = false;
 
   return ENC_RETURN_SUCCESS;
 }
@@ -874,20 +875,26 @@ bool CalculateFeatureOfBlock (SWelsFuncPtrList* pFunc, SPicture* pRef,
   return true;
 }
 
+// (Tandem: taken out of PerformFMEPreprocess, unchanged, so that hashing ahead can set them later.)
+void SetFMESadCostThresholds (const SPicture* pRef, SScreenBlockFeatureStorage* pScreenBlockFeatureStorage) {
+  uint32_t uiRefPictureAvgQstepx16 = QStepx16ByQp[WelsMedian (0, pRef->iFrameAverageQp, 51)];
+  uint32_t uiSadCostThreshold16x16 = ((30 * (uiRefPictureAvgQstepx16 + 160)) >> 3);
+  pScreenBlockFeatureStorage->uiSadCostThreshold[BLOCK_16x16] = uiSadCostThreshold16x16;
+  pScreenBlockFeatureStorage->uiSadCostThreshold[BLOCK_8x8] = (uiSadCostThreshold16x16 >> 2);
+  pScreenBlockFeatureStorage->uiSadCostThreshold[BLOCK_16x8]
+    = pScreenBlockFeatureStorage->uiSadCostThreshold[BLOCK_8x16]
+      = pScreenBlockFeatureStorage->uiSadCostThreshold[BLOCK_4x4] = UINT_MAX;
+}
+
 void PerformFMEPreprocess (SWelsFuncPtrList* pFunc, SPicture* pRef, uint16_t* pFeatureOfBlock,
                            SScreenBlockFeatureStorage* pScreenBlockFeatureStorage) {
   pScreenBlockFeatureStorage->pFeatureOfBlockPointer = pFeatureOfBlock;
   pScreenBlockFeatureStorage->bRefBlockFeatureCalculated = CalculateFeatureOfBlock (pFunc, pRef,
       pScreenBlockFeatureStorage);
+  pScreenBlockFeatureStorage->bTandemThresholdsPending = false;
 
   if (pScreenBlockFeatureStorage->bRefBlockFeatureCalculated) {
-    uint32_t uiRefPictureAvgQstepx16 = QStepx16ByQp[WelsMedian (0, pRef->iFrameAverageQp, 51)];
-    uint32_t uiSadCostThreshold16x16 = ((30 * (uiRefPictureAvgQstepx16 + 160)) >> 3);
-    pScreenBlockFeatureStorage->uiSadCostThreshold[BLOCK_16x16] = uiSadCostThreshold16x16;
-    pScreenBlockFeatureStorage->uiSadCostThreshold[BLOCK_8x8] = (uiSadCostThreshold16x16 >> 2);
-    pScreenBlockFeatureStorage->uiSadCostThreshold[BLOCK_16x8]
-      = pScreenBlockFeatureStorage->uiSadCostThreshold[BLOCK_8x16]
-        = pScreenBlockFeatureStorage->uiSadCostThreshold[BLOCK_4x4] = UINT_MAX;
+    SetFMESadCostThresholds (pRef, pScreenBlockFeatureStorage);
   }
 }
 
