@@ -736,6 +736,10 @@ fn start_streaming(
                             // frames) 40–60 ms before the next frame could go.
                             let airtime = frame.data.len() as f64 * 8.0
                                 / (path_rate(&inner) * 0.8).max(240_000.0);
+                            // Rate control must not take that wait for a still screen.
+                            pipeline.path_busy_until(
+                                Instant::now() + Duration::from_secs_f64(airtime.min(10.0)),
+                            );
                             // At most 30 frames a second on average, as a virtual schedule
                             // (GCRA) that lets a frame go at once when the previous one was a
                             // whole interval or more ago, with one frame of burst: a fixed

@@ -63,6 +63,11 @@ pub struct VideoEncoder {
     feature_search_set: Option<bool>,
     threads: u16,
     started: std::time::Instant,
+    /// Rate control's clock (see [`VideoEncoder::path_busy_until_ms`]): the last timestamp given,
+    /// the clock, and until when the path is busy carrying what was sent.
+    clock_in: Option<u64>,
+    clock: u64,
+    busy_until_ms: u64,
 }
 
 impl std::fmt::Debug for VideoEncoder {
@@ -147,6 +152,9 @@ impl VideoEncoder {
             feature_search_set: None,
             threads: encoder_threads(),
             started: std::time::Instant::now(),
+            clock_in: None,
+            clock: 0,
+            busy_until_ms: 0,
         })
     }
 
@@ -209,6 +217,38 @@ impl VideoEncoder {
         self.encode_at(img, ms)
     }
 
+    /// The path carries what was sent until `t` (the caller's pacing estimate), in the clock of
+    /// [`VideoEncoder::encode`].
+    pub fn path_busy_until(&mut self, t: std::time::Instant) {
+        self.path_busy_until_ms(t.saturating_duration_since(self.started).as_millis() as u64);
+    }
+
+    /// The same in the milliseconds of [`VideoEncoder::encode_at`].
+    ///
+    /// Tandem's OpenH264 lets a pause between pictures pay for the pictures before it
+    /// (`third_party/openh264-rc-pause-drains.patch`): the path carried nothing meanwhile. That
+    /// holds for a still screen, not for the time the agent waits because the path is still
+    /// carrying a large frame — counted as idle, that time gave rate control budget for the next
+    /// large frame, and on a 1 Mbit/s path frames grew to ≈450 KB, 4 s each (the end-to-end test
+    /// `one_megabit_cap_lowers_quality_not_latency` got 3 frames in 15 s instead of 4–10). So
+    /// the timestamps rate control sees skip the time the path was busy beyond one frame
+    /// interval.
+    pub fn path_busy_until_ms(&mut self, ms: u64) {
+        self.busy_until_ms = ms;
+    }
+
+    /// Rate control's timestamp for a picture at `ms`.
+    fn rc_clock(&mut self, ms: u64) -> u64 {
+        let Some(last) = self.clock_in.replace(ms) else {
+            return self.clock;
+        };
+        let gap = ms.saturating_sub(last);
+        let busy = self.busy_until_ms.saturating_sub(last).min(gap);
+        let interval = (1000.0 / f64::from(self.target.max_fps.max(1.0))) as u64;
+        self.clock += (gap - busy).max(gap.min(interval));
+        self.clock
+    }
+
     /// Encodes one picture with a timestamp in milliseconds (rate control paces by it; benchmarks
     /// replay scenes faster than real time with the timestamps of real time).
     ///
@@ -218,6 +258,7 @@ impl VideoEncoder {
     /// the picture tried once more, as a keyframe; the ceiling comes back down
     /// [`BOOST_FRAMES`] frames later (one more keyframe).
     pub fn encode_at(&mut self, img: &I420, ms: u64) -> Result<Option<EncodedFrame>, EncodeError> {
+        let ms = self.rc_clock(ms);
         match self.encode_once(img, ms) {
             Ok(f) => {
                 if self.overflow_boost > 0 && f.is_some() {
@@ -501,6 +542,26 @@ mod tests {
             }
         }
         assert!(skipped.is_empty(), "skipped {skipped:?}");
+
+        // The same page again, but the "pause" is the path carrying it: no budget for that time,
+        // so rate control still pays the page off.
+        let mut f = page(w, h);
+        f.data.iter_mut().for_each(|b| *b = 255 - *b);
+        crate::convert::bgrx_to_i420(&f, &mut yuv).unwrap();
+        let t0 = 1533 + 10 * 33 + 33;
+        let big = enc.encode_at(&yuv, t0).unwrap().map_or(0, |e| e.data.len());
+        assert!(big > 100_000, "{big}");
+        enc.path_busy_until_ms(t0 + 1500);
+        let mut skipped = 0;
+        for k in 0..10u64 {
+            let i = ((h as usize - 40) * w as usize + 8 * k as usize) * 4;
+            f.data[i..i + 12].fill(0);
+            crate::convert::bgrx_to_i420(&f, &mut yuv).unwrap();
+            if enc.encode_at(&yuv, t0 + 1500 + k * 33).unwrap().is_none() {
+                skipped += 1;
+            }
+        }
+        assert!(skipped > 0, "a busy path is not a pause");
     }
 
     /// OpenH264 fails a picture larger than its output buffer, and every picture after it. Found

@@ -143,6 +143,11 @@ impl<C: Capturer> ScreenPipeline<C> {
         self.encoder.prepare_next()
     }
 
+    /// The path carries what was sent until `t` (see [`VideoEncoder::path_busy_until`]).
+    pub fn path_busy_until(&mut self, t: Instant) {
+        self.encoder.path_busy_until(t);
+    }
+
     pub fn step(&mut self) -> Result<Step, PipelineError> {
         let t0 = Instant::now();
         let cap = self.capturer.capture()?;
