@@ -113,6 +113,11 @@ impl LoadGovernor {
         true
     }
 
+    /// A frame slower than this cannot hold the frame rate (under 20 frames a second at 30).
+    fn too_slow(&self) -> Duration {
+        self.interval * 3 / 2
+    }
+
     fn median(&self) -> Duration {
         let mut v: Vec<Duration> = self.recent.iter().copied().collect();
         v.sort_unstable();
@@ -139,12 +144,7 @@ impl LoadGovernor {
         self.recent.push_back(cost);
         // Too slow twice in a row: enough to decide.
         let n = self.recent.len();
-        if !self.halved
-            && n >= FAST
-            && self
-                .recent
-                .range(n - FAST..)
-                .all(|&c| c > self.interval * 3 / 2)
+        if !self.halved && n >= FAST && self.recent.range(n - FAST..).all(|&c| c > self.too_slow())
         {
             return self.switch(true, now);
         }
@@ -155,7 +155,7 @@ impl LoadGovernor {
         let held = self
             .halved_at
             .is_none_or(|t| now.saturating_duration_since(t) >= self.hold);
-        if !self.halved && m > self.interval * 3 / 2 {
+        if !self.halved && m > self.too_slow() {
             self.switch(true, now)
         } else if self.halved && held && m < self.interval / 2 {
             self.switch(false, now)

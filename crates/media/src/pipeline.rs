@@ -266,11 +266,11 @@ mod tests {
         }
     }
 
-    /// A small screen stays whole however slow the machine: fewer frames, legible text.
-    #[test]
-    fn the_load_does_not_halve_a_small_screen() {
+    /// A pipeline at 60 frames a second over a moving screen of `w`×`h` whose captures take 30 ms
+    /// each (the rule allows 25).
+    fn too_slow(w: u32, h: u32) -> ScreenPipeline<Moving> {
         let cap = Moving {
-            frame: Frame::new(1024, 768),
+            frame: Frame::new(w, h),
             moving: true,
             full: true,
             n: 0,
@@ -279,7 +279,13 @@ mod tests {
             bitrate_bps: 10_000_000,
             max_fps: 60.0,
         };
-        let mut pipe = ScreenPipeline::new(cap, target).unwrap();
+        ScreenPipeline::new(cap, target).unwrap()
+    }
+
+    /// A small screen stays whole however slow the machine: fewer frames, legible text.
+    #[test]
+    fn the_load_does_not_halve_a_small_screen() {
+        let mut pipe = too_slow(1024, 768);
         let mut widths = vec![];
         for _ in 0..12 {
             if let Some(e) = pipe.step().unwrap().encoded {
@@ -296,17 +302,7 @@ mod tests {
     /// frame; the capture alone takes 30.)
     #[test]
     fn a_screen_the_machine_cannot_keep_up_with_is_halved_until_it_is_still() {
-        let cap = Moving {
-            frame: Frame::new(1280, 720),
-            moving: true,
-            full: true,
-            n: 0,
-        };
-        let target = Target {
-            bitrate_bps: 10_000_000,
-            max_fps: 60.0,
-        };
-        let mut pipe = ScreenPipeline::new(cap, target).unwrap();
+        let mut pipe = too_slow(1280, 720);
         let mut sizes = vec![];
         // (Rate control may skip a frame now and then; the rule counts encoded frames.)
         for _ in 0..40 {
