@@ -11,7 +11,7 @@
 //! CPU per Mbit/s; with `--creep-minutes M` a long typing session reporting its first and last
 //! minute. Table on stdout, JSON in `target/bench/glass.json`.
 //!
-//!     cargo bench -p tandem-tests --bench glass [-- --seconds 10 --width 1920 --height 1080 --creep-minutes 10 --scene drag --trace 30]
+//!     cargo bench -p tandem-tests --bench glass [-- --seconds 10 --width 1920 --height 1080 --creep-minutes 10 --scene drag --trace 30 --slow 40]
 #![allow(clippy::unwrap_used)]
 
 use std::collections::HashMap;
@@ -42,6 +42,8 @@ struct Args {
     scene: String,
     /// Print the first this many frames of each scene (glass ms, size) to stderr.
     trace: usize,
+    /// Also print every later frame slower than this many ms (0: none), to see what a p99 is.
+    slow: f64,
 }
 
 fn args() -> Args {
@@ -52,6 +54,7 @@ fn args() -> Args {
         creep_minutes: bench_arg("--creep-minutes", 0.0),
         scene: bench_arg("--scene", String::new()),
         trace: bench_arg("--trace", 0),
+        slow: bench_arg("--slow", 0.0),
     }
 }
 
@@ -471,20 +474,17 @@ async fn measure(
             if let Some(n) = read_counter(&fr.rgba, fr.width, fr.height, screen_w)
                 && let Some(t) = drawn.at.lock().unwrap().remove(&n)
             {
-                glass.push(t.elapsed().as_secs_f64() * 1e3);
-                if glass.len() <= a.trace {
+                let ms = t.elapsed().as_secs_f64() * 1e3;
+                glass.push(ms);
+                if glass.len() <= a.trace || (a.slow > 0.0 && ms > a.slow) {
                     eprintln!(
-                        "{} #{}: {:.1} ms, {}x{}{}",
+                        "{} #{} at {:.2} s: {ms:.1} ms, {}x{}, {} bytes",
                         scene.name(),
                         glass.len(),
-                        glass[glass.len() - 1],
+                        t0.elapsed().as_secs_f64(),
                         fr.width,
                         fr.height,
-                        if f.data.len() > 100_000 {
-                            " (large)"
-                        } else {
-                            ""
-                        }
+                        f.data.len(),
                     );
                 }
             }
