@@ -291,9 +291,14 @@ impl VideoEncoder {
                 .saturating_add(self.overflow_boost)
                 .min(51);
             let api = OpenH264API::from_source();
-            let enc =
+            let mut enc =
                 Encoder::with_api_config(api, config(self.target, self.qp_ceiling, self.threads))
                     .map_err(|e| EncodeError::Create(e.to_string()))?;
+            if !disable_loop_filter(&mut enc) {
+                tracing::debug!(
+                    "OpenH264 without Tandem's loop-filter option: deblocking stays on"
+                );
+            }
             self.enc = Some(enc);
             self.feature_search_set = None;
             self.size = (w, h);
@@ -345,6 +350,32 @@ const ENCODER_OPTION_TANDEM_FME_ON_SCROLL_ONLY: openh264_sys2::ENCODER_OPTION =
 /// [`VideoEncoder::prepare_next`]).
 const ENCODER_OPTION_TANDEM_PREPARE_FEATURE_SEARCH: openh264_sys2::ENCODER_OPTION =
     openh264_sys2::ENCODER_OPTION_BITS_VARY_PERCENTAGE + 2;
+
+/// Sets `iLoopFilterDisableIdc` for the encoder's initialisations to come (also before the first).
+const ENCODER_OPTION_TANDEM_LOOP_FILTER_DISABLE_IDC: openh264_sys2::ENCODER_OPTION =
+    openh264_sys2::ENCODER_OPTION_BITS_VARY_PERCENTAGE + 3;
+
+/// Turns H.264's deblocking filter off (`disable_deblocking_filter_idc` = 1 in every slice; the
+/// decoder follows the slice header). The filter smooths block edges, which suits camera video
+/// and smears the sharp edges of text. Measured with the media bench at 1080p (same run, A/B):
+/// luma PSNR at 4 Mbit/s 40.4 → 47.9 dB on the worst frame (typing 40.4 → 47.9, dragging 41.7 →
+/// 49.3, full motion 52.1 → 59.5 on average) for the same or fewer bits; at 1.5 Mbit/s 34.3 →
+/// 35.6 dB; at 500 kbit/s the same (29.3). Decoding is ≈8 % faster (6.4 → 5.9 ms p50), and the
+/// encoder no longer filters its reconstruction either. Returns whether the encoder took it (an
+/// OpenH264 without Tandem's patch refuses the unknown option and deblocks as upstream).
+#[allow(unsafe_code)]
+fn disable_loop_filter(enc: &mut Encoder) -> bool {
+    let mut idc: i32 = 1;
+    // SAFETY: the option reads one `int32_t` through the pointer, which points to a live `i32`
+    // local for the whole call; Tandem's OpenH264 takes it before initialisation (it only stores
+    // it), any other refuses it with an error code without reading.
+    unsafe {
+        enc.raw_api().set_option(
+            ENCODER_OPTION_TANDEM_LOOP_FILTER_DISABLE_IDC,
+            (&raw mut idc).cast(),
+        ) == 0
+    }
+}
 
 /// Sets the feature-search policy; returns whether the encoder took it (an OpenH264 without
 /// Tandem's patch refuses the option and decides as upstream; so does one not yet initialised).
@@ -427,7 +458,7 @@ mod tests {
         // SAFETY: as in `set_feature_search`; the unknown option is refused without reading.
         let refused = unsafe {
             enc.raw_api().set_option(
-                ENCODER_OPTION_TANDEM_PREPARE_FEATURE_SEARCH + 1,
+                ENCODER_OPTION_TANDEM_LOOP_FILTER_DISABLE_IDC + 1,
                 (&raw mut x).cast(),
             )
         };
@@ -463,6 +494,40 @@ mod tests {
             }
         }
         f
+    }
+
+    /// Text is not deblocked: the keyframe of a page of text decodes closer to the page than
+    /// upstream's (deblocked) one at the same bitrate, and the option is taken before the
+    /// encoder's first picture.
+    #[test]
+    fn text_is_not_smeared_by_the_loop_filter() {
+        let (w, h) = (640u32, 360u32);
+        let src = page(w, h);
+        let mut yuv = I420::default();
+        crate::convert::bgrx_to_i420(&src, &mut yuv).unwrap();
+        let target = Target {
+            bitrate_bps: 1_000_000,
+            max_fps: 30.0,
+        };
+        let psnr = |off: bool| {
+            let api = OpenH264API::from_source();
+            let mut enc = Encoder::with_api_config(api, config(target, 51, 1)).unwrap();
+            if off {
+                assert!(disable_loop_filter(&mut enc));
+            }
+            let data = enc
+                .encode_at(&yuv, openh264::Timestamp::ZERO)
+                .unwrap()
+                .to_vec();
+            let mut dec = crate::decode::VideoDecoder::new().unwrap();
+            let f = dec.decode(&data).unwrap().unwrap();
+            crate::frame::luma_psnr(&src, &crate::convert::rgba_to_frame(w, h, &f.rgba))
+        };
+        let (deblocked, sharp) = (psnr(false), psnr(true));
+        assert!(
+            sharp > deblocked + 1.0,
+            "without the loop filter {sharp:.1} dB, with it {deblocked:.1} dB"
+        );
     }
 
     /// Hashing the next reference between frames gives the same bitstream as hashing it at the

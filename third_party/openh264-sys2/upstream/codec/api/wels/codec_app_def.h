@@ -145,7 +145,8 @@ typedef enum {
   ENCODER_OPTION_BITS_VARY_PERCENTAGE,       ///< bit vary percentage
 
   ENCODER_OPTION_TANDEM_FME_ON_SCROLL_ONLY,  ///< (Tandem) bool: screen-content feature search only on scrolled frames
-  ENCODER_OPTION_TANDEM_PREPARE_FEATURE_SEARCH ///< (Tandem) int, out: after a scrolled frame, hash the next reference now (1 if it did)
+  ENCODER_OPTION_TANDEM_PREPARE_FEATURE_SEARCH, ///< (Tandem) int, out: after a scrolled frame, hash the next reference now (1 if it did)
+  ENCODER_OPTION_TANDEM_LOOP_FILTER_DISABLE_IDC ///< (Tandem) int: overrides iLoopFilterDisableIdc of every later initialisation; may be set before InitializeExt
 } ENCODER_OPTION;
 
 /**

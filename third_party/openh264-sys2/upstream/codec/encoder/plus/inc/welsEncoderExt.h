@@ -110,6 +110,7 @@ class CWelsH264SVCEncoder : public ISVCEncoder {
 
   int32_t           m_iCspInternal;
   bool              m_bInitialFlag;
+  int32_t           m_iTandemLoopFilterDisableIdc; // -1: as the parameters say
 
 #ifdef OUTPUT_BIT_STREAM
   FILE*             m_pFileBs;

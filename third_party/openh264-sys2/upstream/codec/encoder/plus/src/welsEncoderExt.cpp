@@ -65,7 +65,8 @@ CWelsH264SVCEncoder::CWelsH264SVCEncoder()
     m_iMaxPicWidth (0),
     m_iMaxPicHeight (0),
     m_iCspInternal (0),
-    m_bInitialFlag (false) {
+    m_bInitialFlag (false),
+    m_iTandemLoopFilterDisableIdc (-1) {
 #ifdef REC_FRAME_COUNT
   int32_t m_uiCountFrameNum = 0;
 #endif//REC_FRAME_COUNT
@@ -230,6 +231,8 @@ int CWelsH264SVCEncoder::InitializeExt (const SEncParamExt* argv) {
     Uninitialize();
     return cmInitParaError;
   }
+  if (m_iTandemLoopFilterDisableIdc >= 0)
+    sConfig.iLoopFilterDisableIdc = m_iTandemLoopFilterDisableIdc;
 
   return InitializeInternal (&sConfig);
 }
@@ -694,6 +697,16 @@ int CWelsH264SVCEncoder::SetOption (ENCODER_OPTION eOptionId, void* pOption) {
     return cmInitParaError;
   }
 
+  // (Tandem) Remembered for the initialisations to come, so also taken before the first one.
+  if (eOptionId == ENCODER_OPTION_TANDEM_LOOP_FILTER_DISABLE_IDC) {
+    int32_t iValue = * (static_cast<int32_t*> (pOption));
+    if (iValue < -1 || iValue > 2) {
+      return cmInitParaError;
+    }
+    m_iTandemLoopFilterDisableIdc = iValue;
+    return 0;
+  }
+
   if ((NULL == m_pEncContext || false == m_bInitialFlag) && eOptionId != ENCODER_OPTION_TRACE_LEVEL
       && eOptionId != ENCODER_OPTION_TRACE_CALLBACK && eOptionId != ENCODER_OPTION_TRACE_CALLBACK_CONTEXT) {
     return cmInitExpected;
@@ -816,6 +829,8 @@ int CWelsH264SVCEncoder::SetOption (ENCODER_OPTION eOptionId, void* pOption) {
                "CWelsH264SVCEncoder::SetOption():ENCODER_OPTION_SVC_ENCODE_PARAM_EXT, ParamTranscode failed!");
       return cmInitParaError;
     }
+    if (m_iTandemLoopFilterDisableIdc >= 0)
+      sConfig.iLoopFilterDisableIdc = m_iTandemLoopFilterDisableIdc;
     if (sConfig.iSpatialLayerNum < 1) {
       WelsLog (&m_pWelsTrace->m_sLogCtx, WELS_LOG_ERROR,
                "CWelsH264SVCEncoder::SetOption():ENCODER_OPTION_SVC_ENCODE_PARAM_EXT, iSpatialLayerNum(%d) failed!",
