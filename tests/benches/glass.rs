@@ -463,6 +463,7 @@ async fn measure(
             continue;
         };
         bytes += f.data.len() as u64;
+        let received = Instant::now();
         let decoded = dec.decode(&f.data);
         if decoded.is_err() {
             decode_errors += 1;
@@ -478,10 +479,11 @@ async fn measure(
                 glass.push(ms);
                 if glass.len() <= a.trace || (a.slow > 0.0 && ms > a.slow) {
                     eprintln!(
-                        "{} #{} at {:.2} s: {ms:.1} ms, {}x{}, {} bytes",
+                        "{} #{} at {:.2} s: {ms:.1} ms (received after {:.1}), {}x{}, {} bytes",
                         scene.name(),
                         glass.len(),
                         t0.elapsed().as_secs_f64(),
+                        ms - received.elapsed().as_secs_f64() * 1e3,
                         fr.width,
                         fr.height,
                         f.data.len(),

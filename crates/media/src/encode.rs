@@ -187,11 +187,17 @@ impl VideoEncoder {
         if t == self.target {
             return;
         }
-        self.target = t;
+        let old = std::mem::replace(&mut self.target, t);
         if self.enc.is_some() && self.ceiling_for(self.size) != self.qp_ceiling {
             self.enc = None;
-        } else if let Some(enc) = self.enc.as_mut() {
-            set_rate(enc, t);
+        } else if let Some(enc) = self.enc.as_mut()
+            && !set_rate(enc, old, t)
+        {
+            tracing::warn!(
+                bitrate_bps = t.bitrate_bps,
+                "the encoder refused the new bitrate; it is rebuilt with it"
+            );
+            self.enc = None;
         }
     }
 
@@ -409,26 +415,71 @@ fn prepare_feature_search(enc: &mut Encoder) -> bool {
     rc == 0 && did == 1
 }
 
-/// Sets bitrate and maximum frame rate on a running encoder.
+/// Sets bitrate and maximum frame rate on a running encoder (from `old`, the target it has).
+///
+/// The maximum bitrate moves with the target, as at initialisation (the `openh264` crate sets
+/// both to the target). OpenH264 refuses a target above the maximum, but only after writing it,
+/// and its frame skipping holds the stream under the maximum: the agent starts at 4 Mbit/s and
+/// raises the target to what the path carries, so with the maximum left behind the encoder was
+/// told 8 Mbit/s and skipped frames to stay under 4 (glass bench, 1080p full motion at full
+/// resolution: 57–65 of 320 frames skipped, each change then a frame later). So the maximum goes
+/// first when the target rises, and last when it falls: it is never below the target.
 #[allow(unsafe_code)]
-fn set_rate(enc: &mut Encoder, t: Target) {
+fn set_rate(enc: &mut Encoder, old: Target, t: Target) -> bool {
     use openh264_sys2::{
-        ENCODER_OPTION_BITRATE, ENCODER_OPTION_FRAME_RATE, SBitrateInfo, SPATIAL_LAYER_ALL,
+        ENCODER_OPTION_BITRATE, ENCODER_OPTION_FRAME_RATE, ENCODER_OPTION_MAX_BITRATE,
+        SBitrateInfo, SPATIAL_LAYER_0, SPATIAL_LAYER_ALL,
     };
+    let bps = t.bitrate_bps.min(i32::MAX as u32) as i32;
     let mut br = SBitrateInfo {
         iLayer: SPATIAL_LAYER_ALL,
-        iBitrate: t.bitrate_bps.min(i32::MAX as u32) as i32,
+        iBitrate: bps,
+    };
+    // The frame skipping reads the layer's maximum (`iMaxSpatialBitrate`), not the total.
+    let mut max = SBitrateInfo {
+        iLayer: SPATIAL_LAYER_0,
+        iBitrate: bps,
     };
     let mut fps: f32 = t.max_fps;
-    // SAFETY: the encoder is initialised (it exists only after `with_api_config` succeeded);
-    // ENCODER_OPTION_BITRATE reads one `SBitrateInfo` and ENCODER_OPTION_FRAME_RATE one `float`
-    // through the pointers, which point to live, correctly typed locals for the whole call. These
-    // options change rate control targets only, which the encoder supports at run time.
+    // SAFETY: the encoder is initialised (it exists only after `with_api_config` succeeded, and
+    // the caller has encoded a picture with it); ENCODER_OPTION_BITRATE and _MAX_BITRATE read one
+    // `SBitrateInfo` and ENCODER_OPTION_FRAME_RATE one `float` through the pointers, which point
+    // to live, correctly typed locals for the whole call. These options change rate control
+    // targets only, which the encoder supports at run time.
     unsafe {
         let api = enc.raw_api();
-        let _ = api.set_option(ENCODER_OPTION_BITRATE, (&raw mut br).cast());
-        let _ = api.set_option(ENCODER_OPTION_FRAME_RATE, (&raw mut fps).cast());
+        let mut set_max = || api.set_option(ENCODER_OPTION_MAX_BITRATE, (&raw mut max).cast());
+        let raising = t.bitrate_bps > old.bitrate_bps;
+        let first = if raising { set_max() } else { 0 };
+        let target = api.set_option(ENCODER_OPTION_BITRATE, (&raw mut br).cast());
+        let last = if raising { 0 } else { set_max() };
+        let ok = first == 0 && target == 0 && last == 0;
+        api.set_option(ENCODER_OPTION_FRAME_RATE, (&raw mut fps).cast()) == 0 && ok
     }
+}
+
+/// The encoder's target and maximum bitrate of its one layer, bits per second.
+#[cfg(test)]
+#[allow(unsafe_code)]
+fn layer_rates(enc: &mut Encoder) -> (i32, i32) {
+    use openh264_sys2::{
+        ENCODER_OPTION_BITRATE, ENCODER_OPTION_MAX_BITRATE, SBitrateInfo, SPATIAL_LAYER_0,
+    };
+    let mut br = SBitrateInfo {
+        iLayer: SPATIAL_LAYER_0,
+        iBitrate: 0,
+    };
+    let mut max = SBitrateInfo {
+        iLayer: SPATIAL_LAYER_0,
+        iBitrate: 0,
+    };
+    // SAFETY: as in `set_rate`; the options write one `SBitrateInfo` each.
+    unsafe {
+        let api = enc.raw_api();
+        api.get_option(ENCODER_OPTION_BITRATE, (&raw mut br).cast());
+        api.get_option(ENCODER_OPTION_MAX_BITRATE, (&raw mut max).cast());
+    }
+    (br.iBitrate, max.iBitrate)
 }
 #[cfg(test)]
 mod tests {
@@ -494,6 +545,32 @@ mod tests {
             }
         }
         f
+    }
+
+    /// A new target moves the maximum bitrate with it, up and down, in place: OpenH264's frame
+    /// skipping holds the stream under the maximum, which at first is the initial target.
+    #[test]
+    fn the_maximum_bitrate_follows_the_target() {
+        let mut v = VideoEncoder::new(Target {
+            bitrate_bps: 4_000_000,
+            max_fps: 30.0,
+        })
+        .unwrap();
+        v.set_threads(1);
+        let mut yuv = I420::default();
+        crate::convert::bgrx_to_i420(&page(640, 360), &mut yuv).unwrap();
+        v.encode_at(&yuv, 0).unwrap();
+        let ceiling = v.qp_ceiling();
+        for bps in [8_000_000, 5_000_000, 12_000_000] {
+            v.set_target(Target {
+                bitrate_bps: bps,
+                max_fps: 30.0,
+            });
+            // The same quantiser band: the encoder was changed, not rebuilt.
+            assert_eq!(v.qp_ceiling(), ceiling);
+            let enc = v.enc.as_mut().expect("not rebuilt");
+            assert_eq!(layer_rates(enc), (bps as i32, bps as i32));
+        }
     }
 
     /// Text is not deblocked: the keyframe of a page of text decodes closer to the page than
