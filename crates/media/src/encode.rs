@@ -547,16 +547,22 @@ mod tests {
         f
     }
 
-    /// A new target moves the maximum bitrate with it, up and down, in place: OpenH264's frame
-    /// skipping holds the stream under the maximum, which at first is the initial target.
-    #[test]
-    fn the_maximum_bitrate_follows_the_target() {
+    /// An encoder at `bitrate_bps` and 30 fps on one thread (its output does not depend on timing).
+    fn one_thread(bitrate_bps: u32) -> VideoEncoder {
         let mut v = VideoEncoder::new(Target {
-            bitrate_bps: 4_000_000,
+            bitrate_bps,
             max_fps: 30.0,
         })
         .unwrap();
         v.set_threads(1);
+        v
+    }
+
+    /// A new target moves the maximum bitrate with it, up and down, in place: OpenH264's frame
+    /// skipping holds the stream under the maximum, which at first is the initial target.
+    #[test]
+    fn the_maximum_bitrate_follows_the_target() {
+        let mut v = one_thread(4_000_000);
         let mut yuv = I420::default();
         crate::convert::bgrx_to_i420(&page(640, 360), &mut yuv).unwrap();
         v.encode_at(&yuv, 0).unwrap();
@@ -657,12 +663,7 @@ mod tests {
     #[test]
     fn a_pause_pays_for_the_picture_before_it() {
         let (w, h) = (1280u32, 720u32);
-        let mut enc = VideoEncoder::new(Target {
-            bitrate_bps: 4_000_000,
-            max_fps: 30.0,
-        })
-        .unwrap();
-        enc.set_threads(1);
+        let mut enc = one_thread(4_000_000);
         let mut yuv = I420::default();
         let mut f = Frame::new(w, h);
         f.data.fill(255);
