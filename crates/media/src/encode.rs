@@ -442,14 +442,13 @@ fn set_rate(enc: &mut Encoder, old: Target, t: Target) -> bool {
         SBitrateInfo, SPATIAL_LAYER_0, SPATIAL_LAYER_ALL,
     };
     let bps = t.bitrate_bps.min(i32::MAX as u32) as i32;
-    let mut br = SBitrateInfo {
-        iLayer: SPATIAL_LAYER_ALL,
-        iBitrate: bps,
-    };
     // The frame skipping reads the layer's maximum (`iMaxSpatialBitrate`), not the total.
-    let mut max = SBitrateInfo {
-        iLayer: SPATIAL_LAYER_0,
-        iBitrate: bps,
+    let target = (ENCODER_OPTION_BITRATE, SPATIAL_LAYER_ALL);
+    let max = (ENCODER_OPTION_MAX_BITRATE, SPATIAL_LAYER_0);
+    let order = if t.bitrate_bps > old.bitrate_bps {
+        [max, target]
+    } else {
+        [target, max]
     };
     let mut fps: f32 = t.max_fps;
     // SAFETY: the encoder is initialised (it exists only after `with_api_config` succeeded, and
@@ -459,13 +458,15 @@ fn set_rate(enc: &mut Encoder, old: Target, t: Target) -> bool {
     // targets only, which the encoder supports at run time.
     unsafe {
         let api = enc.raw_api();
-        let mut set_max = || api.set_option(ENCODER_OPTION_MAX_BITRATE, (&raw mut max).cast());
-        let raising = t.bitrate_bps > old.bitrate_bps;
-        let first = if raising { set_max() } else { 0 };
-        let target = api.set_option(ENCODER_OPTION_BITRATE, (&raw mut br).cast());
-        let last = if raising { 0 } else { set_max() };
-        let ok = first == 0 && target == 0 && last == 0;
-        api.set_option(ENCODER_OPTION_FRAME_RATE, (&raw mut fps).cast()) == 0 && ok
+        // Every option is tried, in order, even after one was refused.
+        let rates = order.iter().fold(true, |ok, &(option, layer)| {
+            let mut br = SBitrateInfo {
+                iLayer: layer,
+                iBitrate: bps,
+            };
+            api.set_option(option, (&raw mut br).cast()) == 0 && ok
+        });
+        api.set_option(ENCODER_OPTION_FRAME_RATE, (&raw mut fps).cast()) == 0 && rates
     }
 }
 
