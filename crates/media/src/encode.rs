@@ -102,7 +102,11 @@ pub fn max_qp(bits_per_pixel: f64) -> u8 {
 /// of the reference picture, ≈10 ms a frame at 1080p on the reference machine) runs only on frames
 /// that scrolled, instead of staying on for as long as it paid off on recent frames. Measured with
 /// the glass bench, a window dragged at 1080p: 22–25 → 15–17 ms glass-to-glass p50, 152 → 186–192
-/// kbit/s. Below this rate bits are scarcer than milliseconds and OpenH264 decides as upstream.
+/// kbit/s. The cross search (a search along each unmatched macroblock's whole column and row)
+/// then runs against hashed references only, i.e. also after scrolls only
+/// (`third_party/openh264-cross-search-hashed-only.patch`): full-screen motion at 1080p 10 ms a
+/// frame instead of 44–83 ms whenever an earlier scroll had left thresholds behind. Below this
+/// rate bits are scarcer than milliseconds and OpenH264 decides as upstream.
 pub const LATENCY_FIRST_BPS: u32 = 2_000_000;
 
 /// How much coarser the quantiser ceiling gets after a picture overflowed the encoder.
@@ -365,6 +369,12 @@ const ENCODER_OPTION_TANDEM_PREPARE_FEATURE_SEARCH: openh264_sys2::ENCODER_OPTIO
 const ENCODER_OPTION_TANDEM_LOOP_FILTER_DISABLE_IDC: openh264_sys2::ENCODER_OPTION =
     openh264_sys2::ENCODER_OPTION_BITS_VARY_PERCENTAGE + 3;
 
+/// Read-only: the P frames since initialisation on which the screen-content 16x16 cross search
+/// ran (see `third_party/openh264-cross-search-hashed-only.patch`).
+#[cfg(test)]
+const ENCODER_OPTION_TANDEM_CROSS_SEARCH_FRAMES: openh264_sys2::ENCODER_OPTION =
+    openh264_sys2::ENCODER_OPTION_BITS_VARY_PERCENTAGE + 4;
+
 /// Turns H.264's deblocking filter off (`disable_deblocking_filter_idc` = 1 in every slice; the
 /// decoder follows the slice header). The filter smooths block edges, which suits camera video
 /// and smears the sharp edges of text. Measured with the media bench at 1080p (same run, A/B):
@@ -493,6 +503,23 @@ fn layer_rates(enc: &mut Encoder) -> (i32, i32) {
     }
     (br.iBitrate, max.iBitrate)
 }
+/// The P frames the encoder's cross search ran on (`None`: not initialised, or not Tandem's
+/// OpenH264).
+#[cfg(test)]
+#[allow(unsafe_code)]
+fn cross_search_frames(enc: &mut Encoder) -> Option<i32> {
+    let mut n: i32 = -1;
+    // SAFETY: the option writes one `int32_t` through the pointer, which points to a live `i32`
+    // local for the whole call; unknown options are refused without writing.
+    let rc = unsafe {
+        enc.raw_api().get_option(
+            ENCODER_OPTION_TANDEM_CROSS_SEARCH_FRAMES,
+            (&raw mut n).cast(),
+        )
+    };
+    (rc == 0 && n >= 0).then_some(n)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -668,6 +695,81 @@ mod tests {
         assert!(prepared >= 12, "prepared after {prepared} frames");
         // Nothing to do twice for the same picture.
         assert!(!ahead.prepare_next());
+    }
+
+    /// Latency first (8 Mbit/s), the cross search (a search along the whole column and row of each
+    /// macroblock the diamond search could not match) runs against hashed references only, as the
+    /// feature search: on scrolled frames, not on typing or motion after them. Before, a picture
+    /// buffer kept a hashed picture's thresholds when it was recycled, so whether a frame ran the
+    /// search depended on the session's history: at 1080p, motion after a scroll took 45–85 ms a
+    /// frame instead of 10.
+    #[test]
+    fn the_cross_search_follows_the_feature_search() {
+        let (w, h) = (960u32, 540u32);
+        let doc = page(w, 2000);
+        let view = |top: u32| {
+            let mut f = Frame::new(w, h);
+            let (a, b) = ((top * w * 4) as usize, ((top + h) * w * 4) as usize);
+            f.data.copy_from_slice(&doc.data[a..b]);
+            f
+        };
+        let mut v = one_thread(8_000_000);
+        let mut yuv = I420::default();
+        let mut ts = 0u64;
+        // Encodes `f` 33 ms after the last: (P frame encoded, cross-search frames so far).
+        let mut step = |v: &mut VideoEncoder, f: &Frame| {
+            ts += 33;
+            crate::convert::bgrx_to_i420(f, &mut yuv).unwrap();
+            let e = v.encode_at(&yuv, ts).unwrap();
+            let p = e.is_some_and(|e| !e.keyframe);
+            (p, cross_search_frames(v.enc.as_mut().unwrap()).unwrap())
+        };
+        let type_on = |f: &mut Frame, k: u32| {
+            let i = ((h - 30) * w + 8 * k) as usize * 4;
+            f.data[i..i + 16].fill(0);
+        };
+        let mut f = view(0);
+        for k in 0..10 {
+            type_on(&mut f, k);
+            assert_eq!(step(&mut v, &f).1, 0, "typing");
+        }
+        // Scrolling: the feature search hashes the references, and the cross search runs.
+        let mut searched = 0;
+        for k in 1..=20 {
+            f = view(k * 27);
+            searched = step(&mut v, &f).1;
+        }
+        assert!(searched >= 5, "{searched} scrolled frames searched");
+        type_on(&mut f, 0);
+        let after_scroll = step(&mut v, &f).1;
+        assert!(after_scroll <= searched + 1, "{after_scroll}");
+        for k in 1..10 {
+            type_on(&mut f, k);
+            assert_eq!(step(&mut v, &f).1, after_scroll, "typing after the scroll");
+        }
+        // A screen full of motion: rectangles of random colours, 15 a frame.
+        let mut seed = 3u32;
+        let mut p_frames = 0;
+        for k in 0..10 {
+            for _ in 0..15 {
+                seed = seed.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+                let (x, y) = ((seed >> 8) % (w - 100), (seed >> 16) % (h - 75));
+                let c = seed.to_le_bytes();
+                for row in y..y + 75 {
+                    let i = ((row * w + x) * 4) as usize;
+                    for px in f.data[i..i + 400].chunks_exact_mut(4) {
+                        px[..3].copy_from_slice(&c[..3]);
+                    }
+                }
+            }
+            let (p, n) = step(&mut v, &f);
+            p_frames += usize::from(p);
+            assert_eq!(n, after_scroll, "motion frame {k}");
+        }
+        assert!(
+            p_frames >= 8,
+            "{p_frames} of 10 motion frames encoded as P frames"
+        );
     }
 
     /// After a pause, the pause's budget pays for the large picture before it: small changes are

@@ -66,6 +66,7 @@ uint8_t         uiFeatureStrategyIndex;// index of hash strategy
 bool bFMESwitchFlag;
 uint8_t uiFMEGoodFrameCount;
 int32_t iHighFreMbCount;
+uint32_t uiTandemCrossFrames; // Tandem: P frames the 16x16 cross search ran on (ENCODER_OPTION_TANDEM_CROSS_SEARCH_FRAMES)
 } SFeatureSearchPreparation; //maintain only one
 
 typedef struct TagSliceBufferInfo {

@@ -2797,6 +2797,19 @@ void PreprocessSliceCoding (sWelsEncCtx* pCtx) {
           SetFMESadCostThresholds (pRef, pScreenBlockFeatureStorage);
           pScreenBlockFeatureStorage->bTandemThresholdsPending = false;
         }
+        // Tandem: with bFmeOnScrollOnly, the 16x16 cross search (WelsDiamondCrossSearch: a search
+        // along the whole column and the whole row of every macroblock the diamond search left
+        // above the reference's SAD threshold) runs only against a reference that was hashed, as
+        // the feature search does. Only PerformFMEPreprocess sets the thresholds, and SetUnref keeps
+        // them when a picture buffer is recycled, so a reference that was not hashed had those of
+        // whichever picture last held its buffer and was: whether a frame ran the search depended
+        // on the session's history. A screen full of motion after a scroll took 45-85 ms a frame
+        // at 1080p on the reference machine instead of 10, in a fresh session none.
+        if (pCtx->pSvcParam->bFmeOnScrollOnly && (!pScreenBlockFeatureStorage->bRefBlockFeatureCalculated
+            || pScreenBlockFeatureStorage->bTandemThresholdsPending)) {
+          WelsSetMemMultiplebytes_c (pScreenBlockFeatureStorage->uiSadCostThreshold, UINT_MAX, BLOCK_SIZE_ALL,
+                                     sizeof (uint32_t));
+        }
 
         //assign ME pointer
         if (pFeatureSearchPreparation->bFMESwitchFlag && pScreenBlockFeatureStorage->bRefBlockFeatureCalculated
@@ -3945,6 +3958,17 @@ int32_t WelsEncoderEncodeExt (sWelsEncCtx* pCtx, SFrameBSInfo* pFbi, const SSour
 
     //update scc related
     pCtx->pFuncList->pfUpdateFMESwitch (pCtx->pCurDqLayer);
+    // Tandem: count the P frames the cross search ran on (ENCODER_OPTION_TANDEM_CROSS_SEARCH_FRAMES).
+    if (P_SLICE == pCtx->eSliceType && NULL != pCtx->pCurDqLayer->pFeatureSearchPreparation) {
+      bool bSearched = false;
+      const int32_t kiSliceCount = GetCurrentSliceNum (pCtx->pCurDqLayer);
+      for (int32_t i = 0; i < kiSliceCount; ++i) {
+        SSlice* pSlice = pCtx->pCurDqLayer->ppSliceInLayer[i];
+        bSearched = bSearched || pSlice->bTandemCrossSearched;
+        pSlice->bTandemCrossSearched = false;
+      }
+      pCtx->pCurDqLayer->pFeatureSearchPreparation->uiTandemCrossFrames += bSearched;
+    }
 
     // reference picture list update
     if (eNalRefIdc != NRI_PRI_LOWEST) {

@@ -1077,6 +1077,7 @@ void WelsDiamondCrossSearch (SWelsFuncPtrList* pFunc, SWelsME* pMe, SSlice* pSli
   pMe->uiSadCostThreshold = pMe->pRefFeatureStorage->uiSadCostThreshold[pMe->uiBlockSize];
   if (pMe->uiSadCost >= pMe->uiSadCostThreshold) {
     WelsMotionCrossSearch (pFunc, pMe, pSlice, kiEncStride, kiRefStride);
+    pSlice->bTandemCrossSearched = true;
   }
 }
 void WelsDiamondCrossFeatureSearch (SWelsFuncPtrList* pFunc, SWelsME* pMe, SSlice* pSlice, const int32_t kiEncStride,

@@ -1229,6 +1229,12 @@ int CWelsH264SVCEncoder::GetOption (ENCODER_OPTION eOptionId, void* pOption) {
   }
 
   switch (eOptionId) {
+  case ENCODER_OPTION_TANDEM_CROSS_SEARCH_FRAMES: {
+    const SFeatureSearchPreparation* pPrep = (NULL != m_pEncContext->ppDqLayerList && NULL != m_pEncContext->ppDqLayerList[0])
+        ? m_pEncContext->ppDqLayerList[0]->pFeatureSearchPreparation : NULL;
+    * ((int32_t*)pOption) = (NULL != pPrep) ? (int32_t)pPrep->uiTandemCrossFrames : 0;
+  }
+  break;
   case ENCODER_OPTION_INTER_SPATIAL_PRED: { // Inter spatial layer prediction flag
     WelsLog (&m_pWelsTrace->m_sLogCtx, WELS_LOG_INFO,
              "ENCODER_OPTION_INTER_SPATIAL_PRED, this feature not supported at present.");
