@@ -11,7 +11,9 @@
 //! CPU per Mbit/s; with `--creep-minutes M` a long typing session reporting its first and last
 //! minute. Table on stdout, JSON in `target/bench/glass.json`.
 //!
-//!     cargo bench -p tandem-tests --bench glass [-- --seconds 10 --width 1920 --height 1080 --creep-minutes 10 --scene drag --trace 30 --slow 40]
+//!     cargo bench -p tandem-tests --bench glass [-- --seconds 10 --width 1920 --height 1080 --creep-minutes 10 --scene drag,motion --trace 30 --slow 40]
+//!
+//! `--scene` keeps the scenes whose names contain any of its comma-separated words.
 #![allow(clippy::unwrap_used)]
 
 use std::collections::HashMap;
@@ -250,7 +252,7 @@ async fn run(a: Args) {
         Scene::FullMotion,
     ]
     .into_iter()
-    .filter(|s| s.name().contains(a.scene.as_str()));
+    .filter(|s| a.scene.split(',').any(|w| s.name().contains(w)));
     let mut results = vec![];
     let cpu0 = relay.cpu_seconds().unwrap_or(0.0);
     let mut total_bytes = 0u64;

@@ -15,9 +15,11 @@
 //!   stays sharp: halved, a 15-pixel scroll becomes a 7.5-pixel one that the encoder's scroll
 //!   detection cannot follow, and the text blurs (measured: with the threshold at one interval the
 //!   scrolling scene switched back and forth, each switch a keyframe, 4.9 Mbit/s at 17 fps).
-//!   When each of the last [`FAST`] frames took that long, that decides at once: a screen that
-//!   suddenly fills with motion would otherwise show the technician a window's worth of slow
-//!   frames first.
+//!   When each of the last [`FAST`] frames took that long, and each came within [`IN_A_ROW`]
+//!   frame intervals of the one before, that decides at once: a screen that suddenly fills with
+//!   motion would otherwise show the technician a window's worth of slow frames first. Two slow
+//!   frames with a still screen between them are two single changes (a page drawn, then a second
+//!   later another), not motion the machine cannot keep up with.
 //! * **Up** when the same frames at full resolution would cost under half the interval (estimated
 //!   from the halved frames: four times the encode, the rest as measured) and the picture has been
 //!   halved for at least the hold time, or when the screen has been still for [`QUIET`]: a picture
@@ -45,6 +47,10 @@ pub const WINDOW: usize = 9;
 /// two intervals) the window's median decided only after the fifth, and those frames, each
 /// 70–115 ms glass to glass, alone made the scene's p99.
 pub const FAST: usize = 2;
+/// Frames count as in a row for [`FAST`] when each comes within this many frame intervals of the
+/// one before (a frame that took 1.5 intervals to encode arrives about two intervals after the
+/// one before it).
+pub const IN_A_ROW: u32 = 4;
 /// A halved picture comes back to full resolution after the screen has been still this long.
 pub const QUIET: Duration = Duration::from_secs(1);
 /// The shortest time a picture stays halved before light frames bring it back.
@@ -57,8 +63,9 @@ pub const RELAPSE: Duration = Duration::from_secs(10);
 pub struct LoadGovernor {
     interval: Duration,
     halved: bool,
-    /// Costs (full-resolution estimates when halved) of recent frames at the current resolution.
-    recent: VecDeque<Duration>,
+    /// When recent frames at the current resolution were encoded, and their costs (full-resolution
+    /// estimates when halved).
+    recent: VecDeque<(Instant, Duration)>,
     last_frame: Option<Instant>,
     hold: Duration,
     /// When the picture was last halved, and last came back.
@@ -119,7 +126,7 @@ impl LoadGovernor {
     }
 
     fn median(&self) -> Duration {
-        let mut v: Vec<Duration> = self.recent.iter().copied().collect();
+        let mut v: Vec<Duration> = self.recent.iter().map(|&(_, c)| c).collect();
         v.sort_unstable();
         v[v.len() / 2]
     }
@@ -141,11 +148,18 @@ impl LoadGovernor {
         if self.recent.len() == WINDOW {
             self.recent.pop_front();
         }
-        self.recent.push_back(cost);
+        self.recent.push_back((now, cost));
         // Too slow twice in a row: enough to decide.
         let n = self.recent.len();
-        if !self.halved && n >= FAST && self.recent.range(n - FAST..).all(|&c| c > self.too_slow())
-        {
+        let mut previous: Option<Instant> = None;
+        let in_a_row = n >= FAST
+            && self.recent.range(n - FAST..).all(|&(at, c)| {
+                let close = previous
+                    .is_none_or(|p| at.saturating_duration_since(p) <= self.interval * IN_A_ROW);
+                previous = Some(at);
+                close && c > self.too_slow()
+            });
+        if !self.halved && in_a_row {
             return self.switch(true, now);
         }
         if n < WINDOW {
@@ -238,6 +252,29 @@ mod tests {
             t += FRAME;
             assert!(!g.frame(times(1, 1, e), false, t));
         }
+    }
+
+    /// A page drawn, the screen still for a second and a half, then motion the machine cannot keep
+    /// up with: the page and the first motion frame are not two in a row; the second motion frame
+    /// is.
+    #[test]
+    fn slow_frames_with_a_still_screen_between_are_not_in_a_row() {
+        let mut g = LoadGovernor::new(FRAME);
+        let mut t = Instant::now();
+        assert_eq!(feed(&mut g, &mut t, 20, times(1, 1, 5)), None);
+        t += FRAME;
+        assert!(!g.frame(times(4, 1, 50), false, t));
+        for _ in 0..45 {
+            t += FRAME;
+            assert!(!g.idle(t));
+        }
+        t += FRAME;
+        assert!(!g.frame(times(4, 1, 50), false, t));
+        assert!(!g.halved());
+        // Two intervals later (the first took 55 ms): in a row.
+        t += FRAME * 2;
+        assert!(g.frame(times(4, 1, 50), false, t));
+        assert!(g.halved());
     }
 
     /// Slow and bearable frames taking turns: never two slow ones in a row, but the window's
