@@ -40,7 +40,7 @@ struct Args {
     width: u32,
     height: u32,
     creep_minutes: f64,
-    /// Only the scenes whose name contains this (all by default).
+    /// Only the scenes whose name contains one of these comma-separated words (all by default).
     scene: String,
     /// Print the first this many frames of each scene (glass ms, size) to stderr.
     trace: usize,

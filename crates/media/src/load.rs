@@ -15,8 +15,8 @@
 //!   stays sharp: halved, a 15-pixel scroll becomes a 7.5-pixel one that the encoder's scroll
 //!   detection cannot follow, and the text blurs (measured: with the threshold at one interval the
 //!   scrolling scene switched back and forth, each switch a keyframe, 4.9 Mbit/s at 17 fps).
-//!   When each of the last [`FAST`] frames took that long, and each came within [`IN_A_ROW`]
-//!   frame intervals of the one before, that decides at once: a screen that suddenly fills with
+//!   When each of the last [`FAST`] frames took that long, and each began within [`IN_A_ROW`]
+//!   frame intervals of the end of the one before, that decides at once: a screen that suddenly fills with
 //!   motion would otherwise show the technician a window's worth of slow frames first. Two slow
 //!   frames with a still screen between them are two single changes (a page drawn, then a second
 //!   later another), not motion the machine cannot keep up with.
@@ -47,9 +47,10 @@ pub const WINDOW: usize = 9;
 /// two intervals) the window's median decided only after the fifth, and those frames, each
 /// 70–115 ms glass to glass, alone made the scene's p99.
 pub const FAST: usize = 2;
-/// Frames count as in a row for [`FAST`] when each comes within this many frame intervals of the
-/// one before (a frame that took 1.5 intervals to encode arrives about two intervals after the
-/// one before it).
+/// Frames count as in a row for [`FAST`] when each one's capture began within this many frame
+/// intervals of the end of the one before: the screen was not still between them. (The gap is
+/// measured from the end of one frame to the start of the next, so a frame that itself takes
+/// several intervals still follows the one before it at once.)
 pub const IN_A_ROW: u32 = 4;
 /// A halved picture comes back to full resolution after the screen has been still this long.
 pub const QUIET: Duration = Duration::from_secs(1);
@@ -63,8 +64,8 @@ pub const RELAPSE: Duration = Duration::from_secs(10);
 pub struct LoadGovernor {
     interval: Duration,
     halved: bool,
-    /// When recent frames at the current resolution were encoded, and their costs (full-resolution
-    /// estimates when halved).
+    /// When recent frames at the current resolution were encoded (the end of their capture →
+    /// encoded time), and their costs (full-resolution estimates when halved).
     recent: VecDeque<(Instant, Duration)>,
     last_frame: Option<Instant>,
     hold: Duration,
@@ -154,8 +155,10 @@ impl LoadGovernor {
         let mut previous: Option<Instant> = None;
         let in_a_row = n >= FAST
             && self.recent.range(n - FAST..).all(|&(at, c)| {
-                let close = previous
-                    .is_none_or(|p| at.saturating_duration_since(p) <= self.interval * IN_A_ROW);
+                // From the end of the frame before to the start of this one's capture.
+                let close = previous.is_none_or(|p| {
+                    at.saturating_duration_since(p).saturating_sub(c) <= self.interval * IN_A_ROW
+                });
                 previous = Some(at);
                 close && c > self.too_slow()
             });
@@ -274,6 +277,21 @@ mod tests {
         // Two intervals later (the first took 55 ms): in a row.
         t += FRAME * 2;
         assert!(g.frame(times(4, 1, 50), false, t));
+        assert!(g.halved());
+    }
+
+    /// Frames so slow that each ends several intervals after the one before still come in a row
+    /// (the machine never rested between them): two decide.
+    #[test]
+    fn very_slow_frames_back_to_back_are_in_a_row() {
+        let mut g = LoadGovernor::new(FRAME);
+        let mut t = Instant::now();
+        assert_eq!(feed(&mut g, &mut t, 20, times(1, 1, 5)), None);
+        t += Duration::from_millis(200);
+        assert!(!g.frame(times(10, 5, 180), false, t));
+        // Begun 5 ms after the last ended, 195 ms long.
+        t += Duration::from_millis(200);
+        assert!(g.frame(times(10, 5, 180), false, t));
         assert!(g.halved());
     }
 

@@ -193,7 +193,7 @@ bool            bDynamicSlicingSliceSizeCtrlFlag;
 uint8_t         uiAssumeLog2BytePerMb;
 
 uint32_t        uiSliceFMECostDown;//TODO: for FME switch under MT, to opt after ME final?
-bool            bTandemCrossSearched; // Tandem: a 16x16 cross search ran in this slice since the last frame
+bool            bTandemCrossSearched; // Tandem: a 16x16 cross search ran in this slice in this frame
 
 uint8_t         uiReservedFillByte;     // reserved to meet 4 bytes alignment
 

@@ -2799,16 +2799,24 @@ void PreprocessSliceCoding (sWelsEncCtx* pCtx) {
         }
         // Tandem: with bFmeOnScrollOnly, the 16x16 cross search (WelsDiamondCrossSearch: a search
         // along the whole column and the whole row of every macroblock the diamond search left
-        // above the reference's SAD threshold) runs only against a reference that was hashed, as
-        // the feature search does. Only PerformFMEPreprocess sets the thresholds, and SetUnref keeps
-        // them when a picture buffer is recycled, so a reference that was not hashed had those of
-        // whichever picture last held its buffer and was: whether a frame ran the search depended
-        // on the session's history. A screen full of motion after a scroll took 45-85 ms a frame
-        // at 1080p on the reference machine instead of 10, in a fresh session none.
+        // at or above the reference's SAD threshold) runs only against a reference that was
+        // hashed, as the feature search does. Only hashing sets the thresholds (PerformFMEPreprocess,
+        // or SetFMESadCostThresholds for a picture hashed ahead), and SetUnref keeps them when a
+        // picture buffer is recycled, so a reference that was not hashed had those of whichever
+        // picture last held its buffer and was: whether a frame ran the search depended on the
+        // session's history. A screen full of motion after a scroll took 44-83 ms a frame at 1080p
+        // on the reference machine instead of 10; in a fresh session it never searched.
         if (pCtx->pSvcParam->bFmeOnScrollOnly && (!pScreenBlockFeatureStorage->bRefBlockFeatureCalculated
             || pScreenBlockFeatureStorage->bTandemThresholdsPending)) {
           WelsSetMemMultiplebytes_c (pScreenBlockFeatureStorage->uiSadCostThreshold, UINT_MAX, BLOCK_SIZE_ALL,
                                      sizeof (uint32_t));
+        }
+        // Tandem: this frame's cross searches are counted afresh (ENCODER_OPTION_TANDEM_CROSS_SEARCH_FRAMES).
+        for (int32_t t = 0; t < MAX_THREADS_NUM; ++t) {
+          SSliceBufferInfo* pBuf = &pCurLayer->sSliceBufferInfo[t];
+          for (int32_t i = 0; NULL != pBuf->pSliceBuffer && i < pBuf->iMaxSliceNum; ++i) {
+            pBuf->pSliceBuffer[i].bTandemCrossSearched = false;
+          }
         }
 
         //assign ME pointer
@@ -3965,7 +3973,6 @@ int32_t WelsEncoderEncodeExt (sWelsEncCtx* pCtx, SFrameBSInfo* pFbi, const SSour
       for (int32_t i = 0; i < kiSliceCount; ++i) {
         SSlice* pSlice = pCtx->pCurDqLayer->ppSliceInLayer[i];
         bSearched = bSearched || pSlice->bTandemCrossSearched;
-        pSlice->bTandemCrossSearched = false;
       }
       pCtx->pCurDqLayer->pFeatureSearchPreparation->uiTandemCrossFrames += bSearched;
     }

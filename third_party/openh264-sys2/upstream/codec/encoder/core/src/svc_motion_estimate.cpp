@@ -1077,7 +1077,7 @@ void WelsDiamondCrossSearch (SWelsFuncPtrList* pFunc, SWelsME* pMe, SSlice* pSli
   pMe->uiSadCostThreshold = pMe->pRefFeatureStorage->uiSadCostThreshold[pMe->uiBlockSize];
   if (pMe->uiSadCost >= pMe->uiSadCostThreshold) {
     WelsMotionCrossSearch (pFunc, pMe, pSlice, kiEncStride, kiRefStride);
-    pSlice->bTandemCrossSearched = true;
+    pSlice->bTandemCrossSearched = pSlice->bTandemCrossSearched || (BLOCK_16x16 == pMe->uiBlockSize);
   }
 }
 void WelsDiamondCrossFeatureSearch (SWelsFuncPtrList* pFunc, SWelsME* pMe, SSlice* pSlice, const int32_t kiEncStride,

@@ -1230,8 +1230,10 @@ int CWelsH264SVCEncoder::GetOption (ENCODER_OPTION eOptionId, void* pOption) {
 
   switch (eOptionId) {
   case ENCODER_OPTION_TANDEM_CROSS_SEARCH_FRAMES: {
-    const SFeatureSearchPreparation* pPrep = (NULL != m_pEncContext->ppDqLayerList && NULL != m_pEncContext->ppDqLayerList[0])
-        ? m_pEncContext->ppDqLayerList[0]->pFeatureSearchPreparation : NULL;
+    // The feature-search state belongs to the top spatial layer (the only one Tandem encodes).
+    const int32_t kiTop = m_pEncContext->pSvcParam->iSpatialLayerNum - 1;
+    const SFeatureSearchPreparation* pPrep = (NULL != m_pEncContext->ppDqLayerList && kiTop >= 0
+        && NULL != m_pEncContext->ppDqLayerList[kiTop]) ? m_pEncContext->ppDqLayerList[kiTop]->pFeatureSearchPreparation : NULL;
     * ((int32_t*)pOption) = (NULL != pPrep) ? (int32_t)pPrep->uiTandemCrossFrames : 0;
   }
   break;
