@@ -140,7 +140,12 @@ impl<C: Capturer> ScreenPipeline<C> {
     /// [`VideoEncoder::prepare_next`]): after a scroll, the encoder's hashes of the picture just
     /// encoded, which the next frame would otherwise compute first. Returns whether it worked.
     pub fn prepare_next(&mut self) -> bool {
-        self.encoder.prepare_next()
+        let scrolled = self.encoder.prepare_next();
+        if scrolled {
+            // Only a frame the encoder found scrolled has something to prepare: not motion.
+            self.load.scrolled();
+        }
+        scrolled
     }
 
     /// The path carries what was sent until `t` (see [`VideoEncoder::path_busy_until`]).
@@ -192,7 +197,14 @@ impl<C: Capturer> ScreenPipeline<C> {
         if size != self.size {
             self.size = size;
             self.update_scale();
-        } else if encoded.is_some() && self.load.frame(times, self.halve, Instant::now()) {
+        } else if encoded.is_some()
+            && self.load.frame(
+                times,
+                self.halve,
+                changed * 2 >= u64::from(size.0) * u64::from(size.1),
+                Instant::now(),
+            )
+        {
             tracing::info!(
                 halve = self.load.halved(),
                 capture_to_encoded_ms =
