@@ -20,16 +20,24 @@
 //!   motion would otherwise show the technician a window's worth of slow frames first. Two slow
 //!   frames with a still screen between them are two single changes (a page drawn, then a second
 //!   later another), not motion the machine cannot keep up with.
-//! * **Down** also when every frame of the window is motion (most of the screen changed, and the
-//!   encoder did not find it scrolled) and their median cost is over half a frame interval: a
-//!   video or a game over the whole screen, for [`WINDOW`] frames in a row (a window's opening
-//!   animation is shorter, and the encoder's scroll detection misses some frames of a scroll but
-//!   not all of them). The agent's own frames keep up with it, but at
-//!   1080p (15–25 ms a frame on the reference machine) the frames start queueing behind each
-//!   other as soon as anything else wants the CPU: in the glass bench, where the console shares
-//!   the 2 cores, full-screen motion ran at 25–38 ms p50 and reached 66–76 ms p99 in the busier
-//!   runs. Halved it costs a quarter. Scrolling, equally large and as expensive, stays sharp, and
-//!   so does anything that changes a smaller part of the screen (a dragged window, typing).
+//! * **Down** also on motion: when each of [`WINDOW`] frames that followed one another (each began
+//!   within [`IN_A_ROW`] intervals of the end of the one before) changed most of the screen (half
+//!   of it or more, in the change detector's 64-pixel tiles) without the encoder finding it
+//!   scrolled, and their median cost is over half a frame interval. That is a video, a game, a
+//!   map being panned or a large window dragged or resized over the whole screen for a third of a
+//!   second or more. The agent's own frames keep up with it, but at 1080p (15–25 ms a frame on
+//!   the reference machine) they queue behind each other as soon as anything else wants the CPU:
+//!   in the glass bench, where the console shares the 2 cores, full-screen motion ran at 25–38 ms
+//!   p50 and reached 66–76 ms p99 in the busier runs. Halved it costs a quarter. What stays sharp:
+//!   a vertical scroll (the encoder's scroll detector, which finds vertical moves of up to 511
+//!   lines, misses some frames of a scroll but not all of them; a scroll is marked after its frame
+//!   is measured, so the rule looks at the frames before the newest), a window's opening
+//!   animation (shorter), expensive changes with still moments between them (a slideshow, pages
+//!   of a PDF, windows switched), and whatever changes a smaller part of the screen (typing, a
+//!   dragged window). Below [`LATENCY_FIRST_BPS`](crate::encode::LATENCY_FIRST_BPS) OpenH264 also
+//!   runs the feature search on frames that are not scrolls, which then do not count as motion
+//!   either: the rule errs towards sharp there (and the path halves the picture below about
+//!   1.2 Mbit/s at 1080p anyway).
 //! * **Up** when the same frames at full resolution would cost under half the interval (estimated
 //!   from the halved frames: four times the encode, the rest as measured) and the picture has been
 //!   halved for at least the hold time, or when the screen has been still for [`QUIET`]: a picture
@@ -146,10 +154,41 @@ impl LoadGovernor {
         self.interval * 3 / 2
     }
 
-    fn median(&self) -> Duration {
-        let mut v: Vec<Duration> = self.recent.iter().map(|m| m.cost).collect();
+    /// The newest [`WINDOW`] frames (or fewer).
+    fn window(&self) -> impl Iterator<Item = &Measured> {
+        self.recent
+            .iter()
+            .skip(self.recent.len().saturating_sub(WINDOW))
+    }
+
+    fn median<'a>(frames: impl Iterator<Item = &'a Measured>) -> Duration {
+        let mut v: Vec<Duration> = frames.map(|m| m.cost).collect();
         v.sort_unstable();
-        v[v.len() / 2]
+        v.get(v.len() / 2).copied().unwrap_or_default()
+    }
+
+    /// Whether `next` began within [`IN_A_ROW`] frame intervals of the end of `prev`: the screen
+    /// was not still between them. (From the end of one frame to the start of the next one's
+    /// capture, so frames that each take several intervals still follow each other.)
+    fn follows(&self, prev: &Measured, next: &Measured) -> bool {
+        next.at
+            .saturating_duration_since(prev.at)
+            .saturating_sub(next.cost)
+            <= self.interval * IN_A_ROW
+    }
+
+    /// The motion rule (see the module), over the [`WINDOW`] frames before the newest, whose
+    /// scroll marks are final ([`Self::scrolled`] comes after a frame is measured).
+    fn motion_overloads(&self) -> bool {
+        if self.recent.len() <= WINDOW {
+            return false;
+        }
+        let settled = || self.recent.iter().take(WINDOW);
+        settled().all(|m| m.motion)
+            && settled()
+                .zip(settled().skip(1))
+                .all(|(a, b)| self.follows(a, b))
+            && Self::median(settled()) > self.interval / 2
     }
 
     /// One encoded frame: its stage times, whether it was encoded at half resolution (for any
@@ -172,7 +211,7 @@ impl LoadGovernor {
         } else {
             t.capture + t.convert + t.encode
         };
-        if self.recent.len() == WINDOW {
+        if self.recent.len() > WINDOW {
             self.recent.pop_front();
         }
         self.recent.push_back(Measured {
@@ -182,29 +221,21 @@ impl LoadGovernor {
         });
         // Too slow twice in a row: enough to decide.
         let n = self.recent.len();
-        let mut previous: Option<Instant> = None;
-        let in_a_row = n >= FAST
-            && self.recent.range(n - FAST..).all(|m| {
-                // From the end of the frame before to the start of this one's capture.
-                let close = previous.is_none_or(|p| {
-                    m.at.saturating_duration_since(p).saturating_sub(m.cost)
-                        <= self.interval * IN_A_ROW
-                });
-                previous = Some(m.at);
-                close && m.cost > self.too_slow()
-            });
+        let last: Vec<&Measured> = self.recent.range(n.saturating_sub(FAST)..).collect();
+        let in_a_row = last.len() == FAST
+            && last.iter().all(|m| m.cost > self.too_slow())
+            && last.windows(2).all(|w| self.follows(w[0], w[1]));
         if !self.halved && in_a_row {
             return self.switch(true, now);
         }
         if n < WINDOW {
             return false;
         }
-        let m = self.median();
+        let m = Self::median(self.window());
         let held = self
             .halved_at
             .is_none_or(|t| now.saturating_duration_since(t) >= self.hold);
-        let motion = self.recent.iter().all(|m| m.motion);
-        if !self.halved && (m > self.too_slow() || (motion && m > self.interval / 2)) {
+        if !self.halved && (m > self.too_slow() || self.motion_overloads()) {
             self.switch(true, now)
         } else if self.halved && held && m < self.interval / 2 {
             self.switch(false, now)
@@ -282,8 +313,8 @@ mod tests {
     }
 
     /// A video over the whole screen that the agent keeps up with (19 ms a frame) but that leaves
-    /// the machine little else: halved after a window, and it stays halved (3 + 4 + 4 × 4 = 23 ms
-    /// estimated at full resolution).
+    /// the machine little else: halved after a window (and the frame whose scroll mark settles
+    /// it), and it stays halved (3 + 4 + 4 × 4 = 23 ms estimated at full resolution).
     #[test]
     fn motion_over_most_of_the_screen_halves_after_a_window() {
         let mut g = LoadGovernor::new(FRAME);
@@ -296,12 +327,40 @@ mod tests {
                 break;
             }
         }
-        assert_eq!(switched, Some(WINDOW - 1));
+        assert_eq!(switched, Some(WINDOW));
         for _ in 0..200 {
             t += FRAME;
             assert!(!g.frame(times(3, 4, 4), true, true, t));
         }
         assert!(g.halved());
+    }
+
+    /// A slideshow, pages of a PDF, windows switched: expensive changes of the whole screen with
+    /// still moments between them are not motion.
+    #[test]
+    fn full_screen_changes_with_still_moments_between_are_not_motion() {
+        let mut g = LoadGovernor::new(FRAME);
+        let mut t = Instant::now();
+        for _ in 0..50 {
+            t += Duration::from_millis(500);
+            assert!(!g.frame(times(3, 1, 25), false, true, t));
+        }
+        assert!(!g.halved());
+    }
+
+    /// The scroll mark of a frame comes after the frame is measured; it still counts (one
+    /// detected scroll in every 9 frames keeps the picture sharp).
+    #[test]
+    fn a_scroll_mark_that_comes_after_its_frame_counts() {
+        let mut g = LoadGovernor::new(FRAME);
+        let mut t = Instant::now();
+        for i in 0..200 {
+            t += FRAME;
+            assert!(!g.frame(times(3, 1, 15), false, true, t), "frame {i}");
+            if i % WINDOW == WINDOW - 1 {
+                g.scrolled();
+            }
+        }
     }
 
     /// Scrolling is as large and as expensive, but the encoder finds it moved (here in one frame

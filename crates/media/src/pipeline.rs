@@ -142,7 +142,9 @@ impl<C: Capturer> ScreenPipeline<C> {
     pub fn prepare_next(&mut self) -> bool {
         let scrolled = self.encoder.prepare_next();
         if scrolled {
-            // Only a frame the encoder found scrolled has something to prepare: not motion.
+            // Only a frame that used the feature search has something to prepare: at or above
+            // LATENCY_FIRST_BPS one the encoder found scrolled, so not motion (below it, upstream's
+            // policy also searches other frames, which then do not count as motion either).
             self.load.scrolled();
         }
         scrolled
