@@ -588,6 +588,15 @@ mod tests {
         f
     }
 
+    /// `h` rows of `doc` from row `top` on: the screen's view of a long document.
+    fn view_of(doc: &Frame, h: u32, top: u32) -> Frame {
+        let w = doc.width;
+        let mut f = Frame::new(w, h);
+        let (a, b) = ((top * w * 4) as usize, ((top + h) * w * 4) as usize);
+        f.data.copy_from_slice(&doc.data[a..b]);
+        f
+    }
+
     /// An encoder at `bitrate_bps` and 30 fps on one thread (its output does not depend on timing).
     fn one_thread(bitrate_bps: u32) -> VideoEncoder {
         let mut v = VideoEncoder::new(Target {
@@ -660,12 +669,7 @@ mod tests {
     fn preparing_the_feature_search_between_frames_changes_no_bit() {
         let (w, h) = (640u32, 360u32);
         let doc = page(w, 2000);
-        let view = |top: u32| {
-            let mut f = Frame::new(w, h);
-            let (a, b) = ((top * w * 4) as usize, ((top + h) * w * 4) as usize);
-            f.data.copy_from_slice(&doc.data[a..b]);
-            f
-        };
+        let view = |top: u32| view_of(&doc, h, top);
         let mut plain = VideoEncoder::new(Target::default()).unwrap();
         let mut ahead = VideoEncoder::new(Target::default()).unwrap();
         plain.set_threads(1);
@@ -707,12 +711,7 @@ mod tests {
     fn the_cross_search_follows_the_feature_search() {
         let (w, h) = (960u32, 540u32);
         let doc = page(w, 2000);
-        let view = |top: u32| {
-            let mut f = Frame::new(w, h);
-            let (a, b) = ((top * w * 4) as usize, ((top + h) * w * 4) as usize);
-            f.data.copy_from_slice(&doc.data[a..b]);
-            f
-        };
+        let view = |top: u32| view_of(&doc, h, top);
         let mut v = one_thread(8_000_000);
         let mut yuv = I420::default();
         let mut ts = 0u64;
