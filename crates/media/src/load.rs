@@ -16,10 +16,10 @@
 //!   detection cannot follow, and the text blurs (measured: with the threshold at one interval the
 //!   scrolling scene switched back and forth, each switch a keyframe, 4.9 Mbit/s at 17 fps).
 //!   When each of the last [`FAST`] frames took that long, and each began within [`IN_A_ROW`]
-//!   frame intervals of the end of the one before, that decides at once: a screen that suddenly fills with
-//!   motion would otherwise show the technician a window's worth of slow frames first. Two slow
-//!   frames with a still screen between them are two single changes (a page drawn, then a second
-//!   later another), not motion the machine cannot keep up with.
+//!   frame intervals of the end of the one before, that decides at once: a screen that suddenly
+//!   fills with motion would otherwise show the technician a window's worth of slow frames first.
+//!   Two slow frames with a still screen between them are two single changes (a page drawn, then
+//!   a second later another), not motion the machine cannot keep up with.
 //! * **Down** also on motion: when each of [`WINDOW`] frames that followed one another (each began
 //!   within [`IN_A_ROW`] intervals of the end of the one before) changed most of the screen (half
 //!   of it or more, in the change detector's 64-pixel tiles) without the encoder finding it
@@ -221,10 +221,10 @@ impl LoadGovernor {
         });
         // Too slow twice in a row: enough to decide.
         let n = self.recent.len();
-        let last: Vec<&Measured> = self.recent.range(n.saturating_sub(FAST)..).collect();
-        let in_a_row = last.len() == FAST
-            && last.iter().all(|m| m.cost > self.too_slow())
-            && last.windows(2).all(|w| self.follows(w[0], w[1]));
+        let last = || self.recent.range(n.saturating_sub(FAST)..);
+        let in_a_row = n >= FAST
+            && last().all(|m| m.cost > self.too_slow())
+            && last().zip(last().skip(1)).all(|(a, b)| self.follows(a, b));
         if !self.halved && in_a_row {
             return self.switch(true, now);
         }
