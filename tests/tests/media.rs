@@ -304,6 +304,32 @@ fn drawing_wakes_the_capturer_and_an_idle_screen_does_not() {
     assert!(!c.wait_for_change(Duration::from_millis(100)));
 }
 
+/// XDamage reports every drawing, not only the first since the last capture (the capturer waits
+/// for the drawing to stop before it captures, so it must see each one), and both parts of a
+/// drawing made in two requests are in the capture that follows.
+#[test]
+fn every_drawing_is_reported_and_all_parts_are_captured() {
+    let x = Xvfb::start(320, 240);
+    let mut c = X11Capturer::open(Some(&x.display)).unwrap();
+    c.capture().unwrap();
+    let before = c.drawing_reports();
+    let p = Painter::new(&x.display);
+    p.fill(0xff0000, 10, 10, 20, 20);
+    p.sync();
+    p.fill(0x00ff00, 200, 150, 20, 20);
+    p.sync();
+    assert!(c.wait_for_change(Duration::from_secs(5)));
+    assert_eq!(c.drawing_reports() - before, 2, "one report per drawing");
+    let damage = c.capture().unwrap().damage;
+    let covers = |x: u32, y: u32| {
+        damage
+            .iter()
+            .any(|r| r.x <= x && x < r.x + r.w && r.y <= y && y < r.y + r.h)
+    };
+    assert!(covers(15, 15) && covers(205, 155), "{damage:?}");
+    assert!(!c.wait_for_change(Duration::from_millis(100)));
+}
+
 /// With XDamage and XFixes the capturer reads only what was drawn — on the root window and in a
 /// client's window — and the frame it keeps is still exactly the screen (compared with a full read
 /// by a second capturer); an idle screen reads nothing.
