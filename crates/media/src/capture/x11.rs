@@ -79,12 +79,11 @@ pub struct X11Capturer {
     /// Drawn areas reported since the last full read (monitor coordinates), for that check;
     /// `None` once too many to keep.
     reported: Option<Vec<Rect>>,
-    /// When the first drawing since the last capture was reported.
-    damaged_at: Option<std::time::Instant>,
-    /// When the latest drawing since the last capture was reported.
+    /// XDamage object that reports each drawing (None without the extension).
+    drawings: Option<u32>,
+    /// When the latest drawing since the last capture was reported (read from the connection).
     drawn_last_at: Option<std::time::Instant>,
-    /// Drawing reports received (one per drawing that added to what was drawn since the last
-    /// capture).
+    /// Drawing reports received: one per rectangle of every drawing.
     reports: u64,
 }
 
@@ -113,18 +112,18 @@ const MAX_REGION_READS: usize = 16;
 /// A capture waits until no drawing has been reported for this long (see [`settle_wait`]).
 const QUIET: std::time::Duration = std::time::Duration::from_micros(500);
 
-/// … and at most this long after the first drawing was reported (an application that draws
-/// without pause is captured anyway).
+/// … and at most this long after the wait began (an application that draws without pause is
+/// captured anyway).
 const SETTLE_MAX: std::time::Duration = std::time::Duration::from_millis(3);
 
-/// After a drawing report wakes the settle, it reads the reports this much later, so a burst of
+/// While the capture waits, a report that wakes it is read this much later, so a burst of
 /// drawings costs a few wake-ups, not one each: they compete with the drawing application and
 /// the X server for the CPU (glass bench, 40 rectangles a frame: drawn in 1.22–1.32 ms with the
 /// old rule, 1.44–1.68 ms with a wake-up for each report, 1.42–1.45 ms with this).
 const SETTLE_BATCH: std::time::Duration = std::time::Duration::from_micros(100);
 
-/// How much longer a capture should wait at `now` for the drawing to finish, given when the
-/// first and the latest drawing since the last capture were reported; `None`: capture now.
+/// How much longer a capture should wait at `now` for the drawing to finish, given when the wait
+/// began and when the latest drawing since the last capture was reported; `None`: capture now.
 ///
 /// Applications draw a frame in several requests, and a capture in the middle sends part of the
 /// frame now and the rest only with the next frame. A fixed 1.5 ms after the first report was
@@ -132,20 +131,23 @@ const SETTLE_BATCH: std::time::Duration = std::time::Duration::from_micros(100);
 /// (glass bench at 1080p, the scene drawn then its frame counter, A/B: drawn → capture 1.5–1.8
 /// → 0.6–0.9 ms for typing, scrolling and dragging; glass-to-glass p50 1–2 ms lower) and waits
 /// longer for a long drawing: full-screen motion, drawn in 1.2–2.3 ms, was at times captured
-/// before its end by the old rule (drawn → capture 0.6–0.7 → 0.8–0.9 ms). A drawing reported
-/// while the caller was busy is read late and counts as reported then: its time to finish
-/// starts when it is seen.
+/// before its end by the old rule (drawn → capture 0.6–0.7 → 0.8–0.9 ms).
+///
+/// Reports count from when they are read, not sent (up to ≈0.15 ms later while the capture
+/// waits). A drawing read while the caller was busy (during the previous capture) and followed
+/// by nothing has had its quiet time: captured at once. The cap counts from when the wait began,
+/// not from the first report, which may have been read long before.
 fn settle_wait(
     now: std::time::Instant,
-    first: std::time::Instant,
+    began: std::time::Instant,
     last: std::time::Instant,
 ) -> Option<std::time::Duration> {
-    let since_first = now.saturating_duration_since(first);
+    let waited = now.saturating_duration_since(began);
     let since_last = now.saturating_duration_since(last);
-    if since_last >= QUIET || since_first >= SETTLE_MAX {
+    if since_last >= QUIET || waited >= SETTLE_MAX {
         return None;
     }
-    Some((QUIET - since_last).min(SETTLE_MAX - since_first))
+    Some((QUIET - since_last).min(SETTLE_MAX - waited))
 }
 
 /// Every this many captures the whole monitor is read even when the server reported only parts
@@ -232,15 +234,26 @@ impl X11Capturer {
             .and_then(|c| c.reply().ok())
             .and_then(|_| {
                 let id = conn.generate_id().ok()?;
-                // Every drawing that adds to what was drawn since the last capture is reported
-                // (not only the first), so a capture can wait until the drawing stops. A drawing
-                // of many separate areas is many reports (32 bytes each, read in batches).
-                conn.damage_create(id, root, ReportLevel::DELTA_RECTANGLES)
+                conn.damage_create(id, root, ReportLevel::NON_EMPTY)
                     .ok()?
                     .check()
                     .ok()?;
                 Some(id)
             });
+        // A second damage object that reports every drawing, not only the first since the last
+        // capture, so a capture can wait until the drawing stops. Raw rectangles, not deltas: a
+        // drawing over an area already drawn since the last capture (text on a cleared field)
+        // adds no new area and would not be reported as a delta. The server keeps no region for
+        // it (the first object gathers what a capture fetches); one report (32 bytes) per
+        // rectangle of each drawing.
+        let drawings = damage.and_then(|_| {
+            let id = conn.generate_id().ok()?;
+            conn.damage_create(id, root, ReportLevel::RAW_RECTANGLES)
+                .ok()?
+                .check()
+                .ok()?;
+            Some(id)
+        });
         let damage_parts = damage.filter(|_| xfixes).and_then(|_| {
             let id = conn.generate_id().ok()?;
             conn.xfixes_create_region(id, &[]).ok()?.check().ok()?;
@@ -269,7 +282,7 @@ impl X11Capturer {
             reread_all: false,
             trust_damage: true,
             reported: Some(Vec::new()),
-            damaged_at: None,
+            drawings,
             drawn_last_at: None,
             reports: 0,
         };
@@ -466,12 +479,12 @@ impl X11Capturer {
         while let Ok(Some(ev)) = self.conn.poll_for_event() {
             match ev {
                 x11rb::protocol::Event::XfixesCursorNotify(_) => self.cursor_dirty = true,
-                x11rb::protocol::Event::DamageNotify(_) => {
-                    let now = std::time::Instant::now();
+                x11rb::protocol::Event::DamageNotify(ev) => {
                     self.damaged = true;
-                    self.damaged_at.get_or_insert(now);
-                    self.drawn_last_at = Some(now);
-                    self.reports += 1;
+                    if self.drawings.is_none_or(|d| d == ev.damage) {
+                        self.drawn_last_at = Some(std::time::Instant::now());
+                        self.reports += 1;
+                    }
                 }
                 x11rb::protocol::Event::ConfigureNotify(c) if c.window == self.root => {
                     self.resize_pending = true
@@ -484,27 +497,31 @@ impl X11Capturer {
     /// Waits until the drawing reported so far has finished (see [`settle_wait`]).
     fn settle(&mut self) {
         use rustix::event::{PollFd, PollFlags, Timespec, poll};
-        let (Some(first), Some(mut last)) = (self.damaged_at, self.drawn_last_at) else {
+        let Some(mut last) = self.drawn_last_at else {
             return; // a resize alone: nothing is being drawn
         };
-        while let Some(wait) = settle_wait(std::time::Instant::now(), first, last) {
+        let began = std::time::Instant::now();
+        while let Some(wait) = settle_wait(std::time::Instant::now(), began, last) {
             let ts = Timespec {
                 tv_sec: wait.as_secs() as _,
                 tv_nsec: wait.subsec_nanos() as _,
             };
             let mut fds = [PollFd::new(self.conn.stream(), PollFlags::IN)];
-            match poll(&mut fds, Some(&ts)) {
-                Ok(n) if n > 0 => std::thread::sleep(SETTLE_BATCH.min(wait)),
-                Ok(_) => {}
-                Err(_) => std::thread::sleep(wait),
+            let readable = poll(&mut fds, Some(&ts));
+            // Something to read, or an interrupted poll: read it (after a short batch) and
+            // decide again. The batch never runs past the cap.
+            let cap_left = SETTLE_MAX.saturating_sub(began.elapsed());
+            match readable {
+                Ok(0) => {}
+                Ok(_) => std::thread::sleep(SETTLE_BATCH.min(cap_left)),
+                Err(_) => std::thread::sleep(SETTLE_BATCH.min(cap_left).min(wait)),
             }
             self.drain_events();
             last = self.drawn_last_at.unwrap_or(last);
         }
     }
 
-    /// Drawing reports received so far: one per drawing that added to what was drawn since the
-    /// last capture (for tests).
+    /// Drawing reports received so far: one per rectangle of every drawing (for tests).
     pub fn drawing_reports(&self) -> u64 {
         self.reports
     }
@@ -644,7 +661,6 @@ impl Capturer for X11Capturer {
             // what this capture reads, so they are taken first.
             self.drain_events();
             self.damaged = false;
-            self.damaged_at = None;
             self.drawn_last_at = None;
             let parts = self.damage_parts.unwrap_or(x11rb::NONE);
             let _ = self.conn.damage_subtract(d, x11rb::NONE, parts);
