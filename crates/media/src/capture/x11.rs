@@ -228,32 +228,24 @@ impl X11Capturer {
             root,
             &ChangeWindowAttributesAux::new().event_mask(EventMask::STRUCTURE_NOTIFY),
         );
+        let damage_object = |level| {
+            let id = conn.generate_id().ok()?;
+            conn.damage_create(id, root, level).ok()?.check().ok()?;
+            Some(id)
+        };
+        // The object whose region a capture fetches: it reports once, when something is drawn
+        // after a capture.
         let damage = conn
             .damage_query_version(1, 1)
             .ok()
             .and_then(|c| c.reply().ok())
-            .and_then(|_| {
-                let id = conn.generate_id().ok()?;
-                conn.damage_create(id, root, ReportLevel::NON_EMPTY)
-                    .ok()?
-                    .check()
-                    .ok()?;
-                Some(id)
-            });
-        // A second damage object that reports every drawing, not only the first since the last
-        // capture, so a capture can wait until the drawing stops. Raw rectangles, not deltas: a
-        // drawing over an area already drawn since the last capture (text on a cleared field)
-        // adds no new area and would not be reported as a delta. The server keeps no region for
-        // it (the first object gathers what a capture fetches); one report (32 bytes) per
-        // rectangle of each drawing.
-        let drawings = damage.and_then(|_| {
-            let id = conn.generate_id().ok()?;
-            conn.damage_create(id, root, ReportLevel::RAW_RECTANGLES)
-                .ok()?
-                .check()
-                .ok()?;
-            Some(id)
-        });
+            .and_then(|_| damage_object(ReportLevel::NON_EMPTY));
+        // A second object that reports every drawing, not only the first since the last capture,
+        // so a capture can wait until the drawing stops. Raw rectangles, not deltas: a drawing
+        // over an area already drawn since the last capture (text on a cleared field) adds no new
+        // area and would not be reported as a delta. The server keeps no region for it; one
+        // report (32 bytes) per rectangle of each drawing.
+        let drawings = damage.and_then(|_| damage_object(ReportLevel::RAW_RECTANGLES));
         let damage_parts = damage.filter(|_| xfixes).and_then(|_| {
             let id = conn.generate_id().ok()?;
             conn.xfixes_create_region(id, &[]).ok()?.check().ok()?;
