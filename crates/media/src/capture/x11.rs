@@ -489,11 +489,12 @@ impl X11Capturer {
     /// Waits until the drawing reported so far has finished (see [`settle_wait`]).
     fn settle(&mut self) {
         use rustix::event::{PollFd, PollFlags, Timespec, poll};
-        let Some(mut last) = self.drawn_last_at else {
-            return; // a resize alone: nothing is being drawn
-        };
+        // Nothing reported (a resize alone): nothing to wait for.
         let began = std::time::Instant::now();
-        while let Some(wait) = settle_wait(std::time::Instant::now(), began, last) {
+        while let Some(wait) = self
+            .drawn_last_at
+            .and_then(|last| settle_wait(std::time::Instant::now(), began, last))
+        {
             let ts = Timespec {
                 tv_sec: wait.as_secs() as _,
                 tv_nsec: wait.subsec_nanos() as _,
@@ -509,7 +510,6 @@ impl X11Capturer {
                 Err(_) => std::thread::sleep(SETTLE_BATCH.min(cap_left).min(wait)),
             }
             self.drain_events();
-            last = self.drawn_last_at.unwrap_or(last);
         }
     }
 
