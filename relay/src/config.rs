@@ -33,12 +33,24 @@ pub struct FileConfig {
 pub struct FileLimits {
     pub max_connections: Option<usize>,
     pub max_connections_per_address: Option<usize>,
+    /// Of `max_connections`, how many only authenticated technicians may hold; agents and
+    /// connections not yet identified share the rest.
+    pub console_reserve: Option<usize>,
     pub handshake_timeout_secs: Option<u64>,
     pub slot_ttl_secs: Option<u64>,
     pub max_sessions: Option<usize>,
     pub joins_per_minute_per_technician: Option<u32>,
     pub joins_per_minute_per_address: Option<u32>,
     pub auths_per_minute_per_address: Option<u32>,
+    /// Logins that may wait for token verification; beyond it they are answered "busy, retry in
+    /// N s".
+    pub auth_queue: Option<usize>,
+    /// New codes (registrations) per agent connection per minute.
+    pub registers_per_minute_per_connection: Option<u32>,
+    /// New codes per source address per minute.
+    pub registers_per_minute_per_address: Option<u32>,
+    /// Ended codes kept in quarantine at most (the one released first goes beyond it).
+    pub max_quarantined_slots: Option<usize>,
     /// 0 = unlimited.
     pub session_bytes_per_second: Option<u64>,
     /// 0 = a lost connection ends its session at once.
@@ -141,6 +153,7 @@ impl Config {
             max_connections_per_address: l
                 .max_connections_per_address
                 .unwrap_or(d.max_connections_per_address),
+            console_reserve: l.console_reserve.unwrap_or(d.console_reserve),
             handshake_timeout: secs(l.handshake_timeout_secs, d.handshake_timeout),
             slot_ttl: secs(l.slot_ttl_secs, d.slot_ttl),
             max_sessions: l.max_sessions.unwrap_or(d.max_sessions),
@@ -153,6 +166,14 @@ impl Config {
             auths_per_minute_per_address: l
                 .auths_per_minute_per_address
                 .unwrap_or(d.auths_per_minute_per_address),
+            auth_queue: l.auth_queue.unwrap_or(d.auth_queue),
+            registers_per_minute_per_connection: l
+                .registers_per_minute_per_connection
+                .unwrap_or(d.registers_per_minute_per_connection),
+            registers_per_minute_per_address: l
+                .registers_per_minute_per_address
+                .unwrap_or(d.registers_per_minute_per_address),
+            max_quarantined_slots: l.max_quarantined_slots.unwrap_or(d.max_quarantined_slots),
             session_bytes_per_second: l.session_bytes_per_second.filter(|v| *v > 0),
             resume_grace: secs(l.resume_grace_secs, d.resume_grace),
         };
@@ -172,10 +193,24 @@ impl Config {
                 "auths_per_minute_per_address",
                 limits.auths_per_minute_per_address,
             ),
+            (
+                "registers_per_minute_per_connection",
+                limits.registers_per_minute_per_connection,
+            ),
+            (
+                "registers_per_minute_per_address",
+                limits.registers_per_minute_per_address,
+            ),
         ] {
             if v == 0 {
                 bail!("limits.{name} must be at least 1");
             }
+        }
+        if limits.auth_queue == 0 {
+            bail!("limits.auth_queue must be at least 1");
+        }
+        if limits.console_reserve >= limits.max_connections {
+            bail!("limits.console_reserve must be less than limits.max_connections");
         }
         Ok(Config {
             listen,
@@ -232,12 +267,17 @@ impl Config {
             limits: FileLimits {
                 max_connections: Some(l.max_connections),
                 max_connections_per_address: Some(l.max_connections_per_address),
+                console_reserve: Some(l.console_reserve),
                 handshake_timeout_secs: Some(l.handshake_timeout.as_secs()),
                 slot_ttl_secs: Some(l.slot_ttl.as_secs()),
                 max_sessions: Some(l.max_sessions),
                 joins_per_minute_per_technician: Some(l.joins_per_minute_per_technician),
                 joins_per_minute_per_address: Some(l.joins_per_minute_per_address),
                 auths_per_minute_per_address: Some(l.auths_per_minute_per_address),
+                auth_queue: Some(l.auth_queue),
+                registers_per_minute_per_connection: Some(l.registers_per_minute_per_connection),
+                registers_per_minute_per_address: Some(l.registers_per_minute_per_address),
+                max_quarantined_slots: Some(l.max_quarantined_slots),
                 session_bytes_per_second: Some(l.session_bytes_per_second.unwrap_or(0)),
                 resume_grace_secs: Some(l.resume_grace.as_secs()),
             },
@@ -292,9 +332,18 @@ mod tests {
         };
         let e = Config::resolve(bad, Overrides::default()).unwrap_err();
         assert!(format!("{e:#}").contains("nonsense"));
-        let zero: FileConfig =
-            toml::from_str("[limits]\njoins_per_minute_per_address = 0").unwrap();
-        assert!(Config::resolve(zero, Overrides::default()).is_err());
+        for bad in [
+            "joins_per_minute_per_address = 0",
+            "registers_per_minute_per_address = 0",
+            "auth_queue = 0",
+            "max_connections = 100\nconsole_reserve = 100",
+        ] {
+            let zero: FileConfig = toml::from_str(&format!("[limits]\n{bad}")).unwrap();
+            assert!(
+                Config::resolve(zero, Overrides::default()).is_err(),
+                "{bad}"
+            );
+        }
     }
 
     #[test]

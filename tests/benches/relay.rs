@@ -1,13 +1,20 @@
 //! Relay benchmark: in one run, on this machine,
 //!   1. datagram round-trip time through the relay vs a direct quinn connection (added RTT),
 //!   2. payload-stream throughput through the relay vs direct (ratio),
-//!   3. relay resident memory with N paired idle sessions (default 1,000).
+//!   3. relay resident memory with N paired idle sessions (default 1,000),
+//!   4. relay resident memory with N unpaired connections (registered agents waiting, from 25
+//!      loopback addresses; a fresh relay process), and what 100 unpaired agents pushing all they
+//!      can (payload streams, a second stream, DATAGRAMs) add to it,
+//!   5. connection setup time (QUIC handshake, which includes the relay's address-validating Retry)
+//!      on loopback and through a 40 ms RTT proxy.
 //!
 //! The relay is the real `tandem-relay` binary in its own process (release build); the direct
 //! baseline is a quinn server with the same transport settings in this process. Prints a table and
-//! JSON (also written to target/bench/relay.json).
+//! JSON (also written to target/bench/relay.json). `--memory-only` skips 1 and 2, `--unpaired-only`
+//! measures only 4;
+//! `TANDEM_BIN_TANDEM_RELAY=PATH` measures another build of the relay.
 //!
-//!     cargo bench -p tandem-tests --bench relay [-- --sessions 1000 --quick]
+//!     cargo bench -p tandem-tests --bench relay [-- --sessions 1000 --quick --memory-only]
 #![allow(clippy::unwrap_used, clippy::print_literal)]
 
 use bytes::Bytes;
@@ -24,6 +31,8 @@ struct Args {
     rtt_samples: usize,
     transfer_mib: usize,
     rounds: usize,
+    memory_only: bool,
+    unpaired_only: bool,
 }
 
 fn args() -> Args {
@@ -32,6 +41,8 @@ fn args() -> Args {
         rtt_samples: 3000,
         transfer_mib: 64,
         rounds: 5,
+        memory_only: false,
+        unpaired_only: false,
     };
     let argv: Vec<String> = std::env::args().collect();
     let mut i = 1;
@@ -47,6 +58,8 @@ fn args() -> Args {
                 a.transfer_mib = 16;
                 a.rounds = 3;
             }
+            "--memory-only" => a.memory_only = true,
+            "--unpaired-only" => a.unpaired_only = true,
             _ => {} // cargo bench passes --bench
         }
         i += 1;
@@ -160,6 +173,135 @@ async fn direct_pair() -> (quinn::Endpoint, quinn::Connection, quinn::Connection
     (client, c, s)
 }
 
+/// Times of `n` QUIC handshakes (client side: from the first Initial to the handshake's end) with
+/// the relay at `target` (the relay itself, or a proxy in front of it).
+async fn connect_times(opts: &ConnectOptions, target: std::net::SocketAddr, n: usize) -> Vec<f64> {
+    let ep = tandem_client::client_endpoint(opts, target).unwrap();
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        let t = Instant::now();
+        let c = ep.connect(target, "127.0.0.1").unwrap().await.unwrap();
+        out.push(t.elapsed().as_secs_f64() * 1e3);
+        c.close(0u32.into(), b"");
+    }
+    ep.wait_idle().await;
+    out
+}
+
+/// Relay RSS with `n` registered agents waiting (unpaired), on a fresh relay process: (idle, at
+/// half, at all, half count).
+async fn unpaired_memory(n: usize) -> (u64, u64, u64, usize) {
+    let dir = tempfile::tempdir().unwrap();
+    let (relay, _) = load_relay(dir.path(), "Bench").await;
+    let opts = ConnectOptions::new(relay.addr.clone(), RelayTrust::Pin(relay.pin));
+    let relay_addr: std::net::SocketAddr = relay.addr.parse().unwrap();
+    // 40 agents per loopback address: inside the default per-address registration budget.
+    const PER_ADDRESS: usize = 40;
+    let eps: Vec<_> = (0..n.div_ceil(PER_ADDRESS))
+        .map(|i| {
+            let ep = tandem_client::client_endpoint(&opts, relay_addr).unwrap();
+            let ip = std::net::Ipv4Addr::new(127, 2, (i / 200) as u8, (i % 200 + 1) as u8);
+            ep.rebind(std::net::UdpSocket::bind((ip, 0)).unwrap())
+                .unwrap();
+            ep
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let idle = relay.rss_bytes().unwrap_or(0);
+    let half_n = n / 2 / 50 * 50;
+    let mut half = 0;
+    let mut links = Vec::with_capacity(n);
+    for chunk in 0..n.div_ceil(50) {
+        if chunk * 50 == half_n && chunk > 0 {
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            half = relay.rss_bytes().unwrap_or(0);
+        }
+        let mut js = tokio::task::JoinSet::new();
+        for i in chunk * 50..(chunk * 50 + 50).min(n) {
+            let (ep, opts) = (eps[i / PER_ADDRESS].clone(), opts.clone());
+            js.spawn(async move {
+                let mut ag = RelayLink::connect_on(&ep, &opts).await.unwrap();
+                ag.register().await.unwrap();
+                ag
+            });
+        }
+        while let Some(r) = js.join_next().await {
+            links.push(r.unwrap());
+        }
+    }
+    let h: serde_json::Value =
+        serde_json::from_str(&http_get(relay.metrics, "/health").await.1).unwrap();
+    assert_eq!(h["agents_waiting"].as_u64().unwrap() as usize, n, "{h}");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let full = relay.rss_bytes().unwrap_or(0);
+    drop(links);
+    relay.terminate().await;
+    (idle, half, full, half_n)
+}
+
+/// Unpaired connections that push data in [`hostile_unpaired_memory`].
+const HOSTILE: usize = 100;
+
+/// What an unpaired connection can make the relay hold: `n` registered agents (fresh relay) each
+/// push all they can without being paired (payload streams, a second bidirectional stream, a burst
+/// of DATAGRAMs), bounded by a deadline. Returns (RSS before, RSS after) of the relay.
+async fn hostile_unpaired_memory(n: usize) -> (u64, u64) {
+    let dir = tempfile::tempdir().unwrap();
+    let (relay, _) = load_relay(dir.path(), "Bench").await;
+    let opts = ConnectOptions::new(relay.addr.clone(), RelayTrust::Pin(relay.pin));
+    let ep = tandem_client::client_endpoint(&opts, relay.addr.parse().unwrap()).unwrap();
+    let mut links = Vec::with_capacity(n);
+    for _ in 0..n {
+        let mut ag = RelayLink::connect_on(&ep, &opts).await.unwrap();
+        ag.register().await.unwrap();
+        links.push(ag);
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let before = relay.rss_bytes().unwrap_or(0);
+    let chunk = Bytes::from(vec![0x42u8; 64 * 1024]);
+    let mut js = tokio::task::JoinSet::new();
+    for l in &links {
+        let c = l.connection().clone();
+        let chunk = chunk.clone();
+        js.spawn(async move {
+            let push = async {
+                // 2 MiB per stream, as far as flow control lets it go.
+                let mut streams = Vec::new();
+                for _ in 0..4 {
+                    if let Ok(s) = c.open_uni().await {
+                        streams.push(s);
+                    }
+                }
+                for s in &mut streams {
+                    for _ in 0..32 {
+                        if s.write_chunk(chunk.clone()).await.is_err() {
+                            break;
+                        }
+                    }
+                }
+                if let Ok((mut s, _r)) = c.open_bi().await {
+                    for _ in 0..32 {
+                        if s.write_chunk(chunk.clone()).await.is_err() {
+                            break;
+                        }
+                    }
+                }
+            };
+            let _ = tokio::time::timeout(Duration::from_secs(3), push).await;
+            for _ in 0..2000 {
+                let _ = c.send_datagram(Bytes::from(vec![0x17u8; 1100]));
+                tokio::task::yield_now().await;
+            }
+        });
+    }
+    while js.join_next().await.is_some() {}
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let after = relay.rss_bytes().unwrap_or(0);
+    drop(links);
+    relay.terminate().await;
+    (before, after)
+}
+
 fn fmt_row(name: &str, direct: f64, relayed: f64, unit: &str, extra: &str) {
     println!("{name:<34} {direct:>12.1} {relayed:>12.1} {unit:<6} {extra}");
 }
@@ -176,13 +318,142 @@ async fn run(a: Args) {
     let opts = ConnectOptions::new(relay.addr.clone(), RelayTrust::Pin(relay.pin));
     let _: Fingerprint = relay.pin;
 
-    // ---- paths ----
+    if a.unpaired_only {
+        let (b, h) = hostile_unpaired_memory(HOSTILE).await;
+        println!(
+            "relay memory per hostile unpaired agent: {:.1} KiB ({:.1} → {:.1} MiB with {HOSTILE})",
+            h.saturating_sub(b) as f64 / HOSTILE as f64 / 1024.0,
+            b as f64 / 1048576.0,
+            h as f64 / 1048576.0
+        );
+        let (idle, half, full, half_n) = unpaired_memory(a.sessions).await;
+        println!(
+            "relay memory per unpaired agent: {:.1} KiB marginal, {:.1} KiB average ({:.1} → {:.1} → {:.1} MiB)",
+            full.saturating_sub(half) as f64 / (a.sessions - half_n).max(1) as f64 / 1024.0,
+            full.saturating_sub(idle) as f64 / a.sessions as f64 / 1024.0,
+            idle as f64 / 1048576.0,
+            half as f64 / 1048576.0,
+            full as f64 / 1048576.0
+        );
+        relay.terminate().await;
+        return;
+    }
+    // ---- connection setup: the Retry's round trip ----
+    let relay_addr: std::net::SocketAddr = relay.addr.parse().unwrap();
+    let connect_lo = connect_times(&opts, relay_addr, 200).await;
+    let proxy = tandem_tests::impair::ImpairProxy::start(
+        relay_addr,
+        tandem_tests::impair::Impairment::rtt_loss(Duration::from_millis(40), 0.0),
+        tandem_tests::impair::Impairment::rtt_loss(Duration::from_millis(40), 0.0),
+    )
+    .await;
+    let connect_40 = connect_times(&opts, proxy.addr, 20).await;
+    drop(proxy);
+
+    let (d_rtt, r_rtt, d_tp, r_tp, mbit_per_cpu_s, relay_cpu, relay_time) = if a.memory_only {
+        (
+            vec![],
+            vec![],
+            vec![f64::NAN],
+            vec![f64::NAN],
+            f64::NAN,
+            f64::NAN,
+            f64::NAN,
+        )
+    } else {
+        paths(&a, &relay, &opts, &token).await
+    };
+
+    let mem = memory_paired(&a, &relay, &opts, &token).await;
+    let (un_idle, un_half, un_full, un_half_n) = unpaired_memory(a.sessions).await;
+    let un_slope = un_full.saturating_sub(un_half) as f64 / (a.sessions - un_half_n).max(1) as f64;
+    let un_avg = un_full.saturating_sub(un_idle) as f64 / a.sessions as f64;
+    let (hostile_before, hostile_after) = hostile_unpaired_memory(HOSTILE).await;
+    let (
+        idle_rss,
+        half_rss,
+        loaded_rss,
+        half_n,
+        per_session,
+        per_session_total,
+        setups,
+        setup_secs,
+    ) = mem;
+
+    report(
+        &a,
+        Report {
+            d_rtt,
+            r_rtt,
+            d_tp,
+            r_tp,
+            mbit_per_cpu_s,
+            relay_cpu,
+            relay_time,
+            idle_rss,
+            half_rss,
+            loaded_rss,
+            half_n,
+            per_session,
+            per_session_total,
+            setups,
+            setup_secs,
+            un_idle,
+            un_half,
+            un_full,
+            un_half_n,
+            un_slope,
+            un_avg,
+            connect_lo,
+            connect_40,
+            hostile_before,
+            hostile_after,
+        },
+    );
+    relay.terminate().await;
+}
+
+struct Report {
+    d_rtt: Vec<f64>,
+    r_rtt: Vec<f64>,
+    d_tp: Vec<f64>,
+    r_tp: Vec<f64>,
+    mbit_per_cpu_s: f64,
+    relay_cpu: f64,
+    relay_time: f64,
+    idle_rss: u64,
+    half_rss: u64,
+    loaded_rss: u64,
+    half_n: usize,
+    per_session: f64,
+    per_session_total: f64,
+    setups: Vec<f64>,
+    setup_secs: f64,
+    un_idle: u64,
+    un_half: u64,
+    un_full: u64,
+    un_half_n: usize,
+    un_slope: f64,
+    un_avg: f64,
+    connect_lo: Vec<f64>,
+    connect_40: Vec<f64>,
+    hostile_before: u64,
+    hostile_after: u64,
+}
+
+#[allow(clippy::type_complexity)]
+async fn paths(
+    a: &Args,
+    relay: &tandem_tests::RelayProcess,
+    opts: &ConnectOptions,
+    token: &tandem_proto::Secret,
+) -> (Vec<f64>, Vec<f64>, Vec<f64>, Vec<f64>, f64, f64, f64) {
     let (_dep, dc, ds) = direct_pair().await;
     echo_datagrams(ds.clone());
-    let mut agent = RelayLink::connect(&opts).await.unwrap();
+    let mut agent = RelayLink::connect(opts).await.unwrap();
     let (slot, _) = agent.register().await.unwrap();
-    let mut console = RelayLink::connect(&opts).await.unwrap();
-    console.authenticate(&token).await.unwrap();
+    let mut console = RelayLink::connect(opts).await.unwrap();
+    console.authenticate(token).await.unwrap();
     console.join(&slot).await.unwrap();
     agent.wait_paired().await.unwrap();
     echo_datagrams(console.connection().clone());
@@ -213,11 +484,28 @@ async fn run(a: Args) {
     let mbit_per_cpu_s = relay_bytes * 8.0 / 1e6 / relay_cpu.max(1e-9);
     agent.close().await;
     console.close().await;
+    (
+        d_rtt,
+        r_rtt,
+        d_tp,
+        r_tp,
+        mbit_per_cpu_s,
+        relay_cpu,
+        relay_time,
+    )
+}
 
+#[allow(clippy::type_complexity)]
+async fn memory_paired(
+    a: &Args,
+    relay: &tandem_tests::RelayProcess,
+    opts: &ConnectOptions,
+    token: &tandem_proto::Secret,
+) -> (u64, u64, u64, usize, f64, f64, Vec<f64>, f64) {
     // ---- memory with N paired idle sessions ----
     let health = |m| async move { http_get(m, "/health").await.1 };
     let idle_rss = relay.rss_bytes().unwrap_or(0);
-    let ep = tandem_client::client_endpoint(&opts, relay.addr.parse().unwrap()).unwrap();
+    let ep = tandem_client::client_endpoint(opts, relay.addr.parse().unwrap()).unwrap();
     let mut links = Vec::with_capacity(a.sessions * 2);
     let t_setup = Instant::now();
     let mut setups = Vec::with_capacity(a.sessions);
@@ -262,7 +550,47 @@ async fn run(a: Args) {
         (loaded_rss.saturating_sub(half_rss)) as f64 / (a.sessions - half_n).max(1) as f64;
     let per_session_total = (loaded_rss.saturating_sub(idle_rss)) as f64 / a.sessions as f64;
     drop(links);
+    (
+        idle_rss,
+        half_rss,
+        loaded_rss,
+        half_n,
+        per_session,
+        per_session_total,
+        setups,
+        setup_secs,
+    )
+}
 
+fn report(a: &Args, r: Report) {
+    let Report {
+        d_rtt,
+        r_rtt,
+        d_tp,
+        r_tp,
+        mbit_per_cpu_s,
+        relay_cpu,
+        relay_time,
+        idle_rss,
+        half_rss,
+        loaded_rss,
+        half_n,
+        per_session,
+        per_session_total,
+        setups,
+        setup_secs,
+        un_idle,
+        un_half,
+        un_full,
+        un_half_n,
+        un_slope,
+        un_avg,
+        connect_lo,
+        connect_40,
+        hostile_before,
+        hostile_after,
+    } = r;
+    let hostile_each = hostile_after.saturating_sub(hostile_before) as f64 / HOSTILE as f64;
     // ---- report ----
     let dp50 = percentile(&d_rtt, 0.5);
     let rp50 = percentile(&r_rtt, 0.5);
@@ -329,6 +657,52 @@ async fn run(a: Args) {
         loaded_rss as f64 / 1048576.0
     );
     println!(
+        "{:<34} {:>12} {:>12.1} {:<6} slope {}→{} agents: {:.1} → {:.1} MiB (target ≤ 16 KB)",
+        "relay memory per unpaired agent",
+        "",
+        un_slope / 1024.0,
+        "KiB",
+        un_half_n,
+        a.sessions,
+        un_half as f64 / 1048576.0,
+        un_full as f64 / 1048576.0
+    );
+    println!(
+        "{:<34} {:>12} {:>12.1} {:<6} (fresh relay {:.1} MiB → {:.1} MiB)",
+        "  … average incl. fixed costs",
+        "",
+        un_avg / 1024.0,
+        "KiB",
+        un_idle as f64 / 1048576.0,
+        un_full as f64 / 1048576.0
+    );
+    println!(
+        "{:<34} {:>12} {:>12.1} {:<6} {} agents pushing streams and datagrams unpaired: {:.1} → {:.1} MiB",
+        "  … added by a hostile one",
+        "",
+        hostile_each / 1024.0,
+        "KiB",
+        HOSTILE,
+        hostile_before as f64 / 1048576.0,
+        hostile_after as f64 / 1048576.0
+    );
+    println!(
+        "{:<34} {:>12} {:>12.2} {:<6} p99 {:.2} ms (QUIC handshake incl. Retry, loopback)",
+        "connection setup p50, loopback",
+        "",
+        percentile(&connect_lo, 0.5),
+        "ms",
+        percentile(&connect_lo, 0.99)
+    );
+    println!(
+        "{:<34} {:>12} {:>12.1} {:<6} min {:.1} ms (≈ 2 RTT with the Retry, 1 RTT without)",
+        "connection setup p50, 40 ms RTT",
+        "",
+        percentile(&connect_40, 0.5),
+        "ms",
+        connect_40.iter().copied().fold(f64::INFINITY, f64::min)
+    );
+    println!(
         "{:<34} {:>12} {:>12.1} {:<6} p99 {:.1} ms; {} sessions in {:.1} s",
         "session setup p50 (50 at a time)",
         "",
@@ -345,11 +719,12 @@ async fn run(a: Args) {
         "relay_cpu": {"mbit_per_cpu_second": mbit_per_cpu_s, "cpu_seconds": relay_cpu, "wall_seconds": relay_time},
         "memory": {"sessions": a.sessions, "idle_rss_bytes": idle_rss, "half_sessions": half_n, "half_rss_bytes": half_rss, "loaded_rss_bytes": loaded_rss, "bytes_per_session_marginal": per_session, "bytes_per_session_average": per_session_total},
         "setup_ms": {"p50": percentile(&setups, 0.5), "p99": percentile(&setups, 0.99), "total_s": setup_secs},
+        "memory_unpaired": {"agents": a.sessions, "idle_rss_bytes": un_idle, "half_agents": un_half_n, "half_rss_bytes": un_half, "loaded_rss_bytes": un_full, "bytes_per_agent_marginal": un_slope, "bytes_per_agent_average": un_avg, "hostile_agents": HOSTILE, "hostile_rss_before_bytes": hostile_before, "hostile_rss_after_bytes": hostile_after, "bytes_added_per_hostile_agent": hostile_each},
+        "connect_ms": {"loopback_p50": percentile(&connect_lo, 0.5), "loopback_p99": percentile(&connect_lo, 0.99), "rtt40_p50": percentile(&connect_40, 0.5), "rtt40_min": connect_40.iter().copied().fold(f64::INFINITY, f64::min)},
     });
     let out = serde_json::to_string_pretty(&json).unwrap();
     println!("\n{out}");
     let target = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
     let _ = std::fs::create_dir_all(&target);
     let _ = std::fs::write(target.join("relay.json"), &out);
-    relay.terminate().await;
 }

@@ -156,6 +156,11 @@ pub fn metric(text: &str, name_and_labels: &str) -> f64 {
 
 /// Path of a binary built by this workspace (`tandem-relay`, …), building it if needed.
 pub fn binary(name: &str) -> PathBuf {
+    // `TANDEM_BIN_TANDEM_RELAY=/path/to/old/tandem-relay` runs a benchmark against another build.
+    let var = format!("TANDEM_BIN_{}", name.to_uppercase().replace('-', "_"));
+    if let Some(p) = std::env::var_os(var) {
+        return PathBuf::from(p);
+    }
     // Integration tests live in target/<profile>/deps; binaries in target/<profile>.
     let exe = std::env::current_exe().unwrap();
     let dir = exe.parent().unwrap().parent().unwrap();
@@ -369,13 +374,16 @@ pub fn write_bench_json(name: &str, v: &serde_json::Value) {
 /// of a technician of `org`.
 pub async fn load_relay(dir: &Path, org: &str) -> (RelayProcess, Secret) {
     let cfg = dir.join("relay.toml");
-    std::fs::write(
-        &cfg,
+    let mut limits = String::from(
         "[limits]\nmax_connections = 100000\nmax_connections_per_address = 100000\nmax_sessions = 100000\n\
          joins_per_minute_per_technician = 1000000\njoins_per_minute_per_address = 1000000\n\
          auths_per_minute_per_address = 1000000\n",
-    )
-    .unwrap();
+    );
+    // TANDEM_BENCH_BASELINE=1: the relay (another build, see `binary`) predates these keys.
+    if std::env::var_os("TANDEM_BENCH_BASELINE").is_none() {
+        limits.push_str("registers_per_minute_per_address = 1000000\nauth_queue = 100000\n");
+    }
+    std::fs::write(&cfg, limits).unwrap();
     let out = relay_admin(dir, &["technician", "add", "--org", org, "--name", "bench"]);
     let token = token_from_output(&out);
     let relay = RelayProcess::start_with(dir, &["--config", cfg.to_str().unwrap()]).await;

@@ -249,8 +249,12 @@ async fn bad_tokens_and_auth_rate_limit() {
     let e = within(l.authenticate(&relay.token)).await.unwrap_err();
     assert_eq!(e.code(), Some(ErrorCode::RateLimited), "{e}");
     let m = relay.http_get("/metrics").await.1;
+    // Malformed tokens (like unknown ids) are refused without hashing.
     assert_eq!(
-        metric(&m, "tandem_relay_auth_failures_total{reason=\"bad_token\"}"),
+        metric(
+            &m,
+            "tandem_relay_auth_failures_total{reason=\"unknown_id\"}"
+        ),
         3.0
     );
     relay.shutdown().await;

@@ -84,6 +84,19 @@ impl ClientError {
         }
     }
 
+    /// How long the relay asked to wait before trying again ([`ErrorCode::Busy`]: "retry in N s").
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            ClientError::Closed {
+                code: Some(ErrorCode::Busy),
+                reason,
+            } => Some(Duration::from_secs(
+                tandem_proto::retry_after_secs(reason).unwrap_or(5).into(),
+            )),
+            _ => None,
+        }
+    }
+
     fn from_connection(e: &ConnectionError) -> Self {
         match e {
             ConnectionError::ApplicationClosed(c) => {
@@ -274,6 +287,7 @@ impl RelayLink {
                 slot,
                 expires_in_secs,
             } => Ok((slot, Duration::from_secs(expires_in_secs.into()))),
+            RelayMsg::Refused { code, .. } => Err(ClientError::Refused { code }),
             other => Err(unexpected(other)),
         }
     }

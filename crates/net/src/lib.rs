@@ -4,6 +4,10 @@
 //!   loopback and busy relays drop bursts of packets, which QUIC then treats as congestion.
 //! * One transport configuration for the outer link: DATAGRAM frames enabled with room for a burst of
 //!   video, keep-alives well inside the idle timeout so that NAT bindings stay open.
+//! * The relay starts every connection small ([`relay_transport_config`]): a stranger's connection,
+//!   before it paired, may open no payload stream and have at most [`UNPAIRED_RECEIVE_WINDOW`] of
+//!   stream data in flight, whatever it sends. [`open_for_session`] widens a connection when it is
+//!   paired, [`close_for_session`] narrows it again when the session is over.
 
 use std::net::{SocketAddr, UdpSocket};
 use std::sync::Arc;
@@ -55,6 +59,14 @@ pub fn bind_udp(addr: SocketAddr) -> Result<UdpSocket, NetError> {
     Ok(sock.into())
 }
 
+/// Stream data (all streams together) a relay connection may have in flight before it is paired:
+/// room for one control message (16 KiB) and its header, nothing more.
+pub const UNPAIRED_RECEIVE_WINDOW: u32 = 32 * 1024;
+/// Stream data in flight on a paired relay connection: several payload streams at full speed.
+pub const PAIRED_RECEIVE_WINDOW: u32 = 8 * 1024 * 1024;
+/// Payload streams a paired peer may have open towards the relay at once.
+pub const PAIRED_UNI_STREAMS: u32 = 4;
+
 /// Transport settings of the outer link (relay side and client side alike).
 pub fn transport_config(keep_alive: bool) -> quinn::TransportConfig {
     let mut t = quinn::TransportConfig::default();
@@ -76,6 +88,30 @@ pub fn transport_config(keep_alive: bool) -> quinn::TransportConfig {
     t.max_concurrent_bidi_streams(2u32.into());
     t.max_concurrent_uni_streams(4u32.into());
     t
+}
+
+/// Transport settings of the relay's side of an outer link, as every connection starts: one control
+/// stream, no payload streams, [`UNPAIRED_RECEIVE_WINDOW`] of stream data in flight. (DATAGRAM
+/// support cannot be switched on after the handshake, so it is advertised; the relay discards what
+/// arrives before pairing.)
+pub fn relay_transport_config() -> quinn::TransportConfig {
+    let mut t = transport_config(false);
+    t.max_concurrent_bidi_streams(1u32.into());
+    t.max_concurrent_uni_streams(0u32.into());
+    t.receive_window(UNPAIRED_RECEIVE_WINDOW.into());
+    t
+}
+
+/// Widens a relay connection for its session: payload streams and a large receive window.
+pub fn open_for_session(conn: &quinn::Connection) {
+    conn.set_receive_window(PAIRED_RECEIVE_WINDOW.into());
+    conn.set_max_concurrent_uni_streams(PAIRED_UNI_STREAMS.into());
+}
+
+/// Narrows a relay connection whose session is over back to its unpaired size.
+pub fn close_for_session(conn: &quinn::Connection) {
+    conn.set_max_concurrent_uni_streams(0u32.into());
+    conn.set_receive_window(UNPAIRED_RECEIVE_WINDOW.into());
 }
 
 /// A client endpoint on an ephemeral port of the right address family.

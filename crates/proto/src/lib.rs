@@ -286,12 +286,28 @@ error_codes! {
     CodeBurned = 20, "code_burned", "the code was used with a wrong secret and is no longer valid; ask the user for the new code";
     SessionGone = 21, "session_gone", "there is no session to resume: it ended or its grace period ran out";
     SessionTakenOver = 22, "session_taken_over", "this session was resumed on another connection";
+    /// Logins are queued for verification beyond what the relay checks in a few seconds. The close
+    /// reason says how long to wait ("retry in N s"); see [`retry_after_secs`].
+    Busy = 23, "busy", "the relay is busy checking logins; try again in a few seconds";
+    /// An agent asked for new codes faster than its budget (per connection and per address).
+    RegisterRateLimited = 24, "register_rate_limited", "new codes were requested too often; wait a minute and try again";
 }
 
 impl fmt::Display for ErrorCode {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.explain())
     }
+}
+
+/// The close reason of an [`ErrorCode::Busy`] answer: "…; retry in N s".
+pub fn busy_reason(retry_after_secs: u32) -> String {
+    format!("the relay is busy checking logins; retry in {retry_after_secs} s")
+}
+
+/// The wait a close reason asks for ("retry in N s"), if it asks for one.
+pub fn retry_after_secs(reason: &str) -> Option<u32> {
+    let rest = &reason[reason.rfind("retry in ")? + "retry in ".len()..];
+    rest.strip_suffix(" s")?.parse().ok()
 }
 
 /// Errors of this crate: decoding and validation. None of them carries untrusted bytes.
@@ -600,6 +616,13 @@ mod tests {
             client: ClientInfo::default(),
         };
         assert!(!format!("{m:?}").contains("super-secret"));
+    }
+
+    #[test]
+    fn busy_reason_round_trips() {
+        assert_eq!(retry_after_secs(&busy_reason(7)), Some(7));
+        assert_eq!(retry_after_secs("closed normally"), None);
+        assert_eq!(retry_after_secs("retry in x s"), None);
     }
 
     #[test]

@@ -41,6 +41,12 @@ pub struct Metrics {
     pub limits_hit: Family<Limit, Counter>,
     pub protocol_errors: Family<Reason, Counter>,
     pub handshake_timeouts: Counter,
+    pub retries_sent: Counter,
+    pub log_lines_suppressed: Counter,
+    pub auth_hashes: Counter,
+    pub auth_queue: Gauge,
+    pub connections_on_probation: Gauge,
+    pub slots_quarantined: Gauge,
 }
 
 impl Default for Metrics {
@@ -68,6 +74,12 @@ impl Metrics {
             limits_hit: Family::default(),
             protocol_errors: Family::default(),
             handshake_timeouts: Counter::default(),
+            retries_sent: Counter::default(),
+            log_lines_suppressed: Counter::default(),
+            auth_hashes: Counter::default(),
+            auth_queue: Gauge::default(),
+            connections_on_probation: Gauge::default(),
+            slots_quarantined: Gauge::default(),
         };
         let r = &mut m.registry;
         r.register(
@@ -140,6 +152,36 @@ impl Metrics {
             "handshake_timeouts",
             "Connections dropped for not registering or authenticating in time",
             m.handshake_timeouts.clone(),
+        );
+        r.register(
+            "retries_sent",
+            "QUIC Retry packets sent to validate a source address (unvalidated attempts count nowhere else)",
+            m.retries_sent.clone(),
+        );
+        r.register(
+            "log_lines_suppressed",
+            "Log lines a stranger could cause, held back by the log rate limit",
+            m.log_lines_suppressed.clone(),
+        );
+        r.register(
+            "auth_hashes",
+            "Token secrets checked with Argon2id (unknown token ids are refused without)",
+            m.auth_hashes.clone(),
+        );
+        r.register(
+            "auth_queue",
+            "Logins waiting for an Argon2id verification thread",
+            m.auth_queue.clone(),
+        );
+        r.register(
+            "connections_on_probation",
+            "Connections admitted into the console reserve while agents fill their share",
+            m.connections_on_probation.clone(),
+        );
+        r.register(
+            "slots_quarantined",
+            "Ended slots held back from reuse",
+            m.slots_quarantined.clone(),
         );
         m
     }

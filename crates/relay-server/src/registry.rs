@@ -13,10 +13,21 @@
 //!   expiry (at least one minute), so it is not reused within its expiry and a late join gets a precise
 //!   error instead of "unknown".
 //! * Every join attempt counts against two token buckets, the technician's and the source address's
-//!   (IPv6 addresses are grouped by /64), successful ones included. Authentication attempts count
-//!   against a per-address bucket.
+//!   (IPv6 addresses are grouped by /56), successful ones included. Authentication attempts count
+//!   against a per-address bucket; registrations (new codes) against a per-connection and a
+//!   per-address bucket.
+//! * The relay calls [`Registry::open`] only for a peer whose source address QUIC has validated
+//!   (Retry), so forged addresses never count against a limit.
+//! * A share of the connections ([`Limits::console_reserve`]) is kept for technicians: agents and
+//!   connections that have not identified yet share the rest. When that share is full, a new
+//!   connection is still admitted into the reserve *on probation* (a few per address): it may
+//!   authenticate or resume, never register.
+//! * Nothing a stranger triggers scans every slot: the slot space in use is counted per length, a
+//!   free slot is found by a bounded number of random draws, and quarantined slots are kept in the
+//!   order their quarantine ends, at most [`Limits::max_quarantined_slots`] of them (the one that
+//!   would be released first goes when the cap is reached).
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
 use tandem_proto::{EndReason, ErrorCode, ResumeToken, SLOT_MAX_DIGITS, SLOT_MIN_DIGITS, Slot};
@@ -26,8 +37,12 @@ use tandem_proto::{EndReason, ErrorCode, ResumeToken, SLOT_MAX_DIGITS, SLOT_MIN_
 pub struct Limits {
     /// Connections in total.
     pub max_connections: usize,
-    /// Connections per source address (IPv6: per /64).
+    /// Connections per source address (IPv6: per /56).
     pub max_connections_per_address: usize,
+    /// Of `max_connections`, how many only authenticated consoles may hold: agents and connections
+    /// that have not identified yet get at most `max_connections - console_reserve`, so a flood of
+    /// agents cannot lock technicians out.
+    pub console_reserve: usize,
     /// Time from connection to a successful register or authenticate.
     pub handshake_timeout: Duration,
     /// How long a slot waits for a console.
@@ -40,6 +55,16 @@ pub struct Limits {
     pub joins_per_minute_per_address: u32,
     /// Authentication attempts per source address per minute.
     pub auths_per_minute_per_address: u32,
+    /// Token verifications (Argon2id) that may wait for a verification thread; beyond it a login is
+    /// answered "busy, retry in N s" at once.
+    pub auth_queue: usize,
+    /// Registrations (new codes) per connection per minute.
+    pub registers_per_minute_per_connection: u32,
+    /// Registrations per source address per minute.
+    pub registers_per_minute_per_address: u32,
+    /// Quarantined (ended) slots kept at most; beyond it the one whose quarantine ends first is
+    /// released early.
+    pub max_quarantined_slots: usize,
     /// Optional cap on forwarded bytes per second, per session and direction.
     pub session_bytes_per_second: Option<u64>,
     /// How long a paired session waits for a side that lost its connection to resume; zero ends
@@ -52,12 +77,17 @@ impl Default for Limits {
         Limits {
             max_connections: 10_000,
             max_connections_per_address: 64,
+            console_reserve: 1_000,
             handshake_timeout: Duration::from_secs(10),
             slot_ttl: Duration::from_secs(600),
             max_sessions: 5_000,
             joins_per_minute_per_technician: 5,
             joins_per_minute_per_address: 5,
             auths_per_minute_per_address: 10,
+            auth_queue: 64,
+            registers_per_minute_per_connection: 6,
+            registers_per_minute_per_address: 60,
+            max_quarantined_slots: 20_000,
             session_bytes_per_second: None,
             resume_grace: Duration::from_secs(15),
         }
@@ -100,6 +130,10 @@ pub enum Role {
 struct Conn {
     addr_key: IpAddr,
     role: Role,
+    /// Admitted into the console reserve: may authenticate or resume, not register.
+    probation: bool,
+    /// Registrations of this connection (created at its first).
+    registers: Option<Bucket>,
 }
 
 #[derive(Clone, Debug)]
@@ -257,6 +291,14 @@ pub enum LimitHit {
     JoinsPerTechnician,
     JoinsPerAddress,
     AuthsPerAddress,
+    /// Agents and unidentified connections fill their share; the rest is kept for consoles.
+    AgentShare,
+    /// Too many connections of one address wait in the console reserve.
+    ReservePerAddress,
+    RegistersPerConnection,
+    RegistersPerAddress,
+    /// The token verification queue is full.
+    AuthQueue,
 }
 
 impl LimitHit {
@@ -268,14 +310,27 @@ impl LimitHit {
             LimitHit::JoinsPerTechnician => "joins_per_technician",
             LimitHit::JoinsPerAddress => "joins_per_address",
             LimitHit::AuthsPerAddress => "auths_per_address",
+            LimitHit::AgentShare => "agent_share",
+            LimitHit::ReservePerAddress => "reserve_per_address",
+            LimitHit::RegistersPerConnection => "registers_per_connection",
+            LimitHit::RegistersPerAddress => "registers_per_address",
+            LimitHit::AuthQueue => "auth_queue",
         }
     }
     pub fn code(self) -> ErrorCode {
         match self {
-            LimitHit::Connections => ErrorCode::TooManyConnections,
-            LimitHit::ConnectionsPerAddress => ErrorCode::TooManyConnectionsFromAddress,
+            LimitHit::Connections | LimitHit::AgentShare => ErrorCode::TooManyConnections,
+            LimitHit::ConnectionsPerAddress | LimitHit::ReservePerAddress => {
+                ErrorCode::TooManyConnectionsFromAddress
+            }
             LimitHit::Sessions => ErrorCode::TooManySessions,
-            _ => ErrorCode::RateLimited,
+            LimitHit::RegistersPerConnection | LimitHit::RegistersPerAddress => {
+                ErrorCode::RegisterRateLimited
+            }
+            LimitHit::AuthQueue => ErrorCode::Busy,
+            LimitHit::JoinsPerTechnician
+            | LimitHit::JoinsPerAddress
+            | LimitHit::AuthsPerAddress => ErrorCode::RateLimited,
         }
     }
 }
@@ -300,7 +355,8 @@ impl Refusal {
     }
 }
 
-/// Groups IPv6 addresses by /64 (one subscriber usually holds a whole /64); IPv4 as is.
+/// Groups IPv6 addresses by /56 (what ISPs commonly delegate to one subscriber, who can then use
+/// 256 different /64s); IPv4 as is.
 pub fn address_key(ip: IpAddr) -> IpAddr {
     match ip {
         IpAddr::V4(_) => ip,
@@ -310,7 +366,14 @@ pub fn address_key(ip: IpAddr) -> IpAddr {
             }
             let seg = v6.segments();
             IpAddr::V6(std::net::Ipv6Addr::new(
-                seg[0], seg[1], seg[2], seg[3], 0, 0, 0, 0,
+                seg[0],
+                seg[1],
+                seg[2],
+                seg[3] & 0xff00,
+                0,
+                0,
+                0,
+                0,
             ))
         }
     }
@@ -324,17 +387,32 @@ pub struct Registry {
     per_address: HashMap<IpAddr, usize>,
     slots: HashMap<Slot, SlotState>,
     tombs: HashMap<Slot, (Tomb, Instant)>,
+    /// The tombs by the end of their quarantine (lifted and evicted from the front).
+    tomb_order: BTreeSet<(Instant, Slot)>,
+    /// Slots in use (waiting, paired or quarantined), per number of digits.
+    used_by_len: [u64; SLOT_MAX_DIGITS + 1],
+    /// Connections with the console role.
+    consoles: usize,
+    /// Connections on probation in the console reserve, per address.
+    probation_by_addr: HashMap<IpAddr, usize>,
     sessions: HashMap<SessionId, Session>,
     tokens: HashMap<ResumeToken, (SessionId, Side)>,
     join_by_tech: HashMap<TechnicianId, Bucket>,
     join_by_addr: HashMap<IpAddr, Bucket>,
     auth_by_addr: HashMap<IpAddr, Bucket>,
+    register_by_addr: HashMap<IpAddr, Bucket>,
     next_conn: ConnId,
     next_session: SessionId,
 }
 
 /// Minimum time an ended slot stays quarantined.
 const MIN_QUARANTINE: Duration = Duration::from_secs(60);
+/// Connections of one address that may wait on probation in the console reserve (technicians
+/// behind one office address authenticating at the same moment while agents fill their share).
+pub const PROBATION_PER_ADDRESS: usize = 4;
+/// Random draws for a free slot of one length before trying the next length (each draw is free
+/// with probability above 1/2, so 64 fail together with probability below 2^-64).
+const SLOT_DRAWS: usize = 64;
 
 impl Registry {
     pub fn new(limits: Limits) -> Self {
@@ -344,11 +422,16 @@ impl Registry {
             per_address: HashMap::new(),
             slots: HashMap::new(),
             tombs: HashMap::new(),
+            tomb_order: BTreeSet::new(),
+            used_by_len: [0; SLOT_MAX_DIGITS + 1],
+            consoles: 0,
+            probation_by_addr: HashMap::new(),
             sessions: HashMap::new(),
             tokens: HashMap::new(),
             join_by_tech: HashMap::new(),
             join_by_addr: HashMap::new(),
             auth_by_addr: HashMap::new(),
+            register_by_addr: HashMap::new(),
             next_conn: 1,
             next_session: 1,
         }
@@ -377,7 +460,18 @@ impl Registry {
         self.sessions.get(&id)
     }
 
-    /// Admits a new connection from `ip`, or says which limit refuses it.
+    /// Connections on probation in the console reserve.
+    pub fn probation_count(&self) -> usize {
+        self.probation_by_addr.values().sum()
+    }
+    /// Quarantined slots.
+    pub fn quarantined_count(&self) -> usize {
+        self.tombs.len()
+    }
+
+    /// Admits a new connection from `ip` (whose address the transport has validated), or says
+    /// which limit refuses it. When agents and unidentified connections fill their share, the
+    /// connection is admitted on probation into the console reserve.
     pub fn open(&mut self, ip: IpAddr) -> Result<ConnId, LimitHit> {
         let key = address_key(ip);
         if self.conns.len() >= self.limits.max_connections {
@@ -387,6 +481,18 @@ impl Registry {
         if n >= self.limits.max_connections_per_address {
             return Err(LimitHit::ConnectionsPerAddress);
         }
+        let share = self
+            .limits
+            .max_connections
+            .saturating_sub(self.limits.console_reserve);
+        let probation = self.conns.len() - self.consoles >= share;
+        if probation {
+            let p = self.probation_by_addr.entry(key).or_insert(0);
+            if *p >= PROBATION_PER_ADDRESS {
+                return Err(LimitHit::ReservePerAddress);
+            }
+            *p += 1;
+        }
         self.per_address.insert(key, n + 1);
         let id = self.next_conn;
         self.next_conn += 1;
@@ -395,17 +501,54 @@ impl Registry {
             Conn {
                 addr_key: key,
                 role: Role::New,
+                probation,
+                registers: None,
             },
         );
         Ok(id)
     }
 
+    /// Ends `conn`'s probation (it authenticated or resumed, or it is gone).
+    fn end_probation(&mut self, conn: ConnId) {
+        let Some(c) = self.conns.get_mut(&conn) else {
+            return;
+        };
+        if !std::mem::take(&mut c.probation) {
+            return;
+        }
+        let key = c.addr_key;
+        if let Some(p) = self.probation_by_addr.get_mut(&key) {
+            *p -= 1;
+            if *p == 0 {
+                self.probation_by_addr.remove(&key);
+            }
+        }
+    }
+
+    /// Sets a connection's role, keeping the console count.
+    fn set_role(&mut self, conn: ConnId, role: Role) {
+        if let Some(c) = self.conns.get_mut(&conn) {
+            let was = matches!(c.role, Role::Console { .. });
+            let is = matches!(role, Role::Console { .. });
+            c.role = role;
+            match (was, is) {
+                (false, true) => self.consoles += 1,
+                (true, false) => self.consoles -= 1,
+                _ => {}
+            }
+        }
+    }
+
     /// Forgets a connection. If it was in a session, the session waits for it to resume (grace
     /// period), or ends if there is no grace or the other side is gone too.
     pub fn close(&mut self, conn: ConnId, now: Instant) -> Closed {
+        self.end_probation(conn);
         let Some(c) = self.conns.remove(&conn) else {
             return Closed::Nothing;
         };
+        if matches!(c.role, Role::Console { .. }) {
+            self.consoles -= 1;
+        }
         if let Some(n) = self.per_address.get_mut(&c.addr_key) {
             *n -= 1;
             if *n == 0 {
@@ -511,14 +654,11 @@ impl Registry {
                 session: Some(sid),
             },
         };
-        if let Some(c) = self.conns.get_mut(&conn) {
-            c.role = new_role;
-        }
-        if let Some(r) = replaced
-            && let Some(c) = self.conns.get_mut(&r)
-        {
+        self.end_probation(conn);
+        self.set_role(conn, new_role);
+        if let Some(r) = replaced {
             // Detached: closing it later must not touch the session.
-            c.role = Role::New;
+            self.set_role(r, Role::New);
         }
         Ok(Resumed {
             session,
@@ -535,19 +675,28 @@ impl Registry {
         now: Instant,
         rng: &mut dyn SlotRng,
     ) -> Result<Slot, Refusal> {
-        let role = self
+        let (role, probation, addr_key) = self
             .conns
             .get(&conn)
-            .map(|c| c.role.clone())
+            .map(|c| (c.role.clone(), c.probation, c.addr_key))
             .ok_or(Refusal::Fatal(ErrorCode::Internal))?;
         match role {
+            Role::New if probation => return Err(Refusal::Limit(LimitHit::AgentShare)),
             Role::New => {}
             Role::Agent {
                 session: None,
                 slot,
             } => {
+                // The old code dies whatever happens next (a re-register may be a burn).
                 if let Some(old) = slot {
                     self.bury(old, Tomb::Ended, now);
+                    self.set_role(
+                        conn,
+                        Role::Agent {
+                            slot: None,
+                            session: None,
+                        },
+                    );
                 }
             }
             Role::Agent {
@@ -555,22 +704,50 @@ impl Registry {
             } => return Err(Refusal::Fatal(ErrorCode::UnexpectedMessage)),
             Role::Console { .. } => return Err(Refusal::Fatal(ErrorCode::AlreadyAuthenticated)),
         }
+        // Both budgets must allow it; take from both only then.
+        let (pc, pa) = (
+            self.limits.registers_per_minute_per_connection,
+            self.limits.registers_per_minute_per_address,
+        );
+        let cb_ok = self
+            .conns
+            .get_mut(&conn)
+            .map(|c| {
+                c.registers
+                    .get_or_insert_with(|| Bucket::full(pc, now))
+                    .would_allow(pc, now)
+            })
+            .unwrap_or(false);
+        if !cb_ok {
+            return Err(Refusal::Limit(LimitHit::RegistersPerConnection));
+        }
+        let ab = self
+            .register_by_addr
+            .entry(addr_key)
+            .or_insert_with(|| Bucket::full(pa, now));
+        if !ab.try_take(pa, now) {
+            return Err(Refusal::Limit(LimitHit::RegistersPerAddress));
+        }
+        if let Some(b) = self.conns.get_mut(&conn).and_then(|c| c.registers.as_mut()) {
+            b.try_take(pc, now);
+        }
         let slot = self
             .allocate_slot(rng)
             .ok_or(Refusal::Limit(LimitHit::Connections))?;
-        self.slots.insert(
+        self.insert_slot(
             slot.clone(),
             SlotState::Waiting {
                 agent: conn,
                 expires_at: now + self.limits.slot_ttl,
             },
         );
-        if let Some(c) = self.conns.get_mut(&conn) {
-            c.role = Role::Agent {
+        self.set_role(
+            conn,
+            Role::Agent {
                 slot: Some(slot.clone()),
                 session: None,
-            };
-        }
+            },
+        );
         Ok(slot)
     }
 
@@ -578,20 +755,65 @@ impl Registry {
         self.slots.contains_key(s) || self.tombs.contains_key(s)
     }
 
+    fn count_used(&mut self, s: &Slot, delta: i64) {
+        if let Some(n) = self.used_by_len.get_mut(s.as_str().len()) {
+            *n = n.saturating_add_signed(delta);
+        }
+    }
+
+    /// Inserts or updates a live slot, counting it as used.
+    fn insert_slot(&mut self, slot: Slot, state: SlotState) {
+        if !self.slot_in_use(&slot) {
+            self.count_used(&slot, 1);
+        }
+        self.slots.insert(slot, state);
+    }
+
+    fn remove_slot(&mut self, slot: &Slot) -> Option<SlotState> {
+        let st = self.slots.remove(slot)?;
+        if !self.tombs.contains_key(slot) {
+            self.count_used(slot, -1);
+        }
+        Some(st)
+    }
+
+    /// Quarantines `slot` until `until`; beyond the cap, the tomb whose quarantine ends first goes.
+    fn insert_tomb(&mut self, slot: Slot, tomb: Tomb, until: Instant) {
+        if !self.slot_in_use(&slot) {
+            self.count_used(&slot, 1);
+        }
+        if let Some((_, old)) = self.tombs.insert(slot.clone(), (tomb, until)) {
+            self.tomb_order.remove(&(old, slot.clone()));
+        }
+        self.tomb_order.insert((until, slot));
+        while self.tombs.len() > self.limits.max_quarantined_slots {
+            let Some((_, first)) = self.tomb_order.pop_first() else {
+                break;
+            };
+            self.remove_tomb(&first);
+        }
+    }
+
+    fn remove_tomb(&mut self, slot: &Slot) {
+        if let Some((_, until)) = self.tombs.remove(slot) {
+            self.tomb_order.remove(&(until, slot.clone()));
+            if !self.slots.contains_key(slot) {
+                self.count_used(slot, -1);
+            }
+        }
+    }
+
+    /// A free slot: the shortest length whose space is less than half used, then random draws of
+    /// that length. No scan: the use per length is counted as slots come and go.
     fn allocate_slot(&self, rng: &mut dyn SlotRng) -> Option<Slot> {
         for digits in SLOT_MIN_DIGITS..=SLOT_MAX_DIGITS {
             let space = 10u64.pow(digits as u32);
-            let used = self
-                .slots
-                .keys()
-                .chain(self.tombs.keys())
-                .filter(|s| s.as_str().len() == digits)
-                .count() as u64;
-            if used * 2 >= space {
+            let used = self.used_by_len.get(digits).copied().unwrap_or(u64::MAX);
+            if used.saturating_mul(2) >= space {
                 continue;
             }
             // Less than half used: a random pick is free with probability > 1/2 each time.
-            for _ in 0..64 {
+            for _ in 0..SLOT_DRAWS {
                 let n = rng.below(space);
                 let Ok(slot) = Slot::new(format!("{n:0digits$}")) else {
                     continue;
@@ -625,6 +847,17 @@ impl Registry {
         }
     }
 
+    /// Gives back an authentication attempt the relay did not serve (its verification queue was
+    /// full), so that a technician told "busy, retry" does not use up the address's budget.
+    pub fn auth_refund(&mut self, conn: ConnId) {
+        let per_min = self.limits.auths_per_minute_per_address as f64;
+        if let Some(c) = self.conns.get(&conn)
+            && let Some(b) = self.auth_by_addr.get_mut(&c.addr_key)
+        {
+            b.tokens = (b.tokens + 1.0).min(per_min);
+        }
+    }
+
     /// Records a successful authentication.
     pub fn authenticated(&mut self, conn: ConnId, technician: Technician) -> Result<(), Refusal> {
         let c = self
@@ -634,10 +867,14 @@ impl Registry {
         if c.role != Role::New {
             return Err(Refusal::Fatal(ErrorCode::AlreadyAuthenticated));
         }
-        c.role = Role::Console {
-            technician,
-            session: None,
-        };
+        self.end_probation(conn);
+        self.set_role(
+            conn,
+            Role::Console {
+                technician,
+                session: None,
+            },
+        );
         Ok(())
     }
 
@@ -723,8 +960,7 @@ impl Registry {
         };
         self.tokens.insert(tokens.0, (id, Side::Agent));
         self.tokens.insert(tokens.1, (id, Side::Console));
-        self.slots
-            .insert(slot.clone(), SlotState::Paired { expires_at });
+        self.insert_slot(slot.clone(), SlotState::Paired { expires_at });
         self.sessions.insert(id, session.clone());
         if let Some(Conn {
             role: Role::Agent { session: s, .. },
@@ -771,12 +1007,13 @@ impl Registry {
                     Tomb::AgentGone
                 };
                 self.bury(slot, tomb, now);
-                if let Some(c) = self.conns.get_mut(&conn) {
-                    c.role = Role::Agent {
+                self.set_role(
+                    conn,
+                    Role::Agent {
                         slot: None,
                         session: None,
-                    };
-                }
+                    },
+                );
                 None
             }
             _ => None,
@@ -834,14 +1071,14 @@ impl Registry {
     }
 
     fn bury(&mut self, slot: Slot, tomb: Tomb, now: Instant) {
-        let expires_at = match self.slots.remove(&slot) {
+        let expires_at = match self.remove_slot(&slot) {
             Some(SlotState::Waiting { expires_at, .. } | SlotState::Paired { expires_at, .. }) => {
                 expires_at
             }
             None => now,
         };
         let until = expires_at.max(now + MIN_QUARANTINE);
-        self.tombs.insert(slot, (tomb, until));
+        self.insert_tomb(slot, tomb, until);
     }
 
     /// Periodic housekeeping: expires waiting slots (returns the agents to tell), lifts quarantines,
@@ -877,27 +1114,32 @@ impl Registry {
             .collect();
         let mut out = Vec::with_capacity(due.len());
         for (slot, agent) in due {
-            self.slots.remove(&slot);
-            self.tombs
-                .insert(slot.clone(), (Tomb::Expired, now + MIN_QUARANTINE));
-            if let Some(c) = self.conns.get_mut(&agent) {
-                c.role = Role::Agent {
+            self.remove_slot(&slot);
+            self.insert_tomb(slot.clone(), Tomb::Expired, now + MIN_QUARANTINE);
+            self.set_role(
+                agent,
+                Role::Agent {
                     slot: None,
                     session: None,
-                };
-            }
+                },
+            );
             out.push(Expired { agent, slot });
         }
         let out = Tick {
             expired: out,
             ended,
         };
-        self.tombs.retain(|_, (_, until)| *until > now);
+        while let Some((until, slot)) = self.tomb_order.first().cloned()
+            && until <= now
+        {
+            self.remove_tomb(&slot);
+        }
         let l = &self.limits;
-        let (pt, pa, pu) = (
+        let (pt, pa, pu, pr) = (
             l.joins_per_minute_per_technician,
             l.joins_per_minute_per_address,
             l.auths_per_minute_per_address,
+            l.registers_per_minute_per_address,
         );
         self.join_by_tech.retain(|_, b| {
             b.refill(pt, now);
@@ -910,6 +1152,10 @@ impl Registry {
         self.auth_by_addr.retain(|_, b| {
             b.refill(pu, now);
             b.tokens < pu as f64
+        });
+        self.register_by_addr.retain(|_, b| {
+            b.refill(pr, now);
+            b.tokens < pr as f64
         });
         out
     }
@@ -1153,6 +1399,10 @@ mod tests {
             f.r.auth_attempt(c, f.t0),
             Err(Refusal::Limit(LimitHit::AuthsPerAddress))
         );
+        // An attempt the relay was too busy to serve is given back.
+        f.r.auth_refund(c);
+        f.r.auth_attempt(c, f.t0).unwrap();
+        assert!(f.r.auth_attempt(c, f.t0).is_err());
         // Another address is unaffected.
         let c2 = f.r.open(ip(2)).unwrap();
         f.r.auth_attempt(c2, f.t0).unwrap();
@@ -1178,9 +1428,21 @@ mod tests {
     fn ipv6_grouped_by_prefix() {
         let a: IpAddr = "2001:db8:1:2:aaaa::1".parse().unwrap();
         let b: IpAddr = "2001:db8:1:2:bbbb::2".parse().unwrap();
-        let c: IpAddr = "2001:db8:1:3::1".parse().unwrap();
+        // Another /64 of the same /56: one subscriber, one key.
+        let c: IpAddr = "2001:db8:1:ff::1".parse().unwrap();
+        let d: IpAddr = "2001:db8:1:100::1".parse().unwrap();
         assert_eq!(address_key(a), address_key(b));
-        assert_ne!(address_key(a), address_key(c));
+        assert_eq!(address_key(a), address_key(c));
+        assert_ne!(address_key(a), address_key(d));
+        // So 256 /64s of one /56 share the per-address connection limit.
+        let mut r = Registry::new(Limits {
+            max_connections_per_address: 2,
+            ..Limits::default()
+        });
+        r.open(a).unwrap();
+        r.open(c).unwrap();
+        assert_eq!(r.open(b), Err(LimitHit::ConnectionsPerAddress));
+        r.open(d).unwrap();
         let mapped: IpAddr = "::ffff:10.0.0.1".parse().unwrap();
         assert_eq!(address_key(mapped), ip(1));
     }
@@ -1339,6 +1601,7 @@ mod tests {
         let mut f = Fixture::new(Limits {
             max_connections: 100_000,
             max_connections_per_address: 100_000,
+            registers_per_minute_per_address: 1_000_000,
             ..Limits::default()
         });
         let mut seen = std::collections::HashSet::new();
@@ -1365,6 +1628,166 @@ mod tests {
         f.r.tick(f.t0 + Duration::from_secs(700));
         assert!(f.r.join_by_tech.is_empty());
         assert!(f.r.join_by_addr.is_empty());
+    }
+
+    /// Slots in use, counted by brute force (what the per-length counters must agree with).
+    fn used_by_len_brute(r: &Registry) -> [u64; SLOT_MAX_DIGITS + 1] {
+        let mut n = [0u64; SLOT_MAX_DIGITS + 1];
+        let all: std::collections::HashSet<&Slot> = r.slots.keys().chain(r.tombs.keys()).collect();
+        for s in all {
+            n[s.as_str().len()] += 1;
+        }
+        n
+    }
+
+    #[test]
+    fn console_reserve_keeps_room_for_technicians() {
+        let mut f = Fixture::new(Limits {
+            max_connections: 14,
+            max_connections_per_address: 100,
+            console_reserve: 7,
+            ..Limits::default()
+        });
+        // Agents (and unidentified connections) get 7 of the 12.
+        for i in 0..6 {
+            f.agent(i);
+        }
+        let idle = f.r.open(ip(50)).unwrap();
+        assert_eq!(f.r.probation_count(), 0);
+        // The share is full: the next ones are admitted on probation, and cannot register.
+        let p = f.r.open(ip(60)).unwrap();
+        assert_eq!(f.r.probation_count(), 1);
+        assert_eq!(
+            f.r.register(p, f.t0, &mut f.rng),
+            Err(Refusal::Limit(LimitHit::AgentShare))
+        );
+        // A technician on probation authenticates and joins as usual.
+        f.r.auth_attempt(p, f.t0).unwrap();
+        f.r.authenticated(p, tech(1)).unwrap();
+        assert_eq!(f.r.probation_count(), 0);
+        // At most a few on probation per address.
+        let mut held = vec![];
+        for _ in 0..PROBATION_PER_ADDRESS {
+            held.push(f.r.open(ip(70)).unwrap());
+        }
+        assert_eq!(f.r.open(ip(70)), Err(LimitHit::ReservePerAddress));
+        assert_eq!(f.r.connection_count(), 12);
+        held.push(f.r.open(ip(71)).unwrap());
+        held.push(f.r.open(ip(72)).unwrap());
+        assert_eq!(f.r.open(ip(73)), Err(LimitHit::Connections));
+        // An unidentified connection leaving frees the share for an agent again.
+        for c in held {
+            f.r.close(c, f.t0);
+        }
+        f.r.close(idle, f.t0);
+        let a = f.r.open(ip(80)).unwrap();
+        f.r.register(a, f.t0, &mut f.rng).unwrap();
+        // Consoles do not count against the agents' share.
+        let c = f.console(81, 2);
+        f.r.close(c, f.t0);
+        assert_eq!(f.r.consoles, 1);
+    }
+
+    #[test]
+    fn register_budget_per_connection_and_per_address() {
+        let mut f = Fixture::new(Limits {
+            registers_per_minute_per_connection: 3,
+            registers_per_minute_per_address: 4,
+            ..Limits::default()
+        });
+        let (a, _) = f.agent(1);
+        f.r.register(a, f.t0, &mut f.rng).unwrap();
+        let last = f.r.register(a, f.t0, &mut f.rng).unwrap();
+        assert_eq!(
+            f.r.register(a, f.t0, &mut f.rng),
+            Err(Refusal::Limit(LimitHit::RegistersPerConnection))
+        );
+        assert_eq!(
+            Refusal::Limit(LimitHit::RegistersPerConnection).code(),
+            ErrorCode::RegisterRateLimited
+        );
+        // The refused re-register still ended the old code (it may have been a burn).
+        assert_eq!(
+            f.r.role(a),
+            Some(&Role::Agent {
+                slot: None,
+                session: None
+            })
+        );
+        assert!(f.r.slot_in_use(&last) && !f.r.slots.contains_key(&last));
+        // 3 a minute: one back after 20 s.
+        f.r.register(a, f.t0 + Duration::from_secs(20), &mut f.rng)
+            .unwrap();
+        // The address's budget: 4 a minute over all its connections (4 used above, 1⅓ back).
+        let b = f.r.open(ip(1)).unwrap();
+        f.r.register(b, f.t0 + Duration::from_secs(20), &mut f.rng)
+            .unwrap();
+        let c = f.r.open(ip(1)).unwrap();
+        assert_eq!(
+            f.r.register(c, f.t0 + Duration::from_secs(20), &mut f.rng),
+            Err(Refusal::Limit(LimitHit::RegistersPerAddress))
+        );
+        // Another address is unaffected; full buckets are forgotten.
+        f.agent(2);
+        f.r.tick(f.t0 + Duration::from_secs(200));
+        assert!(f.r.register_by_addr.is_empty());
+    }
+
+    #[test]
+    fn quarantine_is_capped_and_counts_stay_exact() {
+        let mut f = Fixture::new(Limits {
+            registers_per_minute_per_connection: 1_000_000,
+            registers_per_minute_per_address: 1_000_000,
+            max_quarantined_slots: 50,
+            ..Limits::default()
+        });
+        let (a, first) = f.agent(1);
+        let mut t = f.t0;
+        for i in 0..2_000u64 {
+            t += Duration::from_millis(10);
+            f.r.register(a, t, &mut f.rng).unwrap();
+            if i % 97 == 0 {
+                // Some agents come and go too.
+                let (b, _) = f.agent(2);
+                f.r.close(b, t);
+            }
+            assert!(f.r.quarantined_count() <= 50);
+        }
+        // The oldest were released first: the very first code is free again.
+        assert!(!f.r.slot_in_use(&first));
+        assert_eq!(f.r.used_by_len, used_by_len_brute(&f.r));
+        assert_eq!(f.r.tomb_order.len(), f.r.tombs.len());
+        // Still only 3-digit slots: the flood did not push codes to more digits.
+        assert_eq!(f.r.used_by_len[3], 51);
+        // The waiting slot expires into quarantine, then every quarantine lifts.
+        f.r.tick(t + Duration::from_secs(3_600));
+        f.r.tick(t + Duration::from_secs(7_200));
+        assert_eq!(f.r.quarantined_count(), 0);
+        assert!(f.r.tomb_order.is_empty());
+        assert_eq!(f.r.used_by_len, used_by_len_brute(&f.r));
+    }
+
+    #[test]
+    fn slot_allocation_does_not_scan() {
+        // 40,000 waiting agents: with a scan of every slot per registration this is ~10^9 steps
+        // (tens of seconds); counted per length it is a few draws each.
+        let mut f = Fixture::new(Limits {
+            max_connections: 100_000,
+            max_connections_per_address: 100_000,
+            registers_per_minute_per_address: 1_000_000,
+            ..Limits::default()
+        });
+        let start = std::time::Instant::now();
+        for _ in 0..40_000 {
+            f.agent(1);
+        }
+        let took = start.elapsed();
+        assert!(
+            took < Duration::from_secs(5),
+            "40,000 registrations took {took:?}"
+        );
+        assert_eq!(f.r.used_by_len, used_by_len_brute(&f.r));
+        assert_eq!(f.r.waiting_count(), 40_000);
     }
 
     #[test]

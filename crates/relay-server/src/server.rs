@@ -1,17 +1,32 @@
 //! The relay's I/O: a quinn endpoint driving the pure [`Registry`], forwarding payloads blind, writing
 //! the audit log and serving metrics.
 //!
-//! Tasks per connection: one reader (this connection's control stream, the handshake deadline), one
-//! writer (messages other tasks queue for this connection). Per paired session: one datagram forwarder
-//! and one payload-stream forwarder per direction, aborted when the session ends. One audit writer and
-//! one housekeeping ticker for the whole relay.
+//! Tasks per connection: one, which reads this connection's control stream (and the handshake
+//! deadline) and writes what other tasks queue for this connection. Per paired session: one datagram
+//! forwarder and one payload-stream forwarder per direction, aborted when the session ends. One audit
+//! writer and one housekeeping ticker for the whole relay.
+//!
+//! Against strangers:
+//! * Every connection attempt whose source address QUIC has not validated is answered with a Retry
+//!   (stateless: the relay keeps nothing for it) and counted nowhere; only a peer that echoes the
+//!   Retry token, and so receives at its address, reaches the registry's limits. Forged source
+//!   addresses therefore cannot fill the per-address limit of someone else's address. The price is
+//!   one round trip more per connection (measured in `tests/benches/relay.rs`).
+//! * A connection starts small ([`tandem_net::relay_transport_config`]): one control stream, no
+//!   payload streams, 32 KiB of stream data in flight; DATAGRAMs that arrive while it has no running
+//!   session are read and dropped. Pairing widens it, the session's end narrows it again.
+//! * Logins: a token whose id names no technician is refused after a primary-key lookup; only a
+//!   known id's secret is hashed (Argon2id, two threads), and at most [`Limits::auth_queue`] wait
+//!   for it; beyond that the answer is [`ErrorCode::Busy`] with "retry in N s".
+//! * Log lines a stranger can cause are rate-limited ([`LogLimiter`]); client-chosen strings are
+//!   logged escaped and truncated, and only where an attempt budget bounds them.
 
 use crate::metrics::Metrics;
 use crate::registry::{
-    Closed, ConnId, Ended, Limits, Paired, Refusal, Registry, Session, SessionId, SlotRng,
-    Technician,
+    Closed, ConnId, Ended, LimitHit, Limits, Paired, Refusal, Registry, Session, SessionId,
+    SlotRng, Technician,
 };
-use crate::store::{AuthOutcome, SessionStart, Store, StoreError};
+use crate::store::{AuthOutcome, Candidate, SessionStart, Store, StoreError, TokenSecret};
 use bytes::Bytes;
 use prometheus_client::metrics::counter::Counter;
 use quinn::{Connection, RecvStream, SendStream, VarInt};
@@ -25,7 +40,8 @@ use std::time::{Duration, Instant};
 use tandem_certs::RelayIdentity;
 use tandem_proto::{
     ALPN, ClientMsg, EndReason, ErrorCode, FRAME_HEADER, FrameDecoder, MAX_CONTROL_FRAME,
-    MAX_PAYLOAD_FRAME, ProtoError, RelayMsg, ResumeToken, decode_body, encode_frame, frame_len,
+    MAX_PAYLOAD_FRAME, ProtoError, RelayMsg, ResumeToken, busy_reason, decode_body, encode_frame,
+    frame_len,
 };
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::{AbortHandle, JoinHandle, JoinSet};
@@ -68,6 +84,8 @@ type Outbound = Box<RelayMsg>;
 struct ConnHandle {
     conn: Connection,
     tx: mpsc::Sender<Outbound>,
+    /// Set while forwarders read this connection's DATAGRAMs; otherwise its own task drops them.
+    forwarding: Arc<AtomicBool>,
 }
 
 /// Per-direction byte counters of a session.
@@ -132,11 +150,63 @@ struct Shared {
     conns: Mutex<HashMap<ConnId, ConnHandle>>,
     sessions: Mutex<HashMap<SessionId, SessionIo>>,
     rng: Mutex<OsRng>,
-    auth_tx: mpsc::Sender<AuthJob>,
+    auth: AuthPool,
     audit_tx: mpsc::UnboundedSender<AuditOp>,
     metrics: Arc<Metrics>,
     limits: Limits,
     draining: AtomicBool,
+    log_limit: Mutex<LogLimiter>,
+}
+
+/// Log lines that strangers can cause (connections, refusals, registrations): at most
+/// [`LogLimiter::BURST`] at once and [`LogLimiter::PER_SECOND`] a second; the lines held back are
+/// counted, and the count goes out with the next line that passes (and to a metric).
+struct LogLimiter {
+    tokens: f64,
+    last: Instant,
+    suppressed: u64,
+}
+
+impl LogLimiter {
+    const BURST: f64 = 50.0;
+    const PER_SECOND: f64 = 10.0;
+    fn new() -> Self {
+        LogLimiter {
+            tokens: Self::BURST,
+            last: Instant::now(),
+            suppressed: 0,
+        }
+    }
+    /// `Some(lines suppressed since the last one)` if a line may be written now.
+    fn allow(&mut self, now: Instant) -> Option<u64> {
+        let dt = now.saturating_duration_since(self.last).as_secs_f64();
+        self.tokens = (self.tokens + dt * Self::PER_SECOND).min(Self::BURST);
+        self.last = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            Some(std::mem::take(&mut self.suppressed))
+        } else {
+            self.suppressed += 1;
+            None
+        }
+    }
+}
+
+/// Whether a stranger-caused log line may be written; `Some(suppressed before it)` if so.
+fn may_log(shared: &Shared) -> Option<u64> {
+    let r = lock(&shared.log_limit).allow(Instant::now());
+    if r.is_none() {
+        shared.metrics.log_lines_suppressed.inc();
+    }
+    r
+}
+
+/// A client-chosen string as it may appear in a log line: at most 64 characters, escaped by `?`.
+fn loggable(s: &str) -> &str {
+    match s.char_indices().nth(64) {
+        Some((i, _)) => &s[..i],
+        None => s,
+    }
 }
 
 /// Locks a mutex, recovering from poisoning (a panicking task must not take the relay down).
@@ -240,7 +310,8 @@ pub async fn start(
     cfg: ServerConfig,
     identity: &RelayIdentity,
 ) -> Result<RelayHandle, ServerError> {
-    let auth_tx = auth_pool(&cfg.data_dir, AUTH_THREADS)?;
+    let metrics = Arc::new(Metrics::new());
+    let auth = AuthPool::start(&cfg.data_dir, cfg.limits.auth_queue, metrics.clone())?;
     let audit_store = Store::open(&cfg.data_dir)?;
     let dangling = audit_store.close_dangling()?;
     if dangling > 0 {
@@ -253,13 +324,15 @@ pub async fn start(
     let quic_tls = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
         .map_err(|e| ServerError::Quic(e.to_string()))?;
     let mut server_cfg = quinn::ServerConfig::with_crypto(Arc::new(quic_tls));
-    server_cfg.transport_config(Arc::new(tandem_net::transport_config(false)));
+    server_cfg.transport_config(Arc::new(tandem_net::relay_transport_config()));
+    // Connection attempts are retried or accepted as soon as they arrive; little needs buffering.
+    server_cfg.incoming_buffer_size(64 * 1024);
+    server_cfg.incoming_buffer_size_total(16 * 1024 * 1024);
     let endpoint = tandem_net::server_endpoint(cfg.listen, server_cfg)?;
     let addr = endpoint
         .local_addr()
         .map_err(|e| ServerError::Net(tandem_net::NetError::Endpoint(e)))?;
 
-    let metrics = Arc::new(Metrics::new());
     let (audit_tx, audit_rx) = mpsc::unbounded_channel();
     let audit_task = tokio::task::spawn_blocking(move || audit_writer(audit_store, audit_rx));
     let shared = Arc::new(Shared {
@@ -267,11 +340,12 @@ pub async fn start(
         conns: Mutex::new(HashMap::new()),
         sessions: Mutex::new(HashMap::new()),
         rng: Mutex::new(OsRng(SystemRandom::new())),
-        auth_tx,
+        auth,
         audit_tx,
         metrics: metrics.clone(),
         limits: cfg.limits.clone(),
         draining: AtomicBool::new(false),
+        log_limit: Mutex::new(LogLimiter::new()),
     });
     let (stop_tx, stop_rx) = watch::channel(false);
 
@@ -320,10 +394,25 @@ fn shared_view(shared: &Arc<Shared>) -> Arc<View> {
 }
 
 fn refresh_gauges(shared: &Shared) {
-    let s = stats(shared);
-    shared.metrics.connections.set(s.connections as i64);
-    shared.metrics.sessions.set(s.sessions as i64);
-    shared.metrics.agents_waiting.set(s.agents_waiting as i64);
+    let (s, probation, quarantined) = {
+        let r = lock(&shared.registry);
+        (
+            Stats {
+                connections: r.connection_count(),
+                sessions: r.session_count(),
+                agents_waiting: r.waiting_count(),
+            },
+            r.probation_count(),
+            r.quarantined_count(),
+        )
+    };
+    let m = &shared.metrics;
+    m.connections.set(s.connections as i64);
+    m.sessions.set(s.sessions as i64);
+    m.agents_waiting.set(s.agents_waiting as i64);
+    m.connections_on_probation.set(probation as i64);
+    m.slots_quarantined.set(quarantined as i64);
+    m.auth_queue.set(shared.auth.queued() as i64);
 }
 
 async fn accept_loop(
@@ -336,6 +425,23 @@ async fn accept_loop(
             i = endpoint.accept() => match i { Some(i) => i, None => return },
             _ = stop.changed() => return,
         };
+        // Address validation before anything is counted or spawned: an unvalidated source gets a
+        // Retry (stateless) and nothing else. Always, not only under load: a forged address costs
+        // the relay nothing and never reaches a limit, and "under load" would itself be a limit
+        // that forged addresses could fill.
+        if !incoming.remote_address_validated() {
+            if incoming.may_retry() {
+                match incoming.retry() {
+                    Ok(()) => {
+                        shared.metrics.retries_sent.inc();
+                    }
+                    Err(e) => e.into_incoming().ignore(),
+                }
+            } else {
+                incoming.ignore();
+            }
+            continue;
+        }
         tokio::spawn(serve_incoming(shared.clone(), incoming));
     }
 }
@@ -409,7 +515,9 @@ async fn serve_incoming(shared: Arc<Shared>, incoming: quinn::Incoming) {
                         })
                         .inc();
                     shared.metrics.limit(l.label());
-                    tracing::info!(%remote, limit = l.label(), "connection refused");
+                    if let Some(suppressed) = may_log(&shared) {
+                        tracing::info!(%remote, limit = l.label(), suppressed, "connection refused");
+                    }
                     l.code()
                 }
                 None => ErrorCode::ShuttingDown,
@@ -420,17 +528,19 @@ async fn serve_incoming(shared: Arc<Shared>, incoming: quinn::Incoming) {
     };
     shared.metrics.connections_accepted.inc();
     let (tx, rx) = mpsc::channel(16);
+    let forwarding = Arc::new(AtomicBool::new(false));
     lock(&shared.conns).insert(
         id,
         ConnHandle {
             conn: conn.clone(),
             tx: tx.clone(),
+            forwarding: forwarding.clone(),
         },
     );
     tracing::debug!(conn = id, %remote, "connected");
 
     drop(tx);
-    let result = run_connection(&shared, id, &conn, rx).await;
+    let result = run_connection(&shared, id, &conn, rx, &forwarding).await;
 
     lock(&shared.conns).remove(&id);
     let closed = lock(&shared.registry).close(id, Instant::now());
@@ -442,11 +552,16 @@ async fn serve_incoming(shared: Arc<Shared>, incoming: quinn::Incoming) {
             notify: peer,
             grace,
         } => {
-            // Forwarding pauses; the byte counts and the audit row stay with the session.
+            // Forwarding pauses; the byte counts and the audit row stay with the session. The side
+            // still there drops what it sends meanwhile.
             if let Some(io) = lock(&shared.sessions).get_mut(&session) {
                 for t in io.tasks.drain(..) {
                     t.abort();
                 }
+            }
+            if let Some(h) = lock(&shared.conns).get(&peer) {
+                h.forwarding.store(false, Ordering::SeqCst);
+                tandem_net::close_for_session(&h.conn);
             }
             tracing::info!(
                 session,
@@ -466,7 +581,9 @@ async fn serve_incoming(shared: Arc<Shared>, incoming: quinn::Incoming) {
         Ok(()) => close(&conn, ErrorCode::Normal, "bye"),
         Err(Close::Peer) => {}
         Err(Close::With(code, why)) => {
-            tracing::info!(conn = id, %remote, code = code.label(), "closing connection: {why}");
+            if let Some(suppressed) = may_log(&shared) {
+                tracing::info!(conn = id, %remote, code = code.label(), suppressed, "closing connection: {why}");
+            }
             close(&conn, code, &why);
         }
     }
@@ -497,6 +614,7 @@ async fn run_connection(
     id: ConnId,
     conn: &Connection,
     mut rx: mpsc::Receiver<Outbound>,
+    forwarding: &AtomicBool,
 ) -> Result<(), Close> {
     let deadline = tokio::time::Instant::now() + shared.limits.handshake_timeout;
     let timeout = || {
@@ -523,6 +641,13 @@ async fn run_connection(
                     },
                     Some(m) = rx.recv() => write_msg(&mut send, *m).await?,
                     _ = tokio::time::sleep_until(deadline), if !identified => return Err(timeout()),
+                    // No session forwards this connection's DATAGRAMs: drop them as they come
+                    // rather than let them fill the receive buffer. (A peer learns of its session
+                    // from a message this task writes, after the flag is set and this arm is gone.)
+                    d = conn.read_datagram(), if !forwarding.load(Ordering::SeqCst) => match d {
+                        Ok(_) => Metrics::inc(&shared.metrics.dropped_datagrams, "no_session"),
+                        Err(_) => return Err(Close::Peer),
+                    },
                 }
                 continue;
             }
@@ -536,9 +661,32 @@ async fn run_connection(
                     let mut rng = lock(&shared.rng);
                     lock(&shared.registry).register(id, now, &mut *rng)
                 };
-                let slot = res.map_err(|r| refusal_close(shared, r))?;
+                let slot = match res {
+                    Ok(slot) => slot,
+                    Err(Refusal::Limit(
+                        l @ (LimitHit::RegistersPerConnection | LimitHit::RegistersPerAddress),
+                    )) => {
+                        // Over budget: refused, the connection stays (retrying costs a lookup,
+                        // reconnecting would cost a handshake).
+                        shared.metrics.limit(l.label());
+                        let code = l.code();
+                        write_msg(
+                            &mut send,
+                            RelayMsg::Refused {
+                                code,
+                                message: code.explain().into(),
+                            },
+                        )
+                        .await?;
+                        continue;
+                    }
+                    Err(r) => return Err(refusal_close(shared, r)),
+                };
                 identified = true;
-                tracing::info!(conn = id, software = %client.software, "agent registered a slot");
+                if let Some(suppressed) = may_log(shared) {
+                    tracing::info!(conn = id, suppressed, "agent registered a slot");
+                }
+                tracing::debug!(conn = id, software = ?loggable(&client.software), "agent software");
                 write_msg(
                     &mut send,
                     RelayMsg::Registered {
@@ -552,7 +700,19 @@ async fn run_connection(
                 lock(&shared.registry)
                     .auth_attempt(id, now)
                     .map_err(|r| refusal_close(shared, r))?;
-                let outcome = authenticate(shared, token.expose().to_string()).await?;
+                let outcome = match authenticate(shared, token.expose().to_string()).await? {
+                    AuthReply::Done(o) => o,
+                    AuthReply::UnknownId => {
+                        Metrics::inc(&shared.metrics.auth_failures, "unknown_id");
+                        return Err(Close::code(ErrorCode::BadToken));
+                    }
+                    AuthReply::Busy(secs) => {
+                        lock(&shared.registry).auth_refund(id);
+                        shared.metrics.limit(LimitHit::AuthQueue.label());
+                        Metrics::inc(&shared.metrics.auth_failures, "busy");
+                        return Err(Close::With(ErrorCode::Busy, busy_reason(secs)));
+                    }
+                };
                 match outcome {
                     AuthOutcome::Ok(tech) => {
                         lock(&shared.registry)
@@ -563,7 +723,7 @@ async fn run_connection(
                             conn = id,
                             technician = %tech.name,
                             organisation = %tech.organisation,
-                            software = %client.software,
+                            software = ?loggable(&client.software),
                             "technician authenticated"
                         );
                         write_msg(
@@ -579,6 +739,7 @@ async fn run_connection(
                         Metrics::inc(&shared.metrics.auth_failures, "bad_token");
                         return Err(Close::code(ErrorCode::BadToken));
                     }
+
                     AuthOutcome::Disabled => {
                         Metrics::inc(&shared.metrics.auth_failures, "disabled");
                         return Err(Close::code(ErrorCode::TechnicianDisabled));
@@ -694,41 +855,128 @@ fn refusal_close(shared: &Shared, r: Refusal) -> Close {
     Close::code(r.code())
 }
 
-type AuthJob = (String, oneshot::Sender<Result<AuthOutcome, StoreError>>);
+/// The answer to a login.
+enum AuthReply {
+    /// The secret was checked.
+    Done(AuthOutcome),
+    /// The token's id names no technician (or the token is malformed): refused without Argon2.
+    UnknownId,
+    /// The verification queue is full: retry in this many seconds.
+    Busy(u32),
+}
+
+type AuthResult = Result<AuthReply, StoreError>;
+type AuthJob = (String, oneshot::Sender<AuthResult>);
+type VerifyJob = (Candidate, TokenSecret, oneshot::Sender<AuthResult>);
 
 /// Threads that verify tokens (Argon2id, ~19 MiB and tens of ms each). A fixed pair of long-lived
 /// threads, each with its own database connection: logins queue instead of starving forwarding of CPU,
 /// and the hash's memory is reused by the same two threads instead of being retained by many.
 const AUTH_THREADS: usize = 2;
+/// Logins waiting for the lookup thread (a primary-key lookup each, so this drains fast).
+const LOOKUP_QUEUE: usize = 1024;
 
-fn auth_pool(data_dir: &Path, threads: usize) -> Result<mpsc::Sender<AuthJob>, ServerError> {
-    let (tx, rx) = mpsc::channel::<AuthJob>(256);
-    let rx = Arc::new(Mutex::new(rx));
-    for i in 0..threads {
-        let store = Store::open(data_dir)?;
-        let rx = rx.clone();
-        let spawned = std::thread::Builder::new()
-            .name(format!("tandem-auth-{i}"))
-            .spawn(move || {
-                loop {
-                    let job = lock(&rx).blocking_recv();
-                    let Some((token, reply)) = job else { return };
-                    let _ = reply.send(store.authenticate(&token));
-                }
-            });
-        if let Err(e) = spawned {
-            return Err(ServerError::Quic(format!(
-                "cannot start authentication thread: {e}"
-            )));
-        }
-    }
-    Ok(tx)
+/// Token checking in two stages: one thread looks the token's id up (fast; an unknown id is
+/// answered at once), and only a known id's secret is queued for [`AUTH_THREADS`] Argon2 threads,
+/// at most `queue` of them; beyond that the login is answered "busy, retry in N s".
+struct AuthPool {
+    lookup_tx: mpsc::Sender<AuthJob>,
+    verify_tx: mpsc::Sender<VerifyJob>,
+    queue: usize,
 }
 
-async fn authenticate(shared: &Arc<Shared>, token: String) -> Result<AuthOutcome, Close> {
+impl AuthPool {
+    fn start(
+        data_dir: &Path,
+        queue: usize,
+        metrics: Arc<Metrics>,
+    ) -> Result<AuthPool, ServerError> {
+        let queue = queue.max(1);
+        let spawn = |name: String, f: Box<dyn FnOnce() + Send>| {
+            std::thread::Builder::new()
+                .name(name)
+                .spawn(f)
+                .map(|_| ())
+                .map_err(|e| ServerError::Quic(format!("cannot start authentication thread: {e}")))
+        };
+        // Mean time of one verification (µs), for the "retry in N s" estimate.
+        let mean_us = Arc::new(AtomicU64::new(50_000));
+        let (verify_tx, verify_rx) = mpsc::channel::<VerifyJob>(queue);
+        let verify_rx = Arc::new(Mutex::new(verify_rx));
+        for i in 0..AUTH_THREADS {
+            let store = Store::open(data_dir)?;
+            let (rx, mean_us, metrics) = (verify_rx.clone(), mean_us.clone(), metrics.clone());
+            spawn(
+                format!("tandem-auth-{i}"),
+                Box::new(move || {
+                    loop {
+                        let job = lock(&rx).blocking_recv();
+                        let Some((candidate, secret, reply)) = job else {
+                            return;
+                        };
+                        let t = Instant::now();
+                        let r = store.verify_candidate(&candidate, &secret);
+                        let us = t.elapsed().as_micros().min(u64::MAX as u128) as u64;
+                        // Exponential moving average, 1/8 weight for the newest.
+                        let old = mean_us.load(Ordering::Relaxed);
+                        mean_us.store(old - old / 8 + us / 8, Ordering::Relaxed);
+                        metrics.auth_hashes.inc();
+                        let _ = reply.send(r.map(AuthReply::Done));
+                    }
+                }),
+            )?;
+        }
+        let (lookup_tx, mut lookup_rx) = mpsc::channel::<AuthJob>(LOOKUP_QUEUE);
+        let store = Store::open(data_dir)?;
+        let vtx = verify_tx.clone();
+        spawn(
+            "tandem-auth-lookup".into(),
+            Box::new(move || {
+                while let Some((token, reply)) = lookup_rx.blocking_recv() {
+                    match store.lookup(&token) {
+                        Err(e) => {
+                            let _ = reply.send(Err(e));
+                        }
+                        Ok(None) => {
+                            let _ = reply.send(Ok(AuthReply::UnknownId));
+                        }
+                        Ok(Some((candidate, secret))) => {
+                            match vtx.try_send((candidate, secret, reply)) {
+                                Ok(()) => {}
+                                Err(mpsc::error::TrySendError::Full((_, _, reply))) => {
+                                    let waiting = queue as u64 + 1;
+                                    let us = mean_us.load(Ordering::Relaxed);
+                                    let secs = (waiting * us)
+                                        .div_ceil(AUTH_THREADS as u64 * 1_000_000)
+                                        .clamp(1, 60);
+                                    let _ = reply.send(Ok(AuthReply::Busy(secs as u32)));
+                                }
+                                // Shutting down: dropping the reply says so.
+                                Err(mpsc::error::TrySendError::Closed(_)) => {}
+                            }
+                        }
+                    }
+                }
+            }),
+        )?;
+        Ok(AuthPool {
+            lookup_tx,
+            verify_tx,
+            queue,
+        })
+    }
+
+    /// Logins waiting for a verification thread.
+    fn queued(&self) -> usize {
+        self.queue.saturating_sub(self.verify_tx.capacity())
+    }
+}
+
+async fn authenticate(shared: &Arc<Shared>, token: String) -> Result<AuthReply, Close> {
     let (reply, rx) = oneshot::channel();
     shared
-        .auth_tx
+        .auth
+        .lookup_tx
         .send((token, reply))
         .await
         .map_err(|_| Close::code(ErrorCode::ShuttingDown))?;
@@ -738,10 +986,7 @@ async fn authenticate(shared: &Arc<Shared>, token: String) -> Result<AuthOutcome
             tracing::error!(error = %e, "technician store failed");
             Err(Close::code(ErrorCode::Internal))
         }
-        Err(_) => {
-            tracing::error!("authentication thread stopped");
-            Err(Close::code(ErrorCode::Internal))
-        }
+        Err(_) => Err(Close::code(ErrorCode::ShuttingDown)),
     }
 }
 
@@ -759,10 +1004,18 @@ fn spawn_forwarders(
     let (agent, console) = {
         let conns = lock(&shared.conns);
         match (conns.get(&s.agent), conns.get(&s.console)) {
-            (Some(a), Some(c)) => (
-                (a.conn.clone(), a.tx.clone()),
-                (c.conn.clone(), c.tx.clone()),
-            ),
+            (Some(a), Some(c)) => {
+                // From here on the forwarders read the DATAGRAMs; set before either side can hear
+                // of the session, so its own task stops dropping them first.
+                for h in [a, c] {
+                    h.forwarding.store(true, Ordering::SeqCst);
+                    tandem_net::open_for_session(&h.conn);
+                }
+                (
+                    (a.conn.clone(), a.tx.clone()),
+                    (c.conn.clone(), c.tx.clone()),
+                )
+            }
             // A side is already gone; its connection task will end or suspend the session.
             _ => return None,
         }
@@ -865,6 +1118,13 @@ fn finish_session_io(shared: &Shared, id: SessionId, reason: &EndReason) {
 
 fn finish_session(shared: &Shared, e: Ended) {
     finish_session_io(shared, e.session.id, &e.reason);
+    // The connections that stay go back to their unpaired size.
+    for side in [e.session.agent, e.session.console] {
+        if let Some(h) = lock(&shared.conns).get(&side) {
+            h.forwarding.store(false, Ordering::SeqCst);
+            tandem_net::close_for_session(&h.conn);
+        }
+    }
     if let Some(peer) = e.notify {
         notify(shared, peer, RelayMsg::SessionEnded { reason: e.reason });
     }
@@ -1112,6 +1372,20 @@ impl FrameTracker {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn stranger_log_lines_are_rate_limited_and_counted() {
+        let mut l = LogLimiter::new();
+        let t0 = l.last;
+        let allowed = (0..200).filter(|_| l.allow(t0).is_some()).count();
+        assert_eq!(allowed, LogLimiter::BURST as usize);
+        // A second later: ten more, the first of which reports what was held back.
+        let t1 = t0 + Duration::from_secs(1);
+        assert_eq!(l.allow(t1), Some(150));
+        assert_eq!((0..20).filter(|_| l.allow(t1).is_some()).count(), 9);
+        assert_eq!(loggable(&"é".repeat(100)).chars().count(), 64);
+        assert_eq!(loggable("tandem-agent 0.1"), "tandem-agent 0.1");
+    }
 
     #[test]
     fn frame_tracker_across_chunk_boundaries() {

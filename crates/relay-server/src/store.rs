@@ -2,6 +2,10 @@
 //!
 //! * Technician tokens look like `tnd_<id>_<64 hex digits>`: the id finds the row, the 256-bit secret is
 //!   checked against an Argon2id hash. The token itself is never stored and is printed once.
+//! * The id is not secret (it is a row number, printed in `technician list`): a token whose id names
+//!   no technician is refused at once, without Argon2 ([`Store::lookup`]), so a flood of made-up
+//!   tokens costs a primary-key lookup each. The timing difference tells only whether an id exists,
+//!   which is no secret; the secret part is compared only after the (slow) hash, in constant time.
 //! * The audit log holds session metadata only: who, which organisation, slot, source addresses, start,
 //!   end, bytes each way and how it ended. Never content, never the secret part of a code.
 //! * Schema changes are numbered migrations tracked in `PRAGMA user_version`.
@@ -26,6 +30,13 @@ pub enum StoreError {
     Open {
         path: PathBuf,
         source: rusqlite::Error,
+    },
+    #[error(
+        "cannot create the database {path}: {source}; check that the data directory is writable by the relay's user"
+    )]
+    Create {
+        path: PathBuf,
+        source: std::io::Error,
     },
     #[error("database error: {0}")]
     Sql(#[from] rusqlite::Error),
@@ -125,9 +136,31 @@ const MIGRATIONS: &[&str] = &[
     CREATE INDEX sessions_started ON sessions (started_at_ms);",
 ];
 
-/// A fixed Argon2id hash compared against when the token names no technician, so that an unknown id
-/// costs as much time as a wrong secret.
-const DUMMY_HASH: &str = "$argon2id$v=19$m=19456,t=2,p=1$c29tZXNhbHRzb21lc2FsdA$VjJ0+rWGk0b4PHVl5RM2rUY1+ZQZr1gVbObz1Ga5mR8";
+/// A technician row a token's id names, before its secret is checked.
+pub struct Candidate {
+    pub id: TechnicianId,
+    name: String,
+    organisation: String,
+    disabled: bool,
+    token_hash: String,
+}
+
+impl std::fmt::Debug for Candidate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Candidate")
+            .field("id", &self.id)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The secret part of a token (redacted `Debug`).
+pub struct TokenSecret(String);
+
+impl std::fmt::Debug for TokenSecret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TokenSecret(<redacted>)")
+    }
+}
 
 pub struct Store {
     conn: Connection,
@@ -135,6 +168,8 @@ pub struct Store {
     /// Argon2 working memory, allocated once and reused by every verification on this store (the
     /// crate's own verifier allocates ~19 MiB per call, which the allocator then keeps around).
     blocks: RefCell<Vec<Block>>,
+    /// Argon2 verifications run by this store.
+    hashes: std::cell::Cell<u64>,
 }
 
 fn now_secs() -> i64 {
@@ -163,16 +198,32 @@ impl Store {
     /// Opens (creating if needed) the database in `data_dir` and applies pending migrations.
     pub fn open(data_dir: &Path) -> Result<Self, StoreError> {
         let path = data_dir.join(DB_FILE);
+        // Holds token hashes and the audit log: owner only, from the moment it exists (SQLite would
+        // create it with the umask's mode, readable by others until a chmod). An empty file is an
+        // empty database; SQLite gives its journal and WAL files the database file's mode.
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::OpenOptionsExt;
+            match std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&path)
+            {
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+                Err(source) => {
+                    return Err(StoreError::Create {
+                        path: path.clone(),
+                        source,
+                    });
+                }
+            }
+        }
         let conn = Connection::open(&path).map_err(|source| StoreError::Open {
             path: path.clone(),
             source,
         })?;
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::PermissionsExt;
-            // Holds token hashes and the audit log: owner only.
-            let _ = std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600));
-        }
         Self::init(conn)
     }
 
@@ -206,6 +257,7 @@ impl Store {
             conn,
             rng: SystemRandom::new(),
             blocks: RefCell::new(Vec::new()),
+            hashes: std::cell::Cell::new(0),
         })
     }
 
@@ -350,45 +402,73 @@ impl Store {
         Ok(format!("tnd_{id}_{secret}"))
     }
 
-    /// Checks a token. Slow on purpose (Argon2id): call it off the async executor.
+    /// Checks a token. Slow on purpose (Argon2id) when its id names a technician: call it off the
+    /// async executor.
     pub fn authenticate(&self, token: &str) -> Result<AuthOutcome, StoreError> {
-        let parsed = parse_token(token);
-        let row: Option<(String, bool, String, String)> = match parsed {
-            Some((id, _)) => self
-                .conn
-                .query_row(
-                    "SELECT t.token_hash, t.disabled, t.name, o.name
-                     FROM technicians t JOIN organisations o ON o.id = t.organisation_id WHERE t.id = ?1",
-                    [id],
-                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
-                )
-                .optional()?,
-            None => None,
-        };
-        let secret = parsed.map(|(_, s)| s).unwrap_or("");
-        let hash_str = row.as_ref().map(|r| r.0.as_str()).unwrap_or(DUMMY_HASH);
-        let ok = self.verify(secret.as_bytes(), hash_str);
-        match (row, parsed) {
-            (Some((_, disabled, name, organisation)), Some((id, _))) if ok => {
-                if disabled {
-                    return Ok(AuthOutcome::Disabled);
-                }
-                self.conn.execute(
-                    "UPDATE technicians SET last_login_at = ?1 WHERE id = ?2",
-                    params![now_secs(), id],
-                )?;
-                Ok(AuthOutcome::Ok(Technician {
-                    id,
-                    name,
-                    organisation,
-                }))
-            }
-            _ => Ok(AuthOutcome::BadToken),
+        match self.lookup(token)? {
+            Some((candidate, secret)) => self.verify_candidate(&candidate, &secret),
+            None => Ok(AuthOutcome::BadToken),
         }
+    }
+
+    /// The fast half of [`Store::authenticate`]: parses the token and finds the technician its id
+    /// names. `None` (malformed token, unknown id) means "bad token", decided without Argon2.
+    pub fn lookup(&self, token: &str) -> Result<Option<(Candidate, TokenSecret)>, StoreError> {
+        let Some((id, secret)) = parse_token(token) else {
+            return Ok(None);
+        };
+        let row = self
+            .conn
+            .query_row(
+                "SELECT t.token_hash, t.disabled, t.name, o.name
+                 FROM technicians t JOIN organisations o ON o.id = t.organisation_id WHERE t.id = ?1",
+                [id],
+                |r| {
+                    Ok(Candidate {
+                        id,
+                        token_hash: r.get(0)?,
+                        disabled: r.get(1)?,
+                        name: r.get(2)?,
+                        organisation: r.get(3)?,
+                    })
+                },
+            )
+            .optional()?;
+        Ok(row.map(|c| (c, TokenSecret(secret.to_string()))))
+    }
+
+    /// The slow half of [`Store::authenticate`]: checks the secret against the candidate's Argon2id
+    /// hash; records the login.
+    pub fn verify_candidate(
+        &self,
+        c: &Candidate,
+        secret: &TokenSecret,
+    ) -> Result<AuthOutcome, StoreError> {
+        if !self.verify(secret.0.as_bytes(), &c.token_hash) {
+            return Ok(AuthOutcome::BadToken);
+        }
+        if c.disabled {
+            return Ok(AuthOutcome::Disabled);
+        }
+        self.conn.execute(
+            "UPDATE technicians SET last_login_at = ?1 WHERE id = ?2",
+            params![now_secs(), c.id],
+        )?;
+        Ok(AuthOutcome::Ok(Technician {
+            id: c.id,
+            name: c.name.clone(),
+            organisation: c.organisation.clone(),
+        }))
+    }
+
+    /// Argon2 verifications this store has run.
+    pub fn hashes_run(&self) -> u64 {
+        self.hashes.get()
     }
 
     /// Checks `secret` against a PHC-format Argon2 hash, reusing this store's working memory.
     fn verify(&self, secret: &[u8], phc: &str) -> bool {
+        self.hashes.set(self.hashes.get() + 1);
         let Ok(h) = PasswordHash::new(phc) else {
             return false;
         };
@@ -528,6 +608,22 @@ fn parse_token(token: &str) -> Option<(i64, &str)> {
 mod tests {
     use super::*;
 
+    #[cfg(unix)]
+    #[test]
+    fn the_database_is_created_for_its_owner_only() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        drop(s);
+        let mode = std::fs::metadata(dir.path().join(DB_FILE))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o077, 0, "database readable by others: {mode:o}");
+        // Opening it again keeps it (an existing database is not replaced).
+        Store::open(dir.path()).unwrap();
+    }
+
     #[test]
     fn add_authenticate_disable_rotate() {
         let mut s = Store::open_in_memory().unwrap();
@@ -663,7 +759,32 @@ mod tests {
     }
 
     #[test]
-    fn dummy_hash_parses() {
-        assert!(PasswordHash::new(DUMMY_HASH).is_ok());
+    fn unknown_id_is_refused_without_argon2() {
+        let mut s = Store::open_in_memory().unwrap();
+        let (row, token) = s.add_technician("ACME", "alice").unwrap();
+        let secret = &token[token.len() - 64..];
+        let wrong_secret = format!("tnd_{}_{}", row.id, "0".repeat(64));
+        let unknown_id = format!("tnd_{}_{secret}", row.id + 1000);
+        let time = |t: &str| {
+            (0..3)
+                .map(|_| {
+                    let start = std::time::Instant::now();
+                    assert_eq!(s.authenticate(t).unwrap(), AuthOutcome::BadToken);
+                    start.elapsed()
+                })
+                .min()
+                .unwrap()
+        };
+        let before = s.hashes_run();
+        let unknown = time(&unknown_id);
+        time("tnd_x_y");
+        assert_eq!(s.hashes_run(), before, "no Argon2 for an unknown id");
+        let known = time(&wrong_secret);
+        assert_eq!(s.hashes_run(), before + 3, "a known id's secret is hashed");
+        assert!(
+            unknown * 10 < known,
+            "unknown id {unknown:?} vs wrong secret {known:?}"
+        );
+        assert!(format!("{:?}", s.lookup(&token).unwrap().unwrap()).contains("redacted"));
     }
 }
