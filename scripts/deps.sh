@@ -10,7 +10,8 @@ set -euo pipefail
 # Windows (eframe/glow on X11): libGL/libEGL with Mesa's software renderer (llvmpipe) so the
 # console and agent windows also render under Xvfb without a GPU; xkbcommon, Xcursor, Xi, Xrandr
 # are loaded by winit at run time.
-PACKAGES=(build-essential pkg-config nasm xvfb x11-xserver-utils libgl1 libegl1 libgl1-mesa-dri libxkbcommon-x11-0 libxcursor1 libxi6 libxrandr2)
+# clang: the fuzz smoke run builds OpenH264's C++ with libFuzzer's coverage (fuzz/openh264-cxx.sh).
+PACKAGES=(build-essential pkg-config nasm clang xvfb x11-xserver-utils libgl1 libegl1 libgl1-mesa-dri libxkbcommon-x11-0 libxcursor1 libxi6 libxrandr2)
 
 missing=()
 for p in "${PACKAGES[@]}"; do

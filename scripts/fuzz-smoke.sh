@@ -13,9 +13,22 @@ if ! cargo fuzz --version >/dev/null 2>&1; then
   echo "==> installing cargo-fuzz"
   cargo install cargo-fuzz --locked --quiet
 fi
+if ! command -v clang++ >/dev/null; then
+  if [[ $(id -u) -eq 0 ]]; then
+    echo "==> installing clang (OpenH264 is built with libFuzzer's coverage)"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends clang >/dev/null \
+      || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends clang >/dev/null; }
+  else
+    echo "fuzz: clang++ is needed (sudo apt-get install clang)" >&2
+    exit 1
+  fi
+fi
 cd fuzz
 # cargo-fuzz needs nightly flags (-Z sanitizer); RUSTC_BOOTSTRAP lets the stable toolchain take them.
 export RUSTC_BOOTSTRAP=1
+# cargo-fuzz instruments Rust only: OpenH264's C++ gets coverage and ASan from this compiler
+# wrapper (the fuzzer then sees inside the decoder; fuzz/README.md).
+export CXX="$PWD/openh264-cxx.sh"
 echo "==> fuzz: building targets"
 cargo fuzz build -O >/dev/null 2>&1 || cargo fuzz build -O
 for t in $(cargo fuzz list); do

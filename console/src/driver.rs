@@ -4,14 +4,20 @@
 //!
 //! Frames are not queued: the newest decoded frame replaces the previous one in [`Latest`], so a
 //! slow window never shows old pictures.
+//!
+//! Video is decoded in a sandboxed child process ([`tandem_sandbox`]): when it dies on a hostile
+//! frame it is restarted, a keyframe is asked for and the technician is told the picture could
+//! not be decoded ([`Update::Undecodable`]) until the next picture ([`Update::PictureBack`]); if
+//! it dies too often the session ends with that reason.
 
 use crate::exit;
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 use tandem_input::{InputClient, InputEvent, Pos};
-use tandem_media::{DecodedFrame, VideoDecoder};
+use tandem_media::DecodedFrame;
 use tandem_proto::EndReason;
+use tandem_sandbox::{Decoded, RestartPolicy, SandboxedDecoder, WorkerCommand};
 use tandem_session::{Consent, ControlMsg, MonitorInfo, Session, SessionEvent};
 use tokio::sync::mpsc;
 
@@ -88,6 +94,12 @@ pub enum Update {
     },
     Stats(Stats),
     Link(&'static str),
+    /// The video decoder died on the remote picture and was restarted; a keyframe was asked for.
+    Undecodable {
+        reason: String,
+    },
+    /// A picture was decoded again after [`Update::Undecodable`].
+    PictureBack,
     /// The session is over; `exit_code` says why (see `exit`).
     Ended {
         text: String,
@@ -122,7 +134,10 @@ pub async fn drive(
         wake();
     };
     let input = InputClient::new(&session);
-    let mut decoder = match VideoDecoder::new() {
+    let started_decoder = WorkerCommand::current_exe()
+        .map_err(tandem_sandbox::SandboxError::Spawn)
+        .and_then(|cmd| SandboxedDecoder::start(cmd, RestartPolicy::default()));
+    let mut decoder = match started_decoder {
         Ok(d) => d,
         Err(e) => {
             session.end(EndReason::Other("console error".into())).await;
@@ -138,6 +153,7 @@ pub async fn drive(
     let mut decoded: u64 = 0;
     let mut video_bytes: u64 = 0;
     let mut first = true;
+    let mut undecodable = false;
     let mut decode_times: VecDeque<f64> = VecDeque::with_capacity(31);
     let mut ping = tokio::time::interval(Duration::from_secs(1));
     let mut ping_sent: Option<Instant> = None;
@@ -154,7 +170,7 @@ pub async fn drive(
                     video_bytes += f.data.len() as u64;
                     let t = Instant::now();
                     match decoder.decode(&f.data) {
-                        Ok(Some(frame)) => {
+                        Ok(Decoded::Frame(frame)) => {
                             decoded += 1;
                             if decode_times.len() == 31 {
                                 decode_times.pop_front();
@@ -169,12 +185,25 @@ pub async fn drive(
                                 });
                             }
                             *latest.lock() = Some(frame);
+                            if std::mem::take(&mut undecodable) {
+                                send(Update::PictureBack);
+                            }
                             send(Update::Frame);
                         }
-                        Ok(None) => {}
-                        Err(e) => {
+                        Ok(Decoded::Nothing | Decoded::Skipped) => {}
+                        Ok(Decoded::Corrupt(e)) => {
                             tracing::warn!(error = %e, "undecodable frame; asking for a keyframe");
                             let _ = session.send_control(&ControlMsg::KeyframeRequest).await;
+                        }
+                        Ok(Decoded::Lost(reason)) => {
+                            undecodable = true;
+                            send(Update::Undecodable { reason });
+                            let _ = session.send_control(&ControlMsg::KeyframeRequest).await;
+                        }
+                        Err(e) => {
+                            session.end(EndReason::Other("the console could not decode the video".into())).await;
+                            send(ended(e.to_string(), "undecodable", exit::OTHER));
+                            return;
                         }
                     }
                 }

@@ -63,6 +63,8 @@ pub struct Live {
     updates: mpsc::UnboundedReceiver<Update>,
     latest: Arc<Latest>,
     texture: Option<TextureHandle>,
+    /// The texture's size: the remote picture's, or smaller if that exceeds the GPU's limit.
+    texture_size: (usize, usize),
     remote: (u32, u32),
     cursor: Cursor,
     cursor_image: Option<(TextureHandle, CursorImage)>,
@@ -161,6 +163,7 @@ impl ConsoleApp {
                         updates: up_rx,
                         latest: latest.clone(),
                         texture: None,
+                        texture_size: (0, 0),
                         remote: (0, 0),
                         cursor: Cursor::default(),
                         cursor_image: None,
@@ -251,6 +254,71 @@ impl ConsoleApp {
             self.connect(ui.ctx());
         }
     }
+}
+
+/// Shown while the video decoder recovers from a picture it could not decode.
+const UNDECODABLE: &str = "The remote picture could not be decoded; asking for a fresh one…";
+
+/// The largest texture side the window's GPU takes (`TANDEM_CONSOLE_MAX_TEXTURE` may lower it,
+/// to test the scaling on any GPU).
+fn max_texture_side(ctx: &egui::Context) -> usize {
+    let gpu = ctx.input(|i| i.max_texture_side);
+    std::env::var("TANDEM_CONSOLE_MAX_TEXTURE")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .filter(|&v| v >= 16)
+        .map_or(gpu, |v| v.min(gpu))
+}
+
+/// The texture for a remote picture: the picture itself, or, when a side exceeds `max_side`
+/// (the GPU's texture limit, which would abort the window), the picture shrunk by the smallest
+/// whole factor that fits, each texel the average of the pixels it covers. `None` for an RGBA
+/// buffer shorter than the size says.
+pub fn texture_image(width: u32, height: u32, rgba: &[u8], max_side: usize) -> Option<ColorImage> {
+    let (w, h) = (width as usize, height as usize);
+    if w == 0 || h == 0 || rgba.len() < w.checked_mul(h)?.checked_mul(4)? {
+        return None;
+    }
+    let max_side = max_side.max(1);
+    if w <= max_side && h <= max_side {
+        return Some(ColorImage::from_rgba_unmultiplied(
+            [w, h],
+            &rgba[..w * h * 4],
+        ));
+    }
+    let (nw, nh, px) = shrink(w, h, rgba, max_side);
+    Some(ColorImage::from_rgba_unmultiplied([nw, nh], &px))
+}
+
+/// Box-filters `rgba` (`w`×`h`) by the smallest whole factor that makes both sides at most
+/// `max_side`. Returns the new size and pixels.
+pub fn shrink(w: usize, h: usize, rgba: &[u8], max_side: usize) -> (usize, usize, Vec<u8>) {
+    let k = w.max(h).div_ceil(max_side.max(1)).max(1);
+    let (nw, nh) = (w.div_ceil(k), h.div_ceil(k));
+    let mut out = vec![0u8; nw * nh * 4];
+    let mut acc = vec![[0u64; 4]; nw];
+    for oy in 0..nh {
+        acc.iter_mut().for_each(|a| *a = [0; 4]);
+        let (y0, y1) = (oy * k, ((oy + 1) * k).min(h));
+        for y in y0..y1 {
+            let row = &rgba[y * w * 4..(y + 1) * w * 4];
+            for (x, p) in row.chunks_exact(4).enumerate() {
+                let a = &mut acc[x / k];
+                for c in 0..4 {
+                    a[c] += p[c] as u64;
+                }
+            }
+        }
+        for (ox, a) in acc.iter().enumerate() {
+            let cols = (((ox + 1) * k).min(w) - ox * k) as u64;
+            let n = cols * (y1 - y0) as u64;
+            let o = &mut out[(oy * nw + ox) * 4..][..4];
+            for c in 0..4 {
+                o[c] = ((a[c] + n / 2) / n) as u8;
+            }
+        }
+    }
+    (nw, nh, out)
 }
 
 /// Scales `size` into `avail`, keeping the aspect ratio.
@@ -445,9 +513,14 @@ impl Live {
                 ),
                 Update::Frame => {
                     if let Some(f) = self.latest.lock().take() {
-                        let size = [f.width as usize, f.height as usize];
-                        let img = ColorImage::from_rgba_unmultiplied(size, &f.rgba);
+                        let max_side = max_texture_side(ctx);
+                        let Some(img) = texture_image(f.width, f.height, &f.rgba, max_side)
+                        else {
+                            continue;
+                        };
+                        // Input maps to the remote's own pixels, whatever the texture's size.
                         self.remote = (f.width, f.height);
+                        self.texture_size = (img.size[0], img.size[1]);
                         match &mut self.texture {
                             Some(t) => t.set(img, TextureOptions::LINEAR),
                             None => {
@@ -456,6 +529,25 @@ impl Live {
                             }
                         }
                     }
+                }
+                Update::Undecodable { reason } => {
+                    tracing::warn!(%reason, "remote picture not decodable");
+                    self.note = Some(UNDECODABLE.to_owned());
+                    out.event(
+                        "undecodable",
+                        UNDECODABLE,
+                        serde_json::json!({"reason": reason}),
+                    );
+                }
+                Update::PictureBack => {
+                    if self.note.as_deref() == Some(UNDECODABLE) {
+                        self.note = None;
+                    }
+                    out.event(
+                        "picture_back",
+                        "The remote picture is back.",
+                        serde_json::json!({}),
+                    );
                 }
                 Update::Cursor(c) => self.cursor = c,
                 Update::CursorImage(c) => {
@@ -695,6 +787,7 @@ impl Live {
                 "frame_shown",
                 "The remote screen is on the window",
                 serde_json::json!({"width": self.remote.0, "height": self.remote.1,
+                    "texture_w": self.texture_size.0, "texture_h": self.texture_size.1,
                     "view_w": rect.width(), "view_h": rect.height()}),
             );
         }
@@ -811,5 +904,58 @@ impl eframe::App for ConsoleApp {
             live.send(Cmd::End);
             let _ = live.done.recv_timeout(Duration::from_secs(3));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A picture within the limit is the texture as it is; one wider or taller than the GPU's
+    /// texture limit is shrunk to fit, keeping its aspect and its content.
+    #[test]
+    fn pictures_larger_than_the_texture_limit_are_scaled_to_fit() {
+        // 1920x1080 fits a 2048 limit untouched.
+        let px = vec![7u8; 1920 * 1080 * 4];
+        let img = texture_image(1920, 1080, &px, 2048).unwrap();
+        assert_eq!(img.size, [1920, 1080]);
+        // 20000x600 against a 16384 limit (llvmpipe's): halved.
+        let (w, h) = (20000usize, 600usize);
+        let mut px = vec![0u8; w * h * 4];
+        for (i, p) in px.chunks_exact_mut(4).enumerate() {
+            // Left half white, right half black, opaque.
+            let v = if i % w < w / 2 { 255 } else { 0 };
+            p.copy_from_slice(&[v, v, v, 255]);
+        }
+        let img = texture_image(w as u32, h as u32, &px, 16384).unwrap();
+        assert_eq!(img.size, [10000, 300]);
+        assert_eq!(img.pixels[0], Color32::WHITE);
+        assert_eq!(img.pixels[9999], Color32::BLACK);
+        // A tall one against a small limit: each side fits.
+        let px = vec![200u8; 300 * 5000 * 4];
+        let img = texture_image(300, 5000, &px, 1024).unwrap();
+        assert!(img.size[0] <= 1024 && img.size[1] <= 1024, "{:?}", img.size);
+        assert_eq!(img.size, [60, 1000]);
+        assert_eq!(
+            img.pixels[0],
+            Color32::from_rgba_unmultiplied(200, 200, 200, 200)
+        );
+        // A buffer shorter than its size is refused, not read past.
+        assert!(texture_image(100, 100, &[0; 100], 4096).is_none());
+        assert!(texture_image(0, 100, &[], 4096).is_none());
+    }
+
+    /// Shrinking averages the pixels each texel covers, partial blocks at the edges included.
+    #[test]
+    fn shrinking_averages_blocks() {
+        // 5x1, factor 3 (max side 2): texels cover [0..3) and [3..5).
+        let px: Vec<u8> = [10u8, 20, 30, 100, 200]
+            .iter()
+            .flat_map(|&v| [v, v, v, 255])
+            .collect();
+        let (w, h, out) = shrink(5, 1, &px, 2);
+        assert_eq!((w, h), (2, 1));
+        assert_eq!(&out[..4], &[20, 20, 20, 255]);
+        assert_eq!(&out[4..], &[150, 150, 150, 255]);
     }
 }

@@ -358,6 +358,14 @@ pub async fn run(
                     "decode_ms": s.decode_ms}),
             ),
             Update::Link(text) => out.event("link", text, serde_json::json!({})),
+            Update::Undecodable { reason } => out.event(
+                "undecodable",
+                "The remote picture could not be decoded; the decoder was restarted and a fresh picture asked for.",
+                serde_json::json!({"reason": reason}),
+            ),
+            Update::PictureBack => {
+                out.event("picture_back", "The remote picture is back.", serde_json::json!({}))
+            }
             Update::Ended {
                 text,
                 reason,

@@ -7,7 +7,7 @@
 use anyhow::{Context, Result};
 use clap::Parser;
 use serde::{Deserialize, Serialize};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::{Duration, Instant};
@@ -67,10 +67,16 @@ struct Cli {
     /// Trust the relay through this CA file (PEM) instead of a pin.
     #[arg(long, env = "TANDEM_RELAY_CA")]
     relay_ca: Option<PathBuf>,
-    /// Technician token (from `tandem-relay technician add`).
+    /// Technician token (from `tandem-relay technician add`). Other users of this computer can read
+    /// a program's command line: prefer --token-file, the TANDEM_TOKEN variable, or the remembered
+    /// login.
     #[arg(long, env = "TANDEM_TOKEN", hide_env_values = true)]
     token: Option<String>,
-    /// The session code the user reads out (dashes, spaces and surrounding text are fine).
+    /// Read the technician token from this file (first line), or from standard input with `-`.
+    #[arg(long, conflicts_with = "token")]
+    token_file: Option<PathBuf>,
+    /// The session code the user reads out (dashes, spaces and surrounding text are fine). `-`
+    /// reads it from standard input, which keeps it off the command line other users can read.
     #[arg(long)]
     code: Option<String>,
     /// Run without a window (the default when there is no display): events on stdout, frames to
@@ -125,24 +131,54 @@ fn config_path(cli: &Cli) -> Option<PathBuf> {
     Some(base.join("tandem/console.toml"))
 }
 
-fn save(path: &PathBuf, r: &Remembered) -> Result<()> {
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    }
-    let text = toml::to_string(r)?;
-    let mut opts = std::fs::OpenOptions::new();
-    opts.write(true).create(true).truncate(true);
+/// Writes the remembered login (it holds the token) atomically: a new file readable only by this
+/// user (mode 0600 from its creation, never wider for a moment), then renamed over the old one,
+/// so a crash leaves the old file or the new one and never a readable half.
+fn save(path: &Path, r: &Remembered) -> Result<()> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let mut builder = std::fs::DirBuilder::new();
+    builder.recursive(true);
     #[cfg(unix)]
     {
-        use std::os::unix::fs::OpenOptionsExt;
-        opts.mode(0o600);
+        use std::os::unix::fs::DirBuilderExt;
+        builder.mode(0o700);
     }
+    builder
+        .create(dir)
+        .with_context(|| format!("cannot create {}", dir.display()))?;
+    let text = toml::to_string(r)?;
     use std::io::Write;
-    let mut f = opts
-        .open(path)
+    // tempfile creates the file with mode 0600 (O_EXCL) in the same directory.
+    let mut f = tempfile::NamedTempFile::new_in(dir)
+        .with_context(|| format!("cannot write in {}", dir.display()))?;
+    f.write_all(text.as_bytes())
+        .and_then(|()| f.as_file().sync_all())
         .with_context(|| format!("cannot write {}", path.display()))?;
-    f.write_all(text.as_bytes())?;
+    f.persist(path)
+        .with_context(|| format!("cannot write {}", path.display()))?;
     Ok(())
+}
+
+/// The first line of a file, or of standard input for `-`, trimmed.
+fn read_secret(path: &Path, what: &str) -> Result<String> {
+    let text = if path == Path::new("-") {
+        let mut line = String::new();
+        std::io::stdin()
+            .read_line(&mut line)
+            .with_context(|| format!("cannot read the {what} from standard input"))?;
+        line
+    } else {
+        std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read the {what} from {}", path.display()))?
+    };
+    let first = text.lines().next().unwrap_or_default().trim().to_owned();
+    if first.is_empty() {
+        anyhow::bail!("no {what} in {}", path.display());
+    }
+    Ok(first)
 }
 
 /// A failure with its exit code.
@@ -262,6 +298,14 @@ pub async fn join(form: &gui::Form, login: &Login) -> Result<Session, Failure> {
 }
 
 fn main() -> std::process::ExitCode {
+    // Started again as the sandboxed video decoder (tandem_sandbox): nothing else runs first.
+    if std::env::args_os()
+        .nth(1)
+        .is_some_and(|a| a == tandem_sandbox::WORKER_ARG)
+    {
+        let rest: Vec<_> = std::env::args_os().skip(2).collect();
+        return tandem_sandbox::worker::main(&rest);
+    }
     let cli = Cli::parse();
     let _ = tracing_subscriber::fmt()
         .with_env_filter(
@@ -342,6 +386,14 @@ fn setup(cli: &Cli) -> Result<(gui::Form, Login), Failure> {
         }
         _ => Remembered::default(),
     };
+    let token = match &cli.token_file {
+        Some(p) => Some(read_secret(p, "token").map_err(Failure::usage)?),
+        None => cli.token.clone(),
+    };
+    let code = match cli.code.as_deref() {
+        Some("-") => read_secret(Path::new("-"), "session code").map_err(Failure::usage)?,
+        other => other.unwrap_or_default().to_owned(),
+    };
     let form = gui::Form {
         relay: cli.relay.clone().or(remembered.relay).unwrap_or_default(),
         pin: cli
@@ -349,8 +401,8 @@ fn setup(cli: &Cli) -> Result<(gui::Form, Login), Failure> {
             .clone()
             .or(remembered.relay_pin)
             .unwrap_or_default(),
-        token: cli.token.clone().or(remembered.token).unwrap_or_default(),
-        code: cli.code.clone().unwrap_or_default(),
+        token: token.or(remembered.token).unwrap_or_default(),
+        code,
     };
     let login = Login {
         ca: cli.relay_ca.clone().or(remembered.relay_ca),
@@ -382,9 +434,13 @@ async fn run_headless(
     out.event(
         "joined",
         &format!(
-            "Joined; waiting for the user to answer ({setup_ms:.0} ms to a confirmed session)"
+            "Joined; waiting for the user to answer ({setup_ms:.0} ms to a confirmed session). \
+             The user sees you as {} of {}, as the relay reports it.",
+            tandem_session::names::shown(session.peer().technician.as_deref().unwrap_or_default()).text,
+            tandem_session::names::shown(session.peer().organisation.as_deref().unwrap_or_default()).text,
         ),
-        serde_json::json!({"setup_ms": setup_ms, "agent": session.peer().software}),
+        serde_json::json!({"setup_ms": setup_ms, "agent": session.peer().software,
+            "shown_as": {"technician": session.peer().technician, "organisation": session.peer().organisation}}),
     );
     headless::run(
         session,
@@ -398,4 +454,51 @@ async fn run_headless(
         out,
     )
     .await
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    fn mode(p: &Path) -> u32 {
+        std::fs::metadata(p).unwrap().permissions().mode() & 0o777
+    }
+
+    #[test]
+    fn the_remembered_login_is_written_atomically_and_only_for_its_owner() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tandem/console.toml");
+        let r = Remembered {
+            relay: Some("relay:4433".into()),
+            token: Some("tnd_1_secret".into()),
+            ..Remembered::default()
+        };
+        save(&path, &r).unwrap();
+        assert_eq!(mode(&path), 0o600);
+        assert_eq!(mode(path.parent().unwrap()), 0o700);
+        // A file that someone made readable is replaced by a new one, not rewritten in place.
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        save(&path, &r).unwrap();
+        assert_eq!(mode(&path), 0o600);
+        let back: Remembered = toml::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        assert_eq!(back.token.as_deref(), Some("tnd_1_secret"));
+        // Nothing else is left in the directory (no temporary files).
+        assert_eq!(
+            std::fs::read_dir(path.parent().unwrap()).unwrap().count(),
+            1
+        );
+    }
+
+    #[test]
+    fn secrets_are_read_from_a_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("token");
+        std::fs::write(&p, "  tnd_7_abc  \nignored\n").unwrap();
+        assert_eq!(read_secret(&p, "token").unwrap(), "tnd_7_abc");
+        std::fs::write(&p, "\n").unwrap();
+        assert!(read_secret(&p, "token").is_err());
+        assert!(read_secret(&dir.path().join("missing"), "token").is_err());
+    }
 }

@@ -182,8 +182,31 @@ fn main() {
     put("video_decoder", "keyframe", &key.data);
     f.data[100] ^= 0xff;
     tandem_media::bgrx_to_i420(&f, &mut yuv).unwrap();
-    if let Some(p) = enc.encode_at(&yuv, 33).unwrap() {
+    let p = enc.encode_at(&yuv, 33).unwrap();
+    if let Some(p) = &p {
         put("video_decoder", "pframe", &p.data);
     }
+    // The decoder process's socket: requests carrying a keyframe, a P-frame and garbage, and (as
+    // what a hostile decoder process might answer) each answer kind.
+    let mut stream = vec![];
+    tandem_sandbox::protocol::write_request(&mut stream, &key.data).unwrap();
+    if let Some(p) = &p {
+        tandem_sandbox::protocol::write_request(&mut stream, &p.data).unwrap();
+    }
+    put("decoder_worker", "key-then-p", &stream);
+    tandem_sandbox::protocol::write_request(&mut stream, b"\0\0\0\x01\x65garbage").unwrap();
+    put("decoder_worker", "key-p-garbage", &stream);
+    let mut answers = vec![];
+    for a in [
+        tandem_sandbox::protocol::Answer::Nothing,
+        tandem_sandbox::protocol::Answer::Frame {
+            width: 64,
+            height: 48,
+        },
+        tandem_sandbox::protocol::Answer::Corrupt("bad slice".into()),
+    ] {
+        tandem_sandbox::protocol::write_answer(&mut answers, &a).unwrap();
+    }
+    put("decoder_worker", "answers", &answers);
     println!("seeds written to fuzz/corpus/");
 }
