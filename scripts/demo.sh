@@ -49,7 +49,8 @@ echo "    token issued (shown once; not printed here)"
 
 if [[ -n "${DISPLAY:-}" ]]; then
   step "agent window on this display ($DISPLAY): it shows the code, then asks you to allow the technician"
-  "$BIN/tandem-agent" --relay "127.0.0.1:$PORT" --relay-pin "$PIN" --once --json \
+  # --print-code: this script reads the code from the agent's output to hand it to the console.
+  TANDEM_AGENT_STATE_DIR="$WORK/agent-state" "$BIN/tandem-agent" --relay "127.0.0.1:$PORT" --relay-pin "$PIN" --once --json --print-code \
     >"$WORK/agent.out" 2>"$WORK/agent.log" &
   PIDS+=($!)
   for _ in $(seq 100); do grep -q '"code"' "$WORK/agent.out" 2>/dev/null && break; sleep 0.1; done
@@ -77,7 +78,7 @@ else
   sleep 0.5
 
   step "starting the agent (the user's PC, no window); consent answered 'allow' for this demo"
-  "$BIN/tandem-agent" --headless --relay "127.0.0.1:$PORT" --relay-pin "$PIN" --consent allow --once --display "$SCREEN" \
+  TANDEM_AGENT_STATE_DIR="$WORK/agent-state" "$BIN/tandem-agent" --headless --relay "127.0.0.1:$PORT" --relay-pin "$PIN" --consent allow --once --display "$SCREEN" \
     >"$WORK/agent.out" 2>"$WORK/agent.log" &
   PIDS+=($!)
   for _ in $(seq 100); do grep -q "session code" "$WORK/agent.out" 2>/dev/null && break; sleep 0.1; done

@@ -21,9 +21,10 @@ use tandem_media::capture::x11::X11Capturer;
 use tandem_media::capture::{Capturer, CursorShape};
 use tandem_media::{ScreenPipeline, Target};
 use tandem_proto::EndReason;
+use tandem_session::names;
 use tandem_session::{
     AgentEvent, AgentHost, CodeChange, Consent, ControlMsg, MAX_CURSOR_SIDE, MonitorInfo, Session,
-    SessionConfig, SessionEvent,
+    SessionConfig, SessionError, SessionEvent,
 };
 use tokio::sync::mpsc;
 
@@ -51,7 +52,9 @@ Never read the code to someone who called you unexpectedly.",
     after_help = "Example:
   tandem-agent --relay relay.example.com:4433 --relay-pin sha256:3f2a…
 
-While a session runs on the terminal, type `v` + Enter for view only, `c` to give control back, `e` to end."
+While a session runs on the terminal, type `v` + Enter for view only, `c` to give control back, `e` to end.
+After someone tried wrong codes 3 times no new code appears until you ask: type `n` + Enter (or press
+\"New code\" in the window)."
 )]
 struct Cli {
     /// Relay address, host:port.
@@ -84,6 +87,20 @@ struct Cli {
     /// X display to share and control. [default: $DISPLAY; without one, nothing can be shared]
     #[arg(long)]
     display: Option<String>,
+    /// Seconds without a code after the first failed attempt to join (a wrong code, or a join that
+    /// broke off); the pause doubles after the second, and after the third no new code appears
+    /// until you ask for one. At least 1.
+    #[arg(long, env = "TANDEM_WRONG_CODE_PAUSE", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    wrong_code_pause: u64,
+    /// Where the agent keeps the count of failed attempts across restarts (so that closing and
+    /// reopening it does not reset its guess limit).
+    /// [default: $XDG_STATE_HOME/tandem or ~/.local/state/tandem]
+    #[arg(long, env = "TANDEM_AGENT_STATE_DIR")]
+    state_dir: Option<PathBuf>,
+    /// With a window, also print the code on stdout (for scripts that drive the window). Without
+    /// it, a windowed agent keeps the code off stdout, which desktop sessions often log.
+    #[arg(long)]
+    print_code: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -124,13 +141,21 @@ pub enum Phase {
         expires_at: Instant,
         note: Option<String>,
     },
-    Joining {
-        technician: String,
-        organisation: String,
+    /// A handshake failed: no code for a while.
+    Paused {
+        until: Instant,
+        note: String,
     },
+    /// Wrong codes were tried too often: no code until the user asks.
+    Locked {
+        note: String,
+    },
+    Joining,
     Consent {
         technician: String,
         organisation: String,
+        /// The names were escaped: they could imitate another name.
+        suspicious: bool,
         deadline: Instant,
     },
     InSession {
@@ -181,6 +206,8 @@ pub fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 #[derive(Debug)]
 pub enum UiCmd {
     Consent(Consent),
+    /// The user asks for a new code after codes stopped.
+    NewCode,
     ViewOnly(bool),
     End,
     /// A line typed on the terminal.
@@ -258,7 +285,8 @@ fn main() -> std::process::ExitCode {
             shared.set_phase(match &r {
                 Ok(()) => Phase::Closing,
                 Err(e) => Phase::Failed {
-                    text: format!("{e:#}"),
+                    // The error may carry a relay's or peer's words: one plain, short line.
+                    text: names::printable(&format!("{e:#}"), 300),
                 },
             });
             r
@@ -323,13 +351,14 @@ async fn run(
     if consent == ConsentMode::Window && !windowed {
         bail!("--consent window needs a window; without a display use --consent tty");
     }
-    if consent == ConsentMode::Tty {
-        if !std::io::stdin().is_terminal() {
-            bail!(
-                "--consent tty needs a terminal; run it in one, or choose --consent deny|view-only|allow"
-            );
-        }
-        // One reader of the terminal for the consent answer and the in-session commands.
+    if consent == ConsentMode::Tty && !std::io::stdin().is_terminal() {
+        bail!(
+            "--consent tty needs a terminal; run it in one, or choose --consent deny|view-only|allow"
+        );
+    }
+    if !windowed {
+        // One reader of standard input for the consent answer, the in-session commands and the
+        // request for a new code (a terminal, or a script's pipe; none when it is closed).
         let tx = cmd_tx.clone();
         std::thread::Builder::new()
             .name("tandem-stdin".into())
@@ -357,26 +386,59 @@ async fn run(
     let cfg = SessionConfig {
         software: opts.software.clone(),
         capabilities: vec!["control/v1".into(), "cursor/v1".into()],
+        guesses: tandem_session::GuessLimit {
+            first_pause: Duration::from_secs(cli.wrong_code_pause),
+            ..Default::default()
+        },
         ..SessionConfig::default()
     };
     let mut host = AgentHost::connect(opts, cfg)
         .await
         .with_context(|| format!("cannot connect to the relay at {relay}"))?;
+    let requester = host.code_requester();
+    let tries = tries_file(&cli);
+    if let Some(r) = tries.as_deref().and_then(load_tries) {
+        host.restore(r);
+    }
+    let mut saved = host.remembered();
     report.event(
         "connected",
         &format!("Connected to relay {relay}"),
         serde_json::json!({"relay": relay}),
     );
+    // The code goes to the user's screen only: with a window, not to stdout (desktop sessions
+    // often log it) unless asked for.
+    let code_on_stdout = !windowed || cli.print_code;
     loop {
-        let ev = tokio::select! {
-            ev = host.next() => ev?,
-            // Between sessions only "quit" matters (the window was closed, or typed on the terminal).
-            c = cmds.recv() => match c {
-                None => return Ok(()),
-                Some(UiCmd::Line(l)) if l.trim() == "quit" => return Ok(()),
-                Some(_) => continue,
-            },
+        // The host's step is never dropped for a command: a handshake under way runs to its end
+        // (the host burns the code even if it were dropped, but there is no reason to).
+        let ev = {
+            let next = host.next();
+            tokio::pin!(next);
+            loop {
+                tokio::select! {
+                    ev = &mut next => break ev?,
+                    // Between sessions only "quit" (the window was closed, or typed) and a request
+                    // for a new code matter.
+                    c = cmds.recv() => match c {
+                        None => return Ok(()),
+                        Some(UiCmd::Line(l)) if l.trim() == "quit" => return Ok(()),
+                        Some(UiCmd::NewCode) => requester.request(),
+                        Some(UiCmd::Line(l)) if matches!(l.trim(), "n" | "new") => requester.request(),
+                        Some(_) => {}
+                    },
+                }
+            }
         };
+        // Keep the count of failed attempts for a restart, whenever it changed.
+        if host.remembered() != saved {
+            saved = host.remembered();
+            if let Some(p) = &tries
+                && let Err(e) = save_tries(p, &saved)
+            {
+                tracing::warn!(error = %format!("{e:#}"), "cannot keep the count of failed attempts");
+            }
+        }
         match ev {
             AgentEvent::Code {
                 code,
@@ -384,7 +446,7 @@ async fn run(
                 why,
             } => {
                 let note = match why {
-                    CodeChange::New => None,
+                    CodeChange::New | CodeChange::Requested | CodeChange::Remembered => None,
                     CodeChange::WrongCode => {
                         Some("Someone tried a wrong code; that code is no longer valid.")
                     }
@@ -397,15 +459,23 @@ async fn run(
                     "Your session code"
                 };
                 // The code goes to the user's screen only, never to a log.
+                let shown = if code_on_stdout {
+                    code.grouped()
+                } else {
+                    "(shown in the window)".into()
+                };
+                let mut data = serde_json::json!({"expires_in_secs": expires_in.as_secs()});
+                if code_on_stdout {
+                    data["code"] = code.grouped().into();
+                }
                 report.event(
                     "code",
                     &format!(
-                        "{}{prefix}: {}   (valid {} min; read it only to a technician you contacted)",
+                        "{}{prefix}: {shown}   (valid {} min; read it only to a technician you contacted)",
                         note.map(|n| format!("{n} ")).unwrap_or_default(),
-                        code.grouped(),
                         expires_in.as_secs() / 60
                     ),
-                    serde_json::json!({"code": code.grouped(), "expires_in_secs": expires_in.as_secs()}),
+                    data,
                 );
                 report.phase(Phase::Waiting {
                     code: code.grouped(),
@@ -413,19 +483,45 @@ async fn run(
                     note: note.map(str::to_owned),
                 });
             }
-            AgentEvent::Joining {
-                technician,
-                organisation,
-            } => {
+            AgentEvent::Joining { .. } => {
+                // No names yet: they are the relay's word until the PAKE has checked that the
+                // console was told the same; the consent prompt shows them after that.
                 report.event(
                     "joining",
-                    &format!("{technician} of {organisation} is connecting…"),
-                    serde_json::json!({"technician": technician, "organisation": organisation}),
+                    "A technician is connecting…",
+                    serde_json::json!({}),
                 );
-                report.phase(Phase::Joining {
-                    technician,
-                    organisation,
+                report.phase(Phase::Joining);
+            }
+            AgentEvent::Paused {
+                why,
+                failures,
+                pause,
+            } => {
+                let note = format!(
+                    "{} A new code appears in {} s.",
+                    failure_text(&why),
+                    pause.as_secs().max(1)
+                );
+                report.event(
+                    "paused",
+                    &note,
+                    serde_json::json!({"failures": failures, "pause_secs": pause.as_secs_f64()}),
+                );
+                report.phase(Phase::Paused {
+                    until: Instant::now() + pause,
+                    note,
                 });
+            }
+            AgentEvent::Locked { why, failures } => {
+                let note = format!(
+                    "{} Someone tried wrong codes {failures} times. If you are not on the phone with \
+                     your technician right now, close this program. Otherwise ask for a new code{}.",
+                    failure_text(&why),
+                    if windowed { "" } else { " (type n + Enter)" }
+                );
+                report.event("locked", &note, serde_json::json!({"failures": failures}));
+                report.phase(Phase::Locked { note });
             }
             AgentEvent::Session(s) => {
                 let quit =
@@ -438,11 +534,70 @@ async fn run(
     }
 }
 
+/// The warning shown with names that were escaped.
+pub const SUSPICIOUS_NAME: &str = "this name contains unusual or invisible characters that can make \
+it look like another name; they are shown as \\u{…} codes. Deny unless you are sure.";
+
+/// The file that keeps the count of failed attempts across restarts.
+fn tries_file(cli: &Cli) -> Option<PathBuf> {
+    let dir = cli.state_dir.clone().or_else(|| {
+        std::env::var_os("XDG_STATE_HOME")
+            .map(PathBuf::from)
+            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/state")))
+            .map(|d| d.join("tandem"))
+    })?;
+    Some(dir.join("agent-tries.toml"))
+}
+
+fn load_tries(path: &Path) -> Option<tandem_session::Remembered> {
+    let text = std::fs::read_to_string(path).ok()?;
+    match toml::from_str(&text) {
+        Ok(r) => Some(r),
+        Err(e) => {
+            tracing::warn!(file = %path.display(), error = %e, "ignoring an unreadable count of failed attempts");
+            None
+        }
+    }
+}
+
+/// Writes the count atomically, readable by this user only.
+fn save_tries(path: &Path, r: &tandem_session::Remembered) -> Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let mut b = std::fs::DirBuilder::new();
+    b.recursive(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        b.mode(0o700);
+    }
+    b.create(dir)
+        .with_context(|| format!("cannot create {}", dir.display()))?;
+    let mut f = tempfile::NamedTempFile::new_in(dir)
+        .with_context(|| format!("cannot write in {}", dir.display()))?;
+    use std::io::Write;
+    f.write_all(toml::to_string(r)?.as_bytes())?;
+    f.persist(path)
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(())
+}
+
+/// What the user is told about a failed handshake.
+fn failure_text(why: &CodeChange) -> &'static str {
+    match why {
+        CodeChange::WrongCode => "Someone tried a wrong code; that code is no longer valid.",
+        CodeChange::Remembered => {
+            "Attempts with wrong codes were made before this program restarted."
+        }
+        _ => "A connection attempt failed; that code is no longer valid.",
+    }
+}
+
 /// Waits for the user's answer; denied after 60 s.
 async fn ask_consent(
     mode: ConsentMode,
     technician: &str,
     organisation: &str,
+    suspicious: bool,
     report: &Report,
     cmds: &mut mpsc::UnboundedReceiver<UiCmd>,
 ) -> Consent {
@@ -454,6 +609,10 @@ async fn ask_consent(
         ConsentMode::Tty => {
             println!();
             println!("  {technician} of {organisation} wants to connect to this computer.");
+            println!("  (name and organisation as the relay reports them)");
+            if suspicious {
+                println!("  WARNING: {SUSPICIOUS_NAME}");
+            }
             println!(
                 "  Only continue if YOU contacted them. Nobody legitimate calls you out of the blue."
             );
@@ -464,11 +623,12 @@ async fn ask_consent(
     report.event(
         "consent_asked",
         &format!("Asking you whether {technician} of {organisation} may connect…"),
-        serde_json::json!({"technician": technician, "organisation": organisation}),
+        serde_json::json!({"technician": technician, "organisation": organisation, "suspicious_name": suspicious}),
     );
     report.phase(Phase::Consent {
         technician: technician.to_owned(),
         organisation: organisation.to_owned(),
+        suspicious,
         deadline: Instant::now() + wait,
     });
     let answer = async {
@@ -483,7 +643,7 @@ async fn ask_consent(
                     };
                 }
                 UiCmd::End => return Consent::Deny,
-                UiCmd::ViewOnly(_) => {}
+                UiCmd::ViewOnly(_) | UiCmd::NewCode => {}
             }
         }
         Consent::Deny
@@ -724,8 +884,20 @@ fn start_streaming(
                             ctl.frames.fetch_add(1, Ordering::Relaxed);
                             ctl.bytes
                                 .fetch_add(frame.data.len() as u64, Ordering::Relaxed);
-                            if rt.block_on(video.send(seq, &frame.data)).is_err() {
-                                return;
+                            match rt.block_on(video.send(seq, &frame.data)) {
+                                Ok(()) => {}
+                                Err(SessionError::FrameTooLarge(n)) => {
+                                    // Never for a screen up to 1080p (the encoder's buffer is the
+                                    // raw picture's size); a larger screen's worst picture is
+                                    // skipped and the stream starts again from a keyframe.
+                                    // Paced below as if it had been sent, so that a
+                                    // screen whose keyframes never fit is not re-encoded in a
+                                    // tight loop.
+                                    tracing::warn!(bytes = n, "video frame too large; skipped");
+                                    seq -= 1;
+                                    ctl.keyframe.store(true, Ordering::Relaxed);
+                                }
+                                Err(_) => return,
                             }
                             // Pace by size: the next frame waits until the path has carried
                             // most of this one (at 80 % of the path's rate), so a slow path gets
@@ -818,9 +990,14 @@ async fn run_session(
     report: &Report,
     cmds: &mut mpsc::UnboundedReceiver<UiCmd>,
 ) -> Result<bool> {
-    let technician = s.peer().technician.clone().unwrap_or_default();
-    let organisation = s.peer().organisation.clone().unwrap_or_default();
-    let decision = ask_consent(mode, &technician, &organisation, report, cmds).await;
+    // The names as the relay reports them, escaped where they could imitate another name.
+    let (tech, org) = (
+        names::shown(s.peer().technician.as_deref().unwrap_or_default()),
+        names::shown(s.peer().organisation.as_deref().unwrap_or_default()),
+    );
+    let suspicious = tech.suspicious || org.suspicious;
+    let (technician, organisation) = (tech.text, org.text);
+    let decision = ask_consent(mode, &technician, &organisation, suspicious, report, cmds).await;
     s.send_control(&ControlMsg::Consent { decision }).await?;
     if decision == Consent::Deny {
         report.event(
@@ -919,7 +1096,7 @@ async fn run_session(
     loop {
         tokio::select! {
             end = &mut pump => {
-                ended(format!("Session ended: {end}."), end.reason.label());
+                ended(format!("Session ended: {}.", names::printable(&end.to_string(), 120)), end.reason.label());
                 return Ok(false);
             }
             m = screen_rx.recv() => match m {
@@ -958,7 +1135,7 @@ async fn run_session(
                         ended("You ended the session.".into(), "ended_by_user");
                         return Ok(false);
                     }
-                    Some(UiCmd::Consent(_)) => None,
+                    Some(UiCmd::Consent(_) | UiCmd::NewCode) => None,
                 };
                 if let Some(v) = set_view_only
                     && v != view_only
@@ -978,7 +1155,7 @@ async fn run_session(
             }
             m = s.recv_control() => match m {
                 Ok(ControlMsg::End { reason }) => {
-                    ended(format!("Session ended: {reason}."), reason.label());
+                    ended(format!("Session ended: {}.", names::printable(&reason.to_string(), 120)), reason.label());
                     return Ok(false);
                 }
                 Ok(ControlMsg::KeyframeRequest) => ctl.keyframe.store(true, Ordering::Relaxed),
@@ -1000,7 +1177,7 @@ async fn run_session(
                 Ok(_) => {}
                 Err(_) => {
                     let end = s.closed().await;
-                    ended(format!("Session ended: {end}."), end.reason.label());
+                    ended(format!("Session ended: {}.", names::printable(&end.to_string(), 120)), end.reason.label());
                     return Ok(false);
                 }
             },

@@ -102,21 +102,35 @@ impl eframe::App for AgentWindow {
                     ui.add_space(8.0);
                     ui.small(format!("Relay: {relay}"));
                 }
-                Phase::Joining {
-                    technician,
-                    organisation,
-                } => {
-                    ui.heading(format!("{technician} of {organisation} is connecting…"));
+                Phase::Paused { until, note } => {
+                    ui.colored_label(WARN, note);
+                    let left = until.saturating_duration_since(Instant::now());
+                    ui.label(format!("New code in {} s.", left.as_secs() + 1));
+                }
+                Phase::Locked { note } => {
+                    ui.heading("No code is shown");
+                    ui.colored_label(LIVE, note);
+                    ui.add_space(10.0);
+                    if ui.button(RichText::new("New code").strong()).clicked() {
+                        self.send(UiCmd::NewCode);
+                    }
+                }
+                Phase::Joining => {
+                    ui.heading("A technician is connecting…");
                 }
                 Phase::Consent {
                     technician,
                     organisation,
+                    suspicious,
                     deadline,
                 } => {
                     ui.heading(format!(
                         "{technician} of {organisation} wants to connect to this computer."
                     ));
-                    ui.small("(name and organisation as the relay verified them)");
+                    ui.small("(name and organisation as the relay reports them)");
+                    if *suspicious {
+                        ui.colored_label(LIVE, format!("Warning: {}", crate::SUSPICIOUS_NAME));
+                    }
                     ui.add_space(6.0);
                     ui.colored_label(
                         WARN,

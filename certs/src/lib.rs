@@ -260,8 +260,14 @@ fn write_file(path: &Path, bytes: &[u8], private: bool) -> Result<(), CertError>
         path: path.to_path_buf(),
         source,
     };
+    // A new file with its final mode from creation (a key is never readable by others, not even
+    // for a moment), renamed over the old one: a crash leaves the old file or the new one whole.
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(format!(".tmp-{}", std::process::id()));
+    let tmp = std::path::PathBuf::from(tmp);
+    let _ = fs::remove_file(&tmp);
     let mut opts = fs::OpenOptions::new();
-    opts.write(true).create(true).truncate(true);
+    opts.write(true).create_new(true);
     #[cfg(unix)]
     {
         use std::os::unix::fs::OpenOptionsExt;
@@ -269,9 +275,16 @@ fn write_file(path: &Path, bytes: &[u8], private: bool) -> Result<(), CertError>
     }
     #[cfg(not(unix))]
     let _ = private;
-    let mut f = opts.open(path).map_err(err)?;
-    f.write_all(bytes).map_err(err)?;
-    f.sync_all().map_err(err)
+    let written = (|| {
+        let mut f = opts.open(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        fs::rename(&tmp, path)
+    })();
+    if written.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    written.map_err(err)
 }
 
 fn read(path: &Path) -> Result<Vec<u8>, CertError> {

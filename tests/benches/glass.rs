@@ -182,6 +182,7 @@ async fn run(a: Args) {
     Painter::new(&x.display).page(0);
 
     let mut agent = tokio::process::Command::new(binary("tandem-agent"))
+        .env("TANDEM_AGENT_STATE_DIR", dir.path().join("agent-state"))
         .args(["--headless", "--relay", &relay.addr, "--relay-pin"])
         .arg(relay.pin.to_string())
         .args([

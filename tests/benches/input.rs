@@ -103,6 +103,13 @@ async fn run(n: usize) {
         }
     };
     let console = console.await.unwrap().unwrap();
+    // Input is accepted once the user's answer was sent.
+    agent
+        .send_control(&tandem_session::ControlMsg::Consent {
+            decision: tandem_session::Consent::AllowControl,
+        })
+        .await
+        .unwrap();
     let pump = {
         let (i, a) = (input.clone(), agent.clone());
         tokio::spawn(async move { i.run(&a).await })

@@ -42,6 +42,13 @@ async fn pair(
     };
     let console = console.await.unwrap().unwrap();
     let ms = t.elapsed().as_secs_f64() * 1e3;
+    // Input (the throughput test's stream) is accepted once the user's answer was sent.
+    agent
+        .send_control(&tandem_session::ControlMsg::Consent {
+            decision: tandem_session::Consent::AllowControl,
+        })
+        .await
+        .unwrap();
     (agent, console, ms)
 }
 
@@ -104,7 +111,8 @@ async fn run(quick: bool) {
     std::fs::write(
         &cfg,
         "[limits]\nmax_connections_per_address = 100000\njoins_per_minute_per_technician = 1000000\n\
-         joins_per_minute_per_address = 1000000\nauths_per_minute_per_address = 1000000\n",
+         joins_per_minute_per_address = 1000000\nauths_per_minute_per_address = 1000000\n\
+         registers_per_minute_per_address = 1000000\n",
     )
     .unwrap();
     let out = relay_admin(

@@ -37,11 +37,33 @@ pub enum Mode {
     Mitm,
 }
 
+/// Who the relay says the technician is, to each side.
+#[derive(Clone, Debug)]
+pub struct Story {
+    /// Told to the console when it authenticates.
+    pub to_console: (String, String),
+    /// Told to the agent when the console pairs.
+    pub to_agent: (String, String),
+}
+
+impl Default for Story {
+    fn default() -> Self {
+        let mallory = ("mallory".to_string(), "Evil Relay Ltd".to_string());
+        Story {
+            to_console: mallory.clone(),
+            to_agent: mallory,
+        }
+    }
+}
+
 #[derive(Default)]
 struct State {
     /// The waiting agent's connection and message queue.
     agent: Option<(quinn::Connection, mpsc::UnboundedSender<RelayMsg>)>,
+    /// The waiting agent's slot.
+    slot: Option<Slot>,
     next_slot: u32,
+    story: Story,
 }
 
 /// Everything the relay saw of the session payloads, both directions.
@@ -58,11 +80,23 @@ pub struct FakeRelay {
     pub pin: Fingerprint,
     pub seen: Arc<Mutex<Seen>>,
     endpoint: quinn::Endpoint,
+    state: Arc<Mutex<State>>,
     _dir: tempfile::TempDir,
 }
 
 impl FakeRelay {
     pub async fn start(mode: Mode) -> FakeRelay {
+        Self::start_with(mode, Story::default()).await
+    }
+
+    /// The slot of the agent waiting now, if one is.
+    pub fn agent_slot(&self) -> Option<Slot> {
+        let s = self.state.lock().unwrap();
+        s.agent.as_ref().and(s.slot.clone())
+    }
+
+    /// Like [`FakeRelay::start`], telling the two sides `story`.
+    pub async fn start_with(mode: Mode, story: Story) -> FakeRelay {
         let dir = tempfile::tempdir().unwrap();
         let id = tandem_certs::ensure_identity(dir.path(), &[]).unwrap();
         let tls = tandem_certs::server_config(&id, ALPN).unwrap();
@@ -74,9 +108,11 @@ impl FakeRelay {
         let seen = Arc::new(Mutex::new(Seen::default()));
         let state = Arc::new(Mutex::new(State {
             next_slot: 417,
+            story,
             ..State::default()
         }));
         let ep = endpoint.clone();
+        let state2 = state.clone();
         let seen2 = seen.clone();
         tokio::spawn(async move {
             while let Some(inc) = ep.accept().await {
@@ -93,6 +129,7 @@ impl FakeRelay {
             pin: id.fingerprint(),
             seen,
             endpoint,
+            state: state2,
             _dir: dir,
         }
     }
@@ -147,21 +184,27 @@ async fn serve(
                     let mut s = state.lock().unwrap();
                     s.agent = Some((conn.clone(), tx.clone()));
                     s.next_slot += 1;
-                    s.next_slot - 1
+                    let slot = Slot::new((s.next_slot - 1).to_string()).unwrap();
+                    s.slot = Some(slot.clone());
+                    slot
                 };
                 let _ = tx.send(RelayMsg::Registered {
-                    slot: Slot::new(slot.to_string()).unwrap(),
+                    slot,
                     expires_in_secs: 600,
                 });
             }
             ClientMsg::Authenticate { .. } => {
+                let (technician, organisation) = state.lock().unwrap().story.to_console.clone();
                 let _ = tx.send(RelayMsg::Authenticated {
-                    technician: "mallory".into(),
-                    organisation: "Evil Relay Ltd".into(),
+                    technician,
+                    organisation,
                 });
             }
             ClientMsg::Join { slot } => {
-                let agent = state.lock().unwrap().agent.take();
+                let (agent, (technician, organisation)) = {
+                    let mut s = state.lock().unwrap();
+                    (s.agent.take(), s.story.to_agent.clone())
+                };
                 let Some((agent_conn, agent_tx)) = agent else {
                     let _ = tx.send(RelayMsg::Refused {
                         code: tandem_proto::ErrorCode::UnknownSlot,
@@ -170,8 +213,8 @@ async fn serve(
                     continue;
                 };
                 let _ = agent_tx.send(RelayMsg::Paired {
-                    technician: "mallory".into(),
-                    organisation: "Evil Relay Ltd".into(),
+                    technician,
+                    organisation,
                     resume: ResumeToken([1; 16]),
                 });
                 let _ = tx.send(RelayMsg::Joined {

@@ -7,10 +7,10 @@ use std::time::Duration;
 use tandem_proto::{EndReason, Secret};
 use tandem_session::pake::PakeMsg;
 use tandem_session::{
-    AgentEvent, AgentHost, CodeChange, ControlMsg, InputItem, Session, SessionCode, SessionConfig,
-    SessionError,
+    AgentEvent, AgentHost, CodeChange, Consent, ControlMsg, GuessLimit, InputItem, Session,
+    SessionCode, SessionConfig, SessionError,
 };
-use tandem_tests::fake_relay::{FakeRelay, Mode, Tamper};
+use tandem_tests::fake_relay::{FakeRelay, Mode, Story, Tamper};
 
 const T: Duration = Duration::from_secs(30);
 
@@ -66,10 +66,12 @@ async fn relay_in_the_middle_of_the_inner_connection_fails_the_pake_on_both_side
         matches!(console, Err(SessionError::WrongCode)),
         "{console:?}"
     );
+    let _ = code;
     match agent {
-        AgentEvent::Code { why, code: new, .. } => {
+        // The code was burned; the next one follows after the agent's pause.
+        AgentEvent::Paused { why, failures, .. } => {
             assert_eq!(why, CodeChange::WrongCode);
-            assert_ne!(new.slot(), code.slot(), "the code was burned");
+            assert_eq!(failures, 1);
         }
         AgentEvent::Session(_) => panic!("the agent accepted a session through a MITM"),
         other => panic!("{other:?}"),
@@ -84,6 +86,16 @@ async fn relay_in_the_middle_of_the_inner_connection_fails_the_pake_on_both_side
         }
     }
     relay.close();
+}
+
+/// The agent's user allows control (input is accepted only after that).
+async fn allow(agent: &Session) {
+    agent
+        .send_control(&ControlMsg::Consent {
+            decision: Consent::AllowControl,
+        })
+        .await
+        .unwrap();
 }
 
 fn session(e: AgentEvent) -> Session {
@@ -105,6 +117,13 @@ async fn tampering_relay_never_gets_altered_data_delivered() {
     let (console, agent, _) = attempt(&relay).await;
     let console = console.unwrap();
     let agent = session(agent);
+    allow(&agent).await;
+    assert_eq!(
+        within(console.recv_control()).await.unwrap(),
+        ControlMsg::Consent {
+            decision: Consent::AllowControl
+        }
+    );
     // A large frame (many packets, several of them flipped, duplicated, dropped, reordered).
     let frame: Vec<u8> = (0..400_000u32).map(|i| (i * 31 % 253) as u8).collect();
     agent.video_sender().send(1, &frame).await.unwrap();
@@ -147,6 +166,7 @@ async fn recording_relay_never_sees_pixels_keystrokes_or_the_code() {
     let (console, agent, code) = attempt(&relay).await;
     let console = console.unwrap();
     let agent = session(agent);
+    allow(&agent).await;
     const PIXELS: &[u8] = b"PIXEL-MARKER-7f3a9c1e-";
     const TYPED: &[u8] = b"TYPED-TEXT-MARKER-b81d";
     let frame: Vec<u8> = PIXELS.iter().copied().cycle().take(200_000).collect();
@@ -177,5 +197,280 @@ async fn recording_relay_never_sees_pixels_keystrokes_or_the_code() {
     assert!(!find(
         format!("{}{}", code.slot(), code.secret().digits()).as_bytes()
     ));
+    relay.close();
+}
+
+/// An agent whose guess limit is shortened for the test (the default pauses are 30 s and 60 s).
+fn quick_limit() -> SessionConfig {
+    SessionConfig {
+        guesses: GuessLimit {
+            first_pause: Duration::from_millis(300),
+            max_pause: Duration::from_secs(10),
+            lock_after: 3,
+        },
+        ..SessionConfig::default()
+    }
+}
+
+/// The relay plays the console: it joins every code the agent shows, as fast as it can, each time
+/// with a new guess of the secret. The agent itself allows three guesses, with growing pauses
+/// between them, and then none until its user asks for a new code.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_playing_the_console_gets_three_guesses_then_none_until_the_user_asks() {
+    tandem_tests::init_logs();
+    let relay = std::sync::Arc::new(FakeRelay::start(Mode::Forward(Tamper::default())).await);
+    let mut host = within(AgentHost::connect(relay.opts(), quick_limit()))
+        .await
+        .unwrap();
+    let requester = host.code_requester();
+    let start = std::time::Instant::now();
+    // The attacker: whenever an agent waits, join it with a guess.
+    let attacker = {
+        let relay = relay.clone();
+        tokio::spawn(async move {
+            let mut guesses = 0u32;
+            let until = std::time::Instant::now() + Duration::from_secs(4);
+            while std::time::Instant::now() < until {
+                let Some(slot) = relay.agent_slot() else {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                    continue;
+                };
+                let guess =
+                    SessionCode::from_parts(slot, &format!("{:06}", 100_000 + guesses)).unwrap();
+                guesses += 1;
+                let r = tandem_session::join(
+                    &relay.opts(),
+                    &Secret::new("tnd_1_any"),
+                    &guess,
+                    &SessionConfig::default(),
+                )
+                .await;
+                assert!(r.is_err(), "a guess succeeded");
+            }
+            guesses
+        })
+    };
+    // The agent, with nobody in front of it, for the same 4 s.
+    let mut events = vec![];
+    let agent = async {
+        loop {
+            let ev = host.next().await.unwrap();
+            events.push((start.elapsed(), ev));
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(4), agent).await;
+    let guesses = within(attacker).await.unwrap();
+    let joins: Vec<Duration> = events
+        .iter()
+        .filter(|(_, e)| matches!(e, AgentEvent::Joining { .. }))
+        .map(|(t, _)| *t)
+        .collect();
+    assert_eq!(joins.len(), 3, "handshakes the agent ran: {events:?}");
+    assert!(guesses <= 3, "{guesses} guesses reached the agent");
+    // Pauses of 300 ms, then 600 ms, between the attempts; then the lock.
+    assert!(
+        joins[1] - joins[0] >= Duration::from_millis(300),
+        "{joins:?}"
+    );
+    assert!(
+        joins[2] - joins[1] >= Duration::from_millis(600),
+        "{joins:?}"
+    );
+    let pauses: Vec<(u32, Duration)> = events
+        .iter()
+        .filter_map(|(_, e)| match e {
+            AgentEvent::Paused {
+                failures, pause, ..
+            } => Some((*failures, *pause)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(pauses.len(), 2, "{events:?}");
+    assert_eq!(pauses[0].0, 1);
+    assert!(pauses[1].1 > pauses[0].1);
+    assert!(
+        matches!(
+            events.last(),
+            Some((
+                _,
+                AgentEvent::Locked {
+                    failures: 3,
+                    why: CodeChange::WrongCode
+                }
+            ))
+        ),
+        "{events:?}"
+    );
+    assert_eq!(host.code(), None, "no code while locked");
+    // The user asks for a new code: one appears at once.
+    requester.request();
+    match within(host.next()).await.unwrap() {
+        AgentEvent::Code { why, .. } => assert_eq!(why, CodeChange::Requested),
+        other => panic!("{other:?}"),
+    }
+    relay.close();
+}
+
+/// The relay tells the agent "Alice of ACME IT" while the console authenticated as someone else:
+/// the names are part of the PAKE identities, so the handshake fails even with the right code.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_that_tells_the_two_sides_different_names_gets_no_session() {
+    tandem_tests::init_logs();
+    let story = Story {
+        to_console: ("mallory".into(), "Evil Relay Ltd".into()),
+        to_agent: ("Alice".into(), "ACME IT".into()),
+    };
+    let relay = FakeRelay::start_with(Mode::Forward(Tamper::default()), story).await;
+    let mut host = within(AgentHost::connect(relay.opts(), quick_limit()))
+        .await
+        .unwrap();
+    let code = first_code(&mut host).await;
+    let (opts, c) = (relay.opts(), code.clone());
+    let console = tokio::spawn(async move {
+        tandem_session::join(
+            &opts,
+            &Secret::new("tnd_1_any"),
+            &c,
+            &SessionConfig::default(),
+        )
+        .await
+    });
+    let agent_event = loop {
+        match within(host.next()).await.unwrap() {
+            AgentEvent::Joining { technician, .. } => assert_eq!(technician, "Alice"),
+            other => break other,
+        }
+    };
+    let console = within(console).await.unwrap();
+    assert!(
+        matches!(console, Err(SessionError::WrongCode)),
+        "{console:?}"
+    );
+    match agent_event {
+        AgentEvent::Paused { why, failures, .. } => {
+            assert_eq!(why, CodeChange::WrongCode);
+            assert_eq!(failures, 1);
+        }
+        other => {
+            panic!("the agent accepted a session under a name the console does not hold: {other:?}")
+        }
+    }
+    relay.close();
+}
+
+/// A handshake dropped halfway (the application's `select!` took another branch) leaves the code
+/// burned and the attempt counted: the relay cannot pair again with the same secret.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_handshake_burns_the_code() {
+    tandem_tests::init_logs();
+    let relay = FakeRelay::start(Mode::Forward(Tamper::default())).await;
+    let mut host = within(AgentHost::connect(relay.opts(), quick_limit()))
+        .await
+        .unwrap();
+    let code = first_code(&mut host).await;
+    // The relay pairs a "console" that never starts the inner handshake.
+    let mut link = within(tandem_client::RelayLink::connect(&relay.opts()))
+        .await
+        .unwrap();
+    within(link.authenticate(&Secret::new("tnd_1_any")))
+        .await
+        .unwrap();
+    within(link.join(code.slot())).await.unwrap();
+    assert!(matches!(
+        within(host.next()).await.unwrap(),
+        AgentEvent::Joining { .. }
+    ));
+    // The handshake starts and is dropped.
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), host.next())
+            .await
+            .is_err()
+    );
+    assert_eq!(host.code(), None, "the interrupted code is burned");
+    assert_eq!(host.failures(), 1, "and the attempt counted");
+    // A pause (unless it passed already), then a new code on a new slot.
+    loop {
+        match within(host.next()).await.unwrap() {
+            AgentEvent::Paused { failures: 1, .. } => continue,
+            AgentEvent::Code { code: new, why, .. } => {
+                assert_ne!(new.slot(), code.slot());
+                assert!(matches!(why, CodeChange::SetupFailed(_)), "{why:?}");
+                break;
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    relay.close();
+}
+
+/// A hostile agent cannot make the console hold more than a few frames: frames are read only with
+/// a permit, each at most `MAX_VIDEO_FRAME`; a larger one is refused and the stream goes on. And
+/// the agent takes no video from a console.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn received_video_is_bounded_and_only_the_console_takes_video() {
+    let relay = FakeRelay::start(Mode::Forward(Tamper::default())).await;
+    let (console, agent, _) = attempt(&relay).await;
+    let console = console.unwrap();
+    let agent = session(agent);
+    // Raw frame streams, as a hostile agent would open them: kind 1 (video), sequence, payload.
+    async fn raw_frame(conn: &quinn::Connection, seq: u64, len: usize) -> quinn::SendStream {
+        let mut s = conn.open_uni().await.unwrap();
+        s.write_all(&[1]).await.unwrap();
+        s.write_all(&seq.to_be_bytes()).await.unwrap();
+        s.write_all(&vec![0x5a; len]).await.unwrap();
+        s.finish().unwrap();
+        s
+    }
+    // One frame over the limit: refused, nothing delivered; the next normal frame is delivered.
+    let big = raw_frame(
+        agent.connection(),
+        1,
+        tandem_session::session::MAX_VIDEO_FRAME + 1,
+    )
+    .await;
+    assert!(within(big.stopped()).await.is_ok());
+    agent.video_sender().send(2, b"small frame").await.unwrap();
+    assert_eq!(within(console.recv_video()).await.unwrap().seq, 2);
+    // Twenty 3 MiB frames (60 MiB) while nobody takes frames off the console: only a few are
+    // read, a few more wait in QUIC's receive window, the rest cannot even be sent.
+    const FRAME: usize = 3 * 1024 * 1024;
+    let mut streams = vec![];
+    for seq in 3..23 {
+        let conn = agent.connection().clone();
+        streams.push(tokio::spawn(async move {
+            let s = raw_frame(&conn, seq, FRAME).await;
+            let _ = s.stopped().await;
+        }));
+    }
+    // Until the count of frames the console took in has not grown for 1.5 s (at least 3 s). It may
+    // stay at 0: with frames interleaved, the receive window can fill with data of frames that wait
+    // for a permit, and the hostile agent's own session stalls (an honest agent never has more
+    // frames in flight than there are permits).
+    let (mut done, mut still) = (0, 0);
+    let start = std::time::Instant::now();
+    while still < 15 || start.elapsed() < Duration::from_secs(3) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let now = streams.iter().filter(|h| h.is_finished()).count();
+        still = if now == done { still + 1 } else { 0 };
+        done = now;
+    }
+    let bound = tandem_session::session::MAX_VIDEO_HELD
+        + tandem_session::inner::INNER_RECEIVE_WINDOW as usize
+        + FRAME;
+    assert!(
+        done * FRAME <= bound,
+        "{done} frames of 3 MiB taken in without a reader (bound {bound} bytes)"
+    );
+    eprintln!("{done} of 20 frames taken in without a reader");
+    assert!(done < 20);
+    // A console sending video to the agent: refused, never delivered.
+    let s = raw_frame(console.connection(), 1, 1000).await;
+    let _ = within(s.stopped()).await;
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), agent.recv_video())
+            .await
+            .is_err(),
+        "the agent took video from the console"
+    );
     relay.close();
 }

@@ -11,7 +11,7 @@ use tandem_input::{
 };
 use tandem_proto::EndReason;
 use tandem_relay_server::Limits;
-use tandem_session::{AgentEvent, AgentHost, InputItem, Session, SessionConfig};
+use tandem_session::{AgentEvent, AgentHost, ControlMsg, InputItem, Session, SessionConfig};
 use tandem_tests::TestRelay;
 use tandem_tests::x11::{Kind, XRecorder, Xvfb};
 
@@ -330,7 +330,7 @@ async fn through_a_session_consent_gates_input_and_a_dropped_link_leaves_nothing
     };
     let client = InputClient::new(&console);
 
-    // Before consent: sent, delivered to the agent, refused there.
+    // Before consent: sent, dropped by the agent's session (never queued for later).
     client
         .send(&InputEvent::Key {
             usage: usage::Z,
@@ -346,13 +346,21 @@ async fn through_a_session_consent_gates_input_and_a_dropped_link_leaves_nothing
         .await
         .unwrap();
     let deadline = std::time::Instant::now() + T;
-    while input.refused() < 2 {
+    while agent.input_dropped_before_consent() < 2 {
         assert!(
             std::time::Instant::now() < deadline,
             "events did not reach the agent"
         );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
+    // Dropped by the session, not queued for the moment the user answers.
+    assert_eq!(input.refused(), 0);
+    agent
+        .send_control(&ControlMsg::Consent {
+            decision: tandem_session::Consent::AllowControl,
+        })
+        .await
+        .unwrap();
     input.set_permission(Permission::Control);
     for (u, p) in [(usage::LEFT_SHIFT, true), (usage::A, true)] {
         client

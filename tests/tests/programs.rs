@@ -13,6 +13,8 @@ const T: Duration = Duration::from_secs(30);
 struct Agent {
     child: Child,
     lines: tokio::io::Lines<BufReader<tokio::process::ChildStdout>>,
+    /// Its own state directory (the count of failed attempts), not the user's.
+    _state: tempfile::TempDir,
 }
 
 impl Agent {
@@ -31,21 +33,51 @@ impl Agent {
         consent: &str,
         display: Option<&str>,
     ) -> Agent {
+        Self::start_with_state(addr, relay, consent, display, tempfile::tempdir().unwrap()).await
+    }
+
+    /// An agent that keeps its state (the count of failed attempts) in `state`.
+    async fn start_with_state(
+        addr: &str,
+        relay: &RelayProcess,
+        consent: &str,
+        display: Option<&str>,
+        state: tempfile::TempDir,
+    ) -> Agent {
         let mut cmd = Command::new(binary("tandem-agent"));
         if let Some(d) = display {
             cmd.args(["--display", d]);
         }
         cmd.env_remove("DISPLAY");
+        // The agent's pause after a wrong code, shortened from 30 s.
+        cmd.env("TANDEM_WRONG_CODE_PAUSE", "1");
+        cmd.env("TANDEM_AGENT_STATE_DIR", state.path());
         let mut child = cmd
             .args(["--relay", addr, "--relay-pin", &relay.pin.to_string()])
             .args(["--consent", consent, "--json"])
+            .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .kill_on_drop(true)
             .spawn()
             .unwrap();
         let lines = BufReader::new(child.stdout.take().unwrap()).lines();
-        Agent { child, lines }
+        Agent {
+            child,
+            lines,
+            _state: state,
+        }
+    }
+
+    /// Types a line on the agent's standard input.
+    async fn type_line(&mut self, line: &str) {
+        use tokio::io::AsyncWriteExt;
+        let stdin = self.child.stdin.as_mut().expect("stdin piped");
+        stdin
+            .write_all(format!("{line}\n").as_bytes())
+            .await
+            .unwrap();
+        stdin.flush().await.unwrap();
     }
 
     /// The next JSON event of the given kind.
@@ -150,10 +182,17 @@ async fn allowed_session_runs_and_ends_on_both_sides() {
     );
     let consent = ev.iter().find(|e| e["event"] == "consent").unwrap();
     assert_eq!(consent["decision"], "AllowControl");
+    // The console is told how the user sees it: the name the relay gave it, bound into the PAKE.
+    let joined = ev.iter().find(|e| e["event"] == "joined").unwrap();
+    assert_eq!(joined["shown_as"]["technician"], "alice", "{joined:?}");
+    assert_eq!(joined["shown_as"]["organisation"], "ACME IT");
+    // The names are shown only once the PAKE has checked them (not while joining).
     let joining = agent.next("joining").await;
-    assert_eq!(joining["technician"], "alice");
-    assert_eq!(joining["organisation"], "ACME IT");
-    assert_eq!(agent.next("session").await["view_only"], false);
+    assert!(joining.get("technician").is_none(), "{joining:?}");
+    let session = agent.next("session").await;
+    assert_eq!(session["technician"], "alice");
+    assert_eq!(session["organisation"], "ACME IT");
+    assert_eq!(session["view_only"], false);
     assert_eq!(agent.next("ended").await["reason"], "ended_by_technician");
     // The agent offers a new code for the next session.
     let next = agent.code().await;
@@ -183,6 +222,103 @@ async fn denied_session_streams_nothing_and_says_so() {
     relay.terminate().await;
 }
 
+/// A wrong code with the right slot.
+fn wrong_code(code: &str) -> String {
+    let (slot, secret) = code.split_once('-').unwrap();
+    let last = secret.chars().last().unwrap();
+    format!(
+        "{slot}-{}{}",
+        &secret[..secret.len() - 1],
+        if last == '0' { '1' } else { '0' }
+    )
+}
+
+/// Three wrong codes in a row: the agent pauses after each of the first two, then shows no code
+/// at all, says why, and shows one again when the user types `n`. The console reads its token
+/// from a file and the code from standard input, keeping both off its command line.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_wrong_codes_stop_the_codes_until_the_user_asks() {
+    let (dir, relay, token) = setup().await;
+    let token_file = dir.path().join("token");
+    std::fs::write(&token_file, format!("{token}\n")).unwrap();
+    let mut agent = Agent::start(&relay, "allow").await;
+    for attempt in 1..=3 {
+        let code = agent.code().await;
+        let mut cmd = Command::new(binary("tandem-console"));
+        cmd.args([
+            "--relay",
+            &relay.addr,
+            "--relay-pin",
+            &relay.pin.to_string(),
+        ])
+        .arg("--token-file")
+        .arg(&token_file)
+        .args(["--code", "-", "--headless", "--json", "--no-remember"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true);
+        let mut child = cmd.spawn().unwrap();
+        {
+            use tokio::io::AsyncWriteExt;
+            let mut stdin = child.stdin.take().unwrap();
+            stdin
+                .write_all(format!("{}\n", wrong_code(&code)).as_bytes())
+                .await
+                .unwrap();
+        }
+        let out = tokio::time::timeout(T, child.wait_with_output())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            out.status.code(),
+            Some(10),
+            "attempt {attempt}: a wrong code"
+        );
+        if attempt < 3 {
+            let p = agent.next("paused").await;
+            assert_eq!(p["failures"], attempt, "{p:?}");
+        }
+    }
+    let locked = agent.next("locked").await;
+    assert_eq!(locked["failures"], 3, "{locked:?}");
+    assert!(
+        locked["message"]
+            .as_str()
+            .unwrap()
+            .contains("If you are not on the phone with your technician"),
+        "{locked:?}"
+    );
+    // Nothing more until the user asks.
+    let quiet = agent_events(&mut agent, Duration::from_secs(3)).await;
+    assert!(
+        !quiet.iter().any(|e| e["event"] == "code"),
+        "a code appeared by itself: {quiet:?}"
+    );
+    // Closing and reopening the agent (or a relay that makes it exit) does not reset the count.
+    let Agent {
+        mut child,
+        _state: state,
+        ..
+    } = agent;
+    child.kill().await.unwrap();
+    let mut agent = Agent::start_with_state(&relay.addr, &relay, "allow", None, state).await;
+    let locked = agent.next("locked").await;
+    assert_eq!(locked["failures"], 3, "{locked:?}");
+    let quiet = agent_events(&mut agent, Duration::from_secs(2)).await;
+    assert!(
+        !quiet.iter().any(|e| e["event"] == "code"),
+        "a restart brought a code back: {quiet:?}"
+    );
+    agent.type_line("n").await;
+    let code = agent.code().await;
+    // And it works.
+    let (_, ev) = console(&relay, &token, &code, &["--seconds", "2"]).await;
+    assert!(has(&ev, "joined"), "{ev:?}");
+    relay.terminate().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_failure_has_its_own_exit_code() {
     let (_dir, relay, token) = setup().await;
@@ -207,6 +343,9 @@ async fn each_failure_has_its_own_exit_code() {
             .contains("wrong session code"),
         "{err}"
     );
+    // No code for a pause first (the agent's own guess limit), then a new one.
+    let paused = agent.next("paused").await;
+    assert_eq!(paused["failures"], 1, "{paused:?}");
     let new_code = agent.code().await;
     assert_ne!(new_code, code);
 
@@ -622,7 +761,9 @@ fn x_click(display: &str, x: i16, y: i16) {
 async fn agent_window_consent_view_only_and_end() {
     let (_dir, relay, token) = setup().await;
     let x = tandem_tests::x11::Xvfb::start(1024, 768);
+    let state = tempfile::tempdir().unwrap();
     let mut child = Command::new(binary("tandem-agent"))
+        .env("TANDEM_AGENT_STATE_DIR", state.path())
         .args([
             "--relay",
             &relay.addr,
@@ -630,6 +771,8 @@ async fn agent_window_consent_view_only_and_end() {
             &relay.pin.to_string(),
             "--json",
             "--once",
+            // A windowed agent keeps the code off stdout unless asked.
+            "--print-code",
         ])
         .env("DISPLAY", &x.display)
         .env("LIBGL_ALWAYS_SOFTWARE", "1")
@@ -639,7 +782,11 @@ async fn agent_window_consent_view_only_and_end() {
         .spawn()
         .unwrap();
     let lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let mut agent = Agent { child, lines };
+    let mut agent = Agent {
+        child,
+        lines,
+        _state: state,
+    };
     let code = agent.code().await;
     let console = spawn_console(&relay, &token, &code, &["--seconds", "25"]);
     let asked = agent.next("consent_asked").await;
@@ -1033,5 +1180,230 @@ async fn killed_agent_or_console_is_noticed_and_the_relay_empties() {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    relay.terminate().await;
+}
+
+/// The sandboxed video decoder of a console (`pid`): its child started with `--decode-worker`.
+fn decoder_process(console: u32) -> Option<u32> {
+    std::fs::read_dir("/proc").ok()?.find_map(|e| {
+        let pid: u32 = e.ok()?.file_name().to_str()?.parse().ok()?;
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        // "pid (comm) state ppid …": comm may hold anything, so split after its last ')'.
+        let ppid: u32 = stat
+            .rsplit_once(')')?
+            .1
+            .split_whitespace()
+            .nth(1)?
+            .parse()
+            .ok()?;
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+        (ppid == console
+            && cmdline
+                .split(|b| *b == 0)
+                .any(|a| a == tandem_sandbox::WORKER_ARG.as_bytes()))
+        .then_some(pid)
+    })
+}
+
+/// `NoNewPrivs` and `Seccomp` of a process, from `/proc/PID/status`.
+fn sandbox_status(pid: u32) -> (String, String) {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let field = |k: &str| {
+        s.lines()
+            .find_map(|l| l.strip_prefix(k))
+            .map(|v| v.trim().to_owned())
+            .unwrap_or_default()
+    };
+    (field("NoNewPrivs:"), field("Seccomp:"))
+}
+
+/// While a console session runs, the video is decoded in a separate process with no_new_privs
+/// and a seccomp filter. Killed mid-session (SIGKILL), the decoder is restarted, the console
+/// says the picture could not be decoded, asks for a keyframe, and the picture comes back; the
+/// session goes on and ends normally.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn console_decodes_in_a_sandboxed_process_that_survives_being_killed() {
+    let (_dir, relay, token) = setup().await;
+    let x = tandem_tests::x11::Xvfb::start(1024, 768);
+    let mut screen = std::process::Command::new(binary("tandem-demo-screen"))
+        .arg(&x.display)
+        .spawn()
+        .unwrap();
+    let mut agent = Agent::start_on(&relay, "view-only", Some(&x.display)).await;
+    let code = agent.code().await;
+    let mut child = Command::new(binary("tandem-console"))
+        .args([
+            "--relay",
+            &relay.addr,
+            "--relay-pin",
+            &relay.pin.to_string(),
+        ])
+        .args(["--token", &token, "--code", &code])
+        .args(["--headless", "--json", "--no-remember", "--seconds", "30"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let console_pid = child.id().unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut events = vec![];
+    let mut next = async |kind: &str| -> serde_json::Value {
+        tokio::time::timeout(T, async {
+            while let Some(l) = lines.next_line().await.unwrap() {
+                let v: serde_json::Value = serde_json::from_str(&l).unwrap();
+                events.push(v.clone());
+                if v["event"] == kind {
+                    return v;
+                }
+            }
+            panic!("the console ended without {kind}: {events:?}");
+        })
+        .await
+        .unwrap_or_else(|_| panic!("no {kind} from the console"))
+    };
+    next("first_frame").await;
+    let decoder = decoder_process(console_pid).expect("no decoder process");
+    assert_eq!(
+        sandbox_status(decoder),
+        ("1".to_owned(), "2".to_owned()),
+        "NoNewPrivs and Seccomp of the decoder process"
+    );
+    // The console itself is not sandboxed (it needs its files and network): only the decoder.
+    assert_ne!(decoder, console_pid);
+    let killed = std::process::Command::new("kill")
+        .args(["-9", &decoder.to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let t = std::time::Instant::now();
+    let lost = next("undecodable").await;
+    assert!(
+        lost["reason"].as_str().unwrap().contains("signal 9"),
+        "{lost}"
+    );
+    next("picture_back").await;
+    eprintln!(
+        "decoder killed -> picture back in {:.0} ms",
+        t.elapsed().as_secs_f64() * 1e3
+    );
+    let again = decoder_process(console_pid).expect("no new decoder process");
+    assert_ne!(again, decoder);
+    assert_eq!(sandbox_status(again), ("1".to_owned(), "2".to_owned()));
+    // The session goes on: more frames, then the technician ends it normally.
+    let before = next("stats").await["frames"].as_u64().unwrap();
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let after = next("stats").await["frames"].as_u64().unwrap();
+    assert!(
+        after > before,
+        "no frames after the restart: {before} -> {after}"
+    );
+    std::process::Command::new("kill")
+        .args(["-INT", &console_pid.to_string()])
+        .status()
+        .unwrap();
+    let status = tokio::time::timeout(T, child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(status.code(), Some(0));
+    assert_eq!(agent.next("ended").await["reason"], "ended_by_technician");
+    // The decoder process ends with the console.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(decoder_process(console_pid).is_none());
+    let _ = screen.kill();
+    let _ = screen.wait();
+    relay.terminate().await;
+}
+
+/// A remote picture larger than the GPU's texture limit is shown scaled, not an abort of the
+/// window. Mesa's limit (16384) is above any picture the agent can send, so the console's test
+/// knob `TANDEM_CONSOLE_MAX_TEXTURE` lowers it to 512 for a 1024x768 screen.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn console_window_scales_a_picture_beyond_the_texture_limit() {
+    let (_dir, relay, token) = setup().await;
+    let agent_screen = tandem_tests::x11::Xvfb::start(1024, 768);
+    let mut demo = std::process::Command::new(binary("tandem-demo-screen"))
+        .arg(&agent_screen.display)
+        .spawn()
+        .unwrap();
+    let mut agent = Agent::start_on(&relay, "view-only", Some(&agent_screen.display)).await;
+    let code = agent.code().await;
+    let tech_screen = tandem_tests::x11::Xvfb::start(1280, 800);
+    let cfg = tempfile::tempdir().unwrap();
+    let mut child = Command::new(binary("tandem-console"))
+        .args([
+            "--relay",
+            &relay.addr,
+            "--relay-pin",
+            &relay.pin.to_string(),
+        ])
+        .args([
+            "--token",
+            &token,
+            "--code",
+            &code,
+            "--json",
+            "--seconds",
+            "8",
+        ])
+        .arg("--config")
+        .arg(cfg.path().join("console.toml"))
+        .env("DISPLAY", &tech_screen.display)
+        .env("LIBGL_ALWAYS_SOFTWARE", "1")
+        .env("TANDEM_CONSOLE_MAX_TEXTURE", "512")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let shown = tokio::time::timeout(T, async {
+        while let Some(l) = lines.next_line().await.unwrap() {
+            let v: serde_json::Value = serde_json::from_str(&l).unwrap();
+            if v["event"] == "frame_shown" {
+                return v;
+            }
+        }
+        panic!("the console window never showed a frame");
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        (shown["width"].as_u64(), shown["height"].as_u64()),
+        (Some(1024), Some(768))
+    );
+    assert_eq!(
+        (shown["texture_w"].as_u64(), shown["texture_h"].as_u64()),
+        (Some(512), Some(384)),
+        "{shown}"
+    );
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let out_dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/screenshots");
+    std::fs::create_dir_all(&out_dir).unwrap();
+    let path = out_dir.join("console-window-scaled-texture.png");
+    let shot = std::process::Command::new(binary("tandem-screenshot"))
+        .arg(&tech_screen.display)
+        .arg(&path)
+        .status()
+        .unwrap();
+    assert!(shot.success());
+    let shot = read_png(&path);
+    let teal = count_color(&shot, 0x1f6f6f, 12, (0, 0, shot.width, shot.height));
+    let share = teal as f64 / (shot.width * shot.height) as f64;
+    assert!(
+        share > 0.15,
+        "scaled remote screen not visible ({:.1}% teal); see {}",
+        share * 100.0,
+        path.display()
+    );
+    let status = tokio::time::timeout(T, child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(status.code(), Some(0));
+    let _ = agent.next("ended").await;
+    let _ = demo.kill();
+    let _ = demo.wait();
     relay.terminate().await;
 }

@@ -197,7 +197,14 @@ async fn happy_path_with_all_channels() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wrong_code_gets_exactly_one_try_then_a_new_code() {
     let relay = TestRelay::start().await;
-    let (mut host, code) = host(&relay, cfg("agent")).await;
+    let agent_cfg = SessionConfig {
+        guesses: tandem_session::GuessLimit {
+            first_pause: Duration::from_millis(200),
+            ..Default::default()
+        },
+        ..cfg("agent")
+    };
+    let (mut host, code) = host(&relay, agent_cfg).await;
     // Right slot, wrong secret.
     let d = code.secret().digits();
     let wrong_digit = if d.ends_with('0') { '1' } else { '0' };
@@ -210,13 +217,22 @@ async fn wrong_code_gets_exactly_one_try_then_a_new_code() {
         tokio::spawn(
             async move { tandem_session::join(&opts, &token, &wrong, &cfg("console")).await },
         );
-    let new_code = match agent_session(&mut host).await {
-        Err(AgentEvent::Code { code: c, why, .. }) => {
+    // The code is burned; no code for a pause (the agent's own guess limit), then a new one.
+    match agent_session(&mut host).await {
+        Err(AgentEvent::Paused { why, failures, .. }) => {
             assert_eq!(why, CodeChange::WrongCode);
-            c
+            assert_eq!(failures, 1);
         }
         Ok(_) => panic!("a session with a wrong code"),
         Err(other) => panic!("{other:?}"),
+    }
+    assert_eq!(host.code(), None);
+    let new_code = match within(host.next()).await.unwrap() {
+        AgentEvent::Code { code: c, why, .. } => {
+            assert_eq!(why, CodeChange::WrongCode);
+            c
+        }
+        other => panic!("{other:?}"),
     };
     let err = within(console).await.unwrap().unwrap_err();
     assert!(matches!(err, SessionError::WrongCode), "{err:?}");
@@ -352,5 +368,44 @@ async fn agent_leaving_ends_the_console_session() {
     agent.end(EndReason::EndedByUser).await;
     let end = within(console.closed()).await;
     assert_eq!(end.reason, EndReason::EndedByUser);
+    relay.shutdown().await;
+}
+
+/// Input that the console sends while the user is still deciding is dropped by the agent, not
+/// queued: after "Allow control" only what was sent after the answer arrives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn input_sent_before_consent_never_arrives() {
+    let relay = TestRelay::start().await;
+    let (agent, console) = pair(&relay, cfg("agent"), cfg("console")).await;
+    let input = console.input_sender();
+    for i in 0..5 {
+        input
+            .send_event(format!("before {i}").as_bytes())
+            .await
+            .unwrap();
+        input.send_pointer(&[i; 8]).unwrap();
+    }
+    // All five events reached the agent (pointer datagrams may be lost) and were dropped there.
+    within(async {
+        while agent.input_dropped_before_consent() < 5 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+    agent
+        .send_control(&ControlMsg::Consent {
+            decision: tandem_session::Consent::AllowControl,
+        })
+        .await
+        .unwrap();
+    assert!(matches!(
+        within(console.recv_control()).await.unwrap(),
+        ControlMsg::Consent { .. }
+    ));
+    input.send_event(b"after").await.unwrap();
+    match within(agent.recv_input()).await.unwrap() {
+        InputItem::Event(b) => assert_eq!(&b[..], b"after"),
+        other => panic!("input from before the answer: {other:?}"),
+    }
     relay.shutdown().await;
 }

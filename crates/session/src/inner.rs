@@ -22,6 +22,10 @@ pub const SERVER_NAME: &str = "tandem-agent";
 pub const INNER_IDLE_TIMEOUT: Duration = Duration::from_secs(40);
 /// Inner keep-alive, to notice a dead path and keep RTT estimates fresh.
 pub const INNER_KEEP_ALIVE: Duration = Duration::from_secs(2);
+/// Data a peer may have in flight towards this side on the whole connection, read or not: QUIC's
+/// default is unlimited, which let a hostile peer park any amount of stream data in memory.
+/// Three of the largest frames (`MAX_VIDEO_FRAME`) fit, so an honest agent is never held back.
+pub const INNER_RECEIVE_WINDOW: u32 = 12 * 1024 * 1024;
 
 /// Inner QUIC application close codes.
 pub mod close {
@@ -58,6 +62,7 @@ fn transport() -> TransportConfig {
     t.mtu_discovery_config(Some(mtud));
     t.datagram_receive_buffer_size(Some(1024 * 1024));
     t.max_concurrent_uni_streams(VarInt::from_u32(256));
+    t.receive_window(VarInt::from_u32(INNER_RECEIVE_WINDOW));
     t.max_concurrent_bidi_streams(VarInt::from_u32(8));
     t
 }
@@ -80,6 +85,13 @@ pub fn agent_endpoint(socket: VirtualSocket) -> Result<Endpoint, InnerError> {
     let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(quic));
     cfg.transport_config(Arc::new(transport()));
     cfg.migration(false);
+    // One console per session: quinn's defaults would queue 65,536 connection attempts with up to
+    // 10 MiB of packets each, which a relay could send (no valid keys needed) to pin memory on the
+    // user's PC. The agent also stops accepting once its one connection is in
+    // (`stop_accepting`).
+    cfg.max_incoming(1);
+    cfg.incoming_buffer_size(64 * 1024);
+    cfg.incoming_buffer_size_total(64 * 1024);
     Endpoint::new_with_abstract_socket(
         EndpointConfig::default(),
         Some(cfg),
@@ -87,6 +99,12 @@ pub fn agent_endpoint(socket: VirtualSocket) -> Result<Endpoint, InnerError> {
         Arc::new(TokioRuntime),
     )
     .map_err(InnerError::Endpoint)
+}
+
+/// After its one connection: the agent's endpoint accepts no further connection attempts (they are
+/// refused without state, whatever a relay sends).
+pub fn stop_accepting(endpoint: &Endpoint) {
+    endpoint.set_server_config(None);
 }
 
 /// The console's inner endpoint.

@@ -15,14 +15,18 @@
 pub mod carrier;
 pub mod code;
 pub mod inner;
+pub mod limit;
+pub mod names;
 pub mod pake;
 pub mod session;
 pub mod setup;
 
 pub use carrier::Fallback;
 pub use code::{CodeError, SessionCode};
+pub use limit::{GuessLimit, Remembered};
+pub use pake::RelayIdentity;
 pub use session::{
     Consent, ControlMsg, InputItem, InputSender, MAX_CURSOR_SIDE, MAX_MONITORS, MonitorInfo,
     PeerInfo, Role, Session, SessionEnd, SessionError, SessionEvent, VideoFrame, VideoSender,
 };
-pub use setup::{AgentEvent, AgentHost, CodeChange, SessionConfig, join, join_on};
+pub use setup::{AgentEvent, AgentHost, CodeChange, CodeRequester, SessionConfig, join, join_on};

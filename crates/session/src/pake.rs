@@ -9,10 +9,14 @@
 //!   Confirm { confirm_a }                 ──▶    check confirm_a (else: wrong code, burn)
 //! ```
 //!
-//! * **Binding.** Both identities include the slot and the inner TLS exporter (RFC 5705/8446 keying
-//!   material of *this* TLS connection). A relay in the middle terminates two TLS connections, so the
-//!   two sides hold different exporters: their SPAKE2 transcripts, keys and confirmations differ and
-//!   both sides fail, even though the relay forwarded every PAKE message faithfully.
+//! * **Binding.** Both identities include the slot, the technician and organisation as the relay
+//!   reported them to each side, and the inner TLS exporter (RFC 5705/8446 keying material of *this*
+//!   TLS connection). A relay in the middle terminates two TLS connections, so the two sides hold
+//!   different exporters: their SPAKE2 transcripts, keys and confirmations differ and both sides
+//!   fail, even though the relay forwarded every PAKE message faithfully. Likewise a relay that tells
+//!   the agent "Alice of ACME IT" while the console authenticated as someone else fails: the name on
+//!   the consent prompt is the name the console was told it holds. (A relay that lies to both sides
+//!   alike is not caught here: that needs a key the relay does not hold, the organisation key.)
 //! * **Confirmation.** `spake2`'s `finish()` returns a key even for a wrong password; the key is only
 //!   trusted after the peer proves it holds the same one: HMAC-SHA256 over the transcript hash with
 //!   keys derived by HKDF-SHA256 (salt = exporter) from the SPAKE2 key, one per direction. MACs are
@@ -35,7 +39,8 @@ pub const EXPORTER_LEN: usize = 32;
 /// Largest PAKE message accepted (SPAKE2-Ed25519 messages are 33 bytes; MACs 32).
 pub const MAX_PAKE_MSG: usize = 256;
 /// Version of this exchange.
-pub const PAKE_VERSION: u16 = 1;
+/// Version of this exchange (2: technician and organisation are part of the identities).
+pub const PAKE_VERSION: u16 = 2;
 
 #[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]
 pub enum PakeError {
@@ -84,22 +89,41 @@ impl tandem_proto::Validate for PakeMsg {
     }
 }
 
+/// Who the relay says the technician is: the console learns it when it authenticates, the agent
+/// when the console pairs with it. Both put it into the PAKE, so the two stories must agree.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RelayIdentity {
+    pub technician: String,
+    pub organisation: String,
+}
+
 /// What both sides bind the exchange to.
 #[derive(Clone, Debug)]
 pub struct Binding {
     pub slot: Slot,
+    pub who: RelayIdentity,
     pub exporter: [u8; EXPORTER_LEN],
 }
 
 impl Binding {
+    /// The bound context, each part length-prefixed so that no two different contexts encode alike.
+    fn context(&self) -> [&[u8]; 4] {
+        [
+            self.slot.as_str().as_bytes(),
+            self.who.technician.as_bytes(),
+            self.who.organisation.as_bytes(),
+            &self.exporter[..],
+        ]
+    }
+
     fn identity(&self, role: &[u8]) -> Identity {
-        let mut v = Vec::with_capacity(64);
-        v.extend_from_slice(b"tandem/1 ");
+        let mut v = Vec::with_capacity(128);
+        v.extend_from_slice(b"tandem/2 ");
         v.extend_from_slice(role);
-        v.push(0);
-        v.extend_from_slice(self.slot.as_str().as_bytes());
-        v.push(0);
-        v.extend_from_slice(&self.exporter);
+        for part in self.context() {
+            v.extend_from_slice(&(part.len() as u32).to_be_bytes());
+            v.extend_from_slice(part);
+        }
         Identity::new(&v)
     }
 }
@@ -150,12 +174,8 @@ fn derive(key: &[u8], binding: &Binding) -> Keys {
 
 fn transcript(pake_a: &[u8], pake_b: &[u8], binding: &Binding) -> digest::Digest {
     let mut ctx = digest::Context::new(&digest::SHA256);
-    for part in [
-        pake_a,
-        pake_b,
-        binding.slot.as_str().as_bytes(),
-        &binding.exporter[..],
-    ] {
+    let [slot, technician, organisation, exporter] = binding.context();
+    for part in [pake_a, pake_b, slot, technician, organisation, exporter] {
         ctx.update(&(part.len() as u32).to_be_bytes());
         ctx.update(part);
     }
@@ -271,8 +291,15 @@ mod tests {
     use crate::code::SessionCode;
 
     fn binding(slot: &str, exporter: u8) -> Binding {
+        named(slot, exporter, "Alice", "ACME IT")
+    }
+    fn named(slot: &str, exporter: u8, technician: &str, organisation: &str) -> Binding {
         Binding {
             slot: Slot::new(slot).unwrap(),
+            who: RelayIdentity {
+                technician: technician.into(),
+                organisation: organisation.into(),
+            },
             exporter: [exporter; EXPORTER_LEN],
         }
     }
@@ -332,6 +359,35 @@ mod tests {
     #[test]
     fn different_slots_fail() {
         let (c, a) = run("382905", binding("417", 1), "382905", binding("418", 1));
+        assert!(c.is_err() && a.is_err());
+    }
+
+    #[test]
+    fn a_relay_that_tells_the_two_sides_different_names_fails_the_exchange() {
+        // The console authenticated as mallory; the relay told the agent it is Alice of ACME IT.
+        let (c, a) = run(
+            "382905",
+            named("417", 1, "mallory", "Evil Ltd"),
+            "382905",
+            named("417", 1, "Alice", "ACME IT"),
+        );
+        assert_eq!(c, Err(PakeError::WrongCode));
+        assert_eq!(a, Err(PakeError::WrongCode));
+        // Only the organisation differs.
+        let (c, a) = run(
+            "382905",
+            named("417", 1, "Alice", "ACME IT Support"),
+            "382905",
+            named("417", 1, "Alice", "ACME IT"),
+        );
+        assert!(c.is_err() && a.is_err());
+        // Moving bytes between the fields changes the identity (length-prefixed parts).
+        let (c, a) = run(
+            "382905",
+            named("417", 1, "Alice A", "CME"),
+            "382905",
+            named("417", 1, "Alice", "A CME"),
+        );
         assert!(c.is_err() && a.is_err());
     }
 

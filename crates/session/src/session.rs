@@ -21,20 +21,32 @@ use quinn::{Connection, RecvStream, SendStream, VarInt};
 use serde::{Deserialize, Serialize};
 use std::collections::VecDeque;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 use tandem_client::{ClientError, ConnectOptions, RelayLink};
 use tandem_proto::{
     EndReason, ErrorCode, FRAME_HEADER, MAX_CONTROL_FRAME, ProtoError, RelayMsg, ResumeToken,
     Validate, decode_body, encode_frame, frame_len,
 };
-use tokio::sync::{Mutex, mpsc};
+use tokio::sync::{Mutex, Semaphore, mpsc};
 use tokio::task::AbortHandle;
 
 /// Version of the session protocol (sent in `Hello`).
 pub const SESSION_VERSION: u16 = 1;
-/// Largest video frame accepted.
-pub const MAX_VIDEO_FRAME: usize = 16 * 1024 * 1024;
+/// Largest video frame accepted (and sent). OpenH264's output buffer for a picture is the size of
+/// the raw I420 picture (`COMPRESS_RATIO_THR` 1.0), 3.1 MB at 1920×1080, so no 1080p frame is
+/// larger; real screen frames are far smaller (keyframes of full-screen text: 100–400 KB).
+pub const MAX_VIDEO_FRAME: usize = 4 * 1024 * 1024;
+/// Video frames being read at once. With the frames waiting for the decoder
+/// ([`VIDEO_QUEUE`]) this bounds what a peer can make the console hold:
+/// (4 + 3) × [`MAX_VIDEO_FRAME`] = 28 MiB. An honest agent never has more than
+/// [`MAX_FRAMES_IN_FLIGHT`] frames in flight, so it never waits for a permit.
+const VIDEO_READERS: usize = MAX_FRAMES_IN_FLIGHT + 1;
+/// Frames read but not yet taken by [`Session::recv_video`].
+const VIDEO_QUEUE: usize = MAX_FRAMES_IN_FLIGHT;
+/// The most video a peer can make this side hold, in frames read or queued; QUIC's flow control
+/// ([`crate::inner::INNER_RECEIVE_WINDOW`]) bounds what waits unread.
+pub const MAX_VIDEO_HELD: usize = (VIDEO_READERS + VIDEO_QUEUE) * MAX_VIDEO_FRAME;
 /// Largest input event or pointer message.
 pub const MAX_INPUT_MSG: usize = 4096;
 
@@ -188,7 +200,9 @@ pub struct PeerInfo {
     pub software: String,
     pub capabilities: Vec<String>,
     pub version: u16,
-    /// Agent side: the technician as the relay authenticated them.
+    /// The technician and organisation as the relay named them, bound into the PAKE: on the agent,
+    /// who connected; on the console, who the user was shown (this side's own name, as the relay
+    /// reported it). Show them through [`crate::names`].
     pub technician: Option<String>,
     pub organisation: Option<String>,
 }
@@ -209,6 +223,8 @@ pub enum SessionError {
     Ended(SessionEnd),
     #[error(transparent)]
     Inner(#[from] crate::inner::InnerError),
+    #[error("a video frame of {0} bytes is over the session's limit of {MAX_VIDEO_FRAME} bytes")]
+    FrameTooLarge(usize),
 }
 
 /// How and why a session ended.
@@ -347,6 +363,26 @@ pub struct Session {
     session_key: [u8; 32],
     /// Why the session ended, when this side knows better than the inner close code.
     end_info: EndInfo,
+    /// Agent: whether input is accepted (set when the consent answer was sent).
+    input_open: Arc<InputGate>,
+}
+
+/// Agent: input is accepted once the user's consent answer was sent; before, it is dropped.
+#[derive(Default)]
+struct InputGate {
+    open: AtomicBool,
+    dropped: AtomicU64,
+}
+
+impl InputGate {
+    /// Whether an item read now may be queued; counts it as dropped otherwise.
+    fn admit(&self) -> bool {
+        let open = self.open.load(Ordering::SeqCst);
+        if !open {
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+        }
+        open
+    }
 }
 
 /// Shared record of how the session ended, written before the inner connection is closed.
@@ -394,12 +430,27 @@ impl Session {
         let mut tasks = Vec::new();
         let (ctl_tx, ctl_rx) = mpsc::channel(64);
         tasks.push(tokio::spawn(control_reader(p.ctl_recv, ctl_tx)).abort_handle());
-        let (video_tx, video_rx) = mpsc::channel(8);
+        let (video_tx, video_rx) = mpsc::channel(VIDEO_QUEUE);
         let (input_tx, input_rx) = mpsc::channel(1024);
-        tasks.push(
-            tokio::spawn(accept_streams(p.conn.clone(), video_tx, input_tx.clone())).abort_handle(),
-        );
-        tasks.push(tokio::spawn(read_pointer(p.conn.clone(), input_tx)).abort_handle());
+        // Input is accepted only once the user answered the consent prompt (the agent's
+        // `send_control(Consent)` opens it); what arrives before is dropped, never queued.
+        let input_open = Arc::new(InputGate::default());
+        // Each side accepts only the channels the other side may send: video to the console,
+        // input to the agent.
+        let accepts = match p.role {
+            Role::Agent => Accepts::Input {
+                tx: input_tx.clone(),
+                open: input_open.clone(),
+            },
+            Role::Console => Accepts::Video(video_tx),
+        };
+        tasks.push(tokio::spawn(accept_streams(p.conn.clone(), accepts)).abort_handle());
+        if p.role == Role::Agent {
+            tasks.push(
+                tokio::spawn(read_pointer(p.conn.clone(), input_tx, input_open.clone()))
+                    .abort_handle(),
+            );
+        }
         let (events_tx, events_rx) = mpsc::channel(32);
         let (end_tx, end_rx) = mpsc::channel(1);
         let end_info: EndInfo = Arc::default();
@@ -433,6 +484,7 @@ impl Session {
             _endpoint: p.endpoint,
             session_key: p.session_key,
             end_info,
+            input_open,
         }
     }
 
@@ -454,10 +506,27 @@ impl Session {
         &self.session_key
     }
 
-    /// Sends a control message.
+    /// Sends a control message. On the agent, sending the user's consent (allow control or view
+    /// only) opens the input channel: input that arrived before is dropped, not queued, so nothing
+    /// the console sent while the user was still deciding runs at the moment they answer.
     pub async fn send_control(&self, msg: &ControlMsg) -> Result<(), SessionError> {
         let mut s = self.ctl_send.lock().await;
-        write_frame(&mut s, msg).await.map_err(|_| self.ended())
+        write_frame(&mut s, msg).await.map_err(|_| self.ended())?;
+        drop(s);
+        // The readers check the flag before they queue an item, so nothing that was read before
+        // this point is ever queued.
+        if let ControlMsg::Consent { decision } = msg
+            && self.role == Role::Agent
+            && *decision != Consent::Deny
+        {
+            self.input_open.open.store(true, Ordering::SeqCst);
+        }
+        Ok(())
+    }
+
+    /// Agent: input items that arrived before the consent answer and were dropped.
+    pub fn input_dropped_before_consent(&self) -> u64 {
+        self.input_open.dropped.load(Ordering::Relaxed)
     }
 
     /// The next control message. Cancel-safe.
@@ -601,13 +670,23 @@ async fn control_reader(mut recv: RecvStream, tx: mpsc::Sender<Result<ControlMsg
     }
 }
 
-/// Accepts the peer's unidirectional streams and routes them by their kind byte.
-async fn accept_streams(
-    conn: Connection,
-    video_tx: mpsc::Sender<VideoFrame>,
-    input_tx: mpsc::Sender<InputItem>,
-) {
+/// The streams one side accepts from the other.
+#[derive(Clone)]
+enum Accepts {
+    /// The console: video frames.
+    Video(mpsc::Sender<VideoFrame>),
+    /// The agent: input events, delivered once `open` is set.
+    Input {
+        tx: mpsc::Sender<InputItem>,
+        open: Arc<InputGate>,
+    },
+}
+
+/// Accepts the peer's unidirectional streams and routes them by their kind byte; a kind this side
+/// does not accept from its peer is stopped.
+async fn accept_streams(conn: Connection, accepts: Accepts) {
     let newest = Arc::new(AtomicU64::new(0));
+    let permits = Arc::new(Semaphore::new(VIDEO_READERS));
     let mut readers = tokio::task::JoinSet::new();
     loop {
         let mut recv = tokio::select! {
@@ -617,17 +696,20 @@ async fn accept_streams(
             },
             Some(_) = readers.join_next(), if !readers.is_empty() => continue,
         };
-        let (video_tx, input_tx, newest) = (video_tx.clone(), input_tx.clone(), newest.clone());
+        let (accepts, newest, permits) = (accepts.clone(), newest.clone(), permits.clone());
         readers.spawn(async move {
             let mut kind = [0u8; 1];
             if recv.read_exact(&mut kind).await.is_err() {
                 return;
             }
-            match kind[0] {
-                KIND_VIDEO => read_video(recv, video_tx, newest).await,
-                KIND_INPUT => read_input_events(recv, input_tx).await,
+            match (kind[0], accepts) {
+                (KIND_VIDEO, Accepts::Video(tx)) => read_video(recv, tx, newest, permits).await,
+                (KIND_INPUT, Accepts::Input { tx, open }) => {
+                    read_input_events(recv, tx, open).await
+                }
                 _ => {
-                    // A channel this version does not know (a newer peer): refuse it politely.
+                    // A channel this side does not take from its peer, or one this version does
+                    // not know (a newer peer): refuse it politely.
                     let _ = recv.stop(VarInt::from_u32(0));
                 }
             }
@@ -635,14 +717,30 @@ async fn accept_streams(
     }
 }
 
-async fn read_video(mut recv: RecvStream, tx: mpsc::Sender<VideoFrame>, newest: Arc<AtomicU64>) {
+async fn read_video(
+    mut recv: RecvStream,
+    tx: mpsc::Sender<VideoFrame>,
+    newest: Arc<AtomicU64>,
+    permits: Arc<Semaphore>,
+) {
+    // A permit before reading, held until the frame is queued for the decoder: at most
+    // VIDEO_READERS frames are read at once, the rest wait in the peer's flow control.
+    let Ok(_permit) = permits.acquire_owned().await else {
+        return;
+    };
     let mut seq = [0u8; 8];
     if recv.read_exact(&mut seq).await.is_err() {
         return;
     }
     let seq = u64::from_be_bytes(seq);
-    let Ok(data) = recv.read_to_end(MAX_VIDEO_FRAME).await else {
-        return;
+    let data = match recv.read_to_end(MAX_VIDEO_FRAME).await {
+        Ok(d) => d,
+        Err(quinn::ReadToEndError::TooLong) => {
+            tracing::warn!(seq, "video frame over {MAX_VIDEO_FRAME} bytes dropped");
+            let _ = recv.stop(VarInt::from_u32(close::PROTOCOL));
+            return;
+        }
+        Err(_) => return,
     };
     // Deliver only frames newer than any delivered: a frame that completes late is dropped.
     let prev = newest.fetch_max(seq, Ordering::AcqRel);
@@ -656,7 +754,11 @@ async fn read_video(mut recv: RecvStream, tx: mpsc::Sender<VideoFrame>, newest: 
     }
 }
 
-async fn read_input_events(mut recv: RecvStream, tx: mpsc::Sender<InputItem>) {
+async fn read_input_events(
+    mut recv: RecvStream,
+    tx: mpsc::Sender<InputItem>,
+    open: Arc<InputGate>,
+) {
     let mut h = [0u8; FRAME_HEADER];
     let mut buf = Vec::new();
     loop {
@@ -671,6 +773,10 @@ async fn read_input_events(mut recv: RecvStream, tx: mpsc::Sender<InputItem>) {
         if recv.read_exact(&mut buf).await.is_err() {
             return;
         }
+        if !open.admit() {
+            // Before the user's answer: dropped, never kept for later.
+            continue;
+        }
         if tx
             .send(InputItem::Event(Bytes::copy_from_slice(&buf)))
             .await
@@ -681,10 +787,10 @@ async fn read_input_events(mut recv: RecvStream, tx: mpsc::Sender<InputItem>) {
     }
 }
 
-async fn read_pointer(conn: Connection, tx: mpsc::Sender<InputItem>) {
+async fn read_pointer(conn: Connection, tx: mpsc::Sender<InputItem>, open: Arc<InputGate>) {
     let mut newest: Option<u32> = None;
     while let Ok(mut d) = conn.read_datagram().await {
-        if d.len() < 5 || d.len() > MAX_INPUT_MSG || d[0] != DGRAM_POINTER {
+        if d.len() < 5 || d.len() > MAX_INPUT_MSG || d[0] != DGRAM_POINTER || !open.admit() {
             continue;
         }
         d.advance(1);
@@ -723,6 +829,9 @@ impl VideoSender {
     /// Sends frame `seq` (increasing, starting at 1) on a stream of its own; waits while
     /// [`MAX_FRAMES_IN_FLIGHT`] earlier frames are unacknowledged.
     pub async fn send(&self, seq: u64, data: &[u8]) -> Result<(), SessionError> {
+        if data.len() > MAX_VIDEO_FRAME {
+            return Err(SessionError::FrameTooLarge(data.len()));
+        }
         let mut q = self.in_flight.lock().await;
         while q.len() >= MAX_FRAMES_IN_FLIGHT {
             if let Some((_, old)) = q.pop_front() {

@@ -4,8 +4,10 @@
 use crate::carrier::{Carrier, Fallback};
 use crate::code::SessionCode;
 use crate::inner::{self, close};
+use crate::limit::{AfterFailure, Gate, GuessLimit, Remembered, Tries};
 use crate::pake::{
     AgentPake, Binding, ConsolePake, EXPORTER_LABEL, EXPORTER_LEN, PakeError, PakeMsg,
+    RelayIdentity,
 };
 use crate::session::{
     ControlMsg, LinkCtx, Parts, PeerInfo, Role, SESSION_VERSION, Session, SessionError,
@@ -13,9 +15,12 @@ use crate::session::{
 };
 use quinn::{Connection, VarInt};
 use std::net::SocketAddr;
-use std::time::Duration;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 use tandem_client::{ClientError, ConnectOptions, RelayLink};
 use tandem_proto::{EndReason, ErrorCode, RelayMsg, ResumeToken, Secret, Slot};
+use tokio::sync::Notify;
 
 /// Placeholder addresses of the two ends on the virtual socket (never used on a network).
 const AGENT_ADDR: SocketAddr =
@@ -34,6 +39,8 @@ pub struct SessionConfig {
     pub setup_timeout: Duration,
     /// How long to try to resume a lost relay link (match the relay's `resume_grace_secs`).
     pub resume_grace: Duration,
+    /// Agent: how many failed handshakes it allows, and the pauses between them.
+    pub guesses: GuessLimit,
 }
 
 impl Default for SessionConfig {
@@ -44,11 +51,12 @@ impl Default for SessionConfig {
             capabilities: vec![],
             setup_timeout: Duration::from_secs(15),
             resume_grace: Duration::from_secs(15),
+            guesses: GuessLimit::default(),
         }
     }
 }
 
-/// Why the agent shows a (new) code.
+/// Why the agent shows a (new) code, or none for a while.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum CodeChange {
     /// The first code of this host, or the next after a session.
@@ -59,6 +67,10 @@ pub enum CodeChange {
     Expired,
     /// A technician joined but the session could not be set up; the code was burned to be safe.
     SetupFailed(String),
+    /// The user asked for a new code after the agent stopped showing codes.
+    Requested,
+    /// Attempts failed before this program was restarted; their count goes on.
+    Remembered,
 }
 
 /// What the agent's host reports.
@@ -70,7 +82,8 @@ pub enum AgentEvent {
         expires_in: Duration,
         why: CodeChange,
     },
-    /// A technician joined the code through the relay; the end-to-end handshake runs next.
+    /// A technician joined the code through the relay; the end-to-end handshake runs next. The
+    /// names are as the relay reports them (see [`crate::names`] before showing them).
     Joining {
         technician: String,
         organisation: String,
@@ -78,9 +91,42 @@ pub enum AgentEvent {
     /// The end-to-end session is confirmed. Nothing has been shown or allowed yet: consent is the
     /// application's next step.
     Session(Box<Session>),
+    /// A handshake failed (`why`): the code is burned and no code is shown for `pause`; the next
+    /// [`AgentHost::next`] returns the new code when the pause is over.
+    Paused {
+        why: CodeChange,
+        failures: u32,
+        pause: Duration,
+    },
+    /// Handshakes failed `failures` times in a row: no code is shown until the user asks for one
+    /// ([`CodeRequester::request`]). Someone may be guessing.
+    Locked { why: CodeChange, failures: u32 },
+}
+
+/// Lets the user ask for a new code after the agent stopped showing codes, from another task while
+/// [`AgentHost::next`] waits. A request counts only while codes are stopped.
+#[derive(Clone, Debug, Default)]
+pub struct CodeRequester(Arc<(AtomicBool, Notify)>);
+
+impl CodeRequester {
+    pub fn request(&self) {
+        self.0.0.store(true, Ordering::SeqCst);
+        self.0.1.notify_one();
+    }
+    fn take(&self) -> bool {
+        self.0.0.swap(false, Ordering::SeqCst)
+    }
+    async fn wait(&self) {
+        self.0.1.notified().await;
+    }
 }
 
 /// The agent side: holds a code on the relay and turns joins into confirmed sessions.
+///
+/// Every call of [`AgentHost::next`] may be cancelled (dropped in a `select!`) at any point without
+/// weakening the one-try rule: the code and the relay link are taken out of the host before a
+/// handshake starts and the attempt is counted as failed until it is confirmed, so an interrupted
+/// handshake leaves its code burned and its failure counted.
 pub struct AgentHost {
     opts: ConnectOptions,
     cfg: SessionConfig,
@@ -88,6 +134,10 @@ pub struct AgentHost {
     code: Option<SessionCode>,
     pending: Option<(String, String, ResumeToken)>,
     next_why: CodeChange,
+    tries: Tries,
+    /// Whether the current pause or lock was reported.
+    announced: bool,
+    requests: CodeRequester,
 }
 
 impl AgentHost {
@@ -99,17 +149,45 @@ impl AgentHost {
         let link = RelayLink::connect(&opts).await?;
         Ok(AgentHost {
             opts,
+            tries: Tries::new(cfg.guesses),
             cfg,
             link: Some(link),
             code: None,
             pending: None,
             next_why: CodeChange::New,
+            announced: false,
+            requests: CodeRequester::default(),
         })
     }
 
     /// The code currently shown, if any.
     pub fn code(&self) -> Option<&SessionCode> {
         self.code.as_ref()
+    }
+
+    /// Failed handshakes since the last confirmed session.
+    pub fn failures(&self) -> u32 {
+        self.tries.failures()
+    }
+
+    /// A handle the user interface keeps to ask for a new code once codes have stopped.
+    pub fn code_requester(&self) -> CodeRequester {
+        self.requests.clone()
+    }
+
+    /// The count of failed attempts, to keep across restarts (save it after each event).
+    pub fn remembered(&self) -> Remembered {
+        self.tries.remembered()
+    }
+
+    /// Takes up the count an earlier run of the agent kept: a lock or pause then goes on before the
+    /// first code. Call it right after [`AgentHost::connect`].
+    pub fn restore(&mut self, r: Remembered) {
+        self.tries
+            .restore(r, std::time::SystemTime::now(), Instant::now());
+        if self.tries.failures() > 0 {
+            self.next_why = CodeChange::Remembered;
+        }
     }
 
     async fn new_code(&mut self, why: CodeChange) -> Result<AgentEvent, SessionError> {
@@ -120,6 +198,7 @@ impl AgentHost {
         let (slot, expires_in) = link.register().await?;
         let code = SessionCode::generate(slot).map_err(|e| SessionError::Setup(e.to_string()))?;
         self.code = Some(code.clone());
+        self.announced = false;
         Ok(AgentEvent::Code {
             code,
             expires_in,
@@ -127,8 +206,53 @@ impl AgentHost {
         })
     }
 
-    /// The next thing to show or do. Call it in a loop; it returns after each step.
+    /// What the user is told while no code is shown.
+    fn notice(&mut self, gate: Gate) -> Option<AgentEvent> {
+        if self.announced {
+            return None;
+        }
+        let why = self.next_why.clone();
+        let failures = self.tries.failures();
+        let ev = match gate {
+            Gate::Open => return None,
+            Gate::Until(t) => AgentEvent::Paused {
+                why,
+                failures,
+                pause: t.saturating_duration_since(Instant::now()),
+            },
+            Gate::Locked => AgentEvent::Locked { why, failures },
+        };
+        self.announced = true;
+        Some(ev)
+    }
+
+    /// The next thing to show or do. Call it in a loop; it returns after each step, and may be
+    /// cancelled at any point.
     pub async fn next(&mut self) -> Result<AgentEvent, SessionError> {
+        loop {
+            let gate = self.tries.gate(Instant::now());
+            if gate == Gate::Locked && self.requests.take() {
+                self.tries.user_asked();
+                self.next_why = CodeChange::Requested;
+                continue;
+            }
+            if let Some(ev) = self.notice(gate) {
+                return Ok(ev);
+            }
+            if gate != Gate::Open
+                && self.code.is_none()
+                && let Some(link) = self.link.take()
+            {
+                // No code for a while: leave the relay meanwhile (it would close an idle,
+                // unregistered connection anyway); the next code connects again.
+                link.close().await;
+            }
+            match gate {
+                Gate::Open => break,
+                Gate::Until(t) => tokio::time::sleep_until(t.into()).await,
+                Gate::Locked => self.requests.wait().await,
+            }
+        }
         if self.link.is_none() || self.code.is_none() {
             let why = std::mem::replace(&mut self.next_why, CodeChange::New);
             return self.new_code(why).await;
@@ -171,9 +295,17 @@ impl AgentHost {
         organisation: String,
         token: ResumeToken,
     ) -> Result<AgentEvent, SessionError> {
-        let (Some(code), Some(link)) = (self.code.clone(), self.link.as_mut()) else {
+        // Burn first: the code and the link leave the host, and the attempt counts as failed, before
+        // anything is sent. Only a confirmed session undoes the count. If this future is dropped
+        // halfway, the code is gone and the failure counted.
+        let (Some(code), Some(mut link)) = (self.code.take(), self.link.take()) else {
             return Err(SessionError::Setup("no code or relay link".into()));
         };
+        let after = self.tries.failed(Instant::now());
+        self.next_why = CodeChange::SetupFailed("the handshake was interrupted".into());
+        self.announced = false;
+        // A request for a new code made before this failure does not lift a lock it causes.
+        self.requests.take();
         let carrier = Carrier::new(self.cfg.fallback);
         carrier.attach(link.connection().clone());
         let socket = carrier
@@ -181,15 +313,20 @@ impl AgentHost {
             .ok_or_else(|| SessionError::Setup("carrier already in use".into()))?;
         let endpoint = inner::agent_endpoint(socket)?;
         let cfg = self.cfg.clone();
+        let who = RelayIdentity {
+            technician: technician.clone(),
+            organisation: organisation.clone(),
+        };
         let setup = async {
             let incoming = endpoint
                 .accept()
                 .await
                 .ok_or_else(|| SessionError::Setup("inner endpoint closed".into()))?;
+            inner::stop_accepting(&endpoint);
             let conn = incoming
                 .await
                 .map_err(|e| SessionError::Setup(format!("inner handshake: {e}")))?;
-            let r = agent_pake(&conn, &code, &cfg).await;
+            let r = agent_pake(&conn, &code, &who, &cfg).await;
             Ok::<_, SessionError>((conn, r))
         };
         // While the handshake runs, the relay may report that the console gave up (for example it
@@ -197,7 +334,7 @@ impl AgentHost {
         let outcome = tokio::time::timeout(self.cfg.setup_timeout, async {
             tokio::select! {
                 r = setup => r,
-                e = watch_setup_link(link) => Err(e),
+                e = watch_setup_link(&mut link) => Err(e),
             }
         })
         .await;
@@ -208,13 +345,9 @@ impl AgentHost {
                     capabilities,
                     version,
                 } = hello;
-                let link = self
-                    .link
-                    .take()
-                    .ok_or_else(|| SessionError::Setup("no relay link".into()))?;
-                self.code = None;
+                self.tries.succeeded();
                 self.next_why = CodeChange::New;
-                tracing::info!(technician = %technician, organisation = %organisation, "session confirmed");
+                tracing::info!("session confirmed");
                 return Ok(AgentEvent::Session(Box::new(Session::start(Parts {
                     role: Role::Agent,
                     conn,
@@ -263,12 +396,13 @@ impl AgentHost {
         let why = match failure {
             SessionError::WrongCode => {
                 tracing::warn!(
+                    failures = self.tries.failures(),
                     "a technician tried this code with a wrong secret; the code is burned"
                 );
                 CodeChange::WrongCode
             }
             other => {
-                tracing::warn!(error = %other, "session setup failed; the code is burned");
+                tracing::warn!(error = %other, failures = self.tries.failures(), "session setup failed; the code is burned");
                 CodeChange::SetupFailed(other.to_string())
             }
         };
@@ -277,10 +411,26 @@ impl AgentHost {
         } else {
             EndReason::Other("session setup failed".into())
         };
-        if let Some(link) = self.link.as_mut() {
-            link.end(reason).await?;
+        self.next_why = why;
+        // Tell the relay, then leave it: no code, and so no pairing, until the pause is over.
+        let _ = link.end(reason).await;
+        link.close().await;
+        let gate = match after {
+            AfterFailure::Pause(_) => self.tries.gate(Instant::now()),
+            AfterFailure::Locked => {
+                // Only a request made after the user was told of the lock lifts it.
+                self.requests.take();
+                Gate::Locked
+            }
+        };
+        match self.notice(gate) {
+            Some(ev) => Ok(ev),
+            // The pause is already over (a zero pause): the next code at once.
+            None => {
+                let why = std::mem::replace(&mut self.next_why, CodeChange::New);
+                self.new_code(why).await
+            }
         }
-        self.new_code(why).await
     }
 }
 
@@ -292,12 +442,13 @@ struct PeerHello {
 
 type Confirmed = (quinn::SendStream, quinn::RecvStream, PeerHello, [u8; 32]);
 
-fn binding(conn: &Connection, slot: &Slot) -> Result<Binding, SessionError> {
+fn binding(conn: &Connection, slot: &Slot, who: &RelayIdentity) -> Result<Binding, SessionError> {
     let mut exporter = [0u8; EXPORTER_LEN];
     conn.export_keying_material(&mut exporter, EXPORTER_LABEL, slot.as_str().as_bytes())
         .map_err(|_| SessionError::Setup("TLS exporter unavailable".into()))?;
     Ok(Binding {
         slot: slot.clone(),
+        who: who.clone(),
         exporter,
     })
 }
@@ -361,9 +512,10 @@ async fn watch_setup_link(link: &mut RelayLink) -> SessionError {
 async fn agent_pake(
     conn: &Connection,
     code: &SessionCode,
+    who: &RelayIdentity,
     cfg: &SessionConfig,
 ) -> Result<Confirmed, SessionError> {
-    let b = binding(conn, code.slot())?;
+    let b = binding(conn, code.slot(), who)?;
     // The first stream the console opens carries the PAKE, then the control channel. Nothing else
     // is accepted before the PAKE succeeded.
     let (mut send, mut recv) = conn
@@ -394,13 +546,19 @@ pub async fn join(
     cfg: &SessionConfig,
 ) -> Result<Session, SessionError> {
     let mut link = RelayLink::connect(opts).await?;
-    link.authenticate(token).await?;
-    join_on(link, opts, code, cfg).await
+    let (technician, organisation) = link.authenticate(token).await?;
+    let who = RelayIdentity {
+        technician,
+        organisation,
+    };
+    join_on(link, &who, opts, code, cfg).await
 }
 
-/// Like [`join`], on an already authenticated relay link.
+/// Like [`join`], on an already authenticated relay link; `who` is what the relay answered to the
+/// authentication (the agent must have been told the same, or the PAKE fails).
 pub async fn join_on(
     mut link: RelayLink,
+    who: &RelayIdentity,
     opts: &ConnectOptions,
     code: &SessionCode,
     cfg: &SessionConfig,
@@ -421,7 +579,7 @@ pub async fn join_on(
                 EndReason::WrongCode => SessionError::WrongCode,
                 _ => SessionError::Setup(format!("inner handshake: {e}")),
             })?;
-        let r = console_pake(&conn, code, cfg).await;
+        let r = console_pake(&conn, code, who, cfg).await;
         Ok::<_, SessionError>((conn, r))
     };
     let res = tokio::time::timeout(cfg.setup_timeout, async {
@@ -460,8 +618,8 @@ pub async fn join_on(
                 software: hello.software,
                 capabilities: hello.capabilities,
                 version: hello.version,
-                technician: None,
-                organisation: None,
+                technician: Some(who.technician.clone()),
+                organisation: Some(who.organisation.clone()),
             },
             carrier,
             endpoint,
@@ -501,9 +659,10 @@ pub async fn join_on(
 async fn console_pake(
     conn: &Connection,
     code: &SessionCode,
+    who: &RelayIdentity,
     cfg: &SessionConfig,
 ) -> Result<Confirmed, SessionError> {
-    let b = binding(conn, code.slot())?;
+    let b = binding(conn, code.slot(), who)?;
     let (mut send, mut recv) = conn
         .open_bi()
         .await
