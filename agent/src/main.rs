@@ -515,9 +515,13 @@ async fn run(
             }
             AgentEvent::Locked { why, failures } => {
                 let note = format!(
-                    "{} Someone tried wrong codes {failures} times. If you are not on the phone with \
+                    "{}Someone tried wrong codes {failures} times. If you are not on the phone with \
                      your technician right now, close this program. Otherwise ask for a new code{}.",
-                    failure_text(&why),
+                    if why == CodeChange::Remembered {
+                        "(Before this program was restarted.) "
+                    } else {
+                        ""
+                    },
                     if windowed { "" } else { " (type n + Enter)" }
                 );
                 report.event("locked", &note, serde_json::json!({"failures": failures}));

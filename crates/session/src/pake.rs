@@ -1,5 +1,7 @@
-//! SPAKE2 (RFC 9382, Ed25519 group, RustCrypto `spake2`) over the code's secret, bound to the slot
-//! and to the inner TLS connection, with explicit key confirmation both ways. Pure: no I/O.
+//! SPAKE2 over the code's secret (RustCrypto `spake2` 0.4: Ed25519 group with python-spake2's M and
+//! N, HKDF password scalar and SHA-256 transcript; the protocol of RFC 9382, not its cipher suites,
+//! see SECURITY.md), bound to the slot, the names the relay gave each side and the inner TLS
+//! connection, with explicit key confirmation both ways. Pure: no I/O.
 //!
 //! ```text
 //! console (A)                                    agent (B)
