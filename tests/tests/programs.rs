@@ -601,6 +601,42 @@ async fn view_only_ignores_the_consoles_input() {
     relay.terminate().await;
 }
 
+/// A console with a window on `display` (Mesa software rendering) that joins `code` and ends after
+/// `seconds`; JSON events on its stdout.
+fn console_window(
+    relay: &RelayProcess,
+    token: &str,
+    code: &str,
+    seconds: &str,
+    display: &str,
+    cfg_dir: &std::path::Path,
+) -> Command {
+    let mut cmd = Command::new(binary("tandem-console"));
+    cmd.args([
+        "--relay",
+        &relay.addr,
+        "--relay-pin",
+        &relay.pin.to_string(),
+    ])
+    .args([
+        "--token",
+        token,
+        "--code",
+        code,
+        "--json",
+        "--seconds",
+        seconds,
+    ])
+    .arg("--config")
+    .arg(cfg_dir.join("console.toml"))
+    .env("DISPLAY", display)
+    .env("LIBGL_ALWAYS_SOFTWARE", "1")
+    .stdout(Stdio::piped())
+    .stderr(Stdio::null())
+    .kill_on_drop(true);
+    cmd
+}
+
 /// The console's window under Xvfb (Mesa software rendering) shows the remote screen; the
 /// screenshot is kept in target/screenshots/ (and copied to docs/ with TANDEM_UPDATE_DOCS=1).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -615,31 +651,16 @@ async fn console_window_shows_the_remote_screen() {
     let code = agent.code().await;
     let tech_screen = tandem_tests::x11::Xvfb::start(1280, 800);
     let cfg = tempfile::tempdir().unwrap();
-    let mut child = Command::new(binary("tandem-console"))
-        .args([
-            "--relay",
-            &relay.addr,
-            "--relay-pin",
-            &relay.pin.to_string(),
-        ])
-        .args([
-            "--token",
-            &token,
-            "--code",
-            &code,
-            "--json",
-            "--seconds",
-            "10",
-        ])
-        .arg("--config")
-        .arg(cfg.path().join("console.toml"))
-        .env("DISPLAY", &tech_screen.display)
-        .env("LIBGL_ALWAYS_SOFTWARE", "1")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
+    let mut child = console_window(
+        &relay,
+        &token,
+        &code,
+        "10",
+        &tech_screen.display,
+        cfg.path(),
+    )
+    .spawn()
+    .unwrap();
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
     let mut events = vec![];
     tokio::time::timeout(T, async {
@@ -1331,30 +1352,8 @@ async fn console_window_scales_a_picture_beyond_the_texture_limit() {
     let code = agent.code().await;
     let tech_screen = tandem_tests::x11::Xvfb::start(1280, 800);
     let cfg = tempfile::tempdir().unwrap();
-    let mut child = Command::new(binary("tandem-console"))
-        .args([
-            "--relay",
-            &relay.addr,
-            "--relay-pin",
-            &relay.pin.to_string(),
-        ])
-        .args([
-            "--token",
-            &token,
-            "--code",
-            &code,
-            "--json",
-            "--seconds",
-            "8",
-        ])
-        .arg("--config")
-        .arg(cfg.path().join("console.toml"))
-        .env("DISPLAY", &tech_screen.display)
-        .env("LIBGL_ALWAYS_SOFTWARE", "1")
+    let mut child = console_window(&relay, &token, &code, "8", &tech_screen.display, cfg.path())
         .env("TANDEM_CONSOLE_MAX_TEXTURE", "512")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
         .spawn()
         .unwrap();
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
