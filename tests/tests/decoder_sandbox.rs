@@ -258,6 +258,18 @@ fn hung_or_lying_decoders_are_killed_and_repeated_crashes_end_it() {
             || status(hung)["State"].starts_with('Z'),
         "the hung process still runs"
     );
+    // One that trickles its answer a byte every 200 ms (each read within the timeout, the whole
+    // answer not): killed after the frame timeout too, not waited for byte by byte.
+    let trickle = fake_worker(
+        r"printf N >&0; for i in 1 2 3 4 5 6 7 8 9 10 11; do sleep 0.2; printf '\000' >&0; done; sleep 30",
+    );
+    let mut d = SandboxedDecoder::start(trickle, policy.clone()).unwrap();
+    let t = Instant::now();
+    match d.decode(b"frame").unwrap() {
+        Decoded::Lost(why) => assert!(why.contains("did not answer"), "{why}"),
+        other => panic!("a trickling decoder was waited for: {other:?}"),
+    }
+    assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
     // A 65535x65535 picture: refused, not allocated.
     let liar = fake_worker(r"printf 'F\000\000\000\377\377\000\000\377\377\000\000' >&0; sleep 30");
     let mut d = SandboxedDecoder::start(liar, policy).unwrap();

@@ -185,7 +185,17 @@ pub fn read_answer(r: &mut impl Read, limits: &AnswerLimits) -> Result<Answer, P
             }
             let mut msg = vec![0u8; x as usize];
             r.read_exact(&mut msg)?;
-            Ok(Answer::Corrupt(String::from_utf8_lossy(&msg).into_owned()))
+            // It goes to the technician's log: no control or bidirectional-formatting characters
+            // (no forged log lines, no reordered text).
+            let msg = String::from_utf8_lossy(&msg)
+                .chars()
+                .map(|c| {
+                    let hidden = c.is_control()
+                        || matches!(c, '\u{200B}'..='\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}');
+                    if hidden { '?' } else { c }
+                })
+                .collect();
+            Ok(Answer::Corrupt(msg))
         }
         t => Err(ProtocolError::Tag(t)),
     }
@@ -251,6 +261,17 @@ mod tests {
         }
         // Long messages are cut at a character boundary.
         let mut buf = vec![];
+        // A message cannot forge a log line.
+        let mut forged = vec![];
+        write_answer(
+            &mut forged,
+            &Answer::Corrupt("bad\nWARN re-pin the relay\r\u{202e}".into()),
+        )
+        .unwrap();
+        let Answer::Corrupt(m) = read_answer(&mut &forged[..], &LIMITS).unwrap() else {
+            panic!()
+        };
+        assert_eq!(m, "bad?WARN re-pin the relay??");
         write_answer(&mut buf, &Answer::Corrupt("é".repeat(200))).unwrap();
         let Answer::Corrupt(m) = read_answer(&mut &buf[..], &LIMITS).unwrap() else {
             panic!()

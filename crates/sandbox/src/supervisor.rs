@@ -40,8 +40,16 @@ impl WorkerCommand {
     /// This executable again, with [`WORKER_ARG`] (its `main` must hand that to
     /// [`crate::worker::main`]).
     pub fn current_exe() -> io::Result<WorkerCommand> {
+        // /proc/self/exe is the running binary even after an upgrade replaced the file on disk
+        // (a restart then starts the same version, not whatever now sits at the path).
+        let proc_exe = PathBuf::from("/proc/self/exe");
+        let program = if proc_exe.exists() {
+            proc_exe
+        } else {
+            std::env::current_exe()?
+        };
         Ok(WorkerCommand {
-            program: std::env::current_exe()?,
+            program,
             args: vec![WORKER_ARG.into()],
         })
     }
@@ -74,7 +82,9 @@ impl Default for RestartPolicy {
             max_pause: Duration::from_secs(4),
             frame_timeout: Duration::from_secs(2),
             start_timeout: Duration::from_secs(5),
-            max_pixels: 8192 * 8192,
+            // OpenH264 decodes up to level 5.2: 36,864 macroblocks of 256 pixels (4096×2304,
+            // 8192×1152, …); a child that claims more is lying.
+            max_pixels: 36_864 * 256,
         }
     }
 }
@@ -85,6 +95,53 @@ pub enum Replied {
     Picture,
     Nothing,
     Corrupt(String),
+}
+
+/// The channel with one deadline for a whole exchange: each read and write may take only what is
+/// left of it.
+struct Deadline<'a> {
+    s: &'a mut UnixStream,
+    until: Instant,
+}
+
+impl<'a> Deadline<'a> {
+    fn new(s: &'a mut UnixStream, within: Duration) -> Self {
+        Deadline {
+            s,
+            until: Instant::now() + within,
+        }
+    }
+
+    fn left(&self) -> io::Result<Duration> {
+        let left = self.until.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "the decoder took too long",
+            ))
+        } else {
+            Ok(left)
+        }
+    }
+}
+
+impl Read for Deadline<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let left = self.left()?;
+        self.s.set_read_timeout(Some(left))?;
+        self.s.read(buf)
+    }
+}
+
+impl io::Write for Deadline<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let left = self.left()?;
+        self.s.set_write_timeout(Some(left))?;
+        self.s.write(buf)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.s.flush()
+    }
 }
 
 /// One running decoder process.
@@ -143,11 +200,10 @@ impl WorkerProcess {
             landlock: Landlock::NotEnforced,
             frame_timeout: policy.frame_timeout,
         };
-        let ready = w
-            .channel
-            .set_read_timeout(Some(policy.start_timeout))
-            .map_err(ProtocolError::from)
-            .and_then(|()| protocol::read_answer(&mut w.channel, &w.limits));
+        let ready = protocol::read_answer(
+            &mut Deadline::new(&mut w.channel, policy.start_timeout),
+            &w.limits,
+        );
         match ready {
             Ok(Answer::Ready { landlock, version }) if version == protocol::VERSION => {
                 w.landlock = landlock;
@@ -158,12 +214,6 @@ impl WorkerProcess {
                 )));
             }
             Err(e) => return Err(SandboxError::Start(w.why_dead(&e, policy.start_timeout))),
-        }
-        for t in [
-            w.channel.set_read_timeout(Some(w.frame_timeout)),
-            w.channel.set_write_timeout(Some(w.frame_timeout)),
-        ] {
-            t.map_err(SandboxError::Spawn)?;
         }
         Ok(w)
     }
@@ -180,8 +230,11 @@ impl WorkerProcess {
     /// Decodes one frame into `pic`. An error means this process is no good any more (it died,
     /// hung or broke the protocol) and was killed.
     pub fn decode(&mut self, data: &[u8], pic: &mut I420) -> Result<Replied, SandboxError> {
-        let r = protocol::write_request(&mut self.channel, data)
-            .and_then(|()| protocol::read_answer(&mut self.channel, &self.limits));
+        // One deadline for the whole exchange, not per read: a child that trickles a byte at a
+        // time is as dead as a silent one.
+        let mut d = Deadline::new(&mut self.channel, self.frame_timeout);
+        let r = protocol::write_request(&mut d, data)
+            .and_then(|()| protocol::read_answer(&mut d, &self.limits));
         let answer = match r {
             Ok(a) => a,
             // Too large to send: the frame's fault, not the process's.
