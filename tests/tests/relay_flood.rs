@@ -308,3 +308,30 @@ async fn unknown_token_ids_cost_no_argon2_and_a_full_queue_says_busy() {
     );
     relay.shutdown().await;
 }
+
+/// A connection that keeps sending DATAGRAMs without a session is closed after a bound, rather
+/// than served one by one for as long as it likes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn datagrams_without_a_session_close_the_connection_after_a_bound() {
+    let relay = TestRelay::start().await;
+    let (agent, _slot) = relay.agent().await;
+    let conn = agent.connection().clone();
+    let closed = within(async {
+        loop {
+            for _ in 0..100 {
+                if conn.send_datagram(Bytes::from_static(b"x")).is_err() {
+                    return conn.close_reason();
+                }
+            }
+            if let Some(r) = conn.close_reason() {
+                return Some(r);
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+    let reason = format!("{closed:?}");
+    assert!(reason.contains("datagrams without a session"), "{reason}");
+    // The relay goes on serving others.
+    let (_other, _) = relay.agent().await;
+}

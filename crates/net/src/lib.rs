@@ -90,12 +90,19 @@ pub fn transport_config(keep_alive: bool) -> quinn::TransportConfig {
     t
 }
 
+/// DATAGRAM bytes the relay keeps per connection before quinn drops the oldest.
+pub const RELAY_DATAGRAM_BUFFER: usize = 256 * 1024;
+
 /// Transport settings of the relay's side of an outer link, as every connection starts: one control
 /// stream, no payload streams, [`UNPAIRED_RECEIVE_WINDOW`] of stream data in flight. (DATAGRAM
 /// support cannot be switched on after the handshake, so it is advertised; the relay discards what
 /// arrives before pairing.)
 pub fn relay_transport_config() -> quinn::TransportConfig {
     let mut t = transport_config(false);
+    // The forwarders read DATAGRAMs as they come; a small buffer bounds what a peer can park
+    // (quinn counts payload + 32 bytes, and tiny datagrams pin whole packets) and lets quinn drop
+    // the oldest cheaply.
+    t.datagram_receive_buffer_size(Some(RELAY_DATAGRAM_BUFFER));
     t.max_concurrent_bidi_streams(1u32.into());
     t.max_concurrent_uni_streams(0u32.into());
     t.receive_window(UNPAIRED_RECEIVE_WINDOW.into());

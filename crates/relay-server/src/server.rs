@@ -155,6 +155,9 @@ struct Shared {
     metrics: Arc<Metrics>,
     limits: Limits,
     draining: AtomicBool,
+    /// Refused connections whose handshake runs so that the client hears why (at most
+    /// [`MAX_EXPLAINING`]; beyond that they are refused before any TLS).
+    explaining: std::sync::atomic::AtomicUsize,
     log_limit: Mutex<LogLimiter>,
 }
 
@@ -345,6 +348,7 @@ pub async fn start(
         metrics: metrics.clone(),
         limits: cfg.limits.clone(),
         draining: AtomicBool::new(false),
+        explaining: std::sync::atomic::AtomicUsize::new(0),
         log_limit: Mutex::new(LogLimiter::new()),
     });
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -467,6 +471,19 @@ async fn ticker(shared: std::sync::Weak<Shared>, mut stop: watch::Receiver<bool>
     }
 }
 
+/// Refused connections that may complete a handshake at once, to be told why.
+const MAX_EXPLAINING: usize = 64;
+/// How long such a handshake may take.
+const EXPLAIN_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Counts one refused connection being explained while it lives.
+struct Explaining<'a>(&'a std::sync::atomic::AtomicUsize);
+impl Drop for Explaining<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 async fn serve_incoming(shared: Arc<Shared>, incoming: quinn::Incoming) {
     let remote = incoming.remote_address();
     let admitted = if shared.draining.load(Ordering::SeqCst) {
@@ -474,7 +491,29 @@ async fn serve_incoming(shared: Arc<Shared>, incoming: quinn::Incoming) {
     } else {
         lock(&shared.registry).open(remote.ip()).map_err(Some)
     };
-    // Even a refused connection completes its handshake (bounded), so that the client hears why.
+    // A refused connection completes its handshake so that the client hears why, but only a few
+    // at a time and for a short while: beyond MAX_EXPLAINING the relay refuses before any TLS
+    // (a stateless CONNECTION_REFUSED), so a validated address over its limits cannot make the
+    // relay run handshakes without end.
+    let _explaining = match &admitted {
+        Ok(_) => None,
+        Err(_) => {
+            let n = shared.explaining.fetch_add(1, Ordering::SeqCst);
+            let guard = Explaining(&shared.explaining);
+            if n >= MAX_EXPLAINING {
+                drop(guard);
+                shared.metrics.limit("refused_before_tls");
+                incoming.refuse();
+                return;
+            }
+            Some(guard)
+        }
+    };
+    let handshake_timeout = if admitted.is_ok() {
+        shared.limits.handshake_timeout
+    } else {
+        EXPLAIN_TIMEOUT
+    };
     let connecting = match incoming.accept() {
         Ok(c) => c,
         Err(e) => {
@@ -485,7 +524,7 @@ async fn serve_incoming(shared: Arc<Shared>, incoming: quinn::Incoming) {
             return;
         }
     };
-    let conn = match tokio::time::timeout(shared.limits.handshake_timeout, connecting).await {
+    let conn = match tokio::time::timeout(handshake_timeout, connecting).await {
         Ok(Ok(c)) => c,
         Ok(Err(e)) => {
             tracing::debug!(%remote, error = %e, "handshake failed");
@@ -630,6 +669,16 @@ async fn run_connection(
     // decoder) and writes what other tasks queue for this connection.
     let mut frames = FrameDecoder::new(MAX_CONTROL_FRAME);
     let mut identified = false;
+    // DATAGRAMs with no session to forward them: an honest peer sends a few at most (stragglers at
+    // a session's end); past JUNK_DATAGRAMS the connection is closed rather than served.
+    let junk_counter = shared
+        .metrics
+        .dropped_datagrams
+        .get_or_create(&crate::metrics::Reason {
+            reason: "no_session".into(),
+        })
+        .clone();
+    let mut junk: u32 = 0;
     loop {
         let body = match frames.next_frame() {
             Ok(Some(body)) => body,
@@ -645,7 +694,16 @@ async fn run_connection(
                     // rather than let them fill the receive buffer. (A peer learns of its session
                     // from a message this task writes, after the flag is set and this arm is gone.)
                     d = conn.read_datagram(), if !forwarding.load(Ordering::SeqCst) => match d {
-                        Ok(_) => Metrics::inc(&shared.metrics.dropped_datagrams, "no_session"),
+                        Ok(_) => {
+                            junk_counter.inc();
+                            junk += 1;
+                            if junk > JUNK_DATAGRAMS {
+                                return Err(Close::With(
+                                    ErrorCode::UnexpectedMessage,
+                                    "datagrams without a session".into(),
+                                ));
+                            }
+                        }
                         Err(_) => return Err(Close::Peer),
                     },
                 }
@@ -747,12 +805,14 @@ async fn run_connection(
                 }
             }
             ClientMsg::Join { slot } => {
+                // Lock order everywhere: `rng` before `registry` (Register holds both in that
+                // order; the other order deadlocked the relay under a register flood).
+                let tokens = {
+                    let mut rng = lock(&shared.rng);
+                    (rng.token(), rng.token())
+                };
                 let res = {
                     let mut reg = lock(&shared.registry);
-                    let tokens = {
-                        let mut rng = lock(&shared.rng);
-                        (rng.token(), rng.token())
-                    };
                     let res = reg.join(id, &slot, now, tokens);
                     if let Ok(p) = &res {
                         // Start forwarding while the registry is locked, so that no end of this
@@ -837,12 +897,27 @@ async fn run_connection(
     }
 }
 
+/// How long a write to a peer's control stream may wait for the peer to read: a peer that gives
+/// no flow-control credit would otherwise hold its connection's task (and with it the handshake
+/// deadline and the datagram drain) for ever.
+const WRITE_STALL: Duration = Duration::from_secs(5);
+
+/// DATAGRAMs a connection may send while it has no session before it is closed.
+const JUNK_DATAGRAMS: u32 = 1_000;
+
 async fn write_msg(send: &mut SendStream, m: RelayMsg) -> Result<(), Close> {
     let frame = encode_frame(&m, MAX_CONTROL_FRAME).map_err(|e| {
         tracing::error!(error = %e, "cannot encode relay message");
         Close::code(ErrorCode::Internal)
     })?;
-    send.write_all(&frame).await.map_err(|_| Close::Peer)
+    match tokio::time::timeout(WRITE_STALL, send.write_all(&frame)).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(_)) => Err(Close::Peer),
+        Err(_) => Err(Close::With(
+            ErrorCode::IdleTimeout,
+            "the connection stopped reading its control stream".into(),
+        )),
+    }
 }
 
 fn refusal_close(shared: &Shared, r: Refusal) -> Close {
