@@ -12,16 +12,26 @@
 //! * A slot that ended (expired, agent left, code burned, session over) is quarantined until its original
 //!   expiry (at least one minute), so it is not reused within its expiry and a late join gets a precise
 //!   error instead of "unknown".
-//! * Every join attempt counts against two token buckets, the technician's and the source address's
-//!   (IPv6 addresses are grouped by /56), successful ones included. Authentication attempts count
-//!   against a per-address bucket; registrations (new codes) against a per-connection and a
-//!   per-address bucket.
+//! * A source address is an IPv4 address or an IPv6 /56 ([`address_key`]). Connections are capped per
+//!   address and, stacked on that, per network ([`network_keys`]): an IPv4 /24 or IPv6 /48 holds at
+//!   most [`SMALL_NETWORK_FACTOR`] addresses' worth, an IPv6 /32 [`LARGE_NETWORK_FACTOR`]; the
+//!   probation allowance ([`PROBATION_PER_ADDRESS`]) is stacked the same way. So the 256 /56s of a
+//!   free /48 cannot reach the global limits, while an office (one /48, or one IPv4 address) keeps
+//!   its full per-address allowance.
+//! * Every join attempt counts against two token buckets, the technician's and the source address's,
+//!   successful ones included. Authentication attempts count against a per-address bucket;
+//!   registrations (new codes) against a per-connection and a per-address bucket.
 //! * The relay calls [`Registry::open`] only for a peer whose source address QUIC has validated
 //!   (Retry), so forged addresses never count against a limit.
 //! * A share of the connections ([`Limits::console_reserve`]) is kept for technicians: agents and
 //!   connections that have not identified yet share the rest. When that share is full, a new
 //!   connection is still admitted into the reserve *on probation* (a few per address): it may
 //!   authenticate or resume, never register.
+//! * An agent connection that holds neither a slot nor a session (its slot expired, it gave up its
+//!   code, or its session ended) and does not register again within [`AGENT_IDLE_GRACE`] is reported
+//!   by [`Registry::tick`] in [`Tick::idle_agents`], once, for the relay to close. It stays counted
+//!   until the relay closes it. A legitimate agent registers again at once after `SlotExpired` and
+//!   leaves the relay after a session or while it shows no code.
 //! * Nothing a stranger triggers scans every slot: the slot space in use is counted per length, a
 //!   free slot is found by a bounded number of random draws, and quarantined slots are kept in the
 //!   order their quarantine ends, at most [`Limits::max_quarantined_slots`] of them (the one that
@@ -37,7 +47,8 @@ use tandem_proto::{EndReason, ErrorCode, ResumeToken, SLOT_MAX_DIGITS, SLOT_MIN_
 pub struct Limits {
     /// Connections in total.
     pub max_connections: usize,
-    /// Connections per source address (IPv6: per /56).
+    /// Connections per source address (IPv6: per /56). Networks get multiples of it: see
+    /// [`SMALL_NETWORK_FACTOR`] and [`LARGE_NETWORK_FACTOR`].
     pub max_connections_per_address: usize,
     /// Of `max_connections`, how many only authenticated consoles may hold: agents and connections
     /// that have not identified yet get at most `max_connections - console_reserve`, so a flood of
@@ -134,6 +145,20 @@ struct Conn {
     probation: bool,
     /// Registrations of this connection (created at its first).
     registers: Option<Bucket>,
+    /// Set exactly while the role is an agent with neither slot nor session: when the registry
+    /// gives up on it. While it is also in [`Registry::idle_agents`] it has not been reported yet.
+    idle_until: Option<Instant>,
+}
+
+/// Whether `role` is an agent that holds neither a slot nor a session.
+fn is_idle_agent(role: &Role) -> bool {
+    matches!(
+        role,
+        Role::Agent {
+            slot: None,
+            session: None
+        }
+    )
 }
 
 #[derive(Clone, Debug)]
@@ -224,6 +249,10 @@ pub struct Tick {
     pub expired: Vec<Expired>,
     /// Sessions whose suspended side did not come back in time.
     pub ended: Vec<Ended>,
+    /// Agent connections that held neither a slot nor a session for [`AGENT_IDLE_GRACE`]: the relay
+    /// closes them ([`ErrorCode::IdleTimeout`]). Each is reported once; it stays counted against
+    /// the limits until the relay calls [`Registry::close`] for it.
+    pub idle_agents: Vec<ConnId>,
 }
 
 /// A successful join.
@@ -287,6 +316,8 @@ impl Bucket {
 pub enum LimitHit {
     Connections,
     ConnectionsPerAddress,
+    /// Too many connections from one network (IPv4 /24, IPv6 /48 or /32).
+    ConnectionsPerNetwork,
     Sessions,
     JoinsPerTechnician,
     JoinsPerAddress,
@@ -295,6 +326,8 @@ pub enum LimitHit {
     AgentShare,
     /// Too many connections of one address wait in the console reserve.
     ReservePerAddress,
+    /// Too many connections of one network wait in the console reserve.
+    ReservePerNetwork,
     RegistersPerConnection,
     RegistersPerAddress,
     /// The token verification queue is full.
@@ -306,12 +339,14 @@ impl LimitHit {
         match self {
             LimitHit::Connections => "connections",
             LimitHit::ConnectionsPerAddress => "connections_per_address",
+            LimitHit::ConnectionsPerNetwork => "connections_per_network",
             LimitHit::Sessions => "sessions",
             LimitHit::JoinsPerTechnician => "joins_per_technician",
             LimitHit::JoinsPerAddress => "joins_per_address",
             LimitHit::AuthsPerAddress => "auths_per_address",
             LimitHit::AgentShare => "agent_share",
             LimitHit::ReservePerAddress => "reserve_per_address",
+            LimitHit::ReservePerNetwork => "reserve_per_network",
             LimitHit::RegistersPerConnection => "registers_per_connection",
             LimitHit::RegistersPerAddress => "registers_per_address",
             LimitHit::AuthQueue => "auth_queue",
@@ -320,9 +355,10 @@ impl LimitHit {
     pub fn code(self) -> ErrorCode {
         match self {
             LimitHit::Connections | LimitHit::AgentShare => ErrorCode::TooManyConnections,
-            LimitHit::ConnectionsPerAddress | LimitHit::ReservePerAddress => {
-                ErrorCode::TooManyConnectionsFromAddress
-            }
+            LimitHit::ConnectionsPerAddress
+            | LimitHit::ConnectionsPerNetwork
+            | LimitHit::ReservePerAddress
+            | LimitHit::ReservePerNetwork => ErrorCode::TooManyConnectionsFromAddress,
             LimitHit::Sessions => ErrorCode::TooManySessions,
             LimitHit::RegistersPerConnection | LimitHit::RegistersPerAddress => {
                 ErrorCode::RegisterRateLimited
@@ -379,12 +415,78 @@ pub fn address_key(ip: IpAddr) -> IpAddr {
     }
 }
 
+/// A network wider than one address key: its first `len` bits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct NetworkKey {
+    pub prefix: IpAddr,
+    pub len: u8,
+}
+
+/// How many addresses' worth of connections (and of probation) an IPv4 /24 or an IPv6 /48 may hold.
+/// An office is one IPv4 address or one IPv6 /48 (of which it uses a /56 or a few /64s): it keeps its
+/// full per-address allowance, and a few neighbours on the same /24 or offices in the same /48 have
+/// room beside it. A stranger with a free /48 (a tunnel broker hands them out) gets 4 × 64 = 256
+/// connections and 4 × 4 = 16 on probation, not 256 times the per-address limit (16,384, more than
+/// the agents' share, and 1,024 on probation, more than the console reserve).
+pub const SMALL_NETWORK_FACTOR: usize = 4;
+/// The same for an IPv6 /32 (one provider's or hoster's allocation, shared by many customers):
+/// 16 × 64 = 1,024 connections and 16 × 4 = 64 on probation, a tenth of the global limits by default.
+pub const LARGE_NETWORK_FACTOR: usize = 16;
+
+/// The networks an address key (see [`address_key`]) belongs to, each with its factor: IPv4 /24;
+/// IPv6 /48 and /32.
+pub fn network_keys(key: IpAddr) -> [Option<(NetworkKey, usize)>; 2] {
+    match key {
+        IpAddr::V4(v4) => {
+            let o = v4.octets();
+            let prefix = IpAddr::V4(std::net::Ipv4Addr::new(o[0], o[1], o[2], 0));
+            [
+                Some((NetworkKey { prefix, len: 24 }, SMALL_NETWORK_FACTOR)),
+                None,
+            ]
+        }
+        IpAddr::V6(v6) => {
+            let s = v6.segments();
+            let p48 = IpAddr::V6(std::net::Ipv6Addr::new(s[0], s[1], s[2], 0, 0, 0, 0, 0));
+            let p32 = IpAddr::V6(std::net::Ipv6Addr::new(s[0], s[1], 0, 0, 0, 0, 0, 0));
+            [
+                Some((
+                    NetworkKey {
+                        prefix: p48,
+                        len: 48,
+                    },
+                    SMALL_NETWORK_FACTOR,
+                )),
+                Some((
+                    NetworkKey {
+                        prefix: p32,
+                        len: 32,
+                    },
+                    LARGE_NETWORK_FACTOR,
+                )),
+            ]
+        }
+    }
+}
+
+/// Subtracts one from `map[key]`, forgetting the entry at zero.
+fn uncount<K: std::hash::Hash + Eq>(map: &mut HashMap<K, usize>, key: &K) {
+    if let Some(n) = map.get_mut(key) {
+        *n -= 1;
+        if *n == 0 {
+            map.remove(key);
+        }
+    }
+}
+
 /// The relay's pairing state.
 #[derive(Debug)]
 pub struct Registry {
     limits: Limits,
     conns: HashMap<ConnId, Conn>,
     per_address: HashMap<IpAddr, usize>,
+    /// Connections per network (see [`network_keys`]).
+    per_network: HashMap<NetworkKey, usize>,
     slots: HashMap<Slot, SlotState>,
     tombs: HashMap<Slot, (Tomb, Instant)>,
     /// The tombs by the end of their quarantine (lifted and evicted from the front).
@@ -395,6 +497,10 @@ pub struct Registry {
     consoles: usize,
     /// Connections on probation in the console reserve, per address.
     probation_by_addr: HashMap<IpAddr, usize>,
+    /// Connections on probation in the console reserve, per network.
+    probation_by_network: HashMap<NetworkKey, usize>,
+    /// Agents with neither slot nor session, not reported yet, by when they are given up.
+    idle_agents: BTreeSet<(Instant, ConnId)>,
     sessions: HashMap<SessionId, Session>,
     tokens: HashMap<ResumeToken, (SessionId, Side)>,
     join_by_tech: HashMap<TechnicianId, Bucket>,
@@ -409,7 +515,12 @@ pub struct Registry {
 const MIN_QUARANTINE: Duration = Duration::from_secs(60);
 /// Connections of one address that may wait on probation in the console reserve (technicians
 /// behind one office address authenticating at the same moment while agents fill their share).
+/// Networks get multiples of it (see [`SMALL_NETWORK_FACTOR`]).
 pub const PROBATION_PER_ADDRESS: usize = 4;
+/// How long an agent connection may hold neither a slot nor a session before the relay closes it.
+/// A legitimate agent registers again at once after its slot expired (one round trip), and leaves
+/// the relay after a session or while it shows no code; 30 s is generous.
+pub const AGENT_IDLE_GRACE: Duration = Duration::from_secs(30);
 /// Random draws for a free slot of one length before trying the next length (each draw is free
 /// with probability above 1/2, so 64 fail together with probability below 2^-64).
 const SLOT_DRAWS: usize = 64;
@@ -420,12 +531,15 @@ impl Registry {
             limits,
             conns: HashMap::new(),
             per_address: HashMap::new(),
+            per_network: HashMap::new(),
             slots: HashMap::new(),
             tombs: HashMap::new(),
             tomb_order: BTreeSet::new(),
             used_by_len: [0; SLOT_MAX_DIGITS + 1],
             consoles: 0,
             probation_by_addr: HashMap::new(),
+            probation_by_network: HashMap::new(),
+            idle_agents: BTreeSet::new(),
             sessions: HashMap::new(),
             tokens: HashMap::new(),
             join_by_tech: HashMap::new(),
@@ -477,9 +591,16 @@ impl Registry {
         if self.conns.len() >= self.limits.max_connections {
             return Err(LimitHit::Connections);
         }
-        let n = self.per_address.get(&key).copied().unwrap_or(0);
-        if n >= self.limits.max_connections_per_address {
+        let per_address = self.limits.max_connections_per_address;
+        if self.per_address.get(&key).copied().unwrap_or(0) >= per_address {
             return Err(LimitHit::ConnectionsPerAddress);
+        }
+        let nets = network_keys(key);
+        for (net, factor) in nets.iter().flatten() {
+            if self.per_network.get(net).copied().unwrap_or(0) >= factor.saturating_mul(per_address)
+            {
+                return Err(LimitHit::ConnectionsPerNetwork);
+            }
         }
         let share = self
             .limits
@@ -487,13 +608,27 @@ impl Registry {
             .saturating_sub(self.limits.console_reserve);
         let probation = self.conns.len() - self.consoles >= share;
         if probation {
-            let p = self.probation_by_addr.entry(key).or_insert(0);
-            if *p >= PROBATION_PER_ADDRESS {
+            if self.probation_by_addr.get(&key).copied().unwrap_or(0) >= PROBATION_PER_ADDRESS {
                 return Err(LimitHit::ReservePerAddress);
             }
-            *p += 1;
+            for (net, factor) in nets.iter().flatten() {
+                if self.probation_by_network.get(net).copied().unwrap_or(0)
+                    >= factor * PROBATION_PER_ADDRESS
+                {
+                    return Err(LimitHit::ReservePerNetwork);
+                }
+            }
+            // Every check passed: count in all maps (uncounted in `end_probation`).
+            *self.probation_by_addr.entry(key).or_insert(0) += 1;
+            for (net, _) in nets.iter().flatten() {
+                *self.probation_by_network.entry(*net).or_insert(0) += 1;
+            }
         }
-        self.per_address.insert(key, n + 1);
+        // Uncounted in `close`.
+        *self.per_address.entry(key).or_insert(0) += 1;
+        for (net, _) in nets.iter().flatten() {
+            *self.per_network.entry(*net).or_insert(0) += 1;
+        }
         let id = self.next_conn;
         self.next_conn += 1;
         self.conns.insert(
@@ -503,6 +638,7 @@ impl Registry {
                 role: Role::New,
                 probation,
                 registers: None,
+                idle_until: None,
             },
         );
         Ok(id)
@@ -517,16 +653,17 @@ impl Registry {
             return;
         }
         let key = c.addr_key;
-        if let Some(p) = self.probation_by_addr.get_mut(&key) {
-            *p -= 1;
-            if *p == 0 {
-                self.probation_by_addr.remove(&key);
-            }
+        uncount(&mut self.probation_by_addr, &key);
+        for (net, _) in network_keys(key).iter().flatten() {
+            uncount(&mut self.probation_by_network, net);
         }
     }
 
-    /// Sets a connection's role, keeping the console count.
+    /// Sets a connection's role, keeping the console count. An agent left with neither slot nor
+    /// session goes through [`Registry::set_idle_agent`] instead; any other role ends the idle
+    /// deadline.
     fn set_role(&mut self, conn: ConnId, role: Role) {
+        debug_assert!(!is_idle_agent(&role), "use set_idle_agent");
         if let Some(c) = self.conns.get_mut(&conn) {
             let was = matches!(c.role, Role::Console { .. });
             let is = matches!(role, Role::Console { .. });
@@ -536,6 +673,30 @@ impl Registry {
                 (true, false) => self.consoles -= 1,
                 _ => {}
             }
+            if let Some(until) = c.idle_until.take() {
+                self.idle_agents.remove(&(until, conn));
+            }
+        }
+    }
+
+    /// Leaves `conn` an agent with neither slot nor session: unless it registers again (or goes)
+    /// within [`AGENT_IDLE_GRACE`], [`Registry::tick`] reports it for closing. An agent already idle
+    /// keeps its first deadline.
+    fn set_idle_agent(&mut self, conn: ConnId, now: Instant) {
+        let Some(c) = self.conns.get_mut(&conn) else {
+            return;
+        };
+        if matches!(c.role, Role::Console { .. }) {
+            self.consoles -= 1;
+        }
+        c.role = Role::Agent {
+            slot: None,
+            session: None,
+        };
+        if c.idle_until.is_none() {
+            let until = now + AGENT_IDLE_GRACE;
+            c.idle_until = Some(until);
+            self.idle_agents.insert((until, conn));
         }
     }
 
@@ -549,11 +710,12 @@ impl Registry {
         if matches!(c.role, Role::Console { .. }) {
             self.consoles -= 1;
         }
-        if let Some(n) = self.per_address.get_mut(&c.addr_key) {
-            *n -= 1;
-            if *n == 0 {
-                self.per_address.remove(&c.addr_key);
-            }
+        if let Some(until) = c.idle_until {
+            self.idle_agents.remove(&(until, conn));
+        }
+        uncount(&mut self.per_address, &c.addr_key);
+        for (net, _) in network_keys(c.addr_key).iter().flatten() {
+            uncount(&mut self.per_network, net);
         }
         let (sid, side) = match c.role {
             Role::Agent {
@@ -690,13 +852,7 @@ impl Registry {
                 // The old code dies whatever happens next (a re-register may be a burn).
                 if let Some(old) = slot {
                     self.bury(old, Tomb::Ended, now);
-                    self.set_role(
-                        conn,
-                        Role::Agent {
-                            slot: None,
-                            session: None,
-                        },
-                    );
+                    self.set_idle_agent(conn, now);
                 }
             }
             Role::Agent {
@@ -1007,13 +1163,7 @@ impl Registry {
                     Tomb::AgentGone
                 };
                 self.bury(slot, tomb, now);
-                self.set_role(
-                    conn,
-                    Role::Agent {
-                        slot: None,
-                        session: None,
-                    },
-                );
+                self.set_idle_agent(conn, now);
                 None
             }
             _ => None,
@@ -1032,17 +1182,21 @@ impl Registry {
         self.tokens.remove(&session.agent_token);
         self.tokens.remove(&session.console_token);
         self.bury(session.slot.clone(), tomb, now);
-        for side in [session.agent, session.console] {
-            if let Some(c) = self.conns.get_mut(&side) {
-                match &mut c.role {
-                    Role::Agent { slot, session: s } if *s == Some(id) => {
-                        *slot = None;
-                        *s = None;
-                    }
-                    Role::Console { session: s, .. } if *s == Some(id) => *s = None,
-                    _ => {}
-                }
-            }
+        if let Some(Conn {
+            role: Role::Agent { session: s, .. },
+            ..
+        }) = self.conns.get(&session.agent)
+            && *s == Some(id)
+        {
+            self.set_idle_agent(session.agent, now);
+        }
+        if let Some(Conn {
+            role: Role::Console { session: s, .. },
+            ..
+        }) = self.conns.get_mut(&session.console)
+            && *s == Some(id)
+        {
+            *s = None;
         }
         let other = if by == session.agent {
             session.console
@@ -1081,7 +1235,8 @@ impl Registry {
         self.insert_tomb(slot, tomb, until);
     }
 
-    /// Periodic housekeeping: expires waiting slots (returns the agents to tell), lifts quarantines,
+    /// Periodic housekeeping: expires waiting slots (returns the agents to tell), ends sessions whose
+    /// grace ran out, reports agents idle past [`AGENT_IDLE_GRACE`] (to close), lifts quarantines,
     /// and forgets full rate buckets.
     pub fn tick(&mut self, now: Instant) -> Tick {
         let lapsed: Vec<(SessionId, ConnId, Side)> = self
@@ -1116,18 +1271,21 @@ impl Registry {
         for (slot, agent) in due {
             self.remove_slot(&slot);
             self.insert_tomb(slot.clone(), Tomb::Expired, now + MIN_QUARANTINE);
-            self.set_role(
-                agent,
-                Role::Agent {
-                    slot: None,
-                    session: None,
-                },
-            );
+            self.set_idle_agent(agent, now);
             out.push(Expired { agent, slot });
+        }
+        // Agents idle past their grace, reported once; they stay counted until closed.
+        let mut idle_agents = Vec::new();
+        while let Some(&(until, conn)) = self.idle_agents.first()
+            && until <= now
+        {
+            self.idle_agents.pop_first();
+            idle_agents.push(conn);
         }
         let out = Tick {
             expired: out,
             ended,
+            idle_agents,
         };
         while let Some((until, slot)) = self.tomb_order.first().cloned()
             && until <= now
@@ -1801,5 +1959,459 @@ mod tests {
                 .unwrap();
         assert_eq!((s.agent, s.console), (a, c));
         assert_eq!(f.r.session_count(), 0);
+    }
+
+    fn v6(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    /// Every count the registry keeps, recomputed by brute force from the connections.
+    fn assert_counts_exact(r: &Registry) {
+        let mut per_address: HashMap<IpAddr, usize> = HashMap::new();
+        let mut per_network: HashMap<NetworkKey, usize> = HashMap::new();
+        let mut prob_addr: HashMap<IpAddr, usize> = HashMap::new();
+        let mut prob_net: HashMap<NetworkKey, usize> = HashMap::new();
+        let mut consoles = 0;
+        let mut unreported = BTreeSet::new();
+        for (id, c) in &r.conns {
+            *per_address.entry(c.addr_key).or_default() += 1;
+            for (net, _) in network_keys(c.addr_key).into_iter().flatten() {
+                *per_network.entry(net).or_default() += 1;
+                if c.probation {
+                    *prob_net.entry(net).or_default() += 1;
+                }
+            }
+            if c.probation {
+                *prob_addr.entry(c.addr_key).or_default() += 1;
+            }
+            if matches!(c.role, Role::Console { .. }) {
+                consoles += 1;
+            }
+            assert_eq!(
+                c.idle_until.is_some(),
+                is_idle_agent(&c.role),
+                "conn {id}: idle deadline iff idle agent ({:?})",
+                c.role
+            );
+            if let Some(t) = c.idle_until
+                && r.idle_agents.contains(&(t, *id))
+            {
+                unreported.insert((t, *id));
+            }
+        }
+        assert_eq!(r.per_address, per_address);
+        assert_eq!(r.per_network, per_network);
+        assert_eq!(r.probation_by_addr, prob_addr);
+        assert_eq!(r.probation_by_network, prob_net);
+        assert_eq!(r.consoles, consoles);
+        assert_eq!(r.idle_agents, unreported, "idle set holds only idle agents");
+        assert_eq!(r.used_by_len, used_by_len_brute(r));
+    }
+
+    #[test]
+    fn network_keys_group_by_prefix() {
+        let k = |s: &str| {
+            network_keys(address_key(v6(s)))
+                .into_iter()
+                .flatten()
+                .map(|(n, f)| (n.prefix, n.len, f))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            k("2001:db8:1:2:aaaa::1"),
+            vec![
+                (v6("2001:db8:1::"), 48, SMALL_NETWORK_FACTOR),
+                (v6("2001:db8::"), 32, LARGE_NETWORK_FACTOR)
+            ]
+        );
+        assert_eq!(
+            k("10.1.2.3"),
+            vec![(v6("10.1.2.0"), 24, SMALL_NETWORK_FACTOR)]
+        );
+        // An IPv4-mapped address is grouped as IPv4.
+        assert_eq!(k("::ffff:10.1.2.3"), k("10.1.2.3"));
+    }
+
+    #[test]
+    fn network_caps_stack_on_address_caps() {
+        // Defaults: 64 per address, so 256 per /48 and per IPv4 /24, 1,024 per /32.
+        let mut r = Registry::new(Limits::default());
+        let per = r.limits().max_connections_per_address;
+        let mut held = vec![];
+        // Four /56s of one /48 get their full allowance...
+        for sub in 0..SMALL_NETWORK_FACTOR {
+            for _ in 0..per {
+                held.push(r.open(v6(&format!("2001:db8:1:{:x}00::1", sub))).unwrap());
+            }
+        }
+        // ...a fifth /56 of the same /48 does not.
+        assert_eq!(
+            r.open(v6("2001:db8:1:ff00::1")),
+            Err(LimitHit::ConnectionsPerNetwork)
+        );
+        // Other /48s of the same /32, up to the /32's cap.
+        for net in 2..(LARGE_NETWORK_FACTOR / SMALL_NETWORK_FACTOR + 1) {
+            for sub in 0..SMALL_NETWORK_FACTOR {
+                for _ in 0..per {
+                    r.open(v6(&format!("2001:db8:{net:x}:{sub:x}00::1")))
+                        .unwrap();
+                }
+            }
+        }
+        assert_eq!(r.connection_count(), LARGE_NETWORK_FACTOR * per);
+        assert_eq!(
+            r.open(v6("2001:db8:ffff:100::1")),
+            Err(LimitHit::ConnectionsPerNetwork)
+        );
+        // Another /32 is unaffected; a connection leaving frees room in its networks.
+        r.open(v6("2001:db9::1")).unwrap();
+        r.close(held[0], Instant::now());
+        r.open(v6("2001:db8:ffff:100::1")).unwrap();
+        // IPv4: four addresses of a /24, then the /24 is full; another /24 is not.
+        for host in 1..=SMALL_NETWORK_FACTOR as u8 {
+            for _ in 0..per {
+                r.open(IpAddr::V4(Ipv4Addr::new(192, 0, 2, host))).unwrap();
+            }
+        }
+        assert_eq!(
+            r.open(IpAddr::V4(Ipv4Addr::new(192, 0, 2, 200))),
+            Err(LimitHit::ConnectionsPerNetwork)
+        );
+        assert_eq!(
+            LimitHit::ConnectionsPerNetwork.code(),
+            ErrorCode::TooManyConnectionsFromAddress
+        );
+        r.open(IpAddr::V4(Ipv4Addr::new(192, 0, 3, 1))).unwrap();
+        assert_counts_exact(&r);
+    }
+
+    #[test]
+    fn probation_is_capped_per_network() {
+        let mut f = Fixture::new(Limits {
+            max_connections: 2_000,
+            max_connections_per_address: 1_000,
+            console_reserve: 1_000,
+            ..Limits::default()
+        });
+        // Fill the agents' share from one address.
+        for _ in 0..1_000 {
+            f.r.open(ip(1)).unwrap();
+        }
+        // On probation: 4 per /56, 16 per /48...
+        for sub in 0..SMALL_NETWORK_FACTOR {
+            for _ in 0..PROBATION_PER_ADDRESS {
+                f.r.open(v6(&format!("2001:db8:1:{sub:x}00::1"))).unwrap();
+            }
+        }
+        assert_eq!(
+            f.r.open(v6("2001:db8:1:ff00::1")),
+            Err(LimitHit::ReservePerNetwork)
+        );
+        // ...64 per /32...
+        for net in 2..(LARGE_NETWORK_FACTOR / SMALL_NETWORK_FACTOR + 1) {
+            for sub in 0..SMALL_NETWORK_FACTOR {
+                for _ in 0..PROBATION_PER_ADDRESS {
+                    f.r.open(v6(&format!("2001:db8:{net:x}:{sub:x}00::1")))
+                        .unwrap();
+                }
+            }
+        }
+        assert_eq!(
+            f.r.probation_count(),
+            LARGE_NETWORK_FACTOR * PROBATION_PER_ADDRESS
+        );
+        assert_eq!(
+            f.r.open(v6("2001:db8:ffff::1")),
+            Err(LimitHit::ReservePerNetwork)
+        );
+        // ...and 16 per IPv4 /24.
+        for host in 1..=SMALL_NETWORK_FACTOR as u8 {
+            for _ in 0..PROBATION_PER_ADDRESS {
+                f.r.open(IpAddr::V4(Ipv4Addr::new(192, 0, 2, host)))
+                    .unwrap();
+            }
+        }
+        assert_eq!(
+            f.r.open(IpAddr::V4(Ipv4Addr::new(192, 0, 2, 200))),
+            Err(LimitHit::ReservePerNetwork)
+        );
+        // A technician from elsewhere still gets in and authenticates.
+        let c = f.console(2, 1);
+        assert_eq!(
+            f.r.role(c).map(|r| matches!(r, Role::Console { .. })),
+            Some(true)
+        );
+        assert_counts_exact(&f.r);
+    }
+
+    #[test]
+    fn a_free_48_cannot_lock_out_agents_or_technicians() {
+        // Finding 4: every connection one /48 can open (256 /56s), with the default limits.
+        let mut f = Fixture::new(Limits::default());
+        let mut admitted = 0;
+        for sub in 0..256u32 {
+            for _ in 0..64 {
+                if f.r
+                    .open(v6(&format!("2001:db8:1:{:x}::1", sub << 8)))
+                    .is_ok()
+                {
+                    admitted += 1;
+                }
+            }
+        }
+        assert_eq!(admitted, SMALL_NETWORK_FACTOR * 64);
+        assert_eq!(f.r.probation_count(), 0);
+        // An agent elsewhere still registers; a technician still authenticates.
+        f.agent(1);
+        f.console(2, 1);
+        assert_counts_exact(&f.r);
+    }
+
+    #[test]
+    fn agents_without_slot_or_session_are_closed_after_grace() {
+        let mut f = Fixture::new(Limits::default());
+        let t0 = f.t0;
+        let expiry = t0 + Duration::from_secs(600);
+        // a: its slot expires and it never registers again.
+        let (a, _) = f.agent(1);
+        // b: its slot expires and it registers again at once.
+        let (b, _) = f.agent(2);
+        // c: its session ends (the technician ended it); d: its console.
+        let (c, slot) = f.agent(3);
+        let d = f.console(4, 1);
+        join(&mut f.r, d, &slot, t0).unwrap();
+        // e: gives up its code.
+        let (e, _) = f.agent(5);
+        f.r.end(e, EndReason::EndedByUser, t0);
+        assert_counts_exact(&f.r);
+
+        let t = f.r.tick(t0 + AGENT_IDLE_GRACE - Duration::from_millis(1));
+        assert!(t.idle_agents.is_empty());
+        let t = f.r.tick(t0 + AGENT_IDLE_GRACE);
+        assert_eq!(t.idle_agents, vec![e]);
+
+        let expired = f.r.tick(expiry).expired;
+        assert_eq!(expired.len(), 2, "a and b (c's slot is paired)");
+        f.r.register(b, expiry + Duration::from_secs(1), &mut f.rng)
+            .unwrap();
+        f.r.end(
+            d,
+            EndReason::EndedByTechnician,
+            expiry + Duration::from_secs(2),
+        )
+        .unwrap();
+        assert_counts_exact(&f.r);
+        assert!(
+            f.r.tick(expiry + Duration::from_secs(29))
+                .idle_agents
+                .is_empty()
+        );
+        assert_eq!(f.r.tick(expiry + AGENT_IDLE_GRACE).idle_agents, vec![a]);
+        assert_eq!(
+            f.r.tick(expiry + Duration::from_secs(32)).idle_agents,
+            vec![c]
+        );
+        // Reported once; they stay counted until the relay closes them.
+        assert!(
+            f.r.tick(expiry + Duration::from_secs(40))
+                .idle_agents
+                .is_empty()
+        );
+        assert_eq!(f.r.connection_count(), 5);
+        assert_counts_exact(&f.r);
+        for id in [a, c, e] {
+            assert_eq!(
+                f.r.close(id, expiry + Duration::from_secs(41)),
+                Closed::Nothing
+            );
+        }
+        assert_counts_exact(&f.r);
+        // b holds a slot, d is a console: neither is ever reported.
+        assert!(
+            f.r.tick(expiry + Duration::from_secs(500))
+                .idle_agents
+                .is_empty()
+        );
+        assert_eq!(f.r.connection_count(), 2);
+    }
+
+    #[test]
+    fn agent_left_after_lapsed_session_is_closed_after_grace() {
+        let mut f = Fixture::new(Limits::default());
+        let (a, slot) = f.agent(1);
+        let c = f.console(2, 1);
+        join(&mut f.r, c, &slot, f.t0).unwrap();
+        // The console goes; its grace lapses; the agent is left alone.
+        assert!(matches!(f.r.close(c, f.t0), Closed::Suspended { .. }));
+        let lapse = f.t0 + f.r.limits().resume_grace;
+        assert_eq!(f.r.tick(lapse).ended.len(), 1);
+        assert_counts_exact(&f.r);
+        assert!(
+            f.r.tick(lapse + Duration::from_secs(29))
+                .idle_agents
+                .is_empty()
+        );
+        assert_eq!(f.r.tick(lapse + AGENT_IDLE_GRACE).idle_agents, vec![a]);
+    }
+
+    #[test]
+    fn refused_registers_do_not_extend_the_idle_grace() {
+        let mut f = Fixture::new(Limits {
+            registers_per_minute_per_connection: 2,
+            ..Limits::default()
+        });
+        let t0 = f.t0;
+        let (b, _) = f.agent(1);
+        f.r.register(b, t0, &mut f.rng).unwrap();
+        // The third code in a minute is refused, and the second is buried: b is idle from t0.
+        assert_eq!(
+            f.r.register(b, t0, &mut f.rng),
+            Err(Refusal::Limit(LimitHit::RegistersPerConnection))
+        );
+        assert_eq!(
+            f.r.register(b, t0 + Duration::from_secs(20), &mut f.rng),
+            Err(Refusal::Limit(LimitHit::RegistersPerConnection))
+        );
+        assert_counts_exact(&f.r);
+        assert_eq!(f.r.tick(t0 + AGENT_IDLE_GRACE).idle_agents, vec![b]);
+        // A successful register (before the relay closed it) ends the idle state.
+        f.r.register(b, t0 + AGENT_IDLE_GRACE, &mut f.rng).unwrap();
+        assert_counts_exact(&f.r);
+        assert!(f.r.idle_agents.is_empty());
+    }
+
+    #[test]
+    fn connection_counts_stay_exact() {
+        // Churn through every path that opens, closes or moves a connection between classes
+        // (probation, agent, idle agent, console, session, suspension, resume, expiry), from IPv4
+        // and IPv6 addresses of a few networks, checking every count against a recount.
+        let mut f = Fixture::new(Limits {
+            max_connections: 48,
+            max_connections_per_address: 6,
+            console_reserve: 20,
+            registers_per_minute_per_connection: 1_000,
+            registers_per_minute_per_address: 1_000,
+            joins_per_minute_per_technician: 1_000,
+            joins_per_minute_per_address: 1_000,
+            auths_per_minute_per_address: 1_000,
+            slot_ttl: Duration::from_secs(20),
+            ..Limits::default()
+        });
+        // Five addresses of one IPv4 /24 (one IPv4-mapped) and five /56s of one IPv6 /48, so that
+        // the network caps are hit too, and a few others.
+        let addrs: Vec<IpAddr> = vec![
+            ip(1),
+            ip(2),
+            ip(3),
+            ip(4),
+            v6("::ffff:10.0.0.5"),
+            IpAddr::V4(Ipv4Addr::new(10, 0, 1, 1)),
+            v6("2001:db8:1::1"),
+            v6("2001:db8:1:100::1"),
+            v6("2001:db8:1:200::1"),
+            v6("2001:db8:1:300::1"),
+            v6("2001:db8:1:400::1"),
+            v6("2001:db8:2::1"),
+            v6("2001:db9::1"),
+        ];
+        let mut rng = SeqRng(99);
+        let mut live: Vec<ConnId> = vec![];
+        let mut slots: Vec<Slot> = vec![];
+        let mut tokens: Vec<ResumeToken> = vec![];
+        let mut now = f.t0;
+        // How often the rarer paths were taken.
+        let (mut probation, mut resumed, mut idle) = (0, 0, 0);
+        let mut refused: HashMap<LimitHit, usize> = HashMap::new();
+        for step in 0..20_000u32 {
+            now += Duration::from_millis(250);
+            let pick = |rng: &mut SeqRng, n: usize| rng.below(n as u64) as usize;
+            match rng.below(10) {
+                0 | 1 => {
+                    let a = addrs[pick(&mut rng, addrs.len())];
+                    match f.r.open(a) {
+                        Ok(id) => {
+                            live.push(id);
+                            probation += usize::from(f.r.conns[&id].probation);
+                        }
+                        Err(l) => *refused.entry(l).or_default() += 1,
+                    }
+                }
+                2 if !live.is_empty() => {
+                    let id = live.swap_remove(pick(&mut rng, live.len()));
+                    f.r.close(id, now);
+                }
+                3 if !live.is_empty() => {
+                    let id = live[pick(&mut rng, live.len())];
+                    if let Ok(s) = f.r.register(id, now, &mut f.rng) {
+                        slots.push(s);
+                    }
+                }
+                4 if !live.is_empty() => {
+                    let id = live[pick(&mut rng, live.len())];
+                    if f.r.auth_attempt(id, now).is_ok() {
+                        let _ = f.r.authenticated(id, tech(i64::from(step % 7)));
+                    }
+                }
+                5 if !live.is_empty() && !slots.is_empty() => {
+                    let id = live[pick(&mut rng, live.len())];
+                    // Mostly a recent code (likely still waiting), sometimes any.
+                    let back = pick(&mut rng, slots.len().min(4));
+                    let s = slots[slots.len() - 1 - back].clone();
+                    if let Ok(p) = join(&mut f.r, id, &s, now) {
+                        tokens.push(p.session.agent_token);
+                        tokens.push(p.session.console_token);
+                    }
+                }
+                6 if !live.is_empty() => {
+                    let id = live[pick(&mut rng, live.len())];
+                    let reason = if rng.below(4) == 0 {
+                        EndReason::WrongCode
+                    } else {
+                        EndReason::EndedByUser
+                    };
+                    f.r.end(id, reason, now);
+                }
+                7 if !live.is_empty() && !tokens.is_empty() => {
+                    let id = live[pick(&mut rng, live.len())];
+                    let tok = tokens[tokens.len() - 1 - pick(&mut rng, tokens.len().min(4))];
+                    if let Ok(r) = f.r.resume(id, &tok, now) {
+                        resumed += 1;
+                        if let Some(old) = r.replaced {
+                            live.retain(|&c| c != old);
+                            f.r.close(old, now);
+                        }
+                    }
+                }
+                8 => {
+                    let t = f.r.tick(now);
+                    // The relay closes what tick reports.
+                    for id in t.idle_agents {
+                        idle += 1;
+                        assert!(is_idle_agent(f.r.role(id).unwrap()));
+                        live.retain(|&c| c != id);
+                        f.r.close(id, now);
+                    }
+                }
+                _ => {
+                    if let Some(id) = f.r.session_ids().first().copied() {
+                        f.r.end_by_relay(id, EndReason::RelayShutdown, now);
+                    }
+                }
+            }
+            assert_counts_exact(&f.r);
+        }
+        // Every kind of path was taken on the way.
+        assert!(f.r.next_conn > 1_000 && f.r.next_session > 50);
+        assert!(probation > 20 && resumed > 20 && idle > 20);
+        assert!(refused.get(&LimitHit::ConnectionsPerNetwork) > Some(&0));
+        assert!(refused.get(&LimitHit::ReservePerAddress) > Some(&0));
+        for id in live {
+            f.r.close(id, now);
+        }
+        assert_counts_exact(&f.r);
+        assert!(f.r.per_address.is_empty() && f.r.per_network.is_empty());
+        assert!(f.r.probation_by_addr.is_empty() && f.r.probation_by_network.is_empty());
+        assert!(f.r.idle_agents.is_empty());
+        assert_eq!(f.r.consoles, 0);
     }
 }

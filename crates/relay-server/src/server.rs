@@ -467,6 +467,19 @@ async fn ticker(shared: std::sync::Weak<Shared>, mut stop: watch::Receiver<bool>
         for e in tick.ended {
             finish_session(&shared, e);
         }
+        // Agents with no code and no session for a while: closed (their task then takes them
+        // out of the registry, which frees their counts).
+        for id in tick.idle_agents {
+            let conn = lock(&shared.conns).get(&id).map(|h| h.conn.clone());
+            if let Some(conn) = conn {
+                shared.metrics.limit("idle_agent");
+                close(
+                    &conn,
+                    ErrorCode::IdleTimeout,
+                    "no code and no session for 30 s",
+                );
+            }
+        }
         refresh_gauges(&shared);
     }
 }
@@ -1014,6 +1027,11 @@ impl AuthPool {
                         }
                         Ok(None) => {
                             let _ = reply.send(Ok(AuthReply::UnknownId));
+                        }
+                        // Tokens stored as SHA-256 are checked here at once: no Argon2, no queue.
+                        Ok(Some((candidate, secret))) if !candidate.needs_slow_check() => {
+                            let r = store.verify_candidate(&candidate, &secret);
+                            let _ = reply.send(r.map(AuthReply::Done));
                         }
                         Ok(Some((candidate, secret))) => {
                             match vtx.try_send((candidate, secret, reply)) {
