@@ -272,7 +272,45 @@ async fn unknown_token_ids_cost_no_argon2_and_a_full_queue_says_busy() {
         20.0
     );
 
-    // 24 logins at once for a known id: two hash, one waits, the rest hear "busy, retry in N s".
+    // Made-up secrets for a known id (ids are row numbers, easy to guess): each is checked against
+    // the stored SHA-256 at once, no Argon2, no queue, so they cannot make logins busy.
+    let alice = relay.token.expose().split('_').nth(1).unwrap().to_string();
+    let mut js = tokio::task::JoinSet::new();
+    for i in 0..24 {
+        let mut l = relay.connect().await;
+        let fake = Secret::new(format!("tnd_{alice}_{:064x}", i));
+        js.spawn(async move { within(l.authenticate(&fake)).await.map(|_| ()) });
+    }
+    while let Some(r) = js.join_next().await {
+        let e = r.unwrap().unwrap_err();
+        assert_eq!(e.code(), Some(ErrorCode::BadToken), "{e}");
+    }
+    let m = relay.http_get("/metrics").await.1;
+    assert_eq!(metric(&m, "tandem_relay_auth_hashes_total"), 0.0);
+    within(relay.connect().await.authenticate(&relay.token))
+        .await
+        .unwrap();
+
+    // A token issued before tokens were stored as SHA-256 (an Argon2id hash in the database)
+    // still needs the verification threads: 24 logins at once, two hash, one waits, the rest hear
+    // "busy, retry in N s".
+    {
+        use argon2::password_hash::{PasswordHasher, SaltString};
+        let secret = relay.token.expose().rsplit('_').next().unwrap().to_string();
+        let salt = SaltString::encode_b64(&[9u8; 16]).unwrap();
+        let old = argon2::Argon2::default()
+            .hash_password(secret.as_bytes(), &salt)
+            .unwrap()
+            .to_string();
+        let db =
+            rusqlite::Connection::open(relay.dir.path().join(tandem_relay_server::store::DB_FILE))
+                .unwrap();
+        db.execute(
+            "UPDATE technicians SET token_hash = ?1 WHERE id = ?2",
+            rusqlite::params![old, alice.parse::<i64>().unwrap()],
+        )
+        .unwrap();
+    }
     let mut links = Vec::new();
     for _ in 0..24 {
         links.push(relay.connect().await);
