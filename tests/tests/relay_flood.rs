@@ -203,32 +203,51 @@ async fn register_flood_is_refused_and_bounded() {
     let relay = TestRelay::start().await;
     let mut agent = relay.connect().await;
     let (mut refused, mut granted) = (0, 0);
-    for _ in 0..100 {
+    let closed = loop {
         match within(agent.register()).await {
             Ok(_) => granted += 1,
             Err(ClientError::Refused { code }) => {
                 assert_eq!(code, ErrorCode::RegisterRateLimited);
                 refused += 1;
             }
-            Err(e) => panic!("{e}"),
+            Err(e) => break e,
         }
-    }
-    // The per-connection budget (6 a minute) holds; the connection stays usable.
+        assert!(granted + refused < 100, "never closed");
+    };
+    // The per-connection budget (6 a minute) holds; a connection that keeps asking regardless is
+    // closed after 3 refusals.
     assert_eq!(granted, 6, "refused {refused}");
+    assert_eq!(refused, 3);
+    assert_eq!(
+        closed.code(),
+        Some(ErrorCode::RegisterRateLimited),
+        "{closed}"
+    );
     // Other connections of the address share its budget (60 a minute), so 10 connections × 6.
     let mut others = Vec::new();
     let mut address_refused = 0;
+    let mut address_granted = granted;
     for _ in 0..10 {
         let mut l = relay.connect().await;
         for _ in 0..7 {
-            if let Err(e) = within(l.register()).await {
-                assert_eq!(e.code(), Some(ErrorCode::RegisterRateLimited), "{e}");
-                address_refused += 1;
+            match within(l.register()).await {
+                Ok(_) => address_granted += 1,
+                Err(ClientError::Refused { code }) => {
+                    assert_eq!(code, ErrorCode::RegisterRateLimited);
+                    address_refused += 1;
+                }
+                // Closed after 3 refusals.
+                Err(e) => {
+                    assert_eq!(e.code(), Some(ErrorCode::RegisterRateLimited), "{e}");
+                    address_refused += 1;
+                    break;
+                }
             }
         }
         others.push(l);
     }
-    assert!(address_refused >= 16, "{address_refused}");
+    // The address got exactly its 60 codes a minute, whatever the number of connections.
+    assert_eq!(address_granted, 60, "refused {address_refused}");
     let m = relay.http_get("/metrics").await.1;
     assert!(
         metric(
@@ -372,4 +391,39 @@ async fn datagrams_without_a_session_close_the_connection_after_a_bound() {
     assert!(reason.contains("datagrams without a session"), "{reason}");
     // The relay goes on serving others.
     let (_other, _) = relay.agent().await;
+}
+
+/// A connection that floods the control stream (here with Pings) is closed once past a burst,
+/// not answered message by message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn control_message_flood_closes_the_connection() {
+    let relay = TestRelay::start().await;
+    let mut l = relay.connect().await;
+    for nonce in 0..200u64 {
+        if l.send(&tandem_proto::ClientMsg::Ping { nonce })
+            .await
+            .is_err()
+        {
+            break;
+        }
+    }
+    let e = within(async {
+        loop {
+            if let Err(e) = l.recv().await {
+                return e;
+            }
+        }
+    })
+    .await;
+    assert_eq!(e.code(), Some(ErrorCode::RateLimited), "{e}");
+    let m = relay.http_get("/metrics").await.1;
+    assert_eq!(
+        metric(
+            &m,
+            "tandem_relay_limits_hit_total{limit=\"control_messages\"}"
+        ),
+        1.0
+    );
+    // Others are served.
+    let (_agent, _slot) = relay.agent().await;
 }

@@ -692,6 +692,8 @@ async fn run_connection(
         })
         .clone();
     let mut junk: u32 = 0;
+    let mut budget = ControlBudget::new();
+    let mut refused_registers: u32 = 0;
     loop {
         let body = match frames.next_frame() {
             Ok(Some(body)) => body,
@@ -726,6 +728,13 @@ async fn run_connection(
         };
         let msg = decode_body::<ClientMsg>(&body).map_err(|e| protocol_error(shared, e))?;
         let now = Instant::now();
+        if !budget.take(now) {
+            shared.metrics.limit("control_messages");
+            return Err(Close::With(
+                ErrorCode::RateLimited,
+                "too many control messages".into(),
+            ));
+        }
         match msg {
             ClientMsg::Register { client } => {
                 let res = {
@@ -738,9 +747,14 @@ async fn run_connection(
                         l @ (LimitHit::RegistersPerConnection | LimitHit::RegistersPerAddress),
                     )) => {
                         // Over budget: refused, the connection stays (retrying costs a lookup,
-                        // reconnecting would cost a handshake).
+                        // reconnecting would cost a handshake), but not for a peer that keeps
+                        // asking regardless.
                         shared.metrics.limit(l.label());
                         let code = l.code();
+                        refused_registers += 1;
+                        if refused_registers > MAX_REFUSED_REGISTERS {
+                            return Err(Close::code(code));
+                        }
                         write_msg(
                             &mut send,
                             RelayMsg::Refused {
@@ -914,6 +928,39 @@ async fn run_connection(
 /// no flow-control credit would otherwise hold its connection's task (and with it the handshake
 /// deadline and the datagram drain) for ever.
 const WRITE_STALL: Duration = Duration::from_secs(5);
+
+/// Control messages a connection may send: a burst of [`ControlBudget::BURST`], then
+/// [`ControlBudget::PER_SECOND`]. An honest client sends a handful per session (keep-alives are
+/// QUIC's); a flood of Pings or refused Registers is closed instead of served one by one.
+struct ControlBudget {
+    tokens: f64,
+    last: Instant,
+}
+
+impl ControlBudget {
+    const BURST: f64 = 60.0;
+    const PER_SECOND: f64 = 20.0;
+    fn new() -> Self {
+        ControlBudget {
+            tokens: Self::BURST,
+            last: Instant::now(),
+        }
+    }
+    fn take(&mut self, now: Instant) -> bool {
+        let dt = now.saturating_duration_since(self.last).as_secs_f64();
+        self.tokens = (self.tokens + dt * Self::PER_SECOND).min(Self::BURST);
+        self.last = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+/// Registers refused for their budget that a connection may send before it is closed.
+const MAX_REFUSED_REGISTERS: u32 = 3;
 
 /// DATAGRAMs a connection may send while it has no session before it is closed.
 const JUNK_DATAGRAMS: u32 = 1_000;
