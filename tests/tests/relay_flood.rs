@@ -185,15 +185,23 @@ async fn unpaired_connection_gets_no_payload_streams_and_its_datagrams_are_dropp
     })
     .await;
     let mut streams = 0;
-    while tokio::time::timeout(Duration::from_millis(300), agent.connection().open_uni())
-        .await
-        .is_ok()
+    let mut opened = vec![];
+    while let Ok(Ok(mut s)) =
+        tokio::time::timeout(Duration::from_millis(300), agent.connection().open_uni()).await
     {
         streams += 1;
         assert!(
             streams <= 4,
             "payload streams still granted after the session"
         );
+        // Opened on credit from the session: the relay stops it rather than keep its data.
+        let _ = s.write_all(&[0u8; 1000]).await;
+        opened.push(s);
+    }
+    eprintln!("{streams} payload streams opened on the session's credit after it ended");
+    for mut s in opened {
+        let stopped = within(s.stopped()).await;
+        assert!(matches!(stopped, Ok(Some(_))), "{stopped:?}");
     }
     relay.shutdown().await;
 }

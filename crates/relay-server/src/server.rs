@@ -721,6 +721,22 @@ async fn run_connection(
                         }
                         Err(_) => return Err(Close::Peer),
                     },
+                    // Payload streams without a session (opened on credit granted during one that
+                    // has ended): stopped, their data dropped, counted like stray datagrams.
+                    s = conn.accept_uni(), if !forwarding.load(Ordering::SeqCst) => match s {
+                        Ok(mut s) => {
+                            let _ = s.stop(VarInt::from_u32(0));
+                            junk_counter.inc();
+                            junk += 1;
+                            if junk > JUNK_DATAGRAMS {
+                                return Err(Close::With(
+                                    ErrorCode::UnexpectedMessage,
+                                    "payload without a session".into(),
+                                ));
+                            }
+                        }
+                        Err(_) => return Err(Close::Peer),
+                    },
                 }
                 continue;
             }
