@@ -199,7 +199,7 @@ async fn unpaired_connection_gets_no_payload_streams_and_its_datagrams_are_dropp
         opened.push(s);
     }
     eprintln!("{streams} payload streams opened on the session's credit after it ended");
-    for mut s in opened {
+    for s in opened {
         let stopped = within(s.stopped()).await;
         assert!(matches!(stopped, Ok(Some(_))), "{stopped:?}");
     }
