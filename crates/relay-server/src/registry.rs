@@ -491,6 +491,11 @@ pub struct Registry {
     tombs: HashMap<Slot, (Tomb, Instant)>,
     /// The tombs by the end of their quarantine (lifted and evicted from the front).
     tomb_order: BTreeSet<(Instant, Slot)>,
+    /// Whose slot each tomb was (the agent's address key), and each owner's tombs by the end of
+    /// their quarantine: beyond [`MAX_TOMBS_PER_ADDRESS`] an owner's own first tomb goes, so a
+    /// flood of re-registers cannot evict other people's quarantines.
+    tomb_owner: HashMap<Slot, IpAddr>,
+    owner_tombs: HashMap<IpAddr, BTreeSet<(Instant, Slot)>>,
     /// Slots in use (waiting, paired or quarantined), per number of digits.
     used_by_len: [u64; SLOT_MAX_DIGITS + 1],
     /// Connections with the console role.
@@ -510,6 +515,11 @@ pub struct Registry {
     next_conn: ConnId,
     next_session: SessionId,
 }
+
+/// Quarantined slots one address's agents may hold (an office re-registers a few codes an hour;
+/// a flood at the register budget, 60 a minute for 10 minutes, would hold 600 and evict everyone
+/// else's once the global cap is reached).
+pub const MAX_TOMBS_PER_ADDRESS: usize = 100;
 
 /// Minimum time an ended slot stays quarantined.
 const MIN_QUARANTINE: Duration = Duration::from_secs(60);
@@ -535,6 +545,8 @@ impl Registry {
             slots: HashMap::new(),
             tombs: HashMap::new(),
             tomb_order: BTreeSet::new(),
+            tomb_owner: HashMap::new(),
+            owner_tombs: HashMap::new(),
             used_by_len: [0; SLOT_MAX_DIGITS + 1],
             consoles: 0,
             probation_by_addr: HashMap::new(),
@@ -727,7 +739,7 @@ impl Registry {
             Role::Agent {
                 slot: Some(slot), ..
             } => {
-                self.bury(slot, Tomb::AgentGone, now);
+                self.bury(slot, Tomb::AgentGone, now, Some(c.addr_key));
                 return Closed::Nothing;
             }
             _ => return Closed::Nothing,
@@ -851,7 +863,7 @@ impl Registry {
             } => {
                 // The old code dies whatever happens next (a re-register may be a burn).
                 if let Some(old) = slot {
-                    self.bury(old, Tomb::Ended, now);
+                    self.bury(old, Tomb::Ended, now, Some(addr_key));
                     self.set_idle_agent(conn, now);
                 }
             }
@@ -933,15 +945,24 @@ impl Registry {
         Some(st)
     }
 
-    /// Quarantines `slot` until `until`; beyond the cap, the tomb whose quarantine ends first goes.
-    fn insert_tomb(&mut self, slot: Slot, tomb: Tomb, until: Instant) {
+    /// Quarantines `slot` (which was `owner`'s) until `until`; beyond the owner's cap its own tomb
+    /// whose quarantine ends first goes, beyond the global cap anyone's.
+    fn insert_tomb(&mut self, slot: Slot, tomb: Tomb, until: Instant, owner: Option<IpAddr>) {
         if !self.slot_in_use(&slot) {
             self.count_used(&slot, 1);
         }
-        if let Some((_, old)) = self.tombs.insert(slot.clone(), (tomb, until)) {
-            self.tomb_order.remove(&(old, slot.clone()));
+        self.unlink_tomb(&slot);
+        self.tombs.insert(slot.clone(), (tomb, until));
+        self.tomb_order.insert((until, slot.clone()));
+        if let Some(owner) = owner {
+            self.tomb_owner.insert(slot.clone(), owner);
+            let mine = self.owner_tombs.entry(owner).or_default();
+            mine.insert((until, slot));
+            let over = mine.len() > MAX_TOMBS_PER_ADDRESS;
+            if over && let Some((_, first)) = mine.first().cloned() {
+                self.remove_tomb(&first);
+            }
         }
-        self.tomb_order.insert((until, slot));
         while self.tombs.len() > self.limits.max_quarantined_slots {
             let Some((_, first)) = self.tomb_order.pop_first() else {
                 break;
@@ -950,12 +971,26 @@ impl Registry {
         }
     }
 
-    fn remove_tomb(&mut self, slot: &Slot) {
-        if let Some((_, until)) = self.tombs.remove(slot) {
-            self.tomb_order.remove(&(until, slot.clone()));
-            if !self.slots.contains_key(slot) {
-                self.count_used(slot, -1);
+    /// Takes `slot`'s tomb out of every index, counts untouched; whether there was one.
+    fn unlink_tomb(&mut self, slot: &Slot) -> bool {
+        let Some((_, until)) = self.tombs.remove(slot) else {
+            return false;
+        };
+        self.tomb_order.remove(&(until, slot.clone()));
+        if let Some(owner) = self.tomb_owner.remove(slot)
+            && let Some(mine) = self.owner_tombs.get_mut(&owner)
+        {
+            mine.remove(&(until, slot.clone()));
+            if mine.is_empty() {
+                self.owner_tombs.remove(&owner);
             }
+        }
+        true
+    }
+
+    fn remove_tomb(&mut self, slot: &Slot) {
+        if self.unlink_tomb(slot) && !self.slots.contains_key(slot) {
+            self.count_used(slot, -1);
         }
     }
 
@@ -1162,7 +1197,8 @@ impl Registry {
                 } else {
                     Tomb::AgentGone
                 };
-                self.bury(slot, tomb, now);
+                let owner = self.conns.get(&conn).map(|c| c.addr_key);
+                self.bury(slot, tomb, now, owner);
                 self.set_idle_agent(conn, now);
                 None
             }
@@ -1181,7 +1217,8 @@ impl Registry {
         let session = self.sessions.remove(&id)?;
         self.tokens.remove(&session.agent_token);
         self.tokens.remove(&session.console_token);
-        self.bury(session.slot.clone(), tomb, now);
+        let owner = self.conns.get(&session.agent).map(|c| c.addr_key);
+        self.bury(session.slot.clone(), tomb, now, owner);
         if let Some(Conn {
             role: Role::Agent { session: s, .. },
             ..
@@ -1224,7 +1261,7 @@ impl Registry {
         Some(s)
     }
 
-    fn bury(&mut self, slot: Slot, tomb: Tomb, now: Instant) {
+    fn bury(&mut self, slot: Slot, tomb: Tomb, now: Instant, owner: Option<IpAddr>) {
         let expires_at = match self.remove_slot(&slot) {
             Some(SlotState::Waiting { expires_at, .. } | SlotState::Paired { expires_at, .. }) => {
                 expires_at
@@ -1232,7 +1269,7 @@ impl Registry {
             None => now,
         };
         let until = expires_at.max(now + MIN_QUARANTINE);
-        self.insert_tomb(slot, tomb, until);
+        self.insert_tomb(slot, tomb, until, owner);
     }
 
     /// Periodic housekeeping: expires waiting slots (returns the agents to tell), ends sessions whose
@@ -1270,7 +1307,8 @@ impl Registry {
         let mut out = Vec::with_capacity(due.len());
         for (slot, agent) in due {
             self.remove_slot(&slot);
-            self.insert_tomb(slot.clone(), Tomb::Expired, now + MIN_QUARANTINE);
+            let owner = self.conns.get(&agent).map(|c| c.addr_key);
+            self.insert_tomb(slot.clone(), Tomb::Expired, now + MIN_QUARANTINE, owner);
             self.set_idle_agent(agent, now);
             out.push(Expired { agent, slot });
         }
@@ -2006,6 +2044,53 @@ mod tests {
         assert_eq!(r.consoles, consoles);
         assert_eq!(r.idle_agents, unreported, "idle set holds only idle agents");
         assert_eq!(r.used_by_len, used_by_len_brute(r));
+        assert_tombs_indexed(r);
+    }
+
+    /// Every tomb is in the order index; owned ones in their owner's, within its cap.
+    fn assert_tombs_indexed(r: &Registry) {
+        assert_eq!(r.tomb_order.len(), r.tombs.len());
+        let owned: usize = r.owner_tombs.values().map(|m| m.len()).sum();
+        assert_eq!(owned, r.tomb_owner.len());
+        for (owner, mine) in &r.owner_tombs {
+            assert!(!mine.is_empty() && mine.len() <= MAX_TOMBS_PER_ADDRESS);
+            for (until, slot) in mine {
+                assert_eq!(r.tomb_owner.get(slot), Some(owner));
+                assert_eq!(r.tombs.get(slot).map(|t| t.1), Some(*until));
+            }
+        }
+    }
+
+    /// A register flood from one address evicts its own quarantined codes, not an office's burned
+    /// one (which would then answer a late join "unknown" instead of "burned", and could be handed
+    /// to another agent within seconds).
+    #[test]
+    fn a_register_flood_evicts_its_own_quarantines_first() {
+        let mut f = Fixture::new(Limits {
+            registers_per_minute_per_connection: 1_000_000,
+            registers_per_minute_per_address: 1_000_000,
+            max_quarantined_slots: 150,
+            ..Limits::default()
+        });
+        let (office, burned) = f.agent(1);
+        f.r.end(office, EndReason::WrongCode, f.t0);
+        let (flood, _) = f.agent(2);
+        let mut t = f.t0;
+        for _ in 0..2_000 {
+            t += Duration::from_millis(10);
+            f.r.register(flood, t, &mut f.rng).unwrap();
+            assert_tombs_indexed(&f.r);
+        }
+        assert!(
+            f.r.slot_in_use(&burned),
+            "the office's burned code was evicted"
+        );
+        assert!(f.r.quarantined_count() <= MAX_TOMBS_PER_ADDRESS + 1);
+        assert_eq!(f.r.used_by_len, used_by_len_brute(&f.r));
+        // Lifting quarantines empties every index.
+        f.r.tick(t + Duration::from_secs(7_200));
+        assert!(f.r.tombs.is_empty() || f.r.quarantined_count() <= 1);
+        assert_tombs_indexed(&f.r);
     }
 
     #[test]
