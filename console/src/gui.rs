@@ -69,6 +69,8 @@ pub struct Live {
     cursor: Cursor,
     cursor_image: Option<(TextureHandle, CursorImage)>,
     consent: Option<Consent>,
+    /// "alice of ACME IT": how the user's consent prompt names this technician.
+    shown_as: String,
     view_only: bool,
     monitors: Vec<MonitorInfo>,
     monitor: u8,
@@ -149,10 +151,27 @@ impl ConsoleApp {
                             return;
                         }
                     };
+                    // How the user sees this technician: the names the relay gave this side,
+                    // bound into the PAKE (the agent was told the same, or there is no session).
+                    let shown_as = format!(
+                        "{} of {}",
+                        tandem_session::names::shown(
+                            session.peer().technician.as_deref().unwrap_or_default()
+                        )
+                        .text,
+                        tandem_session::names::shown(
+                            session.peer().organisation.as_deref().unwrap_or_default()
+                        )
+                        .text,
+                    );
                     out.event(
                         "joined",
-                        "Joined; waiting for the user to answer",
-                        serde_json::json!({"setup_ms": started.elapsed().as_secs_f64() * 1e3}),
+                        &format!(
+                            "Joined; waiting for the user to answer. The user sees you as \
+                             {shown_as}, as the relay reports it."
+                        ),
+                        serde_json::json!({"setup_ms": started.elapsed().as_secs_f64() * 1e3,
+                            "shown_as": {"technician": session.peer().technician, "organisation": session.peer().organisation}}),
                     );
                     let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
                     let (up_tx, up_rx) = mpsc::unbounded_channel();
@@ -168,6 +187,7 @@ impl ConsoleApp {
                         cursor: Cursor::default(),
                         cursor_image: None,
                         consent: None,
+                        shown_as,
                         view_only: true,
                         monitors: vec![],
                         monitor: 0,
@@ -718,9 +738,13 @@ impl Live {
             self.view = None;
             ui.centered_and_justified(|ui| {
                 ui.label(match self.consent {
-                    None => "Waiting for the user to allow the session…",
-                    Some(Consent::Deny) => "The user denied the request.",
-                    Some(_) => "Waiting for the first picture…",
+                    None => format!(
+                        "Waiting for the user to allow the session…\nThe user sees you as {}, \
+                         as the relay reports it.",
+                        self.shown_as
+                    ),
+                    Some(Consent::Deny) => "The user denied the request.".into(),
+                    Some(_) => "Waiting for the first picture…".into(),
                 });
             });
             return;

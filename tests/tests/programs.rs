@@ -676,6 +676,9 @@ async fn console_window_shows_the_remote_screen() {
     })
     .await
     .unwrap_or_else(|_| panic!("no frame_shown: {events:?}"));
+    // The window knows how the user sees this technician (the name bound into the PAKE).
+    let joined = events.iter().find(|e| e["event"] == "joined").unwrap();
+    assert_eq!(joined["shown_as"]["technician"], "alice", "{joined:?}");
     // Let a few more frames paint, then look at the technician's screen.
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let out_dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/screenshots");
