@@ -566,23 +566,8 @@ fn load_tries(path: &Path) -> Option<tandem_session::Remembered> {
 
 /// Writes the count atomically, readable by this user only.
 fn save_tries(path: &Path, r: &tandem_session::Remembered) -> Result<()> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let mut b = std::fs::DirBuilder::new();
-    b.recursive(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::DirBuilderExt;
-        b.mode(0o700);
-    }
-    b.create(dir)
-        .with_context(|| format!("cannot create {}", dir.display()))?;
-    let mut f = tempfile::NamedTempFile::new_in(dir)
-        .with_context(|| format!("cannot write in {}", dir.display()))?;
-    use std::io::Write;
-    f.write_all(toml::to_string(r)?.as_bytes())?;
-    f.persist(path)
-        .with_context(|| format!("cannot write {}", path.display()))?;
-    Ok(())
+    tandem_client::tandem_certs::write_atomic(path, toml::to_string(r)?.as_bytes(), true)
+        .with_context(|| format!("cannot write {}", path.display()))
 }
 
 /// What the user is told about a failed handshake.
@@ -995,12 +980,9 @@ async fn run_session(
     cmds: &mut mpsc::UnboundedReceiver<UiCmd>,
 ) -> Result<bool> {
     // The names as the relay reports them, escaped where they could imitate another name.
-    let (tech, org) = (
-        names::shown(s.peer().technician.as_deref().unwrap_or_default()),
-        names::shown(s.peer().organisation.as_deref().unwrap_or_default()),
-    );
-    let suspicious = tech.suspicious || org.suspicious;
-    let (technician, organisation) = (tech.text, org.text);
+    let shown = names::ShownPeer::of(s.peer());
+    let suspicious = shown.suspicious();
+    let (technician, organisation) = (shown.technician.text, shown.organisation.text);
     let decision = ask_consent(mode, &technician, &organisation, suspicious, report, cmds).await;
     s.send_control(&ControlMsg::Consent { decision }).await?;
     if decision == Consent::Deny {

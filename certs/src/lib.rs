@@ -256,12 +256,28 @@ fn current_year() -> i32 {
 }
 
 fn write_file(path: &Path, bytes: &[u8], private: bool) -> Result<(), CertError> {
-    let err = |source| CertError::Write {
+    write_atomic(path, bytes, private).map_err(|source| CertError::Write {
         path: path.to_path_buf(),
         source,
-    };
-    // A new file with its final mode from creation (a key is never readable by others, not even
-    // for a moment), renamed over the old one: a crash leaves the old file or the new one whole.
+    })
+}
+
+/// Writes `bytes` to `path` as a new file with its final mode from creation (`private`: 0600, in a
+/// directory created 0700 if missing; otherwise 0644), then renamed over the old one: a secret is
+/// never readable by others, not even for a moment, and a crash leaves the old file or the new one
+/// whole. Used for keys here and for the programs' own secrets (the console's remembered login, the
+/// agent's count of failed attempts).
+pub fn write_atomic(path: &Path, bytes: &[u8], private: bool) -> std::io::Result<()> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        let mut b = fs::DirBuilder::new();
+        b.recursive(true);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::DirBuilderExt;
+            b.mode(if private { 0o700 } else { 0o755 });
+        }
+        b.create(dir)?;
+    }
     let mut tmp = path.as_os_str().to_owned();
     tmp.push(format!(".tmp-{}", std::process::id()));
     let tmp = std::path::PathBuf::from(tmp);
@@ -284,7 +300,7 @@ fn write_file(path: &Path, bytes: &[u8], private: bool) -> Result<(), CertError>
     if written.is_err() {
         let _ = fs::remove_file(&tmp);
     }
-    written.map_err(err)
+    written
 }
 
 fn read(path: &Path) -> Result<Vec<u8>, CertError> {

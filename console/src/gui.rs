@@ -153,17 +153,7 @@ impl ConsoleApp {
                     };
                     // How the user sees this technician: the names the relay gave this side,
                     // bound into the PAKE (the agent was told the same, or there is no session).
-                    let shown_as = format!(
-                        "{} of {}",
-                        tandem_session::names::shown(
-                            session.peer().technician.as_deref().unwrap_or_default()
-                        )
-                        .text,
-                        tandem_session::names::shown(
-                            session.peer().organisation.as_deref().unwrap_or_default()
-                        )
-                        .text,
-                    );
+                    let shown_as = tandem_session::names::ShownPeer::of(session.peer()).to_string();
                     out.event(
                         "joined",
                         &format!(

@@ -131,35 +131,12 @@ fn config_path(cli: &Cli) -> Option<PathBuf> {
     Some(base.join("tandem/console.toml"))
 }
 
-/// Writes the remembered login (it holds the token) atomically: a new file readable only by this
-/// user (mode 0600 from its creation, never wider for a moment), then renamed over the old one,
-/// so a crash leaves the old file or the new one and never a readable half.
+/// Writes the remembered login (it holds the token): readable only by this user from the moment
+/// it exists, replaced atomically ([`tandem_certs::write_atomic`]).
 fn save(path: &Path, r: &Remembered) -> Result<()> {
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d,
-        _ => Path::new("."),
-    };
-    let mut builder = std::fs::DirBuilder::new();
-    builder.recursive(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::DirBuilderExt;
-        builder.mode(0o700);
-    }
-    builder
-        .create(dir)
-        .with_context(|| format!("cannot create {}", dir.display()))?;
     let text = toml::to_string(r)?;
-    use std::io::Write;
-    // tempfile creates the file with mode 0600 (O_EXCL) in the same directory.
-    let mut f = tempfile::NamedTempFile::new_in(dir)
-        .with_context(|| format!("cannot write in {}", dir.display()))?;
-    f.write_all(text.as_bytes())
-        .and_then(|()| f.as_file().sync_all())
-        .with_context(|| format!("cannot write {}", path.display()))?;
-    f.persist(path)
-        .with_context(|| format!("cannot write {}", path.display()))?;
-    Ok(())
+    tandem_certs::write_atomic(path, text.as_bytes(), true)
+        .with_context(|| format!("cannot write {}", path.display()))
 }
 
 /// The first line of a file, or of standard input for `-`, trimmed.
@@ -435,9 +412,8 @@ async fn run_headless(
         "joined",
         &format!(
             "Joined; waiting for the user to answer ({setup_ms:.0} ms to a confirmed session). \
-             The user sees you as {} of {}, as the relay reports it.",
-            tandem_session::names::shown(session.peer().technician.as_deref().unwrap_or_default()).text,
-            tandem_session::names::shown(session.peer().organisation.as_deref().unwrap_or_default()).text,
+             The user sees you as {}, as the relay reports it.",
+            tandem_session::names::ShownPeer::of(session.peer()),
         ),
         serde_json::json!({"setup_ms": setup_ms, "agent": session.peer().software,
             "shown_as": {"technician": session.peer().technician, "organisation": session.peer().organisation}}),

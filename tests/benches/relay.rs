@@ -188,9 +188,28 @@ async fn connect_times(opts: &ConnectOptions, target: std::net::SocketAddr, n: u
     out
 }
 
-/// Relay RSS with `n` registered agents waiting (unpaired), on a fresh relay process: (idle, at
-/// half, at all, half count).
-async fn unpaired_memory(n: usize) -> (u64, u64, u64, usize) {
+/// Relay RSS with no connections, at `half_n` and at `n` of them.
+struct Rss {
+    idle: u64,
+    half: u64,
+    full: u64,
+    half_n: usize,
+    n: usize,
+}
+
+impl Rss {
+    /// Bytes per connection between half and all: free of one-off costs.
+    fn marginal(&self) -> f64 {
+        self.full.saturating_sub(self.half) as f64 / (self.n - self.half_n).max(1) as f64
+    }
+    /// Bytes per connection from none to all, one-off costs included.
+    fn average(&self) -> f64 {
+        self.full.saturating_sub(self.idle) as f64 / self.n.max(1) as f64
+    }
+}
+
+/// Relay RSS with `n` registered agents waiting (unpaired), on a fresh relay process.
+async fn unpaired_memory(n: usize) -> Rss {
     let dir = tempfile::tempdir().unwrap();
     let (relay, _) = load_relay(dir.path(), "Bench").await;
     let opts = ConnectOptions::new(relay.addr.clone(), RelayTrust::Pin(relay.pin));
@@ -236,7 +255,13 @@ async fn unpaired_memory(n: usize) -> (u64, u64, u64, usize) {
     let full = relay.rss_bytes().unwrap_or(0);
     drop(links);
     relay.terminate().await;
-    (idle, half, full, half_n)
+    Rss {
+        idle,
+        half,
+        full,
+        half_n,
+        n,
+    }
 }
 
 /// Unpaired connections that push data in [`hostile_unpaired_memory`].
@@ -326,14 +351,14 @@ async fn run(a: Args) {
             b as f64 / 1048576.0,
             h as f64 / 1048576.0
         );
-        let (idle, half, full, half_n) = unpaired_memory(a.sessions).await;
+        let un = unpaired_memory(a.sessions).await;
         println!(
             "relay memory per unpaired agent: {:.1} KiB marginal, {:.1} KiB average ({:.1} → {:.1} → {:.1} MiB)",
-            full.saturating_sub(half) as f64 / (a.sessions - half_n).max(1) as f64 / 1024.0,
-            full.saturating_sub(idle) as f64 / a.sessions as f64 / 1024.0,
-            idle as f64 / 1048576.0,
-            half as f64 / 1048576.0,
-            full as f64 / 1048576.0
+            un.marginal() / 1024.0,
+            un.average() / 1024.0,
+            un.idle as f64 / 1048576.0,
+            un.half as f64 / 1048576.0,
+            un.full as f64 / 1048576.0
         );
         relay.terminate().await;
         return;
@@ -350,70 +375,40 @@ async fn run(a: Args) {
     let connect_40 = connect_times(&opts, proxy.addr, 20).await;
     drop(proxy);
 
-    let (d_rtt, r_rtt, d_tp, r_tp, mbit_per_cpu_s, relay_cpu, relay_time) = if a.memory_only {
-        (
-            vec![],
-            vec![],
-            vec![f64::NAN],
-            vec![f64::NAN],
-            f64::NAN,
-            f64::NAN,
-            f64::NAN,
-        )
+    let paths = if a.memory_only {
+        Paths::skipped()
     } else {
         paths(&a, &relay, &opts, &token).await
     };
-
-    let mem = memory_paired(&a, &relay, &opts, &token).await;
-    let (un_idle, un_half, un_full, un_half_n) = unpaired_memory(a.sessions).await;
-    let un_slope = un_full.saturating_sub(un_half) as f64 / (a.sessions - un_half_n).max(1) as f64;
-    let un_avg = un_full.saturating_sub(un_idle) as f64 / a.sessions as f64;
-    let (hostile_before, hostile_after) = hostile_unpaired_memory(HOSTILE).await;
-    let (
-        idle_rss,
-        half_rss,
-        loaded_rss,
-        half_n,
-        per_session,
-        per_session_total,
-        setups,
-        setup_secs,
-    ) = mem;
-
+    let paired = memory_paired(&a, &relay, &opts, &token).await;
+    let unpaired = unpaired_memory(a.sessions).await;
+    let hostile = hostile_unpaired_memory(HOSTILE).await;
     report(
         &a,
         Report {
-            d_rtt,
-            r_rtt,
-            d_tp,
-            r_tp,
-            mbit_per_cpu_s,
-            relay_cpu,
-            relay_time,
-            idle_rss,
-            half_rss,
-            loaded_rss,
-            half_n,
-            per_session,
-            per_session_total,
-            setups,
-            setup_secs,
-            un_idle,
-            un_half,
-            un_full,
-            un_half_n,
-            un_slope,
-            un_avg,
+            paths,
+            paired,
+            unpaired,
             connect_lo,
             connect_40,
-            hostile_before,
-            hostile_after,
+            hostile,
         },
     );
     relay.terminate().await;
 }
 
 struct Report {
+    paths: Paths,
+    paired: Paired,
+    unpaired: Rss,
+    connect_lo: Vec<f64>,
+    connect_40: Vec<f64>,
+    /// Relay RSS before and after the hostile unpaired agents pushed.
+    hostile: (u64, u64),
+}
+
+/// Datagram round trips and stream throughput, direct and through the relay.
+struct Paths {
     d_rtt: Vec<f64>,
     r_rtt: Vec<f64>,
     d_tp: Vec<f64>,
@@ -421,33 +416,36 @@ struct Report {
     mbit_per_cpu_s: f64,
     relay_cpu: f64,
     relay_time: f64,
-    idle_rss: u64,
-    half_rss: u64,
-    loaded_rss: u64,
-    half_n: usize,
-    per_session: f64,
-    per_session_total: f64,
-    setups: Vec<f64>,
-    setup_secs: f64,
-    un_idle: u64,
-    un_half: u64,
-    un_full: u64,
-    un_half_n: usize,
-    un_slope: f64,
-    un_avg: f64,
-    connect_lo: Vec<f64>,
-    connect_40: Vec<f64>,
-    hostile_before: u64,
-    hostile_after: u64,
 }
 
-#[allow(clippy::type_complexity)]
+impl Paths {
+    /// `--memory-only`: nothing measured.
+    fn skipped() -> Paths {
+        Paths {
+            d_rtt: vec![],
+            r_rtt: vec![],
+            d_tp: vec![f64::NAN],
+            r_tp: vec![f64::NAN],
+            mbit_per_cpu_s: f64::NAN,
+            relay_cpu: f64::NAN,
+            relay_time: f64::NAN,
+        }
+    }
+}
+
+/// Relay memory with paired idle sessions, and how long setting them up took.
+struct Paired {
+    rss: Rss,
+    setups: Vec<f64>,
+    setup_secs: f64,
+}
+
 async fn paths(
     a: &Args,
     relay: &tandem_tests::RelayProcess,
     opts: &ConnectOptions,
     token: &tandem_proto::Secret,
-) -> (Vec<f64>, Vec<f64>, Vec<f64>, Vec<f64>, f64, f64, f64) {
+) -> Paths {
     let (_dep, dc, ds) = direct_pair().await;
     echo_datagrams(ds.clone());
     let mut agent = RelayLink::connect(opts).await.unwrap();
@@ -484,7 +482,7 @@ async fn paths(
     let mbit_per_cpu_s = relay_bytes * 8.0 / 1e6 / relay_cpu.max(1e-9);
     agent.close().await;
     console.close().await;
-    (
+    Paths {
         d_rtt,
         r_rtt,
         d_tp,
@@ -492,16 +490,15 @@ async fn paths(
         mbit_per_cpu_s,
         relay_cpu,
         relay_time,
-    )
+    }
 }
 
-#[allow(clippy::type_complexity)]
 async fn memory_paired(
     a: &Args,
     relay: &tandem_tests::RelayProcess,
     opts: &ConnectOptions,
     token: &tandem_proto::Secret,
-) -> (u64, u64, u64, usize, f64, f64, Vec<f64>, f64) {
+) -> Paired {
     // ---- memory with N paired idle sessions ----
     let health = |m| async move { http_get(m, "/health").await.1 };
     let idle_rss = relay.rss_bytes().unwrap_or(0);
@@ -546,49 +543,42 @@ async fn memory_paired(
     tokio::time::sleep(Duration::from_secs(3)).await;
     let loaded_rss = relay.rss_bytes().unwrap_or(0);
     let half_n = a.sessions / 2 / 50 * 50;
-    let per_session =
-        (loaded_rss.saturating_sub(half_rss)) as f64 / (a.sessions - half_n).max(1) as f64;
-    let per_session_total = (loaded_rss.saturating_sub(idle_rss)) as f64 / a.sessions as f64;
     drop(links);
-    (
-        idle_rss,
-        half_rss,
-        loaded_rss,
-        half_n,
-        per_session,
-        per_session_total,
+    Paired {
+        rss: Rss {
+            idle: idle_rss,
+            half: half_rss,
+            full: loaded_rss,
+            half_n,
+            n: a.sessions,
+        },
         setups,
         setup_secs,
-    )
+    }
 }
 
 fn report(a: &Args, r: Report) {
     let Report {
-        d_rtt,
-        r_rtt,
-        d_tp,
-        r_tp,
-        mbit_per_cpu_s,
-        relay_cpu,
-        relay_time,
-        idle_rss,
-        half_rss,
-        loaded_rss,
-        half_n,
-        per_session,
-        per_session_total,
-        setups,
-        setup_secs,
-        un_idle,
-        un_half,
-        un_full,
-        un_half_n,
-        un_slope,
-        un_avg,
+        paths:
+            Paths {
+                d_rtt,
+                r_rtt,
+                d_tp,
+                r_tp,
+                mbit_per_cpu_s,
+                relay_cpu,
+                relay_time,
+            },
+        paired:
+            Paired {
+                rss: paired,
+                setups,
+                setup_secs,
+            },
+        unpaired,
         connect_lo,
         connect_40,
-        hostile_before,
-        hostile_after,
+        hostile: (hostile_before, hostile_after),
     } = r;
     let hostile_each = hostile_after.saturating_sub(hostile_before) as f64 / HOSTILE as f64;
     // ---- report ----
@@ -640,41 +630,41 @@ fn report(a: &Args, r: Report) {
         "{:<34} {:>12} {:>12.1} {:<6} slope {}→{} sessions: {:.1} → {:.1} MiB (target ≤ 50 KB)",
         "relay memory per idle session",
         "",
-        per_session / 1024.0,
+        paired.marginal() / 1024.0,
         "KiB",
-        half_n,
+        paired.half_n,
         a.sessions,
-        half_rss as f64 / 1048576.0,
-        loaded_rss as f64 / 1048576.0
+        paired.half as f64 / 1048576.0,
+        paired.full as f64 / 1048576.0
     );
     println!(
         "{:<34} {:>12} {:>12.1} {:<6} (idle relay {:.1} MiB → {:.1} MiB, incl. auth threads' Argon2 memory)",
         "  … average incl. fixed costs",
         "",
-        per_session_total / 1024.0,
+        paired.average() / 1024.0,
         "KiB",
-        idle_rss as f64 / 1048576.0,
-        loaded_rss as f64 / 1048576.0
+        paired.idle as f64 / 1048576.0,
+        paired.full as f64 / 1048576.0
     );
     println!(
         "{:<34} {:>12} {:>12.1} {:<6} slope {}→{} agents: {:.1} → {:.1} MiB (target ≤ 16 KB)",
         "relay memory per unpaired agent",
         "",
-        un_slope / 1024.0,
+        unpaired.marginal() / 1024.0,
         "KiB",
-        un_half_n,
+        unpaired.half_n,
         a.sessions,
-        un_half as f64 / 1048576.0,
-        un_full as f64 / 1048576.0
+        unpaired.half as f64 / 1048576.0,
+        unpaired.full as f64 / 1048576.0
     );
     println!(
         "{:<34} {:>12} {:>12.1} {:<6} (fresh relay {:.1} MiB → {:.1} MiB)",
         "  … average incl. fixed costs",
         "",
-        un_avg / 1024.0,
+        unpaired.average() / 1024.0,
         "KiB",
-        un_idle as f64 / 1048576.0,
-        un_full as f64 / 1048576.0
+        unpaired.idle as f64 / 1048576.0,
+        unpaired.full as f64 / 1048576.0
     );
     println!(
         "{:<34} {:>12} {:>12.1} {:<6} {} agents pushing streams and datagrams unpaired: {:.1} → {:.1} MiB",
@@ -717,9 +707,9 @@ fn report(a: &Args, r: Report) {
         "rtt_us": {"direct_p50": dp50, "direct_p99": dp99, "relay_p50": rp50, "relay_p99": rp99, "added_p50": rp50 - dp50, "added_p99": rp99 - dp99, "samples_each": d_rtt.len()},
         "throughput_mb_s": {"direct_median": dtp, "relay_median": rtp, "ratio": rtp / dtp, "direct_all": d_tp, "relay_all": r_tp, "transfer_mib": a.transfer_mib},
         "relay_cpu": {"mbit_per_cpu_second": mbit_per_cpu_s, "cpu_seconds": relay_cpu, "wall_seconds": relay_time},
-        "memory": {"sessions": a.sessions, "idle_rss_bytes": idle_rss, "half_sessions": half_n, "half_rss_bytes": half_rss, "loaded_rss_bytes": loaded_rss, "bytes_per_session_marginal": per_session, "bytes_per_session_average": per_session_total},
+        "memory": {"sessions": a.sessions, "idle_rss_bytes": paired.idle, "half_sessions": paired.half_n, "half_rss_bytes": paired.half, "loaded_rss_bytes": paired.full, "bytes_per_session_marginal": paired.marginal(), "bytes_per_session_average": paired.average()},
         "setup_ms": {"p50": percentile(&setups, 0.5), "p99": percentile(&setups, 0.99), "total_s": setup_secs},
-        "memory_unpaired": {"agents": a.sessions, "idle_rss_bytes": un_idle, "half_agents": un_half_n, "half_rss_bytes": un_half, "loaded_rss_bytes": un_full, "bytes_per_agent_marginal": un_slope, "bytes_per_agent_average": un_avg, "hostile_agents": HOSTILE, "hostile_rss_before_bytes": hostile_before, "hostile_rss_after_bytes": hostile_after, "bytes_added_per_hostile_agent": hostile_each},
+        "memory_unpaired": {"agents": a.sessions, "idle_rss_bytes": unpaired.idle, "half_agents": unpaired.half_n, "half_rss_bytes": unpaired.half, "loaded_rss_bytes": unpaired.full, "bytes_per_agent_marginal": unpaired.marginal(), "bytes_per_agent_average": unpaired.average(), "hostile_agents": HOSTILE, "hostile_rss_before_bytes": hostile_before, "hostile_rss_after_bytes": hostile_after, "bytes_added_per_hostile_agent": hostile_each},
         "connect_ms": {"loopback_p50": percentile(&connect_lo, 0.5), "loopback_p99": percentile(&connect_lo, 0.99), "rtt40_p50": percentile(&connect_40, 0.5), "rtt40_min": connect_40.iter().copied().fold(f64::INFINITY, f64::min)},
     });
     let out = serde_json::to_string_pretty(&json).unwrap();

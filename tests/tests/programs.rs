@@ -116,13 +116,8 @@ async fn console(
         .unwrap()
 }
 
-/// Starts a headless console in the background; the handle yields (exit code, JSON events).
-fn spawn_console(
-    relay: &RelayProcess,
-    token: &str,
-    code: &str,
-    extra: &[&str],
-) -> tokio::task::JoinHandle<(i32, Vec<serde_json::Value>)> {
+/// A headless console (JSON events) that joins `code`, with `extra` arguments.
+fn console_command(relay: &RelayProcess, token: &str, code: &str, extra: &[&str]) -> Command {
     let mut cmd = Command::new(binary("tandem-console"));
     cmd.args([
         "--relay",
@@ -142,6 +137,17 @@ fn spawn_console(
     .args(extra)
     .stderr(Stdio::null())
     .kill_on_drop(true);
+    cmd
+}
+
+/// Starts a headless console in the background; the handle yields (exit code, JSON events).
+fn spawn_console(
+    relay: &RelayProcess,
+    token: &str,
+    code: &str,
+    extra: &[&str],
+) -> tokio::task::JoinHandle<(i32, Vec<serde_json::Value>)> {
+    let mut cmd = console_command(relay, token, code, extra);
     tokio::spawn(async move {
         let out = cmd.output().await.unwrap();
         let events = String::from_utf8_lossy(&out.stdout)
@@ -220,6 +226,16 @@ async fn denied_session_streams_nothing_and_says_so() {
     );
     agent.next("denied").await;
     relay.terminate().await;
+}
+
+/// An Xvfb screen of `w`×`h` with the demo scene drawn on it (kill the child when done).
+fn demo_screen(w: u32, h: u32) -> (tandem_tests::x11::Xvfb, std::process::Child) {
+    let x = tandem_tests::x11::Xvfb::start(w, h);
+    let scene = std::process::Command::new(binary("tandem-demo-screen"))
+        .arg(&x.display)
+        .spawn()
+        .unwrap();
+    (x, scene)
 }
 
 /// A wrong code with the right slot.
@@ -435,11 +451,7 @@ async fn without_a_display_control_is_refused_and_the_console_is_told() {
 async fn console_sees_the_agents_screen() {
     use tandem_media::Capturer;
     let (_dir, relay, token) = setup().await;
-    let x = tandem_tests::x11::Xvfb::start(1024, 768);
-    let mut screen = std::process::Command::new(binary("tandem-demo-screen"))
-        .arg(&x.display)
-        .spawn()
-        .unwrap();
+    let (x, mut screen) = demo_screen(1024, 768);
     let mut agent = Agent::start_on(&relay, "view-only", Some(&x.display)).await;
     let code = agent.code().await;
     let png = tempfile::NamedTempFile::new().unwrap();
@@ -642,11 +654,7 @@ fn console_window(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn console_window_shows_the_remote_screen() {
     let (_dir, relay, token) = setup().await;
-    let agent_screen = tandem_tests::x11::Xvfb::start(1024, 768);
-    let mut demo = std::process::Command::new(binary("tandem-demo-screen"))
-        .arg(&agent_screen.display)
-        .spawn()
-        .unwrap();
+    let (agent_screen, mut demo) = demo_screen(1024, 768);
     let mut agent = Agent::start_on(&relay, "allow", Some(&agent_screen.display)).await;
     let code = agent.code().await;
     let tech_screen = tandem_tests::x11::Xvfb::start(1280, 800);
@@ -1096,11 +1104,7 @@ async fn network_cut_and_restored_resumes_the_session() {
         Impairment::default(),
     )
     .await;
-    let x = tandem_tests::x11::Xvfb::start(640, 480);
-    let mut demo = std::process::Command::new(binary("tandem-demo-screen"))
-        .arg(&x.display)
-        .spawn()
-        .unwrap();
+    let (x, mut demo) = demo_screen(640, 480);
     let mut agent = Agent::start_at(
         &proxy.addr.to_string(),
         &relay,
@@ -1248,25 +1252,11 @@ fn sandbox_status(pid: u32) -> (String, String) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn console_decodes_in_a_sandboxed_process_that_survives_being_killed() {
     let (_dir, relay, token) = setup().await;
-    let x = tandem_tests::x11::Xvfb::start(1024, 768);
-    let mut screen = std::process::Command::new(binary("tandem-demo-screen"))
-        .arg(&x.display)
-        .spawn()
-        .unwrap();
+    let (x, mut screen) = demo_screen(1024, 768);
     let mut agent = Agent::start_on(&relay, "view-only", Some(&x.display)).await;
     let code = agent.code().await;
-    let mut child = Command::new(binary("tandem-console"))
-        .args([
-            "--relay",
-            &relay.addr,
-            "--relay-pin",
-            &relay.pin.to_string(),
-        ])
-        .args(["--token", &token, "--code", &code])
-        .args(["--headless", "--json", "--no-remember", "--seconds", "30"])
+    let mut child = console_command(&relay, &token, &code, &["--seconds", "30"])
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
         .spawn()
         .unwrap();
     let console_pid = child.id().unwrap();
@@ -1346,11 +1336,7 @@ async fn console_decodes_in_a_sandboxed_process_that_survives_being_killed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn console_window_scales_a_picture_beyond_the_texture_limit() {
     let (_dir, relay, token) = setup().await;
-    let agent_screen = tandem_tests::x11::Xvfb::start(1024, 768);
-    let mut demo = std::process::Command::new(binary("tandem-demo-screen"))
-        .arg(&agent_screen.display)
-        .spawn()
-        .unwrap();
+    let (agent_screen, mut demo) = demo_screen(1024, 768);
     let mut agent = Agent::start_on(&relay, "view-only", Some(&agent_screen.display)).await;
     let code = agent.code().await;
     let tech_screen = tandem_tests::x11::Xvfb::start(1280, 800);

@@ -277,27 +277,31 @@ pub struct Expired {
     pub slot: Slot,
 }
 
-/// A token bucket refilled continuously at `per_minute` tokens a minute, holding at most `per_minute`.
+/// A token bucket refilled continuously at `per_second`, holding at most `burst`. The registry's
+/// limits are per minute with a burst of a minute's worth ([`Bucket::full`], [`Bucket::try_take`]);
+/// the server's per-connection budgets use [`Bucket::new`] and [`Bucket::take`].
 #[derive(Clone, Debug)]
-struct Bucket {
+pub(crate) struct Bucket {
     tokens: f64,
     last: Instant,
 }
 
 impl Bucket {
-    fn full(per_minute: u32, now: Instant) -> Self {
+    /// A full bucket of `burst` tokens.
+    pub(crate) fn new(burst: f64, now: Instant) -> Self {
         Bucket {
-            tokens: per_minute as f64,
+            tokens: burst,
             last: now,
         }
     }
-    fn refill(&mut self, per_minute: u32, now: Instant) {
+    fn refill(&mut self, burst: f64, per_second: f64, now: Instant) {
         let dt = now.saturating_duration_since(self.last).as_secs_f64();
-        self.tokens = (self.tokens + dt * per_minute as f64 / 60.0).min(per_minute as f64);
+        self.tokens = (self.tokens + dt * per_second).min(burst);
         self.last = now;
     }
-    fn try_take(&mut self, per_minute: u32, now: Instant) -> bool {
-        self.refill(per_minute, now);
+    /// Takes a token if there is one.
+    pub(crate) fn take(&mut self, burst: f64, per_second: f64, now: Instant) -> bool {
+        self.refill(burst, per_second, now);
         if self.tokens >= 1.0 {
             self.tokens -= 1.0;
             true
@@ -305,8 +309,17 @@ impl Bucket {
             false
         }
     }
+    fn full(per_minute: u32, now: Instant) -> Self {
+        Self::new(per_minute as f64, now)
+    }
+    fn try_take(&mut self, per_minute: u32, now: Instant) -> bool {
+        self.take(per_minute as f64, per_minute as f64 / 60.0, now)
+    }
+    fn refill_per_minute(&mut self, per_minute: u32, now: Instant) {
+        self.refill(per_minute as f64, per_minute as f64 / 60.0, now);
+    }
     fn would_allow(&mut self, per_minute: u32, now: Instant) -> bool {
-        self.refill(per_minute, now);
+        self.refill_per_minute(per_minute, now);
         self.tokens >= 1.0
     }
 }
@@ -1338,19 +1351,19 @@ impl Registry {
             l.registers_per_minute_per_address,
         );
         self.join_by_tech.retain(|_, b| {
-            b.refill(pt, now);
+            b.refill_per_minute(pt, now);
             b.tokens < pt as f64
         });
         self.join_by_addr.retain(|_, b| {
-            b.refill(pa, now);
+            b.refill_per_minute(pa, now);
             b.tokens < pa as f64
         });
         self.auth_by_addr.retain(|_, b| {
-            b.refill(pu, now);
+            b.refill_per_minute(pu, now);
             b.tokens < pu as f64
         });
         self.register_by_addr.retain(|_, b| {
-            b.refill(pr, now);
+            b.refill_per_minute(pr, now);
             b.tokens < pr as f64
         });
         out

@@ -23,7 +23,7 @@
 
 use crate::metrics::Metrics;
 use crate::registry::{
-    Closed, ConnId, Ended, LimitHit, Limits, Paired, Refusal, Registry, Session, SessionId,
+    Bucket, Closed, ConnId, Ended, LimitHit, Limits, Paired, Refusal, Registry, Session, SessionId,
     SlotRng, Technician,
 };
 use crate::store::{AuthOutcome, Candidate, SessionStart, Store, StoreError, TokenSecret};
@@ -165,28 +165,22 @@ struct Shared {
 /// [`LogLimiter::BURST`] at once and [`LogLimiter::PER_SECOND`] a second; the lines held back are
 /// counted, and the count goes out with the next line that passes (and to a metric).
 struct LogLimiter {
-    tokens: f64,
-    last: Instant,
+    bucket: Bucket,
     suppressed: u64,
 }
 
 impl LogLimiter {
     const BURST: f64 = 50.0;
     const PER_SECOND: f64 = 10.0;
-    fn new() -> Self {
+    fn new(now: Instant) -> Self {
         LogLimiter {
-            tokens: Self::BURST,
-            last: Instant::now(),
+            bucket: Bucket::new(Self::BURST, now),
             suppressed: 0,
         }
     }
     /// `Some(lines suppressed since the last one)` if a line may be written now.
     fn allow(&mut self, now: Instant) -> Option<u64> {
-        let dt = now.saturating_duration_since(self.last).as_secs_f64();
-        self.tokens = (self.tokens + dt * Self::PER_SECOND).min(Self::BURST);
-        self.last = now;
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
+        if self.bucket.take(Self::BURST, Self::PER_SECOND, now) {
             Some(std::mem::take(&mut self.suppressed))
         } else {
             self.suppressed += 1;
@@ -349,7 +343,7 @@ pub async fn start(
         limits: cfg.limits.clone(),
         draining: AtomicBool::new(false),
         explaining: std::sync::atomic::AtomicUsize::new(0),
-        log_limit: Mutex::new(LogLimiter::new()),
+        log_limit: Mutex::new(LogLimiter::new(Instant::now())),
     });
     let (stop_tx, stop_rx) = watch::channel(false);
 
@@ -692,7 +686,7 @@ async fn run_connection(
         })
         .clone();
     let mut junk: u32 = 0;
-    let mut budget = ControlBudget::new();
+    let mut budget = Bucket::new(CONTROL_BURST, Instant::now());
     let mut refused_registers: u32 = 0;
     loop {
         let body = match frames.next_frame() {
@@ -744,7 +738,7 @@ async fn run_connection(
         };
         let msg = decode_body::<ClientMsg>(&body).map_err(|e| protocol_error(shared, e))?;
         let now = Instant::now();
-        if !budget.take(now) {
+        if !budget.take(CONTROL_BURST, CONTROL_PER_SECOND, now) {
             shared.metrics.limit("control_messages");
             return Err(Close::With(
                 ErrorCode::RateLimited,
@@ -945,35 +939,11 @@ async fn run_connection(
 /// deadline and the datagram drain) for ever.
 const WRITE_STALL: Duration = Duration::from_secs(5);
 
-/// Control messages a connection may send: a burst of [`ControlBudget::BURST`], then
-/// [`ControlBudget::PER_SECOND`]. An honest client sends a handful per session (keep-alives are
-/// QUIC's); a flood of Pings or refused Registers is closed instead of served one by one.
-struct ControlBudget {
-    tokens: f64,
-    last: Instant,
-}
-
-impl ControlBudget {
-    const BURST: f64 = 60.0;
-    const PER_SECOND: f64 = 20.0;
-    fn new() -> Self {
-        ControlBudget {
-            tokens: Self::BURST,
-            last: Instant::now(),
-        }
-    }
-    fn take(&mut self, now: Instant) -> bool {
-        let dt = now.saturating_duration_since(self.last).as_secs_f64();
-        self.tokens = (self.tokens + dt * Self::PER_SECOND).min(Self::BURST);
-        self.last = now;
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
-            true
-        } else {
-            false
-        }
-    }
-}
+/// Control messages a connection may send: a burst of [`CONTROL_BURST`], then
+/// [`CONTROL_PER_SECOND`]. An honest client sends a handful per session (keep-alives are QUIC's); a
+/// flood of Pings or refused Registers is closed instead of served one by one.
+const CONTROL_BURST: f64 = 60.0;
+const CONTROL_PER_SECOND: f64 = 20.0;
 
 /// Registers refused for their budget that a connection may send before it is closed.
 const MAX_REFUSED_REGISTERS: u32 = 3;
@@ -1531,8 +1501,8 @@ mod tests {
 
     #[test]
     fn stranger_log_lines_are_rate_limited_and_counted() {
-        let mut l = LogLimiter::new();
-        let t0 = l.last;
+        let t0 = Instant::now();
+        let mut l = LogLimiter::new(t0);
         let allowed = (0..200).filter(|_| l.allow(t0).is_some()).count();
         assert_eq!(allowed, LogLimiter::BURST as usize);
         // A second later: ten more, the first of which reports what was held back.

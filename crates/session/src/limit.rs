@@ -127,10 +127,11 @@ impl Tries {
         self.failures
     }
 
-    /// Records a failure at `now` and says what follows.
-    pub fn failed(&mut self, now: Instant) -> AfterFailure {
+    /// Records a failure at `now` (`wall`: the same moment on the wall clock, kept across
+    /// restarts) and says what follows.
+    pub fn failed(&mut self, now: Instant, wall: SystemTime) -> AfterFailure {
         self.failures = self.failures.saturating_add(1);
-        self.last_failure = Some(SystemTime::now());
+        self.last_failure = Some(wall);
         if self.failures >= self.limit.lock_after.max(1) {
             self.gate = Gate::Locked;
             return AfterFailure::Locked;
@@ -166,25 +167,34 @@ impl Tries {
 mod tests {
     use super::*;
 
+    /// The wall clock where a test does not look at it.
+    const WALL: SystemTime = SystemTime::UNIX_EPOCH;
+
     #[test]
     fn pauses_double_then_lock_after_three() {
         let mut t = Tries::new(GuessLimit::default());
         let t0 = Instant::now();
         assert_eq!(t.gate(t0), Gate::Open);
-        assert_eq!(t.failed(t0), AfterFailure::Pause(Duration::from_secs(30)));
+        assert_eq!(
+            t.failed(t0, WALL),
+            AfterFailure::Pause(Duration::from_secs(30))
+        );
         assert_eq!(
             t.gate(t0 + Duration::from_secs(29)),
             Gate::Until(t0 + Duration::from_secs(30))
         );
         assert_eq!(t.gate(t0 + Duration::from_secs(30)), Gate::Open);
         let t1 = t0 + Duration::from_secs(31);
-        assert_eq!(t.failed(t1), AfterFailure::Pause(Duration::from_secs(60)));
+        assert_eq!(
+            t.failed(t1, WALL),
+            AfterFailure::Pause(Duration::from_secs(60))
+        );
         assert_eq!(
             t.gate(t1 + Duration::from_secs(59)),
             Gate::Until(t1 + Duration::from_secs(60))
         );
         let t2 = t1 + Duration::from_secs(61);
-        assert_eq!(t.failed(t2), AfterFailure::Locked);
+        assert_eq!(t.failed(t2, WALL), AfterFailure::Locked);
         // Locked for good: no amount of waiting opens it.
         assert_eq!(t.gate(t2 + Duration::from_secs(86_400 * 365)), Gate::Locked);
         assert_eq!(t.failures(), 3);
@@ -195,11 +205,11 @@ mod tests {
         let mut t = Tries::new(GuessLimit::default());
         let now = Instant::now();
         for _ in 0..3 {
-            t.failed(now);
+            t.failed(now, WALL);
         }
         t.user_asked();
         assert_eq!(t.gate(now), Gate::Open);
-        assert_eq!(t.failed(now), AfterFailure::Locked);
+        assert_eq!(t.failed(now, WALL), AfterFailure::Locked);
         assert_eq!(t.gate(now + Duration::from_secs(3600)), Gate::Locked);
     }
 
@@ -207,12 +217,15 @@ mod tests {
     fn a_confirmed_session_starts_the_count_again() {
         let mut t = Tries::new(GuessLimit::default());
         let now = Instant::now();
-        t.failed(now);
-        t.failed(now);
+        t.failed(now, WALL);
+        t.failed(now, WALL);
         t.succeeded();
         assert_eq!(t.failures(), 0);
         assert_eq!(t.gate(now), Gate::Open);
-        assert_eq!(t.failed(now), AfterFailure::Pause(Duration::from_secs(30)));
+        assert_eq!(
+            t.failed(now, WALL),
+            AfterFailure::Pause(Duration::from_secs(30))
+        );
     }
 
     #[test]
@@ -225,7 +238,7 @@ mod tests {
         let now = Instant::now();
         let mut last = Duration::ZERO;
         for _ in 0..100 {
-            match t.failed(now) {
+            match t.failed(now, WALL) {
                 AfterFailure::Pause(p) => {
                     assert!(p >= last && p <= Duration::from_secs(100));
                     last = p;
@@ -254,7 +267,7 @@ mod tests {
         t.restore(at(20, 2), wall, now);
         assert_eq!(t.gate(now), Gate::Until(now + Duration::from_secs(40)));
         assert_eq!(
-            t.failed(now + Duration::from_secs(40)),
+            t.failed(now + Duration::from_secs(40), WALL),
             AfterFailure::Locked
         );
         // Forgotten after a day, or with a clock that went backwards.
@@ -272,7 +285,7 @@ mod tests {
         assert_eq!(t.gate(now), Gate::Open);
         // What a failure records comes back.
         let mut t = Tries::new(GuessLimit::default());
-        t.failed(now);
+        t.failed(now, SystemTime::now());
         let r = t.remembered();
         assert_eq!(r.failures, 1);
         let mut u = Tries::new(GuessLimit::default());
@@ -292,7 +305,7 @@ mod tests {
             match t.gate(now) {
                 Gate::Open => {
                     guesses += 1;
-                    t.failed(now);
+                    t.failed(now, WALL);
                 }
                 Gate::Until(at) => now = at,
                 Gate::Locked => break,

@@ -35,6 +35,34 @@ pub struct Shown {
     pub suspicious: bool,
 }
 
+/// The technician and organisation a session names (as the relay reported them, bound into the
+/// PAKE), ready to show: "alice of ACME IT".
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ShownPeer {
+    pub technician: Shown,
+    pub organisation: Shown,
+}
+
+impl ShownPeer {
+    pub fn of(peer: &crate::PeerInfo) -> ShownPeer {
+        ShownPeer {
+            technician: shown(peer.technician.as_deref().unwrap_or_default()),
+            organisation: shown(peer.organisation.as_deref().unwrap_or_default()),
+        }
+    }
+
+    /// Whether either name was escaped.
+    pub fn suspicious(&self) -> bool {
+        self.technician.suspicious || self.organisation.suspicious
+    }
+}
+
+impl std::fmt::Display for ShownPeer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} of {}", self.technician.text, self.organisation.text)
+    }
+}
+
 /// Bidirectional formatting characters (Unicode `Bidi_Control`).
 fn is_bidi_control(c: char) -> bool {
     matches!(c, '\u{061C}' | '\u{200E}' | '\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}')

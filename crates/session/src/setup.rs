@@ -4,7 +4,7 @@
 use crate::carrier::{Carrier, Fallback};
 use crate::code::SessionCode;
 use crate::inner::{self, close};
-use crate::limit::{AfterFailure, Gate, GuessLimit, Remembered, Tries};
+use crate::limit::{Gate, GuessLimit, Remembered, Tries};
 use crate::pake::{
     AgentPake, Binding, ConsolePake, EXPORTER_LABEL, EXPORTER_LEN, PakeError, PakeMsg,
     RelayIdentity,
@@ -301,7 +301,8 @@ impl AgentHost {
         let (Some(code), Some(mut link)) = (self.code.take(), self.link.take()) else {
             return Err(SessionError::Setup("no code or relay link".into()));
         };
-        let after = self.tries.failed(Instant::now());
+        self.tries
+            .failed(Instant::now(), std::time::SystemTime::now());
         self.next_why = CodeChange::SetupFailed("the handshake was interrupted".into());
         self.announced = false;
         // A request for a new code made before this failure does not lift a lock it causes.
@@ -415,14 +416,11 @@ impl AgentHost {
         // Tell the relay, then leave it: no code, and so no pairing, until the pause is over.
         let _ = link.end(reason).await;
         link.close().await;
-        let gate = match after {
-            AfterFailure::Pause(_) => self.tries.gate(Instant::now()),
-            AfterFailure::Locked => {
-                // Only a request made after the user was told of the lock lifts it.
-                self.requests.take();
-                Gate::Locked
-            }
-        };
+        let gate = self.tries.gate(Instant::now());
+        if gate == Gate::Locked {
+            // Only a request made after the user was told of the lock lifts it.
+            self.requests.take();
+        }
         match self.notice(gate) {
             Some(ev) => Ok(ev),
             // The pause is already over (a zero pause): the next code at once.
