@@ -501,7 +501,7 @@ async fn run(
                 let note = format!(
                     "{} A new code appears in {} s.",
                     failure_text(&why),
-                    pause.as_secs().max(1)
+                    pause.as_secs_f64().ceil().max(1.0)
                 );
                 report.event(
                     "paused",

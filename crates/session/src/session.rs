@@ -212,7 +212,7 @@ pub enum SessionError {
     #[error(transparent)]
     Relay(#[from] ClientError),
     #[error(
-        "wrong session code: check the code with the user (a wrong code cannot be retried; the user gets a new one)"
+        "wrong session code: check the code with the user (a wrong code cannot be retried; the user gets a new one, after a pause that grows with each wrong try)"
     )]
     WrongCode,
     #[error("the session could not be set up: {0}")]
