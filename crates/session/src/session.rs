@@ -21,7 +21,7 @@ use quinn::{Connection, RecvStream, SendStream, VarInt};
 use serde::{Deserialize, Serialize};
 use std::collections::VecDeque;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 use tandem_client::{ClientError, ConnectOptions, RelayLink};
 use tandem_proto::{
@@ -365,6 +365,8 @@ pub struct Session {
     end_info: EndInfo,
     /// Agent: whether input is accepted (set when the consent answer was sent).
     input_open: Arc<InputGate>,
+    /// Console: bytes of video frames read and not yet taken by [`Session::recv_video`].
+    video_held: Arc<AtomicUsize>,
 }
 
 /// Agent: input is accepted once the user's consent answer was sent; before, it is dropped.
@@ -435,6 +437,7 @@ impl Session {
         // Input is accepted only once the user answered the consent prompt (the agent's
         // `send_control(Consent)` opens it); what arrives before is dropped, never queued.
         let input_open = Arc::new(InputGate::default());
+        let video_held = Arc::new(AtomicUsize::new(0));
         // Each side accepts only the channels the other side may send: video to the console,
         // input to the agent.
         let accepts = match p.role {
@@ -442,7 +445,10 @@ impl Session {
                 tx: input_tx.clone(),
                 open: input_open.clone(),
             },
-            Role::Console => Accepts::Video(video_tx),
+            Role::Console => Accepts::Video {
+                tx: video_tx,
+                held: video_held.clone(),
+            },
         };
         tasks.push(tokio::spawn(accept_streams(p.conn.clone(), accepts)).abort_handle());
         if p.role == Role::Agent {
@@ -485,6 +491,7 @@ impl Session {
             session_key: p.session_key,
             end_info,
             input_open,
+            video_held,
         }
     }
 
@@ -542,9 +549,18 @@ impl Session {
     pub async fn recv_video(&self) -> Result<VideoFrame, SessionError> {
         let r = self.video_rx.lock().await.recv().await;
         match r {
-            Some(f) => Ok(f),
+            Some(f) => {
+                self.video_held.fetch_sub(f.data.len(), Ordering::Relaxed);
+                Ok(f)
+            }
             None => Err(self.wait_ended().await),
         }
+    }
+
+    /// Console: bytes of video this side holds, read and not yet taken by
+    /// [`Session::recv_video`]; at most [`MAX_VIDEO_HELD`] whatever the peer sends.
+    pub fn video_bytes_held(&self) -> usize {
+        self.video_held.load(Ordering::Relaxed)
     }
 
     /// The next input item. Cancel-safe.
@@ -674,7 +690,10 @@ async fn control_reader(mut recv: RecvStream, tx: mpsc::Sender<Result<ControlMsg
 #[derive(Clone)]
 enum Accepts {
     /// The console: video frames.
-    Video(mpsc::Sender<VideoFrame>),
+    Video {
+        tx: mpsc::Sender<VideoFrame>,
+        held: Arc<AtomicUsize>,
+    },
     /// The agent: input events, delivered once `open` is set.
     Input {
         tx: mpsc::Sender<InputItem>,
@@ -703,7 +722,9 @@ async fn accept_streams(conn: Connection, accepts: Accepts) {
                 return;
             }
             match (kind[0], accepts) {
-                (KIND_VIDEO, Accepts::Video(tx)) => read_video(recv, tx, newest, permits).await,
+                (KIND_VIDEO, Accepts::Video { tx, held }) => {
+                    read_video(recv, tx, newest, permits, held).await
+                }
                 (KIND_INPUT, Accepts::Input { tx, open }) => {
                     read_input_events(recv, tx, open).await
                 }
@@ -722,6 +743,7 @@ async fn read_video(
     tx: mpsc::Sender<VideoFrame>,
     newest: Arc<AtomicU64>,
     permits: Arc<Semaphore>,
+    held: Arc<AtomicUsize>,
 ) {
     // A permit before reading, held until the frame is queued for the decoder: at most
     // VIDEO_READERS frames are read at once, the rest wait in the peer's flow control.
@@ -733,6 +755,11 @@ async fn read_video(
         return;
     }
     let seq = u64::from_be_bytes(seq);
+    if seq <= newest.load(Ordering::Acquire) {
+        // Already overtaken by a newer frame: not worth reading.
+        let _ = recv.stop(VarInt::from_u32(0));
+        return;
+    }
     let data = match recv.read_to_end(MAX_VIDEO_FRAME).await {
         Ok(d) => d,
         Err(quinn::ReadToEndError::TooLong) => {
@@ -743,14 +770,19 @@ async fn read_video(
         Err(_) => return,
     };
     // Deliver only frames newer than any delivered: a frame that completes late is dropped.
+    let len = data.len();
+    held.fetch_add(len, Ordering::Relaxed);
     let prev = newest.fetch_max(seq, Ordering::AcqRel);
-    if seq > prev {
-        let _ = tx
+    let queued = seq > prev
+        && tx
             .send(VideoFrame {
                 seq,
                 data: Bytes::from(data),
             })
-            .await;
+            .await
+            .is_ok();
+    if !queued {
+        held.fetch_sub(len, Ordering::Relaxed);
     }
 }
 
