@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
-use tandem_relay_server::{Limits, ServerConfig};
+use tandem_relay_server::{Limits, ServerConfig, TcpConfig};
 
 pub const DEFAULT_LISTEN: &str = "0.0.0.0:4433";
 pub const DEFAULT_METRICS: &str = "127.0.0.1:9733";
@@ -26,6 +26,23 @@ pub struct FileConfig {
     pub drain_timeout_secs: Option<u64>,
     #[serde(default)]
     pub limits: FileLimits,
+    #[serde(default)]
+    pub tcp: FileTcp,
+}
+
+/// `[tcp]`: the TCP front (TLS over TCP and WebSocket) for clients whose network drops UDP.
+#[derive(Debug, Default, Deserialize, Serialize, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct FileTcp {
+    /// TCP addresses; default: the QUIC listen address (same IP and port number). `[]`: no TCP.
+    pub listen: Option<Vec<String>>,
+    /// Path of the WebSocket upgrade; "" switches WebSocket off.
+    pub websocket_path: Option<String>,
+    /// Reverse proxies whose X-Forwarded-For / X-Real-IP names the client.
+    pub trusted_proxies: Option<Vec<String>>,
+    pub max_links: Option<usize>,
+    pub links_per_address: Option<usize>,
+    pub handshake_timeout_secs: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize, Serialize, Clone)]
@@ -76,6 +93,8 @@ pub struct Overrides {
     pub cert: Option<PathBuf>,
     pub key: Option<PathBuf>,
     pub log_format: Option<String>,
+    /// `--tcp-listen` (repeatable); `off` switches TCP off.
+    pub tcp_listen: Vec<String>,
 }
 
 /// The effective configuration.
@@ -89,6 +108,7 @@ pub struct Config {
     pub log_format: String,
     pub drain_timeout: Duration,
     pub limits: Limits,
+    pub tcp: TcpConfig,
 }
 
 fn default_data_dir() -> PathBuf {
@@ -212,6 +232,7 @@ impl Config {
         if limits.console_reserve >= limits.max_connections {
             bail!("limits.console_reserve must be less than limits.max_connections");
         }
+        let tcp = resolve_tcp(listen, &file.tcp, &o.tcp_listen, &limits)?;
         Ok(Config {
             listen,
             metrics_listen,
@@ -221,6 +242,7 @@ impl Config {
             log_format,
             drain_timeout: Duration::from_secs(file.drain_timeout_secs.unwrap_or(3)),
             limits,
+            tcp,
         })
     }
 
@@ -245,6 +267,7 @@ impl Config {
             data_dir: self.data_dir.clone(),
             limits: self.limits.clone(),
             drain_timeout: self.drain_timeout,
+            tcp: self.tcp.clone(),
         })
     }
 
@@ -281,9 +304,81 @@ impl Config {
                 session_bytes_per_second: Some(l.session_bytes_per_second.unwrap_or(0)),
                 resume_grace_secs: Some(l.resume_grace.as_secs()),
             },
+            tcp: FileTcp {
+                listen: Some(self.tcp.listen.iter().map(|a| a.to_string()).collect()),
+                websocket_path: Some(self.tcp.websocket_path.clone().unwrap_or_default()),
+                trusted_proxies: Some(
+                    self.tcp
+                        .trusted_proxies
+                        .iter()
+                        .map(|a| a.to_string())
+                        .collect(),
+                ),
+                max_links: Some(self.tcp.max_links),
+                links_per_address: Some(self.tcp.links_per_address),
+                handshake_timeout_secs: Some(self.tcp.handshake_timeout.as_secs()),
+            },
         };
         Ok(toml::to_string_pretty(&f)?)
     }
+}
+
+/// The TCP front from `[tcp]` and `--tcp-listen`: by default on the QUIC address's IP and port
+/// number; links per address as many as QUIC connections per address.
+fn resolve_tcp(
+    quic: SocketAddr,
+    file: &FileTcp,
+    flags: &[String],
+    limits: &Limits,
+) -> Result<TcpConfig> {
+    let d = TcpConfig::default();
+    let listen_strings: Vec<String> = if !flags.is_empty() {
+        flags.to_vec()
+    } else if let Some(l) = &file.listen {
+        l.clone()
+    } else {
+        vec![quic.to_string()]
+    };
+    let mut listen = Vec::new();
+    for s in listen_strings {
+        if s == "off" {
+            listen.clear();
+            break;
+        }
+        listen.push(parse_addr("tcp listen address", &s)?);
+    }
+    let websocket_path = match file.websocket_path.as_deref() {
+        None => d.websocket_path,
+        Some("") => None,
+        Some(p) if p.starts_with('/') => Some(p.to_string()),
+        Some(p) => bail!("tcp.websocket_path {p:?} must start with /"),
+    };
+    let mut trusted_proxies = Vec::new();
+    for p in file.trusted_proxies.iter().flatten() {
+        trusted_proxies.push(p.parse().with_context(|| {
+            format!("tcp.trusted_proxies: {p:?} is not an IP address such as 127.0.0.1")
+        })?);
+    }
+    let tcp = TcpConfig {
+        listen,
+        websocket_path,
+        trusted_proxies,
+        max_links: file.max_links.unwrap_or(limits.max_connections),
+        links_per_address: file
+            .links_per_address
+            .unwrap_or(limits.max_connections_per_address),
+        handshake_timeout: file
+            .handshake_timeout_secs
+            .map(Duration::from_secs)
+            .unwrap_or(d.handshake_timeout),
+        idle_timeout: d.idle_timeout,
+    };
+    if tcp.max_links == 0 || tcp.links_per_address == 0 || tcp.handshake_timeout.is_zero() {
+        bail!(
+            "tcp.max_links, tcp.links_per_address and tcp.handshake_timeout_secs must be at least 1"
+        );
+    }
+    Ok(tcp)
 }
 
 #[cfg(test)]
@@ -344,6 +439,48 @@ mod tests {
                 "{bad}"
             );
         }
+    }
+
+    #[test]
+    fn tcp_front_defaults_and_overrides() {
+        let c = Config::resolve(FileConfig::default(), Overrides::default()).unwrap();
+        assert_eq!(
+            c.tcp.listen,
+            vec![c.listen],
+            "TCP on the QUIC address by default"
+        );
+        assert_eq!(c.tcp.websocket_path.as_deref(), Some("/tandem"));
+        let file: FileConfig = toml::from_str(
+            r#"
+            listen = "0.0.0.0:4433"
+            [tcp]
+            listen = ["0.0.0.0:4433", "[::]:443"]
+            websocket_path = ""
+            trusted_proxies = ["127.0.0.1", "::1"]
+            "#,
+        )
+        .unwrap();
+        let c = Config::resolve(file.clone(), Overrides::default()).unwrap();
+        assert_eq!(c.tcp.listen.len(), 2);
+        assert_eq!(c.tcp.websocket_path, None);
+        assert_eq!(c.tcp.trusted_proxies.len(), 2);
+        let again: FileConfig = toml::from_str(&c.to_toml().unwrap()).unwrap();
+        let c2 = Config::resolve(again, Overrides::default()).unwrap();
+        assert_eq!(c2.tcp.listen, c.tcp.listen);
+        assert_eq!(c2.tcp.websocket_path, None);
+        let off = Config::resolve(
+            file,
+            Overrides {
+                tcp_listen: vec!["off".into()],
+                ..Overrides::default()
+            },
+        )
+        .unwrap();
+        assert!(off.tcp.listen.is_empty());
+        let bad: FileConfig = toml::from_str("[tcp]\ntrusted_proxies = [\"nginx\"]").unwrap();
+        assert!(Config::resolve(bad, Overrides::default()).is_err());
+        let bad: FileConfig = toml::from_str("[tcp]\nwebsocket_path = \"tandem\"").unwrap();
+        assert!(Config::resolve(bad, Overrides::default()).is_err());
     }
 
     #[test]

@@ -45,6 +45,14 @@ struct Cli {
     /// TCP address for /metrics and /health; "off" disables. [default: 127.0.0.1:9733]
     #[arg(long, env = "TANDEM_RELAY_METRICS_LISTEN")]
     metrics_listen: Option<String>,
+    /// TCP address for clients whose network drops UDP (TLS over TCP and WebSocket on the same
+    /// port); repeat for several, `off` for none. [default: the --listen address, same port number]
+    #[arg(
+        long = "tcp-listen",
+        env = "TANDEM_RELAY_TCP_LISTEN",
+        value_delimiter = ','
+    )]
+    tcp_listen: Vec<String>,
 
     /// Extra DNS name or IP address for the generated relay certificate (repeatable).
     #[arg(long = "name", env = "TANDEM_RELAY_NAMES", value_delimiter = ',')]
@@ -147,6 +155,7 @@ fn run(cli: Cli) -> Result<()> {
             data_dir: cli.data_dir.clone(),
             listen: cli.listen.clone(),
             metrics_listen: cli.metrics_listen.clone(),
+            tcp_listen: cli.tcp_listen.clone(),
             names: cli.names.clone(),
             cert: cli.cert.clone(),
             key: cli.key.clone(),
@@ -208,6 +217,12 @@ fn serve(cfg: Config) -> Result<()> {
             .await
             .context("cannot start the relay")?;
         println!("  listening on:    {} (UDP)", handle.addr());
+        for a in handle.tcp_addrs() {
+            match &cfg.tcp.websocket_path {
+                Some(p) => println!("                   {a} (TCP: TLS, and WebSocket at {p})"),
+                None => println!("                   {a} (TCP: TLS)"),
+            }
+        }
         if let Some(m) = handle.metrics_addr() {
             println!("  metrics:         http://{m}/metrics  health: http://{m}/health");
         }

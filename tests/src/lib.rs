@@ -50,6 +50,11 @@ impl TestRelay {
         };
         let cfg = ServerConfig {
             listen: "127.0.0.1:0".parse().unwrap(),
+            // TCP on the UDP port's number, as the binary does by default.
+            tcp: tandem_relay_server::TcpConfig {
+                listen: vec!["127.0.0.1:0".parse().unwrap()],
+                ..Default::default()
+            },
             metrics_listen: Some("127.0.0.1:0".parse().unwrap()),
             data_dir: dir.path().to_path_buf(),
             limits,

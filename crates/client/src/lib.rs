@@ -13,6 +13,10 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 use tandem_certs::RelayTrust;
+use tandem_net::dial::{DialError, TcpTarget};
+use tandem_net::proxy::{Proxy, ProxyError};
+use tandem_net::tunnel::{Hub, Link, MuxSocket, QueueLimits};
+use tandem_net::{Transport, TransportCell};
 use tandem_proto::{
     ALPN, ClientInfo, ClientMsg, EndReason, ErrorCode, FRAME_HEADER, MAX_CONTROL_FRAME,
     MAX_PAYLOAD_FRAME, RelayMsg, ResumeToken, Secret, Slot, decode_body, encode_frame, frame_len,
@@ -20,29 +24,101 @@ use tandem_proto::{
 use tokio::sync::mpsc;
 
 pub use tandem_certs;
+pub use tandem_net;
 pub use tandem_proto;
 
 /// How to reach and trust a relay.
 #[derive(Clone, Debug)]
 pub struct ConnectOptions {
-    /// `host:port` (host: DNS name or IP address; IPv6 in brackets).
+    /// `host:port` (host: DNS name or IP address; IPv6 in brackets): the relay's QUIC (UDP) address.
     pub relay: String,
     pub trust: RelayTrust,
     /// Name and version of the program, for the relay's log.
     pub software: String,
     /// How long to wait for the relay to answer.
     pub timeout: Duration,
+    /// Which transports may be used.
+    pub transports: Transports,
+    /// Where TCP links go when QUIC does not answer, tried in this order a little apart. By default
+    /// TLS over TCP to the relay's host on its QUIC port number, then on 443.
+    pub tcp: Vec<TcpTarget>,
+    /// The HTTP proxy for TCP links. By default from `HTTPS_PROXY` / `NO_PROXY` (as curl).
+    pub proxy: ProxyChoice,
+    /// How long QUIC has on its own before TCP starts in parallel ("happy eyeballs").
+    pub race_delay: Duration,
+    /// A link on TCP first tries QUIC again after this long, then less and less often.
+    pub quic_retry: Duration,
 }
+
+/// Which transports a client uses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Transports {
+    /// QUIC first; TCP in parallel when QUIC has not answered within the race delay; a link that
+    /// ended up on TCP moves to QUIC when UDP works again.
+    #[default]
+    Auto,
+    /// QUIC (UDP) only.
+    Quic,
+    /// TCP only (tests, benchmarks, or a network known to drop UDP).
+    Tcp,
+}
+
+/// Which HTTP proxy TCP links go through.
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub enum ProxyChoice {
+    /// `HTTPS_PROXY`/`https_proxy`/`ALL_PROXY`, unless `NO_PROXY` exempts the host.
+    #[default]
+    FromEnvironment,
+    /// Directly, whatever the environment says.
+    Direct,
+    /// This proxy.
+    Use(Proxy),
+}
+
+/// Time between the starts of two TCP attempts to different targets.
+const TCP_STAGGER: Duration = Duration::from_millis(250);
+/// A TCP link with nothing received for this long is closed (QUIC's keep-alives run every 2 s).
+const LINK_IDLE: Duration = Duration::from_secs(30);
 
 impl ConnectOptions {
     pub fn new(relay: impl Into<String>, trust: RelayTrust) -> Self {
+        let relay = relay.into();
         ConnectOptions {
-            relay: relay.into(),
+            tcp: default_tcp_targets(&relay),
+            relay,
             trust,
             software: format!("tandem-client {}", env!("CARGO_PKG_VERSION")),
             timeout: Duration::from_secs(10),
+            transports: Transports::Auto,
+            proxy: ProxyChoice::FromEnvironment,
+            race_delay: Duration::from_millis(300),
+            quic_retry: Duration::from_secs(5),
         }
     }
+
+    /// The proxy for a TCP link to `host`.
+    fn proxy_for(&self, host: &str) -> Result<Option<Proxy>, ClientError> {
+        match &self.proxy {
+            ProxyChoice::Direct => Ok(None),
+            ProxyChoice::Use(p) => Ok(Some(p.clone())),
+            ProxyChoice::FromEnvironment => Ok(Proxy::from_env(host)?),
+        }
+    }
+}
+
+/// TLS over TCP on the relay's port number and on 443.
+pub fn default_tcp_targets(relay: &str) -> Vec<TcpTarget> {
+    let Ok(first) = TcpTarget::tls(relay) else {
+        return Vec::new();
+    };
+    let mut v = vec![first.clone()];
+    if first.port() != 443 {
+        v.push(TcpTarget::Tls {
+            host: first.host().to_string(),
+            port: 443,
+        });
+    }
+    v
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -52,9 +128,16 @@ pub enum ClientError {
     #[error("cannot resolve relay address {addr:?}: {reason}")]
     Resolve { addr: String, reason: String },
     #[error(
-        "no answer from the relay at {addr} within {secs} s: check that it runs and that UDP port {port} is reachable"
+        "no answer from the relay at {addr} within {secs} s: check that it runs and that UDP port {port} is reachable{}",
+        if tcp.is_empty() { String::new() } else { format!("; over TCP: {tcp}") }
     )]
-    Unreachable { addr: String, secs: u64, port: u16 },
+    Unreachable {
+        addr: String,
+        secs: u64,
+        port: u16,
+        /// What the TCP attempts met, when there were any.
+        tcp: String,
+    },
     #[error("TLS handshake with the relay failed: {0}")]
     Tls(String),
     #[error("the relay closed the connection: {reason} [{}]", code.map(|c| c.label()).unwrap_or("unknown"))]
@@ -72,6 +155,10 @@ pub enum ClientError {
     Certs(#[from] tandem_certs::CertError),
     #[error(transparent)]
     Net(#[from] tandem_net::NetError),
+    #[error(transparent)]
+    Dial(#[from] DialError),
+    #[error(transparent)]
+    Proxy(#[from] ProxyError),
 }
 
 impl ClientError {
@@ -136,6 +223,28 @@ pub struct RelayLink {
     remote: SocketAddr,
     /// True when this link made its endpoint (and so waits for it to go idle on close).
     owns_endpoint: bool,
+    transport: TransportCell,
+    /// The TCP link under the connection, while there is one.
+    tunnel: Option<Arc<Link>>,
+    /// Moves a link on TCP to QUIC when UDP works (and watches the TCP link).
+    mover: Option<tokio::task::AbortHandle>,
+}
+
+impl Drop for RelayLink {
+    fn drop(&mut self) {
+        if let Some(m) = &self.mover {
+            m.abort();
+        }
+    }
+}
+
+fn client_config(opts: &ConnectOptions) -> Result<quinn::ClientConfig, ClientError> {
+    let tls = opts.trust.client_config(ALPN)?;
+    let quic_tls = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
+        .map_err(|e| ClientError::Tls(e.to_string()))?;
+    let mut cfg = quinn::ClientConfig::new(Arc::new(quic_tls));
+    cfg.transport_config(Arc::new(tandem_net::transport_config(true)));
+    Ok(cfg)
 }
 
 /// A client endpoint configured to dial the relay of `opts` (address family of `relay_addr`).
@@ -143,12 +252,10 @@ pub fn client_endpoint(
     opts: &ConnectOptions,
     relay_addr: SocketAddr,
 ) -> Result<quinn::Endpoint, ClientError> {
-    let tls = opts.trust.client_config(ALPN)?;
-    let quic_tls = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
-        .map_err(|e| ClientError::Tls(e.to_string()))?;
-    let mut cfg = quinn::ClientConfig::new(Arc::new(quic_tls));
-    cfg.transport_config(Arc::new(tandem_net::transport_config(true)));
-    Ok(tandem_net::client_endpoint(relay_addr, cfg)?)
+    Ok(tandem_net::client_endpoint(
+        relay_addr,
+        client_config(opts)?,
+    )?)
 }
 
 async fn resolve(relay: &str) -> Result<(SocketAddr, String), ClientError> {
@@ -175,37 +282,255 @@ async fn resolve(relay: &str) -> Result<(SocketAddr, String), ClientError> {
     Ok((addr, host))
 }
 
+/// A connection that won the race, with what it runs on.
+struct Won {
+    endpoint: quinn::Endpoint,
+    conn: Connection,
+    transport: Transport,
+    tunnel: Option<(Arc<Link>, Arc<MuxSocket>)>,
+}
+
+/// One way of reaching the relay that failed, for the error message.
+enum Attempt {
+    Quic(ClientError),
+    Tcp(TcpTarget, ClientError),
+}
+
+async fn handshake(
+    endpoint: &quinn::Endpoint,
+    addr: SocketAddr,
+    host: &str,
+    timeout: Duration,
+    relay: &str,
+) -> Result<Connection, ClientError> {
+    let connecting = endpoint
+        .connect(addr, host)
+        .map_err(|e| ClientError::Lost(e.to_string()))?;
+    match tokio::time::timeout(timeout, connecting).await {
+        Ok(Ok(c)) => Ok(c),
+        Ok(Err(ConnectionError::TimedOut)) | Err(_) => Err(ClientError::Unreachable {
+            addr: relay.to_string(),
+            secs: timeout.as_secs(),
+            port: addr.port(),
+            tcp: String::new(),
+        }),
+        Ok(Err(e)) => Err(ClientError::from_connection(&e)),
+    }
+}
+
+async fn via_quic(
+    opts: &ConnectOptions,
+    addr: SocketAddr,
+    host: &str,
+    timeout: Duration,
+) -> Result<Won, ClientError> {
+    let endpoint = client_endpoint(opts, addr)?;
+    let conn = handshake(&endpoint, addr, host, timeout, &opts.relay).await?;
+    Ok(Won {
+        endpoint,
+        conn,
+        transport: Transport::Quic,
+        tunnel: None,
+    })
+}
+
+async fn via_tcp(
+    opts: &ConnectOptions,
+    target: &TcpTarget,
+    addr: SocketAddr,
+    host: &str,
+    timeout: Duration,
+) -> Result<Won, ClientError> {
+    let proxy = opts.proxy_for(target.host())?;
+    let dialed = tandem_net::dial::dial(target, proxy.as_ref(), &opts.trust, timeout).await?;
+    let hub = Hub::new(addr.is_ipv6(), QueueLimits::default());
+    let link = hub.add_link(
+        Some(addr),
+        dialed.peer,
+        dialed.transport,
+        dialed.framing,
+        LINK_IDLE,
+    );
+    let local: SocketAddr = if addr.is_ipv6() {
+        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+    } else {
+        (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
+    };
+    let socket = MuxSocket::links_only(hub, local);
+    let mut endpoint = quinn::Endpoint::new_with_abstract_socket(
+        quinn::EndpointConfig::default(),
+        None,
+        socket.clone(),
+        Arc::new(quinn::TokioRuntime),
+    )
+    .map_err(|e| ClientError::Net(tandem_net::NetError::Endpoint(e)))?;
+    endpoint.set_default_client_config(client_config(opts)?);
+    let conn = match handshake(&endpoint, addr, host, timeout, &opts.relay).await {
+        Ok(c) => c,
+        Err(e) => {
+            link.close();
+            return Err(e);
+        }
+    };
+    Ok(Won {
+        endpoint,
+        conn,
+        transport: dialed.transport,
+        tunnel: Some((link, socket)),
+    })
+}
+
+/// Races QUIC against the TCP targets: QUIC starts at once, TCP after the race delay (at once if
+/// QUIC failed outright), each further TCP target a little later. The first connection up wins.
+async fn race(opts: &ConnectOptions, addr: SocketAddr, host: &str) -> Result<Won, ClientError> {
+    use std::future::Future;
+    type Pending<'a> = Pin<Box<dyn Future<Output = Result<Won, Attempt>> + Send + 'a>>;
+    use std::pin::Pin;
+    let deadline = tokio::time::Instant::now() + opts.timeout;
+    let quic_failed = Arc::new(tokio::sync::Notify::new());
+    let mut attempts: Vec<Pending<'_>> = Vec::new();
+    if opts.transports != Transports::Tcp {
+        let failed = quic_failed.clone();
+        attempts.push(Box::pin(async move {
+            let r = via_quic(opts, addr, host, opts.timeout).await;
+            if r.is_err() {
+                failed.notify_waiters();
+            }
+            r.map_err(Attempt::Quic)
+        }));
+    }
+    if opts.transports != Transports::Quic {
+        for (i, target) in opts.tcp.iter().enumerate() {
+            let failed = quic_failed.clone();
+            let head_start = match opts.transports {
+                Transports::Tcp => TCP_STAGGER * i as u32,
+                _ => opts.race_delay + TCP_STAGGER * i as u32,
+            };
+            attempts.push(Box::pin(async move {
+                let notified = failed.notified();
+                tokio::select! {
+                    _ = tokio::time::sleep(head_start) => {}
+                    _ = notified => {}
+                }
+                let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+                via_tcp(opts, target, addr, host, left)
+                    .await
+                    .map_err(|e| Attempt::Tcp(target.clone(), e))
+            }));
+        }
+    }
+    let mut failures = Vec::new();
+    let mut attempts: futures_util::stream::FuturesUnordered<_> = attempts.into_iter().collect();
+    use futures_util::StreamExt;
+    while let Some(r) = attempts.next().await {
+        match r {
+            Ok(won) => return Ok(won),
+            Err(a) => failures.push(a),
+        }
+    }
+    Err(worst(opts, addr, failures))
+}
+
+/// The error to show when every attempt failed: what the relay (or something pretending to be it)
+/// answered beats a refused certificate, which beats "no answer".
+fn worst(opts: &ConnectOptions, addr: SocketAddr, failures: Vec<Attempt>) -> ClientError {
+    let answered = |e: &ClientError| {
+        !matches!(
+            e,
+            ClientError::Unreachable { .. } | ClientError::Dial(_) | ClientError::Proxy(_)
+        )
+    };
+    let mut tcp = Vec::new();
+    let mut quic = None;
+    let mut best = None;
+    for f in failures {
+        match f {
+            Attempt::Quic(e) if answered(&e) => return e,
+            Attempt::Quic(e) => quic = Some(e),
+            Attempt::Tcp(_, ClientError::Dial(d)) if d.is_certificate() => {
+                best = Some(ClientError::Dial(d))
+            }
+            Attempt::Tcp(_, e) if answered(&e) => {
+                if best.is_none() {
+                    best = Some(e)
+                }
+            }
+            Attempt::Tcp(t, e) => tcp.push(format!("{t}: {e}")),
+        }
+    }
+    if let Some(b) = best {
+        return b;
+    }
+    if opts.transports == Transports::Tcp || quic.is_none() {
+        return ClientError::Unreachable {
+            addr: opts.relay.clone(),
+            secs: opts.timeout.as_secs(),
+            port: addr.port(),
+            tcp: if tcp.is_empty() {
+                "no TCP address to try".into()
+            } else {
+                tcp.join("; ")
+            },
+        };
+    }
+    match quic {
+        Some(ClientError::Unreachable {
+            addr, secs, port, ..
+        }) => ClientError::Unreachable {
+            addr,
+            secs,
+            port,
+            tcp: tcp.join("; "),
+        },
+        Some(e) => e,
+        None => ClientError::Lost("no way to reach the relay".into()),
+    }
+}
+
 impl RelayLink {
-    /// Dials and verifies the relay, and opens the control stream.
+    /// Dials and verifies the relay, and opens the control stream: QUIC first, TLS over TCP (or a
+    /// WebSocket) in parallel when QUIC does not answer quickly, as [`ConnectOptions`] says.
     pub async fn connect(opts: &ConnectOptions) -> Result<RelayLink, ClientError> {
-        let (addr, _) = resolve(&opts.relay).await?;
-        let endpoint = client_endpoint(opts, addr)?;
-        let mut link = Self::connect_on(&endpoint, opts).await?;
+        let (addr, host) = resolve(&opts.relay).await?;
+        let won = race(opts, addr, &host).await?;
+        let mut link = Self::start(won.endpoint, won.conn, addr, opts).await?;
         link.owns_endpoint = true;
+        link.transport.set(won.transport);
+        if let Some((tunnel, socket)) = won.tunnel {
+            tracing::info!(transport = %won.transport, "connected to the relay over TCP");
+            let mover = tokio::spawn(move_to_quic(
+                link.endpoint.clone(),
+                link.conn.clone(),
+                opts.clone(),
+                addr,
+                host,
+                tunnel.clone(),
+                socket,
+                link.transport.clone(),
+            ));
+            link.tunnel = Some(tunnel);
+            link.mover = Some(mover.abort_handle());
+        }
         Ok(link)
     }
 
-    /// Like [`RelayLink::connect`], on an existing endpoint from [`client_endpoint`] (many links can
-    /// share one UDP socket: load tools, benchmarks).
+    /// Like [`RelayLink::connect`], over QUIC only, on an existing endpoint from [`client_endpoint`]
+    /// (many links can share one UDP socket: load tools, benchmarks).
     pub async fn connect_on(
         endpoint: &quinn::Endpoint,
         opts: &ConnectOptions,
     ) -> Result<RelayLink, ClientError> {
-        let endpoint = endpoint.clone();
         let (addr, host) = resolve(&opts.relay).await?;
-        let unreachable = || ClientError::Unreachable {
-            addr: opts.relay.clone(),
-            secs: opts.timeout.as_secs(),
-            port: addr.port(),
-        };
-        let connecting = endpoint
-            .connect(addr, &host)
-            .map_err(|e| ClientError::Lost(e.to_string()))?;
-        let conn = match tokio::time::timeout(opts.timeout, connecting).await {
-            Ok(Ok(c)) => c,
-            Ok(Err(ConnectionError::TimedOut)) | Err(_) => return Err(unreachable()),
-            Ok(Err(e)) => return Err(ClientError::from_connection(&e)),
-        };
+        let conn = handshake(endpoint, addr, &host, opts.timeout, &opts.relay).await?;
+        Self::start(endpoint.clone(), conn, addr, opts).await
+    }
+
+    async fn start(
+        endpoint: quinn::Endpoint,
+        conn: Connection,
+        addr: SocketAddr,
+        opts: &ConnectOptions,
+    ) -> Result<RelayLink, ClientError> {
         let (send, recv) = conn
             .open_bi()
             .await
@@ -220,7 +545,20 @@ impl RelayLink {
             software: opts.software.clone(),
             remote: addr,
             owns_endpoint: false,
+            transport: TransportCell::new(Transport::Quic),
+            tunnel: None,
+            mover: None,
         })
+    }
+
+    /// How the link travels now (it can move from TCP to QUIC while it runs).
+    pub fn transport(&self) -> Transport {
+        self.transport.get()
+    }
+
+    /// A handle that follows [`RelayLink::transport`].
+    pub fn transport_cell(&self) -> TransportCell {
+        self.transport.clone()
     }
 
     /// The relay's address.
@@ -414,7 +752,105 @@ impl RelayLink {
         self.conn
             .close(VarInt::from_u32(ErrorCode::Normal as u32), b"bye");
         let _ = tokio::time::timeout(Duration::from_secs(1), self.endpoint.wait_idle()).await;
+        if let Some(t) = &self.tunnel {
+            t.close();
+        }
     }
+}
+
+/// Longest wait between two tries of QUIC on a link that runs on TCP.
+const QUIC_RETRY_MAX: Duration = Duration::from_secs(60);
+/// How long a probe handshake over UDP may take.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long the relay has to answer over UDP after the move before the link goes back to TCP.
+const MOVE_CONFIRM: Duration = Duration::from_secs(3);
+
+/// While a link runs on TCP: closes the connection at once if the TCP link dies (so that the
+/// session resumes on a new link instead of waiting for the idle timeout), and tries QUIC now and
+/// then. A probe handshake over UDP tells whether UDP gets through; then the endpoint moves to a
+/// UDP socket (a QUIC connection migration, nothing ends), and goes back to the TCP link if the
+/// relay does not answer over UDP within [`MOVE_CONFIRM`].
+#[allow(clippy::too_many_arguments)]
+async fn move_to_quic(
+    endpoint: quinn::Endpoint,
+    conn: Connection,
+    opts: ConnectOptions,
+    addr: SocketAddr,
+    host: String,
+    tunnel: Arc<Link>,
+    tunnel_socket: Arc<MuxSocket>,
+    cell: TransportCell,
+) {
+    let mut wait = opts.quic_retry;
+    let auto = opts.transports == Transports::Auto;
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(wait), if auto => {}
+            _ = tunnel.closed() => {
+                tracing::info!("the TCP link to the relay closed");
+                conn.close(VarInt::from_u32(ErrorCode::Normal as u32), b"TCP link closed");
+                return;
+            }
+            _ = conn.closed() => {
+                tunnel.close();
+                return;
+            }
+        }
+        wait = (wait * 2).min(QUIC_RETRY_MAX);
+        if !probe_udp(&opts, addr, &host).await {
+            tracing::debug!(next_secs = wait.as_secs(), "UDP to the relay still blocked");
+            continue;
+        }
+        let local: SocketAddr = if addr.is_ipv6() {
+            (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+        } else {
+            (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
+        };
+        let udp = match tandem_net::bind_udp(local).and_then(|u| {
+            MuxSocket::with_udp(u, Hub::new(addr.is_ipv6(), QueueLimits::default()))
+                .map_err(tandem_net::NetError::Endpoint)
+        }) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot open a UDP socket to move to QUIC");
+                continue;
+            }
+        };
+        if endpoint.rebind_abstract(udp.clone()).is_err() {
+            continue;
+        }
+        let confirmed = async {
+            while udp.udp_received() == 0 {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        };
+        if tokio::time::timeout(MOVE_CONFIRM, confirmed).await.is_ok() {
+            cell.set(Transport::Quic);
+            tracing::info!("the link to the relay moved from TCP to QUIC");
+            // Packets the relay sent over TCP before it saw the move still arrive for a moment.
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            tunnel.close();
+            return;
+        }
+        tracing::info!("no answer over UDP after the move: back to TCP");
+        let _ = endpoint.rebind_abstract(tunnel_socket.clone());
+    }
+}
+
+/// Whether a QUIC handshake with the relay over UDP completes now.
+async fn probe_udp(opts: &ConnectOptions, addr: SocketAddr, host: &str) -> bool {
+    let Ok(endpoint) = client_endpoint(opts, addr) else {
+        return false;
+    };
+    let ok = match handshake(&endpoint, addr, host, PROBE_TIMEOUT, &opts.relay).await {
+        Ok(c) => {
+            c.close(VarInt::from_u32(ErrorCode::Normal as u32), b"probe");
+            true
+        }
+        Err(_) => false,
+    };
+    let _ = tokio::time::timeout(Duration::from_millis(500), endpoint.wait_idle()).await;
+    ok
 }
 
 fn unexpected(m: RelayMsg) -> ClientError {

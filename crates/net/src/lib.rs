@@ -9,6 +9,12 @@
 //!   stream data in flight, whatever it sends. [`open_for_session`] widens a connection when it is
 //!   paired, [`close_for_session`] narrows it again when the session is over.
 
+pub mod dial;
+pub mod proxy;
+pub mod tunnel;
+
+pub use tunnel::{Transport, TransportCell};
+
 use std::net::{SocketAddr, UdpSocket};
 use std::sync::Arc;
 use std::time::Duration;

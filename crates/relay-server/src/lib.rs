@@ -4,6 +4,7 @@
 //! * [`registry`]: the pure pairing state machine (slots, sessions, limits), tested without I/O.
 //! * [`store`]: SQLite store of organisations, technicians (Argon2id token hashes) and the audit log.
 //! * [`server`]: the QUIC server (quinn) that drives the registry and forwards payloads blind.
+//! * [`tcp`]: the TCP front (TLS over TCP, WebSocket) for clients whose network drops UDP.
 //! * [`metrics`]: Prometheus metrics, served with `/health` by a small HTTP listener.
 
 mod http;
@@ -11,7 +12,9 @@ pub mod metrics;
 pub mod registry;
 pub mod server;
 pub mod store;
+pub mod tcp;
 
 pub use registry::Limits;
 pub use server::{RelayHandle, ServerConfig, ServerError, Stats, start};
 pub use store::Store;
+pub use tcp::TcpConfig;

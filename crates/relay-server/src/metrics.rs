@@ -24,10 +24,27 @@ pub struct Flow {
     pub path: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TransportLabel {
+    /// `quic`, `tcp` (TLS over TCP) or `websocket`
+    pub transport: String,
+}
+
+impl TransportLabel {
+    pub fn of(t: tandem_net::Transport) -> Self {
+        TransportLabel {
+            transport: t.label().into(),
+        }
+    }
+}
+
 pub struct Metrics {
     registry: Registry,
     pub connections: Gauge,
-    pub connections_accepted: Counter,
+    pub connections_accepted: Family<TransportLabel, Counter>,
+    pub tcp_links: Family<TransportLabel, Gauge>,
+    pub tcp_links_refused: Family<Limit, Counter>,
+    pub tcp_handshake_failures: Family<Reason, Counter>,
     pub connections_refused: Family<Limit, Counter>,
     pub agents_waiting: Gauge,
     pub sessions: Gauge,
@@ -60,7 +77,10 @@ impl Metrics {
         let mut m = Metrics {
             registry: Registry::with_prefix("tandem_relay"),
             connections: Gauge::default(),
-            connections_accepted: Counter::default(),
+            connections_accepted: Family::default(),
+            tcp_links: Family::default(),
+            tcp_links_refused: Family::default(),
+            tcp_handshake_failures: Family::default(),
             connections_refused: Family::default(),
             agents_waiting: Gauge::default(),
             sessions: Gauge::default(),
@@ -89,8 +109,23 @@ impl Metrics {
         );
         r.register(
             "connections_accepted",
-            "QUIC connections admitted",
+            "QUIC connections admitted, by transport (quic: UDP; tcp, websocket: over a TCP link)",
             m.connections_accepted.clone(),
+        );
+        r.register(
+            "tcp_links",
+            "Open TCP links (TLS over TCP, WebSocket) carrying QUIC packets",
+            m.tcp_links.clone(),
+        );
+        r.register(
+            "tcp_links_refused",
+            "TCP connections refused by a limit before TLS",
+            m.tcp_links_refused.clone(),
+        );
+        r.register(
+            "tcp_handshake_failures",
+            "TCP connections closed during TLS, preamble or WebSocket upgrade, by stage",
+            m.tcp_handshake_failures.clone(),
         );
         r.register(
             "connections_refused",
@@ -217,6 +252,23 @@ impl Metrics {
                 limit: limit.into(),
             })
             .inc();
+    }
+
+    pub fn tcp_refused(&self, limit: &str) {
+        self.tcp_links_refused
+            .get_or_create(&Limit {
+                limit: limit.into(),
+            })
+            .inc();
+    }
+    pub fn tcp_handshake_failed(&self, stage: &str) {
+        Self::inc(&self.tcp_handshake_failures, stage);
+    }
+    pub fn tcp_link_opened(&self, t: tandem_net::Transport) {
+        self.tcp_links.get_or_create(&TransportLabel::of(t)).inc();
+    }
+    pub fn tcp_link_closed(&self, t: tandem_net::Transport) {
+        self.tcp_links.get_or_create(&TransportLabel::of(t)).dec();
     }
 
     /// Text exposition format.

@@ -38,6 +38,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 use tandem_certs::RelayIdentity;
+use tandem_net::Transport;
+use tandem_net::tunnel::{Hub, MuxSocket, QueueLimits};
 use tandem_proto::{
     ALPN, ClientMsg, EndReason, ErrorCode, FRAME_HEADER, FrameDecoder, MAX_CONTROL_FRAME,
     MAX_PAYLOAD_FRAME, ProtoError, RelayMsg, ResumeToken, busy_reason, decode_body, encode_frame,
@@ -51,6 +53,8 @@ use tokio::task::{AbortHandle, JoinHandle, JoinSet};
 pub struct ServerConfig {
     /// UDP address of the QUIC listener.
     pub listen: SocketAddr,
+    /// TCP front (TLS over TCP, WebSocket).
+    pub tcp: crate::tcp::TcpConfig,
     /// TCP address of `/metrics` and `/health` (keep it local); `None` disables it.
     pub metrics_listen: Option<SocketAddr>,
     /// Directory of the database.
@@ -70,6 +74,11 @@ pub enum ServerError {
     Net(#[from] tandem_net::NetError),
     #[error("QUIC TLS configuration: {0}")]
     Quic(String),
+    #[error("cannot listen on TCP {addr}: {source}")]
+    TcpListen {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
     #[error("cannot bind metrics listener on {addr}: {source}")]
     Metrics {
         addr: SocketAddr,
@@ -159,6 +168,8 @@ struct Shared {
     /// [`MAX_EXPLAINING`]; beyond that they are refused before any TLS).
     explaining: std::sync::atomic::AtomicUsize,
     log_limit: Mutex<LogLimiter>,
+    /// TCP links of the endpoint (who is behind a link address).
+    hub: Arc<Hub>,
 }
 
 /// Log lines that strangers can cause (connections, refusals, registrations): at most
@@ -222,6 +233,7 @@ pub struct Stats {
 /// A running relay.
 pub struct RelayHandle {
     addr: SocketAddr,
+    tcp_addrs: Vec<SocketAddr>,
     metrics_addr: Option<SocketAddr>,
     shared: Arc<Shared>,
     endpoint: quinn::Endpoint,
@@ -235,6 +247,10 @@ impl RelayHandle {
     /// The UDP address the relay listens on.
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+    /// The TCP addresses of the TLS-over-TCP and WebSocket front.
+    pub fn tcp_addrs(&self) -> &[SocketAddr] {
+        &self.tcp_addrs
     }
     /// The TCP address of `/metrics` and `/health`.
     pub fn metrics_addr(&self) -> Option<SocketAddr> {
@@ -297,6 +313,20 @@ fn stats(shared: &Shared) -> Stats {
     }
 }
 
+/// A TCP listener with address reuse (a restarted relay binds at once) and a deep backlog.
+fn tcp_listener(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    use socket2::{Domain, Socket, Type};
+    let sock = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    if addr.is_ipv6() {
+        let _ = sock.set_only_v6(false);
+    }
+    sock.set_reuse_address(true)?;
+    sock.set_nonblocking(true)?;
+    sock.bind(&addr.into())?;
+    sock.listen(1024)?;
+    tokio::net::TcpListener::from_std(sock.into())
+}
+
 fn close(conn: &Connection, code: ErrorCode, reason: &str) {
     conn.close(VarInt::from_u32(code as u32), reason.as_bytes());
 }
@@ -325,10 +355,31 @@ pub async fn start(
     // Connection attempts are retried or accepted as soon as they arrive; little needs buffering.
     server_cfg.incoming_buffer_size(64 * 1024);
     server_cfg.incoming_buffer_size_total(16 * 1024 * 1024);
-    let endpoint = tandem_net::server_endpoint(cfg.listen, server_cfg)?;
+    // One endpoint for every transport: its socket carries the UDP socket and the TCP links.
+    let hub = Hub::new(cfg.listen.is_ipv6(), QueueLimits::default());
+    let socket = MuxSocket::with_udp(tandem_net::bind_udp(cfg.listen)?, hub.clone())
+        .map_err(|e| ServerError::Net(tandem_net::NetError::Endpoint(e)))?;
+    let endpoint = quinn::Endpoint::new_with_abstract_socket(
+        quinn::EndpointConfig::default(),
+        Some(server_cfg),
+        socket,
+        Arc::new(quinn::TokioRuntime),
+    )
+    .map_err(|e| ServerError::Net(tandem_net::NetError::Endpoint(e)))?;
     let addr = endpoint
         .local_addr()
         .map_err(|e| ServerError::Net(tandem_net::NetError::Endpoint(e)))?;
+    let mut tcp_listeners = Vec::new();
+    for a in &cfg.tcp.listen {
+        // Port 0 means "the UDP port's number" (tests, and the default of the binary).
+        let a = if a.port() == 0 {
+            SocketAddr::new(a.ip(), addr.port())
+        } else {
+            *a
+        };
+        let l = tcp_listener(a).map_err(|source| ServerError::TcpListen { addr: a, source })?;
+        tcp_listeners.push(l);
+    }
 
     let (audit_tx, audit_rx) = mpsc::unbounded_channel();
     let audit_task = tokio::task::spawn_blocking(move || audit_writer(audit_store, audit_rx));
@@ -344,6 +395,7 @@ pub async fn start(
         draining: AtomicBool::new(false),
         explaining: std::sync::atomic::AtomicUsize::new(0),
         log_limit: Mutex::new(LogLimiter::new(Instant::now())),
+        hub: hub.clone(),
     });
     let (stop_tx, stop_rx) = watch::channel(false);
 
@@ -352,11 +404,28 @@ pub async fn start(
         None => None,
     };
 
+    let mut tcp_addrs = Vec::new();
+    if !tcp_listeners.is_empty() {
+        let front = crate::tcp::Front::new(
+            hub,
+            crate::tcp::tls_config(identity)?,
+            cfg.tcp.clone(),
+            metrics.clone(),
+        );
+        for l in tcp_listeners {
+            if let Ok(a) = l.local_addr() {
+                tracing::info!(addr = %a, "relay listening on TCP (TLS, WebSocket)");
+                tcp_addrs.push(a);
+            }
+            tokio::spawn(crate::tcp::serve(l, front.clone(), stop_rx.clone()));
+        }
+    }
     tokio::spawn(ticker(Arc::downgrade(&shared), stop_rx.clone()));
     let accept_task = tokio::spawn(accept_loop(endpoint.clone(), shared.clone(), stop_rx));
     tracing::info!(%addr, "relay listening");
     Ok(RelayHandle {
         addr,
+        tcp_addrs,
         metrics_addr,
         shared,
         endpoint,
@@ -427,7 +496,9 @@ async fn accept_loop(
         // Retry (stateless) and nothing else. Always, not only under load: a forged address costs
         // the relay nothing and never reaches a limit, and "under load" would itself be a limit
         // that forged addresses could fill.
-        if !incoming.remote_address_validated() {
+        // A TCP link's address was validated by TCP itself: no Retry round trip for it.
+        let over_tcp = tandem_net::tunnel::is_link_address(incoming.remote_address());
+        if !incoming.remote_address_validated() && !over_tcp {
             if incoming.may_retry() {
                 match incoming.retry() {
                     Ok(()) => {
@@ -492,7 +563,8 @@ impl Drop for Explaining<'_> {
 }
 
 async fn serve_incoming(shared: Arc<Shared>, incoming: quinn::Incoming) {
-    let remote = incoming.remote_address();
+    // Over a TCP link, limits and logs go by the client's real address.
+    let (remote, transport) = peer_of(&shared, incoming.remote_address());
     let admitted = if shared.draining.load(Ordering::SeqCst) {
         Err(None)
     } else {
@@ -572,7 +644,11 @@ async fn serve_incoming(shared: Arc<Shared>, incoming: quinn::Incoming) {
             return;
         }
     };
-    shared.metrics.connections_accepted.inc();
+    shared
+        .metrics
+        .connections_accepted
+        .get_or_create(&crate::metrics::TransportLabel::of(transport))
+        .inc();
     let (tx, rx) = mpsc::channel(16);
     let forwarding = Arc::new(AtomicBool::new(false));
     lock(&shared.conns).insert(
@@ -583,7 +659,7 @@ async fn serve_incoming(shared: Arc<Shared>, incoming: quinn::Incoming) {
             forwarding: forwarding.clone(),
         },
     );
-    tracing::debug!(conn = id, %remote, "connected");
+    tracing::debug!(conn = id, %remote, %transport, "connected");
 
     drop(tx);
     let result = run_connection(&shared, id, &conn, rx, &forwarding).await;
@@ -632,6 +708,24 @@ async fn serve_incoming(shared: Arc<Shared>, incoming: quinn::Incoming) {
             }
             close(&conn, code, &why);
         }
+    }
+}
+
+/// Who is behind a QUIC peer address: itself over UDP, or the client of a TCP link.
+fn peer_of(shared: &Shared, addr: SocketAddr) -> (SocketAddr, Transport) {
+    if tandem_net::tunnel::is_link_address(addr) {
+        // A link that is already gone counts as its link address (never a real client's).
+        shared.hub.peer_of(addr).unwrap_or((addr, Transport::Tcp))
+    } else {
+        (addr, Transport::Quic)
+    }
+}
+
+/// A peer's address for the audit log: `ip:port`, with ` (tcp)` or ` (websocket)` over a TCP link.
+fn audit_addr(shared: &Shared, addr: SocketAddr) -> String {
+    match peer_of(shared, addr) {
+        (a, Transport::Quic) => a.to_string(),
+        (a, t) => format!("{a} ({t})"),
     }
 }
 
@@ -1189,8 +1283,8 @@ fn start_session_io(shared: &Arc<Shared>, p: &Paired) {
         session: s.id,
         technician: s.technician.clone(),
         slot: s.slot.to_string(),
-        agent_addr: agent.0.remote_address().to_string(),
-        console_addr: console.0.remote_address().to_string(),
+        agent_addr: audit_addr(shared, agent.0.remote_address()),
+        console_addr: audit_addr(shared, console.0.remote_address()),
     });
     let _ = agent.1.try_send(Box::new(RelayMsg::Paired {
         technician: s.technician.name.clone(),
