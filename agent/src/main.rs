@@ -48,6 +48,9 @@ terminal.
 The relay address and its pin come from flags, environment variables, or a tandem-agent.toml file next \
 to this program (so that your IT provider can hand out a ready agent).
 
+When UDP to the relay is blocked, the agent reaches it over TLS on TCP (its port, then 443) or a \
+WebSocket URL, through the HTTP proxy in $HTTPS_PROXY if there is one; nothing to set up.
+
 Never read the code to someone who called you unexpectedly.",
     after_help = "Example:
   tandem-agent --relay relay.example.com:4433 --relay-pin sha256:3f2a…
@@ -101,6 +104,8 @@ struct Cli {
     /// it, a windowed agent keeps the code off stdout, which desktop sessions often log.
     #[arg(long)]
     print_code: bool,
+    #[command(flatten)]
+    network: tandem_client::NetworkArgs,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -118,6 +123,23 @@ struct FileConfig {
     relay: Option<String>,
     relay_pin: Option<String>,
     relay_ca: Option<PathBuf>,
+    /// `auto`, `quic` or `tcp` (see --transport).
+    transport: Option<String>,
+    #[serde(default)]
+    relay_tcp: Vec<String>,
+    relay_websocket: Option<String>,
+    proxy: Option<String>,
+}
+
+impl FileConfig {
+    fn network(&self) -> tandem_client::NetworkArgs {
+        tandem_client::NetworkArgs {
+            transport: self.transport.clone(),
+            relay_tcp: self.relay_tcp.clone(),
+            relay_websocket: self.relay_websocket.clone(),
+            proxy: self.proxy.clone(),
+        }
+    }
 }
 
 fn load_config(path: &Path) -> Result<FileConfig> {
@@ -335,6 +357,7 @@ async fn run(
         Some(p) => load_config(&p)?,
         None => FileConfig::default(),
     };
+    let file_network = file.network();
     let relay = cli.relay.clone().or(file.relay).context(
         "no relay given: use --relay HOST:PORT (or a tandem-agent.toml next to the program)",
     )?;
@@ -383,6 +406,11 @@ async fn run(
     };
     let mut opts = ConnectOptions::new(relay.clone(), trust);
     opts.software = format!("tandem-agent {}", env!("CARGO_PKG_VERSION"));
+    cli.network
+        .clone()
+        .or(&file_network)
+        .apply(&mut opts)
+        .context("invalid network settings (--transport, --relay-tcp, --relay-websocket, --proxy)")?;
     let cfg = SessionConfig {
         software: opts.software.clone(),
         capabilities: vec!["control/v1".into(), "cursor/v1".into()],
@@ -1157,6 +1185,7 @@ async fn run_session(
                             fps: ctl.frames.load(Ordering::Relaxed).min(u16::MAX as u64) as u16,
                             kbps: (ctl.bytes.load(Ordering::Relaxed) / 125).min(u32::MAX as u64) as u32,
                             pipeline_us: ctl.pipeline_us.load(Ordering::Relaxed),
+                            transport: s.link_transport(),
                         })
                         .await;
                 }

@@ -14,6 +14,7 @@ use crate::exit;
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
+use tandem_client::tandem_net::Transport;
 use tandem_input::{InputClient, InputEvent, Pos};
 use tandem_media::DecodedFrame;
 use tandem_proto::EndReason;
@@ -71,7 +72,11 @@ pub struct Stats {
     pub glass_ms: Option<f64>,
     pub decode_ms: f64,
     pub frames: u64,
+    /// How each side's relay link travels (the agent's as it reported it).
+    pub console_transport: Transport,
+    pub agent_transport: Transport,
 }
+
 
 #[derive(Clone, Debug)]
 pub enum Update {
@@ -242,7 +247,7 @@ pub async fn drive(
                     send(Update::CursorImage(CursorImage { width, height, hot_x, hot_y, scale, rgba }));
                 }
                 Ok(ControlMsg::Monitors { monitors, current }) => send(Update::Monitors { monitors, current }),
-                Ok(ControlMsg::Stats { pipeline_us, .. }) => {
+                Ok(ControlMsg::Stats { pipeline_us, transport: agent_transport, .. }) => {
                     if let Some(t) = ping_sent.take() {
                         let now = Instant::now();
                         let secs = now.duration_since(last_stats.0).as_secs_f64().max(0.001);
@@ -259,6 +264,8 @@ pub async fn drive(
                                 .then(|| pipeline_us as f64 / 1e3 + path_rtt_ms / 2.0 + decode_ms),
                             decode_ms,
                             frames: decoded,
+                            console_transport: session.link_transport(),
+                            agent_transport,
                         }));
                         last_stats = (now, decoded, video_bytes);
                     }
@@ -278,7 +285,7 @@ pub async fn drive(
             },
             _ = ping.tick(), if consent.is_some() && ping_sent.is_none() => {
                 ping_sent = Some(Instant::now());
-                let _ = session.send_control(&ControlMsg::Stats { rtt_us: 0, fps: 0, kbps: 0, pipeline_us: 0 }).await;
+                let _ = session.send_control(&ControlMsg::Stats { rtt_us: 0, fps: 0, kbps: 0, pipeline_us: 0, transport: session.link_transport() }).await;
             }
             e = session.next_event() => {
                 send(Update::Link(match e {

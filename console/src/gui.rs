@@ -704,12 +704,13 @@ impl Live {
     fn stats_line(&self, ui: &mut egui::Ui) {
         let text = match &self.stats {
             Some(s) => format!(
-                "{:.0} fps · glass-to-glass {} · {:.0} kbit/s · RTT {:.1} ms (control {:.1} ms) · path: via relay · {}x{}",
+                "{:.0} fps · glass-to-glass {} · {:.0} kbit/s · RTT {:.1} ms (control {:.1} ms) · path: {} · {}x{}",
                 s.fps,
                 s.glass_ms.map_or("–".into(), |g| format!("≈{g:.0} ms")),
                 s.kbit_s,
                 s.path_rtt_ms,
                 s.rtt_ms,
+                crate::headless::path_text(s),
                 self.remote.0,
                 self.remote.1
             ),

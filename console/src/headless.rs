@@ -197,6 +197,37 @@ async fn play(steps: Vec<Step>, size: (u32, u32), cmds: mpsc::UnboundedSender<Cm
     }
 }
 
+/// `relay (quic)`, or `relay (console tcp, agent quic)` when the two sides' links differ.
+pub fn path_label(s: &crate::driver::Stats) -> String {
+    if s.console_transport == s.agent_transport {
+        format!("relay ({})", s.console_transport)
+    } else {
+        format!(
+            "relay (console {}, agent {})",
+            s.console_transport, s.agent_transport
+        )
+    }
+}
+
+/// The path for people: "via relay", and the transports when not both QUIC.
+pub fn path_text(s: &crate::driver::Stats) -> String {
+    use tandem_client::tandem_net::Transport;
+    let name = |t: Transport| match t {
+        Transport::Quic => "QUIC",
+        Transport::Tcp => "TLS over TCP",
+        Transport::WebSocket => "WebSocket",
+    };
+    if s.console_transport == s.agent_transport {
+        format!("via relay over {}", name(s.console_transport))
+    } else {
+        format!(
+            "via relay: you over {}, the user over {}",
+            name(s.console_transport),
+            name(s.agent_transport)
+        )
+    }
+}
+
 pub fn save_png(path: &Path, f: &DecodedFrame) -> Result<()> {
     let file =
         std::fs::File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
@@ -344,16 +375,18 @@ pub async fn run(
             Update::Stats(s) => out.event(
                 "stats",
                 &format!(
-                    "{:.0} fps, {:.0} kbit/s, round trip {:.1} ms (path {:.1} ms, via relay){}",
+                    "{:.0} fps, {:.0} kbit/s, round trip {:.1} ms (path {:.1} ms, {}){}",
                     s.fps,
                     s.kbit_s,
                     s.rtt_ms,
                     s.path_rtt_ms,
+                    path_text(&s),
                     s.glass_ms
                         .map(|g| format!(", glass-to-glass ≈{g:.0} ms"))
                         .unwrap_or_default()
                 ),
-                serde_json::json!({"rtt_ms": s.rtt_ms, "path_rtt_ms": s.path_rtt_ms, "path": "relay",
+                serde_json::json!({"rtt_ms": s.rtt_ms, "path_rtt_ms": s.path_rtt_ms, "path": path_label(&s),
+                    "console_transport": s.console_transport.label(), "agent_transport": s.agent_transport.label(),
                     "frames": s.frames, "fps": s.fps, "kbit_s": s.kbit_s, "glass_ms_estimate": s.glass_ms,
                     "decode_ms": s.decode_ms}),
             ),

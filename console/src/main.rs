@@ -110,6 +110,8 @@ struct Cli {
     /// End the session after this many decoded frames.
     #[arg(long)]
     frames: Option<u64>,
+    #[command(flatten)]
+    network: tandem_client::NetworkArgs,
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -218,6 +220,7 @@ pub struct Login {
     cfg_path: Option<PathBuf>,
     remember: bool,
     timeout: Duration,
+    network: tandem_client::NetworkArgs,
 }
 
 /// Connects, authenticates and joins the session the code names; remembers the login on success.
@@ -246,6 +249,10 @@ pub async fn join(form: &gui::Form, login: &Login) -> Result<Session, Failure> {
     let mut opts = ConnectOptions::new(relay.clone(), trust);
     opts.software = format!("tandem-console {}", env!("CARGO_PKG_VERSION"));
     opts.timeout = login.timeout;
+    login
+        .network
+        .apply(&mut opts)
+        .map_err(Failure::usage)?;
     let cfg = SessionConfig {
         software: opts.software.clone(),
         capabilities: vec!["control/v1".into(), "cursor/v1".into()],
@@ -386,6 +393,7 @@ fn setup(cli: &Cli) -> Result<(gui::Form, Login), Failure> {
         cfg_path,
         remember: !cli.no_remember,
         timeout: Duration::from_secs(cli.connect_timeout.max(1)),
+        network: cli.network.clone(),
     };
     Ok((form, login))
 }

@@ -267,6 +267,7 @@ async fn run(a: Args) {
                 fps: 0,
                 kbps: 0,
                 pipeline_us: 0,
+                transport: session.link_transport(),
             })
             .await;
         tokio::time::sleep(Duration::from_millis(300)).await;

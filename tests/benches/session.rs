@@ -170,6 +170,7 @@ async fn run(quick: bool) {
                     fps: 0,
                     kbps: 0,
                     pipeline_us: 0,
+                    transport: console.link_transport(),
                 })
                 .await
                 .unwrap();

@@ -106,6 +106,80 @@ impl ConnectOptions {
     }
 }
 
+/// How agent and console reach the relay besides its QUIC address: the same four settings as flags,
+/// environment variables and configuration-file keys (`transport`, `relay_tcp`, `relay_websocket`,
+/// `proxy`).
+#[derive(clap::Args, serde::Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkArgs {
+    /// How to reach the relay: `auto` (QUIC over UDP; if it has not answered within 300 ms, TLS
+    /// over TCP in parallel, and back to QUIC when UDP works again), `quic` (UDP only) or `tcp`
+    /// (TCP only). [default: auto]
+    #[arg(long, env = "TANDEM_TRANSPORT", value_name = "auto|quic|tcp")]
+    pub transport: Option<String>,
+    /// Where to reach the relay over TCP (TLS), host:port; repeat or separate with commas for
+    /// several. [default: the relay's host on its port number, then on 443]
+    #[arg(long = "relay-tcp", env = "TANDEM_RELAY_TCP", value_delimiter = ',', value_name = "HOST:PORT")]
+    #[serde(default)]
+    pub relay_tcp: Vec<String>,
+    /// The relay's WebSocket address behind a reverse proxy (wss://host/tandem), tried over TCP
+    /// (instead of TLS to the relay itself, unless --relay-tcp is given too).
+    #[arg(long, env = "TANDEM_RELAY_WEBSOCKET", value_name = "URL")]
+    pub relay_websocket: Option<String>,
+    /// HTTP proxy for TCP (http://[user:password@]host:port), or `direct` for none.
+    /// [default: $HTTPS_PROXY or $ALL_PROXY, unless $NO_PROXY names the relay]
+    #[arg(long, env = "TANDEM_PROXY", value_name = "URL|direct")]
+    pub proxy: Option<String>,
+}
+
+impl NetworkArgs {
+    /// These settings, each one not set taken from `file`.
+    pub fn or(self, file: &NetworkArgs) -> NetworkArgs {
+        NetworkArgs {
+            transport: self.transport.or_else(|| file.transport.clone()),
+            relay_tcp: if self.relay_tcp.is_empty() {
+                file.relay_tcp.clone()
+            } else {
+                self.relay_tcp
+            },
+            relay_websocket: self
+                .relay_websocket
+                .or_else(|| file.relay_websocket.clone()),
+            proxy: self.proxy.or_else(|| file.proxy.clone()),
+        }
+    }
+
+    /// Applies the settings to `opts` (whose relay address is already set).
+    pub fn apply(&self, opts: &mut ConnectOptions) -> Result<(), ClientError> {
+        opts.transports = match self.transport.as_deref().map(str::trim) {
+            None | Some("auto") | Some("") => Transports::Auto,
+            Some("quic") | Some("udp") => Transports::Quic,
+            Some("tcp") => Transports::Tcp,
+            Some(other) => {
+                return Err(ClientError::BadOption(format!(
+                    "transport {other:?}: use auto, quic or tcp"
+                )));
+            }
+        };
+        let mut tcp = Vec::new();
+        for t in &self.relay_tcp {
+            tcp.push(TcpTarget::tls(t.trim())?);
+        }
+        if let Some(ws) = &self.relay_websocket {
+            tcp.push(TcpTarget::websocket(ws.trim())?);
+        }
+        if !tcp.is_empty() {
+            opts.tcp = tcp;
+        }
+        opts.proxy = match self.proxy.as_deref().map(str::trim) {
+            None | Some("") => ProxyChoice::FromEnvironment,
+            Some("direct") | Some("none") => ProxyChoice::Direct,
+            Some(url) => ProxyChoice::Use(Proxy::parse(url)?),
+        };
+        Ok(())
+    }
+}
+
 /// TLS over TCP on the relay's port number and on 443.
 pub fn default_tcp_targets(relay: &str) -> Vec<TcpTarget> {
     let Ok(first) = TcpTarget::tls(relay) else {
@@ -157,6 +231,8 @@ pub enum ClientError {
     Net(#[from] tandem_net::NetError),
     #[error(transparent)]
     Dial(#[from] DialError),
+    #[error("invalid network option: {0}")]
+    BadOption(String),
     #[error(transparent)]
     Proxy(#[from] ProxyError),
 }

@@ -46,9 +46,12 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::Notify;
 
 /// How a relay link travels.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize,
+)]
 pub enum Transport {
     /// QUIC over UDP.
+    #[default]
     Quic,
     /// QUIC packets over TLS over TCP.
     Tcp,

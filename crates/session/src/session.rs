@@ -23,6 +23,7 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
+use tandem_client::tandem_net::{Transport, TransportCell};
 use tandem_client::{ClientError, ConnectOptions, RelayLink};
 use tandem_proto::{
     EndReason, ErrorCode, FRAME_HEADER, MAX_CONTROL_FRAME, ProtoError, RelayMsg, ResumeToken,
@@ -93,6 +94,8 @@ pub enum ControlMsg {
         fps: u16,
         kbps: u32,
         pipeline_us: u32,
+        /// How the sender's relay link travels now (QUIC, or a TCP link).
+        transport: Transport,
     },
     /// Either way: the sender ends the session.
     End { reason: EndReason },
@@ -367,7 +370,12 @@ pub struct Session {
     input_open: Arc<InputGate>,
     /// Console: bytes of video frames read and not yet taken by [`Session::recv_video`].
     video_held: Arc<AtomicUsize>,
+    /// Follows this side's relay link (replaced when the link is replaced).
+    transport: LinkTransport,
 }
+
+/// The transport of whatever relay link the session uses now.
+pub(crate) type LinkTransport = Arc<std::sync::Mutex<TransportCell>>;
 
 /// Agent: input is accepted once the user's consent answer was sent; before, it is dropped.
 #[derive(Default)]
@@ -460,9 +468,11 @@ impl Session {
         let (events_tx, events_rx) = mpsc::channel(32);
         let (end_tx, end_rx) = mpsc::channel(1);
         let end_info: EndInfo = Arc::default();
+        let transport: LinkTransport = Arc::new(std::sync::Mutex::new(p.link.link.transport_cell()));
         tasks.push(
             tokio::spawn(supervise(
                 p.link,
+                transport.clone(),
                 p.carrier.clone(),
                 p.conn.clone(),
                 events_tx,
@@ -492,7 +502,16 @@ impl Session {
             end_info,
             input_open,
             video_held,
+            transport,
         }
+    }
+
+    /// How this side's relay link travels now.
+    pub fn link_transport(&self) -> Transport {
+        self.transport
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get()
     }
 
     pub fn role(&self) -> Role {
@@ -960,6 +979,7 @@ impl InputSender {
 /// layers together.
 async fn supervise(
     mut ctx: LinkCtx,
+    transport: LinkTransport,
     carrier: Arc<Carrier>,
     inner: Connection,
     events: mpsc::Sender<SessionEvent>,
@@ -994,6 +1014,7 @@ async fn supervise(
                     match reconnect(&ctx, &inner).await {
                         Ok(link) => {
                             carrier.attach(link.connection().clone());
+                            *transport.lock().unwrap_or_else(|e| e.into_inner()) = link.transport_cell();
                             ctx.link = link;
                             tracing::info!("relay link resumed");
                             let _ = events.try_send(SessionEvent::LinkResumed);

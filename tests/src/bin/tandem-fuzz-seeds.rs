@@ -83,6 +83,7 @@ fn main() {
             fps: 30,
             kbps: 100,
             pipeline_us: 20_000,
+            transport: tandem_client::tandem_net::Transport::Tcp,
         },
         ControlMsg::Cursor {
             x: 10,
