@@ -410,7 +410,9 @@ async fn run(
         .clone()
         .or(&file_network)
         .apply(&mut opts)
-        .context("invalid network settings (--transport, --relay-tcp, --relay-websocket, --proxy)")?;
+        .context(
+            "invalid network settings (--transport, --relay-tcp, --relay-websocket, --proxy)",
+        )?;
     let cfg = SessionConfig {
         software: opts.software.clone(),
         capabilities: vec!["control/v1".into(), "cursor/v1".into()],

@@ -77,7 +77,6 @@ pub struct Stats {
     pub agent_transport: Transport,
 }
 
-
 #[derive(Clone, Debug)]
 pub enum Update {
     Consent(Consent),

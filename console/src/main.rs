@@ -249,10 +249,7 @@ pub async fn join(form: &gui::Form, login: &Login) -> Result<Session, Failure> {
     let mut opts = ConnectOptions::new(relay.clone(), trust);
     opts.software = format!("tandem-console {}", env!("CARGO_PKG_VERSION"));
     opts.timeout = login.timeout;
-    login
-        .network
-        .apply(&mut opts)
-        .map_err(Failure::usage)?;
+    login.network.apply(&mut opts).map_err(Failure::usage)?;
     let cfg = SessionConfig {
         software: opts.software.clone(),
         capabilities: vec!["control/v1".into(), "cursor/v1".into()],

@@ -11,9 +11,11 @@
 //! CPU per Mbit/s; with `--creep-minutes M` a long typing session reporting its first and last
 //! minute. Table on stdout, JSON in `target/bench/glass.json`.
 //!
-//!     cargo bench -p tandem-tests --bench glass [-- --seconds 10 --width 1920 --height 1080 --creep-minutes 10 --scene drag,motion --trace 30 --slow 40]
+//!     cargo bench -p tandem-tests --bench glass [-- --seconds 10 --width 1920 --height 1080 --creep-minutes 10 --scene drag,motion --trace 30 --slow 40 --transports quic,tcp,udp-dropped]
 //!
-//! `--scene` keeps the scenes whose names contain any of its comma-separated words.
+//! `--scene` keeps the scenes whose names contain any of its comma-separated words. `--transports`
+//! runs one whole session (a fresh agent, join, every scene) per entry, in order, and reports each,
+//! with ratios of every transport's glass-to-glass against QUIC's.
 #![allow(clippy::unwrap_used)]
 
 use std::collections::HashMap;
@@ -46,6 +48,10 @@ struct Args {
     trace: usize,
     /// Also print every later frame slower than this many ms (0: none), to see what a p99 is.
     slow: f64,
+    /// How agent and console reach the relay, one whole session each, in this order (repeat a
+    /// name to interleave): `quic`, `tcp` (TLS over TCP), `udp-dropped` (automatic, with the
+    /// relay's UDP address silently dropping everything, so the race has to find TCP).
+    transports: Vec<String>,
 }
 
 fn args() -> Args {
@@ -57,6 +63,11 @@ fn args() -> Args {
         scene: bench_arg("--scene", String::new()),
         trace: bench_arg("--trace", 0),
         slow: bench_arg("--slow", 0.0),
+        transports: bench_arg("--transports", "quic".to_string())
+            .split(',')
+            .map(|t| t.trim().to_string())
+            .filter(|t| !t.is_empty())
+            .collect(),
     }
 }
 
@@ -181,10 +192,200 @@ async fn run(a: Args) {
     let x = Xvfb::start(a.width, a.height);
     Painter::new(&x.display).page(0);
 
+    let next = Arc::new(AtomicU32::new(1));
+    let mut passes: Vec<Pass> = vec![];
+    let mut relay_cpu = 0.0;
+    let mut total_bytes = 0u64;
+    let mut creep = None;
+    for (i, t) in a.transports.clone().iter().enumerate() {
+        let cpu0 = relay.cpu_seconds().unwrap_or(0.0);
+        let p = pass(&a, dir.path(), &relay, &token, &x, &next, t, i == 0).await;
+        relay_cpu += relay.cpu_seconds().unwrap_or(0.0) - cpu0;
+        total_bytes += p.bytes;
+        if p.creep.is_some() {
+            creep = p.creep.clone();
+        }
+        passes.push(p);
+    }
+    let relay_mbit_per_cpu_s = total_bytes as f64 * 8.0 / 1e6 / relay_cpu.max(1e-9);
+
+    // ---- the floor, same scenes, same screen, no network ----
+    let mut floors: HashMap<&'static str, (Vec<f64>, Vec<f64>, f64)> = HashMap::new();
+    for r in passes.iter().flat_map(|p| p.results.iter()) {
+        if r.scene == Scene::Idle || floors.contains_key(r.scene.name()) {
+            continue;
+        }
+        let frames = (a.seconds * 30.0 / 2.0) as usize;
+        floors.insert(
+            r.scene.name(),
+            floor(&x.display, r.scene, frames.max(30), &next),
+        );
+    }
+    for r in passes.iter_mut().flat_map(|p| p.results.iter_mut()) {
+        if let Some((lat, psnr, halved)) = floors.get(r.scene.name()) {
+            r.floor = lat.clone();
+            r.psnr = psnr.clone();
+            r.floor_halved = *halved;
+        }
+    }
+    // ---- report ----
+    println!();
+    println!(
+        "Tandem glass-to-glass at {}x{} ({} cores; relay and agent as release processes, console in this process)",
+        a.width,
+        a.height,
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(0)
+    );
+    let mut pass_json = vec![];
+    for p in &passes {
+        println!();
+        println!(
+            "transport {}: join → first decoded frame {:.0} ms (target ≤ 300 on QUIC, ≤ 1000 with UDP dropped); links: console {}, agent {}",
+            p.transport, p.first_frame_ms, p.console_link, p.agent_link
+        );
+        println!(
+            "{:<24} {:>9} {:>9} {:>10} {:>10} {:>7} {:>8} {:>7} {:>9} {:>11} {:>9}",
+            "scene",
+            "g2g p50",
+            "g2g p99",
+            "floor p50",
+            "floor p99",
+            "ratio",
+            "kbit/s",
+            "fps",
+            "PSNR dB",
+            "half-res %",
+            "agent c→e"
+        );
+        let mut rows = vec![];
+        for r in &p.results {
+            let (g50, g99) = (percentile(&r.glass, 0.5), percentile(&r.glass, 0.99));
+            let (f50, f99) = (percentile(&r.floor, 0.5), percentile(&r.floor, 0.99));
+            let psnr = percentile(&r.psnr, 0.5);
+            println!(
+                "{:<24} {:>9.1} {:>9.1} {:>10.1} {:>10.1} {:>7.2} {:>8.0} {:>7.1} {:>9.1} {:>5.0} / {:<3.0} {:>9.1}",
+                r.scene.name(),
+                g50,
+                g99,
+                f50,
+                f99,
+                g50 / f50,
+                r.kbps,
+                r.fps,
+                psnr,
+                r.halved * 100.0,
+                r.floor_halved * 100.0,
+                r.agent_ms,
+            );
+            rows.push(
+                serde_json::json!({"scene": r.scene.name(), "glass_p50_ms": g50, "glass_p99_ms": g99,
+                "floor_p50_ms": f50, "floor_p99_ms": f99, "ratio_p50": g50 / f50, "kbit_s": r.kbps,
+                "fps": r.fps, "psnr_db": psnr, "frames_measured": r.glass.len(),
+                "half_resolution_share": r.halved, "floor_half_resolution_share": r.floor_halved,
+                "agent_capture_to_encoded_p50_ms": r.agent_ms}),
+            );
+        }
+        pass_json.push(serde_json::json!({"transport": p.transport,
+            "join_to_first_frame_ms": p.first_frame_ms, "console_link": p.console_link,
+            "agent_link": p.agent_link, "scenes": rows}));
+    }
+    // Every other transport against the QUIC pass of the same run, scene by scene.
+    let mut ratios = vec![];
+    if let Some(q) = passes.iter().find(|p| p.transport == "quic") {
+        for p in passes.iter().filter(|p| p.transport != "quic") {
+            println!();
+            println!("{} ÷ quic (same run):", p.transport);
+            for r in &p.results {
+                let Some(qr) = q.results.iter().find(|x| x.scene == r.scene) else {
+                    continue;
+                };
+                if r.glass.is_empty() || qr.glass.is_empty() {
+                    continue;
+                }
+                let r50 = percentile(&r.glass, 0.5) / percentile(&qr.glass, 0.5);
+                let r99 = percentile(&r.glass, 0.99) / percentile(&qr.glass, 0.99);
+                println!(
+                    "  {:<22} glass-to-glass p50 ×{r50:.2}, p99 ×{r99:.2} (target ≤ 1.2)",
+                    r.scene.name()
+                );
+                ratios.push(
+                    serde_json::json!({"transport": p.transport, "scene": r.scene.name(),
+                    "glass_p50_ratio": r50, "glass_p99_ratio": r99}),
+                );
+            }
+        }
+    }
+    println!("relay: {relay_mbit_per_cpu_s:.0} Mbit/s forwarded per relay CPU-second");
+    let mut creep_json = serde_json::Value::Null;
+    if let Some((first, last)) = &creep {
+        println!(
+            "creep ({} min typing): first minute p50 {:.1} / p99 {:.1} ms, last minute p50 {:.1} / p99 {:.1} ms",
+            a.creep_minutes,
+            percentile(first, 0.5),
+            percentile(first, 0.99),
+            percentile(last, 0.5),
+            percentile(last, 0.99)
+        );
+        creep_json = serde_json::json!({"minutes": a.creep_minutes,
+            "first_p50_ms": percentile(first, 0.5), "first_p99_ms": percentile(first, 0.99),
+            "last_p50_ms": percentile(last, 0.5), "last_p99_ms": percentile(last, 0.99)});
+    }
+    let first = passes.first();
+    let json = serde_json::json!({"width": a.width, "height": a.height, "seconds_per_scene": a.seconds,
+        "join_to_first_frame_ms": first.map(|p| p.first_frame_ms),
+        "scenes": pass_json.first().map(|p| p["scenes"].clone()),
+        "transports": pass_json, "ratios_vs_quic": ratios,
+        "relay_mbit_per_cpu_second": relay_mbit_per_cpu_s, "creep": creep_json});
+    write_bench_json("glass", &json);
+    relay.terminate().await;
+}
+
+/// One whole session over one transport.
+struct Pass {
+    transport: String,
+    first_frame_ms: f64,
+    results: Vec<SceneResult>,
+    bytes: u64,
+    creep: Option<(Vec<f64>, Vec<f64>)>,
+    /// The links' transports as the session saw them at the end.
+    console_link: String,
+    agent_link: String,
+}
+
+/// A fresh agent over `transport`, the console joins, every scene is measured (and the creep run
+/// when `with_creep`), the session ends.
+#[allow(clippy::too_many_arguments)]
+async fn pass(
+    a: &Args,
+    dir: &std::path::Path,
+    relay: &RelayProcess,
+    token: &Secret,
+    x: &Xvfb,
+    next: &Arc<AtomicU32>,
+    transport: &str,
+    with_creep: bool,
+) -> Pass {
+    // `udp-dropped`: both sides' QUIC address is a UDP socket that reads and answers nothing (a
+    // firewall that drops UDP silently); their TCP target is the relay's TCP port.
+    let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let (relay_addr, mode, tcp) = match transport {
+        "quic" => (relay.addr.clone(), "quic", None),
+        "tcp" => (relay.addr.clone(), "tcp", None),
+        "udp-dropped" => (
+            silent.local_addr().unwrap().to_string(),
+            "auto",
+            Some(relay.addr.clone()),
+        ),
+        other => panic!("unknown transport {other:?}: quic, tcp or udp-dropped"),
+    };
     let mut agent = tokio::process::Command::new(binary("tandem-agent"))
-        .env("TANDEM_AGENT_STATE_DIR", dir.path().join("agent-state"))
-        .args(["--headless", "--relay", &relay.addr, "--relay-pin"])
+        .env("TANDEM_AGENT_STATE_DIR", dir.join("agent-state"))
+        .args(["--headless", "--relay", &relay_addr, "--relay-pin"])
         .arg(relay.pin.to_string())
+        .args(["--transport", mode])
+        .args(tcp.iter().flat_map(|t| ["--relay-tcp", t.as_str()]))
         .args([
             "--consent",
             "allow",
@@ -210,7 +411,14 @@ async fn run(a: Args) {
     tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
 
     // ---- join → first frame ----
-    let opts = ConnectOptions::new(relay.addr.clone(), RelayTrust::Pin(relay.pin));
+    let mut opts = ConnectOptions::new(relay_addr.clone(), RelayTrust::Pin(relay.pin));
+    tandem_client::NetworkArgs {
+        transport: Some(mode.into()),
+        relay_tcp: tcp.iter().cloned().collect(),
+        ..Default::default()
+    }
+    .apply(&mut opts)
+    .unwrap();
     let t_join = Instant::now();
     let session = tandem_session::join(
         &opts,
@@ -223,14 +431,22 @@ async fn run(a: Args) {
     let session = Arc::new(session);
     // The agent's own median capture → encoded time, from its answers to stats requests.
     let agent_pipeline_us = Arc::new(AtomicU32::new(0));
+    let agent_link = Arc::new(Mutex::new(String::from("?")));
     {
+        let link = agent_link.clone();
         // Drain control messages (consent, cursor, stats) so nothing backs up.
         let s = session.clone();
         let us = agent_pipeline_us.clone();
         tokio::spawn(async move {
             while let Ok(m) = s.recv_control().await {
-                if let ControlMsg::Stats { pipeline_us, .. } = m {
+                if let ControlMsg::Stats {
+                    pipeline_us,
+                    transport,
+                    ..
+                } = m
+                {
                     us.store(pipeline_us, Ordering::Relaxed);
+                    *link.lock().unwrap() = transport.to_string();
                 }
             }
         });
@@ -244,7 +460,6 @@ async fn run(a: Args) {
     };
 
     // ---- scenes through the whole session ----
-    let next = Arc::new(AtomicU32::new(1));
     let scenes = [
         Scene::Idle,
         Scene::Typing,
@@ -255,7 +470,6 @@ async fn run(a: Args) {
     .into_iter()
     .filter(|s| a.scene.split(',').any(|w| s.name().contains(w)));
     let mut results = vec![];
-    let cpu0 = relay.cpu_seconds().unwrap_or(0.0);
     let mut total_bytes = 0u64;
     for scene in scenes {
         let (glass, fps, kbps, halved) = measure(&session, &mut dec, &x, scene, &a, &next).await;
@@ -289,12 +503,11 @@ async fn run(a: Args) {
             agent_ms,
         });
     }
-    let relay_cpu = relay.cpu_seconds().unwrap_or(0.0) - cpu0;
-    let relay_mbit_per_cpu_s = total_bytes as f64 * 8.0 / 1e6 / relay_cpu.max(1e-9);
+    let console_link = session.link_transport().to_string();
 
     // ---- creep: a long typing session, first and last minute ----
     let mut creep = None;
-    if a.creep_minutes > 0.0 {
+    if with_creep && a.creep_minutes > 0.0 {
         let secs = a.creep_minutes * 60.0;
         let drawn = Arc::new(Drawn::default());
         let stop = Arc::new(AtomicBool::new(false));
@@ -335,91 +548,15 @@ async fn run(a: Args) {
         .await;
     let _ = agent.wait().await;
 
-    // ---- the floor, same scenes, same screen, no network ----
-    for r in results.iter_mut() {
-        if r.scene == Scene::Idle {
-            continue;
-        }
-        let frames = (a.seconds * 30.0 / 2.0) as usize;
-        let (lat, psnr, halved) = floor(&x.display, r.scene, frames.max(30), &next);
-        r.floor = lat;
-        r.psnr = psnr;
-        r.floor_halved = halved;
+    Pass {
+        transport: transport.to_string(),
+        first_frame_ms,
+        results,
+        bytes: total_bytes,
+        creep,
+        console_link,
+        agent_link: agent_link.lock().unwrap().clone(),
     }
-
-    // ---- report ----
-    println!();
-    println!(
-        "Tandem glass-to-glass at {}x{} ({} cores; relay and agent as release processes, console in this process)",
-        a.width,
-        a.height,
-        std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(0)
-    );
-    println!("join → first decoded frame: {first_frame_ms:.0} ms (target ≤ 300)");
-    println!(
-        "{:<24} {:>9} {:>9} {:>10} {:>10} {:>7} {:>8} {:>7} {:>9} {:>11} {:>9}",
-        "scene",
-        "g2g p50",
-        "g2g p99",
-        "floor p50",
-        "floor p99",
-        "ratio",
-        "kbit/s",
-        "fps",
-        "PSNR dB",
-        "half-res %",
-        "agent c→e"
-    );
-    let mut rows = vec![];
-    for r in &results {
-        let (g50, g99) = (percentile(&r.glass, 0.5), percentile(&r.glass, 0.99));
-        let (f50, f99) = (percentile(&r.floor, 0.5), percentile(&r.floor, 0.99));
-        let psnr = percentile(&r.psnr, 0.5);
-        println!(
-            "{:<24} {:>9.1} {:>9.1} {:>10.1} {:>10.1} {:>7.2} {:>8.0} {:>7.1} {:>9.1} {:>5.0} / {:<3.0} {:>9.1}",
-            r.scene.name(),
-            g50,
-            g99,
-            f50,
-            f99,
-            g50 / f50,
-            r.kbps,
-            r.fps,
-            psnr,
-            r.halved * 100.0,
-            r.floor_halved * 100.0,
-            r.agent_ms,
-        );
-        rows.push(
-            serde_json::json!({"scene": r.scene.name(), "glass_p50_ms": g50, "glass_p99_ms": g99,
-            "floor_p50_ms": f50, "floor_p99_ms": f99, "ratio_p50": g50 / f50, "kbit_s": r.kbps,
-            "fps": r.fps, "psnr_db": psnr, "frames_measured": r.glass.len(),
-            "half_resolution_share": r.halved, "floor_half_resolution_share": r.floor_halved,
-            "agent_capture_to_encoded_p50_ms": r.agent_ms}),
-        );
-    }
-    println!("relay: {relay_mbit_per_cpu_s:.0} Mbit/s forwarded per relay CPU-second");
-    let mut creep_json = serde_json::Value::Null;
-    if let Some((first, last)) = &creep {
-        println!(
-            "creep ({} min typing): first minute p50 {:.1} / p99 {:.1} ms, last minute p50 {:.1} / p99 {:.1} ms",
-            a.creep_minutes,
-            percentile(first, 0.5),
-            percentile(first, 0.99),
-            percentile(last, 0.5),
-            percentile(last, 0.99)
-        );
-        creep_json = serde_json::json!({"minutes": a.creep_minutes,
-            "first_p50_ms": percentile(first, 0.5), "first_p99_ms": percentile(first, 0.99),
-            "last_p50_ms": percentile(last, 0.5), "last_p99_ms": percentile(last, 0.99)});
-    }
-    let json = serde_json::json!({"width": a.width, "height": a.height, "seconds_per_scene": a.seconds,
-        "join_to_first_frame_ms": first_frame_ms, "scenes": rows,
-        "relay_mbit_per_cpu_second": relay_mbit_per_cpu_s, "creep": creep_json});
-    write_bench_json("glass", &json);
-    relay.terminate().await;
 }
 
 /// Runs one scene through the session; returns (glass-to-glass ms per counted frame, delivered

@@ -413,6 +413,9 @@ struct Paths {
     r_rtt: Vec<f64>,
     d_tp: Vec<f64>,
     r_tp: Vec<f64>,
+    /// The same through the relay with both sides' links on TLS over TCP.
+    t_rtt: Vec<f64>,
+    t_tp: Vec<f64>,
     mbit_per_cpu_s: f64,
     relay_cpu: f64,
     relay_time: f64,
@@ -426,6 +429,8 @@ impl Paths {
             r_rtt: vec![],
             d_tp: vec![f64::NAN],
             r_tp: vec![f64::NAN],
+            t_rtt: vec![],
+            t_tp: vec![f64::NAN],
             mbit_per_cpu_s: f64::NAN,
             relay_cpu: f64::NAN,
             relay_time: f64::NAN,
@@ -455,19 +460,36 @@ async fn paths(
     console.join(&slot).await.unwrap();
     agent.wait_paired().await.unwrap();
     echo_datagrams(console.connection().clone());
+    // The same pair with both links on TLS over TCP.
+    let mut tcp_opts = opts.clone();
+    tcp_opts.transports = tandem_client::Transports::Tcp;
+    let mut t_agent = RelayLink::connect(&tcp_opts).await.unwrap();
+    let (slot, _) = t_agent.register().await.unwrap();
+    let mut t_console = RelayLink::connect(&tcp_opts).await.unwrap();
+    t_console.authenticate(token).await.unwrap();
+    t_console.join(&slot).await.unwrap();
+    t_agent.wait_paired().await.unwrap();
+    echo_datagrams(t_console.connection().clone());
 
     // ---- RTT, interleaved in rounds so that machine noise hits both alike ----
     let _ = rtt_samples(&dc, 200).await;
     let _ = rtt_samples(agent.connection(), 200).await;
     let per_round = a.rtt_samples / a.rounds;
-    let (mut d_rtt, mut r_rtt) = (vec![], vec![]);
+    let _ = rtt_samples(t_agent.connection(), 200).await;
+    let (mut d_rtt, mut r_rtt, mut t_rtt) = (vec![], vec![], vec![]);
     for _ in 0..a.rounds {
         d_rtt.extend(rtt_samples(&dc, per_round).await);
         r_rtt.extend(rtt_samples(agent.connection(), per_round).await);
+        t_rtt.extend(rtt_samples(t_agent.connection(), per_round).await);
     }
 
     // ---- throughput, interleaved ----
-    let (mut d_tp, mut r_tp) = (vec![], vec![]);
+    let (mut d_tp, mut r_tp, mut t_tp) = (vec![], vec![], vec![]);
+    for _ in 0..a.rounds {
+        t_tp.push(transfer(t_agent.connection(), t_console.connection(), a.transfer_mib).await);
+    }
+    t_agent.close().await;
+    t_console.close().await;
     let cpu0 = relay.cpu_seconds().unwrap_or(0.0);
     let mut relay_bytes = 0.0;
     let mut relay_time = 0.0;
@@ -487,6 +509,8 @@ async fn paths(
         r_rtt,
         d_tp,
         r_tp,
+        t_rtt,
+        t_tp,
         mbit_per_cpu_s,
         relay_cpu,
         relay_time,
@@ -565,6 +589,8 @@ fn report(a: &Args, r: Report) {
                 r_rtt,
                 d_tp,
                 r_tp,
+                t_rtt,
+                t_tp,
                 mbit_per_cpu_s,
                 relay_cpu,
                 relay_time,
@@ -622,6 +648,32 @@ fn report(a: &Args, r: Report) {
         &format!("ratio {:.2} (target ≥ 0.60)", rtp / dtp),
     );
     fmt_row("stream throughput min", d_tp[0], r_tp[0], "MB/s", "");
+    let (tp50, tp99, ttp) = (
+        percentile(&t_rtt, 0.5),
+        percentile(&t_rtt, 0.99),
+        percentile(&t_tp, 0.5),
+    );
+    fmt_row(
+        "  both links on TCP: RTT p50",
+        rp50,
+        tp50,
+        "µs",
+        &format!("×{:.2} of QUIC's via relay", tp50 / rp50),
+    );
+    fmt_row(
+        "  both links on TCP: RTT p99",
+        rp99,
+        tp99,
+        "µs",
+        &format!("×{:.2} of QUIC's via relay", tp99 / rp99),
+    );
+    fmt_row(
+        "  both links on TCP: throughput",
+        rtp,
+        ttp,
+        "MB/s",
+        &format!("×{:.2} of QUIC's via relay (columns: QUIC, TCP)", ttp / rtp),
+    );
     println!(
         "{:<34} {:>12} {:>12.0} {:<6} relay CPU while forwarding",
         "relay Mbit/s per CPU-second", "", mbit_per_cpu_s, ""
@@ -706,6 +758,7 @@ fn report(a: &Args, r: Report) {
         "bench": "relay",
         "rtt_us": {"direct_p50": dp50, "direct_p99": dp99, "relay_p50": rp50, "relay_p99": rp99, "added_p50": rp50 - dp50, "added_p99": rp99 - dp99, "samples_each": d_rtt.len()},
         "throughput_mb_s": {"direct_median": dtp, "relay_median": rtp, "ratio": rtp / dtp, "direct_all": d_tp, "relay_all": r_tp, "transfer_mib": a.transfer_mib},
+        "both_links_tcp": {"rtt_p50_us": tp50, "rtt_p99_us": tp99, "throughput_median_mb_s": ttp, "throughput_all": t_tp, "rtt_p50_ratio_vs_quic": tp50 / rp50, "throughput_ratio_vs_quic": ttp / rtp},
         "relay_cpu": {"mbit_per_cpu_second": mbit_per_cpu_s, "cpu_seconds": relay_cpu, "wall_seconds": relay_time},
         "memory": {"sessions": a.sessions, "idle_rss_bytes": paired.idle, "half_sessions": paired.half_n, "half_rss_bytes": paired.half, "loaded_rss_bytes": paired.full, "bytes_per_session_marginal": paired.marginal(), "bytes_per_session_average": paired.average()},
         "setup_ms": {"p50": percentile(&setups, 0.5), "p99": percentile(&setups, 0.99), "total_s": setup_secs},

@@ -119,7 +119,12 @@ pub struct NetworkArgs {
     pub transport: Option<String>,
     /// Where to reach the relay over TCP (TLS), host:port; repeat or separate with commas for
     /// several. [default: the relay's host on its port number, then on 443]
-    #[arg(long = "relay-tcp", env = "TANDEM_RELAY_TCP", value_delimiter = ',', value_name = "HOST:PORT")]
+    #[arg(
+        long = "relay-tcp",
+        env = "TANDEM_RELAY_TCP",
+        value_delimiter = ',',
+        value_name = "HOST:PORT"
+    )]
     #[serde(default)]
     pub relay_tcp: Vec<String>,
     /// The relay's WebSocket address behind a reverse proxy (wss://host/tandem), tried over TCP

@@ -468,7 +468,8 @@ impl Session {
         let (events_tx, events_rx) = mpsc::channel(32);
         let (end_tx, end_rx) = mpsc::channel(1);
         let end_info: EndInfo = Arc::default();
-        let transport: LinkTransport = Arc::new(std::sync::Mutex::new(p.link.link.transport_cell()));
+        let transport: LinkTransport =
+            Arc::new(std::sync::Mutex::new(p.link.link.transport_cell()));
         tasks.push(
             tokio::spawn(supervise(
                 p.link,
