@@ -316,6 +316,15 @@ impl Drop for RelayLink {
         if let Some(m) = &self.mover {
             m.abort();
         }
+        // The TCP link goes too, after a moment for the connection's close to get through it.
+        if let Some(t) = self.tunnel.take()
+            && let Ok(rt) = tokio::runtime::Handle::try_current()
+        {
+            rt.spawn(async move {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                t.close();
+            });
+        }
     }
 }
 
@@ -432,6 +441,9 @@ async fn via_tcp(
         dialed.framing,
         LINK_IDLE,
     );
+    // If this attempt loses the race (its future is dropped) or fails, the TCP link closes at
+    // once instead of lingering until its idle timeout.
+    let guard = CloseOnDrop(Some(link.clone()));
     let local: SocketAddr = if addr.is_ipv6() {
         (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
     } else {
@@ -446,19 +458,31 @@ async fn via_tcp(
     )
     .map_err(|e| ClientError::Net(tandem_net::NetError::Endpoint(e)))?;
     endpoint.set_default_client_config(client_config(opts)?);
-    let conn = match handshake(&endpoint, addr, host, timeout, &opts.relay).await {
-        Ok(c) => c,
-        Err(e) => {
-            link.close();
-            return Err(e);
-        }
-    };
+    let conn = handshake(&endpoint, addr, host, timeout, &opts.relay).await?;
+    guard.disarm();
     Ok(Won {
         endpoint,
         conn,
         transport: dialed.transport,
         tunnel: Some((link, socket)),
     })
+}
+
+/// Closes a TCP link when dropped, unless disarmed.
+struct CloseOnDrop(Option<Arc<Link>>);
+
+impl CloseOnDrop {
+    fn disarm(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for CloseOnDrop {
+    fn drop(&mut self) {
+        if let Some(l) = &self.0 {
+            l.close();
+        }
+    }
 }
 
 /// Races QUIC against the TCP targets: QUIC starts at once, TCP after the race delay (at once if
