@@ -422,7 +422,7 @@ async fn pass(
     let t_join = Instant::now();
     let session = tandem_session::join(
         &opts,
-        &token,
+        token,
         &SessionCode::parse(&code).unwrap(),
         &tandem_session::SessionConfig::default(),
     )
@@ -472,7 +472,7 @@ async fn pass(
     let mut results = vec![];
     let mut total_bytes = 0u64;
     for scene in scenes {
-        let (glass, fps, kbps, halved) = measure(&session, &mut dec, &x, scene, &a, &next).await;
+        let (glass, fps, kbps, halved) = measure(&session, &mut dec, x, scene, a, next).await;
         // The agent's median over its last 31 frames, i.e. the end of this scene.
         agent_pipeline_us.store(0, Ordering::Relaxed);
         let _ = session

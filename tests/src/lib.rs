@@ -4,6 +4,7 @@
 
 pub mod fake_relay;
 pub mod impair;
+pub mod netns;
 pub mod scenes;
 pub mod x11;
 
@@ -41,6 +42,18 @@ impl TestRelay {
     }
 
     pub async fn start_with(limits: Limits) -> TestRelay {
+        Self::start_full(
+            limits,
+            tandem_relay_server::TcpConfig {
+                listen: vec!["127.0.0.1:0".parse().unwrap()],
+                ..Default::default()
+            },
+        )
+        .await
+    }
+
+    /// With its TCP front configured too (`listen` port 0: the UDP port's number).
+    pub async fn start_full(limits: Limits, tcp: tandem_relay_server::TcpConfig) -> TestRelay {
         init_logs();
         let dir = tempfile::tempdir().unwrap();
         let identity = tandem_certs::ensure_identity(dir.path(), &[]).unwrap();
@@ -50,11 +63,7 @@ impl TestRelay {
         };
         let cfg = ServerConfig {
             listen: "127.0.0.1:0".parse().unwrap(),
-            // TCP on the UDP port's number, as the binary does by default.
-            tcp: tandem_relay_server::TcpConfig {
-                listen: vec!["127.0.0.1:0".parse().unwrap()],
-                ..Default::default()
-            },
+            tcp,
             metrics_listen: Some("127.0.0.1:0".parse().unwrap()),
             data_dir: dir.path().to_path_buf(),
             limits,

@@ -296,3 +296,170 @@ async fn garbage_on_the_tcp_port_is_dropped_and_counted() {
     );
     relay.shutdown().await;
 }
+
+/// A raw TLS connection to the relay's TCP front, after the handshake.
+async fn raw_tls(
+    relay: &TestRelay,
+    alpn: &[u8],
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    let cfg = RelayTrust::Pin(relay.pin).client_config(alpn).unwrap();
+    let conn = tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg));
+    let tcp = tokio::net::TcpStream::connect(relay.handle().tcp_addrs()[0])
+        .await
+        .unwrap();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    within(conn.connect(name, tcp)).await.unwrap()
+}
+
+/// Waits until the relay closes `s` (EOF or error), reading and discarding what comes.
+async fn closed_by_relay<S: tokio::io::AsyncRead + Unpin>(s: &mut S) {
+    let mut buf = [0u8; 4096];
+    within(async {
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+}
+
+/// Strangers on the TCP port: links per address are limited (counted before TLS), a link that
+/// carries no QUIC connection is closed after the handshake timeout however it trickles frames,
+/// a packet shorter than any QUIC packet ends its link, and a browser's WebSocket is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_front_limits_what_strangers_can_hold() {
+    let tcp = tandem_relay_server::TcpConfig {
+        listen: vec!["127.0.0.1:0".parse().unwrap()],
+        links_per_address: 3,
+        handshake_timeout: Duration::from_secs(2),
+        ..Default::default()
+    };
+    let relay = TestRelay::start_full(tandem_relay_server::Limits::default(), tcp).await;
+
+    // A link that only trickles well-formed frames (no QUIC connection) is closed.
+    let mut idle = raw_tls(&relay, b"tandem-tcp/1").await;
+    idle.write_all(b"TQ1\n").await.unwrap();
+    let t0 = Instant::now();
+    let trickle = async {
+        loop {
+            let mut frame = vec![0u8, 40];
+            frame.extend([0x40u8; 40]);
+            if idle.write_all(&frame).await.is_err() {
+                return;
+            }
+            let mut b = [0u8; 64];
+            match tokio::time::timeout(Duration::from_millis(500), idle.read(&mut b)).await {
+                Ok(Ok(0)) | Ok(Err(_)) => return,
+                _ => {}
+            }
+        }
+    };
+    within(trickle).await;
+    let held = t0.elapsed();
+    assert!(
+        held >= Duration::from_secs(2) && held < Duration::from_secs(8),
+        "held {held:?}"
+    );
+
+    // A packet of 5 bytes ends its link at once.
+    let mut tiny = raw_tls(&relay, b"tandem-tcp/1").await;
+    tiny.write_all(b"TQ1\n\x00\x05hello").await.unwrap();
+    closed_by_relay(&mut tiny).await;
+
+    // A browser (Origin header) is refused.
+    let mut ws = raw_tls(&relay, b"http/1.1").await;
+    ws.write_all(
+        b"GET /tandem HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+          Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\
+          Origin: https://evil.example\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut answer = vec![0u8; 256];
+    let n = within(ws.read(&mut answer)).await.unwrap();
+    let answer = String::from_utf8_lossy(&answer[..n]).to_string();
+    assert!(answer.starts_with("HTTP/1.1 403"), "{answer}");
+
+    // Three open TCP connections from this address; the fourth is closed before TLS.
+    let mut held = vec![];
+    for _ in 0..3 {
+        held.push(
+            tokio::net::TcpStream::connect(relay.handle().tcp_addrs()[0])
+                .await
+                .unwrap(),
+        );
+    }
+    let mut fourth = tokio::net::TcpStream::connect(relay.handle().tcp_addrs()[0])
+        .await
+        .unwrap();
+    closed_by_relay(&mut fourth).await;
+    let (_, m) = relay.http_get("/metrics").await;
+    assert!(
+        metric(
+            &m,
+            "tandem_relay_tcp_links_refused_total{limit=\"tcp_links_per_address\"}"
+        ) >= 1.0,
+        "{m}"
+    );
+    assert!(
+        metric(
+            &m,
+            "tandem_relay_tcp_handshake_failures_total{reason=\"no_quic\"}"
+        ) >= 1.0,
+        "{m}"
+    );
+    drop(held);
+    relay.shutdown().await;
+}
+
+/// Behind a trusted reverse proxy, per-address limits go by the client the proxy names in the last
+/// entry of the last X-Forwarded-For line, whatever the client itself claimed before it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trusted_proxy_names_the_client_for_limits() {
+    let tcp = tandem_relay_server::TcpConfig {
+        listen: vec!["127.0.0.1:0".parse().unwrap()],
+        links_per_address: 1,
+        trusted_proxies: vec!["127.0.0.1".parse().unwrap()],
+        ..Default::default()
+    };
+    let relay = TestRelay::start_full(tandem_relay_server::Limits::default(), tcp).await;
+    let upgrade = |xff: &str| {
+        format!(
+            "GET /tandem HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\
+             X-Forwarded-For: {xff}\r\n\r\n"
+        )
+    };
+    // Whether the relay keeps the link open for a moment after the upgrade.
+    async fn kept(s: &mut tokio_rustls::client::TlsStream<tokio::net::TcpStream>) -> bool {
+        let mut buf = vec![0u8; 512];
+        let n = within(s.read(&mut buf)).await.unwrap();
+        assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 101"));
+        tokio::time::timeout(Duration::from_millis(500), s.read(&mut buf))
+            .await
+            .is_err()
+    }
+    let mut first = raw_tls(&relay, b"http/1.1").await;
+    first
+        .write_all(upgrade("203.0.113.1, 198.51.100.9").as_bytes())
+        .await
+        .unwrap();
+    assert!(kept(&mut first).await, "the first link of 198.51.100.9");
+    // The same client claiming to be someone else before the proxy's entry: still 198.51.100.9.
+    let mut second = raw_tls(&relay, b"http/1.1").await;
+    second
+        .write_all(upgrade("192.0.2.77, 198.51.100.9").as_bytes())
+        .await
+        .unwrap();
+    assert!(!kept(&mut second).await, "over 198.51.100.9's share");
+    // Another client behind the same proxy has its own share.
+    let mut third = raw_tls(&relay, b"http/1.1").await;
+    third
+        .write_all(upgrade("198.51.100.10").as_bytes())
+        .await
+        .unwrap();
+    assert!(kept(&mut third).await, "198.51.100.10's own share");
+    relay.shutdown().await;
+}

@@ -348,23 +348,37 @@ pub fn client_endpoint(
     )?)
 }
 
-async fn resolve(relay: &str) -> Result<(SocketAddr, String), ClientError> {
-    let (host, _port) = relay
-        .rsplit_once(':')
-        .ok_or_else(|| ClientError::BadAddress(relay.to_string()))?;
-    let host = host
-        .trim_start_matches('[')
-        .trim_end_matches(']')
-        .to_string();
+/// The host part of `host:port` (IPv6 without brackets), without any DNS lookup.
+fn relay_host(relay: &str) -> Result<(String, u16), ClientError> {
+    let bad = || ClientError::BadAddress(relay.to_string());
+    let (host, port) = relay.rsplit_once(':').ok_or_else(bad)?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let port: u16 = port.parse().map_err(|_| bad())?;
     if host.is_empty() {
-        return Err(ClientError::BadAddress(relay.to_string()));
+        return Err(bad());
     }
-    let mut addrs = tokio::net::lookup_host(relay)
-        .await
-        .map_err(|e| ClientError::Resolve {
-            addr: relay.to_string(),
-            reason: e.to_string(),
-        })?;
+    Ok((host.to_string(), port))
+}
+
+/// Resolves the relay's QUIC address, within `timeout`.
+async fn resolve(relay: &str, timeout: Duration) -> Result<(SocketAddr, String), ClientError> {
+    let (host, _) = relay_host(relay)?;
+    let lookup = tokio::net::lookup_host(relay);
+    let mut addrs = match tokio::time::timeout(timeout, lookup).await {
+        Ok(Ok(a)) => a,
+        Ok(Err(e)) => {
+            return Err(ClientError::Resolve {
+                addr: relay.to_string(),
+                reason: e.to_string(),
+            });
+        }
+        Err(_) => {
+            return Err(ClientError::Resolve {
+                addr: relay.to_string(),
+                reason: format!("no answer from DNS within {} s", timeout.as_secs()),
+            });
+        }
+    };
     let addr = addrs.next().ok_or_else(|| ClientError::Resolve {
         addr: relay.to_string(),
         reason: "no addresses".into(),
@@ -372,12 +386,24 @@ async fn resolve(relay: &str) -> Result<(SocketAddr, String), ClientError> {
     Ok((addr, host))
 }
 
+/// How long a TCP attempt waits for the relay's QUIC address from DNS.
+const DNS_FOR_TCP: Duration = Duration::from_secs(1);
+
+/// What quinn is told the relay's address is on a TCP link whose QUIC address is not known (a
+/// network where only the proxy resolves names): a link address, never a real peer's.
+fn placeholder_addr(port: u16) -> SocketAddr {
+    SocketAddr::new(std::net::Ipv4Addr::new(240, 0, 0, 1).into(), port)
+}
+
 /// A connection that won the race, with what it runs on.
 struct Won {
     endpoint: quinn::Endpoint,
     conn: Connection,
+    /// The relay's QUIC address (resolved), or a placeholder on a TCP link.
+    addr: SocketAddr,
     transport: Transport,
-    tunnel: Option<(Arc<Link>, Arc<MuxSocket>)>,
+    /// The TCP link under the connection: closed if the link is not started after all.
+    tunnel: Option<(CloseOnDrop, Arc<MuxSocket>)>,
 }
 
 /// One way of reaching the relay that failed, for the error message.
@@ -408,17 +434,14 @@ async fn handshake(
     }
 }
 
-async fn via_quic(
-    opts: &ConnectOptions,
-    addr: SocketAddr,
-    host: &str,
-    timeout: Duration,
-) -> Result<Won, ClientError> {
+async fn via_quic(opts: &ConnectOptions, timeout: Duration) -> Result<Won, ClientError> {
+    let (addr, host) = resolve(&opts.relay, timeout).await?;
     let endpoint = client_endpoint(opts, addr)?;
-    let conn = handshake(&endpoint, addr, host, timeout, &opts.relay).await?;
+    let conn = handshake(&endpoint, addr, &host, timeout, &opts.relay).await?;
     Ok(Won {
         endpoint,
         conn,
+        addr,
         transport: Transport::Quic,
         tunnel: None,
     })
@@ -427,13 +450,18 @@ async fn via_quic(
 async fn via_tcp(
     opts: &ConnectOptions,
     target: &TcpTarget,
-    addr: SocketAddr,
-    host: &str,
     timeout: Duration,
 ) -> Result<Won, ClientError> {
+    let (host, port) = relay_host(&opts.relay)?;
+    // The relay's QUIC address keys the link and is where the link moves when UDP works. Where
+    // only the proxy resolves names, a placeholder keys it (and the link stays on TCP).
+    let addr = match resolve(&opts.relay, DNS_FOR_TCP).await {
+        Ok((a, _)) => a,
+        Err(_) => placeholder_addr(port),
+    };
     let proxy = opts.proxy_for(target.host())?;
     let dialed = tandem_net::dial::dial(target, proxy.as_ref(), &opts.trust, timeout).await?;
-    let hub = Hub::new(addr.is_ipv6(), QueueLimits::default());
+    let hub = Hub::client(QueueLimits::default());
     let link = hub.add_link(
         Some(addr),
         dialed.peer,
@@ -443,7 +471,7 @@ async fn via_tcp(
     );
     // If this attempt loses the race (its future is dropped) or fails, the TCP link closes at
     // once instead of lingering until its idle timeout.
-    let guard = CloseOnDrop(Some(link.clone()));
+    let guard = CloseOnDrop(Some(link));
     let local: SocketAddr = if addr.is_ipv6() {
         (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
     } else {
@@ -458,13 +486,13 @@ async fn via_tcp(
     )
     .map_err(|e| ClientError::Net(tandem_net::NetError::Endpoint(e)))?;
     endpoint.set_default_client_config(client_config(opts)?);
-    let conn = handshake(&endpoint, addr, host, timeout, &opts.relay).await?;
-    guard.disarm();
+    let conn = handshake(&endpoint, addr, &host, timeout, &opts.relay).await?;
     Ok(Won {
         endpoint,
         conn,
+        addr,
         transport: dialed.transport,
-        tunnel: Some((link, socket)),
+        tunnel: Some((guard, socket)),
     })
 }
 
@@ -472,8 +500,9 @@ async fn via_tcp(
 struct CloseOnDrop(Option<Arc<Link>>);
 
 impl CloseOnDrop {
-    fn disarm(mut self) {
-        self.0 = None;
+    /// The link, to keep open.
+    fn disarm(mut self) -> Option<Arc<Link>> {
+        self.0.take()
     }
 }
 
@@ -487,38 +516,37 @@ impl Drop for CloseOnDrop {
 
 /// Races QUIC against the TCP targets: QUIC starts at once, TCP after the race delay (at once if
 /// QUIC failed outright), each further TCP target a little later. The first connection up wins.
-async fn race(opts: &ConnectOptions, addr: SocketAddr, host: &str) -> Result<Won, ClientError> {
+async fn race(opts: &ConnectOptions) -> Result<Won, ClientError> {
     use std::future::Future;
-    type Pending<'a> = Pin<Box<dyn Future<Output = Result<Won, Attempt>> + Send + 'a>>;
     use std::pin::Pin;
-    let deadline = tokio::time::Instant::now() + opts.timeout;
-    let quic_failed = Arc::new(tokio::sync::Notify::new());
+    type Pending<'a> = Pin<Box<dyn Future<Output = Result<Won, Attempt>> + Send + 'a>>;
+    let started = tokio::time::Instant::now();
+    let left = move || opts.timeout.saturating_sub(started.elapsed());
+    // Set when QUIC failed outright (a watch: it also tells attempts that start waiting later).
+    let (quic_failed, failed_rx) = tokio::sync::watch::channel(false);
     let mut attempts: Vec<Pending<'_>> = Vec::new();
     if opts.transports != Transports::Tcp {
-        let failed = quic_failed.clone();
         attempts.push(Box::pin(async move {
-            let r = via_quic(opts, addr, host, opts.timeout).await;
+            let r = via_quic(opts, opts.timeout).await;
             if r.is_err() {
-                failed.notify_waiters();
+                let _ = quic_failed.send(true);
             }
             r.map_err(Attempt::Quic)
         }));
     }
     if opts.transports != Transports::Quic {
         for (i, target) in opts.tcp.iter().enumerate() {
-            let failed = quic_failed.clone();
+            let mut failed = failed_rx.clone();
             let head_start = match opts.transports {
                 Transports::Tcp => TCP_STAGGER * i as u32,
                 _ => opts.race_delay + TCP_STAGGER * i as u32,
             };
             attempts.push(Box::pin(async move {
-                let notified = failed.notified();
                 tokio::select! {
                     _ = tokio::time::sleep(head_start) => {}
-                    _ = notified => {}
+                    _ = failed.wait_for(|f| *f) => {}
                 }
-                let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-                via_tcp(opts, target, addr, host, left)
+                via_tcp(opts, target, left())
                     .await
                     .map_err(|e| Attempt::Tcp(target.clone(), e))
             }));
@@ -533,18 +561,22 @@ async fn race(opts: &ConnectOptions, addr: SocketAddr, host: &str) -> Result<Won
             Err(a) => failures.push(a),
         }
     }
-    Err(worst(opts, addr, failures))
+    Err(worst(opts, failures))
 }
 
 /// The error to show when every attempt failed: what the relay (or something pretending to be it)
 /// answered beats a refused certificate, which beats "no answer".
-fn worst(opts: &ConnectOptions, addr: SocketAddr, failures: Vec<Attempt>) -> ClientError {
+fn worst(opts: &ConnectOptions, failures: Vec<Attempt>) -> ClientError {
     let answered = |e: &ClientError| {
         !matches!(
             e,
-            ClientError::Unreachable { .. } | ClientError::Dial(_) | ClientError::Proxy(_)
+            ClientError::Unreachable { .. }
+                | ClientError::Dial(_)
+                | ClientError::Proxy(_)
+                | ClientError::Resolve { .. }
         )
     };
+    let port = relay_host(&opts.relay).map(|(_, p)| p).unwrap_or(0);
     let mut tcp = Vec::new();
     let mut quic = None;
     let mut best = None;
@@ -566,29 +598,21 @@ fn worst(opts: &ConnectOptions, addr: SocketAddr, failures: Vec<Attempt>) -> Cli
     if let Some(b) = best {
         return b;
     }
-    if opts.transports == Transports::Tcp || quic.is_none() {
-        return ClientError::Unreachable {
-            addr: opts.relay.clone(),
-            secs: opts.timeout.as_secs(),
-            port: addr.port(),
-            tcp: if tcp.is_empty() {
-                "no TCP address to try".into()
-            } else {
-                tcp.join("; ")
-            },
-        };
-    }
+    let unreachable = |tcp: String| ClientError::Unreachable {
+        addr: opts.relay.clone(),
+        secs: opts.timeout.as_secs(),
+        port,
+        tcp,
+    };
     match quic {
-        Some(ClientError::Unreachable {
-            addr, secs, port, ..
-        }) => ClientError::Unreachable {
-            addr,
-            secs,
-            port,
-            tcp: tcp.join("; "),
-        },
+        None => unreachable(if tcp.is_empty() {
+            "no TCP address to try".into()
+        } else {
+            tcp.join("; ")
+        }),
+        Some(ClientError::Unreachable { .. }) => unreachable(tcp.join("; ")),
+        // DNS failed for QUIC and TCP did not get through either: the DNS error says most.
         Some(e) => e,
-        None => ClientError::Lost("no way to reach the relay".into()),
     }
 }
 
@@ -596,19 +620,19 @@ impl RelayLink {
     /// Dials and verifies the relay, and opens the control stream: QUIC first, TLS over TCP (or a
     /// WebSocket) in parallel when QUIC does not answer quickly, as [`ConnectOptions`] says.
     pub async fn connect(opts: &ConnectOptions) -> Result<RelayLink, ClientError> {
-        let (addr, host) = resolve(&opts.relay).await?;
-        let won = race(opts, addr, &host).await?;
-        let mut link = Self::start(won.endpoint, won.conn, addr, opts).await?;
+        relay_host(&opts.relay)?;
+        let won = race(opts).await?;
+        let mut link = Self::start(won.endpoint, won.conn, won.addr, opts).await?;
         link.owns_endpoint = true;
         link.transport.set(won.transport);
-        if let Some((tunnel, socket)) = won.tunnel {
+        if let Some((guard, socket)) = won.tunnel
+            && let Some(tunnel) = guard.disarm()
+        {
             tracing::info!(transport = %won.transport, "connected to the relay over TCP");
             let mover = tokio::spawn(move_to_quic(
                 link.endpoint.clone(),
                 link.conn.clone(),
                 opts.clone(),
-                addr,
-                host,
                 tunnel.clone(),
                 socket,
                 link.transport.clone(),
@@ -625,7 +649,7 @@ impl RelayLink {
         endpoint: &quinn::Endpoint,
         opts: &ConnectOptions,
     ) -> Result<RelayLink, ClientError> {
-        let (addr, host) = resolve(&opts.relay).await?;
+        let (addr, host) = resolve(&opts.relay, opts.timeout).await?;
         let conn = handshake(endpoint, addr, &host, opts.timeout, &opts.relay).await?;
         Self::start(endpoint.clone(), conn, addr, opts).await
     }
@@ -869,25 +893,30 @@ const QUIC_RETRY_MAX: Duration = Duration::from_secs(60);
 const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long the relay has to answer over UDP after the move before the link goes back to TCP.
 const MOVE_CONFIRM: Duration = Duration::from_secs(3);
+/// After the move, the TCP link stays open this long, and the link goes back to it if UDP stops
+/// (a firewall that lets the first packets through, then drops).
+const MOVE_WATCH: Duration = Duration::from_secs(10);
+/// During the watch, the longest silence on UDP before going back (keep-alives go every 2 s).
+const MOVE_SILENCE: Duration = Duration::from_secs(3);
 
 /// While a link runs on TCP: closes the connection at once if the TCP link dies (so that the
 /// session resumes on a new link instead of waiting for the idle timeout), and tries QUIC now and
-/// then. A probe handshake over UDP tells whether UDP gets through; then the endpoint moves to a
-/// UDP socket (a QUIC connection migration, nothing ends), and goes back to the TCP link if the
-/// relay does not answer over UDP within [`MOVE_CONFIRM`].
-#[allow(clippy::too_many_arguments)]
+/// then. A probe handshake over UDP (pinned, as every handshake) tells whether UDP gets through;
+/// then the endpoint moves to a UDP socket (a QUIC connection migration: nothing ends). The move
+/// counts only once packets from the relay's address arrive on that socket within
+/// [`MOVE_CONFIRM`] and keep arriving for [`MOVE_WATCH`]; otherwise the link goes back to TCP.
 async fn move_to_quic(
     endpoint: quinn::Endpoint,
     conn: Connection,
     opts: ConnectOptions,
-    addr: SocketAddr,
-    host: String,
     tunnel: Arc<Link>,
     tunnel_socket: Arc<MuxSocket>,
     cell: TransportCell,
 ) {
     let mut wait = opts.quic_retry;
-    let auto = opts.transports == Transports::Auto;
+    // Only with automatic transports, and only when the relay's QUIC address is known.
+    let auto = opts.transports == Transports::Auto
+        && !tandem_net::tunnel::is_link_address(conn.remote_address());
     loop {
         tokio::select! {
             _ = tokio::time::sleep(wait), if auto => {}
@@ -902,17 +931,17 @@ async fn move_to_quic(
             }
         }
         wait = (wait * 2).min(QUIC_RETRY_MAX);
-        if !probe_udp(&opts, addr, &host).await {
+        let Some(addr) = probe_udp(&opts).await else {
             tracing::debug!(next_secs = wait.as_secs(), "UDP to the relay still blocked");
             continue;
-        }
+        };
         let local: SocketAddr = if addr.is_ipv6() {
             (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
         } else {
             (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
         };
         let udp = match tandem_net::bind_udp(local).and_then(|u| {
-            MuxSocket::with_udp(u, Hub::new(addr.is_ipv6(), QueueLimits::default()))
+            MuxSocket::with_udp_from(u, Hub::client(QueueLimits::default()), addr)
                 .map_err(tandem_net::NetError::Endpoint)
         }) {
             Ok(s) => s,
@@ -921,33 +950,62 @@ async fn move_to_quic(
                 continue;
             }
         };
+        // The connection keeps its remote address across the move: it must be the relay's.
+        if !same_addr(conn.remote_address(), addr) {
+            tracing::debug!("the relay's UDP address is not the link's; staying on TCP");
+            continue;
+        }
         if endpoint.rebind_abstract(udp.clone()).is_err() {
             continue;
         }
-        let confirmed = async {
-            while udp.udp_received() == 0 {
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        };
-        if tokio::time::timeout(MOVE_CONFIRM, confirmed).await.is_ok() {
+        if udp_keeps_answering(&udp).await {
             cell.set(Transport::Quic);
             tracing::info!("the link to the relay moved from TCP to QUIC");
-            // Packets the relay sent over TCP before it saw the move still arrive for a moment.
-            tokio::time::sleep(Duration::from_secs(2)).await;
             tunnel.close();
             return;
         }
-        tracing::info!("no answer over UDP after the move: back to TCP");
+        tracing::info!("UDP to the relay did not hold after the move: back to TCP");
         let _ = endpoint.rebind_abstract(tunnel_socket.clone());
     }
 }
 
-/// Whether a QUIC handshake with the relay over UDP completes now.
-async fn probe_udp(opts: &ConnectOptions, addr: SocketAddr, host: &str) -> bool {
-    let Ok(endpoint) = client_endpoint(opts, addr) else {
-        return false;
-    };
-    let ok = match handshake(&endpoint, addr, host, PROBE_TIMEOUT, &opts.relay).await {
+fn same_addr(a: SocketAddr, b: SocketAddr) -> bool {
+    a.port() == b.port() && a.ip().to_canonical() == b.ip().to_canonical()
+}
+
+/// Whether packets from the relay arrive on `udp` within [`MOVE_CONFIRM`] and then with no gap
+/// longer than [`MOVE_SILENCE`] until [`MOVE_WATCH`] has passed.
+async fn udp_keeps_answering(udp: &MuxSocket) -> bool {
+    let start = tokio::time::Instant::now();
+    let mut last_count = 0;
+    let mut last_at = start;
+    loop {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let now = tokio::time::Instant::now();
+        let count = udp.udp_received();
+        if count > last_count {
+            last_count = count;
+            last_at = now;
+        }
+        let limit = if last_count == 0 {
+            MOVE_CONFIRM
+        } else {
+            MOVE_SILENCE
+        };
+        if now.duration_since(last_at) > limit {
+            return false;
+        }
+        if now.duration_since(start) >= MOVE_WATCH {
+            return true;
+        }
+    }
+}
+
+/// The relay's UDP address, when a QUIC handshake with it over UDP completes now.
+async fn probe_udp(opts: &ConnectOptions) -> Option<SocketAddr> {
+    let (addr, host) = resolve(&opts.relay, PROBE_TIMEOUT).await.ok()?;
+    let endpoint = client_endpoint(opts, addr).ok()?;
+    let ok = match handshake(&endpoint, addr, &host, PROBE_TIMEOUT, &opts.relay).await {
         Ok(c) => {
             c.close(VarInt::from_u32(ErrorCode::Normal as u32), b"probe");
             true
@@ -955,7 +1013,7 @@ async fn probe_udp(opts: &ConnectOptions, addr: SocketAddr, host: &str) -> bool 
         Err(_) => false,
     };
     let _ = tokio::time::timeout(Duration::from_millis(500), endpoint.wait_idle()).await;
-    ok
+    ok.then_some(addr)
 }
 
 fn unexpected(m: RelayMsg) -> ClientError {

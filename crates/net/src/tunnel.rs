@@ -113,12 +113,20 @@ impl TransportCell {
 pub const PREAMBLE: &[u8; 4] = b"TQ1\n";
 /// ALPN of TLS-over-TCP links (WebSocket links use `http/1.1`, or none through a proxy).
 pub const TUNNEL_ALPN: &[u8] = b"tandem-tcp/1";
-/// Largest packet a link carries. quinn's packets are at most 1452 bytes here (its path MTU
-/// discovery stops there); anything larger is a protocol error and ends the link.
-pub const MAX_TUNNEL_PACKET: usize = 2048;
+/// Largest packet a link carries: quinn's largest UDP payload (its receive buffers are this big;
+/// its path MTU discovery stops at 1452). Anything larger is a protocol error and ends the link.
+pub const MAX_TUNNEL_PACKET: usize = 1472;
+/// Smallest packet a link carries: no QUIC packet is shorter than 21 bytes (a short header with
+/// an empty connection id needs 1 + 4 bytes before its 16-byte header-protection sample). Smaller
+/// ones are a protocol error: they would cost the relay per-packet work for no QUIC traffic.
+pub const MIN_TUNNEL_PACKET: usize = 21;
+/// What a queued inbound packet is charged beyond its bytes (queue entry, reference counts), so that
+/// budgets hold for floods of tiny packets too.
+pub const PACKET_OVERHEAD: usize = 64;
 /// Unsent bytes the kernel may hold for a link (`TCP_NOTSENT_LOWAT`).
 pub const NOTSENT_LOWAT: u32 = 16 * 1024;
-/// Bytes one link may have read and not yet handed to the QUIC endpoint.
+/// Bytes one link may have read and not yet handed to the QUIC endpoint (charged with
+/// [`PACKET_OVERHEAD`]).
 pub const LINK_INBOUND_BYTES: usize = 64 * 1024;
 /// Bytes all links of an endpoint together may have waiting for it.
 pub const HUB_INBOUND_BYTES: usize = 8 * 1024 * 1024;
@@ -162,8 +170,17 @@ impl SendQueue {
         }
     }
 
-    /// Queues a packet; `false` (and counted as dropped) when it does not fit.
+    /// Queues a packet; `false` (and counted as dropped) when it does not fit. Packets already too
+    /// old to be sent are dropped first, so a writer that is stuck holds no more than fresh ones.
     pub fn push(&mut self, now: Instant, packet: Bytes) -> bool {
+        while let Some((at, p)) = self.items.front() {
+            if now.saturating_duration_since(*at) <= self.limits.max_delay {
+                break;
+            }
+            self.bytes -= p.len();
+            self.items.pop_front();
+            self.dropped += 1;
+        }
         if self.bytes + packet.len() > self.limits.max_bytes {
             self.dropped += 1;
             return false;
@@ -243,11 +260,38 @@ pub struct Link {
     transport: Transport,
     out: Mutex<SendQueue>,
     out_ready: Notify,
-    /// Bytes read from this link and waiting in the hub's queue.
-    inbound: AtomicUsize,
+    /// Packets read from this link, not yet taken by the endpoint.
+    inbound: Mutex<Inbound>,
+    /// Wakes this link's reader when the endpoint took some of its packets.
+    space: Notify,
+    /// QUIC connections that use this link ([`Link::used`]).
+    users: AtomicUsize,
+    /// Since when no connection has used the link (None while one does).
+    unused_since: Mutex<Option<Instant>>,
     closed: AtomicBool,
     closed_notify: Notify,
     pub counters: LinkCounters,
+}
+
+/// A link's packets waiting for the endpoint.
+#[derive(Default)]
+struct Inbound {
+    packets: VecDeque<Bytes>,
+    /// Charged bytes ([`PACKET_OVERHEAD`] each on top).
+    charged: usize,
+    /// Whether the link is in the hub's ready list.
+    listed: bool,
+}
+
+/// Marks a link as carrying a QUIC connection while it lives (see [`Link::used`]).
+pub struct LinkUse(Arc<Link>);
+
+impl Drop for LinkUse {
+    fn drop(&mut self) {
+        if self.0.users.fetch_sub(1, Ordering::SeqCst) == 1 {
+            *lock(&self.0.unused_since) = Some(Instant::now());
+        }
+    }
 }
 
 impl fmt::Debug for Link {
@@ -273,6 +317,18 @@ impl Link {
     pub fn is_closed(&self) -> bool {
         self.closed.load(Ordering::SeqCst)
     }
+    /// Counts a QUIC connection on this link until the returned guard is dropped.
+    pub fn used(self: &Arc<Self>) -> LinkUse {
+        self.users.fetch_add(1, Ordering::SeqCst);
+        *lock(&self.unused_since) = None;
+        LinkUse(self.clone())
+    }
+
+    /// How long no QUIC connection has used this link (zero while one does).
+    pub fn unused_for(&self, now: Instant) -> Duration {
+        lock(&self.unused_since).map_or(Duration::ZERO, |t| now.saturating_duration_since(t))
+    }
+
     /// Packets the send queue dropped (too old or no room).
     pub fn dropped(&self) -> u64 {
         lock(&self.out).dropped()
@@ -309,14 +365,18 @@ impl Link {
 /// The TCP links of one endpoint and the packets they read.
 pub struct Hub {
     links: Mutex<HashMap<SocketAddr, Arc<Link>>>,
-    inbound: Mutex<VecDeque<(Arc<Link>, Bytes)>>,
+    /// Links with packets waiting, served round robin (one flooding link cannot starve others).
+    ready: Mutex<VecDeque<Arc<Link>>>,
+    /// Charged bytes waiting across all links.
     inbound_bytes: AtomicUsize,
     /// Wakes the endpoint when a packet arrives.
     waker: futures_util::task::AtomicWaker,
-    /// Wakes readers waiting for room.
+    /// Wakes readers waiting for the hub-wide budget (rare: only when it was exhausted).
     space: Notify,
     next: AtomicU64,
     v6: bool,
+    /// A relay's hub (links get link addresses) rather than a client's.
+    server: bool,
     limits: QueueLimits,
 }
 
@@ -333,16 +393,27 @@ pub type PacketRx = Pin<Box<dyn Stream<Item = io::Result<Bytes>> + Send>>;
 pub type PacketTx = Pin<Box<dyn Sink<Bytes, Error = io::Error> + Send>>;
 
 impl Hub {
-    /// A hub whose link addresses are IPv6-mapped when `v6` (the endpoint's socket is IPv6).
-    pub fn new(v6: bool, limits: QueueLimits) -> Arc<Hub> {
+    /// A relay's hub, whose link addresses are IPv6-mapped when `v6` (the endpoint's socket is
+    /// IPv6).
+    pub fn server(v6: bool, limits: QueueLimits) -> Arc<Hub> {
+        Self::make(v6, true, limits)
+    }
+
+    /// A client's hub: its link is known by the relay's address.
+    pub fn client(limits: QueueLimits) -> Arc<Hub> {
+        Self::make(false, false, limits)
+    }
+
+    fn make(v6: bool, server: bool, limits: QueueLimits) -> Arc<Hub> {
         Arc::new(Hub {
             links: Mutex::new(HashMap::new()),
-            inbound: Mutex::new(VecDeque::new()),
+            ready: Mutex::new(VecDeque::new()),
             inbound_bytes: AtomicUsize::new(0),
             waker: futures_util::task::AtomicWaker::new(),
             space: Notify::new(),
             next: AtomicU64::new(0),
             v6,
+            server,
             limits,
         })
     }
@@ -358,7 +429,7 @@ impl Hub {
     }
 
     /// Adds a link and starts moving its packets. `addr` is the address quinn knows it by (a
-    /// client gives the relay's address; the relay passes `None` and gets a fresh link address).
+    /// client gives the relay's address; a relay passes `None` and gets a fresh link address).
     /// The link ends when the stream ends or fails, when nothing arrives for `idle`, or on
     /// [`Link::close`]; it is then removed.
     pub fn add_link(
@@ -379,7 +450,10 @@ impl Hub {
             transport,
             out: Mutex::new(SendQueue::new(self.limits)),
             out_ready: Notify::new(),
-            inbound: AtomicUsize::new(0),
+            inbound: Mutex::new(Inbound::default()),
+            space: Notify::new(),
+            users: AtomicUsize::new(0),
+            unused_since: Mutex::new(Some(Instant::now())),
             closed: AtomicBool::new(false),
             closed_notify: Notify::new(),
             counters: LinkCounters::default(),
@@ -405,64 +479,113 @@ impl Hub {
         link
     }
 
-    fn link(&self, addr: &SocketAddr) -> Option<Arc<Link>> {
+    /// The link known by `addr`, if it is open.
+    pub fn link(&self, addr: &SocketAddr) -> Option<Arc<Link>> {
+        // A relay's links all have link addresses, so a real peer's needs no lookup (a client's
+        // one link is known by the relay's real address).
+        if self.server && !is_link_address(*addr) {
+            return None;
+        }
         lock(&self.links).get(addr).cloned()
     }
 
-    /// Moves queued packets into quinn's buffers; registers the waker first so that a packet
-    /// queued meanwhile wakes the endpoint.
+    /// Moves queued packets into quinn's buffers, one per ready link in turn; registers the waker
+    /// first so that a packet queued meanwhile wakes the endpoint.
     fn poll_into(&self, cx: &Context, bufs: &mut [IoSliceMut<'_>], meta: &mut [RecvMeta]) -> usize {
         self.waker.register(cx.waker());
         let mut n = 0;
-        let mut freed = false;
-        {
-            let mut q = lock(&self.inbound);
-            while n < bufs.len().min(meta.len()) {
-                let Some((link, p)) = q.pop_front() else {
-                    break;
-                };
-                link.inbound.fetch_sub(p.len(), Ordering::SeqCst);
-                self.inbound_bytes.fetch_sub(p.len(), Ordering::SeqCst);
-                freed = true;
-                if p.len() > bufs[n].len() {
-                    continue;
+        let mut freed = 0;
+        let mut ready = lock(&self.ready);
+        while n < bufs.len().min(meta.len()) {
+            let Some(link) = ready.pop_front() else {
+                break;
+            };
+            let packet = {
+                let mut inb = lock(&link.inbound);
+                let p = inb.packets.pop_front();
+                if let Some(p) = &p {
+                    inb.charged -= p.len() + PACKET_OVERHEAD;
+                    freed += p.len() + PACKET_OVERHEAD;
                 }
-                bufs[n][..p.len()].copy_from_slice(&p);
-                meta[n] = RecvMeta {
-                    addr: link.addr,
-                    len: p.len(),
-                    stride: p.len(),
-                    ecn: None,
-                    dst_ip: None,
-                };
-                n += 1;
+                if inb.packets.is_empty() {
+                    inb.listed = false;
+                    if inb.packets.capacity() > 64 {
+                        inb.packets.shrink_to(16);
+                    }
+                } else {
+                    ready.push_back(link.clone());
+                }
+                p
+            };
+            link.space.notify_one();
+            let Some(p) = packet else {
+                continue;
+            };
+            if p.len() > bufs[n].len() {
+                continue;
             }
+            bufs[n][..p.len()].copy_from_slice(&p);
+            meta[n] = RecvMeta {
+                addr: link.addr,
+                len: p.len(),
+                stride: p.len(),
+                ecn: None,
+                dst_ip: None,
+            };
+            n += 1;
         }
-        if freed {
-            self.space.notify_waiters();
+        if ready.is_empty() && ready.capacity() > 1024 {
+            ready.shrink_to(64);
+        }
+        drop(ready);
+        if freed > 0 {
+            let before = self.inbound_bytes.fetch_sub(freed, Ordering::SeqCst);
+            if before > HUB_INBOUND_BYTES.saturating_sub(LINK_INBOUND_BYTES) {
+                // Readers may be waiting for the hub-wide budget.
+                self.space.notify_waiters();
+            }
         }
         n
     }
 
-    /// Waits until `link` may queue `len` more bytes.
-    async fn room(&self, link: &Link, len: usize) {
+    /// Waits until `link` may queue a packet charged `charge`, and reserves it hub-wide.
+    async fn room(&self, link: &Link, charge: usize) {
         loop {
-            let notified = self.space.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            if link.inbound.load(Ordering::SeqCst) + len <= LINK_INBOUND_BYTES
-                && self.inbound_bytes.load(Ordering::SeqCst) + len <= HUB_INBOUND_BYTES
+            let own = link.space.notified();
+            let hub = self.space.notified();
+            tokio::pin!(own, hub);
+            own.as_mut().enable();
+            hub.as_mut().enable();
+            let link_ok = lock(&link.inbound).charged + charge <= LINK_INBOUND_BYTES;
+            if link_ok
+                && self
+                    .inbound_bytes
+                    .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |b| {
+                        (b + charge <= HUB_INBOUND_BYTES).then_some(b + charge)
+                    })
+                    .is_ok()
             {
                 return;
             }
-            notified.await;
+            tokio::select! {
+                _ = own => {}
+                _ = hub => {}
+            }
         }
     }
 
+    /// Queues a packet whose charge [`Hub::room`] reserved.
     fn deliver(&self, link: &Arc<Link>, p: Bytes) {
-        link.inbound.fetch_add(p.len(), Ordering::SeqCst);
-        self.inbound_bytes.fetch_add(p.len(), Ordering::SeqCst);
-        lock(&self.inbound).push_back((link.clone(), p));
+        let charge = p.len() + PACKET_OVERHEAD;
+        let list = {
+            let mut inb = lock(&link.inbound);
+            inb.packets.push_back(p);
+            inb.charged += charge;
+            !std::mem::replace(&mut inb.listed, true)
+        };
+        if list {
+            lock(&self.ready).push_back(link.clone());
+        }
         self.waker.wake();
     }
 }
@@ -479,13 +602,15 @@ async fn read_packets(
             Ok(None) => return Ok(()),
             Ok(Some(p)) => p?,
         };
-        if p.is_empty() || p.len() > MAX_TUNNEL_PACKET {
+        if p.len() < MIN_TUNNEL_PACKET || p.len() > MAX_TUNNEL_PACKET {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidData,
                 format!("packet of {} bytes on a link", p.len()),
             ));
         }
-        hub.room(link, p.len()).await;
+        // A copy of exactly its size: the framing's read buffer is not kept alive by it.
+        let p = Bytes::copy_from_slice(&p);
+        hub.room(link, p.len() + PACKET_OVERHEAD).await;
         link.counters.packets_in.fetch_add(1, Ordering::Relaxed);
         link.counters
             .bytes_in
@@ -528,8 +653,9 @@ pub struct MuxSocket {
     local: SocketAddr,
     /// Whose turn it is to be read first (so that neither starves the other).
     hub_first: AtomicBool,
-    /// Datagrams received on the UDP socket.
+    /// Datagrams received on the UDP socket (from `count_from` only, when set).
     udp_received: AtomicU64,
+    count_from: Option<SocketAddr>,
 }
 
 impl fmt::Debug for MuxSocket {
@@ -546,6 +672,24 @@ impl MuxSocket {
     /// A socket over a UDP socket and the links of `hub` (the relay; or a client on UDP, which
     /// counts what it receives).
     pub fn with_udp(udp: std::net::UdpSocket, hub: Arc<Hub>) -> io::Result<Arc<MuxSocket>> {
+        Self::make_udp(udp, hub, None)
+    }
+
+    /// Like [`MuxSocket::with_udp`], counting only datagrams from `from` (a client that wants to
+    /// know whether the relay answers over UDP).
+    pub fn with_udp_from(
+        udp: std::net::UdpSocket,
+        hub: Arc<Hub>,
+        from: SocketAddr,
+    ) -> io::Result<Arc<MuxSocket>> {
+        Self::make_udp(udp, hub, Some(from))
+    }
+
+    fn make_udp(
+        udp: std::net::UdpSocket,
+        hub: Arc<Hub>,
+        count_from: Option<SocketAddr>,
+    ) -> io::Result<Arc<MuxSocket>> {
         let local = udp.local_addr()?;
         let runtime: Arc<dyn quinn::Runtime> = Arc::new(quinn::TokioRuntime);
         let udp = runtime.wrap_udp_socket(udp)?;
@@ -555,6 +699,7 @@ impl MuxSocket {
             local,
             hub_first: AtomicBool::new(false),
             udp_received: AtomicU64::new(0),
+            count_from,
         }))
     }
 
@@ -566,6 +711,7 @@ impl MuxSocket {
             local,
             hub_first: AtomicBool::new(false),
             udp_received: AtomicU64::new(0),
+            count_from: None,
         })
     }
 
@@ -591,7 +737,9 @@ impl MuxSocket {
                 if is_link_address(m.addr) {
                     // A forged source in the links' range: quinn skips an empty datagram.
                     m.len = 0;
-                } else {
+                } else if self.count_from.is_none_or(|f| {
+                    f.port() == m.addr.port() && f.ip().to_canonical() == m.addr.ip().to_canonical()
+                }) {
                     self.udp_received.fetch_add(1, Ordering::Relaxed);
                 }
             }
@@ -712,7 +860,7 @@ pub fn websocket_config() -> tokio_tungstenite::tungstenite::protocol::WebSocket
     tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
         .read_buffer_size(16 * 1024)
         .write_buffer_size(16 * 1024)
-        .max_write_buffer_size(256 * 1024)
+        .max_write_buffer_size(64 * 1024)
         .max_message_size(Some(MAX_TUNNEL_PACKET))
         .max_frame_size(Some(MAX_TUNNEL_PACKET))
 }

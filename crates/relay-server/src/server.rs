@@ -356,7 +356,7 @@ pub async fn start(
     server_cfg.incoming_buffer_size(64 * 1024);
     server_cfg.incoming_buffer_size_total(16 * 1024 * 1024);
     // One endpoint for every transport: its socket carries the UDP socket and the TCP links.
-    let hub = Hub::new(cfg.listen.is_ipv6(), QueueLimits::default());
+    let hub = Hub::server(cfg.listen.is_ipv6(), QueueLimits::default());
     let socket = MuxSocket::with_udp(tandem_net::bind_udp(cfg.listen)?, hub.clone())
         .map_err(|e| ServerError::Net(tandem_net::NetError::Endpoint(e)))?;
     let endpoint = quinn::Endpoint::new_with_abstract_socket(
@@ -496,8 +496,14 @@ async fn accept_loop(
         // Retry (stateless) and nothing else. Always, not only under load: a forged address costs
         // the relay nothing and never reaches a limit, and "under load" would itself be a limit
         // that forged addresses could fill.
-        // A TCP link's address was validated by TCP itself: no Retry round trip for it.
+        // A TCP link's address was validated by TCP itself: no Retry round trip for it. An
+        // attempt whose link is already gone is dropped (it could never complete, and would be
+        // counted under no real address).
         let over_tcp = tandem_net::tunnel::is_link_address(incoming.remote_address());
+        if over_tcp && shared.hub.link(&incoming.remote_address()).is_none() {
+            incoming.ignore();
+            continue;
+        }
         if !incoming.remote_address_validated() && !over_tcp {
             if incoming.may_retry() {
                 match incoming.retry() {
@@ -563,8 +569,13 @@ impl Drop for Explaining<'_> {
 }
 
 async fn serve_incoming(shared: Arc<Shared>, incoming: quinn::Incoming) {
-    // Over a TCP link, limits and logs go by the client's real address.
+    // Over a TCP link, limits and logs go by the client's real address, and the link lives as
+    // long as a connection uses it.
     let (remote, transport) = peer_of(&shared, incoming.remote_address());
+    let _link_use = shared
+        .hub
+        .link(&incoming.remote_address())
+        .map(|l| l.used());
     let admitted = if shared.draining.load(Ordering::SeqCst) {
         Err(None)
     } else {

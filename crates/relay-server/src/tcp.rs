@@ -12,11 +12,20 @@
 //! library and the framing limits every packet to [`tandem_net::tunnel::MAX_TUNNEL_PACKET`].
 //!
 //! Behind a reverse proxy, the TCP peer is the proxy. When its address is in
-//! [`TcpConfig::trusted_proxies`], the client's address is taken from the last entry of
-//! `X-Forwarded-For` (or `X-Real-IP`), so that per-address limits apply to clients and not to the
-//! proxy; from any other peer those headers are ignored.
+//! [`TcpConfig::trusted_proxies`], the client's address is the last entry of the last
+//! `X-Forwarded-For` line (the one the proxy added), so that per-address limits apply to clients and
+//! not to the proxy; from any other peer the header is ignored. A proxy that passes TCP through
+//! (HAProxy in TCP mode, SNI routing) cannot name the client: all its clients then share its
+//! address's limits, so use HTTP mode with WebSocket.
+//!
+//! A link must carry a QUIC connection the relay admitted: one that carries none for
+//! [`TcpConfig::handshake_timeout`] is closed, so frames that merely trickle hold no slot.
+//! WebSocket upgrades that carry an `Origin` header (a browser, driven by some web page) are
+//! refused, and the request head is read with a limit of [`MAX_REQUEST_HEAD`] bytes before the
+//! WebSocket library sees it.
 
 use crate::metrics::Metrics;
+use crate::registry::{NetworkKey, address_key, network_keys};
 use std::collections::HashMap;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
@@ -77,15 +86,28 @@ pub(crate) struct Front {
 #[derive(Default)]
 struct Counts {
     total: usize,
-    per_ip: HashMap<IpAddr, usize>,
+    /// Per address key (an IPv4 address, an IPv6 /56), as the registry groups addresses.
+    per_key: HashMap<IpAddr, usize>,
+    /// Per wider network (IPv4 /24, IPv6 /48 and /32), allowed a multiple of the per-address
+    /// share as the registry's connection limits are.
+    per_net: HashMap<NetworkKey, usize>,
+}
+
+fn dec<K: std::hash::Hash + Eq>(m: &mut HashMap<K, usize>, k: &K) {
+    if let Some(n) = m.get_mut(k) {
+        *n = n.saturating_sub(1);
+        if *n == 0 {
+            m.remove(k);
+        }
+    }
 }
 
 /// Holds one slot of the counts while a connection lives.
 struct Slot {
     front: Arc<Front>,
-    ip: IpAddr,
+    /// The address key whose share this slot holds, if any.
+    key: Option<IpAddr>,
     total: bool,
-    per_ip: bool,
 }
 
 impl Drop for Slot {
@@ -94,12 +116,10 @@ impl Drop for Slot {
         if self.total {
             c.total = c.total.saturating_sub(1);
         }
-        if let Some(n) = c.per_ip.get_mut(&self.ip).filter(|_| self.per_ip) {
-            {
-                *n = n.saturating_sub(1);
-                if *n == 0 {
-                    c.per_ip.remove(&self.ip);
-                }
+        if let Some(key) = self.key {
+            dec(&mut c.per_key, &key);
+            for (net, _) in network_keys(key).into_iter().flatten() {
+                dec(&mut c.per_net, &net);
             }
         }
     }
@@ -121,9 +141,9 @@ impl Front {
         })
     }
 
-    /// Takes a slot of the total (`total`) and of `ip`'s share (`per_ip`), or says which limit
-    /// it hit. A trusted proxy's connection takes only the total; its client, named after the
-    /// upgrade, only the per-address share.
+    /// Takes a slot of the total (`total`) and of `ip`'s share (`per_ip`: its address key and its
+    /// networks), or says which limit it hit. A trusted proxy's connection takes only the total;
+    /// its client, named after the upgrade, only the per-address share.
     fn admit(
         self: &Arc<Self>,
         ip: IpAddr,
@@ -134,21 +154,29 @@ impl Front {
         if total && c.total >= self.cfg.max_links {
             return Err("tcp_links");
         }
-        if per_ip {
-            let n = c.per_ip.get(&ip).copied().unwrap_or(0);
-            if n >= self.cfg.links_per_address {
+        let key = per_ip.then(|| address_key(ip));
+        if let Some(key) = key {
+            let share = self.cfg.links_per_address;
+            if c.per_key.get(&key).copied().unwrap_or(0) >= share {
                 return Err("tcp_links_per_address");
             }
-            c.per_ip.insert(ip, n + 1);
+            for (net, factor) in network_keys(key).into_iter().flatten() {
+                if c.per_net.get(&net).copied().unwrap_or(0) >= share.saturating_mul(factor) {
+                    return Err("tcp_links_per_network");
+                }
+            }
+            *c.per_key.entry(key).or_insert(0) += 1;
+            for (net, _) in network_keys(key).into_iter().flatten() {
+                *c.per_net.entry(net).or_insert(0) += 1;
+            }
         }
         if total {
             c.total += 1;
         }
         Ok(Slot {
             front: self.clone(),
-            ip,
+            key,
             total,
-            per_ip,
         })
     }
 
@@ -203,7 +231,21 @@ pub(crate) async fn serve(
                         front.cfg.idle_timeout,
                     );
                     front.metrics.tcp_link_opened(transport);
-                    link.closed().await;
+                    // A link lives while it carries a QUIC connection the relay admitted; one
+                    // that carries none for the handshake timeout is closed (a link that only
+                    // trickles frames must not hold a slot).
+                    let unused_limit = front.cfg.handshake_timeout;
+                    loop {
+                        tokio::select! {
+                            _ = link.closed() => break,
+                            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                        }
+                        if link.unused_for(std::time::Instant::now()) > unused_limit {
+                            front.metrics.tcp_handshake_failed("no_quic");
+                            link.close();
+                            break;
+                        }
+                    }
                     front.metrics.tcp_link_closed(transport);
                     drop(client_slot);
                 }
@@ -265,6 +307,21 @@ async fn handshake(
     if &first != b"GET " {
         return Err(HandshakeError::Preamble);
     }
+    // The rest of the request head, bounded (the WebSocket library would read up to 64 KiB).
+    let mut head = b"GET ".to_vec();
+    let mut chunk = [0u8; 1024];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        if head.len() > MAX_REQUEST_HEAD {
+            return Err(HandshakeError::WebSocket("request head too long".into()));
+        }
+        let n = tls.read(&mut chunk).await?;
+        if n == 0 {
+            return Err(HandshakeError::WebSocket(
+                "closed during the request".into(),
+            ));
+        }
+        head.extend_from_slice(&chunk[..n]);
+    }
     let Some(path) = front.cfg.websocket_path.clone() else {
         return Err(HandshakeError::WebSocket(
             "WebSocket is switched off".into(),
@@ -278,7 +335,7 @@ async fn handshake(
         client: forwarded.clone(),
     };
     let ws = tokio_tungstenite::accept_hdr_async_with_config(
-        Prefixed::new(b"GET ", tls),
+        Prefixed::new(head, tls),
         callback,
         Some(websocket_config()),
     )
@@ -341,26 +398,35 @@ impl tokio_tungstenite::tungstenite::handshake::server::Callback for Upgrade {
             *r.status_mut() = tokio_tungstenite::tungstenite::http::StatusCode::NOT_FOUND;
             return Err(r);
         }
+        if req.headers().contains_key("origin") {
+            // A browser: a web page must not be able to open links from its visitors' machines.
+            let mut r = tokio_tungstenite::tungstenite::handshake::server::ErrorResponse::new(
+                Some("forbidden".into()),
+            );
+            *r.status_mut() = tokio_tungstenite::tungstenite::http::StatusCode::FORBIDDEN;
+            return Err(r);
+        }
         if self.trusted {
-            let h = req.headers();
-            let xff = h
-                .get("x-forwarded-for")
-                .and_then(|v| v.to_str().ok())
-                .and_then(forwarded_client);
-            let real = h
-                .get("x-real-ip")
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.trim().parse().ok());
-            *self.client.lock().unwrap_or_else(|e| e.into_inner()) = xff.or(real);
+            // The last hop of the last X-Forwarded-For line: what the trusted proxy itself added
+            // (nginx's $proxy_add_x_forwarded_for appends to the line, HAProxy adds a line).
+            // Anything the client wrote comes before it and is ignored.
+            let last = req
+                .headers()
+                .get_all("x-forwarded-for")
+                .iter()
+                .next_back()
+                .and_then(|v| forwarded_client(v.as_bytes()));
+            *self.client.lock().unwrap_or_else(|e| e.into_inner()) = last;
         }
         Ok(resp)
     }
 }
 
-/// The client's address from `X-Forwarded-For`: its last entry, which the trusted proxy appended
-/// (entries before it are whatever the client claimed).
-pub(crate) fn forwarded_client(header: &str) -> Option<IpAddr> {
-    let last = header.rsplit(',').next()?.trim();
+/// The client's address from an `X-Forwarded-For` line: its last entry, which the trusted proxy
+/// appended (entries before it are whatever the client claimed, possibly not even text).
+pub(crate) fn forwarded_client(header: &[u8]) -> Option<IpAddr> {
+    let last = header.rsplit(|b| *b == b',').next()?;
+    let last = std::str::from_utf8(last).ok()?.trim();
     // `[v6]:port`, `v4:port` and bare addresses.
     if let Ok(sa) = last.parse::<SocketAddr>() {
         return Some(sa.ip());
@@ -371,15 +437,19 @@ pub(crate) fn forwarded_client(header: &str) -> Option<IpAddr> {
         .ok()
 }
 
+/// Longest WebSocket request head accepted (browsers send 1–2 KiB; a reverse proxy adds a few
+/// headers).
+pub const MAX_REQUEST_HEAD: usize = 8 * 1024;
+
 /// A stream whose first bytes were already read: gives them back, then reads on.
 struct Prefixed<S> {
-    prefix: &'static [u8],
+    prefix: Vec<u8>,
     at: usize,
     inner: S,
 }
 
 impl<S> Prefixed<S> {
-    fn new(prefix: &'static [u8], inner: S) -> Self {
+    fn new(prefix: Vec<u8>, inner: S) -> Self {
         Prefixed {
             prefix,
             at: 0,
@@ -438,24 +508,29 @@ mod tests {
     #[test]
     fn forwarded_for_takes_the_last_hop() {
         assert_eq!(
-            forwarded_client("203.0.113.9"),
+            forwarded_client(b"203.0.113.9"),
             Some("203.0.113.9".parse().expect("ip"))
         );
         // The client claimed 1.2.3.4; the proxy appended what it saw.
         assert_eq!(
-            forwarded_client("1.2.3.4, 198.51.100.7"),
+            forwarded_client(b"1.2.3.4, 198.51.100.7"),
             Some("198.51.100.7".parse().expect("ip"))
         );
         assert_eq!(
-            forwarded_client("[2001:db8::5]:4711"),
+            forwarded_client(b"[2001:db8::5]:4711"),
             Some("2001:db8::5".parse().expect("ip"))
         );
         assert_eq!(
-            forwarded_client("198.51.100.7:1234"),
+            forwarded_client(b"198.51.100.7:1234"),
             Some("198.51.100.7".parse().expect("ip"))
         );
-        assert_eq!(forwarded_client("unknown"), None);
-        assert_eq!(forwarded_client(""), None);
+        assert_eq!(forwarded_client(b"unknown"), None);
+        assert_eq!(forwarded_client(b""), None);
+        // A client's bytes that are not text before the proxy's entry do not hide it.
+        assert_eq!(
+            forwarded_client(b"\x80\xff, 198.51.100.7"),
+            Some("198.51.100.7".parse().expect("ip"))
+        );
     }
 
     #[tokio::test]
@@ -464,7 +539,7 @@ mod tests {
         use tokio::io::AsyncWriteExt;
         a.write_all(b"/path HTTP/1.1").await.expect("write");
         drop(a);
-        let mut p = Prefixed::new(b"GET ", b);
+        let mut p = Prefixed::new(b"GET ".to_vec(), b);
         let mut s = String::new();
         p.read_to_string(&mut s).await.expect("read");
         assert_eq!(s, "GET /path HTTP/1.1");
