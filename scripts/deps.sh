@@ -11,7 +11,12 @@ set -euo pipefail
 # console and agent windows also render under Xvfb without a GPU; xkbcommon, Xcursor, Xi, Xrandr
 # are loaded by winit at run time.
 # clang: the fuzz smoke run builds OpenH264's C++ with libFuzzer's coverage (fuzz/openh264-cxx.sh).
-PACKAGES=(build-essential pkg-config nasm clang xvfb x11-xserver-utils libgl1 libegl1 libgl1-mesa-dri libxkbcommon-x11-0 libxcursor1 libxi6 libxrandr2)
+# Firewall tests (tests/tests/firewall_netns.rs, as root): iproute2 (`ip netns`, veth pairs) and
+# nftables to build networks that drop UDP or allow only TCP 443; tinyproxy as the HTTP CONNECT
+# proxy; nginx as the reverse proxy in front of the relay (relay/dist/nginx-tandem.conf). `nginx`
+# is the package with the binary on Debian 12/13 and Ubuntu (nginx-light only adds modules there).
+PACKAGES=(build-essential pkg-config nasm clang xvfb x11-xserver-utils libgl1 libegl1 libgl1-mesa-dri libxkbcommon-x11-0 libxcursor1 libxi6 libxrandr2
+  iproute2 nftables tinyproxy nginx)
 
 missing=()
 for p in "${PACKAGES[@]}"; do

@@ -38,7 +38,7 @@ pub struct FileTcp {
     pub listen: Option<Vec<String>>,
     /// Path of the WebSocket upgrade; "" switches WebSocket off.
     pub websocket_path: Option<String>,
-    /// Reverse proxies whose X-Forwarded-For / X-Real-IP names the client.
+    /// Reverse proxies whose X-Forwarded-For (the last entry of its last line, which the proxy adds) names the client.
     pub trusted_proxies: Option<Vec<String>>,
     pub max_links: Option<usize>,
     pub links_per_address: Option<usize>,
