@@ -403,3 +403,54 @@ pub async fn load_relay(dir: &Path, org: &str) -> (RelayProcess, Secret) {
     let relay = RelayProcess::start_with(dir, &["--config", cfg.to_str().unwrap()]).await;
     (relay, token)
 }
+
+/// Counts pixels of a BGRX frame within `tol` of 0xRRGGBB in the given rectangle.
+pub fn count_color(
+    f: &tandem_media::Frame,
+    rgb: u32,
+    tol: i32,
+    area: (u32, u32, u32, u32),
+) -> usize {
+    let (x0, y0, w, h) = area;
+    let (r, g, b) = (
+        (rgb >> 16) as i32,
+        ((rgb >> 8) & 0xff) as i32,
+        (rgb & 0xff) as i32,
+    );
+    let mut n = 0;
+    for y in y0..(y0 + h).min(f.height) {
+        let row = &f.data[y as usize * f.stride..];
+        for x in x0..(x0 + w).min(f.width) {
+            let p = &row[x as usize * 4..][..4];
+            if (p[2] as i32 - r).abs() <= tol
+                && (p[1] as i32 - g).abs() <= tol
+                && (p[0] as i32 - b).abs() <= tol
+            {
+                n += 1;
+            }
+        }
+    }
+    n
+}
+
+/// Sends a datagram of `len` patterned bytes from `from` until one arrives at `to` (datagrams may
+/// be lost; bounded by 20 s), and checks that it arrived unchanged.
+pub async fn datagram_arrives(from: &RelayLink, to: &RelayLink, len: usize) {
+    let payload: bytes::Bytes = (0..len)
+        .map(|i| (i * 13 + len) as u8)
+        .collect::<Vec<_>>()
+        .into();
+    let got = tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            from.send_datagram(payload.clone()).unwrap();
+            if let Ok(Ok(d)) =
+                tokio::time::timeout(Duration::from_millis(200), to.recv_datagram()).await
+            {
+                return d;
+            }
+        }
+    })
+    .await
+    .expect("no datagram arrived within 20 s");
+    assert_eq!(got, payload);
+}

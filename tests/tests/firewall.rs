@@ -3,40 +3,19 @@
 //! nginx: `firewall_netns.rs`.)
 #![allow(clippy::unwrap_used)]
 
-use bytes::Bytes;
 use std::time::{Duration, Instant};
 use tandem_certs::RelayTrust;
 use tandem_client::tandem_net::Transport;
 use tandem_client::tandem_net::dial::TcpTarget;
 use tandem_client::tandem_net::proxy::Proxy;
 use tandem_client::{ClientError, ConnectOptions, ProxyChoice, RelayLink, Transports};
-use tandem_tests::{TestRelay, metric};
+use tandem_tests::{TestRelay, datagram_arrives, metric};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 async fn within<F: std::future::Future>(f: F) -> F::Output {
     tokio::time::timeout(Duration::from_secs(20), f)
         .await
         .expect("timed out")
-}
-
-/// Sends datagrams one way until one arrives (datagrams may be lost), and checks it.
-async fn datagram(from: &RelayLink, to: &RelayLink, len: usize) {
-    let payload: Bytes = (0..len)
-        .map(|i| (i * 13 + len) as u8)
-        .collect::<Vec<_>>()
-        .into();
-    let got = within(async {
-        loop {
-            from.send_datagram(payload.clone()).unwrap();
-            if let Ok(Ok(d)) =
-                tokio::time::timeout(Duration::from_millis(200), to.recv_datagram()).await
-            {
-                return d;
-            }
-        }
-    })
-    .await;
-    assert_eq!(got, payload);
 }
 
 /// A paired agent and console with the agent's link made by `agent_opts`.
@@ -53,8 +32,8 @@ async fn exchange(agent: &RelayLink, console: &RelayLink) {
     let max = agent.max_datagram_size().min(console.max_datagram_size());
     assert!(max >= 1100, "datagram size {max}");
     for len in [1, 500, max] {
-        datagram(agent, console, len).await;
-        datagram(console, agent, len).await;
+        datagram_arrives(agent, console, len).await;
+        datagram_arrives(console, agent, len).await;
     }
     // A large payload through the payload stream (the path of frames bigger than a datagram).
     let big: Vec<u8> = (0..60_000u32).map(|i| (i % 251) as u8).collect();
@@ -225,8 +204,8 @@ async fn http_proxy_carries_the_link_and_an_inspecting_proxy_is_refused() {
     opts.proxy = ProxyChoice::Use(Proxy::parse(&format!("http://{proxy_addr}")).unwrap());
     let (agent, console) = pair_with(&relay, &opts).await;
     assert_eq!(agent.transport(), Transport::Tcp);
-    datagram(&agent, &console, 800).await;
-    datagram(&console, &agent, 800).await;
+    datagram_arrives(&agent, &console, 800).await;
+    datagram_arrives(&console, &agent, 800).await;
     drop((agent, console));
     proxy_task.abort();
 

@@ -22,7 +22,7 @@ use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 use tandem_tests::netns::{self, Netns};
-use tandem_tests::{binary, metric, relay_admin, token_from_output};
+use tandem_tests::{binary, count_color, metric, relay_admin, token_from_output};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::Child;
 
@@ -338,30 +338,6 @@ fn assert_transports(ev: &[serde_json::Value], console: &str, agent: &str) {
         format!("relay (console {console}, agent {agent})")
     };
     assert_eq!(s[0]["path"], path.as_str(), "{}", s[0]);
-}
-
-/// Counts pixels of a BGRX frame within `tol` of 0xRRGGBB in the given rectangle.
-fn count_color(f: &tandem_media::Frame, rgb: u32, tol: i32, area: (u32, u32, u32, u32)) -> usize {
-    let (x0, y0, w, h) = area;
-    let (r, g, b) = (
-        (rgb >> 16) as i32,
-        ((rgb >> 8) & 0xff) as i32,
-        (rgb & 0xff) as i32,
-    );
-    let mut n = 0;
-    for y in y0..(y0 + h).min(f.height) {
-        let row = &f.data[y as usize * f.stride..];
-        for x in x0..(x0 + w).min(f.width) {
-            let p = &row[x as usize * 4..][..4];
-            if (p[2] as i32 - r).abs() <= tol
-                && (p[1] as i32 - g).abs() <= tol
-                && (p[0] as i32 - b).abs() <= tol
-            {
-                n += 1;
-            }
-        }
-    }
-    n
 }
 
 fn read_png(path: &Path) -> tandem_media::Frame {

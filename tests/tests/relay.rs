@@ -45,23 +45,7 @@ async fn pair_and_forward_datagrams_both_ways() {
     assert!(max >= 1100, "datagram size {max}");
     for (from, to) in [(&agent, &console), (&console, &agent)] {
         for len in [1usize, 100, max] {
-            let payload: Bytes = (0..len)
-                .map(|i| (i * 7 + len) as u8)
-                .collect::<Vec<_>>()
-                .into();
-            // Datagrams may be lost; resend until one arrives (bounded).
-            let got = within(async {
-                loop {
-                    from.send_datagram(payload.clone()).unwrap();
-                    if let Ok(Ok(d)) =
-                        tokio::time::timeout(Duration::from_millis(200), to.recv_datagram()).await
-                    {
-                        return d;
-                    }
-                }
-            })
-            .await;
-            assert_eq!(got, payload);
+            tandem_tests::datagram_arrives(from, to, len).await;
         }
     }
     relay.shutdown().await;
