@@ -11,20 +11,15 @@ use clap::{Parser, ValueEnum};
 use serde::Deserialize;
 use std::io::{BufRead, IsTerminal};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 use tandem_client::tandem_certs::RelayTrust;
 use tandem_client::{ConnectOptions, EventOut};
-use tandem_input::{AgentInput, DisplayRect, Injector, Permission, X11Injector};
-use tandem_media::capture::x11::X11Capturer;
-use tandem_media::capture::{Capturer, CursorShape};
-use tandem_media::{ScreenPipeline, Target};
-use tandem_proto::EndReason;
+use tandem_host::desktop::{self, Backend, SessionEnv};
+use tandem_host::{Desktop, HostCmd, HostEvent, UserCommands};
 use tandem_session::names;
 use tandem_session::{
-    AgentEvent, AgentHost, CodeChange, Consent, ControlMsg, MAX_CURSOR_SIDE, MonitorInfo, Session,
-    SessionConfig, SessionError, SessionEvent,
+    AgentEvent, AgentHost, CodeChange, Consent, Session, SessionConfig, SessionEvent,
 };
 use tokio::sync::mpsc;
 
@@ -90,6 +85,10 @@ struct Cli {
     /// X display to share and control. [default: $DISPLAY; without one, nothing can be shared]
     #[arg(long)]
     display: Option<String>,
+    /// How the desktop is seen and controlled: `x11`. [default: chosen from the session
+    /// ($WAYLAND_DISPLAY, $XDG_SESSION_TYPE, $XDG_CURRENT_DESKTOP, $DISPLAY)]
+    #[arg(long, env = "TANDEM_BACKEND", value_parser = parse_backend)]
+    backend: Option<Backend>,
     /// Seconds without a code after the first failed attempt to join (a wrong code, or a join that
     /// broke off); the pause doubles after the second, and after the third no new code appears
     /// until you ask for one. At least 1.
@@ -106,6 +105,13 @@ struct Cli {
     print_code: bool,
     #[command(flatten)]
     network: tandem_client::NetworkArgs,
+}
+
+fn parse_backend(s: &str) -> Result<Backend, String> {
+    Backend::from_name(s).ok_or_else(|| {
+        let names: Vec<_> = Backend::ALL.iter().map(|b| b.name()).collect();
+        format!("unknown backend {s:?}; one of: {}", names.join(", "))
+    })
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -129,6 +135,8 @@ struct FileConfig {
     relay_tcp: Vec<String>,
     relay_websocket: Option<String>,
     proxy: Option<String>,
+    /// The desktop backend (see --backend).
+    backend: Option<String>,
 }
 
 impl FileConfig {
@@ -404,6 +412,7 @@ async fn run(
         out: EventOut { json: cli.json },
         shared,
     };
+    let desktop = choose_desktop(&cli, file.backend.as_deref(), &report)?;
     let mut opts = ConnectOptions::new(relay.clone(), trust);
     opts.software = format!("tandem-agent {}", env!("CARGO_PKG_VERSION"));
     cli.network
@@ -558,14 +567,54 @@ async fn run(
                 report.phase(Phase::Locked { note });
             }
             AgentEvent::Session(s) => {
-                let quit =
-                    run_session(*s, consent, cli.display.clone(), &report, &mut cmds).await?;
+                let quit = run_session(*s, consent, desktop.clone(), &report, &mut cmds).await?;
                 if cli.once || quit {
                     return Ok(());
                 }
             }
         }
     }
+}
+
+/// Chooses and opens the desktop backend before any code is shown, so that a desktop this agent
+/// cannot share is said at once, not after the technician joined. Without any desktop (a server,
+/// a test) the agent still runs and says that nothing can be shared.
+fn choose_desktop(
+    cli: &Cli,
+    file_backend: Option<&str>,
+    report: &Report,
+) -> Result<Option<Arc<dyn Desktop>>> {
+    let forced = match (cli.backend, file_backend) {
+        (Some(b), _) => Some(b),
+        (None, Some(name)) => Some(
+            parse_backend(name)
+                .map_err(anyhow::Error::msg)
+                .context("invalid `backend` in the configuration file")?,
+        ),
+        (None, None) => None,
+    };
+    let env = SessionEnv::from_process(cli.display.clone());
+    let choice = match desktop::detect(&env, forced) {
+        Ok(c) => c,
+        Err(desktop::BackendError::NoDesktop) => {
+            let text = desktop::BackendError::NoDesktop.to_string();
+            eprintln!("tandem-agent: warning: {text}");
+            report.event(
+                "desktop",
+                &format!("Nothing can be shared: {text}"),
+                serde_json::json!({"backend": null}),
+            );
+            return Ok(None);
+        }
+        Err(e) => return Err(anyhow::Error::new(e).context("this desktop cannot be shared")),
+    };
+    let d = desktop::open(&choice, &env).context("this desktop cannot be shared")?;
+    report.event(
+        "desktop",
+        &format!("Sharing {} ({})", d.describe(), choice.why),
+        serde_json::json!({"backend": choice.backend.name(), "desktop": d.describe()}),
+    );
+    Ok(Some(Arc::from(d)))
 }
 
 /// The warning shown with names that were escaped.
@@ -672,331 +721,27 @@ async fn ask_consent(
         .unwrap_or(Consent::Deny)
 }
 
-/// What the path carries now, bits per second: the inner connection's congestion window per
-/// round trip.
-fn path_rate(inner: &quinn::Connection) -> f64 {
-    let rtt = inner.rtt().as_secs_f64().max(0.001);
-    inner.stats().path.cwnd as f64 * 8.0 / rtt
-}
+/// The user's commands during a session: the window's buttons, terminal lines, Ctrl-C.
+struct AgentCmds<'a>(&'a mut mpsc::UnboundedReceiver<UiCmd>);
 
-/// The video bitrate for the encoder: half of what the path carries (the rest is headroom for
-/// input, control and retransmissions), between 300 kbit/s and 8 Mbit/s (more buys no visible
-/// quality for screen content at 30 fps).
-fn path_bitrate(inner: &quinn::Connection) -> u32 {
-    (path_rate(inner) * 0.5).clamp(300_000.0, 8_000_000.0) as u32
-}
-
-/// Shared between the session loop and the screen thread.
-#[derive(Default)]
-struct ScreenCtl {
-    stop: AtomicBool,
-    keyframe: AtomicBool,
-    /// A monitor the technician asked for (-1: none pending).
-    select: AtomicI32,
-    /// The technician's ceiling in kbit/s (0: follow the path only).
-    max_kbps: AtomicU32,
-    frames: AtomicU64,
-    bytes: AtomicU64,
-    /// Median capture → encoded time of recent frames.
-    pipeline_us: AtomicU32,
-}
-
-/// What the screen thread tells the session loop.
-enum ScreenMsg {
-    Control(ControlMsg),
-    Display(DisplayRect),
-    /// The encoder's new bitrate target (kbit/s) and whether frames are halved; `load`: the
-    /// change came from the encoder's load rather than the path.
-    Target {
-        kbps: u32,
-        halved: bool,
-        load: bool,
-    },
-}
-
-/// Downscales a cursor image by halving until it fits the protocol's limit.
-fn cursor_msg(shape: &CursorShape) -> Option<ControlMsg> {
-    let (mut w, mut h) = (shape.width as usize, shape.height as usize);
-    if w == 0 || h == 0 || shape.rgba.len() != w * h * 4 {
-        return None;
-    }
-    let mut rgba = shape.rgba.clone();
-    let mut scale = 1u8;
-    while (w > MAX_CURSOR_SIDE as usize || h > MAX_CURSOR_SIDE as usize) && scale < 8 {
-        let (nw, nh) = (w.div_ceil(2), h.div_ceil(2));
-        let mut out = vec![0u8; nw * nh * 4];
-        for y in 0..nh {
-            for x in 0..nw {
-                let s = ((y * 2) * w + x * 2) * 4;
-                out[(y * nw + x) * 4..][..4].copy_from_slice(&rgba[s..s + 4]);
+impl UserCommands for AgentCmds<'_> {
+    async fn next(&mut self) -> HostCmd {
+        loop {
+            tokio::select! {
+                c = self.0.recv() => match c {
+                    Some(UiCmd::ViewOnly(v)) => return HostCmd::ViewOnly(v),
+                    Some(UiCmd::Line(l)) => match l.trim().to_lowercase().as_str() {
+                        "v" | "view" | "view only" => return HostCmd::ViewOnly(true),
+                        "c" | "control" => return HostCmd::ViewOnly(false),
+                        "e" | "end" => return HostCmd::End,
+                        "quit" => return HostCmd::Quit,
+                        _ => {}
+                    },
+                    Some(UiCmd::End) | None => return HostCmd::End,
+                    Some(UiCmd::Consent(_) | UiCmd::NewCode) => {}
+                },
+                _ = tokio::signal::ctrl_c() => return HostCmd::Quit,
             }
-        }
-        (w, h, rgba, scale) = (nw, nh, out, scale * 2);
-    }
-    if w > MAX_CURSOR_SIDE as usize || h > MAX_CURSOR_SIDE as usize {
-        return None;
-    }
-    let s = scale as u32;
-    Some(ControlMsg::CursorShape {
-        width: w as u16,
-        height: h as u16,
-        hot_x: ((shape.hot_x / s) as usize).min(w - 1) as u16,
-        hot_y: ((shape.hot_y / s) as usize).min(h - 1) as u16,
-        scale,
-        rgba,
-    })
-}
-
-fn monitors_msg(c: &X11Capturer, current: usize) -> (ControlMsg, Option<DisplayRect>) {
-    let ms = c.monitors();
-    let rect = ms.get(current).map(|m| DisplayRect {
-        x: m.x as i32,
-        y: m.y as i32,
-        width: m.width,
-        height: m.height,
-    });
-    let list = ms
-        .iter()
-        .take(tandem_session::MAX_MONITORS)
-        .map(|m| MonitorInfo {
-            name: m.name.chars().take(64).collect(),
-            width: m.width,
-            height: m.height,
-            primary: m.primary,
-        })
-        .collect();
-    (
-        ControlMsg::Monitors {
-            monitors: list,
-            current: current.min(255) as u8,
-        },
-        rect,
-    )
-}
-
-/// Streams the screen of `display` into the session until stopped: capture → change detection →
-/// H.264, at most 30 frames a second, plus the cursor's position and shape and the monitor list.
-/// Runs on its own thread (X11 and the encoder block). A frame is sent before the next is captured,
-/// so nothing queues behind a slow path: the next frame simply comes later, carrying everything
-/// that changed meanwhile.
-fn start_streaming(
-    display: String,
-    inner: quinn::Connection,
-    video: tandem_session::VideoSender,
-    ctl: Arc<ScreenCtl>,
-    tx: mpsc::Sender<ScreenMsg>,
-) -> Result<std::thread::JoinHandle<()>> {
-    let rt = tokio::runtime::Handle::current();
-    let capturer = X11Capturer::open(Some(&display))
-        .with_context(|| format!("cannot capture the screen of display {display}"))?;
-    let mut pipeline = ScreenPipeline::new(
-        capturer,
-        Target {
-            bitrate_bps: 4_000_000,
-            max_fps: 30.0,
-        },
-    )?;
-    let h = std::thread::Builder::new()
-        .name("tandem-screen".into())
-        .spawn(move || {
-            let interval = Duration::from_millis(33);
-            let mut seq = 0u64;
-            let mut step_no = 0u64;
-            let mut bitrate = 4_000_000u32;
-            let mut monitor = 0usize;
-            let mut last_cursor = None;
-            let mut recent = std::collections::VecDeque::with_capacity(31);
-            let mut not_before = Instant::now();
-            let mut woke_by_drawing = true;
-            let mut frame_due = Instant::now();
-            let announce = |pipeline: &ScreenPipeline<X11Capturer>, monitor: usize| {
-                let (m, rect) = monitors_msg(&pipeline.capturer, monitor);
-                let _ = tx.try_send(ScreenMsg::Control(m));
-                if let Some(r) = rect {
-                    let _ = tx.try_send(ScreenMsg::Display(r));
-                }
-            };
-            announce(&pipeline, monitor);
-            while !ctl.stop.load(Ordering::Relaxed) {
-                let started = Instant::now();
-                step_no += 1;
-                let want_monitor = ctl.select.swap(-1, Ordering::Relaxed);
-                if want_monitor >= 0 {
-                    match pipeline.capturer.select(want_monitor as usize) {
-                        Ok(()) => {
-                            monitor = want_monitor as usize;
-                            pipeline.request_keyframe();
-                            last_cursor = None;
-                        }
-                        Err(e) => tracing::warn!(error = %e, "monitor not selected"),
-                    }
-                    announce(&pipeline, monitor);
-                }
-                if step_no.is_multiple_of(15) {
-                    // The encoder follows what the path carries (inner QUIC's window and RTT),
-                    // below the technician's ceiling, with hysteresis so that small swings do not
-                    // re-tune it.
-                    let mut want = path_bitrate(&inner);
-                    let cap = ctl.max_kbps.load(Ordering::Relaxed);
-                    if cap > 0 {
-                        want = want.min(cap.saturating_mul(1000)).max(100_000);
-                    }
-                    if want.abs_diff(bitrate) > bitrate / 4 {
-                        bitrate = want;
-                        pipeline.set_target(Target {
-                            bitrate_bps: bitrate,
-                            max_fps: 30.0,
-                        });
-                        let _ = tx.try_send(ScreenMsg::Target {
-                            kbps: bitrate / 1000,
-                            halved: pipeline.halved(),
-                            load: false,
-                        });
-                    }
-                }
-                if ctl.keyframe.swap(false, Ordering::Relaxed) {
-                    pipeline.request_keyframe();
-                }
-                let was_halved = pipeline.halved();
-                let step = pipeline.step();
-                if pipeline.halved() != was_halved {
-                    let _ = tx.try_send(ScreenMsg::Target {
-                        kbps: bitrate / 1000,
-                        halved: pipeline.halved(),
-                        load: true,
-                    });
-                }
-                match step {
-                    Ok(step) => {
-                        let c = &step.cursor;
-                        let pos = (c.x, c.y, c.visible);
-                        if let Some(shape) = &c.shape
-                            && let Some(m) = cursor_msg(shape)
-                        {
-                            let _ = tx.try_send(ScreenMsg::Control(m));
-                        }
-                        if last_cursor != Some(pos) || step.resized {
-                            last_cursor = Some(pos);
-                            let (w, h) = pipeline.capturer.size();
-                            let _ = tx.try_send(ScreenMsg::Control(ControlMsg::Cursor {
-                                x: c.x,
-                                y: c.y,
-                                visible: c.visible,
-                                screen_w: w,
-                                screen_h: h,
-                            }));
-                        }
-                        if step.resized {
-                            announce(&pipeline, monitor);
-                        }
-                        if let Some(frame) = step.encoded {
-                            seq += 1;
-                            let t = step.times;
-                            if recent.len() == 31 {
-                                recent.pop_front();
-                            }
-                            recent.push_back((t.capture + t.convert + t.encode).as_micros() as u32);
-                            let mut sorted: Vec<u32> = recent.iter().copied().collect();
-                            sorted.sort_unstable();
-                            ctl.pipeline_us
-                                .store(sorted[sorted.len() / 2], Ordering::Relaxed);
-                            ctl.frames.fetch_add(1, Ordering::Relaxed);
-                            ctl.bytes
-                                .fetch_add(frame.data.len() as u64, Ordering::Relaxed);
-                            match rt.block_on(video.send(seq, &frame.data)) {
-                                Ok(()) => {}
-                                Err(SessionError::FrameTooLarge(n)) => {
-                                    // Never for a screen up to 1080p (the encoder's buffer is the
-                                    // raw picture's size); a larger screen's worst picture is
-                                    // skipped and the stream starts again from a keyframe.
-                                    // Paced below as if it had been sent, so that a
-                                    // screen whose keyframes never fit is not re-encoded in a
-                                    // tight loop.
-                                    tracing::warn!(bytes = n, "video frame too large; skipped");
-                                    seq -= 1;
-                                    ctl.keyframe.store(true, Ordering::Relaxed);
-                                }
-                                Err(_) => return,
-                            }
-                            // Pace by size: the next frame waits until the path has carried
-                            // most of this one (at 80 % of the path's rate), so a slow path gets
-                            // fewer frames instead of a queue (changes meanwhile go into the
-                            // next frame). The path's rate, not the encoder's target: the target
-                            // stops at 8 Mbit/s, and pacing at 1.6 × that held a full-screen
-                            // change on a fast LAN (loopback in the glass bench: 60–100 KB
-                            // frames) 40–60 ms before the next frame could go.
-                            let airtime = frame.data.len() as f64 * 8.0
-                                / (path_rate(&inner) * 0.8).max(240_000.0);
-                            // Rate control must not take that wait for a still screen.
-                            pipeline.path_busy_until(
-                                Instant::now() + Duration::from_secs_f64(airtime.min(10.0)),
-                            );
-                            // At most 30 frames a second on average, as a virtual schedule
-                            // (GCRA) that lets a frame go at once when the previous one was a
-                            // whole interval or more ago, with one frame of burst: a fixed
-                            // "33 ms since the last capture" phase-locks badly to an application
-                            // drawing at 30 fps (measured: every change then waited up to a
-                            // whole frame, p50 drawn → capture 16–22 ms).
-                            frame_due = frame_due.max(started) + interval;
-                            not_before = (frame_due - interval)
-                                .max(started + Duration::from_secs_f64(airtime.min(2.0)));
-                            // The frame is on its way: now the encoder's work for the next one
-                            // (after a scroll, hashing the picture it will refer to), which would
-                            // otherwise come first when the next frame is drawn.
-                            pipeline.prepare_next();
-                        }
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "screen capture failed");
-                        std::thread::sleep(Duration::from_millis(500));
-                    }
-                }
-                // The frame rate limit (and the pacing) counts frames sent, not looks at the
-                // screen: a capture that found nothing new (drawing reported while the previous
-                // capture read it) must not hold back the next real change.
-                // Looks that XDamage woke and that found nothing new are themselves limited to
-                // one per 8 ms, so that drawing nobody sees (another monitor, the same pixels
-                // repainted) cannot drive captures at its own rate. A look the 17 ms timeout
-                // brought (the cursor) rests not at all: an 8 ms sleep there delayed the next
-                // frame drawn meanwhile (glass bench, A/B alternated, 1080p p50: typing
-                // 16.5–17.0 → 14.4–15.2 ms, dragging 17.9–19.8 → 15.4–15.9 ms).
-                let rest = if woke_by_drawing {
-                    Duration::from_millis(8)
-                } else {
-                    Duration::ZERO
-                };
-                let next_look = not_before.max(started + rest);
-                if let Some(rest) = next_look.checked_duration_since(Instant::now()) {
-                    std::thread::sleep(rest);
-                }
-                // Then capture as soon as something is drawn (XDamage), instead of on the next
-                // tick: a keystroke is on its way ~16 ms sooner on average. Without a change the
-                // screen is still looked at every ~17 ms (cursor position).
-                woke_by_drawing = pipeline.capturer.wait_for_change(Duration::from_millis(17));
-            }
-        })
-        .context("cannot start the screen thread")?;
-    Ok(h)
-}
-
-struct StopOnDrop(Arc<ScreenCtl>);
-impl Drop for StopOnDrop {
-    fn drop(&mut self) {
-        self.0.stop.store(true, Ordering::Relaxed);
-    }
-}
-
-/// Opens input injection on the X display, if there is one.
-fn open_input(display: Option<String>) -> Option<AgentInput> {
-    let display = display?;
-    match AgentInput::start(move || {
-        let i = X11Injector::open(Some(&display))?;
-        Ok(Box::new(i) as Box<dyn Injector>)
-    }) {
-        Ok(i) => Some(i),
-        Err(e) => {
-            eprintln!("tandem-agent: remote control is unavailable: {e}");
-            None
         }
     }
 }
@@ -1005,7 +750,7 @@ fn open_input(display: Option<String>) -> Option<AgentInput> {
 async fn run_session(
     s: Session,
     mode: ConsentMode,
-    display: Option<String>,
+    desktop: Option<Arc<dyn Desktop>>,
     report: &Report,
     cmds: &mut mpsc::UnboundedReceiver<UiCmd>,
 ) -> Result<bool> {
@@ -1014,68 +759,6 @@ async fn run_session(
     let suspicious = shown.suspicious();
     let (technician, organisation) = (shown.technician.text, shown.organisation.text);
     let decision = ask_consent(mode, &technician, &organisation, suspicious, report, cmds).await;
-    s.send_control(&ControlMsg::Consent { decision }).await?;
-    if decision == Consent::Deny {
-        report.event(
-            "denied",
-            "You denied the request; nothing was shared.",
-            serde_json::json!({}),
-        );
-        report.phase(Phase::Ended {
-            text: "You denied the request; nothing was shared.".into(),
-        });
-        s.end(EndReason::Denied).await;
-        return Ok(false);
-    }
-    let display = display.or_else(|| std::env::var("DISPLAY").ok().filter(|d| !d.is_empty()));
-    // Pixels leave this machine only now, after the user's consent.
-    let ctl = Arc::new(ScreenCtl {
-        select: AtomicI32::new(-1),
-        ..ScreenCtl::default()
-    });
-    let (screen_tx, mut screen_rx) = mpsc::channel::<ScreenMsg>(256);
-    let _streaming = match &display {
-        Some(d) => match start_streaming(
-            d.clone(),
-            s.connection().clone(),
-            s.video_sender(),
-            ctl.clone(),
-            screen_tx,
-        ) {
-            Ok(h) => Some(h),
-            Err(e) => {
-                eprintln!("tandem-agent: the screen cannot be shared: {e:#}");
-                None
-            }
-        },
-        None => {
-            eprintln!("tandem-agent: no display to share (set DISPLAY or --display)");
-            None
-        }
-    };
-    let _stop_guard = StopOnDrop(ctl.clone());
-    let input = open_input(display);
-    let control_possible = input.is_some() && decision == Consent::AllowControl;
-    let mut view_only = !control_possible;
-    if let Some(i) = &input {
-        i.set_permission(if view_only {
-            Permission::ViewOnly
-        } else {
-            Permission::Control
-        });
-    }
-    if input.is_none() && decision == Consent::AllowControl {
-        let _ = s
-            .send_control(&ControlMsg::Permissions { view_only: true })
-            .await;
-    }
-    let pump = async {
-        match &input {
-            Some(i) => i.run(&s).await,
-            None => std::future::pending().await,
-        }
-    };
-    tokio::pin!(pump);
     let may = |v: bool| {
         if v {
             "view your screen"
@@ -1083,137 +766,100 @@ async fn run_session(
             "view and control your screen"
         }
     };
-    report.event(
-        "session",
-        &format!(
-            "Session active: {technician} of {organisation} may {}. {}",
-            may(view_only),
-            if mode == ConsentMode::Tty {
-                "Type v + Enter for view only, c for control, e to end."
-            } else if report.shared.ctx.is_some() {
-                "End it in the window."
-            } else {
-                "Press Ctrl-C to end it."
-            }
-        ),
-        serde_json::json!({"technician": technician, "organisation": organisation, "view_only": view_only}),
-    );
-    report.phase(Phase::InSession {
-        technician: technician.clone(),
-        organisation: organisation.clone(),
-        view_only,
-        control_possible,
-        note: None,
-    });
-    let ended = |text: String, reason: &str| {
-        report.event("ended", &text, serde_json::json!({"reason": reason}));
-        report.phase(Phase::Ended { text });
-    };
-    loop {
-        tokio::select! {
-            end = &mut pump => {
-                ended(format!("Session ended: {}.", names::printable(&end.to_string(), 120)), end.reason.label());
-                return Ok(false);
-            }
-            m = screen_rx.recv() => match m {
-                Some(ScreenMsg::Control(m)) => { let _ = s.send_control(&m).await; }
-                Some(ScreenMsg::Display(r)) => if let Some(i) = &input { i.set_display(r) },
-                Some(ScreenMsg::Target { kbps, halved, load }) => report.event(
-                    "video_target",
-                    &format!(
-                        "Video now aims at {kbps} kbit/s{} ({})",
-                        if halved { " at half resolution" } else { "" },
-                        match (load, halved) {
-                            (false, _) => "follows the path",
-                            (true, true) => "the screen changes faster than this computer can encode it at full resolution",
-                            (true, false) => "the encoder keeps up at full resolution again",
-                        },
-                    ),
-                    serde_json::json!({"kbps": kbps, "halved": halved, "cause": if load { "load" } else { "path" }}),
+    let windowed = report.shared.ctx.is_some();
+    let mut on = |e: HostEvent| {
+        match e {
+        HostEvent::Denied => {
+            let text = "You denied the request; nothing was shared.";
+            report.event("denied", text, serde_json::json!({}));
+            report.phase(Phase::Ended { text: text.into() });
+        }
+        HostEvent::ScreenUnavailable(why) => {
+            eprintln!("tandem-agent: the screen cannot be shared: {why}");
+        }
+        HostEvent::InputUnavailable(why) => {
+            eprintln!("tandem-agent: remote control is unavailable: {why}");
+        }
+        HostEvent::Started {
+            view_only,
+            control_possible,
+        } => {
+            report.event(
+                "session",
+                &format!(
+                    "Session active: {technician} of {organisation} may {}. {}",
+                    may(view_only),
+                    if mode == ConsentMode::Tty {
+                        "Type v + Enter for view only, c for control, e to end."
+                    } else if windowed {
+                        "End it in the window."
+                    } else {
+                        "Press Ctrl-C to end it."
+                    }
                 ),
-                None => {}
-            },
-            c = cmds.recv() => {
-                let set_view_only = match c {
-                    Some(UiCmd::ViewOnly(v)) => Some(v),
-                    Some(UiCmd::Line(l)) => match l.trim().to_lowercase().as_str() {
-                        "v" | "view" | "view only" => Some(true),
-                        "c" | "control" => Some(false),
-                        "e" | "end" | "quit" => {
-                            s.end(EndReason::EndedByUser).await;
-                            ended("You ended the session.".into(), "ended_by_user");
-                            return Ok(l.trim() == "quit");
-                        }
-                        _ => None,
-                    },
-                    Some(UiCmd::End) | None => {
-                        s.end(EndReason::EndedByUser).await;
-                        ended("You ended the session.".into(), "ended_by_user");
-                        return Ok(false);
-                    }
-                    Some(UiCmd::Consent(_) | UiCmd::NewCode) => None,
-                };
-                if let Some(v) = set_view_only
-                    && v != view_only
-                {
-                    if !v && !control_possible {
-                        report.event("permissions", "Control was not allowed for this session; it stays view only.", serde_json::json!({"view_only": true}));
-                        continue;
-                    }
-                    view_only = v;
-                    if let Some(i) = &input {
-                        i.set_permission(if v { Permission::ViewOnly } else { Permission::Control });
-                    }
-                    let _ = s.send_control(&ControlMsg::Permissions { view_only: v }).await;
-                    report.update_session(|vo, _| *vo = v);
-                    report.event("permissions", &format!("{technician} may now {}.", may(v)), serde_json::json!({"view_only": v}));
-                }
-            }
-            m = s.recv_control() => match m {
-                Ok(ControlMsg::End { reason }) => {
-                    ended(format!("Session ended: {}.", names::printable(&reason.to_string(), 120)), reason.label());
-                    return Ok(false);
-                }
-                Ok(ControlMsg::KeyframeRequest) => ctl.keyframe.store(true, Ordering::Relaxed),
-                Ok(ControlMsg::SelectMonitor { index }) => ctl.select.store(index as i32, Ordering::Relaxed),
-                Ok(ControlMsg::Quality { max_kbps, .. }) => {
-                    ctl.max_kbps.store(max_kbps, Ordering::Relaxed);
-                }
-                Ok(ControlMsg::Stats { .. }) => {
-                    // Echo: the console measures the session's round-trip time with it.
-                    let _ = s
-                        .send_control(&ControlMsg::Stats {
-                            rtt_us: s.connection().rtt().as_micros().min(u32::MAX as u128) as u32,
-                            fps: ctl.frames.load(Ordering::Relaxed).min(u16::MAX as u64) as u16,
-                            kbps: (ctl.bytes.load(Ordering::Relaxed) / 125).min(u32::MAX as u64) as u32,
-                            pipeline_us: ctl.pipeline_us.load(Ordering::Relaxed),
-                            transport: s.link_transport(),
-                        })
-                        .await;
-                }
-                Ok(_) => {}
-                Err(_) => {
-                    let end = s.closed().await;
-                    ended(format!("Session ended: {}.", names::printable(&end.to_string(), 120)), end.reason.label());
-                    return Ok(false);
-                }
-            },
-            e = s.next_event() => {
-                let (kind, text) = match e {
-                    SessionEvent::PeerSuspended { grace } => ("peer_suspended", format!("The technician's connection dropped; waiting up to {} s.", grace.as_secs())),
-                    SessionEvent::PeerResumed => ("peer_resumed", "The technician is back.".into()),
-                    SessionEvent::LinkLost => ("link_lost", "Connection to the relay lost; reconnecting…".into()),
-                    SessionEvent::LinkResumed => ("link_resumed", "Reconnected.".into()),
-                };
-                report.event(kind, &text, serde_json::json!({}));
-                let resumed = matches!(kind, "peer_resumed" | "link_resumed");
-                report.update_session(|_, note| *note = (!resumed).then_some(text));
-            }
-            _ = tokio::signal::ctrl_c() => {
-                s.end(EndReason::EndedByUser).await;
-                ended("You ended the session.".into(), "ended_by_user");
-                return Ok(true);
-            }
+                serde_json::json!({"technician": technician, "organisation": organisation, "view_only": view_only}),
+            );
+            report.phase(Phase::InSession {
+                technician: technician.clone(),
+                organisation: organisation.clone(),
+                view_only,
+                control_possible,
+                note: None,
+            });
+        }
+        HostEvent::ControlNotAllowed => report.event(
+            "permissions",
+            "Control was not allowed for this session; it stays view only.",
+            serde_json::json!({"view_only": true}),
+        ),
+        HostEvent::Permissions { view_only } => {
+            report.update_session(|vo, _| *vo = view_only);
+            report.event(
+                "permissions",
+                &format!("{technician} may now {}.", may(view_only)),
+                serde_json::json!({"view_only": view_only}),
+            );
+        }
+        HostEvent::VideoTarget { kbps, halved, load } => report.event(
+            "video_target",
+            &format!(
+                "Video now aims at {kbps} kbit/s{} ({})",
+                if halved { " at half resolution" } else { "" },
+                match (load, halved) {
+                    (false, _) => "follows the path",
+                    (true, true) => "the screen changes faster than this computer can encode it at full resolution",
+                    (true, false) => "the encoder keeps up at full resolution again",
+                },
+            ),
+            serde_json::json!({"kbps": kbps, "halved": halved, "cause": if load { "load" } else { "path" }}),
+        ),
+        HostEvent::Link(e) => {
+            let (kind, text) = match e {
+                SessionEvent::PeerSuspended { grace } => (
+                    "peer_suspended",
+                    format!(
+                        "The technician's connection dropped; waiting up to {} s.",
+                        grace.as_secs()
+                    ),
+                ),
+                SessionEvent::PeerResumed => ("peer_resumed", "The technician is back.".into()),
+                SessionEvent::LinkLost => (
+                    "link_lost",
+                    "Connection to the relay lost; reconnecting…".into(),
+                ),
+                SessionEvent::LinkResumed => ("link_resumed", "Reconnected.".into()),
+            };
+            report.event(kind, &text, serde_json::json!({}));
+            let resumed = matches!(kind, "peer_resumed" | "link_resumed");
+            report.update_session(|_, note| *note = (!resumed).then_some(text));
+        }
+        HostEvent::Ended { text, reason } => {
+            report.event("ended", &text, serde_json::json!({"reason": reason}));
+            report.phase(Phase::Ended { text });
         }
     }
+    };
+    let outcome =
+        tandem_host::run_session(s, decision, desktop, &mut AgentCmds(cmds), &mut on).await?;
+    Ok(outcome.quit)
 }

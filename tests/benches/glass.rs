@@ -419,6 +419,8 @@ async fn pass(
             &x.display,
         ])
         .env_remove("DISPLAY")
+        .env_remove("WAYLAND_DISPLAY")
+        .env_remove("XDG_SESSION_TYPE")
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .kill_on_drop(true)

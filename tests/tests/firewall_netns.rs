@@ -267,6 +267,9 @@ fn clean_env(cmd: &mut tokio::process::Command) {
         "TANDEM_RELAY_TCP",
         "TANDEM_RELAY_WEBSOCKET",
         "DISPLAY",
+        "WAYLAND_DISPLAY",
+        "XDG_SESSION_TYPE",
+        "TANDEM_BACKEND",
         // Only a test that means to trust a reverse proxy's certificate names a trust store.
         "SSL_CERT_FILE",
         "SSL_CERT_DIR",

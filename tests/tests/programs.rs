@@ -48,7 +48,16 @@ impl Agent {
         if let Some(d) = display {
             cmd.args(["--display", d]);
         }
-        cmd.env_remove("DISPLAY");
+        // The agent picks its desktop from the session: none here but `--display`, even when the
+        // suite runs inside a Wayland desktop.
+        for v in [
+            "DISPLAY",
+            "WAYLAND_DISPLAY",
+            "XDG_SESSION_TYPE",
+            "XDG_CURRENT_DESKTOP",
+        ] {
+            cmd.env_remove(v);
+        }
         // The agent's pause after a wrong code, shortened from 30 s.
         cmd.env("TANDEM_WRONG_CODE_PAUSE", "1");
         cmd.env("TANDEM_AGENT_STATE_DIR", state.path());
@@ -1370,4 +1379,32 @@ async fn console_window_scales_a_picture_beyond_the_texture_limit() {
     let _ = demo.kill();
     let _ = demo.wait();
     relay.terminate().await;
+}
+
+/// A desktop the agent cannot share is said in words before any code is shown; a session that
+/// only looks like X11 (Xwayland's `DISPLAY` inside a Wayland session) is not shared silently.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unusable_desktop_is_refused_before_a_code() {
+    let (_dir, relay, _token) = setup().await;
+    let state = tempfile::tempdir().unwrap();
+    let out = Command::new(binary("tandem-agent"))
+        .env_remove("TANDEM_BACKEND")
+        .env("DISPLAY", ":77")
+        .env("WAYLAND_DISPLAY", "wayland-tandem-test-none")
+        .env("XDG_SESSION_TYPE", "wayland")
+        .env("XDG_CURRENT_DESKTOP", "NoSuchCompositor")
+        .env("TANDEM_AGENT_STATE_DIR", state.path())
+        .args(["--relay", &relay.addr])
+        .args(["--relay-pin", &relay.pin.to_string()])
+        .args(["--headless", "--json", "--consent", "deny", "--once"])
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stdout}\n{stderr}");
+    assert!(!stdout.contains("\"code\""), "a code was shown: {stdout}");
+    assert!(stderr.contains("cannot be shared"), "{stderr}");
+    assert!(stderr.contains("Wayland"), "{stderr}");
 }

@@ -244,6 +244,9 @@ mod tests {
         fn monitors(&self) -> Vec<Monitor> {
             vec![]
         }
+        fn size(&self) -> (u32, u32) {
+            (self.frame.width, self.frame.height)
+        }
         fn select(&mut self, _: usize) -> Result<(), CaptureError> {
             Ok(())
         }

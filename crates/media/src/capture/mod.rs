@@ -63,8 +63,12 @@ pub struct Captured<'a> {
     pub resized: bool,
 }
 
+/// A screen source: what the agent's streaming loop needs of a platform's screen (X11, a Wayland
+/// compositor, …). One capturer per session, used from one thread.
 pub trait Capturer {
     fn monitors(&self) -> Vec<Monitor>;
+    /// The size of the monitor being captured.
+    fn size(&self) -> (u32, u32);
     fn select(&mut self, index: usize) -> Result<(), CaptureError>;
     /// The next capture reports the whole frame as changed (for a keyframe).
     fn request_full(&mut self);
@@ -75,5 +79,26 @@ pub trait Capturer {
     fn wait_for_change(&mut self, timeout: std::time::Duration) -> bool {
         std::thread::sleep(timeout);
         true
+    }
+}
+
+impl<C: Capturer + ?Sized> Capturer for Box<C> {
+    fn monitors(&self) -> Vec<Monitor> {
+        (**self).monitors()
+    }
+    fn size(&self) -> (u32, u32) {
+        (**self).size()
+    }
+    fn select(&mut self, index: usize) -> Result<(), CaptureError> {
+        (**self).select(index)
+    }
+    fn request_full(&mut self) {
+        (**self).request_full()
+    }
+    fn capture(&mut self) -> Result<Captured<'_>, CaptureError> {
+        (**self).capture()
+    }
+    fn wait_for_change(&mut self, timeout: std::time::Duration) -> bool {
+        (**self).wait_for_change(timeout)
     }
 }

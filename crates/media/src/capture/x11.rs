@@ -285,13 +285,6 @@ impl X11Capturer {
         Ok(c)
     }
 
-    /// The size of the monitor being captured.
-    pub fn size(&self) -> (u32, u32) {
-        self.monitors
-            .get(self.selected)
-            .map_or((0, 0), |m| (m.width, m.height))
-    }
-
     /// True when frames come through a private shared-memory segment.
     pub fn uses_shm(&self) -> bool {
         self.shm_supported
@@ -600,6 +593,12 @@ impl X11Capturer {
 impl Capturer for X11Capturer {
     fn monitors(&self) -> Vec<Monitor> {
         self.monitors.clone()
+    }
+
+    fn size(&self) -> (u32, u32) {
+        self.monitors
+            .get(self.selected)
+            .map_or((0, 0), |m| (m.width, m.height))
     }
 
     fn select(&mut self, index: usize) -> Result<(), CaptureError> {
