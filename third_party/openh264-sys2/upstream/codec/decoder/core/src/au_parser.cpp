@@ -268,7 +268,30 @@ uint8_t* ParseNalHeader (PWelsDecoderContext pCtx, SNalUnitHeader* pNalUnitHeade
   case NAL_UNIT_CODED_SLICE_IDR: {
     PAccessUnit pCurAu = NULL;
     uint32_t uiAvailNalNum;
+    // Tandem: MemGetNextNal may move the NAL list to a larger one and free the old one, while
+    // pCtx->pSliceHeader points into a NAL unit of it (the last slice decoded; read again when
+    // the picture is output, in ReorderPicturesInDisplay): a heap-use-after-free read found by
+    // Tandem's video_decoder fuzz target. Remember where it pointed and point into the new list.
+    PAccessUnit pAuBefore = pCtx->pAccessUnitList;
+    int32_t iShNal = -1;
+    uintptr_t uiShOffset = 0;
+    if (pCtx->pSliceHeader != NULL && pAuBefore != NULL) {
+      const uintptr_t uiSh = (uintptr_t)pCtx->pSliceHeader;
+      for (uint32_t i = 0; i < pAuBefore->uiCountUnitsNum; ++i) {
+        const uintptr_t uiNal = (uintptr_t)pAuBefore->pNalUnitsList[i];
+        if (uiSh >= uiNal && uiSh < uiNal + sizeof (SNalUnit)) {
+          iShNal = (int32_t)i;
+          uiShOffset = uiSh - uiNal;
+          break;
+        }
+      }
+    }
     pCurNal = MemGetNextNal (&pCtx->pAccessUnitList, pCtx->pMemAlign);
+    if (pCtx->pAccessUnitList != pAuBefore && pCtx->pSliceHeader != NULL) {
+      pCtx->pSliceHeader = (iShNal >= 0 && pCtx->pAccessUnitList != NULL)
+                           ? (PSliceHeader) ((uint8_t*)pCtx->pAccessUnitList->pNalUnitsList[iShNal] + uiShOffset)
+                           : NULL;
+    }
     if (NULL == pCurNal) {
       WelsLog (pLogCtx, WELS_LOG_ERROR, "MemGetNextNal() fail due out of memory.");
       pCtx->iErrorCode |= dsOutOfMemory;

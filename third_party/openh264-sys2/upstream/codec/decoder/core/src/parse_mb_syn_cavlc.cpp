@@ -697,6 +697,14 @@ static int32_t CavlcGetTrailingOnesAndTotalCoeff (uint8_t& uiTotalCoeff, uint8_t
     uiTrailingOnes = g_kuiVlcTrailingOneTotalCoeffTable[iIndexVlc][0];
     uiTotalCoeff   = g_kuiVlcTrailingOneTotalCoeffTable[iIndexVlc][1];
   } else { //luma
+    // Tandem: nC comes from the neighbours' coefficient counts, which a malformed stream can push
+    // outside 0..16 (a global-buffer-overflow read of the 17-entry table, found by Tandem's
+    // video_decoder fuzz target). Every valid nC is in 0..16, and 8..16 share one table.
+    if (nC < 0) {
+      nC = 0;
+    } else if (nC > 16) {
+      nC = 16;
+    }
     iNcMapIdx = g_kuiNcMapTable[nC];
     if (iNcMapIdx <= 2) {
       uiValue = pBitsCache->uiCache32Bit >> 24;
