@@ -15,8 +15,11 @@ set -euo pipefail
 # nftables to build networks that drop UDP or allow only TCP 443; tinyproxy as the HTTP CONNECT
 # proxy; nginx as the reverse proxy in front of the relay (relay/dist/nginx-tandem.conf). `nginx`
 # is the package with the binary on Debian 12/13 and Ubuntu (nginx-light only adds modules there).
+# Wayland: libxkbcommon-dev (the agent compiles keymaps for its virtual keyboard with xkbcommon);
+# sway (headless, software rendering), swaybg and grim for the wlroots backend's tests.
 PACKAGES=(build-essential pkg-config nasm clang xvfb x11-xserver-utils libgl1 libegl1 libgl1-mesa-dri libxkbcommon-x11-0 libxcursor1 libxi6 libxrandr2
-  iproute2 nftables tinyproxy nginx)
+  iproute2 nftables tinyproxy nginx
+  libxkbcommon-dev sway swaybg grim)
 
 missing=()
 for p in "${PACKAGES[@]}"; do

@@ -6,6 +6,7 @@ pub mod fake_relay;
 pub mod impair;
 pub mod netns;
 pub mod scenes;
+pub mod wayland;
 pub mod x11;
 
 use std::path::{Path, PathBuf};

@@ -20,16 +20,20 @@ use tandem_media::capture::{CaptureError, Capturer};
 pub enum Backend {
     /// Any X server (Xorg, Xvfb): MIT-SHM capture with XDamage, XTEST input.
     X11,
+    /// A wlroots compositor (sway, Hyprland, river, …): wlr-screencopy with damage,
+    /// wlr-virtual-pointer and virtual-keyboard.
+    Wlroots,
 }
 
 impl Backend {
     /// Every backend, in the order `--backend` lists them.
-    pub const ALL: [Backend; 1] = [Backend::X11];
+    pub const ALL: [Backend; 2] = [Backend::X11, Backend::Wlroots];
 
     /// The name used on the command line, in configuration and in events.
     pub fn name(self) -> &'static str {
         match self {
             Backend::X11 => "x11",
+            Backend::Wlroots => "wlroots",
         }
     }
 
@@ -74,18 +78,25 @@ pub struct SessionEnv {
     pub current_desktop: Option<String>,
     /// The X display: `--display`, else `DISPLAY`.
     pub display: Option<String>,
+    /// On a Wayland session, the compositor's global interfaces, or why they could not be read.
+    pub wayland_globals: Option<Result<Vec<String>, String>>,
 }
 
 impl SessionEnv {
     /// Reads the process environment; `display` (from `--display`) wins over `DISPLAY`.
     pub fn from_process(display: Option<String>) -> SessionEnv {
         let var = |k: &str| std::env::var(k).ok().filter(|v| !v.trim().is_empty());
-        SessionEnv {
+        let mut env = SessionEnv {
             wayland_display: var("WAYLAND_DISPLAY"),
             session_type: var("XDG_SESSION_TYPE"),
             current_desktop: var("XDG_CURRENT_DESKTOP"),
             display: display.filter(|d| !d.is_empty()).or_else(|| var("DISPLAY")),
+            wayland_globals: None,
+        };
+        if env.wayland_display.is_some() {
+            env.wayland_globals = Some(crate::wlroots::globals());
         }
+        env
     }
 
     /// True when this is a Wayland session.
@@ -130,10 +141,32 @@ pub fn detect(env: &SessionEnv, forced: Option<Backend>) -> Result<Choice, Backe
             .current_desktop
             .clone()
             .unwrap_or_else(|| "an unknown compositor".into());
+        let globals = match &env.wayland_globals {
+            Some(Ok(g)) => g,
+            Some(Err(e)) => {
+                return Err(BackendError::Unsupported(format!(
+                    "this is a Wayland desktop ({desktop}), but {e}"
+                )));
+            }
+            None => {
+                return Err(BackendError::Unsupported(format!(
+                    "this is a Wayland desktop ({desktop}), but WAYLAND_DISPLAY is not set: \
+                     start the agent from inside the desktop session"
+                )));
+            }
+        };
+        let has = |i: &str| globals.iter().any(|g| g == i);
+        if has(crate::wlroots::SCREENCOPY) {
+            return Ok(Choice {
+                backend: Backend::Wlroots,
+                why: format!("Wayland compositor {desktop} offers wlr-screencopy"),
+            });
+        }
         return Err(BackendError::Unsupported(format!(
-            "this is a Wayland desktop ({desktop}), and this version of Tandem can share only X11 \
-             desktops; log in with an X11 (\"Xorg\") session, or use --backend x11 --display :N \
-             to share an X server anyway"
+            "this is a Wayland desktop ({desktop}) whose compositor offers no screen sharing \
+             interface this version of Tandem can use (it needs wlr-screencopy, as sway and \
+             other wlroots compositors offer); log in with an X11 (\"Xorg\") session, or use \
+             --backend x11 --display :N to share an X server anyway"
         )));
     }
     match &env.display {
@@ -167,6 +200,18 @@ pub fn open(choice: &Choice, env: &SessionEnv) -> Result<Box<dyn Desktop>, Backe
                 )
             })?;
             Ok(Box::new(X11Desktop::new(display)))
+        }
+        Backend::Wlroots => {
+            if env.wayland_display.is_none() {
+                return Err(BackendError::Unsupported(
+                    "the wlroots backend needs a Wayland session: WAYLAND_DISPLAY is not set"
+                        .into(),
+                ));
+            }
+            Ok(Box::new(crate::wlroots::WlrootsDesktop {
+                name: env.current_desktop.clone().unwrap_or_default(),
+                socket: None,
+            }))
         }
     }
 }
@@ -216,7 +261,29 @@ mod tests {
             session_type: ty.map(Into::into),
             current_desktop: de.map(Into::into),
             display: x.map(Into::into),
+            wayland_globals: wayland.map(|_| Ok(vec!["wl_compositor".into(), "wl_shm".into()])),
         }
+    }
+
+    #[test]
+    fn a_wlroots_compositor_is_found_by_its_interfaces() {
+        let mut e = env(Some("wayland-1"), Some("wayland"), Some("sway"), None);
+        e.wayland_globals = Some(Ok(vec![
+            "wl_output".into(),
+            crate::wlroots::SCREENCOPY.into(),
+        ]));
+        assert_eq!(detect(&e, None).unwrap().backend, Backend::Wlroots);
+        // Whatever it calls itself.
+        e.current_desktop = Some("Hyprland".into());
+        assert_eq!(detect(&e, None).unwrap().backend, Backend::Wlroots);
+    }
+
+    #[test]
+    fn an_unreachable_compositor_is_said() {
+        let mut e = env(Some("wayland-9"), Some("wayland"), Some("sway"), None);
+        e.wayland_globals = Some(Err("cannot connect to the Wayland compositor".into()));
+        let err = detect(&e, None).unwrap_err().to_string();
+        assert!(err.contains("cannot connect"), "{err}");
     }
 
     #[test]

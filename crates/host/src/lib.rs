@@ -4,8 +4,9 @@
 //! desktop, until the session ends.
 //!
 //! * [`desktop`]: a [`Desktop`] backend opens a screen source ([`tandem_media::capture::Capturer`])
-//!   and an input sink ([`tandem_input::Injector`]); [`desktop::X11Desktop`] is the X11 one, and
-//!   [`desktop::detect`] chooses a backend from the session's environment.
+//!   and an input sink ([`tandem_input::Injector`]); [`desktop::X11Desktop`] is the X11 one,
+//!   [`wlroots::WlrootsDesktop`] the wlroots one (sway and others), and [`desktop::detect`]
+//!   chooses a backend from the session's environment.
 //! * [`stream`]: the screen thread (frame pacing, bitrate following the path, cursor and monitors).
 //! * [`session`]: [`run_session`], one session from the consent answer to its end, driven by the
 //!   program's [`UserCommands`] and reported as [`HostEvent`]s.
@@ -15,6 +16,7 @@
 pub mod desktop;
 pub mod session;
 pub mod stream;
+pub mod wlroots;
 
 pub use desktop::{Backend, BackendError, Desktop, X11Desktop};
 pub use session::{HostCmd, HostEvent, Outcome, UserCommands, run_session};
