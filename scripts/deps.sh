@@ -17,12 +17,13 @@ set -euo pipefail
 # is the package with the binary on Debian 12/13 and Ubuntu (nginx-light only adds modules there).
 # Wayland: libxkbcommon-dev (the agent compiles keymaps for its virtual keyboard with xkbcommon);
 # sway (headless, software rendering), swaybg and grim for the wlroots backend's tests.
-# GNOME: libpipewire-0.3-dev and libclang-dev (the pipewire crate's bindings) to build the agent;
+# GNOME: libpipewire-0.3-dev (the pipewire crate; its bindings are generated with the libclang
+# that clang, above, brings) to build the agent;
 # mutter (headless), pipewire, wireplumber and dbus for the GNOME backend's tests.
 PACKAGES=(build-essential pkg-config nasm clang xvfb x11-xserver-utils libgl1 libegl1 libgl1-mesa-dri libxkbcommon-x11-0 libxcursor1 libxi6 libxrandr2
   iproute2 nftables tinyproxy nginx
   libxkbcommon-dev sway swaybg grim
-  libpipewire-0.3-dev libclang-dev mutter pipewire wireplumber dbus)
+  libpipewire-0.3-dev mutter pipewire wireplumber dbus)
 
 missing=()
 for p in "${PACKAGES[@]}"; do
