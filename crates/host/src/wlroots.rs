@@ -506,9 +506,10 @@ impl WlrCapturer {
         }
         if width == 0
             || height == 0
-            || (stride as u64) < width as u64 * 4
             || width > 16384
             || height > 16384
+            || (stride as u64) < width as u64 * 4
+            || (stride as u64) > width as u64 * 8
         {
             return Err(CaptureError::Unsupported(format!(
                 "the compositor described an impossible frame ({width}×{height}, stride {stride})"
