@@ -85,8 +85,8 @@ struct Cli {
     /// X display to share and control. [default: $DISPLAY; without one, nothing can be shared]
     #[arg(long)]
     display: Option<String>,
-    /// How the desktop is seen and controlled: `x11` or `wlroots` (sway and other wlroots
-    /// compositors). [default: chosen from the session
+    /// How the desktop is seen and controlled: `x11`, `wlroots` (sway and other wlroots
+    /// compositors) or `gnome` (Mutter). [default: chosen from the session
     /// ($WAYLAND_DISPLAY, $XDG_SESSION_TYPE, $XDG_CURRENT_DESKTOP, $DISPLAY)]
     #[arg(long, env = "TANDEM_BACKEND", value_parser = parse_backend)]
     backend: Option<Backend>,

@@ -1,6 +1,6 @@
 //! The agent's desktop backends side by side, in one run, X11 as the baseline: for each, a real
-//! display server at 1920×1080 (Xvfb; sway headless with software rendering; Mutter headless when
-//! the GNOME backend is built) showing the same picture, the agent's screen pipeline on the
+//! display server at 1920×1080 (Xvfb; sway headless with software rendering; Mutter headless with
+//! PipeWire) showing the same picture, the agent's screen pipeline on the
 //! backend's screen source (capture → change detection → H.264) and the console's decoder.
 //!
 //! * **typing**: a glyph-sized block drawn every 125 ms (8 characters a second) at the next
@@ -12,7 +12,7 @@
 //!   console is the same code for every backend and is left out (the glass bench measures it).
 //! * **idle**: 5 s with nothing drawn: bytes encoded and the process's CPU time per second.
 //!
-//!     cargo bench -p tandem-tests --bench backends [-- --quick] [-- --backends x11,wlroots]
+//!     cargo bench -p tandem-tests --bench backends [-- --quick] [-- --backends x11,wlroots,gnome]
 #![allow(clippy::unwrap_used)]
 
 use std::time::{Duration, Instant};
@@ -140,6 +140,42 @@ impl Screen for SwayScreen {
     }
     fn full(&mut self, seed: u32) {
         self.seed = seed;
+        self.client.send(&format!("seed {seed}"));
+    }
+    fn scroll(&mut self, offset: u32) {
+        self.client.send(&format!("scroll {offset}"));
+    }
+}
+
+struct GnomeScreen {
+    m: tandem_tests::mutter::Mutter,
+    client: tandem_tests::mutter::MutterClient,
+}
+
+impl GnomeScreen {
+    fn start() -> GnomeScreen {
+        let m = tandem_tests::mutter::Mutter::start(W, H);
+        let mut client = tandem_tests::mutter::MutterClient::start(&m, &[]);
+        client.next("drawn", Duration::from_secs(20), |v| {
+            v["width"] == W && v["height"] == H
+        });
+        GnomeScreen { m, client }
+    }
+}
+
+impl Screen for GnomeScreen {
+    fn capturer(&self) -> Box<dyn Capturer + Send> {
+        Box::new(self.m.desktop().open_capturer().unwrap())
+    }
+    fn fill(&mut self, x: u32, y: u32, w: u32, h: u32, rgb: u32) {
+        self.client.send(&format!(
+            "rect {x} {y} {w} {h} {} {} {}",
+            rgb >> 16,
+            (rgb >> 8) & 0xff,
+            rgb & 0xff
+        ));
+    }
+    fn full(&mut self, seed: u32) {
         self.client.send(&format!("seed {seed}"));
     }
     fn scroll(&mut self, offset: u32) {
@@ -319,7 +355,7 @@ fn measure(name: &str, screen: &mut dyn Screen, quick: bool) -> Row {
 
 fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
-    let which: String = tandem_tests::bench_arg("--backends", "x11,wlroots".to_string());
+    let which: String = tandem_tests::bench_arg("--backends", "x11,wlroots,gnome".to_string());
     let mut rows = vec![];
     for b in which.split(',') {
         let row = match b {
@@ -330,6 +366,13 @@ fn main() {
                     continue;
                 }
                 measure("wlroots (sway)", &mut SwayScreen::start(), quick)
+            }
+            "gnome" => {
+                if !tandem_tests::mutter::mutter_available() {
+                    println!("gnome: skipped, mutter is not installed");
+                    continue;
+                }
+                measure("gnome (mutter)", &mut GnomeScreen::start(), quick)
             }
             other => panic!("unknown backend {other}"),
         };

@@ -4,6 +4,7 @@
 
 pub mod fake_relay;
 pub mod impair;
+pub mod mutter;
 pub mod netns;
 pub mod scenes;
 pub mod wayland;
@@ -454,4 +455,104 @@ pub async fn datagram_arrives(from: &RelayLink, to: &RelayLink, len: usize) {
     .await
     .expect("no datagram arrived within 20 s");
     assert_eq!(got, payload);
+}
+
+/// What [`desktop_session`] saw.
+pub struct DesktopSession {
+    /// The agent's `desktop` event (which backend it chose), said before its code.
+    pub desktop: serde_json::Value,
+    /// The console's last decoded picture.
+    pub seen: tandem_media::frame::Frame,
+}
+
+/// A whole session with the real programs on a desktop described by `env` (a Wayland
+/// compositor's variables): a relay, `tandem-agent` that must find the backend by itself, a
+/// headless `tandem-console` that plays `script` for `seconds` and saves its last picture.
+pub async fn desktop_session(
+    env: &[(String, String)],
+    script: &str,
+    seconds: u32,
+) -> DesktopSession {
+    use tokio::io::AsyncBufReadExt;
+    let t = Duration::from_secs(15);
+    let dir = tempfile::tempdir().unwrap();
+    let out = relay_admin(
+        dir.path(),
+        &["technician", "add", "--org", "ACME IT", "--name", "alice"],
+    );
+    let token = token_from_output(&out).expose().to_string();
+    let relay = RelayProcess::start(dir.path()).await;
+    let mut agent = tokio::process::Command::new(binary("tandem-agent"));
+    for v in [
+        "DISPLAY",
+        "TANDEM_BACKEND",
+        "XDG_CURRENT_DESKTOP",
+        "XDG_SESSION_TYPE",
+    ] {
+        agent.env_remove(v);
+    }
+    agent
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .env("XDG_SESSION_TYPE", "wayland")
+        .env("TANDEM_AGENT_STATE_DIR", dir.path())
+        .args([
+            "--relay",
+            &relay.addr,
+            "--relay-pin",
+            &relay.pin.to_string(),
+        ])
+        .args(["--headless", "--json", "--consent", "allow", "--once"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .kill_on_drop(true);
+    let mut agent = agent.spawn().unwrap();
+    let mut lines = tokio::io::BufReader::new(agent.stdout.take().unwrap()).lines();
+    let mut desktop = None;
+    let code = tokio::time::timeout(t, async {
+        while let Some(l) = lines.next_line().await.unwrap() {
+            let v: serde_json::Value = serde_json::from_str(&l).unwrap();
+            if v["event"] == "desktop" {
+                desktop = Some(v.clone());
+            }
+            if v["event"] == "code" {
+                return v["code"].as_str().unwrap().to_string();
+            }
+        }
+        panic!("the agent ended without a code");
+    })
+    .await
+    .expect("no code from the agent");
+    let desktop = desktop.expect("the agent said which desktop it shares, before the code");
+    let script_path = dir.path().join("script.txt");
+    std::fs::write(&script_path, script).unwrap();
+    let png_path = dir.path().join("seen.png");
+    let console = tokio::process::Command::new(binary("tandem-console"))
+        .args([
+            "--relay",
+            &relay.addr,
+            "--relay-pin",
+            &relay.pin.to_string(),
+        ])
+        .args(["--token", &token, "--code", &code, "--headless", "--json"])
+        .args(["--no-remember", "--seconds", &seconds.to_string()])
+        .arg("--input-script")
+        .arg(&script_path)
+        .arg("--png")
+        .arg(&png_path)
+        .stderr(Stdio::null())
+        .output();
+    let out = tokio::time::timeout(t + Duration::from_secs(seconds as u64), console)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "console: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let bytes = std::fs::read(&png_path).unwrap();
+    let seen = wayland::decode_png(&bytes);
+    let _ = agent.kill().await;
+    relay.terminate().await;
+    DesktopSession { desktop, seen }
 }

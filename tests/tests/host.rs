@@ -271,6 +271,9 @@ async fn control_then_view_only_then_end() {
     })
     .await;
     click(&input).await;
+    // The click travels through the relay while the user's command below is local: give the
+    // click time to reach the agent's gate (and be refused there) before control comes back.
+    tokio::time::sleep(Duration::from_millis(300)).await;
     // Control again (the user allowed it): the next click arrives, the refused one never does.
     tx.send(HostCmd::ViewOnly(false)).unwrap();
     until_control(&console, |m| {

@@ -239,7 +239,6 @@ fn virtual_pointer_and_keyboard_reach_a_wayland_client() {
 /// clicks and typing reach the client.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_session_with_the_real_programs_on_sway() {
-    use tokio::io::AsyncBufReadExt;
     if skip() {
         return;
     }
@@ -247,94 +246,18 @@ async fn a_session_with_the_real_programs_on_sway() {
     let sway = Sway::start(1280, 720);
     let mut client = WaylandClient::start(&sway);
     client.wait_drawn(1280, 720, 0, T);
-    let dir = tempfile::tempdir().unwrap();
-    let out = tandem_tests::relay_admin(
-        dir.path(),
-        &["technician", "add", "--org", "ACME IT", "--name", "alice"],
-    );
-    let token = tandem_tests::token_from_output(&out).expose().to_string();
-    let relay = tandem_tests::RelayProcess::start(dir.path()).await;
-    let state = tempfile::tempdir().unwrap();
-    let mut agent = tokio::process::Command::new(tandem_tests::binary("tandem-agent"));
-    for v in ["DISPLAY", "TANDEM_BACKEND", "XDG_CURRENT_DESKTOP"] {
-        agent.env_remove(v);
-    }
-    agent
-        .envs(sway.env())
-        .env("XDG_SESSION_TYPE", "wayland")
-        .env("TANDEM_AGENT_STATE_DIR", state.path())
-        .args([
-            "--relay",
-            &relay.addr,
-            "--relay-pin",
-            &relay.pin.to_string(),
-        ])
-        .args(["--headless", "--json", "--consent", "allow", "--once"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .kill_on_drop(true);
-    let mut agent = agent.spawn().unwrap();
-    let mut lines = tokio::io::BufReader::new(agent.stdout.take().unwrap()).lines();
-    let mut desktop = None;
-    let code = tokio::time::timeout(T, async {
-        while let Some(l) = lines.next_line().await.unwrap() {
-            let v: serde_json::Value = serde_json::from_str(&l).unwrap();
-            if v["event"] == "desktop" {
-                desktop = Some(v.clone());
-            }
-            if v["event"] == "code" {
-                return v["code"].as_str().unwrap().to_string();
-            }
-        }
-        panic!("the agent ended without a code");
-    })
-    .await
-    .expect("no code");
-    let desktop = desktop.expect("the agent said which desktop it shares, before the code");
-    assert_eq!(desktop["backend"], "wlroots", "{desktop}");
-
-    let script = dir.path().join("script.txt");
     // A first move lets the headless seat gain its pointer and keyboard before the click.
-    std::fs::write(
-        &script,
+    let s = tandem_tests::desktop_session(
+        &sway.env(),
         "move 10 10\nwait 300\nmove 12 12\nkey Shift\nwait 300\nclick left 640 360\nwait 200\n\
          key h\nkey i\ntype ✓é\nwait 1500\n",
+        6,
     )
-    .unwrap();
-    let png = dir.path().join("seen.png");
-    let console = tokio::process::Command::new(tandem_tests::binary("tandem-console"))
-        .args([
-            "--relay",
-            &relay.addr,
-            "--relay-pin",
-            &relay.pin.to_string(),
-        ])
-        .args(["--token", &token, "--code", &code, "--headless", "--json"])
-        .args(["--no-remember", "--seconds", "6"])
-        .arg("--input-script")
-        .arg(&script)
-        .arg("--png")
-        .arg(&png)
-        .stderr(std::process::Stdio::null())
-        .output();
-    let out = tokio::time::timeout(Duration::from_secs(30), console)
-        .await
-        .unwrap()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stdout)
-    );
-
+    .await;
+    assert_eq!(s.desktop["backend"], "wlroots", "{}", s.desktop);
     // What the technician saw is what the client drew.
-    let decoder = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(&png).unwrap()));
-    let mut reader = decoder.read_info().unwrap();
-    let mut buf = vec![0; reader.output_buffer_size().unwrap()];
-    let info = reader.next_frame(&mut buf).unwrap();
-    assert_eq!((info.width, info.height), (1280, 720));
-    let seen = tandem_media::rgba_to_frame(info.width, info.height, &buf[..info.buffer_size()]);
-    let psnr = tandem_media::luma_psnr(&pattern_frame(1280, 720, 0), &seen);
+    assert_eq!((s.seen.width, s.seen.height), (1280, 720));
+    let psnr = tandem_media::luma_psnr(&pattern_frame(1280, 720, 0), &s.seen);
     assert!(
         psnr >= 35.0,
         "console picture vs the client's: {psnr:.1} dB"
@@ -359,6 +282,4 @@ async fn a_session_with_the_real_programs_on_sway() {
         })
         .collect();
     assert_eq!(typed, "hi✓é");
-    let _ = agent.kill().await;
-    relay.terminate().await;
 }

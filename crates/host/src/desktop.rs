@@ -23,17 +23,20 @@ pub enum Backend {
     /// A wlroots compositor (sway, Hyprland, river, …): wlr-screencopy with damage,
     /// wlr-virtual-pointer and virtual-keyboard.
     Wlroots,
+    /// GNOME (Mutter): its ScreenCast and RemoteDesktop D-Bus interfaces, frames over PipeWire.
+    Mutter,
 }
 
 impl Backend {
     /// Every backend, in the order `--backend` lists them.
-    pub const ALL: [Backend; 2] = [Backend::X11, Backend::Wlroots];
+    pub const ALL: [Backend; 3] = [Backend::X11, Backend::Wlroots, Backend::Mutter];
 
     /// The name used on the command line, in configuration and in events.
     pub fn name(self) -> &'static str {
         match self {
             Backend::X11 => "x11",
             Backend::Wlroots => "wlroots",
+            Backend::Mutter => "gnome",
         }
     }
 
@@ -80,6 +83,9 @@ pub struct SessionEnv {
     pub display: Option<String>,
     /// On a Wayland session, the compositor's global interfaces, or why they could not be read.
     pub wayland_globals: Option<Result<Vec<String>, String>>,
+    /// On a Wayland session without wlr-screencopy: whether GNOME's RemoteDesktop interface is
+    /// on the session bus, or why not.
+    pub gnome_remote_desktop: Option<Result<(), String>>,
 }
 
 impl SessionEnv {
@@ -92,9 +98,16 @@ impl SessionEnv {
             current_desktop: var("XDG_CURRENT_DESKTOP"),
             display: display.filter(|d| !d.is_empty()).or_else(|| var("DISPLAY")),
             wayland_globals: None,
+            gnome_remote_desktop: None,
         };
         if env.wayland_display.is_some() {
-            env.wayland_globals = Some(crate::wlroots::globals());
+            let globals = crate::wlroots::globals();
+            let wlr =
+                matches!(&globals, Ok(g) if g.iter().any(|i| i == crate::wlroots::SCREENCOPY));
+            env.wayland_globals = Some(globals);
+            if !wlr {
+                env.gnome_remote_desktop = Some(crate::mutter::available());
+            }
         }
         env
     }
@@ -162,10 +175,26 @@ pub fn detect(env: &SessionEnv, forced: Option<Backend>) -> Result<Choice, Backe
                 why: format!("Wayland compositor {desktop} offers wlr-screencopy"),
             });
         }
+        match &env.gnome_remote_desktop {
+            Some(Ok(())) => {
+                return Ok(Choice {
+                    backend: Backend::Mutter,
+                    why: format!(
+                        "Wayland desktop {desktop} offers GNOME's remote desktop interface"
+                    ),
+                });
+            }
+            Some(Err(e)) if env.desktops().iter().any(|d| d == "gnome") => {
+                return Err(BackendError::Unsupported(format!(
+                    "this is a GNOME Wayland desktop, but {e}"
+                )));
+            }
+            _ => {}
+        }
         return Err(BackendError::Unsupported(format!(
             "this is a Wayland desktop ({desktop}) whose compositor offers no screen sharing \
              interface this version of Tandem can use (it needs wlr-screencopy, as sway and \
-             other wlroots compositors offer); log in with an X11 (\"Xorg\") session, or use \
+             other wlroots compositors offer, or GNOME's remote desktop interface); log in with an X11 (\"Xorg\") session, or use \
              --backend x11 --display :N to share an X server anyway"
         )));
     }
@@ -213,6 +242,7 @@ pub fn open(choice: &Choice, env: &SessionEnv) -> Result<Box<dyn Desktop>, Backe
                 socket: None,
             }))
         }
+        Backend::Mutter => Ok(Box::new(crate::mutter::MutterDesktop::new())),
     }
 }
 
@@ -262,6 +292,7 @@ mod tests {
             current_desktop: de.map(Into::into),
             display: x.map(Into::into),
             wayland_globals: wayland.map(|_| Ok(vec!["wl_compositor".into(), "wl_shm".into()])),
+            gnome_remote_desktop: wayland.map(|_| Err("not on the bus".into())),
         }
     }
 
@@ -276,6 +307,25 @@ mod tests {
         // Whatever it calls itself.
         e.current_desktop = Some("Hyprland".into());
         assert_eq!(detect(&e, None).unwrap().backend, Backend::Wlroots);
+    }
+
+    #[test]
+    fn gnome_is_found_by_its_remote_desktop_interface() {
+        let mut e = env(
+            Some("wayland-0"),
+            Some("wayland"),
+            Some("ubuntu:GNOME"),
+            Some(":0"),
+        );
+        e.gnome_remote_desktop = Some(Ok(()));
+        assert_eq!(detect(&e, None).unwrap().backend, Backend::Mutter);
+        // GNOME without the interface: said with the reason.
+        e.gnome_remote_desktop = Some(Err("the bus is gone".into()));
+        let err = detect(&e, None).unwrap_err().to_string();
+        assert!(
+            err.contains("GNOME") && err.contains("the bus is gone"),
+            "{err}"
+        );
     }
 
     #[test]

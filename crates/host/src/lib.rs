@@ -14,6 +14,7 @@
 //! Nothing here knows of windows, terminals or configuration files: `tandem-agent` is the glue.
 
 pub mod desktop;
+pub mod mutter;
 pub mod session;
 pub mod stream;
 pub mod wlroots;
