@@ -67,6 +67,17 @@ pub struct Outcome {
     pub quit: bool,
 }
 
+/// Opens the desktop's screen off the async runtime: a backend may wait on its compositor (the
+/// GNOME backend waits for Mutter to announce its streams, normally ≈130 ms, at most seconds).
+async fn open_screen(
+    d: Arc<dyn Desktop>,
+) -> Result<Box<dyn tandem_media::capture::Capturer + Send>, String> {
+    match tokio::task::spawn_blocking(move || d.open_screen()).await {
+        Ok(r) => r.map_err(|e| e.to_string()),
+        Err(e) => Err(format!("the screen could not be opened: {e}")),
+    }
+}
+
 /// Runs one session to its end after the user's `decision`: sends the decision, and unless it
 /// is a denial, shares `desktop`'s screen and, if allowed, lets the technician's input into it.
 ///
@@ -90,7 +101,7 @@ pub async fn run_session(
     let ctl = Arc::new(ScreenCtl::new());
     let (screen_tx, mut screen_rx) = mpsc::channel::<ScreenMsg>(256);
     let _streaming = match &desktop {
-        Some(d) => match d.open_screen().map_err(|e| e.to_string()).and_then(|c| {
+        Some(d) => match open_screen(d.clone()).await.and_then(|c| {
             start_streaming(
                 c,
                 s.connection().clone(),
