@@ -1,7 +1,7 @@
 //! One session on the agent, from the user's answer to its end.
 
 use crate::desktop::Desktop;
-use crate::stream::{ScreenCtl, ScreenMsg, StopOnDrop, start_streaming};
+use crate::stream::{ScreenCtl, ScreenMsg, ScreenThread, start_streaming};
 use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -100,7 +100,7 @@ pub async fn run_session(
     // Pixels leave this machine only now, after the user's consent.
     let ctl = Arc::new(ScreenCtl::new());
     let (screen_tx, mut screen_rx) = mpsc::channel::<ScreenMsg>(256);
-    let _streaming = match &desktop {
+    let streaming = match &desktop {
         Some(d) => match open_screen(d.clone()).await.and_then(|c| {
             start_streaming(
                 c,
@@ -127,9 +127,13 @@ pub async fn run_session(
             None
         }
     };
-    let _stop_guard = StopOnDrop(ctl.clone());
+    // Without a screen thread the channel is closed at once: not polled then.
+    let mut screen_open = streaming.is_some();
+    let screen = ScreenThread::new(ctl.clone(), streaming);
+    // Input is opened only when the user allowed control (a view-only session never even holds
+    // a virtual keyboard).
     let input = match &desktop {
-        Some(d) => {
+        Some(d) if decision == Consent::AllowControl => {
             let d = d.clone();
             match AgentInput::start(move || d.open_input()) {
                 Ok(i) => Some(i),
@@ -139,7 +143,7 @@ pub async fn run_session(
                 }
             }
         }
-        None => None,
+        _ => None,
     };
     let control_possible = input.is_some() && decision == Consent::AllowControl;
     let mut view_only = !control_possible;
@@ -177,19 +181,22 @@ pub async fn run_session(
         text: "You ended the session.".into(),
         reason: EndReason::EndedByUser.label(),
     };
-    loop {
+    let outcome = async { loop {
         tokio::select! {
             end = &mut pump => {
                 on(ended_by_peer(&end, end.reason.label()));
                 return Ok(Outcome { quit: false });
             }
-            m = screen_rx.recv() => match m {
+            m = screen_rx.recv(), if screen_open => match m {
                 Some(ScreenMsg::Control(m)) => { let _ = s.send_control(&m).await; }
                 Some(ScreenMsg::Display(r)) => if let Some(i) = &input { i.set_display(r) },
                 Some(ScreenMsg::Target { kbps, halved, load }) => {
                     on(HostEvent::VideoTarget { kbps, halved, load });
                 }
-                None => {}
+                None => {
+                    tracing::info!("the screen stopped");
+                    screen_open = false;
+                }
             },
             c = cmds.next() => match c {
                 HostCmd::End | HostCmd::Quit => {
@@ -244,5 +251,9 @@ pub async fn run_session(
             },
             e = s.next_event() => on(HostEvent::Link(e)),
         }
-    }
+    } }
+    .await;
+    // The screen's capturer is closed before the next session can open one.
+    screen.finish().await;
+    outcome
 }

@@ -28,6 +28,8 @@ pub fn path_bitrate(inner: &quinn::Connection) -> u32 {
 /// Shared between the session loop and the screen thread.
 pub(crate) struct ScreenCtl {
     pub(crate) stop: AtomicBool,
+    /// Set with `stop`: wakes a send that waits on the path.
+    stopped: tokio::sync::watch::Sender<bool>,
     pub(crate) keyframe: AtomicBool,
     /// A monitor the technician asked for (-1: none pending).
     pub(crate) select: AtomicI32,
@@ -43,6 +45,7 @@ impl ScreenCtl {
     pub(crate) fn new() -> ScreenCtl {
         ScreenCtl {
             stop: AtomicBool::new(false),
+            stopped: tokio::sync::watch::Sender::new(false),
             keyframe: AtomicBool::new(false),
             select: AtomicI32::new(-1),
             max_kbps: AtomicU32::new(0),
@@ -50,6 +53,12 @@ impl ScreenCtl {
             bytes: AtomicU64::new(0),
             pipeline_us: AtomicU32::new(0),
         }
+    }
+
+    /// Tells the screen thread to stop, also when it waits for the path to take a frame.
+    pub(crate) fn stop(&self) {
+        self.stop.store(true, Ordering::Relaxed);
+        self.stopped.send_replace(true);
     }
 }
 
@@ -262,7 +271,15 @@ pub(crate) fn start_streaming(
                             ctl.frames.fetch_add(1, Ordering::Relaxed);
                             ctl.bytes
                                 .fetch_add(frame.data.len() as u64, Ordering::Relaxed);
-                            match rt.block_on(video.send(seq, &frame.data)) {
+                            let mut stopped = ctl.stopped.subscribe();
+                            let sent = rt.block_on(async {
+                                tokio::select! {
+                                    r = video.send(seq, &frame.data) => Some(r),
+                                    _ = stopped.wait_for(|s| *s) => None,
+                                }
+                            });
+                            let Some(sent) = sent else { return };
+                            match sent {
                                 Ok(()) => {}
                                 Err(SessionError::FrameTooLarge(n)) => {
                                     // Never for a screen up to 1080p (the encoder's buffer is the
@@ -275,7 +292,15 @@ pub(crate) fn start_streaming(
                                     seq -= 1;
                                     ctl.keyframe.store(true, Ordering::Relaxed);
                                 }
-                                Err(_) => return,
+                                Err(SessionError::Ended(_)) => return,
+                                Err(e) => {
+                                    // This frame's stream failed (the peer stopped it, or the
+                                    // connection is going: then the next send says so). The
+                                    // console needs a new starting point.
+                                    tracing::debug!(error = %e, "video frame not sent");
+                                    seq -= 1;
+                                    ctl.keyframe.store(true, Ordering::Relaxed);
+                                }
                             }
                             // Pace by size: the next frame waits until the path has carried
                             // most of this one (at 80 % of the path's rate), so a slow path gets
@@ -338,10 +363,40 @@ pub(crate) fn start_streaming(
     Ok(h)
 }
 
-pub(crate) struct StopOnDrop(pub(crate) Arc<ScreenCtl>);
-impl Drop for StopOnDrop {
+/// The running screen thread of a session: stopped when dropped, and joined by [`Self::finish`]
+/// so that the capturer (a compositor session) is closed before the next session opens one.
+pub(crate) struct ScreenThread {
+    ctl: Arc<ScreenCtl>,
+    handle: Option<std::thread::JoinHandle<()>>,
+}
+
+/// How long a session's end waits for its screen thread (one capture and one encode).
+const JOIN_TIMEOUT: Duration = Duration::from_secs(3);
+
+impl ScreenThread {
+    pub(crate) fn new(ctl: Arc<ScreenCtl>, handle: Option<std::thread::JoinHandle<()>>) -> Self {
+        ScreenThread { ctl, handle }
+    }
+
+    /// Stops the thread and waits (off the runtime, at most [`JOIN_TIMEOUT`]) for it to end.
+    pub(crate) async fn finish(mut self) {
+        self.ctl.stop();
+        let Some(h) = self.handle.take() else { return };
+        let join = tokio::task::spawn_blocking(move || h.join());
+        match tokio::time::timeout(JOIN_TIMEOUT, join).await {
+            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(Err(_))) => tracing::warn!("the screen thread panicked"),
+            Ok(Err(e)) => tracing::warn!(error = %e, "the screen thread was not joined"),
+            Err(_) => tracing::warn!(
+                "the screen thread did not stop within {JOIN_TIMEOUT:?}; leaving it behind"
+            ),
+        }
+    }
+}
+
+impl Drop for ScreenThread {
     fn drop(&mut self) {
-        self.0.stop.store(true, Ordering::Relaxed);
+        self.ctl.stop();
     }
 }
 

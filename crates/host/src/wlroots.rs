@@ -510,6 +510,8 @@ impl WlrCapturer {
             || height > 16384
             || (stride as u64) < width as u64 * 4
             || (stride as u64) > width as u64 * 8
+            // wl_shm pools are sized in an i32.
+            || stride as u64 * height as u64 > i32::MAX as u64
         {
             return Err(CaptureError::Unsupported(format!(
                 "the compositor described an impossible frame ({width}×{height}, stride {stride})"
