@@ -25,11 +25,19 @@ pub enum Backend {
     Wlroots,
     /// GNOME (Mutter): its ScreenCast and RemoteDesktop D-Bus interfaces, frames over PipeWire.
     Mutter,
+    /// xdg-desktop-portal's ScreenCast and RemoteDesktop (KDE Plasma and others): the desktop
+    /// asks the user in its own dialog, frames over PipeWire.
+    Portal,
 }
 
 impl Backend {
     /// Every backend, in the order `--backend` lists them.
-    pub const ALL: [Backend; 3] = [Backend::X11, Backend::Wlroots, Backend::Mutter];
+    pub const ALL: [Backend; 4] = [
+        Backend::X11,
+        Backend::Wlroots,
+        Backend::Mutter,
+        Backend::Portal,
+    ];
 
     /// The name used on the command line, in configuration and in events.
     pub fn name(self) -> &'static str {
@@ -37,6 +45,7 @@ impl Backend {
             Backend::X11 => "x11",
             Backend::Wlroots => "wlroots",
             Backend::Mutter => "gnome",
+            Backend::Portal => "portal",
         }
     }
 
@@ -86,6 +95,9 @@ pub struct SessionEnv {
     /// On a Wayland session without wlr-screencopy: whether GNOME's RemoteDesktop interface is
     /// on the session bus, or why not.
     pub gnome_remote_desktop: Option<Result<(), String>>,
+    /// On a Wayland session with neither: what xdg-desktop-portal offers, or why it cannot be
+    /// used.
+    pub portal: Option<Result<crate::portal::PortalInfo, String>>,
 }
 
 impl SessionEnv {
@@ -99,6 +111,7 @@ impl SessionEnv {
             display: display.filter(|d| !d.is_empty()).or_else(|| var("DISPLAY")),
             wayland_globals: None,
             gnome_remote_desktop: None,
+            portal: None,
         };
         if env.wayland_display.is_some() {
             let globals = crate::wlroots::globals();
@@ -106,7 +119,11 @@ impl SessionEnv {
                 matches!(&globals, Ok(g) if g.iter().any(|i| i == crate::wlroots::SCREENCOPY));
             env.wayland_globals = Some(globals);
             if !wlr {
-                env.gnome_remote_desktop = Some(crate::mutter::available());
+                let gnome = crate::mutter::available();
+                if gnome.is_err() {
+                    env.portal = Some(crate::portal::available());
+                }
+                env.gnome_remote_desktop = Some(gnome);
             }
         }
         env
@@ -175,27 +192,35 @@ pub fn detect(env: &SessionEnv, forced: Option<Backend>) -> Result<Choice, Backe
                 why: format!("Wayland compositor {desktop} offers wlr-screencopy"),
             });
         }
-        match &env.gnome_remote_desktop {
-            Some(Ok(())) => {
-                return Ok(Choice {
-                    backend: Backend::Mutter,
-                    why: format!(
-                        "Wayland desktop {desktop} offers GNOME's remote desktop interface"
-                    ),
-                });
-            }
-            Some(Err(e)) if env.desktops().iter().any(|d| d == "gnome") => {
-                return Err(BackendError::Unsupported(format!(
-                    "this is a GNOME Wayland desktop, but {e}"
-                )));
-            }
-            _ => {}
+        if let Some(Ok(())) = &env.gnome_remote_desktop {
+            return Ok(Choice {
+                backend: Backend::Mutter,
+                why: format!("Wayland desktop {desktop} offers GNOME's remote desktop interface"),
+            });
+        }
+        if let Some(Ok(p)) = &env.portal {
+            return Ok(Choice {
+                backend: Backend::Portal,
+                why: format!("Wayland desktop {desktop} offers {}", p.describe()),
+            });
+        }
+        if let Some(Err(e)) = &env.gnome_remote_desktop
+            && env.desktops().iter().any(|d| d == "gnome")
+        {
+            return Err(BackendError::Unsupported(format!(
+                "this is a GNOME Wayland desktop, but {e}"
+            )));
         }
         return Err(BackendError::Unsupported(format!(
             "this is a Wayland desktop ({desktop}) whose compositor offers no screen sharing \
              interface this version of Tandem can use (it needs wlr-screencopy, as sway and \
-             other wlroots compositors offer, or GNOME's remote desktop interface); log in with an X11 (\"Xorg\") session, or use \
-             --backend x11 --display :N to share an X server anyway"
+             other wlroots compositors offer, GNOME's remote desktop interface, or \
+             xdg-desktop-portal's screen cast{}); log in with an X11 (\"Xorg\") session, or use \
+             --backend x11 --display :N to share an X server anyway",
+            match &env.portal {
+                Some(Err(e)) => format!(": {e}"),
+                _ => String::new(),
+            }
         )));
     }
     match &env.display {
@@ -243,6 +268,7 @@ pub fn open(choice: &Choice, env: &SessionEnv) -> Result<Box<dyn Desktop>, Backe
             }))
         }
         Backend::Mutter => Ok(Box::new(crate::mutter::MutterDesktop::new())),
+        Backend::Portal => Ok(Box::new(crate::portal::PortalDesktop::new())),
     }
 }
 
@@ -293,6 +319,7 @@ mod tests {
             display: x.map(Into::into),
             wayland_globals: wayland.map(|_| Ok(vec!["wl_compositor".into(), "wl_shm".into()])),
             gnome_remote_desktop: wayland.map(|_| Err("not on the bus".into())),
+            portal: wayland.map(|_| Err("no portal".into())),
         }
     }
 

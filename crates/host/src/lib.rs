@@ -15,6 +15,7 @@
 
 pub mod desktop;
 pub mod mutter;
+pub mod portal;
 pub mod session;
 pub mod stream;
 pub mod wlroots;

@@ -116,6 +116,31 @@ pub enum MutterError {
          indicator, or by GNOME itself)"
     )]
     Ended,
+    #[error(
+        "the desktop has no screen sharing portal: {0}; install xdg-desktop-portal and the \
+         portal of this desktop (xdg-desktop-portal-kde, -gnome, -wlr, …), or log in with an X11 \
+         (\"Xorg\") session"
+    )]
+    PortalUnavailable(String),
+    #[error("screen sharing was declined in the desktop's sharing dialog")]
+    PortalDeclined,
+    #[error(
+        "the desktop's sharing dialog was not answered within {} s",
+        .0.as_secs()
+    )]
+    PortalTimeout(Duration),
+    #[error("the desktop's screen sharing portal failed to {what}: {reason}")]
+    PortalFailed { what: &'static str, reason: String },
+    #[error(
+        "remote control was not allowed in the desktop's sharing dialog (the screen is shared, \
+         view only)"
+    )]
+    NoRemoteInput,
+    #[error(
+        "screen sharing was stopped on the desktop (from its sharing indicator, or by the desktop \
+         itself)"
+    )]
+    PortalEnded,
 }
 
 impl From<MutterError> for CaptureError {
@@ -214,10 +239,7 @@ impl MutterDesktop {
         if let Some(l) = weak.upgrade() {
             return l;
         }
-        let l = Arc::new(Link {
-            bus: self.bus.clone(),
-            state: Mutex::new(LinkState::default()),
-        });
+        let l = Arc::new(Link::new(self.bus.clone(), Flavor::Mutter));
         *weak = Arc::downgrade(&l);
         l
     }
@@ -257,15 +279,15 @@ impl crate::desktop::Desktop for MutterDesktop {
 
 /// A monitor as Mutter lays it out.
 #[derive(Clone, Debug, PartialEq, Eq)]
-struct Screen {
-    connector: String,
+pub(crate) struct Screen {
+    pub(crate) connector: String,
     /// Position in Mutter's layout (logical pixels).
-    x: i32,
-    y: i32,
+    pub(crate) x: i32,
+    pub(crate) y: i32,
     /// Size of its stream, in pixels.
-    width: u32,
-    height: u32,
-    primary: bool,
+    pub(crate) width: u32,
+    pub(crate) height: u32,
+    pub(crate) primary: bool,
 }
 
 type MonitorSpec = (String, String, String, String);
@@ -362,7 +384,7 @@ fn refused(what: &'static str, iface: (&'static str, &'static str), e: zbus::Err
 }
 
 /// Whether a failed call means the session is gone (closed by Mutter).
-fn session_gone(e: &zbus::Error) -> bool {
+pub(crate) fn session_gone(e: &zbus::Error) -> bool {
     matches!(
         method_error_name(e),
         Some(
@@ -389,21 +411,30 @@ fn display_state(conn: &Connection) -> Result<Vec<Screen>, MutterError> {
 
 /// One monitor's stream in a session.
 #[derive(Clone, Debug)]
-struct StreamInfo {
-    screen: Screen,
-    path: OwnedObjectPath,
-    node: u32,
+pub(crate) struct StreamInfo {
+    pub(crate) screen: Screen,
+    /// Mutter's stream object (empty for a portal's stream).
+    pub(crate) path: OwnedObjectPath,
+    pub(crate) node: u32,
 }
 
-/// A started remote desktop session of Mutter's; stopped when dropped.
-struct Session {
+/// Whose session it is.
+pub(crate) enum Api {
+    /// Mutter's own interfaces: the remote desktop session's object path.
+    Mutter { rd_path: OwnedObjectPath },
+    /// xdg-desktop-portal's.
+    Portal(crate::portal::Started),
+}
+
+/// A started remote desktop session (Mutter's, or a portal's); stopped when dropped.
+pub(crate) struct Session {
     conn: Connection,
-    rd_path: OwnedObjectPath,
-    streams: Vec<StreamInfo>,
+    pub(crate) api: Api,
+    pub(crate) streams: Vec<StreamInfo>,
     /// Counts the sessions of a [`Link`], to tell a stale one from its replacement.
     generation: u64,
     /// The session's `Closed` signal.
-    closed_signal: Mutex<zbus::MessageStream>,
+    closed_signal: Mutex<ClosedSignal>,
     closed: AtomicBool,
 }
 
@@ -430,34 +461,27 @@ impl Session {
                     e,
                 )
             })?;
-        let closed_rule = zbus::MatchRule::builder()
-            .msg_type(zbus::message::Type::Signal)
-            .sender(RD_NAME)
-            .and_then(|b| b.path(rd.as_str()))
-            .and_then(|b| b.interface(RD_SESSION))
-            .and_then(|b| b.member("Closed"))
-            .map(|b| b.build())
-            .and_then(|rule| zbus::blocking::MessageIterator::for_match_rule(rule, conn, Some(4)));
-        let closed_rule = match closed_rule {
+        let closed_rule = match closed_signal(conn, RD_NAME, rd.as_str(), RD_SESSION) {
             Ok(r) => r,
             Err(e) => {
                 let _ = conn.call_method(Some(RD_NAME), rd.as_str(), Some(RD_SESSION), "Stop", &());
                 return Err(MutterError::Bus(e.to_string()));
             }
         };
+        let rd_path = rd.clone();
         // From here on, dropping `session` stops it in Mutter.
         let mut session = Session {
             conn: conn.clone(),
-            rd_path: rd,
+            api: Api::Mutter { rd_path: rd },
             streams: Vec::new(),
             generation,
-            closed_signal: Mutex::new(closed_rule.into_inner()),
+            closed_signal: Mutex::new(closed_rule),
             closed: AtomicBool::new(false),
         };
         let id: OwnedValue = conn
             .call_method(
                 Some(RD_NAME),
-                session.rd_path.as_str(),
+                rd_path.as_str(),
                 Some("org.freedesktop.DBus.Properties"),
                 "Get",
                 &(RD_SESSION, "SessionId"),
@@ -513,7 +537,7 @@ impl Session {
             .map_err(|e| MutterError::Bus(e.to_string()))?;
         conn.call_method(
             Some(RD_NAME),
-            session.rd_path.as_str(),
+            rd_path.as_str(),
             Some(RD_SESSION),
             "Start",
             &(),
@@ -533,7 +557,7 @@ impl Session {
             .map(|((screen, path), node)| StreamInfo { screen, path, node })
             .collect();
         tracing::info!(
-            session = session.rd_path.as_str(),
+            session = rd_path.as_str(),
             streams = ?session.streams.iter().map(|s| (&s.screen.connector, s.node)).collect::<Vec<_>>(),
             "GNOME remote desktop session started"
         );
@@ -571,33 +595,120 @@ impl Session {
         self.streams.iter().map(|s| s.screen.clone()).collect()
     }
 
-    /// Calls a method of the remote desktop session.
-    fn notify<B>(&self, method: &str, body: &B) -> Result<(), zbus::Error>
+    /// Calls a method of Mutter's remote desktop session.
+    fn notify<B>(&self, rd_path: &OwnedObjectPath, method: &str, body: &B) -> Result<(), SendError>
     where
         B: zbus::export::serde::Serialize + zbus::zvariant::DynamicType,
     {
         self.conn
             .call_method(
                 Some(RD_NAME),
-                self.rd_path.as_str(),
+                rd_path.as_str(),
                 Some(RD_SESSION),
                 method,
                 body,
             )
             .map(drop)
+            .map_err(|e| {
+                if session_gone(&e) {
+                    SendError::Gone
+                } else {
+                    SendError::Refused(e.to_string())
+                }
+            })
     }
+
+    /// Sends one input event into the session.
+    fn input(&self, call: &Call) -> Result<(), SendError> {
+        let rd = match &self.api {
+            Api::Mutter { rd_path } => rd_path,
+            Api::Portal(p) => return p.input(&self.streams, call),
+        };
+        match *call {
+            Call::Motion(x, y) => match locate(&self.streams, x, y) {
+                Some((s, px, py)) => self.notify(
+                    rd,
+                    "NotifyPointerMotionAbsolute",
+                    &(s.path.as_str(), px, py),
+                ),
+                None => Ok(()),
+            },
+            Call::Button(b, pressed) => self.notify(rd, "NotifyPointerButton", &(b, pressed)),
+            Call::Axis(axis, steps) => self.notify(rd, "NotifyPointerAxisDiscrete", &(axis, steps)),
+            Call::Keycode(k, pressed) => self.notify(rd, "NotifyKeyboardKeycode", &(k, pressed)),
+            Call::Keysym(k, pressed) => self.notify(rd, "NotifyKeyboardKeysym", &(k, pressed)),
+        }
+    }
+
+    fn name(&self) -> String {
+        match &self.api {
+            Api::Mutter { rd_path } => rd_path.to_string(),
+            Api::Portal(p) => p.name(),
+        }
+    }
+}
+
+/// Why an input event did not reach the desktop.
+#[derive(Debug)]
+pub(crate) enum SendError {
+    /// The session is gone (closed by the desktop).
+    Gone,
+    Refused(String),
 }
 
 impl Drop for Session {
     fn drop(&mut self) {
         if !self.closed.load(Ordering::Relaxed) {
-            // Also ends the linked screen cast session. Fails harmlessly if Mutter closed it.
-            let _ = self.notify("Stop", &());
+            // Also ends the linked screen cast session. Fails harmlessly if it was closed.
+            match &self.api {
+                Api::Mutter { rd_path } => {
+                    let _ = self.notify(rd_path, "Stop", &());
+                }
+                Api::Portal(p) => p.close(),
+            }
         }
-        tracing::info!(
-            session = self.rd_path.as_str(),
-            "GNOME remote desktop session stopped"
-        );
+        tracing::info!(session = self.name(), "remote desktop session stopped");
+    }
+}
+
+/// A session's `Closed` signal: an item, or the end of the stream (the bus connection ended).
+pub(crate) type ClosedSignal = std::pin::Pin<Box<dyn futures_util::Stream<Item = ()> + Send>>;
+
+/// Subscribes to the `Closed` signal of a session object.
+pub(crate) fn closed_signal(
+    conn: &Connection,
+    sender: &str,
+    path: &str,
+    interface: &str,
+) -> Result<ClosedSignal, zbus::Error> {
+    let rule = zbus::MatchRule::builder()
+        .msg_type(zbus::message::Type::Signal)
+        .sender(sender)?
+        .path(path)?
+        .interface(interface)?
+        .member("Closed")?
+        .build();
+    let stream = zbus::blocking::MessageIterator::for_match_rule(rule, conn, Some(4))?.into_inner();
+    Ok(Box::pin(stream.map(|_| ())))
+}
+
+impl Session {
+    /// A started portal session (see [`crate::portal`]).
+    pub(crate) fn portal(
+        conn: &Connection,
+        started: crate::portal::Started,
+        streams: Vec<StreamInfo>,
+        closed_signal: ClosedSignal,
+        generation: u64,
+    ) -> Session {
+        Session {
+            conn: conn.clone(),
+            api: Api::Portal(started),
+            streams,
+            generation,
+            closed_signal: Mutex::new(closed_signal),
+            closed: AtomicBool::new(false),
+        }
     }
 }
 
@@ -638,11 +749,18 @@ fn wait_for_nodes(
     })
 }
 
-/// What the screen and the input of one agent session share: the live Mutter session, replaced
-/// when Mutter closed it for a monitor change.
-struct Link {
+/// What the screen and the input of one agent session share: the live session, replaced when
+/// Mutter closed it for a monitor change.
+pub(crate) struct Link {
     bus: Option<String>,
+    flavor: Flavor,
     state: Mutex<LinkState>,
+}
+
+/// Which interfaces a [`Link`] starts its sessions with.
+pub(crate) enum Flavor {
+    Mutter,
+    Portal(crate::portal::Options),
 }
 
 #[derive(Default)]
@@ -659,11 +777,26 @@ impl Link {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    pub(crate) fn new(bus: Option<String>, flavor: Flavor) -> Link {
+        Link {
+            bus,
+            flavor,
+            state: Mutex::new(LinkState::default()),
+        }
+    }
+
+    fn ended(&self) -> MutterError {
+        match self.flavor {
+            Flavor::Mutter => MutterError::Ended,
+            Flavor::Portal(_) => MutterError::PortalEnded,
+        }
+    }
+
     /// The live session, started if there is none.
     fn session(&self) -> Result<Arc<Session>, MutterError> {
         let mut st = self.lock();
         if st.ended {
-            return Err(MutterError::Ended);
+            return Err(self.ended());
         }
         if let Some(s) = &st.session {
             return Ok(s.clone());
@@ -681,7 +814,10 @@ impl Link {
             }
         };
         st.generation += 1;
-        let s = Arc::new(Session::start(&conn, st.generation)?);
+        let s = Arc::new(match &self.flavor {
+            Flavor::Mutter => Session::start(&conn, st.generation)?,
+            Flavor::Portal(o) => crate::portal::start(&conn, o, st.generation)?,
+        });
         st.session = Some(s.clone());
         Ok(s)
     }
@@ -692,12 +828,20 @@ impl Link {
     fn renew(&self, stale: u64) -> Result<Arc<Session>, MutterError> {
         let mut st = self.lock();
         if st.ended {
-            return Err(MutterError::Ended);
+            return Err(self.ended());
         }
         if let Some(s) = &st.session
             && s.generation != stale
         {
             return Ok(s.clone());
+        }
+        if matches!(self.flavor, Flavor::Portal(_)) {
+            // A portal session is the user's choice in the desktop's dialog: never started again
+            // behind their back (a new one would ask again anyway).
+            tracing::info!("the portal's screen sharing session was closed");
+            st.session = None;
+            st.ended = true;
+            return Err(MutterError::PortalEnded);
         }
         let old = st.session.take();
         let before = old.as_ref().map(|s| s.screens());
@@ -849,8 +993,11 @@ fn read_cursor(c: &MetaCursor) -> CursorMeta {
     if offset == 0 {
         return CursorMeta::Moved { x, y };
     }
+    // The block is exactly this large (a fixed size is asked for in `buffer_params`).
     let limit = cursor_meta_size(CURSOR_MAX, CURSOR_MAX);
-    if offset + std::mem::size_of::<spa::sys::spa_meta_bitmap>() > limit {
+    if offset + std::mem::size_of::<spa::sys::spa_meta_bitmap>() > limit
+        || !offset.is_multiple_of(std::mem::align_of::<spa::sys::spa_meta_bitmap>())
+    {
         return CursorMeta::Moved { x, y };
     }
     let Some(bm) = c.bitmap() else {
@@ -1195,13 +1342,12 @@ fn buffer_params() -> Result<Vec<Vec<u8>>, String> {
             spa::sys::SPA_META_Header,
             Value::Int(std::mem::size_of::<spa::sys::spa_meta_header>() as i32),
         )?,
+        // A fixed size, not a range: the metadata block is then exactly this large, which is
+        // what `read_cursor` checks the compositor's offsets against (PipeWire's API does not
+        // tell the consumer the negotiated size). Mutter and KWin offer ranges that include it.
         meta(
             spa::sys::SPA_META_Cursor,
-            range(
-                cursor_meta_size(CURSOR_MAX, CURSOR_MAX) as i32,
-                cursor_meta_size(1, 1) as i32,
-                cursor_meta_size(CURSOR_MAX, CURSOR_MAX) as i32,
-            ),
+            Value::Int(cursor_meta_size(CURSOR_MAX, CURSOR_MAX) as i32),
         )?,
         meta(
             spa::sys::SPA_META_VideoDamage,
@@ -1340,9 +1486,18 @@ fn on_process(stream: &pw::stream::Stream, local: &mut Local) {
     local.shared.cond.notify_all();
 }
 
+/// Where the PipeWire daemon is.
+enum Remote {
+    /// `$PIPEWIRE_REMOTE`, `$XDG_RUNTIME_DIR/pipewire-0`.
+    Default,
+    Socket(PathBuf),
+    /// A connection the portal opened (it shows only the session's streams).
+    Fd(OwnedFd),
+}
+
 /// The PipeWire thread: connects to the daemon, then consumes the node it is told to.
 fn pw_main(
-    remote: Option<PathBuf>,
+    remote: Remote,
     rx: pw::channel::Receiver<Cmd>,
     shared: Arc<Shared>,
     ready: std::sync::mpsc::Sender<Result<(), String>>,
@@ -1359,8 +1514,9 @@ fn pw_main(
         Ok(c) => c,
         Err(e) => return fail(format!("cannot start PipeWire: {e}")),
     };
-    let core = match &remote {
-        Some(path) => match UnixStream::connect(path) {
+    let core = match remote {
+        Remote::Fd(fd) => context.connect_fd_rc(fd, None),
+        Remote::Socket(path) => match UnixStream::connect(&path) {
             Ok(s) => context.connect_fd_rc(OwnedFd::from(s), None),
             Err(e) => {
                 return fail(format!(
@@ -1369,7 +1525,7 @@ fn pw_main(
                 ));
             }
         },
-        None => context.connect_rc(None),
+        Remote::Default => context.connect_rc(None),
     };
     let core = match core {
         Ok(c) => c,
@@ -1498,8 +1654,16 @@ pub struct MutterCapturer {
 }
 
 impl MutterCapturer {
-    fn open(link: Arc<Link>, pipewire: Option<PathBuf>) -> Result<MutterCapturer, MutterError> {
+    pub(crate) fn open(
+        link: Arc<Link>,
+        pipewire: Option<PathBuf>,
+    ) -> Result<MutterCapturer, MutterError> {
         let session = link.session()?;
+        let remote = match (&session.api, pipewire) {
+            (Api::Portal(p), _) => Remote::Fd(p.pipewire_remote()?),
+            (Api::Mutter { .. }, Some(path)) => Remote::Socket(path),
+            (Api::Mutter { .. }, None) => Remote::Default,
+        };
         let shared = Arc::new(Shared {
             pw: Mutex::new(Pw {
                 mirror: Frame::new(1, 1),
@@ -1518,7 +1682,7 @@ impl MutterCapturer {
         let thread_shared = shared.clone();
         let thread = std::thread::Builder::new()
             .name("tandem-pipewire".into())
-            .spawn(move || pw_main(pipewire, rx, thread_shared, ready_tx))
+            .spawn(move || pw_main(remote, rx, thread_shared, ready_tx))
             .map_err(|e| MutterError::PipeWire(format!("cannot start a thread: {e}")))?;
         let thread = PwThread {
             tx,
@@ -1778,7 +1942,7 @@ pub struct MutterInjector {
     buttons: Vec<i32>,
 }
 
-fn evdev_button(b: MouseButton) -> i32 {
+pub(crate) fn evdev_button(b: MouseButton) -> i32 {
     match b {
         MouseButton::Left => 0x110,
         MouseButton::Right => 0x111,
@@ -1801,7 +1965,7 @@ fn char_keysym(c: char) -> xkb::Keysym {
 
 /// The stream a layout position falls on and the position in it; off every monitor, the nearest
 /// monitor's nearest pixel.
-fn locate(streams: &[StreamInfo], x: i32, y: i32) -> Option<(&StreamInfo, f64, f64)> {
+pub(crate) fn locate(streams: &[StreamInfo], x: i32, y: i32) -> Option<(&StreamInfo, f64, f64)> {
     streams
         .iter()
         .filter(|s| s.screen.width > 0 && s.screen.height > 0)
@@ -1846,7 +2010,7 @@ fn bounds(streams: &[StreamInfo]) -> DisplayRect {
 }
 
 /// One call to the remote desktop session.
-enum Call {
+pub(crate) enum Call {
     Motion(i32, i32),
     Button(i32, bool),
     Axis(u32, i32),
@@ -1855,8 +2019,11 @@ enum Call {
 }
 
 impl MutterInjector {
-    fn open(link: Arc<Link>) -> Result<MutterInjector, MutterError> {
+    pub(crate) fn open(link: Arc<Link>) -> Result<MutterInjector, MutterError> {
         let session = link.session()?;
+        if let Api::Portal(p) = &session.api {
+            p.check_input()?;
+        }
         Ok(MutterInjector {
             link,
             session,
@@ -1865,34 +2032,24 @@ impl MutterInjector {
         })
     }
 
-    fn send(session: &Session, call: &Call) -> Result<(), zbus::Error> {
-        match *call {
-            Call::Motion(x, y) => match locate(&session.streams, x, y) {
-                Some((s, px, py)) => {
-                    session.notify("NotifyPointerMotionAbsolute", &(s.path.as_str(), px, py))
-                }
-                None => Ok(()),
-            },
-            Call::Button(b, pressed) => session.notify("NotifyPointerButton", &(b, pressed)),
-            Call::Axis(axis, steps) => session.notify("NotifyPointerAxisDiscrete", &(axis, steps)),
-            Call::Keycode(k, pressed) => session.notify("NotifyKeyboardKeycode", &(k, pressed)),
-            Call::Keysym(k, pressed) => session.notify("NotifyKeyboardKeysym", &(k, pressed)),
-        }
-    }
-
     /// Sends `call`; once again on a new session if Mutter replaced it (a monitor change).
     fn call(&mut self, call: Call) -> Result<(), InjectError> {
         if self.session.is_closed() {
             self.session = self.link.renew(self.session.generation)?;
         }
-        match Self::send(&self.session, &call) {
-            Ok(()) => Ok(()),
-            Err(e) if session_gone(&e) && self.session.wait_closed(Duration::from_secs(1)) => {
-                self.session = self.link.renew(self.session.generation)?;
-                Self::send(&self.session, &call)
-                    .map_err(|e| InjectError::Inject(format!("GNOME refused the input: {e}")))
+        let refused = |e: SendError| match e {
+            SendError::Gone => InjectError::Inject("the remote desktop session is gone".into()),
+            SendError::Refused(e) => {
+                InjectError::Inject(format!("the desktop refused the input: {e}"))
             }
-            Err(e) => Err(InjectError::Inject(format!("GNOME refused the input: {e}"))),
+        };
+        match self.session.input(&call) {
+            Ok(()) => Ok(()),
+            Err(SendError::Gone) if self.session.wait_closed(Duration::from_secs(1)) => {
+                self.session = self.link.renew(self.session.generation)?;
+                self.session.input(&call).map_err(refused)
+            }
+            Err(e) => Err(refused(e)),
         }
     }
 }
@@ -1954,10 +2111,10 @@ impl Drop for MutterInjector {
         // Nothing stays pressed after the technician is gone (the session may live on for the
         // screen).
         for k in std::mem::take(&mut self.keys) {
-            let _ = Self::send(&self.session, &Call::Keycode(k, false));
+            let _ = self.session.input(&Call::Keycode(k, false));
         }
         for b in std::mem::take(&mut self.buttons) {
-            let _ = Self::send(&self.session, &Call::Button(b, false));
+            let _ = self.session.input(&Call::Button(b, false));
         }
     }
 }
