@@ -20,11 +20,12 @@ set -euo pipefail
 # GNOME: libpipewire-0.3-dev (the pipewire crate; its bindings are generated with the libclang
 # that clang, above, brings) to build the agent;
 # mutter (headless), pipewire, wireplumber, dbus and gdbus (libglib2.0-bin) for the GNOME
-# backend's tests.
+# backend's tests; xdg-desktop-portal and xdg-desktop-portal-gnome for the portal backend's.
 PACKAGES=(build-essential pkg-config nasm clang xvfb x11-xserver-utils libgl1 libegl1 libgl1-mesa-dri libxkbcommon-x11-0 libxcursor1 libxi6 libxrandr2
   iproute2 nftables tinyproxy nginx
   libxkbcommon-dev sway swaybg grim
-  libpipewire-0.3-dev mutter pipewire wireplumber dbus libglib2.0-bin)
+  libpipewire-0.3-dev mutter pipewire wireplumber dbus libglib2.0-bin
+  xdg-desktop-portal xdg-desktop-portal-gnome)
 
 missing=()
 for p in "${PACKAGES[@]}"; do

@@ -86,7 +86,8 @@ struct Cli {
     #[arg(long)]
     display: Option<String>,
     /// How the desktop is seen and controlled: `x11`, `wlroots` (sway and other wlroots
-    /// compositors) or `gnome` (Mutter). [default: chosen from the session
+    /// compositors), `gnome` (Mutter) or `portal` (xdg-desktop-portal: KDE Plasma and others; the
+    /// desktop shows its own sharing dialog). [default: chosen from the session
     /// ($WAYLAND_DISPLAY, $XDG_SESSION_TYPE, $XDG_CURRENT_DESKTOP, $DISPLAY)]
     #[arg(long, env = "TANDEM_BACKEND", value_parser = parse_backend)]
     backend: Option<Backend>,

@@ -36,10 +36,21 @@ pub fn mutter_available() -> bool {
     in_path("mutter")
 }
 
+/// xdg-desktop-portal's frontend and its GNOME backend, as Debian installs them.
+const PORTAL_FRONTEND: &str = "/usr/libexec/xdg-desktop-portal";
+const PORTAL_GNOME: &str = "/usr/libexec/xdg-desktop-portal-gnome";
+
+/// Whether Mutter, xdg-desktop-portal and xdg-desktop-portal-gnome are installed (Debian:
+/// `mutter xdg-desktop-portal xdg-desktop-portal-gnome`); portal tests skip themselves otherwise.
+pub fn portal_available() -> bool {
+    mutter_available() && Path::new(PORTAL_FRONTEND).exists() && Path::new(PORTAL_GNOME).exists()
+}
+
 /// A headless GNOME compositor with everything it needs for remote desktop sessions; every
 /// process is killed when dropped.
 pub struct Mutter {
-    /// In start order: dbus-daemon, pipewire, wireplumber, mutter.
+    /// In start order: dbus-daemon, pipewire, wireplumber, mutter (then the portal's two, if
+    /// started).
     children: Vec<(&'static str, Child)>,
     dir: tempfile::TempDir,
     bus_address: String,
@@ -108,8 +119,85 @@ impl Mutter {
         m
     }
 
+    /// Starts xdg-desktop-portal with its GNOME backend on this session (the portal a sandboxed
+    /// app or the agent's portal backend talks to): the backend first, then the frontend, each
+    /// with `--replace` so that ours answer (not ones D-Bus would activate), both with the
+    /// Wayland display (the backend shows its dialogs there). Returns once the portal offers
+    /// ScreenCast and RemoteDesktop.
+    ///
+    /// The dialogs are GTK windows on the virtual monitor; tests answer them by clicking through
+    /// Mutter's own remote desktop interface ([`Mutter::desktop`]), as a user would.
+    pub fn start_portal(&mut self) {
+        let gnome = self.spawn_with(
+            "xdg-desktop-portal-gnome",
+            Command::new(PORTAL_GNOME).args(["--verbose", "--replace"]),
+            &[("WAYLAND_DISPLAY", WAYLAND_DISPLAY)],
+        );
+        self.children.push(("xdg-desktop-portal-gnome", gnome));
+        // The frontend uses the GNOME backend only (not the GTK one, which D-Bus would start
+        // in vain for the interfaces GNOME's lacks).
+        let portals = self.dir.path().join("portals");
+        std::fs::create_dir_all(&portals).unwrap();
+        let def = Path::new("/usr/share/xdg-desktop-portal/portals/gnome.portal");
+        if let Ok(text) = std::fs::read_to_string(def) {
+            std::fs::write(portals.join("gnome.portal"), text).unwrap();
+        }
+        let portals = portals.display().to_string();
+        let address = self.bus_address.clone();
+        let owned = |name: &str| {
+            Command::new("gdbus")
+                .args([
+                    "call",
+                    "--address",
+                    &address,
+                    "--dest",
+                    "org.freedesktop.DBus",
+                ])
+                .args(["--object-path", "/org/freedesktop/DBus"])
+                .args(["--method", "org.freedesktop.DBus.NameHasOwner", name])
+                .stdin(Stdio::null())
+                .output()
+                .map(|o| String::from_utf8_lossy(&o.stdout).contains("true"))
+                .unwrap_or(false)
+        };
+        self.wait_for("the GNOME portal backend", |_| {
+            owned("org.freedesktop.impl.portal.desktop.gnome")
+        });
+        let frontend = self.spawn_with(
+            "xdg-desktop-portal",
+            Command::new(PORTAL_FRONTEND).args(["--verbose", "--replace"]),
+            &[
+                ("WAYLAND_DISPLAY", WAYLAND_DISPLAY),
+                ("XDG_DESKTOP_PORTAL_DIR", &portals),
+            ],
+        );
+        self.children.push(("xdg-desktop-portal", frontend));
+        self.wait_for("the portal's ScreenCast and RemoteDesktop", |m| {
+            owned("org.freedesktop.portal.Desktop")
+                && tandem_host::portal::available_on(Some(&m.bus_address))
+                    .is_ok_and(|i| i.remote_desktop.is_some())
+        });
+    }
+
+    /// Portal sessions (remote desktop and screen cast) created and closed so far, from the
+    /// frontend's log: `(created, closed)`.
+    pub fn portal_session_counts(&self) -> (usize, usize) {
+        let log = self.log("xdg-desktop-portal");
+        let count = |what: &str| {
+            log.lines()
+                .filter(|l| l.contains("session owned by") && l.ends_with(what))
+                .count()
+        };
+        (count(" created"), count(" closed"))
+    }
+
     /// Starts `program` in this session's environment, its output to `<dir>/<name>.log`.
     fn spawn(&self, name: &str, cmd: &mut Command) -> Child {
+        self.spawn_with(name, cmd, &[])
+    }
+
+    /// [`Self::spawn`] with `extra` variables.
+    fn spawn_with(&self, name: &str, cmd: &mut Command, extra: &[(&str, &str)]) -> Child {
         let log = std::fs::File::create(self.log_path(name)).unwrap();
         let d = self.dir.path();
         cmd.env_clear();
@@ -130,6 +218,7 @@ impl Mutter {
         .env("GSETTINGS_BACKEND", "memory")
         .env("XDG_SESSION_TYPE", "wayland")
         .env("XDG_CURRENT_DESKTOP", "GNOME")
+        .envs(extra.iter().copied())
         .stdin(Stdio::null())
         .stdout(log.try_clone().unwrap())
         .stderr(log)
@@ -171,7 +260,7 @@ impl Mutter {
     /// The last lines of every daemon's log, for failure messages.
     pub fn logs(&self) -> String {
         let mut out = String::new();
-        for name in ["dbus-daemon", "pipewire", "wireplumber", "mutter"] {
+        for (name, _) in &self.children {
             let text = std::fs::read_to_string(self.log_path(name)).unwrap_or_default();
             let lines: Vec<&str> = text.lines().collect();
             out.push_str(&format!("--- {name} (last 40 lines)\n"));

@@ -136,6 +136,8 @@ pub enum MutterError {
          view only)"
     )]
     NoRemoteInput,
+    #[error("the screen is shared view only: remote control was not asked of the desktop")]
+    ViewOnlyAsked,
     #[error(
         "screen sharing was stopped on the desktop (from its sharing indicator, or by the desktop \
          itself)"

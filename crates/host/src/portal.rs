@@ -220,6 +220,9 @@ enum Kind {
     },
     Cast {
         session: ashpd::desktop::Session<Screencast>,
+        /// Whether remote input was left out on purpose ([`PortalDesktop::control`]), not for
+        /// want of a RemoteDesktop portal.
+        view_only: bool,
     },
 }
 
@@ -247,7 +250,7 @@ impl Started {
                 CALL_TIMEOUT,
                 self.sc.open_pipe_wire_remote(session, Default::default()),
             ),
-            Kind::Cast { session } => within(
+            Kind::Cast { session, .. } => within(
                 CALL_TIMEOUT,
                 self.sc.open_pipe_wire_remote(session, Default::default()),
             ),
@@ -271,6 +274,9 @@ impl Started {
                 Ok(())
             }
             Kind::Remote { .. } => Err(MutterError::NoRemoteInput),
+            Kind::Cast {
+                view_only: true, ..
+            } => Err(MutterError::ViewOnlyAsked),
             Kind::Cast { .. } => Err(MutterError::PortalFailed {
                 what: "offer remote control",
                 reason: "this desktop's portal has no RemoteDesktop interface (view only)".into(),
@@ -353,7 +359,7 @@ impl Started {
     pub(crate) fn close(&self) {
         let r = match &self.kind {
             Kind::Remote { session, .. } => within(CALL_TIMEOUT, session.close()),
-            Kind::Cast { session } => within(CALL_TIMEOUT, session.close()),
+            Kind::Cast { session, .. } => within(CALL_TIMEOUT, session.close()),
         };
         if let Some(Err(e)) = r {
             tracing::debug!(error = %e, "closing the portal session");
@@ -501,7 +507,14 @@ pub(crate) fn start(
                 }
             };
             let closed = closed_of(conn, &session);
-            (Kind::Cast { session }, answer, closed)
+            (
+                Kind::Cast {
+                    session,
+                    view_only: !o.control,
+                },
+                answer,
+                closed,
+            )
         }
     };
     let started = Started {
