@@ -1,0 +1,332 @@
+#![allow(clippy::unwrap_used)]
+
+use super::*;
+
+const NOW: u64 = 1_800_000_000;
+
+struct Org {
+    key: KeyPair,
+    public: OrgPublic,
+}
+
+fn org(name: &str) -> Org {
+    let key = KeyPair::generate().unwrap();
+    let public = OrgPublic::new(name, key.public()).unwrap();
+    Org { key, public }
+}
+
+fn tech(org: &Org, perms: &str, validity: u64) -> (KeyPair, Certificate) {
+    let key = KeyPair::generate().unwrap();
+    let req = CertRequest::from_text(&CertRequest::new("alice", &key).unwrap().to_text()).unwrap();
+    let cert = Certificate::issue(
+        &org.key,
+        &org.public.name,
+        &req,
+        &Issue {
+            permissions: Permissions::parse(perms).unwrap(),
+            groups: vec!["servers".into()],
+            validity,
+        },
+        NOW,
+    )
+    .unwrap();
+    (key, Certificate::from_text(&cert.to_text()).unwrap())
+}
+
+fn proof_for(key: &KeyPair, cert: &Certificate) -> ([u8; 32], [u8; 32], Vec<u8>) {
+    let exporter = [7u8; 32];
+    let ch = challenge().unwrap();
+    let p = prove(key, cert, &exporter, &ch);
+    (exporter, ch, p)
+}
+
+#[test]
+fn a_certificate_and_its_proof_verify() {
+    let o = org("ACME IT");
+    let (key, cert) = tech(&o, "view,control", DEFAULT_VALIDITY);
+    let store = TrustStore::new(OrgPublic::from_text(&o.public.to_text()).unwrap(), None);
+    let (exp, ch, proof) = proof_for(&key, &cert);
+    let v = store.verify(&cert, &proof, &exp, &ch, NOW + 60).unwrap();
+    assert_eq!(v.technician, "alice");
+    assert_eq!(v.organisation, "ACME IT");
+    assert!(v.permissions.control && v.permissions.view && !v.permissions.unattended);
+    assert_eq!(v.groups, ["servers"]);
+    assert_eq!(v.not_after, NOW + DEFAULT_VALIDITY);
+}
+
+#[test]
+fn a_proof_is_bound_to_its_connection_challenge_and_certificate() {
+    let o = org("ACME IT");
+    let (key, cert) = tech(&o, "view", 3600);
+    let (_, other) = tech(&o, "view", 3600);
+    let store = TrustStore::new(o.public.clone(), None);
+    let (exp, ch, proof) = proof_for(&key, &cert);
+    // Another connection (exporter), another challenge: a captured proof is worthless.
+    assert_eq!(
+        store.verify(&cert, &proof, &[8u8; 32], &ch, NOW),
+        Err(Unverified::BadProof)
+    );
+    assert_eq!(
+        store.verify(&cert, &proof, &exp, &challenge().unwrap(), NOW),
+        Err(Unverified::BadProof)
+    );
+    // Someone else's certificate with this key's proof, and a proof by a key without the
+    // certificate.
+    assert_eq!(
+        store.verify(&other, &proof, &exp, &ch, NOW),
+        Err(Unverified::BadProof)
+    );
+    let stranger = KeyPair::generate().unwrap();
+    let p = prove(&stranger, &cert, &exp, &ch);
+    assert_eq!(
+        store.verify(&cert, &p, &exp, &ch, NOW),
+        Err(Unverified::BadProof)
+    );
+    assert_eq!(
+        store.verify(&cert, &proof[..63], &exp, &ch, NOW),
+        Err(Unverified::BadProof)
+    );
+}
+
+#[test]
+fn expired_early_wrong_organisation_forged_and_too_long_are_refused() {
+    let o = org("ACME IT");
+    let (key, cert) = tech(&o, "view", 3600);
+    let store = TrustStore::new(o.public.clone(), None);
+    let (exp, ch, proof) = proof_for(&key, &cert);
+    // Within the clock skew: still good; beyond it: expired, in minutes.
+    assert!(
+        store
+            .verify(&cert, &proof, &exp, &ch, NOW + 3600 + CLOCK_SKEW)
+            .is_ok()
+    );
+    assert_eq!(
+        store.verify(&cert, &proof, &exp, &ch, NOW + 3600 + 3600),
+        Err(Unverified::Expired(60))
+    );
+    assert_eq!(
+        store.verify(&cert, &proof, &exp, &ch, NOW - 3600),
+        Err(Unverified::NotYetValid)
+    );
+    // Another organisation's certificate, even under the same name.
+    let evil = org("ACME IT");
+    let (ekey, ecert) = tech(&evil, "all", 3600);
+    let (exp, ch, eproof) = proof_for(&ekey, &ecert);
+    assert_eq!(
+        store.verify(&ecert, &eproof, &exp, &ch, NOW),
+        Err(Unverified::WrongOrganisation("ACME IT".into()))
+    );
+    // A body altered after signing (the attacker sets our org key and more rights).
+    let mut body = ecert.read_unchecked().unwrap();
+    body.org_key = o.public.key;
+    let forged = Certificate {
+        body: encode(&body),
+        sig: ecert.sig.clone(),
+    };
+    let p = prove(&ekey, &forged, &exp, &ch);
+    assert_eq!(
+        store.verify(&forged, &p, &exp, &ch, NOW),
+        Err(Unverified::Forged)
+    );
+    // Validity beyond 7 days is refused at issue and at check.
+    let req = CertRequest::new("bob", &key).unwrap();
+    let long = Issue {
+        permissions: Permissions::parse("view").unwrap(),
+        groups: vec![],
+        validity: MAX_VALIDITY + 1,
+    };
+    assert_eq!(
+        Certificate::issue(&o.key, "ACME IT", &req, &long, NOW).err(),
+        Some(OrgError::TooLong)
+    );
+    let mut body = cert.read_unchecked().unwrap();
+    body.not_after = body.not_before + 30 * 24 * 3600;
+    let bytes = encode(&body);
+    let long = Certificate {
+        sig: o.key.sign(DOMAIN_CERT, &bytes),
+        body: bytes,
+    };
+    let p = prove(&key, &long, &exp, &ch);
+    assert_eq!(
+        store.verify(&long, &p, &exp, &ch, NOW),
+        Err(Unverified::TooLong)
+    );
+}
+
+#[test]
+fn revocation_by_id_or_key_newest_wins_and_no_rollback() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("state/revocation");
+    let o = org("ACME IT");
+    let (key, cert) = tech(&o, "view", 3600);
+    let (key2, cert2) = tech(&o, "view", 3600);
+    let mut store = TrustStore::new(o.public.clone(), Some(file.clone()));
+    let (exp, ch, proof) = proof_for(&key, &cert);
+    let (exp2, ch2, proof2) = proof_for(&key2, &cert2);
+    assert!(store.verify(&cert, &proof, &exp, &ch, NOW).is_ok());
+
+    let list = |serial, certs: Vec<[u8; 16]>, keys: Vec<PublicKey>| {
+        RevocationList::sign(
+            &o.key,
+            &RevocationBody {
+                org_key: o.public.key,
+                serial,
+                issued_at: NOW,
+                certs,
+                keys,
+            },
+        )
+        .unwrap()
+    };
+    let id = cert.read_unchecked().unwrap().id;
+    let l1 = list(1, vec![id], vec![]);
+    assert_eq!(
+        store
+            .offer(&RevocationList::from_text(&l1.to_text()).unwrap())
+            .unwrap(),
+        Offered::Newer(1)
+    );
+    assert_eq!(
+        store.verify(&cert, &proof, &exp, &ch, NOW),
+        Err(Unverified::Revoked)
+    );
+    assert!(store.verify(&cert2, &proof2, &exp2, &ch2, NOW).is_ok());
+    // Revoking the key revokes its every certificate.
+    let l2 = list(2, vec![id], vec![key2.public()]);
+    assert_eq!(store.offer(&l2).unwrap(), Offered::Newer(2));
+    assert_eq!(
+        store.verify(&cert2, &proof2, &exp2, &ch2, NOW),
+        Err(Unverified::Revoked)
+    );
+    // An older list (serial 1, or an empty serial-0 list) does not undo it.
+    let empty = list(0, vec![], vec![]);
+    assert_eq!(
+        store.offer(&l1).unwrap(),
+        Offered::Older {
+            offered: 1,
+            kept: 2
+        }
+    );
+    assert_eq!(
+        store.offer(&empty).unwrap(),
+        Offered::Older {
+            offered: 0,
+            kept: 2
+        }
+    );
+    assert_eq!(store.offer(&l2).unwrap(), Offered::Same);
+    assert_eq!(
+        store.verify(&cert2, &proof2, &exp2, &ch2, NOW),
+        Err(Unverified::Revoked)
+    );
+    // A list not signed by the organisation is refused (a relay cannot make one).
+    let evil = org("ACME IT");
+    let forged = RevocationList::sign(
+        &evil.key,
+        &RevocationBody {
+            org_key: o.public.key,
+            serial: 99,
+            issued_at: NOW,
+            certs: vec![],
+            keys: vec![],
+        },
+    )
+    .unwrap();
+    assert_eq!(
+        store.offer(&forged),
+        Err(OrgError::BadSignature("revocation list"))
+    );
+    // After a restart the kept list still holds (file, owner only).
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(&file).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    let store = TrustStore::new(o.public.clone(), Some(file));
+    assert_eq!(store.revocation_serial(), 2);
+    assert_eq!(
+        store.verify(&cert, &proof, &exp, &ch, NOW),
+        Err(Unverified::Revoked)
+    );
+}
+
+#[test]
+fn a_sealed_key_opens_only_with_its_passphrase() {
+    let k = KeyPair::generate().unwrap();
+    let sealed = k.seal_with("correct horse", 1024, 1).unwrap();
+    assert!(sealed.starts_with("tandem-sealedkey-v1:"));
+    let back = KeyPair::unseal(&sealed, "correct horse").unwrap();
+    assert_eq!(back.public(), k.public());
+    assert_eq!(
+        KeyPair::unseal(&sealed, "wrong").err(),
+        Some(OrgError::WrongPassphrase)
+    );
+    // The default cost works too.
+    let sealed = k.seal("pw").unwrap();
+    assert_eq!(KeyPair::unseal(&sealed, "pw").unwrap().public(), k.public());
+    // The clear form round-trips; the secret never shows in Debug.
+    let text = k.to_text();
+    assert_eq!(KeyPair::from_text(&text).unwrap().public(), k.public());
+    assert!(!format!("{k:?}").contains(&text[20..40]));
+}
+
+#[test]
+fn damaged_text_is_refused_in_words() {
+    let o = org("ACME IT");
+    let (_, cert) = tech(&o, "view", 3600);
+    let text = cert.to_text();
+    assert_eq!(
+        Certificate::from_text(&text[..text.len() - 10]).err(),
+        Some(OrgError::Malformed("certificate"))
+    );
+    assert_eq!(
+        Certificate::from_text(&o.public.to_text()).err(),
+        Some(OrgError::NotA("cert"))
+    );
+    assert_eq!(
+        OrgPublic::from_text("hello").err(),
+        Some(OrgError::NotA("org"))
+    );
+    assert_eq!(
+        Certificate::from_text(&format!("tandem-cert-v1:{}", "A".repeat(MAX_TEXT))).err(),
+        Some(OrgError::Malformed("certificate"))
+    );
+    // A request whose signature does not match its key.
+    let a = KeyPair::generate().unwrap();
+    let b = KeyPair::generate().unwrap();
+    let mut r = CertRequest::new("alice", &a).unwrap();
+    r.key = b.public();
+    assert_eq!(
+        CertRequest::from_text(&r.to_text()).err(),
+        Some(OrgError::BadSignature("certificate request"))
+    );
+    assert!(OrgPublic::new("bad\nname", a.public()).is_err());
+    assert!(OrgPublic::new(&"x".repeat(MAX_NAME + 1), a.public()).is_err());
+}
+
+#[test]
+fn permissions_parse_and_imply_view() {
+    let p = Permissions::parse("control").unwrap();
+    assert!(p.view && p.control && !p.files);
+    assert_eq!(p.to_string(), "view, control");
+    assert!(Permissions::parse("root").is_err());
+    assert_eq!(Permissions::parse("").unwrap().to_string(), "nothing");
+    let o = org("ACME IT");
+    let (key, cert) = tech(&o, "", 3600);
+    let store = TrustStore::new(o.public.clone(), None);
+    let (exp, ch, proof) = proof_for(&key, &cert);
+    assert_eq!(
+        store.verify(&cert, &proof, &exp, &ch, NOW),
+        Err(Unverified::NoView)
+    );
+}
+
+#[test]
+fn fingerprints_are_stable_and_distinct() {
+    let a = KeyPair::generate().unwrap().public();
+    let b = KeyPair::generate().unwrap().public();
+    assert_eq!(a.fingerprint(), a.fingerprint());
+    assert_ne!(a.fingerprint(), b.fingerprint());
+    assert!(a.fingerprint().starts_with("SHA256:"));
+    assert_eq!(a.fingerprint().len(), "SHA256:".len() + 8 * 4 + 7);
+}
