@@ -19,7 +19,7 @@ use tandem_host::desktop::{self, Backend, SessionEnv};
 use tandem_host::{Desktop, HostCmd, HostEvent, UserCommands};
 use tandem_session::names;
 use tandem_session::{
-    AgentEvent, AgentHost, CodeChange, Consent, Session, SessionConfig, SessionEvent,
+    AgentEvent, AgentHost, CodeChange, Consent, OrgCheck, Session, SessionConfig, SessionEvent,
 };
 use tokio::sync::mpsc;
 
@@ -105,8 +105,56 @@ struct Cli {
     /// it, a windowed agent keeps the code off stdout, which desktop sessions often log.
     #[arg(long)]
     print_code: bool,
+    /// The organisation key this computer trusts (`tandem-org-v1:…`, from `tandem-org init`; or
+    /// `org = "…"` in tandem-agent.toml): technicians with a valid certificate of that
+    /// organisation are shown as verified, and their certificate's permissions limit what they may
+    /// do.
+    #[arg(long, env = "TANDEM_ORG")]
+    org: Option<String>,
+    /// Refuse technicians the organisation's key does not verify (before anything is asked or
+    /// shared). Needs --org.
+    #[arg(long)]
+    require_verified: bool,
+    /// A revocation list of the organisation (`tandem-org revoke`) to take if it is newer than the
+    /// one kept in the state directory.
+    #[arg(long)]
+    revocation: Option<PathBuf>,
     #[command(flatten)]
     network: tandem_client::NetworkArgs,
+}
+
+/// The organisation trust from flags and the configuration file: the pinned key, the kept
+/// revocation list (in the state directory), and a shipped list if newer.
+fn org_trust(
+    cli: &Cli,
+    file: &FileConfig,
+) -> Result<Option<tandem_session::tandem_org::TrustStore>> {
+    use tandem_session::tandem_org::{OrgPublic, RevocationList, TrustStore, read_text};
+    let Some(text) = cli.org.as_deref().or(file.org.as_deref()) else {
+        if cli.require_verified || file.require_verified == Some(true) {
+            anyhow::bail!(
+                "--require-verified needs the organisation key: add org = \"tandem-org-v1:…\" to \
+                 tandem-agent.toml (the administrator prints it with `tandem-org init` or \
+                 `tandem-org show`)"
+            );
+        }
+        return Ok(None);
+    };
+    let org = OrgPublic::from_text(text).context(
+        "invalid organisation key (org = … in tandem-agent.toml or --org); copy the whole \
+         `tandem-org-v1:…` line again from `tandem-org show`",
+    )?;
+    let kept = state_dir(cli).map(|d| d.join("revocation"));
+    let mut store = TrustStore::new(org, kept);
+    if let Some(path) = cli.revocation.as_ref().or(file.revocation.as_ref()) {
+        let list = read_text(path)
+            .and_then(|t| RevocationList::from_text(&t))
+            .with_context(|| format!("invalid revocation list {}", path.display()))?;
+        store
+            .offer(&list)
+            .with_context(|| format!("revocation list {}", path.display()))?;
+    }
+    Ok(Some(store))
 }
 
 fn parse_backend(s: &str) -> Result<Backend, String> {
@@ -125,6 +173,44 @@ enum ConsentMode {
     Allow,
 }
 
+/// What the consent prompt says about who the technician is.
+#[derive(Clone, Debug)]
+pub struct Trust {
+    pub verified: bool,
+    /// "verified by ACME IT's key (SHA256:…)" or "not verified by an organisation key: …".
+    pub text: String,
+}
+
+impl Trust {
+    fn of(
+        peer: &tandem_session::PeerInfo,
+        org: Option<&tandem_session::tandem_org::OrgPublic>,
+    ) -> Trust {
+        match (&peer.org, org) {
+            (OrgCheck::Verified(v), Some(o)) => Trust {
+                verified: true,
+                text: format!(
+                    "verified by {}'s key ({}); may {}",
+                    names::printable(&o.name, 48),
+                    o.fingerprint(),
+                    v.permissions
+                ),
+            },
+            (OrgCheck::NotVerified(why), _) => Trust {
+                verified: false,
+                text: format!(
+                    "NOT verified by an organisation key ({why}): name and organisation as the \
+                     relay reports them"
+                ),
+            },
+            _ => Trust {
+                verified: false,
+                text: "name and organisation as the relay reports them".into(),
+            },
+        }
+    }
+}
+
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct FileConfig {
@@ -139,6 +225,12 @@ struct FileConfig {
     proxy: Option<String>,
     /// The desktop backend (see --backend).
     backend: Option<String>,
+    /// The organisation key this computer trusts (see --org).
+    org: Option<String>,
+    /// Refuse technicians the organisation's key does not verify (see --require-verified).
+    require_verified: Option<bool>,
+    /// A revocation list shipped with the agent (see --revocation).
+    revocation: Option<PathBuf>,
 }
 
 impl FileConfig {
@@ -188,6 +280,8 @@ pub enum Phase {
         organisation: String,
         /// The names were escaped: they could imitate another name.
         suspicious: bool,
+        /// Whether the organisation's key vouches for them, in words.
+        trust: Trust,
         deadline: Instant,
     },
     InSession {
@@ -368,12 +462,12 @@ async fn run(
         None => FileConfig::default(),
     };
     let file_network = file.network();
-    let relay = cli.relay.clone().or(file.relay).context(
+    let relay = cli.relay.clone().or(file.relay.clone()).context(
         "no relay given: use --relay HOST:PORT (or a tandem-agent.toml next to the program)",
     )?;
     lock(&shared.state).relay = relay.clone();
-    let pin = cli.relay_pin.clone().or(file.relay_pin);
-    let ca = cli.relay_ca.clone().or(file.relay_ca);
+    let pin = cli.relay_pin.clone().or(file.relay_pin.clone());
+    let ca = cli.relay_ca.clone().or(file.relay_ca.clone());
     let trust = RelayTrust::from_options(pin.as_deref(), ca.as_deref())?;
     let windowed = shared.ctx.is_some();
     let consent = cli.consent.unwrap_or(if windowed {
@@ -424,6 +518,24 @@ async fn run(
         .context(
             "invalid network settings (--transport, --relay-tcp, --relay-websocket, --proxy)",
         )?;
+    let trust = org_trust(&cli, &file)?;
+    let org_public = trust.as_ref().map(|t| t.org().clone());
+    if let Some(o) = &org_public {
+        report.event(
+            "organisation",
+            &format!(
+                "Technicians of {} are verified by its key {}{}.",
+                names::printable(&o.name, 48),
+                o.fingerprint(),
+                if cli.require_verified || file.require_verified == Some(true) {
+                    "; others are refused"
+                } else {
+                    ""
+                }
+            ),
+            serde_json::json!({"organisation": o.name, "fingerprint": o.fingerprint()}),
+        );
+    }
     let cfg = SessionConfig {
         software: opts.software.clone(),
         capabilities: vec!["control/v1".into(), "cursor/v1".into()],
@@ -431,6 +543,8 @@ async fn run(
             first_pause: Duration::from_secs(cli.wrong_code_pause),
             ..Default::default()
         },
+        trust: trust.map(|t| Arc::new(std::sync::Mutex::new(t))),
+        require_verified: cli.require_verified || file.require_verified == Some(true),
         ..SessionConfig::default()
     };
     let mut host = AgentHost::connect(opts, cfg)
@@ -569,7 +683,15 @@ async fn run(
                 report.phase(Phase::Locked { note });
             }
             AgentEvent::Session(s) => {
-                let quit = run_session(*s, consent, desktop.clone(), &report, &mut cmds).await?;
+                let quit = run_session(
+                    *s,
+                    consent,
+                    desktop.clone(),
+                    org_public.as_ref(),
+                    &report,
+                    &mut cmds,
+                )
+                .await?;
                 if cli.once || quit {
                     return Ok(());
                 }
@@ -625,13 +747,18 @@ it look like another name; they are shown as \\u{…} codes. Deny unless you are
 
 /// The file that keeps the count of failed attempts across restarts.
 fn tries_file(cli: &Cli) -> Option<PathBuf> {
-    let dir = cli.state_dir.clone().or_else(|| {
+    Some(state_dir(cli)?.join("agent-tries.toml"))
+}
+
+/// Where the agent keeps what must survive a restart (failed attempts, the newest revocation
+/// list).
+fn state_dir(cli: &Cli) -> Option<PathBuf> {
+    cli.state_dir.clone().or_else(|| {
         std::env::var_os("XDG_STATE_HOME")
             .map(PathBuf::from)
             .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/state")))
             .map(|d| d.join("tandem"))
-    })?;
-    Some(dir.join("agent-tries.toml"))
+    })
 }
 
 fn load_tries(path: &Path) -> Option<tandem_session::Remembered> {
@@ -668,6 +795,7 @@ async fn ask_consent(
     technician: &str,
     organisation: &str,
     suspicious: bool,
+    trust: &Trust,
     report: &Report,
     cmds: &mut mpsc::UnboundedReceiver<UiCmd>,
 ) -> Consent {
@@ -679,7 +807,7 @@ async fn ask_consent(
         ConsentMode::Tty => {
             println!();
             println!("  {technician} of {organisation} wants to connect to this computer.");
-            println!("  (name and organisation as the relay reports them)");
+            println!("  ({})", trust.text);
             if suspicious {
                 println!("  WARNING: {SUSPICIOUS_NAME}");
             }
@@ -693,12 +821,13 @@ async fn ask_consent(
     report.event(
         "consent_asked",
         &format!("Asking you whether {technician} of {organisation} may connect…"),
-        serde_json::json!({"technician": technician, "organisation": organisation, "suspicious_name": suspicious}),
+        serde_json::json!({"technician": technician, "organisation": organisation, "suspicious_name": suspicious, "verified": trust.verified, "trust": trust.text}),
     );
     report.phase(Phase::Consent {
         technician: technician.to_owned(),
         organisation: organisation.to_owned(),
         suspicious,
+        trust: trust.clone(),
         deadline: Instant::now() + wait,
     });
     let answer = async {
@@ -753,14 +882,45 @@ async fn run_session(
     s: Session,
     mode: ConsentMode,
     desktop: Option<Arc<dyn Desktop>>,
+    org: Option<&tandem_session::tandem_org::OrgPublic>,
     report: &Report,
     cmds: &mut mpsc::UnboundedReceiver<UiCmd>,
 ) -> Result<bool> {
-    // The names as the relay reports them, escaped where they could imitate another name.
+    // The names as the certificate or the relay gives them, escaped where they could imitate
+    // another name.
     let shown = names::ShownPeer::of(s.peer());
     let suspicious = shown.suspicious();
     let (technician, organisation) = (shown.technician.text, shown.organisation.text);
-    let decision = ask_consent(mode, &technician, &organisation, suspicious, report, cmds).await;
+    let trust = Trust::of(s.peer(), org);
+    report.event(
+        "technician",
+        &format!("{technician} of {organisation}: {}.", trust.text),
+        serde_json::json!({"technician": technician, "organisation": organisation,
+            "verified": trust.verified, "trust": trust.text}),
+    );
+    let mut decision = ask_consent(
+        mode,
+        &technician,
+        &organisation,
+        suspicious,
+        &trust,
+        report,
+        cmds,
+    )
+    .await;
+    // A verified certificate's permissions bound what the user can grant (enforced here, on the
+    // agent, like the user's own choice).
+    if let OrgCheck::Verified(v) = &s.peer().org
+        && decision == Consent::AllowControl
+        && !v.permissions.control
+    {
+        decision = Consent::ViewOnly;
+        report.event(
+            "certificate_limits",
+            "The technician's certificate allows viewing only: control is not possible.",
+            serde_json::json!({"permissions": v.permissions.to_string()}),
+        );
+    }
     let may = |v: bool| {
         if v {
             "view your screen"

@@ -122,12 +122,17 @@ impl eframe::App for AgentWindow {
                     technician,
                     organisation,
                     suspicious,
+                    trust,
                     deadline,
                 } => {
                     ui.heading(format!(
                         "{technician} of {organisation} wants to connect to this computer."
                     ));
-                    ui.small("(name and organisation as the relay reports them)");
+                    if trust.verified {
+                        ui.colored_label(egui::Color32::from_rgb(0x1a, 0x7f, 0x37), &trust.text);
+                    } else {
+                        ui.small(&trust.text);
+                    }
                     if *suspicious {
                         ui.colored_label(LIVE, format!("Warning: {}", crate::SUSPICIOUS_NAME));
                     }

@@ -158,9 +158,11 @@ impl ConsoleApp {
                         "joined",
                         &format!(
                             "Joined; waiting for the user to answer. The user sees you as \
-                             {shown_as}, as the relay reports it."
+                             {shown_as}, as the relay reports it; {}.",
+                            crate::org_note(session.peer()).1
                         ),
                         serde_json::json!({"setup_ms": started.elapsed().as_secs_f64() * 1e3,
+                            "verified": crate::org_note(session.peer()).0,
                             "shown_as": {"technician": session.peer().technician, "organisation": session.peer().organisation}}),
                     );
                     let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();

@@ -110,8 +110,78 @@ struct Cli {
     /// End the session after this many decoded frames.
     #[arg(long)]
     frames: Option<u64>,
+    /// Your technician certificate (`tandem-org issue`), proven to agents that trust your
+    /// organisation's key. [default: technician.cert beside the configuration file, if present]
+    #[arg(long, env = "TANDEM_CERT")]
+    cert: Option<PathBuf>,
+    /// Your technician key (`tandem-org request`); it never leaves this computer.
+    /// [default: technician.key beside the configuration file]
+    #[arg(long, env = "TANDEM_CERT_KEY")]
+    cert_key: Option<PathBuf>,
+    /// Your organisation's newest revocation list, passed on to agents (they keep it if newer).
+    /// [default: revocation beside the configuration file, if present]
+    #[arg(long)]
+    revocation: Option<PathBuf>,
     #[command(flatten)]
     network: tandem_client::NetworkArgs,
+}
+
+/// The technician's certificate, key and revocation list, from flags or beside the configuration
+/// file; none if there is no certificate.
+fn credentials(cli: &Cli) -> Result<Option<Arc<tandem_session::tandem_org::Credentials>>> {
+    use tandem_session::tandem_org::{
+        Certificate, Credentials, KeyPair, RevocationList, read_text,
+    };
+    let beside = |name: &str| config_path(cli).and_then(|p| p.parent().map(|d| d.join(name)));
+    let cert_path = match &cli.cert {
+        Some(p) => p.clone(),
+        None => match beside("technician.cert").filter(|p| p.exists()) {
+            Some(p) => p,
+            None => return Ok(None),
+        },
+    };
+    let cert = read_text(&cert_path)
+        .and_then(|t| Certificate::from_text(&t))
+        .with_context(|| format!("invalid technician certificate {}", cert_path.display()))?;
+    let key_path = cli
+        .cert_key
+        .clone()
+        .or_else(|| beside("technician.key"))
+        .context("no technician key: use --cert-key (the file `tandem-org request` wrote)")?;
+    let key = read_text(&key_path)
+        .and_then(|t| KeyPair::from_text(&t))
+        .with_context(|| format!("invalid technician key {}", key_path.display()))?;
+    let revocation = match cli
+        .revocation
+        .clone()
+        .or_else(|| beside("revocation").filter(|p| p.exists()))
+    {
+        Some(p) => Some(
+            read_text(&p)
+                .and_then(|t| RevocationList::from_text(&t))
+                .with_context(|| format!("invalid revocation list {}", p.display()))?,
+        ),
+        None => None,
+    };
+    let creds = Credentials::new(cert, key, revocation).with_context(|| {
+        format!(
+            "{} and {} do not belong together",
+            cert_path.display(),
+            key_path.display()
+        )
+    })?;
+    Ok(Some(Arc::new(creds)))
+}
+
+/// What the agent made of this technician's certificate, in words.
+pub fn org_note(peer: &tandem_session::PeerInfo) -> (bool, String) {
+    match &peer.org {
+        tandem_session::OrgCheck::NotVerified(why) => (
+            false,
+            format!("not verified by an organisation key ({why})"),
+        ),
+        _ => (true, "verified by your organisation's key".into()),
+    }
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -209,6 +279,7 @@ fn classify(e: &SessionError) -> u8 {
             },
         },
         SessionError::Ended(_) => exit::ENDED_BY_AGENT,
+        SessionError::Unverified(_) => exit::NOT_AUTHORISED,
         _ => exit::OTHER,
     }
 }
@@ -221,6 +292,7 @@ pub struct Login {
     remember: bool,
     timeout: Duration,
     network: tandem_client::NetworkArgs,
+    credentials: Option<Arc<tandem_session::tandem_org::Credentials>>,
 }
 
 /// Connects, authenticates and joins the session the code names; remembers the login on success.
@@ -253,6 +325,7 @@ pub async fn join(form: &gui::Form, login: &Login) -> Result<Session, Failure> {
     let cfg = SessionConfig {
         software: opts.software.clone(),
         capabilities: vec!["control/v1".into(), "cursor/v1".into()],
+        credentials: login.credentials.clone(),
         ..SessionConfig::default()
     };
     let session = tandem_session::join(&opts, &Secret::new(token.clone()), &code, &cfg)
@@ -391,6 +464,7 @@ fn setup(cli: &Cli) -> Result<(gui::Form, Login), Failure> {
         remember: !cli.no_remember,
         timeout: Duration::from_secs(cli.connect_timeout.max(1)),
         network: cli.network.clone(),
+        credentials: credentials(cli).map_err(Failure::usage)?,
     };
     Ok((form, login))
 }
@@ -417,10 +491,12 @@ async fn run_headless(
         "joined",
         &format!(
             "Joined; waiting for the user to answer ({setup_ms:.0} ms to a confirmed session). \
-             The user sees you as {}, as the relay reports it.",
+             The user sees you as {}, as the relay reports it; {}.",
             tandem_session::names::ShownPeer::of(session.peer()),
+            org_note(session.peer()).1,
         ),
         serde_json::json!({"setup_ms": setup_ms, "agent": session.peer().software,
+            "verified": org_note(session.peer()).0, "org": org_note(session.peer()).1,
             "shown_as": {"technician": session.peer().technician, "organisation": session.peer().organisation}}),
     );
     headless::run(

@@ -27,6 +27,8 @@ pub use limit::{GuessLimit, Remembered};
 pub use pake::RelayIdentity;
 pub use session::{
     Consent, ControlMsg, InputItem, InputSender, MAX_CURSOR_SIDE, MAX_MONITORS, MonitorInfo,
-    PeerInfo, Role, Session, SessionEnd, SessionError, SessionEvent, VideoFrame, VideoSender,
+    OrgCheck, PeerInfo, Role, Session, SessionEnd, SessionError, SessionEvent, VideoFrame,
+    VideoSender,
 };
 pub use setup::{AgentEvent, AgentHost, CodeChange, CodeRequester, SessionConfig, join, join_on};
+pub use tandem_org;

@@ -44,7 +44,15 @@ pub struct ShownPeer {
 }
 
 impl ShownPeer {
+    /// The names to show: the certificate's when the agent verified the technician by the
+    /// organisation's key, otherwise the relay's.
     pub fn of(peer: &crate::PeerInfo) -> ShownPeer {
+        if let crate::OrgCheck::Verified(v) = &peer.org {
+            return ShownPeer {
+                technician: shown(&v.technician),
+                organisation: shown(&v.organisation),
+            };
+        }
         ShownPeer {
             technician: shown(peer.technician.as_deref().unwrap_or_default()),
             organisation: shown(peer.organisation.as_deref().unwrap_or_default()),

@@ -33,7 +33,8 @@ use tokio::sync::{Mutex, Semaphore, mpsc};
 use tokio::task::AbortHandle;
 
 /// Version of the session protocol (sent in `Hello`).
-pub const SESSION_VERSION: u16 = 1;
+/// (2: the organisation proof follows `Hello`.)
+pub const SESSION_VERSION: u16 = 2;
 /// Largest video frame accepted (and sent). OpenH264's output buffer for a picture is the size of
 /// the raw I420 picture (`COMPRESS_RATIO_THR` 1.0), 3.1 MB at 1920×1080, so no 1080p frame is
 /// larger; real screen frames are far smaller (keyframes of full-screen text: 100–400 KB).
@@ -124,6 +125,23 @@ pub enum ControlMsg {
     },
     /// Console → agent: share another monitor.
     SelectMonitor { index: u8 },
+    /// Agent → console, right after `Hello`: prove your organisation certificate on this
+    /// connection ([`tandem_org::CHALLENGE_LEN`] random bytes).
+    OrgChallenge { nonce: Vec<u8> },
+    /// Console → agent, the answer: the technician's certificate and proof (none without a
+    /// certificate), and the newest revocation list the console carries.
+    OrgCredentials {
+        cert: Option<String>,
+        proof: Vec<u8>,
+        revocation: Option<String>,
+    },
+    /// Agent → console: what the agent made of it. `refused`: the agent's policy requires a
+    /// verified technician, and the session ends.
+    OrgVerdict {
+        verified: bool,
+        refused: bool,
+        detail: String,
+    },
 }
 
 /// Largest cursor image side sent (larger cursors are sent downscaled).
@@ -157,6 +175,24 @@ impl Validate for ControlMsg {
                 Ok(())
             }
             ControlMsg::End { reason } => reason.validate(),
+            ControlMsg::OrgChallenge { nonce } if nonce.len() != tandem_org::CHALLENGE_LEN => {
+                Err(ProtoError::Invalid("organisation challenge"))
+            }
+            ControlMsg::OrgCredentials {
+                cert,
+                proof,
+                revocation,
+            } if cert.as_ref().is_some_and(|c| c.len() > 4096)
+                || proof.len() > 128
+                || revocation
+                    .as_ref()
+                    .is_some_and(|r| r.len() > tandem_org::MAX_TEXT) =>
+            {
+                Err(ProtoError::Invalid("organisation credentials"))
+            }
+            ControlMsg::OrgVerdict { detail, .. } if detail.len() > 512 => {
+                Err(ProtoError::TextTooLong)
+            }
             ControlMsg::CursorShape {
                 width,
                 height,
@@ -208,6 +244,28 @@ pub struct PeerInfo {
     /// reported it). Show them through [`crate::names`].
     pub technician: Option<String>,
     pub organisation: Option<String>,
+    /// The organisation check ([`OrgCheck`]): on the agent, what it verified itself; on the
+    /// console, what the agent said.
+    pub org: OrgCheck,
+}
+
+/// Whether the technician is verified by the organisation's key (DESIGN.md "Trust: the
+/// organisation's key").
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum OrgCheck {
+    /// Agent: the technician's certificate chains to the pinned organisation key, is valid now,
+    /// not revoked, and its key signed this connection's challenge.
+    Verified(tandem_org::Verified),
+    /// Console: the agent verified this side's certificate.
+    AcceptedByAgent,
+    /// Not verified, and why (in words).
+    NotVerified(String),
+}
+
+impl OrgCheck {
+    pub fn is_verified(&self) -> bool {
+        !matches!(self, OrgCheck::NotVerified(_))
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -220,6 +278,9 @@ pub enum SessionError {
     WrongCode,
     #[error("the session could not be set up: {0}")]
     Setup(String),
+    /// The agent accepts only technicians verified by its organisation's key.
+    #[error("this computer accepts only technicians verified by its organisation's key: {0}")]
+    Unverified(String),
     #[error("the session protocol was broken by the other side: {0}")]
     Protocol(String),
     #[error("the session has ended: {0}")]

@@ -10,7 +10,7 @@ use crate::pake::{
     RelayIdentity,
 };
 use crate::session::{
-    ControlMsg, LinkCtx, Parts, PeerInfo, Role, SESSION_VERSION, Session, SessionError,
+    ControlMsg, LinkCtx, OrgCheck, Parts, PeerInfo, Role, SESSION_VERSION, Session, SessionError,
     close_reason, end_of, read_frame, write_frame,
 };
 use quinn::{Connection, VarInt};
@@ -41,6 +41,13 @@ pub struct SessionConfig {
     pub resume_grace: Duration,
     /// Agent: how many failed handshakes it allows, and the pauses between them.
     pub guesses: GuessLimit,
+    /// Agent: the organisation it trusts and the newest revocation list seen (none: every
+    /// technician is "not verified").
+    pub trust: Option<Arc<std::sync::Mutex<tandem_org::TrustStore>>>,
+    /// Agent: refuse technicians the organisation's key does not verify.
+    pub require_verified: bool,
+    /// Console: the technician's certificate and key, proven to the agent in every session.
+    pub credentials: Option<Arc<tandem_org::Credentials>>,
 }
 
 impl Default for SessionConfig {
@@ -52,6 +59,9 @@ impl Default for SessionConfig {
             setup_timeout: Duration::from_secs(15),
             resume_grace: Duration::from_secs(15),
             guesses: GuessLimit::default(),
+            trust: None,
+            require_verified: false,
+            credentials: None,
         }
     }
 }
@@ -340,7 +350,7 @@ impl AgentHost {
         })
         .await;
         let failure = match outcome {
-            Ok(Ok((conn, Ok((ctl_send, ctl_recv, hello, key))))) => {
+            Ok(Ok((conn, Ok((ctl_send, ctl_recv, hello, key, org))))) => {
                 let PeerHello {
                     software,
                     capabilities,
@@ -360,6 +370,7 @@ impl AgentHost {
                         version,
                         technician: Some(technician),
                         organisation: Some(organisation),
+                        org,
                     },
                     carrier,
                     endpoint,
@@ -438,7 +449,13 @@ struct PeerHello {
     version: u16,
 }
 
-type Confirmed = (quinn::SendStream, quinn::RecvStream, PeerHello, [u8; 32]);
+type Confirmed = (
+    quinn::SendStream,
+    quinn::RecvStream,
+    PeerHello,
+    [u8; 32],
+    OrgCheck,
+);
 
 fn binding(conn: &Connection, slot: &Slot, who: &RelayIdentity) -> Result<Binding, SessionError> {
     let mut exporter = [0u8; EXPORTER_LEN];
@@ -461,6 +478,12 @@ fn hello(cfg: &SessionConfig) -> ControlMsg {
 
 async fn read_hello(recv: &mut quinn::RecvStream) -> Result<PeerHello, SessionError> {
     match read_frame::<ControlMsg>(recv).await? {
+        ControlMsg::Hello { version, .. } if version != SESSION_VERSION => {
+            Err(SessionError::Protocol(format!(
+                "the other side speaks session protocol {version}, this side {SESSION_VERSION}: \
+                 update Tandem on both sides"
+            )))
+        }
         ControlMsg::Hello {
             version,
             software,
@@ -532,8 +555,116 @@ async fn agent_pake(
     let confirm: PakeMsg = read_frame(&mut recv).await?;
     let key = pake.finish(confirm).map_err(pake_err)?.session_key;
     write_frame(&mut send, &hello(cfg)).await?;
+    let nonce = tandem_org::challenge().map_err(|e| SessionError::Setup(e.to_string()))?;
+    write_frame(
+        &mut send,
+        &ControlMsg::OrgChallenge {
+            nonce: nonce.to_vec(),
+        },
+    )
+    .await?;
     let peer = read_hello(&mut recv).await?;
-    Ok((send, recv, peer, key))
+    let org = match read_frame::<ControlMsg>(&mut recv).await? {
+        ControlMsg::OrgCredentials {
+            cert,
+            proof,
+            revocation,
+        } => {
+            let exporter = org_exporter(conn, code.slot())?;
+            check_org(cfg, &exporter, &nonce, cert, &proof, revocation)
+        }
+        other => {
+            return Err(SessionError::Protocol(format!(
+                "expected the organisation credentials, got {other:?}"
+            )));
+        }
+    };
+    let (verified, detail) = match &org {
+        OrgCheck::Verified(v) => (
+            true,
+            format!(
+                "{} of {} (certificate {})",
+                v.technician, v.organisation, v.cert_id
+            ),
+        ),
+        OrgCheck::NotVerified(why) => (false, why.clone()),
+        OrgCheck::AcceptedByAgent => (true, String::new()),
+    };
+    let refused = !verified && cfg.require_verified;
+    write_frame(
+        &mut send,
+        &ControlMsg::OrgVerdict {
+            verified,
+            refused,
+            detail: detail.clone(),
+        },
+    )
+    .await?;
+    if refused {
+        // Bounded: the console reads the verdict, then the connection closes with the reason.
+        let _ = tokio::time::timeout(Duration::from_millis(500), send.stopped()).await;
+        return Err(SessionError::Unverified(detail));
+    }
+    Ok((send, recv, peer, key, org))
+}
+
+/// The exporter the organisation proof is bound to (distinct from the PAKE's).
+fn org_exporter(conn: &Connection, slot: &Slot) -> Result<[u8; 32], SessionError> {
+    let mut exporter = [0u8; 32];
+    conn.export_keying_material(
+        &mut exporter,
+        tandem_org::EXPORTER_LABEL,
+        slot.as_str().as_bytes(),
+    )
+    .map_err(|_| SessionError::Setup("TLS exporter unavailable".into()))?;
+    Ok(exporter)
+}
+
+/// The agent's check of the console's credentials: pure but for the trust store's file.
+fn check_org(
+    cfg: &SessionConfig,
+    exporter: &[u8; 32],
+    nonce: &[u8; tandem_org::CHALLENGE_LEN],
+    cert: Option<String>,
+    proof: &[u8],
+    revocation: Option<String>,
+) -> OrgCheck {
+    let Some(trust) = &cfg.trust else {
+        return OrgCheck::NotVerified(tandem_org::Unverified::NoTrust.to_string());
+    };
+    let mut trust = trust.lock().unwrap_or_else(|e| e.into_inner());
+    // A newer revocation list from the console is taken first (it can only revoke more).
+    if let Some(text) = revocation {
+        match tandem_org::RevocationList::from_text(&text).and_then(|l| trust.offer(&l)) {
+            Ok(tandem_org::Offered::Newer(serial)) => {
+                tracing::info!(serial, "a newer revocation list came with the technician")
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "ignoring the technician's revocation list"),
+        }
+    }
+    let Some(cert) = cert else {
+        return OrgCheck::NotVerified(tandem_org::Unverified::NoCertificate.to_string());
+    };
+    let result = tandem_org::Certificate::from_text(&cert)
+        .map_err(|e| tandem_org::Unverified::Malformed(e.to_string()))
+        .and_then(|c| trust.verify(&c, proof, exporter, nonce, tandem_org::unix_now()));
+    match result {
+        Ok(v) => {
+            tracing::info!(
+                technician = %v.technician,
+                certificate = %v.cert_id,
+                key = %v.key,
+                permissions = %v.permissions,
+                "technician verified by the organisation's key"
+            );
+            OrgCheck::Verified(v)
+        }
+        Err(why) => {
+            tracing::warn!(reason = %why, "technician not verified");
+            OrgCheck::NotVerified(why.to_string())
+        }
+    }
 }
 
 /// The console side: joins the agent holding `code`, authenticated as `token`.
@@ -607,7 +738,7 @@ pub async fn join_on(
         }
     };
     match r {
-        Ok((ctl_send, ctl_recv, hello, key)) => Ok(Session::start(Parts {
+        Ok((ctl_send, ctl_recv, hello, key, org)) => Ok(Session::start(Parts {
             role: Role::Console,
             conn,
             ctl_send,
@@ -618,6 +749,7 @@ pub async fn join_on(
                 version: hello.version,
                 technician: Some(who.technician.clone()),
                 organisation: Some(who.organisation.clone()),
+                org,
             },
             carrier,
             endpoint,
@@ -678,5 +810,47 @@ async fn console_pake(
     write_frame(&mut send, &confirm).await?;
     write_frame(&mut send, &hello(cfg)).await?;
     let peer = read_hello(&mut recv).await?;
-    Ok((send, recv, peer, confirmed.session_key))
+    let nonce: [u8; tandem_org::CHALLENGE_LEN] = match read_frame::<ControlMsg>(&mut recv).await? {
+        ControlMsg::OrgChallenge { nonce } => nonce
+            .try_into()
+            .map_err(|_| SessionError::Protocol("bad organisation challenge".into()))?,
+        other => {
+            return Err(SessionError::Protocol(format!(
+                "expected the organisation challenge, got {other:?}"
+            )));
+        }
+    };
+    let creds = match &cfg.credentials {
+        Some(c) => {
+            let exporter = org_exporter(conn, code.slot())?;
+            ControlMsg::OrgCredentials {
+                cert: Some(c.cert.to_text()),
+                proof: tandem_org::prove(&c.key, &c.cert, &exporter, &nonce),
+                revocation: c.revocation.as_ref().map(|r| r.to_text()),
+            }
+        }
+        None => ControlMsg::OrgCredentials {
+            cert: None,
+            proof: Vec::new(),
+            revocation: None,
+        },
+    };
+    write_frame(&mut send, &creds).await?;
+    let org = match read_frame::<ControlMsg>(&mut recv).await? {
+        ControlMsg::OrgVerdict {
+            refused: true,
+            detail,
+            ..
+        } => {
+            return Err(SessionError::Unverified(detail));
+        }
+        ControlMsg::OrgVerdict { verified: true, .. } => OrgCheck::AcceptedByAgent,
+        ControlMsg::OrgVerdict { detail, .. } => OrgCheck::NotVerified(detail),
+        other => {
+            return Err(SessionError::Protocol(format!(
+                "expected the organisation verdict, got {other:?}"
+            )));
+        }
+    };
+    Ok((send, recv, peer, confirmed.session_key, org))
 }

@@ -1,0 +1,523 @@
+//! Organisation keys with the real programs: `tandem-org` makes the organisation key, a
+//! technician's key and request, and signs certificates and revocation lists; `tandem-agent` pins
+//! the organisation and verifies the console's certificate itself, inside the end-to-end session.
+//! The relay in these tests is a real one that knows nothing of the organisation key: what it
+//! says about the technician never makes the agent say "verified".
+#![allow(clippy::unwrap_used)]
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+use tandem_tests::{RelayProcess, binary, relay_admin, token_from_output};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+const T: Duration = Duration::from_secs(30);
+const PASS: &str = "correct horse battery staple";
+
+/// Runs `tandem-org` with `args`; its stdout. Panics (with stderr) on failure.
+fn org(args: &[&str]) -> String {
+    let out = std::process::Command::new(binary("tandem-org"))
+        .args(args)
+        .env("TANDEM_ORG_PASSPHRASE", PASS)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "tandem-org {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// An organisation made with `tandem-org init`: its key file and the agents' `org = ` value.
+struct Org {
+    key: PathBuf,
+    line: String,
+    fingerprint: String,
+}
+
+fn make_org(dir: &Path, name: &str) -> Org {
+    let key = dir.join(format!("{}.key", name.replace(' ', "_")));
+    let out = org(&["init", "--name", name, "--key", key.to_str().unwrap()]);
+    let line = out
+        .lines()
+        .find_map(|l| l.strip_prefix("org = \""))
+        .and_then(|l| l.strip_suffix('"'))
+        .unwrap_or_else(|| panic!("no org line in {out}"))
+        .to_string();
+    let fingerprint = out
+        .lines()
+        .find_map(|l| l.strip_prefix("fingerprint:"))
+        .unwrap()
+        .trim()
+        .to_string();
+    Org {
+        key,
+        line,
+        fingerprint,
+    }
+}
+
+/// A technician's key and a certificate from `org` with `permissions`: (cert, key) files.
+fn technician(dir: &Path, org_: &Org, name: &str, permissions: &str) -> (PathBuf, PathBuf) {
+    let key = dir.join(format!("{name}.key"));
+    let req = dir.join(format!("{name}.req"));
+    let cert = dir.join(format!("{name}.cert"));
+    org(&[
+        "request",
+        "--name",
+        name,
+        "--key",
+        key.to_str().unwrap(),
+        "--out",
+        req.to_str().unwrap(),
+    ]);
+    org(&[
+        "issue",
+        "--key",
+        org_.key.to_str().unwrap(),
+        "--request",
+        req.to_str().unwrap(),
+        "--permissions",
+        permissions,
+        "--validity",
+        "2h",
+        "--out",
+        cert.to_str().unwrap(),
+    ]);
+    (cert, key)
+}
+
+struct Agent {
+    _child: Child,
+    lines: tokio::io::Lines<BufReader<tokio::process::ChildStdout>>,
+    state: tempfile::TempDir,
+}
+
+impl Agent {
+    async fn start(relay: &RelayProcess, extra: &[&str]) -> Agent {
+        Self::start_in(relay, extra, tempfile::tempdir().unwrap()).await
+    }
+
+    async fn start_in(relay: &RelayProcess, extra: &[&str], state: tempfile::TempDir) -> Agent {
+        let mut cmd = Command::new(binary("tandem-agent"));
+        for v in [
+            "DISPLAY",
+            "WAYLAND_DISPLAY",
+            "XDG_SESSION_TYPE",
+            "XDG_CURRENT_DESKTOP",
+            "TANDEM_ORG",
+        ] {
+            cmd.env_remove(v);
+        }
+        cmd.env("TANDEM_WRONG_CODE_PAUSE", "1")
+            .env("TANDEM_AGENT_STATE_DIR", state.path())
+            .args([
+                "--relay",
+                &relay.addr,
+                "--relay-pin",
+                &relay.pin.to_string(),
+            ])
+            .args(["--consent", "allow", "--json", "--headless"])
+            .args(extra)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true);
+        let mut child = cmd.spawn().unwrap();
+        let lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        Agent {
+            _child: child,
+            lines,
+            state,
+        }
+    }
+
+    async fn next(&mut self, kind: &str) -> serde_json::Value {
+        tokio::time::timeout(T, async {
+            loop {
+                let line = self.lines.next_line().await.unwrap().expect("agent exited");
+                let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+                if v["event"] == kind {
+                    return v;
+                }
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("no {kind} event from the agent"))
+    }
+
+    async fn code(&mut self) -> String {
+        self.next("code").await["code"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    }
+}
+
+/// A headless console joining `code` for a second; (exit code, JSON events, stderr).
+async fn console(
+    relay: &RelayProcess,
+    token: &str,
+    code: &str,
+    extra: &[&str],
+) -> (i32, Vec<serde_json::Value>, String) {
+    let mut cmd = Command::new(binary("tandem-console"));
+    cmd.args([
+        "--relay",
+        &relay.addr,
+        "--relay-pin",
+        &relay.pin.to_string(),
+    ])
+    .args(["--token", token, "--code", code])
+    .args(["--headless", "--json", "--no-remember", "--seconds", "1"])
+    .args(extra)
+    .env_remove("TANDEM_CERT")
+    .env_remove("TANDEM_CERT_KEY")
+    .kill_on_drop(true);
+    let out = tokio::time::timeout(T, cmd.output())
+        .await
+        .unwrap()
+        .unwrap();
+    let events = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    (
+        out.status.code().unwrap_or(-1),
+        events,
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn event<'a>(ev: &'a [serde_json::Value], kind: &str) -> &'a serde_json::Value {
+    ev.iter()
+        .find(|e| e["event"] == kind)
+        .unwrap_or_else(|| panic!("no {kind} event in {ev:?}"))
+}
+
+async fn setup() -> (tempfile::TempDir, RelayProcess, String) {
+    tandem_tests::init_logs();
+    let dir = tempfile::tempdir().unwrap();
+    // The relay's own account says "alice of ACME IT": the relay's word, not the organisation's.
+    let out = relay_admin(
+        dir.path(),
+        &["technician", "add", "--org", "ACME IT", "--name", "alice"],
+    );
+    let token = token_from_output(&out).expose().to_string();
+    // Many sessions from one technician and address within a minute: above the relay's default
+    // join limits, which are not under test here.
+    let cfg = dir.path().join("relay.toml");
+    std::fs::write(
+        &cfg,
+        "[limits]\njoins_per_minute_per_technician = 100\njoins_per_minute_per_address = 100\n\
+         auths_per_minute_per_address = 100\n",
+    )
+    .unwrap();
+    let relay = RelayProcess::start_with(dir.path(), &["--config", cfg.to_str().unwrap()]).await;
+    (dir, relay, token)
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_certified_technician_is_verified_by_the_agent_and_others_are_not() {
+    let (dir, relay, token) = setup().await;
+    let acme = make_org(dir.path(), "ACME IT");
+    assert!(acme.line.starts_with("tandem-org-v1:"), "{}", acme.line);
+    // The key file is encrypted and private.
+    use std::os::unix::fs::PermissionsExt;
+    let key_text = std::fs::read_to_string(&acme.key).unwrap();
+    assert!(key_text.starts_with("tandem-sealedkey-v1:"));
+    assert_eq!(
+        std::fs::metadata(&acme.key).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    let (cert, key) = technician(dir.path(), &acme, "alice", "view,control");
+    let mut agent = Agent::start(&relay, &["--org", &acme.line]).await;
+    let o = agent.next("organisation").await;
+    assert_eq!(o["fingerprint"], acme.fingerprint.as_str());
+
+    // With the certificate: verified, on both sides, with the certificate's rights.
+    let code = agent.code().await;
+    let (rc, ev, err) = console(
+        &relay,
+        &token,
+        &code,
+        &["--cert", s(&cert), "--cert-key", s(&key)],
+    )
+    .await;
+    assert_eq!(rc, 0, "{ev:?}\n{err}");
+    assert_eq!(event(&ev, "joined")["verified"], true, "{ev:?}");
+    let asked = agent.next("technician").await;
+    assert_eq!(asked["verified"], true, "{asked}");
+    let trust = asked["trust"].as_str().unwrap();
+    assert!(
+        trust.contains("verified by ACME IT's key") && trust.contains(&acme.fingerprint),
+        "{trust}"
+    );
+    assert_eq!(event(&ev, "consent")["decision"], "AllowControl");
+
+    // Without a certificate: the relay's names, plainly "NOT verified".
+    let code = agent.code().await;
+    let (rc, ev, err) = console(&relay, &token, &code, &[]).await;
+    assert_eq!(rc, 0, "{ev:?}\n{err}");
+    assert_eq!(event(&ev, "joined")["verified"], false);
+    let asked = agent.next("technician").await;
+    assert_eq!(asked["verified"], false);
+    assert!(
+        asked["trust"].as_str().unwrap().contains("NOT verified")
+            && asked["trust"].as_str().unwrap().contains("no certificate"),
+        "{asked}"
+    );
+
+    // Another organisation that calls itself "ACME IT" too (what a stolen relay would mint):
+    // not verified, and said why.
+    let evil = make_org(&dir.path().join("evil").tap_mkdir(), "ACME IT");
+    let (ecert, ekey) = technician(&dir.path().join("evil"), &evil, "alice", "all");
+    let code = agent.code().await;
+    let (rc, ev, _) = console(
+        &relay,
+        &token,
+        &code,
+        &["--cert", s(&ecert), "--cert-key", s(&ekey)],
+    )
+    .await;
+    assert_eq!(rc, 0);
+    assert_eq!(event(&ev, "joined")["verified"], false);
+    let asked = agent.next("technician").await;
+    assert_eq!(asked["verified"], false);
+    assert!(
+        asked["trust"]
+            .as_str()
+            .unwrap()
+            .contains("another organisation"),
+        "{asked}"
+    );
+
+    // A certificate with someone else's key (a copied certificate without its key): refused by
+    // the console before it connects.
+    let (_, other_key) = technician(dir.path(), &acme, "bob", "view");
+    let code = agent.code().await;
+    let (rc, _, err) = console(
+        &relay,
+        &token,
+        &code,
+        &["--cert", s(&cert), "--cert-key", s(&other_key)],
+    )
+    .await;
+    assert_ne!(rc, 0);
+    assert!(err.contains("do not belong together"), "{err}");
+    relay.terminate().await;
+}
+
+trait TapMkdir {
+    fn tap_mkdir(self) -> Self;
+}
+impl TapMkdir for PathBuf {
+    fn tap_mkdir(self) -> Self {
+        std::fs::create_dir_all(&self).unwrap();
+        self
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn policy_permissions_and_revocation_are_enforced_by_the_agent() {
+    let (dir, relay, token) = setup().await;
+    let acme = make_org(dir.path(), "ACME IT");
+    let (cert, key) = technician(dir.path(), &acme, "alice", "view,control");
+    let (vcert, vkey) = technician(dir.path(), &acme, "victor", "view");
+
+    // --require-verified: a console without a certificate is refused before any prompt, and told.
+    let mut agent = Agent::start(&relay, &["--org", &acme.line, "--require-verified"]).await;
+    let code = agent.code().await;
+    let (rc, ev, err) = console(&relay, &token, &code, &[]).await;
+    assert_eq!(rc, 15, "{ev:?}\n{err}");
+    assert!(
+        err.contains("accepts only technicians verified by its organisation's key"),
+        "{err}"
+    );
+    // The agent asked nothing and shows a new code (after its pause).
+    let next = agent.code().await;
+    // A verified technician gets in.
+    let (rc, ev, err) = console(
+        &relay,
+        &token,
+        &next,
+        &["--cert", s(&cert), "--cert-key", s(&key)],
+    )
+    .await;
+    assert_eq!(rc, 0, "{ev:?}\n{err}");
+    assert_eq!(event(&ev, "consent")["decision"], "AllowControl");
+
+    // A view-only certificate: the user's "allow control" becomes view only, on the agent.
+    let code = agent.code().await;
+    let (rc, ev, err) = console(
+        &relay,
+        &token,
+        &code,
+        &["--cert", s(&vcert), "--cert-key", s(&vkey)],
+    )
+    .await;
+    assert_eq!(rc, 0, "{ev:?}\n{err}");
+    assert_eq!(event(&ev, "consent")["decision"], "ViewOnly", "{ev:?}");
+    agent.next("certificate_limits").await;
+    drop(agent);
+
+    // Revocation: the administrator revokes alice's certificate; an agent given the list refuses
+    // it, and keeps the list across a restart even when started without it.
+    let list = dir.path().join("revocation");
+    org(&[
+        "revoke",
+        "--key",
+        s(&acme.key),
+        "--list",
+        s(&list),
+        "--cert",
+        s(&cert),
+    ]);
+    let state = tempfile::tempdir().unwrap();
+    let mut agent = Agent::start_in(
+        &relay,
+        &["--org", &acme.line, "--revocation", s(&list)],
+        state,
+    )
+    .await;
+    let code = agent.code().await;
+    let (_, ev, _) = console(
+        &relay,
+        &token,
+        &code,
+        &["--cert", s(&cert), "--cert-key", s(&key)],
+    )
+    .await;
+    assert_eq!(event(&ev, "joined")["verified"], false);
+    let asked = agent.next("technician").await;
+    assert!(
+        asked["trust"].as_str().unwrap().contains("revoked"),
+        "{asked}"
+    );
+    let kept = agent.state.path().join("revocation");
+    assert!(kept.exists());
+    let state = std::mem::replace(&mut agent.state, tempfile::tempdir().unwrap());
+    drop(agent);
+    let mut agent = Agent::start_in(&relay, &["--org", &acme.line], state).await;
+    let code = agent.code().await;
+    let (_, ev, _) = console(
+        &relay,
+        &token,
+        &code,
+        &["--cert", s(&cert), "--cert-key", s(&key)],
+    )
+    .await;
+    assert_eq!(
+        event(&ev, "joined")["verified"],
+        false,
+        "revocation forgotten"
+    );
+
+    // A newer list (serial 2: victor's key revoked too) arrives with victor's own console, as
+    // the relay or any console may carry it: victor is refused now.
+    org(&[
+        "revoke",
+        "--key",
+        s(&acme.key),
+        "--list",
+        s(&list),
+        "--technician-of",
+        s(&vcert),
+    ]);
+    let code = agent.code().await;
+    let (_, ev, _) = console(
+        &relay,
+        &token,
+        &code,
+        &[
+            "--cert",
+            s(&vcert),
+            "--cert-key",
+            s(&vkey),
+            "--revocation",
+            s(&list),
+        ],
+    )
+    .await;
+    assert_eq!(event(&ev, "joined")["verified"], false);
+    let asked = agent.next("technician").await;
+    assert!(
+        asked["trust"].as_str().unwrap().contains("revoked"),
+        "{asked}"
+    );
+    // An older list (a fresh one: serial 1, nothing revoked) cannot roll the agent back.
+    let stale = dir.path().join("stale");
+    org(&["revoke", "--key", s(&acme.key), "--list", s(&stale)]);
+    let code = agent.code().await;
+    let (_, ev, _) = console(
+        &relay,
+        &token,
+        &code,
+        &[
+            "--cert",
+            s(&cert),
+            "--cert-key",
+            s(&key),
+            "--revocation",
+            s(&stale),
+        ],
+    )
+    .await;
+    assert_eq!(
+        event(&ev, "joined")["verified"],
+        false,
+        "a stale list rolled the agent back"
+    );
+    drop(agent);
+    relay.terminate().await;
+}
+
+#[test]
+fn the_org_tool_refuses_what_it_must() {
+    let dir = tempfile::tempdir().unwrap();
+    let acme = make_org(dir.path(), "ACME IT");
+    // A wrong passphrase opens nothing.
+    let out = std::process::Command::new(binary("tandem-org"))
+        .args(["show", "--key", s(&acme.key)])
+        .env("TANDEM_ORG_PASSPHRASE", "wrong")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("wrong passphrase"));
+    // The key is made once.
+    let out = std::process::Command::new(binary("tandem-org"))
+        .args(["init", "--name", "ACME IT", "--key", s(&acme.key)])
+        .env("TANDEM_ORG_PASSPHRASE", PASS)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    // More than 7 days is refused.
+    let key = dir.path().join("t.key");
+    let req = dir.path().join("t.req");
+    org(&["request", "--name", "t", "--key", s(&key), "--out", s(&req)]);
+    let out = std::process::Command::new(binary("tandem-org"))
+        .args([
+            "issue",
+            "--key",
+            s(&acme.key),
+            "--request",
+            s(&req),
+            "--validity",
+            "8d",
+        ])
+        .env("TANDEM_ORG_PASSPHRASE", PASS)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("at most 7 days"));
+    // Show prints the same line init did.
+    assert!(org(&["show", "--key", s(&acme.key)]).contains(&acme.line));
+}
