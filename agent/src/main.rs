@@ -199,8 +199,9 @@ impl Trust {
             (OrgCheck::NotVerified(why), _) => Trust {
                 verified: false,
                 text: format!(
-                    "NOT verified by an organisation key ({why}): name and organisation as the \
-                     relay reports them"
+                    "NOT verified by an organisation key ({}): name and organisation as the \
+                     relay reports them",
+                    names::printable(why, 160)
                 ),
             },
             _ => Trust {
@@ -908,6 +909,21 @@ async fn run_session(
         cmds,
     )
     .await;
+    // Answering for nobody (`--consent allow`) on a computer that trusts an organisation: control
+    // only for technicians its key verified; the others get view only.
+    if org.is_some()
+        && mode == ConsentMode::Allow
+        && decision == Consent::AllowControl
+        && !s.peer().org.is_verified()
+    {
+        decision = Consent::ViewOnly;
+        report.event(
+            "certificate_limits",
+            "The technician is not verified by the organisation's key: view only (nobody was \
+             asked).",
+            serde_json::json!({"permissions": "view"}),
+        );
+    }
     // A verified certificate's permissions bound what the user can grant (enforced here, on the
     // agent, like the user's own choice).
     if let OrgCheck::Verified(v) = &s.peer().org

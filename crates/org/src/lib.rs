@@ -836,14 +836,26 @@ impl TrustStore {
                 kept,
             });
         }
-        if self.revocation.is_some() && body.serial == kept {
+        if let Some((same, _)) = &self.revocation
+            && body.serial == kept
+        {
+            if same != list {
+                tracing::warn!(
+                    serial = kept,
+                    "two different revocation lists carry the same serial; keeping the first seen \
+                     (the administrator should sign a newer one)"
+                );
+            }
             return Ok(Offered::Same);
         }
         let serial = body.serial;
-        if let Some(f) = &self.file {
-            write_private(f, &list.to_text())?;
-        }
+        // In memory first: a list that cannot be saved still counts for this run.
         self.revocation = Some((list.clone(), body));
+        if let Some(f) = &self.file
+            && let Err(e) = write_private(f, &list.to_text())
+        {
+            tracing::warn!(error = %e, "cannot keep the newer revocation list for the next start");
+        }
         Ok(Offered::Newer(serial))
     }
 

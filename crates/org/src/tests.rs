@@ -330,3 +330,31 @@ fn fingerprints_are_stable_and_distinct() {
     assert!(a.fingerprint().starts_with("SHA256:"));
     assert_eq!(a.fingerprint().len(), "SHA256:".len() + 8 * 4 + 7);
 }
+
+#[test]
+fn a_newer_list_counts_even_when_it_cannot_be_saved() {
+    let o = org("ACME IT");
+    let (key, cert) = tech(&o, "view", 3600);
+    let (exp, ch, proof) = proof_for(&key, &cert);
+    // A file that cannot be written (its directory is a file).
+    let dir = tempfile::tempdir().unwrap();
+    let blocker = dir.path().join("not-a-dir");
+    std::fs::write(&blocker, "x").unwrap();
+    let mut store = TrustStore::new(o.public.clone(), Some(blocker.join("revocation")));
+    let list = RevocationList::sign(
+        &o.key,
+        &RevocationBody {
+            org_key: o.public.key,
+            serial: 3,
+            issued_at: NOW,
+            certs: vec![cert.read_unchecked().unwrap().id],
+            keys: vec![],
+        },
+    )
+    .unwrap();
+    assert_eq!(store.offer(&list).unwrap(), Offered::Newer(3));
+    assert_eq!(
+        store.verify(&cert, &proof, &exp, &ch, NOW),
+        Err(Unverified::Revoked)
+    );
+}
