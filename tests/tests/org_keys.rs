@@ -267,6 +267,8 @@ async fn a_certified_technician_is_verified_by_the_agent_and_others_are_not() {
     let (rc, ev, err) = console(&relay, &token, &code, &[]).await;
     assert_eq!(rc, 0, "{ev:?}\n{err}");
     assert_eq!(event(&ev, "joined")["verified"], false);
+    // Nobody answers on this agent (`--consent allow`): an unverified technician gets view only.
+    assert_eq!(event(&ev, "consent")["decision"], "ViewOnly", "{ev:?}");
     let asked = agent.next("technician").await;
     assert_eq!(asked["verified"], false);
     assert!(
@@ -476,6 +478,85 @@ async fn policy_permissions_and_revocation_are_enforced_by_the_agent() {
         "a stale list rolled the agent back"
     );
     drop(agent);
+    relay.terminate().await;
+}
+
+/// The administrator publishes the list on the relay (`<data_dir>/revocation`); every agent gets it
+/// when it registers, checks the organisation's signature and keeps it: a revoked technician who
+/// carries no list is refused all the same. A relay cannot undo it by sending an older list.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_relay_carries_revocation_lists_it_cannot_forge_or_roll_back() {
+    let (dir, relay, token) = setup().await;
+    let acme = make_org(dir.path(), "ACME IT");
+    let (cert, key) = technician(dir.path(), &acme, "alice", "view,control");
+    let work = dir.path().join("admin").tap_mkdir();
+    let list = work.join("revocation");
+    org(&[
+        "revoke",
+        "--key",
+        s(&acme.key),
+        "--list",
+        s(&list),
+        "--cert",
+        s(&cert),
+    ]);
+    let newer = std::fs::read_to_string(&list).unwrap();
+    // An older list (serial 1, nothing revoked) made before, from a copy.
+    let stale = work.join("stale");
+    org(&["revoke", "--key", s(&acme.key), "--list", s(&stale)]);
+    org(&[
+        "revoke",
+        "--key",
+        s(&acme.key),
+        "--list",
+        s(&list),
+        "--cert",
+        s(&cert),
+    ]);
+    let newer2 = std::fs::read_to_string(&list).unwrap();
+    assert_ne!(newer, newer2);
+    std::fs::write(dir.path().join("revocation"), &newer2).unwrap();
+
+    let mut agent = Agent::start(&relay, &["--org", &acme.line]).await;
+    let code = agent.code().await;
+    let (_, ev, _) = console(
+        &relay,
+        &token,
+        &code,
+        &["--cert", s(&cert), "--cert-key", s(&key)],
+    )
+    .await;
+    assert_eq!(event(&ev, "joined")["verified"], false, "{ev:?}");
+    let t = agent.next("technician").await;
+    assert!(t["trust"].as_str().unwrap().contains("revoked"), "{t}");
+    assert!(agent.state.path().join("revocation").exists());
+
+    // The relay now hands out the stale list (serial 1 < 2): the agent keeps its own.
+    std::fs::copy(&stale, dir.path().join("revocation")).unwrap();
+    let code = agent.code().await;
+    let (_, ev, _) = console(
+        &relay,
+        &token,
+        &code,
+        &["--cert", s(&cert), "--cert-key", s(&key)],
+    )
+    .await;
+    assert_eq!(
+        event(&ev, "joined")["verified"],
+        false,
+        "the relay rolled the list back"
+    );
+    // And garbage from the relay changes nothing either.
+    std::fs::write(dir.path().join("revocation"), "tandem-revocation-v1:AAAA").unwrap();
+    let code = agent.code().await;
+    let (_, ev, _) = console(
+        &relay,
+        &token,
+        &code,
+        &["--cert", s(&cert), "--cert-key", s(&key)],
+    )
+    .await;
+    assert_eq!(event(&ev, "joined")["verified"], false);
     relay.terminate().await;
 }
 

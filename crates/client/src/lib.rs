@@ -737,7 +737,9 @@ impl RelayLink {
                 | RelayMsg::PeerSuspended { .. }
                 | RelayMsg::PeerResumed
                 | RelayMsg::SessionEnded { .. }
-                | RelayMsg::SlotExpired { .. } => continue,
+                | RelayMsg::SlotExpired { .. }
+                // Sent again with every registration; only `recv` callers take it.
+                | RelayMsg::Revocation { .. } => continue,
                 other => return Ok(other),
             }
         }

@@ -184,7 +184,16 @@ pub enum RelayMsg {
     },
     /// The relay is shutting down; the connection will be closed.
     ShuttingDown,
+    /// Agent, after `Registered`: the organisation's newest revocation list the relay was given
+    /// (one line of text, `tandem-revocation-v1:…`). The relay only carries it: agents check the
+    /// organisation's signature and keep it only if its serial is newer than theirs.
+    Revocation {
+        list: String,
+    },
 }
+
+/// Longest revocation list a relay carries (its text form).
+pub const MAX_REVOCATION_TEXT: usize = 14 * 1024;
 
 /// Why a session ended. Relay-originated reasons and the ones a peer sends are in one type so that
 /// both ends and the audit log speak the same words.
@@ -388,6 +397,12 @@ impl Validate for RelayMsg {
             }
             RelayMsg::SessionEnded { reason } => reason.validate(),
             RelayMsg::Refused { message, .. } => text_ok(message, MAX_TEXT * 2),
+            RelayMsg::Revocation { list }
+                if list.len() > MAX_REVOCATION_TEXT
+                    || !list.bytes().all(|b| b.is_ascii_graphic()) =>
+            {
+                Err(ProtoError::Invalid("revocation list"))
+            }
             _ => Ok(()),
         }
     }
@@ -524,6 +539,9 @@ mod tests {
                 resume: ResumeToken([7; 16]),
             },
             RelayMsg::PeerSuspended { grace_secs: 15 },
+            RelayMsg::Revocation {
+                list: "tandem-revocation-v1:AAAA".into(),
+            },
             RelayMsg::Refused {
                 code: ErrorCode::SlotBusy,
                 message: ErrorCode::SlotBusy.explain().into(),

@@ -64,6 +64,30 @@ pub struct ServerConfig {
     pub drain_timeout: Duration,
 }
 
+/// The revocation list published in `<data_dir>/revocation` (`tandem-org revoke --list …`, copied
+/// there by the administrator), read at each registration so that a new one goes out at once.
+/// Ignored (with a warning) when it is not one line of printable text within the limit.
+async fn published_revocation(data_dir: &std::path::Path) -> Option<String> {
+    let path = data_dir.join("revocation");
+    let bytes = match tokio::fs::read(&path).await {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
+        Err(e) => {
+            tracing::warn!(file = %path.display(), error = %e, "cannot read the revocation list");
+            return None;
+        }
+    };
+    let text = String::from_utf8_lossy(&bytes).trim().to_string();
+    let ok = text.starts_with("tandem-revocation-v1:")
+        && text.len() <= tandem_proto::MAX_REVOCATION_TEXT
+        && text.bytes().all(|b| b.is_ascii_graphic());
+    if !ok {
+        tracing::warn!(file = %path.display(), "not a revocation list (from `tandem-org revoke`); not sent");
+        return None;
+    }
+    Some(text)
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
     #[error(transparent)]
@@ -167,6 +191,8 @@ struct Shared {
     /// Refused connections whose handshake runs so that the client hears why (at most
     /// [`MAX_EXPLAINING`]; beyond that they are refused before any TLS).
     explaining: std::sync::atomic::AtomicUsize,
+    /// Where a published revocation list is read from (`<data_dir>/revocation`).
+    data_dir: PathBuf,
     log_limit: Mutex<LogLimiter>,
     /// TCP links of the endpoint (who is behind a link address).
     hub: Arc<Hub>,
@@ -394,6 +420,7 @@ pub async fn start(
         limits: cfg.limits.clone(),
         draining: AtomicBool::new(false),
         explaining: std::sync::atomic::AtomicUsize::new(0),
+        data_dir: cfg.data_dir.clone(),
         log_limit: Mutex::new(LogLimiter::new(Instant::now())),
         hub: hub.clone(),
     });
@@ -895,6 +922,11 @@ async fn run_connection(
                     },
                 )
                 .await?;
+                // The organisation's revocation list, if the administrator published one: the
+                // relay carries it, agents check it (it cannot forge or roll one back).
+                if let Some(list) = published_revocation(&shared.data_dir).await {
+                    write_msg(&mut send, RelayMsg::Revocation { list }).await?;
+                }
             }
             ClientMsg::Authenticate { token, client } => {
                 lock(&shared.registry)
