@@ -178,29 +178,10 @@ fn read_token(path: &Path) -> Option<String> {
 /// Keeps `token` for the next session (readable by the user only). Failing to is not fatal:
 /// the next session then shows the dialog again.
 fn write_token(path: &Path, token: &str) {
-    use std::io::Write;
-    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
     if token.is_empty() || token.len() > MAX_TOKEN || !token.bytes().all(|b| b.is_ascii_graphic()) {
         return;
     }
-    let result = (|| -> std::io::Result<()> {
-        if let Some(dir) = path.parent() {
-            std::fs::DirBuilder::new()
-                .recursive(true)
-                .mode(0o700)
-                .create(dir)?;
-        }
-        let tmp = path.with_extension("tmp");
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)?;
-        f.write_all(token.as_bytes())?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)
-    })();
+    let result = tandem_certs::write_atomic(path, token.as_bytes(), true);
     match result {
         Ok(()) => tracing::info!(file = %path.display(), "portal restore token kept"),
         Err(e) => tracing::warn!(

@@ -897,24 +897,8 @@ impl TrustStore {
 
 /// Writes `text` to `path` readable by its owner only (atomically: a temporary file renamed).
 pub fn write_private(path: &Path, text: &str) -> Result<(), OrgError> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).map_err(|e| OrgError::io("cannot create", dir, e))?;
-    }
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)
-        .map_err(|e| OrgError::io("cannot write", &tmp, e))?;
-    f.write_all(text.as_bytes())
-        .and_then(|_| f.write_all(b"\n"))
-        .and_then(|_| f.sync_all())
-        .map_err(|e| OrgError::io("cannot write", &tmp, e))?;
-    std::fs::rename(&tmp, path).map_err(|e| OrgError::io("cannot write", path, e))
+    tandem_certs::write_atomic(path, format!("{text}\n").as_bytes(), true)
+        .map_err(|e| OrgError::io("cannot write", path, e))
 }
 
 /// Reads a one-line object file (at most [`MAX_TEXT`] bytes).

@@ -302,31 +302,7 @@ impl AgentHost {
             }
         }
     }
-}
 
-/// A revocation list the relay carried: kept if the organisation signed it and it is newer.
-fn offer_revocation(cfg: &SessionConfig, text: &str) {
-    let Some(trust) = &cfg.trust else {
-        return;
-    };
-    let mut trust = trust.lock().unwrap_or_else(|e| e.into_inner());
-    match tandem_org::RevocationList::from_text(text).and_then(|l| trust.offer(&l)) {
-        Ok(tandem_org::Offered::Newer(serial)) => {
-            tracing::info!(serial, "a newer revocation list came through the relay")
-        }
-        Ok(tandem_org::Offered::Older { offered, kept }) => {
-            tracing::warn!(
-                offered,
-                kept,
-                "the relay sent an older revocation list; ignored"
-            )
-        }
-        Ok(tandem_org::Offered::Same) => {}
-        Err(e) => tracing::warn!(error = %e, "ignoring the relay's revocation list"),
-    }
-}
-
-impl AgentHost {
     async fn handshake(
         &mut self,
         technician: String,
@@ -468,6 +444,28 @@ impl AgentHost {
                 self.new_code(why).await
             }
         }
+    }
+}
+
+/// A revocation list the relay carried: kept if the organisation signed it and it is newer.
+fn offer_revocation(cfg: &SessionConfig, text: &str) {
+    let Some(trust) = &cfg.trust else {
+        return;
+    };
+    let mut trust = trust.lock().unwrap_or_else(|e| e.into_inner());
+    match tandem_org::RevocationList::from_text(text).and_then(|l| trust.offer(&l)) {
+        Ok(tandem_org::Offered::Newer(serial)) => {
+            tracing::info!(serial, "a newer revocation list came through the relay")
+        }
+        Ok(tandem_org::Offered::Older { offered, kept }) => {
+            tracing::warn!(
+                offered,
+                kept,
+                "the relay sent an older revocation list; ignored"
+            )
+        }
+        Ok(tandem_org::Offered::Same) => {}
+        Err(e) => tracing::warn!(error = %e, "ignoring the relay's revocation list"),
     }
 }
 
