@@ -118,6 +118,12 @@ pub enum Unverified {
     BadProof,
     #[error("the certificate does not allow viewing this computer")]
     NoView,
+    #[error("the certificate does not allow unattended access")]
+    NoUnattended,
+    #[error("the certificate does not cover this computer's device group ({0})")]
+    WrongGroup(String),
+    #[error("this computer does not allow unattended access by this technician ({0})")]
+    NotAllowedHere(String),
 }
 
 /// What a technician may do, as the certificate says.
@@ -218,6 +224,9 @@ fn long_name(kind: &'static str) -> &'static str {
         "org" => "organisation key",
         "revocation" => "revocation list",
         "sealedkey" => "sealed key",
+        "devreq" => "device request",
+        "device" => "device certificate",
+        "presence" => "presence",
         other => other,
     }
 }
@@ -340,6 +349,10 @@ impl KeyPair {
         let mut k = [0u8; 32];
         k.copy_from_slice(self.pair.public_key().as_ref());
         PublicKey(k)
+    }
+
+    fn sign_raw(&self, message: &[u8]) -> Vec<u8> {
+        self.pair.sign(message).as_ref().to_vec()
     }
 
     fn sign(&self, domain: &[u8], body: &[u8]) -> Vec<u8> {
@@ -820,6 +833,11 @@ impl TrustStore {
         &self.org
     }
 
+    /// The revocation list kept, if any.
+    pub fn revocation(&self) -> Option<&RevocationBody> {
+        self.revocation.as_ref().map(|(_, b)| b)
+    }
+
     /// The serial of the list kept (0: none).
     pub fn revocation_serial(&self) -> u64 {
         self.revocation.as_ref().map_or(0, |(_, b)| b.serial)
@@ -918,6 +936,10 @@ pub fn unix_now() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
 }
+
+mod device;
+pub mod log;
+pub use device::*;
 
 #[cfg(test)]
 mod tests;

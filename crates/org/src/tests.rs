@@ -358,3 +358,177 @@ fn a_newer_list_counts_even_when_it_cannot_be_saved() {
         Err(Unverified::Revoked)
     );
 }
+
+fn enroll(org: &Org, group: &str) -> (KeyPair, DeviceCert) {
+    let key = KeyPair::generate().unwrap();
+    let req =
+        DeviceRequest::from_text(&DeviceRequest::new("pc-42", &key).unwrap().to_text()).unwrap();
+    let cert = DeviceCert::issue(&org.key, &org.public.name, &req, None, group, NOW).unwrap();
+    (key, DeviceCert::from_text(&cert.to_text()).unwrap())
+}
+
+#[test]
+fn a_device_is_enrolled_listed_and_proven() {
+    let o = org("ACME IT");
+    let (key, cert) = enroll(&o, "servers");
+    let id = device_id(&key.public());
+    assert!(is_device_id(&id));
+    let e = Enrollment::new(
+        KeyPair::from_text(&key.to_text()).unwrap(),
+        cert.clone(),
+        &o.public,
+    )
+    .unwrap();
+    assert_eq!(
+        (e.body.id.as_str(), e.body.group.as_str()),
+        (id.as_str(), "servers")
+    );
+    // The presence checks with the certificate; the relay's freshness rule holds.
+    let p = Presence::sign(&key, "pc-42\n", "Debian 12", "bob", NOW).unwrap();
+    let entry = DeviceEntry {
+        cert: &cert.to_text(),
+        presence: &p.to_text(),
+    };
+    let checked = entry.check(&o.public, None).unwrap();
+    assert_eq!(checked.presence.hostname, "pc-42?");
+    assert!(p.check_fresh(&checked.device, NOW + 60).is_ok());
+    assert!(matches!(
+        p.check_fresh(&checked.device, NOW + PRESENCE_MAX_AGE + 1),
+        Err(DeviceUnverified::Stale(_))
+    ));
+    // The in-session proof: bound to the exporter, the challenge and the device asked for.
+    let (exp, ch) = ([3u8; 32], challenge().unwrap());
+    let proof = prove_device(&key, &cert, &exp, &ch);
+    let t = cert.to_text();
+    assert!(check_device(&o.public, None, &id, &t, &proof, &exp, &ch).is_ok());
+    assert_eq!(
+        check_device(&o.public, None, &id, &t, &proof, &[4u8; 32], &ch),
+        Err(DeviceUnverified::BadProof)
+    );
+    assert_eq!(
+        check_device(
+            &o.public,
+            None,
+            &id,
+            &t,
+            &proof,
+            &exp,
+            &challenge().unwrap()
+        ),
+        Err(DeviceUnverified::BadProof)
+    );
+    assert!(matches!(
+        check_device(
+            &o.public,
+            None,
+            "00000000000000000000",
+            &t,
+            &proof,
+            &exp,
+            &ch
+        ),
+        Err(DeviceUnverified::WrongDevice { .. })
+    ));
+    let revoked = RevocationBody {
+        org_key: o.key.public(),
+        serial: 1,
+        issued_at: NOW,
+        certs: vec![],
+        keys: vec![key.public()],
+    };
+    assert_eq!(
+        check_device(&o.public, Some(&revoked), &id, &t, &proof, &exp, &ch),
+        Err(DeviceUnverified::Revoked)
+    );
+    assert_eq!(
+        entry.check(&o.public, Some(&revoked)),
+        Err(DeviceUnverified::Revoked)
+    );
+}
+
+#[test]
+fn forged_and_foreign_devices_are_refused() {
+    let o = org("ACME IT");
+    let other = org("Evil Corp");
+    let (key, cert) = enroll(&o, "servers");
+    let (_, foreign) = enroll(&other, "servers");
+    assert!(matches!(
+        foreign.check(&o.public),
+        Err(DeviceUnverified::WrongOrganisation(_))
+    ));
+    // A presence signed by another key, or one moved onto another device's certificate.
+    let thief = KeyPair::generate().unwrap();
+    let p = Presence::sign(&thief, "pc-42", "Debian", "", NOW).unwrap();
+    let entry = DeviceEntry {
+        cert: &cert.to_text(),
+        presence: &p.to_text(),
+    };
+    assert_eq!(
+        entry.check(&o.public, None),
+        Err(DeviceUnverified::ForgedPresence)
+    );
+    // A certificate whose body was altered (another group) fails the organisation's signature.
+    let mut body: DeviceBody = decode("x", &cert.body).unwrap();
+    body.group = "everything".into();
+    let altered = DeviceCert {
+        body: encode(&body),
+        sig: cert.sig.clone(),
+    };
+    assert_eq!(altered.check(&o.public), Err(DeviceUnverified::Forged));
+    // An enrollment whose certificate is for another key.
+    assert_eq!(
+        Enrollment::new(thief, cert.clone(), &o.public).unwrap_err(),
+        OrgError::KeyMismatch
+    );
+    let _ = key;
+    // A request with an altered name fails its own signature.
+    let mut req = DeviceRequest::new("pc-1", &KeyPair::generate().unwrap()).unwrap();
+    req.name = "pc-2".into();
+    assert!(DeviceRequest::from_text(&req.to_text()).is_err());
+}
+
+#[test]
+fn unattended_needs_the_permission_and_the_group() {
+    let o = org("ACME IT");
+    let store = TrustStore::new(o.public.clone(), None);
+    let (key, cert) = tech(&o, "view,control,unattended", 3600);
+    let (exp, ch, proof) = proof_for(&key, &cert);
+    let v = store.verify(&cert, &proof, &exp, &ch, NOW).unwrap();
+    assert!(allows_unattended(&v, "servers").is_ok());
+    assert_eq!(
+        allows_unattended(&v, "laptops"),
+        Err(Unverified::WrongGroup("laptops".into()))
+    );
+    let (key, cert) = tech(&o, "view,control", 3600);
+    let (exp, ch, proof) = proof_for(&key, &cert);
+    let v = store.verify(&cert, &proof, &exp, &ch, NOW).unwrap();
+    assert_eq!(
+        allows_unattended(&v, "servers"),
+        Err(Unverified::NoUnattended)
+    );
+    let mut any = v.clone();
+    any.permissions.unattended = true;
+    any.groups = vec![ANY_GROUP.into()];
+    assert!(allows_unattended(&any, "laptops").is_ok());
+}
+
+#[test]
+fn membership_proofs_bind_the_connection() {
+    let o = org("ACME IT");
+    let (key, cert) = tech(&o, "view,unattended", 3600);
+    let exp = [9u8; 32];
+    let p = prove_membership(&key, &cert, &exp);
+    let b = check_membership(&cert.to_text(), &p, &exp, NOW).unwrap();
+    assert_eq!(b.org_key, o.key.public());
+    assert_eq!(
+        check_membership(&cert.to_text(), &p, &[8u8; 32], NOW),
+        Err(Unverified::BadProof)
+    );
+    // A session proof is no membership proof.
+    let sp = prove(&key, &cert, &exp, &[0u8; 32]);
+    assert!(check_membership(&cert.to_text(), &sp, &exp, NOW).is_err());
+    assert!(matches!(
+        check_membership(&cert.to_text(), &p, &exp, NOW + 4000 + CLOCK_SKEW),
+        Err(Unverified::Expired(_))
+    ));
+}
