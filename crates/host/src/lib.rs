@@ -10,9 +10,11 @@
 //! * [`stream`]: the screen thread (frame pacing, bitrate following the path, cursor and monitors).
 //! * [`session`]: [`run_session`], one session from the consent answer to its end, driven by the
 //!   program's [`UserCommands`] and reported as [`HostEvent`]s.
+//! * [`banner`]: the always-visible "someone is connected" bar on the agent's X11 screen.
 //!
 //! Nothing here knows of windows, terminals or configuration files: `tandem-agent` is the glue.
 
+pub mod banner;
 pub mod desktop;
 pub mod mutter;
 pub mod portal;
