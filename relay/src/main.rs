@@ -92,8 +92,27 @@ enum Command {
         #[arg(long, default_value_t = 50)]
         limit: usize,
     },
+    /// Enrolled devices (unattended access): online or not, last seen, host, OS and user, as they
+    /// announced themselves (their organisation's key enrolled them; the relay only lists them).
+    #[command(subcommand)]
+    Devices(DeviceCmd),
     /// Print the effective configuration as TOML.
     PrintConfig,
+}
+
+#[derive(Subcommand, Debug)]
+enum DeviceCmd {
+    /// List the devices the relay has seen.
+    List {
+        /// Print JSON (one array) instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Forget a device (it reappears when it comes online again, unless its key is revoked).
+    Remove {
+        /// The device id.
+        id: String,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -176,6 +195,7 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Technician(t) => technician(&cfg, t),
         Command::Audit { json, limit } => audit(&cfg, json, limit),
+        Command::Devices(d) => devices(&cfg, d),
     }
 }
 
@@ -315,6 +335,44 @@ fn fmt_secs(s: i64) -> String {
 fn fmt_ms(ms: i64) -> String {
     let t = std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms.max(0) as u64);
     humantime::format_rfc3339_seconds(t).to_string()
+}
+
+fn devices(cfg: &Config, cmd: DeviceCmd) -> Result<()> {
+    let store = open_store(cfg)?;
+    match cmd {
+        DeviceCmd::List { json } => {
+            let rows = store.devices()?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&rows)?);
+                return Ok(());
+            }
+            println!(
+                "{:<20} {:<20} {:<16} {:<12} {:<20} {:<12} {:<8} last seen",
+                "id", "name", "organisation", "group", "host", "user", "state"
+            );
+            for r in rows {
+                println!(
+                    "{:<20} {:<20} {:<16} {:<12} {:<20} {:<12} {:<8} {}",
+                    r.id,
+                    r.name,
+                    r.organisation,
+                    r.group,
+                    r.hostname,
+                    r.user,
+                    if r.online { "online" } else { "offline" },
+                    fmt_ms(r.last_seen.saturating_mul(1000))
+                );
+            }
+        }
+        DeviceCmd::Remove { id } => {
+            if store.remove_device(&id)? {
+                println!("device {id} forgotten");
+            } else {
+                bail!("no device {id}");
+            }
+        }
+    }
+    Ok(())
 }
 
 fn audit(cfg: &Config, json: bool, limit: usize) -> Result<()> {

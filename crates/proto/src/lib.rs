@@ -130,6 +130,40 @@ pub enum ClientMsg {
     End { reason: EndReason },
     /// On a fresh connection: re-attach to the session this token was given for.
     Resume { token: ResumeToken },
+    /// Enrolled agent: come online as a device of its organisation, reachable without a code.
+    /// `device` is its certificate (`tandem-device-v1:…`, signed by the organisation key),
+    /// `presence` what it says about itself (`tandem-presence-v1:…`, signed by the device key).
+    Announce {
+        client: ClientInfo,
+        device: String,
+        presence: String,
+    },
+    /// Console (authenticated): prove membership of an organisation with a technician certificate
+    /// (`tandem-cert-v1:…`) and its key's signature over this outer connection's exporter. It only
+    /// scopes what the relay lists and routes; agents check the certificate again themselves.
+    ProveOrg { cert: String, proof: Vec<u8> },
+    /// Console (proven): the organisation's devices whose name, host, group or user contains
+    /// `query` (empty: all), from entry `offset` on.
+    ListDevices { query: String, offset: u32 },
+    /// Console (proven): pair with the online device `device` (its id).
+    Connect { device: String },
+}
+
+/// Longest certificate or presence text carried in a device message.
+pub const MAX_DEVICE_TEXT: usize = 1024;
+/// Most entries in one [`RelayMsg::Devices`] page (they must fit [`MAX_CONTROL_FRAME`]).
+pub const DEVICES_PER_PAGE: usize = 12;
+
+/// One device in a [`RelayMsg::Devices`] page. `cert` and `presence` are signed (consoles check
+/// them); `online`, `in_session` and `last_seen` are only the relay's word.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceListing {
+    pub cert: String,
+    pub presence: String,
+    pub online: bool,
+    pub in_session: bool,
+    /// Unix seconds when the relay last saw it online.
+    pub last_seen: u64,
 }
 
 /// Messages from the relay to an agent or a console.
@@ -189,6 +223,20 @@ pub enum RelayMsg {
     /// organisation's signature and keep it only if its serial is newer than theirs.
     Revocation {
         list: String,
+    },
+    /// Agent, after `Announce`: online as this device; technicians may connect.
+    Online {
+        device: String,
+    },
+    /// Console, after `ProveOrg`: the relay lists and routes this organisation's devices for you.
+    OrgProven {
+        organisation: String,
+    },
+    /// Console: a page of the device list (`total` matching, this page from `offset`).
+    Devices {
+        entries: Vec<DeviceListing>,
+        offset: u32,
+        total: u32,
     },
 }
 
@@ -300,6 +348,16 @@ error_codes! {
     Busy = 23, "busy", "the relay is busy checking logins; try again in a few seconds";
     /// An agent asked for new codes faster than its budget (per connection and per address).
     RegisterRateLimited = 24, "register_rate_limited", "new codes were requested too often; wait a minute and try again";
+    /// The device's certificate or presence did not check (forged, stale, or damaged).
+    BadDevice = 25, "bad_device", "the device's enrollment did not check; enroll the agent again (tandem-agent enroll)";
+    /// A console asked for devices without proving an organisation certificate first.
+    NotProven = 26, "not_proven", "prove an organisation certificate first (the console needs --cert and --cert-key)";
+    /// The technician certificate did not check, or does not allow unattended access there.
+    BadCertificate = 27, "bad_certificate", "the technician certificate is not valid for this (expired, forged, or without unattended access to the device's group)";
+    /// No such device is online.
+    DeviceOffline = 28, "device_offline", "that device is not online (or not enrolled in your organisation)";
+    /// Another connection came online as the same device: this one is replaced.
+    DeviceReplaced = 29, "device_replaced", "this device came online again on another connection";
 }
 
 impl fmt::Display for ErrorCode {
@@ -375,6 +433,24 @@ impl Validate for ClientMsg {
                 text_ok(&client.software, MAX_TEXT)
             }
             ClientMsg::End { reason } => reason.validate(),
+            ClientMsg::Announce {
+                client,
+                device,
+                presence,
+            } => {
+                text_ok(&client.software, MAX_TEXT)?;
+                text_ok(device, MAX_DEVICE_TEXT)?;
+                text_ok(presence, MAX_DEVICE_TEXT)
+            }
+            ClientMsg::ProveOrg { cert, proof } => {
+                text_ok(cert, MAX_DEVICE_TEXT * 2)?;
+                if proof.len() > 64 {
+                    return Err(ProtoError::Invalid("proof"));
+                }
+                Ok(())
+            }
+            ClientMsg::ListDevices { query, .. } => text_ok(query, MAX_TEXT),
+            ClientMsg::Connect { device } => text_ok(device, 64),
             ClientMsg::Join { .. } | ClientMsg::Ping { .. } | ClientMsg::Resume { .. } => Ok(()),
         }
     }
@@ -402,6 +478,18 @@ impl Validate for RelayMsg {
                     || !list.bytes().all(|b| b.is_ascii_graphic()) =>
             {
                 Err(ProtoError::Invalid("revocation list"))
+            }
+            RelayMsg::Online { device } => text_ok(device, 64),
+            RelayMsg::OrgProven { organisation } => text_ok(organisation, MAX_TEXT),
+            RelayMsg::Devices { entries, .. } => {
+                if entries.len() > DEVICES_PER_PAGE {
+                    return Err(ProtoError::Invalid("device list"));
+                }
+                for e in entries {
+                    text_ok(&e.cert, MAX_DEVICE_TEXT)?;
+                    text_ok(&e.presence, MAX_DEVICE_TEXT)?;
+                }
+                Ok(())
             }
             _ => Ok(()),
         }

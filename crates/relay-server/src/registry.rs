@@ -201,6 +201,8 @@ pub struct Session {
     /// The console's connection (stale while the console is the suspended side).
     pub console: ConnId,
     pub slot: Slot,
+    /// The device's id when the agent is an enrolled device reached without a code.
+    pub device: Option<String>,
     pub technician: Technician,
     pub agent_token: ResumeToken,
     pub console_token: ResumeToken,
@@ -527,7 +529,14 @@ pub struct Registry {
     register_by_addr: HashMap<IpAddr, Bucket>,
     next_conn: ConnId,
     next_session: SessionId,
+    /// Online enrolled devices: each holds a slot of [`SLOT_MAX_DIGITS`] digits (never shown, never
+    /// joinable by code, never expiring), reached by [`Registry::connect_device`].
+    device_slots: HashMap<String, Slot>,
+    slot_devices: HashMap<Slot, String>,
 }
+
+/// A device's slot lives as long as its connection (the expiry is only a bound far in the future).
+const DEVICE_SLOT_TTL: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
 
 /// Quarantined slots one address's agents may hold (an office re-registers a few codes an hour;
 /// a flood at the register budget, 60 a minute for 10 minutes, would hold 600 and evict everyone
@@ -573,6 +582,8 @@ impl Registry {
             register_by_addr: HashMap::new(),
             next_conn: 1,
             next_session: 1,
+            device_slots: HashMap::new(),
+            slot_devices: HashMap::new(),
         }
     }
 
@@ -862,6 +873,61 @@ impl Registry {
         now: Instant,
         rng: &mut dyn SlotRng,
     ) -> Result<Slot, Refusal> {
+        self.register_inner(conn, now, rng, None)
+    }
+
+    /// An enrolled agent comes online as `device` (its id, checked by the caller). It takes a
+    /// register from the same budgets as a code. Returns its (internal) slot, and the connection
+    /// that was online as the same device before, if any (to be closed: the newer one wins, as a
+    /// computer whose network dropped comes back before the relay notices the old connection died).
+    pub fn announce(
+        &mut self,
+        conn: ConnId,
+        device: &str,
+        now: Instant,
+        rng: &mut dyn SlotRng,
+    ) -> Result<(Slot, Option<ConnId>), Refusal> {
+        let slot = self.register_inner(conn, now, rng, Some(device))?;
+        let previous = self
+            .device_slots
+            .insert(device.to_string(), slot.clone())
+            .and_then(|old| match self.slots.get(&old) {
+                Some(SlotState::Waiting { agent, .. }) if *agent != conn => Some(*agent),
+                _ => None,
+            });
+        self.slot_devices.insert(slot.clone(), device.to_string());
+        Ok((slot, previous))
+    }
+
+    /// Whether `device` is online, and whether it is in a session.
+    pub fn device_state(&self, device: &str) -> Option<bool> {
+        let slot = self.device_slots.get(device)?;
+        Some(matches!(
+            self.slots.get(slot),
+            Some(SlotState::Paired { .. })
+        ))
+    }
+
+    /// The connection online as `device`.
+    pub fn device_conn(&self, device: &str) -> Option<ConnId> {
+        match self.slots.get(self.device_slots.get(device)?) {
+            Some(SlotState::Waiting { agent, .. }) => Some(*agent),
+            _ => None,
+        }
+    }
+
+    /// Online devices.
+    pub fn device_count(&self) -> usize {
+        self.device_slots.len()
+    }
+
+    fn register_inner(
+        &mut self,
+        conn: ConnId,
+        now: Instant,
+        rng: &mut dyn SlotRng,
+        device: Option<&str>,
+    ) -> Result<Slot, Refusal> {
         let (role, probation, addr_key) = self
             .conns
             .get(&conn)
@@ -912,14 +978,19 @@ impl Registry {
         if let Some(b) = self.conns.get_mut(&conn).and_then(|c| c.registers.as_mut()) {
             b.try_take(pc, now);
         }
+        // Devices take the longest slots: they are never typed, and must not lengthen codes.
+        let (digits, ttl) = match device {
+            Some(_) => (SLOT_MAX_DIGITS, DEVICE_SLOT_TTL),
+            None => (SLOT_MIN_DIGITS, self.limits.slot_ttl),
+        };
         let slot = self
-            .allocate_slot(rng)
+            .allocate_slot(rng, digits)
             .ok_or(Refusal::Limit(LimitHit::Connections))?;
         self.insert_slot(
             slot.clone(),
             SlotState::Waiting {
                 agent: conn,
-                expires_at: now + self.limits.slot_ttl,
+                expires_at: now + ttl,
             },
         );
         self.set_role(
@@ -952,6 +1023,11 @@ impl Registry {
 
     fn remove_slot(&mut self, slot: &Slot) -> Option<SlotState> {
         let st = self.slots.remove(slot)?;
+        if let Some(device) = self.slot_devices.remove(slot)
+            && self.device_slots.get(&device) == Some(slot)
+        {
+            self.device_slots.remove(&device);
+        }
         if !self.tombs.contains_key(slot) {
             self.count_used(slot, -1);
         }
@@ -1009,8 +1085,8 @@ impl Registry {
 
     /// A free slot: the shortest length whose space is less than half used, then random draws of
     /// that length. No scan: the use per length is counted as slots come and go.
-    fn allocate_slot(&self, rng: &mut dyn SlotRng) -> Option<Slot> {
-        for digits in SLOT_MIN_DIGITS..=SLOT_MAX_DIGITS {
+    fn allocate_slot(&self, rng: &mut dyn SlotRng, shortest: usize) -> Option<Slot> {
+        for digits in shortest..=SLOT_MAX_DIGITS {
             let space = 10u64.pow(digits as u32);
             let used = self.used_by_len.get(digits).copied().unwrap_or(u64::MAX);
             if used.saturating_mul(2) >= space {
@@ -1090,6 +1166,34 @@ impl Registry {
         now: Instant,
         tokens: (ResumeToken, ResumeToken),
     ) -> Result<Paired, Refusal> {
+        self.pair(conn, slot, now, tokens, false)
+    }
+
+    /// Console asks to pair with the online device `device` (the caller checked that the console
+    /// proved a certificate of the device's organisation). Counted like a join.
+    pub fn connect_device(
+        &mut self,
+        conn: ConnId,
+        device: &str,
+        now: Instant,
+        tokens: (ResumeToken, ResumeToken),
+    ) -> Result<Paired, Refusal> {
+        // A made-up slot: an offline device is refused after the join budgets are charged.
+        let slot = match self.device_slots.get(device) {
+            Some(s) => s.clone(),
+            None => Slot::new("000").map_err(|_| Refusal::Fatal(ErrorCode::Internal))?,
+        };
+        self.pair(conn, &slot, now, tokens, true)
+    }
+
+    fn pair(
+        &mut self,
+        conn: ConnId,
+        slot: &Slot,
+        now: Instant,
+        tokens: (ResumeToken, ResumeToken),
+        device: bool,
+    ) -> Result<Paired, Refusal> {
         let c = self
             .conns
             .get(&conn)
@@ -1130,6 +1234,14 @@ impl Registry {
             tb.try_take(pt, now);
         }
 
+        if device != self.slot_devices.contains_key(slot) {
+            // A device is not reachable by a code, nor a code by a device id.
+            return Err(Refusal::Refused(if device {
+                ErrorCode::DeviceOffline
+            } else {
+                ErrorCode::UnknownSlot
+            }));
+        }
         let (agent, expires_at) = match self.slots.get(slot) {
             Some(SlotState::Waiting { agent, expires_at }) if *expires_at > now => {
                 (*agent, *expires_at)
@@ -1157,6 +1269,7 @@ impl Registry {
             agent,
             console: conn,
             slot: slot.clone(),
+            device: self.slot_devices.get(slot).cloned(),
             technician,
             agent_token: tokens.0,
             console_token: tokens.1,
@@ -1275,6 +1388,12 @@ impl Registry {
     }
 
     fn bury(&mut self, slot: Slot, tomb: Tomb, now: Instant, owner: Option<IpAddr>) {
+        if self.slot_devices.contains_key(&slot) {
+            // A device's slot is no code: nobody can mistype or guess their way into it, so it
+            // needs no quarantine.
+            self.remove_slot(&slot);
+            return;
+        }
         let expires_at = match self.remove_slot(&slot) {
             Some(SlotState::Waiting { expires_at, .. } | SlotState::Paired { expires_at, .. }) => {
                 expires_at
@@ -1440,6 +1559,60 @@ mod tests {
             self.r.authenticated(c, tech(t)).unwrap();
             c
         }
+    }
+
+    #[test]
+    fn devices_are_reached_by_id_only_and_the_newest_connection_wins() {
+        let mut f = Fixture::new(Limits::default());
+        let a = f.r.open(ip(1)).unwrap();
+        let (slot, replaced) = f.r.announce(a, "dev1", f.t0, &mut f.rng).unwrap();
+        assert_eq!((slot.as_str().len(), replaced), (SLOT_MAX_DIGITS, None));
+        // An attended code still gets the shortest slot.
+        let (_, code) = f.agent(2);
+        assert_eq!(code.as_str().len(), SLOT_MIN_DIGITS);
+        assert_eq!(f.r.device_state("dev1"), Some(false));
+        assert_eq!(f.r.device_conn("dev1"), Some(a));
+        let c = f.console(3, 1);
+        // Not by its slot as a code, and an unknown device is offline.
+        assert_eq!(
+            join(&mut f.r, c, &slot, f.t0),
+            Err(Refusal::Refused(ErrorCode::UnknownSlot))
+        );
+        let toks = (ResumeToken([90; 16]), ResumeToken([91; 16]));
+        assert_eq!(
+            f.r.connect_device(c, "nope", f.t0, toks),
+            Err(Refusal::Refused(ErrorCode::DeviceOffline))
+        );
+        // A code is not reachable as a device.
+        let p = f.r.connect_device(c, "dev1", f.t0, toks).unwrap();
+        assert_eq!(p.session.device.as_deref(), Some("dev1"));
+        assert_eq!(f.r.device_state("dev1"), Some(true));
+        let c2 = f.console(4, 2);
+        assert_eq!(
+            f.r.connect_device(
+                c2,
+                "dev1",
+                f.t0,
+                (ResumeToken([92; 16]), ResumeToken([93; 16]))
+            ),
+            Err(Refusal::Refused(ErrorCode::SlotBusy))
+        );
+        // The session ends: the device slot is gone without quarantine.
+        f.r.end(c, EndReason::EndedByTechnician, f.t0).unwrap();
+        assert_eq!(f.r.device_state("dev1"), None);
+        assert_eq!(f.r.quarantined_count(), 0);
+        // Online again, then again on another connection: the first is to be closed, and its
+        // close does not take the device offline.
+        let (_, replaced) = f.r.announce(a, "dev1", f.t0, &mut f.rng).unwrap();
+        assert_eq!(replaced, None);
+        let b = f.r.open(ip(5)).unwrap();
+        let (_, replaced) = f.r.announce(b, "dev1", f.t0, &mut f.rng).unwrap();
+        assert_eq!(replaced, Some(a));
+        f.r.close(a, f.t0);
+        assert_eq!(f.r.device_conn("dev1"), Some(b));
+        f.r.close(b, f.t0);
+        assert_eq!(f.r.device_state("dev1"), None);
+        assert_eq!(f.r.device_count(), 0);
     }
 
     #[test]

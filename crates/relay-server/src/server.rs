@@ -21,6 +21,7 @@
 //! * Log lines a stranger can cause are rate-limited ([`LogLimiter`]); client-chosen strings are
 //!   logged escaped and truncated, and only where an attempt budget bounds them.
 
+use crate::devices::DeviceBook;
 use crate::metrics::Metrics;
 use crate::registry::{
     Bucket, Closed, ConnId, Ended, LimitHit, Limits, Paired, Refusal, Registry, Session, SessionId,
@@ -134,6 +135,11 @@ struct SessionIo {
 }
 
 enum AuditOp {
+    DeviceOnline(Box<crate::store::DeviceRow>),
+    DeviceOffline {
+        id: String,
+        last_seen: i64,
+    },
     Start {
         session: SessionId,
         technician: Technician,
@@ -196,6 +202,8 @@ struct Shared {
     log_limit: Mutex<LogLimiter>,
     /// TCP links of the endpoint (who is behind a link address).
     hub: Arc<Hub>,
+    /// Enrolled devices seen (online or not).
+    devices: Mutex<DeviceBook>,
 }
 
 /// Log lines that strangers can cause (connections, refusals, registrations): at most
@@ -367,6 +375,8 @@ pub async fn start(
     let auth = AuthPool::start(&cfg.data_dir, cfg.limits.auth_queue, metrics.clone())?;
     let audit_store = Store::open(&cfg.data_dir)?;
     let dangling = audit_store.close_dangling()?;
+    audit_store.devices_all_offline()?;
+    let devices = DeviceBook::load(audit_store.devices()?);
     if dangling > 0 {
         tracing::warn!(
             sessions = dangling,
@@ -423,6 +433,7 @@ pub async fn start(
         data_dir: cfg.data_dir.clone(),
         log_limit: Mutex::new(LogLimiter::new(Instant::now())),
         hub: hub.clone(),
+        devices: Mutex::new(devices),
     });
     let (stop_tx, stop_rx) = watch::channel(false);
 
@@ -820,6 +831,10 @@ async fn run_connection(
     let mut junk: u32 = 0;
     let mut budget = Bucket::new(CONTROL_BURST, Instant::now());
     let mut refused_registers: u32 = 0;
+    // Console: the certificate it proved (scopes the devices it sees and reaches).
+    let mut proven: Option<tandem_org::CertBody> = None;
+    // Agent: the device it is online as (marked offline when this connection ends).
+    let mut _online: Option<DeviceOffline> = None;
     loop {
         let body = match frames.next_frame() {
             Ok(Some(body)) => body,
@@ -1061,12 +1076,234 @@ async fn run_connection(
                     Err(r) => return Err(refusal_close(shared, r)),
                 }
             }
+            ClientMsg::Announce {
+                client,
+                device,
+                presence,
+            } => {
+                let unix = tandem_org::unix_now();
+                let announced = match crate::devices::check_announce(&device, &presence, unix) {
+                    Ok(a) => a,
+                    Err(why) => {
+                        Metrics::inc(
+                            &shared.metrics.protocol_errors,
+                            ErrorCode::BadDevice.label(),
+                        );
+                        return Err(Close::With(
+                            ErrorCode::BadDevice,
+                            format!("{}: {why}", ErrorCode::BadDevice.explain()),
+                        ));
+                    }
+                };
+                let dev = announced.device.id.clone();
+                let res = {
+                    let mut rng = lock(&shared.rng);
+                    lock(&shared.registry).announce(id, &dev, now, &mut *rng)
+                };
+                let replaced = match res {
+                    Ok((_, replaced)) => replaced,
+                    Err(Refusal::Limit(l)) => {
+                        shared.metrics.limit(l.label());
+                        return Err(Close::code(l.code()));
+                    }
+                    Err(r) => return Err(refusal_close(shared, r)),
+                };
+                identified = true;
+                if let Some(old) = replaced {
+                    let old = lock(&shared.conns).get(&old).map(|h| h.conn.clone());
+                    if let Some(old) = old {
+                        close(
+                            &old,
+                            ErrorCode::DeviceReplaced,
+                            ErrorCode::DeviceReplaced.explain(),
+                        );
+                    }
+                }
+                let row = lock(&shared.devices).online(
+                    &announced,
+                    device,
+                    presence,
+                    audit_addr(shared, conn.remote_address()),
+                    unix,
+                );
+                let _ = shared.audit_tx.send(AuditOp::DeviceOnline(Box::new(row)));
+                _online = Some(DeviceOffline {
+                    shared: shared.clone(),
+                    conn: id,
+                    device: dev.clone(),
+                });
+                if let Some(suppressed) = may_log(shared) {
+                    tracing::info!(
+                        conn = id,
+                        device = %dev,
+                        name = ?loggable(&announced.device.name),
+                        suppressed,
+                        "device online"
+                    );
+                }
+                tracing::debug!(conn = id, software = ?loggable(&client.software), "agent software");
+                write_msg(&mut send, RelayMsg::Online { device: dev }).await?;
+                if let Some(list) = published_revocation(&shared.data_dir).await {
+                    write_msg(&mut send, RelayMsg::Revocation { list }).await?;
+                }
+            }
+            ClientMsg::ProveOrg { cert, proof } => {
+                if !matches!(
+                    lock(&shared.registry).role(id),
+                    Some(crate::registry::Role::Console { .. })
+                ) {
+                    return Err(Close::code(ErrorCode::NotAuthenticated));
+                }
+                let mut exporter = [0u8; 32];
+                conn.export_keying_material(
+                    &mut exporter,
+                    tandem_org::MEMBERSHIP_EXPORTER_LABEL,
+                    b"",
+                )
+                .map_err(|_| Close::code(ErrorCode::Internal))?;
+                match tandem_org::check_membership(&cert, &proof, &exporter, tandem_org::unix_now())
+                {
+                    Ok(body) => {
+                        tracing::info!(
+                            conn = id,
+                            certificate = %body.id_hex(),
+                            organisation_key = %body.org_key.fingerprint(),
+                            "console proved an organisation certificate"
+                        );
+                        let organisation = body.organisation.clone();
+                        proven = Some(body);
+                        write_msg(&mut send, RelayMsg::OrgProven { organisation }).await?;
+                    }
+                    Err(why) => {
+                        Metrics::inc(
+                            &shared.metrics.protocol_errors,
+                            ErrorCode::BadCertificate.label(),
+                        );
+                        write_msg(
+                            &mut send,
+                            RelayMsg::Refused {
+                                code: ErrorCode::BadCertificate,
+                                message: why.to_string(),
+                            },
+                        )
+                        .await?;
+                    }
+                }
+            }
+            ClientMsg::ListDevices { query, offset } => {
+                let Some(p) = &proven else {
+                    return Err(Close::code(ErrorCode::NotProven));
+                };
+                let unix = tandem_org::unix_now();
+                let (entries, total) = {
+                    // Lock order: `rng`, then `registry`, then `devices`.
+                    let reg = lock(&shared.registry);
+                    let book = lock(&shared.devices);
+                    book.page(&p.org_key, &query, offset, unix, |d| reg.device_state(d))
+                };
+                write_msg(
+                    &mut send,
+                    RelayMsg::Devices {
+                        entries,
+                        offset,
+                        total,
+                    },
+                )
+                .await?;
+            }
+            ClientMsg::Connect { device } => {
+                let Some(p) = &proven else {
+                    return Err(Close::code(ErrorCode::NotProven));
+                };
+                // A proof made for a short-lived certificate does not outlive it.
+                let allowed = if tandem_org::unix_now()
+                    > p.not_after.saturating_add(tandem_org::CLOCK_SKEW)
+                {
+                    Err(ErrorCode::BadCertificate)
+                } else {
+                    match lock(&shared.devices).group_of(&device) {
+                        Some((org_key, group)) => crate::devices::may_connect(p, &org_key, &group),
+                        None => Err(ErrorCode::DeviceOffline),
+                    }
+                };
+                let tokens = {
+                    let mut rng = lock(&shared.rng);
+                    (rng.token(), rng.token())
+                };
+                let res = match allowed {
+                    Err(code) => Err(Refusal::Refused(code)),
+                    Ok(()) => {
+                        let mut reg = lock(&shared.registry);
+                        let res = reg.connect_device(id, &device, now, tokens);
+                        if let Ok(p) = &res {
+                            start_session_io(shared, p);
+                        }
+                        res
+                    }
+                };
+                match res {
+                    Ok(p) => {
+                        shared.metrics.sessions_started.inc();
+                        tracing::info!(
+                            session = p.session.id,
+                            technician = %p.session.technician.name,
+                            device = %device,
+                            "unattended session paired"
+                        );
+                    }
+                    Err(Refusal::Fatal(code)) => {
+                        Metrics::inc(&shared.metrics.protocol_errors, code.label());
+                        return Err(Close::code(code));
+                    }
+                    Err(r) => {
+                        if let Refusal::Limit(l) = r {
+                            shared.metrics.limit(l.label());
+                        }
+                        let code = r.code();
+                        Metrics::inc(&shared.metrics.joins_refused, code.label());
+                        write_msg(
+                            &mut send,
+                            RelayMsg::Refused {
+                                code,
+                                message: code.explain().into(),
+                            },
+                        )
+                        .await?;
+                    }
+                }
+            }
             ClientMsg::End { reason } => {
                 let ended = lock(&shared.registry).end(id, reason, now);
                 if let Some(e) = ended {
                     finish_session(shared, e);
                 }
             }
+        }
+    }
+}
+
+/// Marks a device offline (last seen now) when the connection it was online on ends, unless it
+/// came online again on another connection meanwhile.
+struct DeviceOffline {
+    shared: Arc<Shared>,
+    conn: ConnId,
+    device: String,
+}
+
+impl Drop for DeviceOffline {
+    fn drop(&mut self) {
+        // Online on another connection meanwhile: that one is the device now.
+        let still_mine = !matches!(
+            lock(&self.shared.registry).device_conn(&self.device),
+            Some(c) if c != self.conn
+        );
+        let now = tandem_org::unix_now();
+        lock(&self.shared.devices).seen(&self.device, now);
+        if still_mine {
+            let _ = self.shared.audit_tx.send(AuditOp::DeviceOffline {
+                id: std::mem::take(&mut self.device),
+                last_seen: now as i64,
+            });
         }
     }
 }
@@ -1325,7 +1562,10 @@ fn start_session_io(shared: &Arc<Shared>, p: &Paired) {
     let _ = shared.audit_tx.send(AuditOp::Start {
         session: s.id,
         technician: s.technician.clone(),
-        slot: s.slot.to_string(),
+        slot: match &s.device {
+            Some(d) => format!("device {d}"),
+            None => s.slot.to_string(),
+        },
         agent_addr: audit_addr(shared, agent.0.remote_address()),
         console_addr: audit_addr(shared, console.0.remote_address()),
     });
@@ -1397,6 +1637,16 @@ fn audit_writer(store: Store, mut rx: mpsc::UnboundedReceiver<AuditOp>) {
     let mut rows: HashMap<SessionId, i64> = HashMap::new();
     while let Some(op) = rx.blocking_recv() {
         match op {
+            AuditOp::DeviceOnline(row) => {
+                if let Err(e) = store.device_online(&row) {
+                    tracing::error!(error = %e, "cannot record the device");
+                }
+            }
+            AuditOp::DeviceOffline { id, last_seen } => {
+                if let Err(e) = store.device_offline(&id, last_seen) {
+                    tracing::error!(error = %e, "cannot record the device offline");
+                }
+            }
             AuditOp::Start {
                 session,
                 technician,

@@ -139,7 +139,49 @@ const MIGRATIONS: &[&str] = &[
         end_reason TEXT
     );
     CREATE INDEX sessions_started ON sessions (started_at_ms);",
+    // 2: enrolled devices (presence). `cert` and `presence` are the signed texts consoles check;
+    // the other columns are read from them for listing and the admin commands.
+    "CREATE TABLE devices (
+        id TEXT PRIMARY KEY,
+        org_key TEXT NOT NULL,
+        organisation TEXT NOT NULL,
+        name TEXT NOT NULL,
+        device_group TEXT NOT NULL,
+        hostname TEXT NOT NULL,
+        os TEXT NOT NULL,
+        user_name TEXT NOT NULL,
+        cert TEXT NOT NULL,
+        presence TEXT NOT NULL,
+        address TEXT NOT NULL,
+        first_seen INTEGER NOT NULL,
+        last_seen INTEGER NOT NULL,
+        online INTEGER NOT NULL DEFAULT 0
+    );
+    CREATE INDEX devices_org ON devices (org_key);",
 ];
+
+/// An enrolled device as the relay last saw it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct DeviceRow {
+    pub id: String,
+    /// Fingerprint of the organisation key that enrolled it.
+    pub org_key: String,
+    pub organisation: String,
+    pub name: String,
+    pub group: String,
+    pub hostname: String,
+    pub os: String,
+    pub user: String,
+    #[serde(skip)]
+    pub cert: String,
+    #[serde(skip)]
+    pub presence: String,
+    pub address: String,
+    /// Unix seconds.
+    pub first_seen: i64,
+    pub last_seen: i64,
+    pub online: bool,
+}
 
 /// A technician row a token's id names, before its secret is checked.
 pub struct Candidate {
@@ -587,6 +629,87 @@ impl Store {
             ],
         )?;
         Ok(())
+    }
+
+    /// Records a device that came online (or refreshes it).
+    pub fn device_online(&self, d: &DeviceRow) -> Result<(), StoreError> {
+        self.conn.execute(
+            "INSERT INTO devices (id, org_key, organisation, name, device_group, hostname, os, user_name,
+                                  cert, presence, address, first_seen, last_seen, online)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?12, 1)
+             ON CONFLICT (id) DO UPDATE SET org_key = ?2, organisation = ?3, name = ?4,
+                device_group = ?5, hostname = ?6, os = ?7, user_name = ?8, cert = ?9, presence = ?10,
+                address = ?11, last_seen = ?12, online = 1",
+            params![
+                d.id,
+                d.org_key,
+                d.organisation,
+                d.name,
+                d.group,
+                d.hostname,
+                d.os,
+                d.user,
+                d.cert,
+                d.presence,
+                d.address,
+                d.last_seen
+            ],
+        )?;
+        Ok(())
+    }
+
+    /// Records that a device went offline at `last_seen`.
+    pub fn device_offline(&self, id: &str, last_seen: i64) -> Result<(), StoreError> {
+        self.conn.execute(
+            "UPDATE devices SET online = 0, last_seen = ?2 WHERE id = ?1",
+            params![id, last_seen],
+        )?;
+        Ok(())
+    }
+
+    /// Marks every device offline (at start: none is connected yet).
+    pub fn devices_all_offline(&self) -> Result<usize, StoreError> {
+        Ok(self
+            .conn
+            .execute("UPDATE devices SET online = 0 WHERE online = 1", [])?)
+    }
+
+    /// Every device, by name.
+    pub fn devices(&self) -> Result<Vec<DeviceRow>, StoreError> {
+        let mut st = self.conn.prepare(
+            "SELECT id, org_key, organisation, name, device_group, hostname, os, user_name, cert,
+                    presence, address, first_seen, last_seen, online
+             FROM devices ORDER BY organisation, name, id",
+        )?;
+        let rows = st
+            .query_map([], |r| {
+                Ok(DeviceRow {
+                    id: r.get(0)?,
+                    org_key: r.get(1)?,
+                    organisation: r.get(2)?,
+                    name: r.get(3)?,
+                    group: r.get(4)?,
+                    hostname: r.get(5)?,
+                    os: r.get(6)?,
+                    user: r.get(7)?,
+                    cert: r.get(8)?,
+                    presence: r.get(9)?,
+                    address: r.get(10)?,
+                    first_seen: r.get(11)?,
+                    last_seen: r.get(12)?,
+                    online: r.get::<_, i64>(13)? != 0,
+                })
+            })?
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(rows)
+    }
+
+    /// Forgets a device (admin command); whether it was known.
+    pub fn remove_device(&self, id: &str) -> Result<bool, StoreError> {
+        Ok(self
+            .conn
+            .execute("DELETE FROM devices WHERE id = ?1", [id])?
+            > 0)
     }
 
     /// Closes audit rows left open by a relay that stopped without draining.
