@@ -226,6 +226,8 @@ pub enum ClientError {
     },
     #[error("{} [{}]", code.explain(), code.label())]
     Refused { code: ErrorCode },
+    #[error("{message} [{}]", code.label())]
+    RefusedBecause { code: ErrorCode, message: String },
     #[error("lost the connection to the relay: {0}")]
     Lost(String),
     #[error("the relay sent something unexpected: {0}")]
@@ -247,7 +249,7 @@ impl ClientError {
     pub fn code(&self) -> Option<ErrorCode> {
         match self {
             ClientError::Closed { code, .. } => *code,
-            ClientError::Refused { code } => Some(*code),
+            ClientError::Refused { code } | ClientError::RefusedBecause { code, .. } => Some(*code),
             _ => None,
         }
     }
@@ -782,6 +784,73 @@ impl RelayLink {
 
     /// Console: joins the agent waiting on `slot`. On success payloads flow; the token resumes the
     /// session on a new connection if this one is lost.
+    /// Enrolled agent: comes online as the device of `device` (certificate text), saying
+    /// `presence` (signed text). Returns the device id the relay lists it under.
+    pub async fn announce(
+        &mut self,
+        device: String,
+        presence: String,
+    ) -> Result<String, ClientError> {
+        let client = ClientInfo {
+            software: self.software.clone(),
+        };
+        self.send(&ClientMsg::Announce {
+            client,
+            device,
+            presence,
+        })
+        .await?;
+        match self.reply().await? {
+            RelayMsg::Online { device } => Ok(device),
+            RelayMsg::Refused { code, .. } => Err(ClientError::Refused { code }),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Console: proves an organisation certificate (`proof` over this connection's exporter with
+    /// the membership label). Returns the organisation's name.
+    pub async fn prove_org(&mut self, cert: String, proof: Vec<u8>) -> Result<String, ClientError> {
+        self.send(&ClientMsg::ProveOrg { cert, proof }).await?;
+        match self.reply().await? {
+            RelayMsg::OrgProven { organisation } => Ok(organisation),
+            RelayMsg::Refused { code, message } => {
+                Err(ClientError::RefusedBecause { code, message })
+            }
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Console (proven): one page of the organisation's devices; the entries and the total.
+    pub async fn list_devices(
+        &mut self,
+        query: &str,
+        offset: u32,
+    ) -> Result<(Vec<tandem_proto::DeviceListing>, u32), ClientError> {
+        self.send(&ClientMsg::ListDevices {
+            query: query.to_string(),
+            offset,
+        })
+        .await?;
+        match self.reply().await? {
+            RelayMsg::Devices { entries, total, .. } => Ok((entries, total)),
+            RelayMsg::Refused { code, .. } => Err(ClientError::Refused { code }),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Console (proven): pairs with the online device `device`.
+    pub async fn connect_device(&mut self, device: &str) -> Result<ResumeToken, ClientError> {
+        self.send(&ClientMsg::Connect {
+            device: device.to_string(),
+        })
+        .await?;
+        match self.reply().await? {
+            RelayMsg::Joined { resume, .. } => Ok(resume),
+            RelayMsg::Refused { code, .. } => Err(ClientError::Refused { code }),
+            other => Err(unexpected(other)),
+        }
+    }
+
     pub async fn join(&mut self, slot: &Slot) -> Result<ResumeToken, ClientError> {
         self.send(&ClientMsg::Join { slot: slot.clone() }).await?;
         match self.reply().await? {

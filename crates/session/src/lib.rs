@@ -10,6 +10,8 @@
 //!
 //! * [`code`]: the session code (`417-382-905`): generation, dictation format, tolerant parsing.
 //! * [`setup`]: [`AgentHost`] (the agent shows a code and waits) and [`join`] (the console joins).
+//! * [`unattended`]: [`DeviceHost`] (an enrolled agent, online without a code) and
+//!   [`connect_device`] (the console reaches it by the organisation's certificates, no PAKE).
 //! * [`session`]: the confirmed [`Session`] with its channels and the relay-link supervisor.
 
 pub mod carrier;
@@ -20,6 +22,7 @@ pub mod names;
 pub mod pake;
 pub mod session;
 pub mod setup;
+pub mod unattended;
 
 pub use carrier::Fallback;
 pub use code::{CodeError, SessionCode};
@@ -32,3 +35,7 @@ pub use session::{
 };
 pub use setup::{AgentEvent, AgentHost, CodeChange, CodeRequester, SessionConfig, join, join_on};
 pub use tandem_org;
+pub use unattended::{
+    DeviceEvent, DeviceHost, DeviceInfo, DeviceList, ListedDevice, UnattendedPolicy,
+    connect_device, list_devices,
+};

@@ -142,6 +142,12 @@ pub enum ControlMsg {
         refused: bool,
         detail: String,
     },
+    /// Console → agent, after `Hello`, unattended: the device the console wants, and a challenge
+    /// for the agent to prove it is that device ([`tandem_org::CHALLENGE_LEN`] random bytes).
+    DeviceChallenge { device: String, nonce: Vec<u8> },
+    /// Agent → console, the answer: its device certificate and the device key's signature over
+    /// this connection's exporter and the challenge.
+    DeviceProof { cert: String, proof: Vec<u8> },
 }
 
 /// Largest cursor image side sent (larger cursors are sent downscaled).
@@ -192,6 +198,14 @@ impl Validate for ControlMsg {
             }
             ControlMsg::OrgVerdict { detail, .. } if detail.len() > 512 => {
                 Err(ProtoError::TextTooLong)
+            }
+            ControlMsg::DeviceChallenge { device, nonce }
+                if device.len() > 64 || nonce.len() != tandem_org::CHALLENGE_LEN =>
+            {
+                Err(ProtoError::Invalid("device challenge"))
+            }
+            ControlMsg::DeviceProof { cert, proof } if cert.len() > 2048 || proof.len() > 128 => {
+                Err(ProtoError::Invalid("device proof"))
             }
             ControlMsg::CursorShape {
                 width,
@@ -247,6 +261,9 @@ pub struct PeerInfo {
     /// The organisation check ([`OrgCheck`]): on the agent, what it verified itself; on the
     /// console, what the agent said.
     pub org: OrgCheck,
+    /// Unattended sessions: the enrolled device (on the console, the one it verified; on the
+    /// agent, itself). `None` for attended sessions (a code and the user's consent).
+    pub device: Option<tandem_org::DeviceBody>,
 }
 
 /// Whether the technician is verified by the organisation's key (DESIGN.md "Trust: the
@@ -281,6 +298,9 @@ pub enum SessionError {
     /// The agent accepts only technicians verified by its organisation's key.
     #[error("this computer accepts only technicians verified by its organisation's key: {0}")]
     Unverified(String),
+    /// Unattended: the computer that answered is not the enrolled device asked for.
+    #[error("the computer that answered is not the enrolled device: {0}")]
+    DeviceUnverified(String),
     #[error("the session protocol was broken by the other side: {0}")]
     Protocol(String),
     #[error("the session has ended: {0}")]

@@ -23,9 +23,9 @@ use tandem_proto::{EndReason, ErrorCode, RelayMsg, ResumeToken, Secret, Slot};
 use tokio::sync::Notify;
 
 /// Placeholder addresses of the two ends on the virtual socket (never used on a network).
-const AGENT_ADDR: SocketAddr =
+pub(crate) const AGENT_ADDR: SocketAddr =
     SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 1);
-const CONSOLE_ADDR: SocketAddr =
+pub(crate) const CONSOLE_ADDR: SocketAddr =
     SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 2);
 
 /// Settings of a session, the same on both sides.
@@ -354,7 +354,7 @@ impl AgentHost {
         })
         .await;
         let failure = match outcome {
-            Ok(Ok((conn, Ok((ctl_send, ctl_recv, hello, key, org))))) => {
+            Ok(Ok((conn, Ok((ctl_send, ctl_recv, hello, key, org, _))))) => {
                 let PeerHello {
                     software,
                     capabilities,
@@ -375,6 +375,7 @@ impl AgentHost {
                         technician: Some(technician),
                         organisation: Some(organisation),
                         org,
+                        device: None,
                     },
                     carrier,
                     endpoint,
@@ -448,7 +449,7 @@ impl AgentHost {
 }
 
 /// A revocation list the relay carried: kept if the organisation signed it and it is newer.
-fn offer_revocation(cfg: &SessionConfig, text: &str) {
+pub(crate) fn offer_revocation(cfg: &SessionConfig, text: &str) {
     let Some(trust) = &cfg.trust else {
         return;
     };
@@ -469,18 +470,19 @@ fn offer_revocation(cfg: &SessionConfig, text: &str) {
     }
 }
 
-struct PeerHello {
-    software: String,
-    capabilities: Vec<String>,
-    version: u16,
+pub(crate) struct PeerHello {
+    pub(crate) software: String,
+    pub(crate) capabilities: Vec<String>,
+    pub(crate) version: u16,
 }
 
-type Confirmed = (
+pub(crate) type Confirmed = (
     quinn::SendStream,
     quinn::RecvStream,
     PeerHello,
     [u8; 32],
     OrgCheck,
+    Option<tandem_org::DeviceBody>,
 );
 
 fn binding(conn: &Connection, slot: &Slot, who: &RelayIdentity) -> Result<Binding, SessionError> {
@@ -494,7 +496,7 @@ fn binding(conn: &Connection, slot: &Slot, who: &RelayIdentity) -> Result<Bindin
     })
 }
 
-fn hello(cfg: &SessionConfig) -> ControlMsg {
+pub(crate) fn hello(cfg: &SessionConfig) -> ControlMsg {
     ControlMsg::Hello {
         version: SESSION_VERSION,
         software: cfg.software.clone(),
@@ -502,7 +504,7 @@ fn hello(cfg: &SessionConfig) -> ControlMsg {
     }
 }
 
-async fn read_hello(recv: &mut quinn::RecvStream) -> Result<PeerHello, SessionError> {
+pub(crate) async fn read_hello(recv: &mut quinn::RecvStream) -> Result<PeerHello, SessionError> {
     match read_frame::<ControlMsg>(recv).await? {
         ControlMsg::Hello { version, .. } if version != SESSION_VERSION => {
             Err(SessionError::Protocol(format!(
@@ -527,7 +529,7 @@ async fn read_hello(recv: &mut quinn::RecvStream) -> Result<PeerHello, SessionEr
 
 /// Tells the peer the PAKE failed and waits (bounded) until it has read that, so that it learns
 /// "wrong code" rather than a broken connection.
-async fn send_fail(send: &mut quinn::SendStream) {
+pub(crate) async fn send_fail(send: &mut quinn::SendStream) {
     if write_frame(send, &PakeMsg::Fail).await.is_ok() && send.finish().is_ok() {
         let _ = tokio::time::timeout(Duration::from_millis(500), send.stopped()).await;
     }
@@ -541,7 +543,7 @@ fn pake_err(e: PakeError) -> SessionError {
 }
 
 /// During setup: waits for the relay to report the end of the pairing, and says why.
-async fn watch_setup_link(link: &mut RelayLink) -> SessionError {
+pub(crate) async fn watch_setup_link(link: &mut RelayLink) -> SessionError {
     loop {
         match link.recv().await {
             Ok(RelayMsg::SessionEnded {
@@ -631,7 +633,7 @@ async fn agent_pake(
         let _ = tokio::time::timeout(Duration::from_millis(500), send.stopped()).await;
         return Err(SessionError::Unverified(detail));
     }
-    Ok((send, recv, peer, key, org))
+    Ok((send, recv, peer, key, org, None))
 }
 
 /// The exporter the organisation proof is bound to (distinct from the PAKE's).
@@ -647,7 +649,7 @@ fn org_exporter(conn: &Connection, slot: &Slot) -> Result<[u8; 32], SessionError
 }
 
 /// The agent's check of the console's credentials: pure but for the trust store's file.
-fn check_org(
+pub(crate) fn check_org(
     cfg: &SessionConfig,
     exporter: &[u8; 32],
     nonce: &[u8; tandem_org::CHALLENGE_LEN],
@@ -719,6 +721,27 @@ pub async fn join_on(
     cfg: &SessionConfig,
 ) -> Result<Session, SessionError> {
     let token = link.join(code.slot()).await?;
+    console_setup(link, who, opts, token, cfg, ConsoleMode::Code(code)).await
+}
+
+/// What the console proves itself with, and what it expects of the agent.
+pub(crate) enum ConsoleMode<'a> {
+    /// Attended: the PAKE over the code's secret.
+    Code(&'a SessionCode),
+    /// Unattended: the enrolled device `device`, proven by its key.
+    Device(&'a str),
+}
+
+/// The console's side of a pairing the relay confirmed (`token` resumes it): the inner handshake
+/// through the relay, then the PAKE or the device proof, then `Hello`.
+pub(crate) async fn console_setup(
+    mut link: RelayLink,
+    who: &RelayIdentity,
+    opts: &ConnectOptions,
+    token: ResumeToken,
+    cfg: &SessionConfig,
+    mode: ConsoleMode<'_>,
+) -> Result<Session, SessionError> {
     let carrier = Carrier::new(cfg.fallback);
     carrier.attach(link.connection().clone());
     let socket = carrier
@@ -734,7 +757,12 @@ pub async fn join_on(
                 EndReason::WrongCode => SessionError::WrongCode,
                 _ => SessionError::Setup(format!("inner handshake: {e}")),
             })?;
-        let r = console_pake(&conn, code, who, cfg).await;
+        let r = match mode {
+            ConsoleMode::Code(code) => console_pake(&conn, code, who, cfg).await,
+            ConsoleMode::Device(device) => {
+                crate::unattended::console_handshake(&conn, device, cfg).await
+            }
+        };
         Ok::<_, SessionError>((conn, r))
     };
     let res = tokio::time::timeout(cfg.setup_timeout, async {
@@ -764,7 +792,7 @@ pub async fn join_on(
         }
     };
     match r {
-        Ok((ctl_send, ctl_recv, hello, key, org)) => Ok(Session::start(Parts {
+        Ok((ctl_send, ctl_recv, hello, key, org, device)) => Ok(Session::start(Parts {
             role: Role::Console,
             conn,
             ctl_send,
@@ -776,6 +804,7 @@ pub async fn join_on(
                 technician: Some(who.technician.clone()),
                 organisation: Some(who.organisation.clone()),
                 org,
+                device,
             },
             carrier,
             endpoint,
@@ -878,5 +907,5 @@ async fn console_pake(
             )));
         }
     };
-    Ok((send, recv, peer, confirmed.session_key, org))
+    Ok((send, recv, peer, confirmed.session_key, org, None))
 }
