@@ -7,7 +7,7 @@
 //! as text or JSON lines.
 
 use anyhow::{Context, Result, bail};
-use clap::{Parser, ValueEnum};
+use clap::{Parser, Subcommand, ValueEnum};
 use serde::Deserialize;
 use std::io::{BufRead, IsTerminal};
 use std::path::{Path, PathBuf};
@@ -18,8 +18,11 @@ use tandem_client::{ConnectOptions, EventOut};
 use tandem_host::desktop::{self, Backend, SessionEnv};
 use tandem_host::{Desktop, HostCmd, HostEvent, UserCommands};
 use tandem_session::names;
+use tandem_session::tandem_org::log::{MODE_ATTENDED, MODE_UNATTENDED, Record, SessionLog};
+use tandem_session::tandem_org::{self as org, Enrollment};
 use tandem_session::{
-    AgentEvent, AgentHost, CodeChange, Consent, OrgCheck, Session, SessionConfig, SessionEvent,
+    AgentEvent, AgentHost, CodeChange, Consent, DeviceEvent, DeviceHost, DeviceInfo, OrgCheck,
+    Session, SessionConfig, SessionEvent, UnattendedPolicy,
 };
 use tokio::sync::mpsc;
 
@@ -119,8 +122,33 @@ struct Cli {
     /// one kept in the state directory.
     #[arg(long)]
     revocation: Option<PathBuf>,
+    /// Run as an enrolled device for unattended access (also `[unattended] enabled = true` in
+    /// tandem-agent.toml): no code; online on the relay for the organisation's technicians whose
+    /// certificate allows unattended access to this device's group. Needs `tandem-agent enroll`.
+    #[arg(long)]
+    unattended: bool,
     #[command(flatten)]
     network: tandem_client::NetworkArgs,
+    #[command(subcommand)]
+    command: Option<AgentCmd>,
+}
+
+#[derive(Subcommand, Debug)]
+enum AgentCmd {
+    /// Enroll this computer in the organisation for unattended access. Without --cert: makes the
+    /// device key (kept in the state directory, never sent anywhere) and prints the request for
+    /// the administrator (`tandem-org enroll`). With --cert: installs the device certificate the
+    /// administrator made from it.
+    Enroll {
+        /// The device certificate from `tandem-org enroll` (a file, `tandem-device-v1:…`).
+        #[arg(long)]
+        cert: Option<PathBuf>,
+        /// The name to ask for [default: this computer's host name].
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// Print the signed log of sessions on this computer and check it (exit 1 if it was altered).
+    Log,
 }
 
 /// The organisation trust from flags and the configuration file: the pinned key, the kept
@@ -232,6 +260,45 @@ struct FileConfig {
     require_verified: Option<bool>,
     /// A revocation list shipped with the agent (see --revocation).
     revocation: Option<PathBuf>,
+    /// Unattended access (an enrolled device).
+    unattended: Option<UnattendedFile>,
+}
+
+/// `[unattended]` in tandem-agent.toml: the endpoint's policy, owned by whoever administers this
+/// computer (the file should be writable by root only when the agent runs as a service).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UnattendedFile {
+    /// Off unless set: a computer is reachable without a code only if its administrator says so.
+    #[serde(default)]
+    enabled: bool,
+    /// Technicians allowed, by name or key fingerprint (SHA256:…); empty: every technician whose
+    /// certificate allows unattended access to this device's group.
+    #[serde(default)]
+    technicians: Vec<String>,
+    /// Whether the user at the screen is asked first: `then-connect` (ask; connect if nobody
+    /// answers within `ask_timeout_secs`; the default), `never-without-user` (ask; refuse if
+    /// nobody answers) or `no` (connect without asking: servers). The banner shows either way.
+    ask: Option<String>,
+    /// Seconds to wait for the user's answer. [default: 30]
+    ask_timeout_secs: Option<u64>,
+}
+
+/// What happens when an unattended technician connects while someone may be at the screen.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum AskPolicy {
+    ThenConnect,
+    NeverWithoutUser,
+    No,
+}
+
+/// The unattended policy as the agent runs it.
+#[derive(Clone, Debug)]
+struct Unattended {
+    ask: AskPolicy,
+    timeout: Duration,
+    /// Where the banner is shown (an X display), if any.
+    display: Option<String>,
 }
 
 impl FileConfig {
@@ -249,6 +316,13 @@ fn load_config(path: &Path) -> Result<FileConfig> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("cannot read configuration file {}", path.display()))?;
     toml::from_str(&text).with_context(|| format!("invalid configuration file {}", path.display()))
+}
+
+fn file_config(cli: &Cli) -> Result<FileConfig> {
+    Ok(match cli.config.clone().or_else(shipped_config) {
+        Some(p) => load_config(&p)?,
+        None => FileConfig::default(),
+    })
 }
 
 fn shipped_config() -> Option<PathBuf> {
@@ -276,6 +350,10 @@ pub enum Phase {
         note: String,
     },
     Joining,
+    /// Enrolled, unattended: online for the organisation's technicians (or trying to be).
+    Online {
+        text: String,
+    },
     Consent {
         technician: String,
         organisation: String,
@@ -377,6 +455,19 @@ fn main() -> std::process::ExitCode {
         )
         .with_writer(std::io::stderr)
         .try_init();
+    match &cli.command {
+        Some(AgentCmd::Enroll { cert, name }) => {
+            return finish(enroll(&cli, cert.as_deref(), name.as_deref()));
+        }
+        Some(AgentCmd::Log) => {
+            return match show_log(&cli) {
+                Ok(true) => std::process::ExitCode::SUCCESS,
+                Ok(false) => std::process::ExitCode::FAILURE,
+                Err(e) => finish(Err(e)),
+            };
+        }
+        None => {}
+    }
     let rt = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
@@ -458,10 +549,7 @@ async fn run(
     mut cmds: mpsc::UnboundedReceiver<UiCmd>,
     cmd_tx: mpsc::UnboundedSender<UiCmd>,
 ) -> Result<()> {
-    let file = match cli.config.clone().or_else(shipped_config) {
-        Some(p) => load_config(&p)?,
-        None => FileConfig::default(),
-    };
+    let file = file_config(&cli)?;
     let file_network = file.network();
     let relay = cli.relay.clone().or(file.relay.clone()).context(
         "no relay given: use --relay HOST:PORT (or a tandem-agent.toml next to the program)",
@@ -548,6 +636,35 @@ async fn run(
         require_verified: cli.require_verified || file.require_verified == Some(true),
         ..SessionConfig::default()
     };
+    let enrollment = match &org_public {
+        Some(o) => load_enrollment(&cli, o)?,
+        None => None,
+    };
+    let mut log = enrollment.as_ref().and_then(|e| open_log(&cli, e));
+    let unattended_on = cli.unattended || file.unattended.as_ref().is_some_and(|u| u.enabled);
+    if unattended_on {
+        let Some(enrollment) = enrollment else {
+            bail!(
+                "unattended access needs an enrolled device and the organisation key: run \
+                 `tandem-agent enroll` (and put org = \"tandem-org-v1:…\" in tandem-agent.toml)"
+            );
+        };
+        let u = unattended_policy(file.unattended.as_ref(), &cli)?;
+        let policy = UnattendedPolicy {
+            technicians: file
+                .unattended
+                .as_ref()
+                .map(|u| u.technicians.clone())
+                .unwrap_or_default(),
+        };
+        let ctx = UnattendedRun {
+            desktop,
+            org: org_public.as_ref(),
+            report: &report,
+            u,
+        };
+        return run_unattended(opts, cfg, Arc::new(enrollment), policy, ctx, log, &mut cmds).await;
+    }
     let mut host = AgentHost::connect(opts, cfg)
         .await
         .with_context(|| format!("cannot connect to the relay at {relay}"))?;
@@ -684,15 +801,19 @@ async fn run(
                 report.phase(Phase::Locked { note });
             }
             AgentEvent::Session(s) => {
+                log_start(&mut log, &s, MODE_ATTENDED);
                 let quit = run_session(
                     *s,
                     consent,
+                    None,
                     desktop.clone(),
                     org_public.as_ref(),
                     &report,
                     &mut cmds,
                 )
-                .await?;
+                .await;
+                log_end(&mut log, &quit);
+                let quit = quit?;
                 if cli.once || quit {
                     return Ok(());
                 }
@@ -882,6 +1003,7 @@ impl UserCommands for AgentCmds<'_> {
 async fn run_session(
     s: Session,
     mode: ConsentMode,
+    unattended: Option<&Unattended>,
     desktop: Option<Arc<dyn Desktop>>,
     org: Option<&tandem_session::tandem_org::OrgPublic>,
     report: &Report,
@@ -899,16 +1021,23 @@ async fn run_session(
         serde_json::json!({"technician": technician, "organisation": organisation,
             "verified": trust.verified, "trust": trust.text}),
     );
-    let mut decision = ask_consent(
-        mode,
-        &technician,
-        &organisation,
-        suspicious,
-        &trust,
-        report,
-        cmds,
-    )
-    .await;
+    // Unattended: the banner shows from now until the session ends, whatever is decided.
+    let _banner = unattended.and_then(|u| show_banner(u, &technician, &organisation, report));
+    let mut decision = match unattended {
+        Some(u) => ask_unattended(u, &technician, &organisation, &trust, report, cmds).await,
+        None => {
+            ask_consent(
+                mode,
+                &technician,
+                &organisation,
+                suspicious,
+                &trust,
+                report,
+                cmds,
+            )
+            .await
+        }
+    };
     // Answering for nobody (`--consent allow`) on a computer that trusts an organisation: control
     // only for technicians its key verified; the others get view only.
     if org.is_some()
@@ -1040,4 +1169,479 @@ async fn run_session(
     let outcome =
         tandem_host::run_session(s, decision, desktop, &mut AgentCmds(cmds), &mut on).await?;
     Ok(outcome.quit)
+}
+
+/// Files of an enrolled device, in the state directory.
+const DEVICE_KEY: &str = "device.key";
+const DEVICE_CERT: &str = "device.cert";
+const SESSION_LOG: &str = "sessions.log";
+
+fn device_dir(cli: &Cli) -> Result<PathBuf> {
+    state_dir(cli).context("no state directory: use --state-dir (or set $HOME)")
+}
+
+/// What the computer says about itself while online (signed into its presence).
+fn device_info() -> DeviceInfo {
+    let hostname = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_default();
+    let os = std::fs::read_to_string("/etc/os-release")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find_map(|l| l.strip_prefix("PRETTY_NAME="))
+                .map(|v| v.trim_matches('"').to_string())
+        })
+        .unwrap_or_else(|| std::env::consts::OS.to_string());
+    let user = std::env::var("TANDEM_DEVICE_USER")
+        .or_else(|_| std::env::var("USER"))
+        .unwrap_or_default();
+    DeviceInfo { hostname, os, user }
+}
+
+/// `tandem-agent enroll`: the device key and request, or the certificate installed.
+fn enroll(cli: &Cli, cert: Option<&Path>, name: Option<&str>) -> Result<()> {
+    let dir = device_dir(cli)?;
+    let key_path = dir.join(DEVICE_KEY);
+    let Some(cert) = cert else {
+        let key = if key_path.exists() {
+            org::KeyPair::from_text(&org::read_text(&key_path)?)
+                .with_context(|| format!("cannot read the device key {}", key_path.display()))?
+        } else {
+            let k = org::KeyPair::generate()?;
+            org::write_private(&key_path, &k.to_text())?;
+            k
+        };
+        let name = name
+            .map(str::to_owned)
+            .unwrap_or_else(|| device_info().hostname);
+        let name = if name.is_empty() {
+            "computer".into()
+        } else {
+            name
+        };
+        let req = org::DeviceRequest::new(&name, &key)?;
+        eprintln!(
+            "The device key is in {} (it never leaves this computer). Send the line below to your \
+             administrator, who approves it with\n  tandem-org enroll --key org.key --request \
+             <file> --group <group> --out device.cert\nthen install the certificate here:\n  \
+             tandem-agent enroll --cert device.cert",
+            key_path.display()
+        );
+        println!("{}", req.to_text());
+        return Ok(());
+    };
+    let file = file_config(cli)?;
+    let text = cli.org.as_deref().or(file.org.as_deref()).context(
+        "enrollment needs the organisation key this agent trusts: org = \"tandem-org-v1:…\" in \
+         tandem-agent.toml (or --org)",
+    )?;
+    let o = org::OrgPublic::from_text(text).context("invalid organisation key")?;
+    let key = org::read_text(&key_path)
+        .and_then(|t| org::KeyPair::from_text(&t))
+        .with_context(|| {
+            format!(
+                "no device key in {}: run `tandem-agent enroll` first (without --cert)",
+                dir.display()
+            )
+        })?;
+    let dc = org::DeviceCert::from_text(&org::read_text(cert)?)
+        .with_context(|| format!("{} is not a device certificate", cert.display()))?;
+    let e = Enrollment::new(key, dc.clone(), &o).context(
+        "the certificate does not fit: it must be made by `tandem-org enroll` from THIS \
+         computer's request, with the organisation key this agent trusts",
+    )?;
+    org::write_private(&dir.join(DEVICE_CERT), &dc.to_text())?;
+    let on = file.unattended.as_ref().is_some_and(|u| u.enabled);
+    println!(
+        "Enrolled as {} ({}) in group {} of {}. Unattended access is {} in tandem-agent.toml \
+         ([unattended] enabled = true; see --help).",
+        e.body.name,
+        e.body.id,
+        e.body.group,
+        e.body.organisation,
+        if on { "on" } else { "off" }
+    );
+    Ok(())
+}
+
+/// The enrollment kept in the state directory, if this computer is enrolled.
+fn load_enrollment(cli: &Cli, o: &org::OrgPublic) -> Result<Option<Enrollment>> {
+    let Some(dir) = state_dir(cli) else {
+        return Ok(None);
+    };
+    let cert_path = dir.join(DEVICE_CERT);
+    if !cert_path.exists() {
+        return Ok(None);
+    }
+    let key = org::read_text(&dir.join(DEVICE_KEY))
+        .and_then(|t| org::KeyPair::from_text(&t))
+        .context("the device certificate is there but not the device key: enroll again")?;
+    let cert = org::DeviceCert::from_text(&org::read_text(&cert_path)?)?;
+    Ok(Some(Enrollment::new(key, cert, o).context(
+        "the kept device certificate does not fit this computer's key or organisation: enroll again \
+         (tandem-agent enroll)",
+    )?))
+}
+
+fn open_log(cli: &Cli, e: &Enrollment) -> Option<SessionLog> {
+    let path = state_dir(cli)?.join(SESSION_LOG);
+    match SessionLog::open(&path, &e.key, org::unix_now()) {
+        Ok(l) => Some(l),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot keep the signed session log");
+            None
+        }
+    }
+}
+
+fn log_start(log: &mut Option<SessionLog>, s: &Session, mode: &str) {
+    let Some(l) = log else { return };
+    let (technician, organisation, cert) = match &s.peer().org {
+        OrgCheck::Verified(v) => (
+            v.technician.clone(),
+            v.organisation.clone(),
+            v.cert_id.clone(),
+        ),
+        _ => (
+            s.peer().technician.clone().unwrap_or_default(),
+            s.peer().organisation.clone().unwrap_or_default(),
+            String::new(),
+        ),
+    };
+    let r = Record {
+        event: org::log::EVENT_START.into(),
+        technician,
+        organisation,
+        cert,
+        mode: mode.into(),
+        detail: if s.peer().org.is_verified() {
+            "verified".into()
+        } else {
+            "not verified".into()
+        },
+    };
+    if let Err(e) = l.append(&r, org::unix_now()) {
+        tracing::warn!(error = %e, "cannot write the signed session log");
+    }
+}
+
+fn log_end(log: &mut Option<SessionLog>, r: &Result<bool>) {
+    let Some(l) = log else { return };
+    let rec = Record {
+        event: org::log::EVENT_END.into(),
+        detail: match r {
+            Ok(_) => "ended".into(),
+            Err(e) => format!("{e:#}"),
+        },
+        ..Record::default()
+    };
+    if let Err(e) = l.append(&rec, org::unix_now()) {
+        tracing::warn!(error = %e, "cannot write the signed session log");
+    }
+}
+
+/// `tandem-agent log`: prints the signed session log and checks it.
+fn show_log(cli: &Cli) -> Result<bool> {
+    let dir = device_dir(cli)?;
+    let key = org::read_text(&dir.join(DEVICE_KEY))
+        .and_then(|t| org::KeyPair::from_text(&t))
+        .context("this computer is not enrolled (no device key): there is no signed log")?;
+    let path = dir.join(SESSION_LOG);
+    let bytes = std::fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?;
+    for line in bytes.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
+        match org::log::LogEntry::from_line(line) {
+            Ok(e) => println!(
+                "{:>5} {} {:<6} {:<10} {} {} {} {}",
+                e.seq,
+                e.time,
+                e.event,
+                e.mode,
+                names::printable(&e.technician, 48),
+                names::printable(&e.organisation, 48),
+                e.cert,
+                names::printable(&e.detail, 80)
+            ),
+            Err(why) => println!("      (not an entry: {why})"),
+        }
+    }
+    let report = org::log::verify_log(&bytes, &key.public());
+    for p in &report.problems {
+        println!("PROBLEM {p}");
+    }
+    println!(
+        "{} entries; {}",
+        report.entries,
+        if report.is_intact() {
+            "every entry is signed by this device's key and none is missing or altered (entries \
+             removed from the end cannot be told; the relay's audit log is the other record)"
+        } else {
+            "THE LOG WAS ALTERED"
+        }
+    );
+    Ok(report.is_intact())
+}
+
+fn unattended_policy(f: Option<&UnattendedFile>, cli: &Cli) -> Result<Unattended> {
+    let ask = match f.and_then(|u| u.ask.as_deref()) {
+        None | Some("then-connect") => AskPolicy::ThenConnect,
+        Some("never-without-user") => AskPolicy::NeverWithoutUser,
+        Some("no") => AskPolicy::No,
+        Some(other) => bail!(
+            "[unattended] ask = {other:?} in tandem-agent.toml: use \"then-connect\", \
+             \"never-without-user\" or \"no\""
+        ),
+    };
+    let secs = f.and_then(|u| u.ask_timeout_secs).unwrap_or(30);
+    if !(1..=3600).contains(&secs) {
+        bail!("[unattended] ask_timeout_secs must be 1 to 3600");
+    }
+    let display = cli
+        .display
+        .clone()
+        .or_else(|| std::env::var("DISPLAY").ok())
+        .filter(|d| !d.is_empty());
+    Ok(Unattended {
+        ask,
+        timeout: Duration::from_secs(secs),
+        display,
+    })
+}
+
+/// What the unattended loop passes to every session.
+struct UnattendedRun<'a> {
+    desktop: Option<Arc<dyn Desktop>>,
+    org: Option<&'a org::OrgPublic>,
+    report: &'a Report,
+    u: Unattended,
+}
+
+/// Longest wait between two attempts to get back online.
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+
+/// The enrolled device's loop: online, sessions, and back online after any loss (network, relay
+/// restart), with a growing pause between attempts.
+async fn run_unattended(
+    opts: ConnectOptions,
+    cfg: SessionConfig,
+    enrollment: Arc<Enrollment>,
+    policy: UnattendedPolicy,
+    ctx: UnattendedRun<'_>,
+    mut log: Option<SessionLog>,
+    cmds: &mut mpsc::UnboundedReceiver<UiCmd>,
+) -> Result<()> {
+    let report = ctx.report;
+    let b = &enrollment.body;
+    report.event(
+        "device",
+        &format!(
+            "This computer is {} ({}) in group {} of {}; unattended access is on (the user is {}).",
+            names::printable(&b.name, 48),
+            b.id,
+            names::printable(&b.group, 48),
+            names::printable(&b.organisation, 48),
+            match ctx.u.ask {
+                AskPolicy::ThenConnect => format!(
+                    "asked first; technicians connect if nobody answers in {} s",
+                    ctx.u.timeout.as_secs()
+                ),
+                AskPolicy::NeverWithoutUser =>
+                    "asked first; nobody connects without an answer".into(),
+                AskPolicy::No => "not asked; a banner shows while anyone is connected".into(),
+            }
+        ),
+        serde_json::json!({"device": b.id, "name": b.name, "group": b.group,
+            "organisation": b.organisation}),
+    );
+    let mut host = DeviceHost::new(opts, cfg, enrollment.clone(), policy, device_info());
+    let mut backoff = Duration::from_secs(1);
+    loop {
+        let ev = {
+            let next = host.next();
+            tokio::pin!(next);
+            loop {
+                tokio::select! {
+                    ev = &mut next => break ev,
+                    c = cmds.recv() => match c {
+                        None => return Ok(()),
+                        Some(UiCmd::Line(l)) if l.trim() == "quit" => return Ok(()),
+                        Some(_) => {}
+                    },
+                    _ = tokio::signal::ctrl_c() => return Ok(()),
+                }
+            }
+        };
+        match ev {
+            Ok(DeviceEvent::Online { device }) => {
+                backoff = Duration::from_secs(1);
+                let text = "Online: your IT provider's technicians can connect to this computer; \
+                            a red banner shows while anyone is connected.";
+                report.event("online", text, serde_json::json!({"device": device}));
+                report.phase(Phase::Online { text: text.into() });
+            }
+            Ok(DeviceEvent::Refused { reason }) => {
+                report.event(
+                    "unattended_refused",
+                    &format!(
+                        "Someone tried to connect and was refused: {}",
+                        names::printable(&reason, 200)
+                    ),
+                    serde_json::json!({"reason": reason}),
+                );
+            }
+            Ok(DeviceEvent::Session(s)) => {
+                log_start(&mut log, &s, MODE_UNATTENDED);
+                let r = run_session(
+                    *s,
+                    ConsentMode::Window,
+                    Some(&ctx.u),
+                    ctx.desktop.clone(),
+                    ctx.org,
+                    report,
+                    cmds,
+                )
+                .await;
+                log_end(&mut log, &r);
+                if r? {
+                    return Ok(());
+                }
+            }
+            Err(e) => {
+                let text = format!(
+                    "Not online ({}); trying again in {} s.",
+                    names::printable(&e.to_string(), 200),
+                    backoff.as_secs()
+                );
+                report.event(
+                    "offline",
+                    &text,
+                    serde_json::json!({"error": e.to_string(), "retry_in_secs": backoff.as_secs()}),
+                );
+                report.phase(Phase::Online { text });
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = tokio::signal::ctrl_c() => return Ok(()),
+                }
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+            }
+        }
+    }
+}
+
+/// The always-visible banner of an unattended session, on the shared X display.
+fn show_banner(
+    u: &Unattended,
+    technician: &str,
+    organisation: &str,
+    report: &Report,
+) -> Option<tandem_host::banner::Banner> {
+    let text = format!(
+        "Remote session: {technician} of {organisation} is connected to this computer (unattended \
+         access, verified by the organisation's key)"
+    );
+    let Some(display) = u.display.as_deref() else {
+        report.event(
+            "banner",
+            "No X display: the session banner cannot be shown on this desktop.",
+            serde_json::json!({"shown": false}),
+        );
+        return None;
+    };
+    match tandem_host::banner::Banner::show(Some(display), &text) {
+        Ok(b) => {
+            report.event("banner", &text, serde_json::json!({"shown": true}));
+            Some(b)
+        }
+        Err(e) => {
+            report.event(
+                "banner",
+                &format!("The session banner cannot be shown: {e}"),
+                serde_json::json!({"shown": false, "error": e.to_string()}),
+            );
+            None
+        }
+    }
+}
+
+/// Unattended: asks the user at the screen per the policy; nobody answering connects
+/// (`then-connect`) or refuses (`never-without-user`).
+async fn ask_unattended(
+    u: &Unattended,
+    technician: &str,
+    organisation: &str,
+    trust: &Trust,
+    report: &Report,
+    cmds: &mut mpsc::UnboundedReceiver<UiCmd>,
+) -> Consent {
+    let on_silence = match u.ask {
+        AskPolicy::No => {
+            report.event(
+                "consent_skipped",
+                &format!(
+                    "{technician} of {organisation} connected unattended; nobody was asked \
+                     (policy)."
+                ),
+                serde_json::json!({"technician": technician, "organisation": organisation}),
+            );
+            return Consent::AllowControl;
+        }
+        AskPolicy::ThenConnect => Consent::AllowControl,
+        AskPolicy::NeverWithoutUser => Consent::Deny,
+    };
+    let secs = u.timeout.as_secs();
+    report.event(
+        "consent_asked",
+        &format!(
+            "{technician} of {organisation} wants to connect unattended ({}). Allow (a), view only \
+             (v) or deny (d)? {}",
+            trust.text,
+            if on_silence == Consent::Deny {
+                format!("Refused in {secs} s if nobody answers.")
+            } else {
+                format!("Connects in {secs} s if nobody answers.")
+            }
+        ),
+        serde_json::json!({"technician": technician, "organisation": organisation,
+            "verified": trust.verified, "trust": trust.text, "unattended": true,
+            "timeout_secs": secs,
+            "if_nobody_answers": if on_silence == Consent::Deny { "deny" } else { "allow" }}),
+    );
+    report.phase(Phase::Consent {
+        technician: technician.to_owned(),
+        organisation: organisation.to_owned(),
+        suspicious: false,
+        trust: trust.clone(),
+        deadline: Instant::now() + u.timeout,
+    });
+    let answer = async {
+        while let Some(c) = cmds.recv().await {
+            match c {
+                UiCmd::Consent(c) => return c,
+                UiCmd::Line(l) => match l.trim().to_lowercase().as_str() {
+                    "a" | "allow" => return Consent::AllowControl,
+                    "v" | "view" | "view only" => return Consent::ViewOnly,
+                    "d" | "deny" => return Consent::Deny,
+                    _ => {}
+                },
+                UiCmd::End => return Consent::Deny,
+                UiCmd::ViewOnly(_) | UiCmd::NewCode => {}
+            }
+        }
+        Consent::Deny
+    };
+    match tokio::time::timeout(u.timeout, answer).await {
+        Ok(c) => c,
+        Err(_) => {
+            report.event(
+                "consent_timeout",
+                if on_silence == Consent::Deny {
+                    "Nobody answered: refused."
+                } else {
+                    "Nobody answered: the technician connects (the banner stays on)."
+                },
+                serde_json::json!({"decision": if on_silence == Consent::Deny { "deny" } else { "allow" }}),
+            );
+            on_silence
+        }
+    }
 }

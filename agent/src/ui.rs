@@ -118,6 +118,12 @@ impl eframe::App for AgentWindow {
                 Phase::Joining => {
                     ui.heading("A technician is connecting…");
                 }
+                Phase::Online { text } => {
+                    ui.heading("Managed computer");
+                    ui.label(text);
+                    ui.add_space(8.0);
+                    ui.small(format!("Relay: {relay}"));
+                }
                 Phase::Consent {
                     technician,
                     organisation,

@@ -1,7 +1,8 @@
 //! The console's window (eframe/egui): a login form (relay, pin and token remembered after the
-//! first login) and the code; then the remote screen scaled to the window with its aspect kept (or
-//! 1:1, or full screen), the remote cursor drawn from its position and shape, a toolbar and a stats
-//! line.
+//! first login) and the code, and, for technicians whose certificate is loaded, the organisation's
+//! enrolled devices to connect to without a code (unattended access); then the remote screen
+//! scaled to the window with its aspect kept (or 1:1, or full screen), the remote cursor drawn
+//! from its position and shape, a toolbar and a stats line.
 //!
 //! Input: while the view has focus (click into it; click the toolbar to leave) keys go to the
 //! remote as physical keys (the remote's layout decides the character), and pointer and wheel go
@@ -21,7 +22,9 @@ use std::time::{Duration, Instant};
 use tandem_client::EventOut;
 use tandem_input::keymap::{usage, usage_by_name};
 use tandem_input::{Combo, InputEvent, MouseButton, Pos};
-use tandem_session::{Consent, MonitorInfo};
+use tandem_proto::Secret;
+use tandem_session::names::printable;
+use tandem_session::{Consent, DeviceList, ListedDevice, MonitorInfo};
 use tokio::sync::mpsc;
 
 pub fn options() -> eframe::NativeOptions {
@@ -41,6 +44,8 @@ pub struct Form {
     pub pin: String,
     pub token: String,
     pub code: String,
+    /// An enrolled device (id or exact name) to reach without a code; empty: join by `code`.
+    pub device: String,
 }
 
 enum Phase {
@@ -50,6 +55,8 @@ enum Phase {
     Joining {
         rx: std_mpsc::Receiver<Result<Box<Live>, (u8, String)>>,
         since: Instant,
+        /// What is being connected to, for the screen: the relay, or the device and its relay.
+        target: String,
     },
     Session(Box<Live>),
     Ended {
@@ -102,6 +109,8 @@ pub struct ConsoleApp {
     exit_code: Arc<std::sync::atomic::AtomicU8>,
     /// Started with a time limit: the window closes when the session is over.
     closes_when_done: bool,
+    /// The login screen's device list.
+    devices: Devices,
 }
 
 impl ConsoleApp {
@@ -114,7 +123,8 @@ impl ConsoleApp {
         exit_code: Arc<std::sync::atomic::AtomicU8>,
         ctx: &egui::Context,
     ) -> Self {
-        let auto = !form.code.trim().is_empty();
+        // A code or a device from the command line: connect at once.
+        let auto = !form.code.trim().is_empty() || !form.device.trim().is_empty();
         let mut app = ConsoleApp {
             rt,
             form,
@@ -124,6 +134,7 @@ impl ConsoleApp {
             limit: seconds.map(|s| (Instant::now(), Duration::from_secs(s))),
             exit_code,
             closes_when_done: seconds.is_some(),
+            devices: Devices::default(),
         };
         if auto {
             app.connect(ctx);
@@ -131,9 +142,20 @@ impl ConsoleApp {
         app
     }
 
+    /// Joins in the background: by `form.device` if set, else by `form.code`. The device is a
+    /// one-time target: it is cleared here, so the form joins by code again afterwards whatever
+    /// happens to this attempt.
     fn connect(&mut self, ctx: &egui::Context) {
         let (tx, rx) = std_mpsc::channel();
+        let relay = self.form.relay.trim();
+        let device = self.form.device.trim();
+        let target = if device.is_empty() {
+            relay.to_owned()
+        } else {
+            format!("{} through {relay}", self.devices.name_of(device))
+        };
         let form = self.form.clone();
+        self.form.device.clear();
         let login = self.login.clone();
         let rt = self.rt.clone();
         let ctx = ctx.clone();
@@ -215,6 +237,7 @@ impl ConsoleApp {
             Ok(_) => Phase::Joining {
                 rx,
                 since: Instant::now(),
+                target,
             },
             Err(e) => Phase::Login {
                 error: Some(format!("cannot start: {e}")),
@@ -222,8 +245,26 @@ impl ConsoleApp {
         };
     }
 
+    /// Fetches the organisation's device list in the background; [`Devices::poll`] takes the
+    /// answer.
+    fn fetch_devices(&mut self, ctx: &egui::Context) {
+        let (tx, rx) = std_mpsc::channel();
+        let form = self.form.clone();
+        let login = self.login.clone();
+        let ctx = ctx.clone();
+        // If the runtime is gone the task is dropped with `tx`, and the poll reports that.
+        self.rt.spawn(async move {
+            let _ = tx.send(fetch_devices(&form, &login).await);
+            ctx.request_repaint();
+        });
+        self.devices.pending = Some(rx);
+        self.devices.error = None;
+    }
+
     fn login_ui(&mut self, ui: &mut egui::Ui, error: Option<String>) {
         let mut go = false;
+        let mut action = None;
+        let certified = self.login.credentials.is_some();
         egui::CentralPanel::default().show(ui, |ui| {
             ui.heading("Join a support session");
             ui.add_space(8.0);
@@ -261,11 +302,379 @@ impl ConsoleApp {
             }
             ui.add_space(8.0);
             ui.small("Relay, pin and token are remembered after the first successful login.");
+            ui.add_space(8.0);
+            ui.separator();
+            action = self.devices.ui(ui, certified);
         });
         if go {
+            self.form.device.clear();
             self.connect(ui.ctx());
+        } else {
+            match action {
+                Some(DeviceAction::Fetch) => self.fetch_devices(ui.ctx()),
+                Some(DeviceAction::Connect(id)) => {
+                    self.form.device = id;
+                    self.form.code.clear();
+                    self.connect(ui.ctx());
+                }
+                None => {}
+            }
         }
     }
+}
+
+/// How long a device listing may take before the console gives up on it.
+const LIST_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Most device rows the table shows at once (a search narrows the rest).
+const MAX_ROWS: usize = 500;
+
+/// What the technician asked of the device list.
+enum DeviceAction {
+    /// Fetch (again) the list.
+    Fetch,
+    /// Connect to the device with this id.
+    Connect(String),
+}
+
+/// The login screen's list of the organisation's enrolled devices (unattended access).
+#[derive(Default)]
+struct Devices {
+    /// The last list fetched; kept during a refresh and after a failed one.
+    list: Option<Listing>,
+    /// A fetch under way: its answer, or why it failed.
+    pending: Option<std_mpsc::Receiver<Result<Listing, String>>>,
+    /// Why the last fetch failed.
+    error: Option<String>,
+    /// The search box's text.
+    search: String,
+}
+
+/// A device list ready to show: made in the background, off the UI thread.
+struct Listing {
+    /// The devices that checked, sorted by group then name.
+    rows: Vec<Row>,
+    /// Why each of the entries that did not check was left out (the relay's text: unprintable
+    /// characters escaped).
+    rejected: Vec<String>,
+    /// The relay that listed them (printable).
+    relay: String,
+}
+
+impl Listing {
+    fn new(list: DeviceList, relay: &str) -> Listing {
+        let mut rows: Vec<Row> = list.devices.iter().map(Row::of).collect();
+        rows.sort_by(|a, b| a.key.cmp(&b.key));
+        Listing {
+            rows,
+            rejected: list.rejected.iter().map(|r| printable(r, 200)).collect(),
+            relay: printable(relay, 80),
+        }
+    }
+}
+
+/// One device of the list, its text as shown (the relay's text, signed by the device but still
+/// arbitrary: unprintable characters escaped, lengths bounded).
+#[derive(Debug)]
+struct Row {
+    /// The device id as the relay gave it (checked), to connect with.
+    id: String,
+    name: String,
+    group: String,
+    /// "host · user · OS".
+    host: String,
+    online: bool,
+    in_session: bool,
+    /// Unix seconds.
+    last_seen: u64,
+    /// What the search looks in, lower case: name, host, group, user, id.
+    haystack: String,
+    /// The sort order: group (case-insensitive, then exact: each group stays together), name, id.
+    key: (String, String, String, String),
+}
+
+/// One field's text as shown: `empty` for an empty one.
+fn shown_field(text: &str, max: usize, empty: &str) -> String {
+    if text.trim().is_empty() {
+        empty.to_owned()
+    } else {
+        printable(text, max)
+    }
+}
+
+impl Row {
+    fn of(d: &ListedDevice) -> Row {
+        let (dev, p) = (&d.checked.device, &d.checked.presence);
+        Row::new(
+            &dev.id,
+            &dev.name,
+            &dev.group,
+            [&p.hostname, &p.user, &p.os],
+            (d.online, d.in_session, d.last_seen),
+        )
+    }
+
+    /// `who`: host name, user, OS; `state`: online, in session, last seen.
+    fn new(id: &str, name: &str, group: &str, who: [&str; 3], state: (bool, bool, u64)) -> Row {
+        let [hostname, user, os] = who;
+        let host = [(hostname, 40), (user, 24), (os, 40)]
+            .iter()
+            .filter(|(t, _)| !t.trim().is_empty())
+            .map(|(t, max)| printable(t, *max))
+            .collect::<Vec<_>>()
+            .join(" · ");
+        Row {
+            id: id.to_owned(),
+            name: shown_field(name, 40, "(no name)"),
+            group: shown_field(group, 24, "(no group)"),
+            host: if host.is_empty() { "–".into() } else { host },
+            online: state.0,
+            in_session: state.1,
+            last_seen: state.2,
+            haystack: [name, hostname, group, user, id].join("\n").to_lowercase(),
+            key: (
+                group.to_lowercase(),
+                group.to_owned(),
+                name.to_lowercase(),
+                id.to_owned(),
+            ),
+        }
+    }
+
+    /// Whether the search `needle` (lower case; empty matches all) is in any searched field.
+    fn matches(&self, needle: &str) -> bool {
+        self.haystack.contains(needle)
+    }
+
+    /// Whether a session can start now: online and not in a session already.
+    fn reachable(&self) -> bool {
+        self.online && !self.in_session
+    }
+
+    /// The state in words and its colour, at `now` (Unix seconds).
+    fn state(&self, now: u64) -> (String, Color32) {
+        if self.in_session {
+            ("in session".into(), Color32::from_rgb(0xe0, 0x8a, 0x00))
+        } else if self.online {
+            ("online".into(), Color32::from_rgb(0x2e, 0x9d, 0x4a))
+        } else if self.last_seen == 0 {
+            ("offline, never seen".into(), Color32::GRAY)
+        } else {
+            let ago = ago(now.saturating_sub(self.last_seen));
+            (format!("offline, seen {ago} ago"), Color32::GRAY)
+        }
+    }
+}
+
+/// A time span in minutes, or in hours or days once long.
+fn ago(secs: u64) -> String {
+    let min = secs / 60;
+    match min {
+        0..120 => format!("{min} min"),
+        120..2880 => format!("{} h", min / 60),
+        _ => format!("{} days", min / 1440),
+    }
+}
+
+/// Lists the organisation's devices on the form's relay, as the technician of its token and the
+/// login's certificate. Errors in words.
+async fn fetch_devices(form: &Form, login: &Login) -> Result<Listing, String> {
+    let relay = form.relay.trim();
+    if relay.is_empty() {
+        return Err("no relay given: fill in Relay above".into());
+    }
+    let token = form.token.trim();
+    if token.is_empty() {
+        return Err("no technician token given: fill in Token above".into());
+    }
+    let (opts, cfg) =
+        crate::connect_options(relay, form, login).map_err(|f| format!("{:#}", f.error))?;
+    let token = Secret::new(token);
+    let listing = tandem_session::list_devices(&opts, &token, &cfg, "");
+    let list = tokio::time::timeout(LIST_TIMEOUT, listing)
+        .await
+        .map_err(|_| {
+            format!(
+                "the relay did not list the devices within {} s",
+                LIST_TIMEOUT.as_secs()
+            )
+        })?
+        .map_err(|e| format!("{:#}", anyhow::Error::from(e)))?;
+    Ok(Listing::new(list, relay))
+}
+
+impl Devices {
+    /// Takes the answer of a fetch under way, if it came.
+    fn poll(&mut self) {
+        let Some(rx) = &self.pending else { return };
+        match rx.try_recv() {
+            Ok(Ok(list)) => {
+                self.list = Some(list);
+                self.error = None;
+            }
+            Ok(Err(e)) => self.error = Some(e),
+            Err(std_mpsc::TryRecvError::Empty) => return,
+            Err(std_mpsc::TryRecvError::Disconnected) => {
+                self.error = Some("the device list request stopped".into());
+            }
+        }
+        self.pending = None;
+    }
+
+    /// How the joining screen names the device `device` (an id, or a name from the command
+    /// line): its name if the list has it.
+    fn name_of(&self, device: &str) -> String {
+        self.list
+            .iter()
+            .flat_map(|l| &l.rows)
+            .find(|r| r.id == device)
+            .map_or_else(|| printable(device, 40), |r| r.name.clone())
+    }
+
+    /// The section: a fetch button, a search box, the table. `certified`: the technician's
+    /// certificate is loaded (without it the relay lists nothing).
+    fn ui(&mut self, ui: &mut egui::Ui, certified: bool) -> Option<DeviceAction> {
+        self.poll();
+        ui.heading("Devices");
+        if !certified {
+            ui.label(
+                "Unattended access: load your technician certificate (--cert, --cert-key) to \
+                 see your organisation's devices",
+            );
+            return None;
+        }
+        let mut action = None;
+        ui.horizontal(|ui| {
+            let label = if self.list.is_some() {
+                "Refresh"
+            } else {
+                "Show devices"
+            };
+            if ui
+                .add_enabled(self.pending.is_none(), egui::Button::new(label))
+                .on_hover_text("ask the relay for your organisation's enrolled computers")
+                .clicked()
+            {
+                action = Some(DeviceAction::Fetch);
+            }
+            if self.pending.is_some() {
+                ui.spinner();
+                ui.label("Loading…");
+            }
+            if self.list.is_some() {
+                ui.add(
+                    egui::TextEdit::singleline(&mut self.search)
+                        .hint_text("search name, host, group, user or id"),
+                );
+            }
+        });
+        if let Some(e) = &self.error {
+            ui.colored_label(
+                Color32::from_rgb(0xd0, 0x40, 0x40),
+                format!("Could not list the devices: {}", printable(e, 400)),
+            );
+        }
+        if let Some(list) = &self.list
+            && let Some(id) = table(ui, list, &self.search)
+        {
+            action = Some(DeviceAction::Connect(id));
+        }
+        action
+    }
+}
+
+/// The device table of `list`, filtered by `search`. Returns the id of the device whose Connect
+/// button was clicked.
+fn table(ui: &mut egui::Ui, list: &Listing, search: &str) -> Option<String> {
+    let needle = search.trim().to_lowercase();
+    let rows: Vec<&Row> = list.rows.iter().filter(|r| r.matches(&needle)).collect();
+    let mut picked = None;
+    ui.label(format!(
+        "{} devices of your organisation on {}{}",
+        list.rows.len(),
+        list.relay,
+        if needle.is_empty() {
+            String::new()
+        } else {
+            format!(", {} matching", rows.len())
+        }
+    ));
+    if !list.rejected.is_empty() {
+        ui.colored_label(
+            Color32::from_rgb(0xe0, 0x8a, 0x00),
+            format!(
+                "{} entries from the relay did not check and were left out (forged, revoked or \
+                 another organisation)",
+                list.rejected.len()
+            ),
+        )
+        .on_hover_text(
+            list.rejected
+                .iter()
+                .take(20)
+                .cloned()
+                .collect::<Vec<_>>()
+                .join("\n"),
+        );
+    }
+    if rows.is_empty() {
+        ui.weak(if list.rows.is_empty() {
+            "No devices are enrolled in your organisation."
+        } else {
+            "No device matches the search."
+        });
+        return None;
+    }
+    let now = tandem_session::tandem_org::unix_now();
+    egui::ScrollArea::vertical()
+        .id_salt("device_list")
+        .auto_shrink([false, true])
+        .show(ui, |ui| {
+            egui::Grid::new("devices")
+                .num_columns(5)
+                .striped(true)
+                .spacing([16.0, 4.0])
+                .show(ui, |ui| {
+                    for title in ["Group", "Name", "Host · user · OS", "State", ""] {
+                        ui.strong(title);
+                    }
+                    ui.end_row();
+                    let mut group = None;
+                    for r in rows.iter().take(MAX_ROWS) {
+                        // Each group's name on its first row only: the rows come sorted by group.
+                        if group != Some(&r.key.1) {
+                            ui.strong(&r.group);
+                            group = Some(&r.key.1);
+                        } else {
+                            ui.label("");
+                        }
+                        ui.label(&r.name)
+                            .on_hover_text(format!("device id {}", printable(&r.id, 40)));
+                        ui.label(&r.host);
+                        let (state, colour) = r.state(now);
+                        ui.colored_label(colour, state);
+                        let button = ui.add_enabled(r.reachable(), egui::Button::new("Connect"));
+                        let button = if r.in_session {
+                            button.on_disabled_hover_text("already in a session")
+                        } else {
+                            button
+                                .on_hover_text("connect without a code")
+                                .on_disabled_hover_text("the device is offline")
+                        };
+                        if button.clicked() {
+                            picked = Some(r.id.clone());
+                        }
+                        ui.end_row();
+                    }
+                });
+            if rows.len() > MAX_ROWS {
+                ui.weak(format!(
+                    "{} more not shown: narrow the search to see them",
+                    rows.len() - MAX_ROWS
+                ));
+            }
+        });
+    picked
 }
 
 /// Shown while the video decoder recovers from a picture it could not decode.
@@ -846,7 +1255,7 @@ impl eframe::App for ConsoleApp {
                     std::mem::replace(&mut self.phase, Phase::Login { error: None })
                 }
             }
-            Phase::Joining { rx, since } => match rx.try_recv() {
+            Phase::Joining { rx, since, target } => match rx.try_recv() {
                 Ok(Ok(live)) => Phase::Session(live),
                 Ok(Err((code, text))) => {
                     self.exit_code
@@ -864,13 +1273,12 @@ impl eframe::App for ConsoleApp {
                 Err(std_mpsc::TryRecvError::Empty) => {
                     egui::CentralPanel::default().show(ui, |ui| {
                         ui.heading(format!(
-                            "Connecting to {} … {:.0} s",
-                            self.form.relay,
+                            "Connecting to {target} … {:.0} s",
                             since.elapsed().as_secs_f32()
                         ));
                     });
                     ctx.request_repaint_after(Duration::from_millis(200));
-                    Phase::Joining { rx, since }
+                    Phase::Joining { rx, since, target }
                 }
                 Err(std_mpsc::TryRecvError::Disconnected) => Phase::Login {
                     error: Some("the connection attempt stopped".into()),
@@ -907,6 +1315,14 @@ impl eframe::App for ConsoleApp {
                 });
                 if again {
                     self.form.code.clear();
+                    self.form.device.clear();
+                    // The device states changed with this session: show them as they are now.
+                    if self.login.credentials.is_some()
+                        && self.devices.list.is_some()
+                        && self.devices.pending.is_none()
+                    {
+                        self.fetch_devices(&ctx);
+                    }
                     Phase::Login { error: None }
                 } else {
                     Phase::Ended { text }
@@ -960,6 +1376,93 @@ mod tests {
         // A buffer shorter than its size is refused, not read past.
         assert!(texture_image(100, 100, &[0; 100], 4096).is_none());
         assert!(texture_image(0, 100, &[], 4096).is_none());
+    }
+
+    fn row(name: &str, group: &str, online: bool, in_session: bool, last_seen: u64) -> Row {
+        Row::new(
+            "0123456789abcdef0123",
+            name,
+            group,
+            ["host-1", "Alice", "Linux"],
+            (online, in_session, last_seen),
+        )
+    }
+
+    /// Devices sort by group (each group together, whatever its case), then name; the search
+    /// looks in name, host, group, user and id, whatever the case.
+    #[test]
+    fn device_rows_sort_by_group_then_name_and_search_without_case() {
+        let mut rows = [
+            row("zeta", "Lab", true, false, 0),
+            row("Alpha", "office", true, false, 0),
+            row("beta", "lab", true, false, 0),
+            row("alpha", "Lab", true, false, 0),
+        ];
+        rows.sort_by(|a, b| a.key.cmp(&b.key));
+        let order: Vec<_> = rows
+            .iter()
+            .map(|r| format!("{}/{}", r.group, r.name))
+            .collect();
+        assert_eq!(order, ["Lab/alpha", "Lab/zeta", "lab/beta", "office/Alpha"]);
+        let r = &rows[0];
+        for needle in ["alp", "host-1", "lab", "alice", "89ABC", ""] {
+            assert!(r.matches(&needle.to_lowercase()), "{needle}");
+        }
+        assert!(!r.matches("linux-box"));
+        assert_eq!(r.host, "host-1 · Alice · Linux");
+    }
+
+    /// The relay's text is shown with unprintable characters escaped and its length bounded.
+    #[test]
+    fn device_text_from_the_relay_is_made_printable() {
+        let r = row("inv\u{202e}oice\nx", "", true, false, 0);
+        assert!(
+            !r.name.contains('\u{202e}') && !r.name.contains('\n'),
+            "{}",
+            r.name
+        );
+        assert_eq!(r.group, "(no group)");
+        assert!(
+            row(&"x".repeat(500), "g", true, false, 0)
+                .name
+                .chars()
+                .count()
+                <= 41
+        );
+        let list = Listing::new(
+            DeviceList {
+                devices: vec![],
+                rejected: vec!["bad\u{7}sig".into()],
+            },
+            "relay:4433",
+        );
+        assert!(!list.rejected[0].contains('\u{7}'));
+    }
+
+    /// Only online devices not in a session can be connected to; the state says why not.
+    #[test]
+    fn device_states() {
+        let now = 1_000_000;
+        let online = row("a", "g", true, false, now);
+        assert!(online.reachable());
+        assert_eq!(online.state(now).0, "online");
+        let busy = row("a", "g", true, true, now);
+        assert!(!busy.reachable());
+        assert_eq!(busy.state(now).0, "in session");
+        let off = row("a", "g", false, false, now - 5 * 60 - 10);
+        assert!(!off.reachable());
+        assert_eq!(off.state(now).0, "offline, seen 5 min ago");
+        assert_eq!(
+            row("a", "g", false, false, 0).state(now).0,
+            "offline, never seen"
+        );
+        assert_eq!(ago(3 * 3600), "3 h");
+        assert_eq!(ago(3 * 86400), "3 days");
+        // A clock ahead of ours: not "in the future".
+        assert_eq!(
+            row("a", "g", false, false, now + 60).state(now).0,
+            "offline, seen 0 min ago"
+        );
     }
 
     /// Shrinking averages the pixels each texel covers, partial blocks at the edges included.

@@ -122,6 +122,14 @@ struct Cli {
     /// [default: revocation beside the configuration file, if present]
     #[arg(long)]
     revocation: Option<PathBuf>,
+    /// Connect to this enrolled device (its id, or its exact name) without a code: unattended
+    /// access, for technicians whose certificate allows it for the device's group.
+    #[arg(long, conflicts_with = "code")]
+    device: Option<String>,
+    /// List your organisation's enrolled devices (optionally those matching QUERY in name, host,
+    /// group or user), each checked against your organisation's key, and exit.
+    #[arg(long, value_name = "QUERY", num_args = 0..=1, default_missing_value = "")]
+    list_devices: Option<String>,
     #[command(flatten)]
     network: tandem_client::NetworkArgs,
 }
@@ -265,8 +273,15 @@ fn classify(e: &SessionError) -> u8 {
             ClientError::Tls(_) | ClientError::Certs(_) => exit::RELAY_NOT_TRUSTED,
             _ => match c.code() {
                 Some(ErrorCode::ExpiredSlot | ErrorCode::CodeBurned) => exit::CODE_EXPIRED,
-                Some(ErrorCode::UnknownSlot | ErrorCode::AgentGone) => exit::NO_SUCH_CODE,
-                Some(ErrorCode::BadToken | ErrorCode::TechnicianDisabled) => exit::NOT_AUTHORISED,
+                Some(ErrorCode::UnknownSlot | ErrorCode::AgentGone | ErrorCode::DeviceOffline) => {
+                    exit::NO_SUCH_CODE
+                }
+                Some(
+                    ErrorCode::BadToken
+                    | ErrorCode::TechnicianDisabled
+                    | ErrorCode::BadCertificate
+                    | ErrorCode::NotProven,
+                ) => exit::NOT_AUTHORISED,
                 Some(
                     ErrorCode::RateLimited
                     | ErrorCode::TooManyConnections
@@ -279,7 +294,7 @@ fn classify(e: &SessionError) -> u8 {
             },
         },
         SessionError::Ended(_) => exit::ENDED_BY_AGENT,
-        SessionError::Unverified(_) => exit::NOT_AUTHORISED,
+        SessionError::Unverified(_) | SessionError::DeviceUnverified(_) => exit::NOT_AUTHORISED,
         _ => exit::OTHER,
     }
 }
@@ -293,6 +308,152 @@ pub struct Login {
     timeout: Duration,
     network: tandem_client::NetworkArgs,
     credentials: Option<Arc<tandem_session::tandem_org::Credentials>>,
+}
+
+/// The relay connection options and session settings of a login.
+fn connect_options(
+    relay: &str,
+    form: &gui::Form,
+    login: &Login,
+) -> Result<(ConnectOptions, SessionConfig), Failure> {
+    let pin = Some(form.pin.trim().to_owned()).filter(|p| !p.is_empty());
+    let trust =
+        RelayTrust::from_options(pin.as_deref(), login.ca.as_deref()).map_err(Failure::usage)?;
+    let mut opts = ConnectOptions::new(relay.to_owned(), trust);
+    opts.software = format!("tandem-console {}", env!("CARGO_PKG_VERSION"));
+    opts.timeout = login.timeout;
+    login.network.apply(&mut opts).map_err(Failure::usage)?;
+    let cfg = SessionConfig {
+        software: opts.software.clone(),
+        capabilities: vec!["control/v1".into(), "cursor/v1".into()],
+        credentials: login.credentials.clone(),
+        ..SessionConfig::default()
+    };
+    Ok((opts, cfg))
+}
+
+fn no_certificate() -> Failure {
+    Failure::usage(anyhow::anyhow!(
+        "unattended access needs your technician certificate: --cert and --cert-key (or          technician.cert and technician.key beside console.toml)"
+    ))
+}
+
+/// A device id as given, or the id of the one device whose name is exactly `name`.
+async fn resolve_device(
+    opts: &ConnectOptions,
+    token: &Secret,
+    cfg: &SessionConfig,
+    name: &str,
+) -> Result<String, Failure> {
+    if cfg.credentials.is_none() {
+        return Err(no_certificate());
+    }
+    if tandem_session::tandem_org::is_device_id(name) {
+        return Ok(name.to_owned());
+    }
+    let list = tandem_session::list_devices(opts, token, cfg, name)
+        .await
+        .map_err(|e| Failure {
+            code: classify(&e),
+            error: e.into(),
+        })?;
+    let mut same: Vec<_> = list
+        .devices
+        .iter()
+        .filter(|d| d.checked.device.name == name)
+        .collect();
+    match (same.pop(), same.is_empty()) {
+        (Some(d), true) => Ok(d.checked.device.id.clone()),
+        (Some(_), false) => Err(Failure::usage(anyhow::anyhow!(
+            "several devices are named {name:?}: give the device id (--list-devices shows them)"
+        ))),
+        (None, _) => Err(Failure {
+            code: exit::NO_SUCH_CODE,
+            error: anyhow::anyhow!(
+                "no device of your organisation is named {name:?} (--list-devices shows them)"
+            ),
+        }),
+    }
+}
+
+/// `--list-devices`: the organisation's devices, checked, as a table or JSON events.
+async fn list_devices(
+    form: &gui::Form,
+    login: &Login,
+    query: &str,
+    out: &EventOut,
+) -> Result<(), Failure> {
+    let relay = form.relay.trim().to_owned();
+    if relay.is_empty() {
+        return Err(Failure::usage(anyhow::anyhow!(
+            "no relay given: use --relay HOST:PORT"
+        )));
+    }
+    if login.credentials.is_none() {
+        return Err(no_certificate());
+    }
+    let (opts, cfg) = connect_options(&relay, form, login)?;
+    let list = tandem_session::list_devices(&opts, &Secret::new(form.token.trim()), &cfg, query)
+        .await
+        .map_err(|e| Failure {
+            code: classify(&e),
+            error: e.into(),
+        })?;
+    let now = tandem_session::tandem_org::unix_now();
+    for d in &list.devices {
+        let (dev, p) = (&d.checked.device, &d.checked.presence);
+        let state = if d.in_session {
+            "in session".to_string()
+        } else if d.online {
+            "online".to_string()
+        } else {
+            format!(
+                "offline, seen {} min ago",
+                now.saturating_sub(d.last_seen) / 60
+            )
+        };
+        out.event(
+            "device",
+            &format!(
+                "{:<24} {:<20} {:<12} {:<28} {}",
+                tandem_session::names::printable(&dev.name, 24),
+                dev.id,
+                tandem_session::names::printable(&dev.group, 12),
+                tandem_session::names::printable(
+                    &format!("{} {} {}", p.hostname, p.user, p.os),
+                    28
+                ),
+                state
+            ),
+            serde_json::json!({"id": dev.id, "name": dev.name, "group": dev.group,
+                "hostname": p.hostname, "os": p.os, "user": p.user, "online": d.online,
+                "in_session": d.in_session, "last_seen": d.last_seen}),
+        );
+    }
+    for why in &list.rejected {
+        out.event(
+            "device_rejected",
+            &format!(
+                "The relay listed a device that does not check, left out: {}",
+                tandem_session::names::printable(why, 200)
+            ),
+            serde_json::json!({"reason": why}),
+        );
+    }
+    out.event(
+        "devices",
+        &format!(
+            "{} devices of your organisation{}",
+            list.devices.len(),
+            if list.rejected.is_empty() {
+                String::new()
+            } else {
+                format!("; {} entries rejected", list.rejected.len())
+            }
+        ),
+        serde_json::json!({"count": list.devices.len(), "rejected": list.rejected.len()}),
+    );
+    Ok(())
 }
 
 /// Connects, authenticates and joins the session the code names; remembers the login on success.
@@ -309,31 +470,26 @@ pub async fn join(form: &gui::Form, login: &Login) -> Result<Session, Failure> {
             "no technician token given: use --token (from `tandem-relay technician add`)"
         )));
     }
-    if form.code.trim().is_empty() {
+    let device = form.device.trim().to_owned();
+    if form.code.trim().is_empty() && device.is_empty() {
         return Err(Failure::usage(anyhow::anyhow!(
-            "no session code given: use --code 417-382-905"
+            "no session code given: use --code 417-382-905 (or --device for an enrolled computer)"
         )));
     }
-    let code = SessionCode::parse(&form.code).map_err(Failure::usage)?;
+    let (opts, cfg) = connect_options(&relay, form, login)?;
     let pin = Some(form.pin.trim().to_owned()).filter(|p| !p.is_empty());
-    let trust =
-        RelayTrust::from_options(pin.as_deref(), login.ca.as_deref()).map_err(Failure::usage)?;
-    let mut opts = ConnectOptions::new(relay.clone(), trust);
-    opts.software = format!("tandem-console {}", env!("CARGO_PKG_VERSION"));
-    opts.timeout = login.timeout;
-    login.network.apply(&mut opts).map_err(Failure::usage)?;
-    let cfg = SessionConfig {
-        software: opts.software.clone(),
-        capabilities: vec!["control/v1".into(), "cursor/v1".into()],
-        credentials: login.credentials.clone(),
-        ..SessionConfig::default()
-    };
-    let session = tandem_session::join(&opts, &Secret::new(token.clone()), &code, &cfg)
-        .await
-        .map_err(|e| Failure {
-            code: classify(&e),
-            error: e.into(),
-        })?;
+    let secret = Secret::new(token.clone());
+    let session = if device.is_empty() {
+        let code = SessionCode::parse(&form.code).map_err(Failure::usage)?;
+        tandem_session::join(&opts, &secret, &code, &cfg).await
+    } else {
+        let id = resolve_device(&opts, &secret, &cfg, &device).await?;
+        tandem_session::connect_device(&opts, &secret, &id, &cfg).await
+    }
+    .map_err(|e| Failure {
+        code: classify(&e),
+        error: e.into(),
+    })?;
     if login.remember
         && let Some(p) = &login.cfg_path
         && let Err(e) = save(
@@ -391,7 +547,9 @@ fn main() -> std::process::ExitCode {
         Err(f) => return fail(f),
     };
     let out = EventOut { json: cli.json };
-    let windowed = !cli.headless && std::env::var_os("DISPLAY").is_some_and(|d| !d.is_empty());
+    let windowed = !cli.headless
+        && cli.list_devices.is_none()
+        && std::env::var_os("DISPLAY").is_some_and(|d| !d.is_empty());
     if !windowed {
         return match rt.block_on(run_headless(&cli, form, login, out)) {
             Ok(()) => std::process::ExitCode::from(exit::OK),
@@ -457,6 +615,7 @@ fn setup(cli: &Cli) -> Result<(gui::Form, Login), Failure> {
             .unwrap_or_default(),
         token: token.or(remembered.token).unwrap_or_default(),
         code,
+        device: cli.device.clone().unwrap_or_default(),
     };
     let login = Login {
         ca: cli.relay_ca.clone().or(remembered.relay_ca),
@@ -484,6 +643,9 @@ async fn run_headless(
         }
         None => None,
     };
+    if let Some(query) = &cli.list_devices {
+        return list_devices(&form, &login, query, &out).await;
+    }
     let started = Instant::now();
     let session = join(&form, &login).await?;
     let setup_ms = started.elapsed().as_secs_f64() * 1e3;
@@ -496,6 +658,7 @@ async fn run_headless(
             org_note(session.peer()).1,
         ),
         serde_json::json!({"setup_ms": setup_ms, "agent": session.peer().software,
+            "device": session.peer().device.as_ref().map(|d| serde_json::json!({"id": d.id, "name": d.name, "group": d.group})),
             "verified": org_note(session.peer()).0, "org": org_note(session.peer()).1,
             "shown_as": {"technician": session.peer().technician, "organisation": session.peer().organisation}}),
     );

@@ -6,8 +6,9 @@ use clap::{Parser, Subcommand};
 use std::io::{IsTerminal, Read};
 use std::path::{Path, PathBuf};
 use tandem_session::tandem_org::{
-    CertRequest, Certificate, DEFAULT_VALIDITY, Issue, KeyPair, MAX_VALIDITY, OrgPublic,
-    Permissions, RevocationBody, RevocationList, read_text, unix_now, write_private,
+    CertRequest, Certificate, DEFAULT_VALIDITY, DeviceCert, DeviceRequest, Issue, KeyPair,
+    MAX_VALIDITY, OrgPublic, Permissions, RevocationBody, RevocationList, read_text, unix_now,
+    write_private,
 };
 
 #[derive(Parser, Debug)]
@@ -25,7 +26,8 @@ list agents keep (newest wins).",
   tandem-org init --name 'ACME IT' --key org.key          # prints the agents' org = line\n  \
   tandem-org request --name alice                         # technician: key + request\n  \
   tandem-org issue --key org.key --request alice.req --permissions view,control --out alice.cert\n  \
-  tandem-console --cert alice.cert --cert-key ~/.config/tandem/technician.key …\n\n\
+  tandem-console --cert alice.cert --cert-key ~/.config/tandem/technician.key …\n  \
+  tandem-org enroll --key org.key --request pc.req --group office --out pc.cert   # a managed PC\n\n\
 The passphrase comes from TANDEM_ORG_PASSPHRASE, --passphrase-file, or a prompt."
 )]
 struct Cli {
@@ -105,6 +107,29 @@ enum Cmd {
         /// Revoke every certificate of the technician key these certificates name.
         #[arg(long)]
         technician_of: Vec<PathBuf>,
+        /// Revoke enrolled devices (their device certificates, files): consoles refuse them.
+        #[arg(long)]
+        device: Vec<PathBuf>,
+        #[arg(long)]
+        passphrase_file: Option<PathBuf>,
+    },
+    /// Administrator: approve an agent's enrollment (`tandem-agent enroll` printed the request)
+    /// into a device certificate for one device group.
+    Enroll {
+        #[arg(long)]
+        key: PathBuf,
+        /// The device request (file, or `-` for standard input).
+        #[arg(long)]
+        request: PathBuf,
+        /// The device group technicians' certificates name (`--groups` of `issue`).
+        #[arg(long)]
+        group: String,
+        /// The name technicians see [default: the computer's host name, from the request].
+        #[arg(long)]
+        name: Option<String>,
+        /// Write the device certificate here (it is also printed).
+        #[arg(long)]
+        out: Option<PathBuf>,
         #[arg(long)]
         passphrase_file: Option<PathBuf>,
     },
@@ -308,6 +333,7 @@ fn run(cli: Cli) -> Result<()> {
             list,
             cert,
             technician_of,
+            device,
             passphrase_file,
         } => {
             let pair = org_key(&key, passphrase_file.as_deref())?;
@@ -337,18 +363,62 @@ fn run(cli: Cli) -> Result<()> {
                     body.keys.push(k);
                 }
             }
+            for d in &device {
+                let k = DeviceCert::from_text(&read_text(d)?)?
+                    .check(&org)
+                    .map_err(anyhow::Error::msg)
+                    .with_context(|| format!("{}", d.display()))?
+                    .key;
+                if !body.keys.contains(&k) {
+                    body.keys.push(k);
+                }
+            }
             body.serial += 1;
             body.issued_at = unix_now();
             let signed = RevocationList::sign(&pair, &body)?;
             write_private(&list, &signed.to_text())?;
             eprintln!(
-                "Revocation list {} (serial {}): {} certificates, {} technician keys. Give it to \
-                 your technicians' consoles and agents (--revocation); agents keep the newest.",
+                "Revocation list {} (serial {}): {} certificates, {} keys (technicians, devices). \
+                 Give it to your technicians' consoles and agents (--revocation), and publish it \
+                 on the relay (its data directory, file `revocation`); the newest wins.",
                 list.display(),
                 body.serial,
                 body.certs.len(),
                 body.keys.len()
             );
+        }
+        Cmd::Enroll {
+            key,
+            request,
+            group,
+            name,
+            out,
+            passphrase_file,
+        } => {
+            let req = DeviceRequest::from_text(&read_input(&request)?).context(
+                "invalid device request (copy the whole line `tandem-agent enroll` printed)",
+            )?;
+            let pair = org_key(&key, passphrase_file.as_deref())?;
+            let cert = DeviceCert::issue(
+                &pair,
+                &org_name(&key, None)?,
+                &req,
+                name.as_deref(),
+                &group,
+                unix_now(),
+            )?;
+            let text = cert.to_text();
+            if let Some(o) = out {
+                std::fs::write(&o, format!("{text}\n"))
+                    .with_context(|| format!("cannot write {}", o.display()))?;
+            }
+            eprintln!(
+                "Device {} ({}) enrolled in group {group}. On that computer: tandem-agent enroll \
+                 --cert <this file>.",
+                name.as_deref().unwrap_or(&req.name),
+                req.device_id(),
+            );
+            println!("{text}");
         }
         Cmd::Inspect { file } => {
             let text = read_input(&file)?;
@@ -375,6 +445,17 @@ fn run(cli: Cli) -> Result<()> {
                     r.technician,
                     r.key.fingerprint()
                 );
+            } else if let Ok(d) = DeviceCert::from_text(&text) {
+                let b = d.check_self().map_err(anyhow::Error::msg)?;
+                println!("device {} ({})", b.name, b.id);
+                println!(
+                    "  organisation: {} ({})",
+                    b.organisation,
+                    b.org_key.fingerprint()
+                );
+                println!("  group:        {}", b.group);
+            } else if let Ok(r) = DeviceRequest::from_text(&text) {
+                println!("device request of {} ({})", r.name, r.device_id());
             } else if let Ok(o) = OrgPublic::from_text(&text) {
                 print_org(&o);
             } else if let Ok(l) = RevocationList::from_text(&text) {
