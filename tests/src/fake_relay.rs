@@ -64,6 +64,8 @@ struct State {
     slot: Option<Slot>,
     next_slot: u32,
     story: Story,
+    /// What it lists to consoles that ask for devices (forged or not: the test decides).
+    devices: Vec<tandem_proto::DeviceListing>,
 }
 
 /// Everything the relay saw of the session payloads, both directions.
@@ -134,6 +136,11 @@ impl FakeRelay {
         }
     }
 
+    /// The device list it gives consoles from now on.
+    pub fn set_devices(&self, devices: Vec<tandem_proto::DeviceListing>) {
+        self.state.lock().unwrap().devices = devices;
+    }
+
     pub fn opts(&self) -> ConnectOptions {
         ConnectOptions::new(self.addr.to_string(), RelayTrust::Pin(self.pin))
     }
@@ -179,6 +186,30 @@ async fn serve(
             return;
         };
         match msg {
+            // An enrolled agent: waits like a registered one (the relay takes anything).
+            ClientMsg::Announce { .. } => {
+                let mut s = state.lock().unwrap();
+                s.agent = Some((conn.clone(), tx.clone()));
+                s.slot = Some(Slot::new("999999999").unwrap());
+                let _ = tx.send(RelayMsg::Online {
+                    device: "whatever".into(),
+                });
+            }
+            // A hostile relay believes every certificate and lists what it likes.
+            ClientMsg::ProveOrg { .. } => {
+                let _ = tx.send(RelayMsg::OrgProven {
+                    organisation: "anything".into(),
+                });
+            }
+            ClientMsg::ListDevices { offset, .. } => {
+                let entries = state.lock().unwrap().devices.clone();
+                let total = entries.len() as u32;
+                let _ = tx.send(RelayMsg::Devices {
+                    entries,
+                    offset,
+                    total,
+                });
+            }
             ClientMsg::Register { .. } => {
                 let slot = {
                     let mut s = state.lock().unwrap();
@@ -200,7 +231,11 @@ async fn serve(
                     organisation,
                 });
             }
-            ClientMsg::Join { slot } => {
+            m @ (ClientMsg::Join { .. } | ClientMsg::Connect { .. }) => {
+                let slot = match m {
+                    ClientMsg::Join { slot } => slot,
+                    _ => Slot::new("999999999").unwrap(),
+                };
                 let (agent, (technician, organisation)) = {
                     let mut s = state.lock().unwrap();
                     (s.agent.take(), s.story.to_agent.clone())

@@ -6,6 +6,7 @@ pub mod fake_relay;
 pub mod impair;
 pub mod mutter;
 pub mod netns;
+pub mod org;
 pub mod scenes;
 pub mod wayland;
 pub mod x11;
@@ -244,14 +245,19 @@ impl RelayProcess {
     }
 
     /// Kills the relay (SIGKILL: no drain, no goodbye) and starts it again on the same address.
-    pub async fn crash_and_restart(mut self, data_dir: &Path) -> RelayProcess {
+    pub async fn crash_and_restart(self, data_dir: &Path) -> RelayProcess {
+        self.crash_and_restart_with(data_dir, &[]).await
+    }
+
+    /// Like [`RelayProcess::crash_and_restart`], with extra arguments for the new process.
+    pub async fn crash_and_restart_with(mut self, data_dir: &Path, extra: &[&str]) -> RelayProcess {
         let _ = self.child.kill().await;
         let port: u16 = self
             .addr
             .rsplit_once(':')
             .and_then(|(_, p)| p.parse().ok())
             .unwrap();
-        Self::start_on_port(data_dir, &[], port).await
+        Self::start_on_port(data_dir, extra, port).await
     }
 
     async fn start_on_port(data_dir: &Path, extra: &[&str], port: u16) -> RelayProcess {
@@ -433,6 +439,15 @@ pub fn count_color(
         }
     }
     n
+}
+
+/// Reads a PNG the console wrote (`--png`) as a frame.
+pub fn read_png(path: &Path) -> tandem_media::Frame {
+    let decoder = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(path).unwrap()));
+    let mut reader = decoder.read_info().unwrap();
+    let mut buf = vec![0; reader.output_buffer_size().unwrap()];
+    let info = reader.next_frame(&mut buf).unwrap();
+    tandem_media::rgba_to_frame(info.width, info.height, &buf[..info.buffer_size()])
 }
 
 /// Sends a datagram of `len` patterned bytes from `from` until one arrives at `to` (datagrams may

@@ -343,14 +343,6 @@ fn assert_transports(ev: &[serde_json::Value], console: &str, agent: &str) {
     assert_eq!(s[0]["path"], path.as_str(), "{}", s[0]);
 }
 
-fn read_png(path: &Path) -> tandem_media::Frame {
-    let decoder = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(path).unwrap()));
-    let mut reader = decoder.read_info().unwrap();
-    let mut buf = vec![0; reader.output_buffer_size().unwrap()];
-    let info = reader.next_frame(&mut buf).unwrap();
-    tandem_media::rgba_to_frame(info.width, info.height, &buf[..info.buffer_size()])
-}
-
 /// What a whole session showed.
 struct Session {
     /// The console's events.
@@ -423,7 +415,7 @@ async fn full_session(
         .count();
     assert!(keys >= 4, "h, i, ! and Enter: {got:?}");
     // …and the technician saw what it drew: the click's magenta block and the keys' green ones.
-    let seen = read_png(&png);
+    let seen = tandem_tests::read_png(&png);
     assert_eq!((seen.width, seen.height), (800, 600));
     let magenta = count_color(&seen, 0xff00ff, 40, (380, 280, 40, 40));
     assert!(

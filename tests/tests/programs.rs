@@ -506,14 +506,6 @@ async fn console_sees_the_agents_screen() {
     relay.terminate().await;
 }
 
-fn read_png(path: &std::path::Path) -> tandem_media::Frame {
-    let decoder = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(path).unwrap()));
-    let mut reader = decoder.read_info().unwrap();
-    let mut buf = vec![0; reader.output_buffer_size().unwrap()];
-    let info = reader.next_frame(&mut buf).unwrap();
-    tandem_media::rgba_to_frame(info.width, info.height, &buf[..info.buffer_size()])
-}
-
 /// The input script: a click and typed keys travel console → relay → agent → X server; a test
 /// window draws what it gets; the console's decoded picture shows the drawing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -560,7 +552,7 @@ async fn typing_and_clicking_from_the_console_change_the_agents_screen() {
         .count();
     assert!(keys >= 4, "h, i, ! and Enter: {got:?}");
     // What the technician saw: the test window's drawing of the click and of the keys.
-    let seen = read_png(&png);
+    let seen = tandem_tests::read_png(&png);
     let magenta = count_color(&seen, 0xff00ff, 40, (380, 280, 40, 40));
     assert!(
         magenta > 1000,
@@ -683,7 +675,7 @@ async fn console_window_shows_the_remote_screen() {
         .status()
         .unwrap();
     assert!(shot.success());
-    let shot = read_png(&path);
+    let shot = tandem_tests::read_png(&path);
     if std::env::var_os("TANDEM_UPDATE_DOCS").is_some() {
         let docs = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs");
         std::fs::create_dir_all(&docs).unwrap();
@@ -1361,7 +1353,7 @@ async fn console_window_scales_a_picture_beyond_the_texture_limit() {
         .status()
         .unwrap();
     assert!(shot.success());
-    let shot = read_png(&path);
+    let shot = tandem_tests::read_png(&path);
     let teal = count_color(&shot, 0x1f6f6f, 12, (0, 0, shot.width, shot.height));
     let share = teal as f64 / (shot.width * shot.height) as f64;
     assert!(

@@ -1,0 +1,201 @@
+//! Helpers for tests of organisation keys and unattended access with the real programs:
+//! `tandem-org` (keys, certificates, enrollment), a headless `tandem-agent` read as JSON events,
+//! and a headless `tandem-console` run to its end.
+#![allow(clippy::unwrap_used)]
+
+use crate::{RelayProcess, binary};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+pub const T: Duration = Duration::from_secs(30);
+pub const PASS: &str = "correct horse battery staple";
+
+/// Runs `tandem-org` with `args`; its stdout. Panics (with stderr) on failure.
+pub fn org(args: &[&str]) -> String {
+    let out = std::process::Command::new(binary("tandem-org"))
+        .args(args)
+        .env("TANDEM_ORG_PASSPHRASE", PASS)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "tandem-org {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// An organisation made with `tandem-org init`: its key file and the agents' `org = ` value.
+pub struct Org {
+    pub key: PathBuf,
+    pub line: String,
+    pub fingerprint: String,
+}
+
+pub fn make_org(dir: &Path, name: &str) -> Org {
+    let key = dir.join(format!("{}.key", name.replace(' ', "_")));
+    let out = org(&["init", "--name", name, "--key", key.to_str().unwrap()]);
+    let line = out
+        .lines()
+        .find_map(|l| l.strip_prefix("org = \""))
+        .and_then(|l| l.strip_suffix('"'))
+        .unwrap_or_else(|| panic!("no org line in {out}"))
+        .to_string();
+    let fingerprint = out
+        .lines()
+        .find_map(|l| l.strip_prefix("fingerprint:"))
+        .unwrap()
+        .trim()
+        .to_string();
+    Org {
+        key,
+        line,
+        fingerprint,
+    }
+}
+
+/// A technician's key and a certificate from `org` with `permissions`: (cert, key) files.
+pub fn technician(dir: &Path, org_: &Org, name: &str, permissions: &str) -> (PathBuf, PathBuf) {
+    let key = dir.join(format!("{name}.key"));
+    let req = dir.join(format!("{name}.req"));
+    let cert = dir.join(format!("{name}.cert"));
+    org(&[
+        "request",
+        "--name",
+        name,
+        "--key",
+        key.to_str().unwrap(),
+        "--out",
+        req.to_str().unwrap(),
+    ]);
+    org(&[
+        "issue",
+        "--key",
+        org_.key.to_str().unwrap(),
+        "--request",
+        req.to_str().unwrap(),
+        "--permissions",
+        permissions,
+        "--validity",
+        "2h",
+        "--out",
+        cert.to_str().unwrap(),
+    ]);
+    (cert, key)
+}
+
+pub struct Agent {
+    pub child: Child,
+    pub lines: tokio::io::Lines<BufReader<tokio::process::ChildStdout>>,
+    pub state: tempfile::TempDir,
+}
+
+impl Agent {
+    pub async fn start(relay: &RelayProcess, extra: &[&str]) -> Agent {
+        Self::start_in(relay, extra, tempfile::tempdir().unwrap()).await
+    }
+
+    pub async fn start_in(relay: &RelayProcess, extra: &[&str], state: tempfile::TempDir) -> Agent {
+        let mut cmd = Command::new(binary("tandem-agent"));
+        for v in [
+            "DISPLAY",
+            "WAYLAND_DISPLAY",
+            "XDG_SESSION_TYPE",
+            "XDG_CURRENT_DESKTOP",
+            "TANDEM_ORG",
+        ] {
+            cmd.env_remove(v);
+        }
+        cmd.env("TANDEM_WRONG_CODE_PAUSE", "1")
+            .env("TANDEM_AGENT_STATE_DIR", state.path())
+            .args([
+                "--relay",
+                &relay.addr,
+                "--relay-pin",
+                &relay.pin.to_string(),
+            ])
+            .args(["--consent", "allow", "--json", "--headless"])
+            .args(extra)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true);
+        let mut child = cmd.spawn().unwrap();
+        let lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        Agent {
+            child,
+            lines,
+            state,
+        }
+    }
+
+    pub async fn next(&mut self, kind: &str) -> serde_json::Value {
+        tokio::time::timeout(T, async {
+            loop {
+                let line = self.lines.next_line().await.unwrap().expect("agent exited");
+                let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+                if v["event"] == kind {
+                    return v;
+                }
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("no {kind} event from the agent"))
+    }
+
+    pub async fn code(&mut self) -> String {
+        self.next("code").await["code"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    }
+}
+
+/// A headless console joining `code` for a second; (exit code, JSON events, stderr).
+pub async fn console(
+    relay: &RelayProcess,
+    token: &str,
+    code: &str,
+    extra: &[&str],
+) -> (i32, Vec<serde_json::Value>, String) {
+    let mut cmd = Command::new(binary("tandem-console"));
+    cmd.args([
+        "--relay",
+        &relay.addr,
+        "--relay-pin",
+        &relay.pin.to_string(),
+    ])
+    .args(["--token", token, "--code", code])
+    .args(["--headless", "--json", "--no-remember", "--seconds", "1"])
+    .args(extra)
+    .env_remove("TANDEM_CERT")
+    .env_remove("TANDEM_CERT_KEY")
+    .kill_on_drop(true);
+    let out = tokio::time::timeout(T, cmd.output())
+        .await
+        .unwrap()
+        .unwrap();
+    let events = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    (
+        out.status.code().unwrap_or(-1),
+        events,
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+pub fn event<'a>(ev: &'a [serde_json::Value], kind: &str) -> &'a serde_json::Value {
+    ev.iter()
+        .find(|e| e["event"] == kind)
+        .unwrap_or_else(|| panic!("no {kind} event in {ev:?}"))
+}
+
+pub fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
