@@ -162,6 +162,19 @@ pub async fn console(
     code: &str,
     extra: &[&str],
 ) -> (i32, Vec<serde_json::Value>, String) {
+    let mut args = vec!["--code", code, "--seconds", "1"];
+    args.extend_from_slice(extra);
+    console_with(relay, token, &args).await
+}
+
+/// A headless console with `args` (besides relay, pin and token) run to its end; (exit code,
+/// JSON events, stderr). No configuration file is read or written.
+pub async fn console_with(
+    relay: &RelayProcess,
+    token: &str,
+    args: &[&str],
+) -> (i32, Vec<serde_json::Value>, String) {
+    let cfg = tempfile::tempdir().unwrap();
     let mut cmd = Command::new(binary("tandem-console"));
     cmd.args([
         "--relay",
@@ -169,9 +182,11 @@ pub async fn console(
         "--relay-pin",
         &relay.pin.to_string(),
     ])
-    .args(["--token", token, "--code", code])
-    .args(["--headless", "--json", "--no-remember", "--seconds", "1"])
-    .args(extra)
+    .args(["--token", token])
+    .args(["--headless", "--json", "--no-remember"])
+    .arg("--config")
+    .arg(cfg.path().join("console.toml"))
+    .args(args)
     .env_remove("TANDEM_CERT")
     .env_remove("TANDEM_CERT_KEY")
     .kill_on_drop(true);
@@ -198,4 +213,89 @@ pub fn event<'a>(ev: &'a [serde_json::Value], kind: &str) -> &'a serde_json::Val
 
 pub fn s(p: &Path) -> &str {
     p.to_str().unwrap()
+}
+
+/// Like [`technician`], for device `groups` (comma separated) too.
+pub fn technician_for(
+    dir: &Path,
+    org_: &Org,
+    name: &str,
+    permissions: &str,
+    groups: &str,
+) -> (PathBuf, PathBuf) {
+    let key = dir.join(format!("{name}.key"));
+    let req = dir.join(format!("{name}.req"));
+    let cert = dir.join(format!("{name}.cert"));
+    org(&[
+        "request",
+        "--name",
+        name,
+        "--key",
+        s(&key),
+        "--out",
+        s(&req),
+    ]);
+    org(&[
+        "issue",
+        "--key",
+        s(&org_.key),
+        "--request",
+        s(&req),
+        "--permissions",
+        permissions,
+        "--groups",
+        groups,
+        "--validity",
+        "2h",
+        "--out",
+        s(&cert),
+    ]);
+    (cert, key)
+}
+
+/// Runs `tandem-agent` with `args` (a subcommand) on the state directory `state`; its exit
+/// status success, stdout and stderr.
+pub fn agent_cmd(state: &Path, args: &[&str]) -> (bool, String, String) {
+    let out = std::process::Command::new(binary("tandem-agent"))
+        .env("TANDEM_AGENT_STATE_DIR", state)
+        .env_remove("TANDEM_ORG")
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Enrolls the agent whose state directory is `state` in `org_`'s `group`, the way an MSP does:
+/// `tandem-agent enroll` (device key and request), `tandem-org enroll` (the administrator
+/// approves), `tandem-agent enroll --cert`. Returns the device id.
+pub fn enroll_agent(dir: &Path, org_: &Org, state: &Path, name: &str, group: &str) -> String {
+    let (ok, req, err) = agent_cmd(state, &["enroll", "--name", name]);
+    assert!(ok, "{err}");
+    let req_file = dir.join(format!("{name}.devreq"));
+    std::fs::write(&req_file, req.trim()).unwrap();
+    let cert = dir.join(format!("{name}.device"));
+    org(&[
+        "enroll",
+        "--key",
+        s(&org_.key),
+        "--request",
+        s(&req_file),
+        "--group",
+        group,
+        "--out",
+        s(&cert),
+    ]);
+    let (ok, out, err) = agent_cmd(state, &["--org", &org_.line, "enroll", "--cert", s(&cert)]);
+    assert!(ok, "{err}");
+    // "Enrolled as NAME (ID) in group …"
+    out.split('(')
+        .nth(1)
+        .and_then(|r| r.split(')').next())
+        .unwrap_or_else(|| panic!("no device id in {out}"))
+        .to_string()
 }

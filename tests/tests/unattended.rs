@@ -1,0 +1,332 @@
+//! Unattended access with the real programs, as an MSP sets it up: `tandem-org` makes the
+//! organisation key and a technician certificate allowing unattended access to a device group;
+//! `tandem-agent enroll` makes the device key and request, `tandem-org enroll` approves it,
+//! `tandem-agent enroll --cert` installs it; the agent runs with `[unattended]` in its
+//! tandem-agent.toml on an Xvfb screen nobody watches. The relay is a real one that only routes.
+#![allow(clippy::unwrap_used)]
+
+use std::path::Path;
+use std::time::Duration;
+use tandem_tests::org::*;
+use tandem_tests::{RelayProcess, relay_admin, token_from_output};
+
+/// A relay with raised join and registration limits (not under test here), its data directory,
+/// configuration file and a technician token of "alice of ACME IT".
+async fn setup() -> (tempfile::TempDir, RelayProcess, String, std::path::PathBuf) {
+    tandem_tests::init_logs();
+    let dir = tempfile::tempdir().unwrap();
+    let out = relay_admin(
+        dir.path(),
+        &["technician", "add", "--org", "ACME IT", "--name", "alice"],
+    );
+    let token = token_from_output(&out).expose().to_string();
+    let cfg = dir.path().join("relay.toml");
+    std::fs::write(
+        &cfg,
+        "[limits]\njoins_per_minute_per_technician = 100\njoins_per_minute_per_address = 100\n\
+         auths_per_minute_per_address = 200\n",
+    )
+    .unwrap();
+    let relay = RelayProcess::start_with(dir.path(), &["--config", s(&cfg)]).await;
+    (dir, relay, token, cfg)
+}
+
+/// tandem-agent.toml with `[unattended]`.
+fn agent_config(dir: &Path, ask: &str, timeout: u64) -> std::path::PathBuf {
+    let p = dir.join("tandem-agent.toml");
+    std::fs::write(
+        &p,
+        format!("[unattended]\nenabled = true\nask = \"{ask}\"\nask_timeout_secs = {timeout}\n"),
+    )
+    .unwrap();
+    p
+}
+
+/// `--list-devices` as alice: the device events.
+async fn devices(
+    relay: &RelayProcess,
+    token: &str,
+    cert: &Path,
+    key: &Path,
+) -> Vec<serde_json::Value> {
+    let (rc, ev, err) = console_with(
+        relay,
+        token,
+        &["--list-devices", "--cert", s(cert), "--cert-key", s(key)],
+    )
+    .await;
+    assert_eq!(rc, 0, "{ev:?}\n{err}");
+    ev.into_iter().filter(|e| e["event"] == "device").collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_enrolled_agent_is_reached_without_a_code_nobody_answering_with_the_banner_shown() {
+    let (dir, relay, token, _) = setup().await;
+    let acme = make_org(dir.path(), "ACME IT");
+    let (cert, key) = technician_for(
+        dir.path(),
+        &acme,
+        "alice",
+        "view,control,unattended",
+        "servers",
+    );
+    let state = tempfile::tempdir().unwrap();
+    let id = enroll_agent(dir.path(), &acme, state.path(), "pc-7", "servers");
+    assert!(tandem_session::tandem_org::is_device_id(&id), "{id}");
+    // An agent of another organisation online on the same relay.
+    let other = make_org(&dir.path().join("other").tap_mkdir(), "Other MSP");
+    let other_state = tempfile::tempdir().unwrap();
+    let other_id = enroll_agent(
+        &dir.path().join("other"),
+        &other,
+        other_state.path(),
+        "theirs",
+        "servers",
+    );
+
+    let x = tandem_tests::x11::Xvfb::start(640, 480);
+    let cfg = agent_config(dir.path(), "then-connect", 2);
+    let mut agent = Agent::start_in(
+        &relay,
+        &[
+            "--org",
+            &acme.line,
+            "--config",
+            s(&cfg),
+            "--display",
+            &x.display,
+        ],
+        state,
+    )
+    .await;
+    let d = agent.next("device").await;
+    assert_eq!(d["device"], id.as_str());
+    assert_eq!(d["group"], "servers");
+    agent.next("online").await;
+    let other_cfg = dir.path().join("other").join("tandem-agent.toml");
+    std::fs::write(&other_cfg, "[unattended]\nenabled = true\nask = \"no\"\n").unwrap();
+    let mut theirs = Agent::start_in(
+        &relay,
+        &["--org", &other.line, "--config", s(&other_cfg)],
+        other_state,
+    )
+    .await;
+    theirs.next("online").await;
+
+    // The device list: ours, online, checked; never the other organisation's.
+    let list = devices(&relay, &token, &cert, &key).await;
+    assert_eq!(list.len(), 1, "{list:?}");
+    assert_eq!(list[0]["id"], id.as_str());
+    assert_eq!(list[0]["online"], true);
+    assert_eq!(list[0]["group"], "servers");
+    assert!(!format!("{list:?}").contains(&other_id));
+
+    // Connect by name, no code: the agent asks, nobody answers in 2 s, the technician connects;
+    // the banner is on the screen the technician sees.
+    let png = dir.path().join("screen.png");
+    let (rc, ev, err) = console_with(
+        &relay,
+        &token,
+        &[
+            "--device",
+            "pc-7",
+            "--cert",
+            s(&cert),
+            "--cert-key",
+            s(&key),
+            "--seconds",
+            "6",
+            "--png",
+            s(&png),
+        ],
+    )
+    .await;
+    assert_eq!(rc, 0, "{ev:?}\n{err}");
+    let joined = event(&ev, "joined");
+    assert_eq!(joined["device"]["id"], id.as_str(), "{joined}");
+    assert_eq!(joined["verified"], true);
+    assert_eq!(event(&ev, "consent")["decision"], "AllowControl");
+    let banner = agent.next("banner").await;
+    assert_eq!(banner["shown"], true, "{banner}");
+    let asked = agent.next("consent_asked").await;
+    assert_eq!(asked["unattended"], true);
+    assert_eq!(asked["verified"], true);
+    assert_eq!(asked["if_nobody_answers"], "allow");
+    agent.next("consent_timeout").await;
+    let shot = tandem_tests::read_png(&png);
+    let w = shot.width;
+    let red = tandem_tests::count_color(&shot, 0xC62828, 40, (0, 0, w, 24));
+    assert!(
+        red > (w * 24 / 2) as usize,
+        "banner: {red} red pixels of {}",
+        w * 24
+    );
+    let below = tandem_tests::count_color(&shot, 0xC62828, 40, (0, 40, w, 200));
+    assert_eq!(below, 0);
+    // Back online for the next technician.
+    agent.next("online").await;
+
+    // A certificate without unattended access: refused (by the relay already, and the agent
+    // would refuse it too: see unattended_hostile.rs), with a clear word.
+    let (vcert, vkey) = technician_for(dir.path(), &acme, "victor", "view,control", "servers");
+    let (rc, _, err) = console_with(
+        &relay,
+        &token,
+        &[
+            "--device",
+            &id,
+            "--cert",
+            s(&vcert),
+            "--cert-key",
+            s(&vkey),
+            "--seconds",
+            "1",
+        ],
+    )
+    .await;
+    assert_eq!(rc, 15, "{err}");
+    assert!(err.contains("unattended"), "{err}");
+    // Without any certificate: told what is missing.
+    let (rc, _, err) = console_with(&relay, &token, &["--device", &id, "--seconds", "1"]).await;
+    assert_eq!(rc, 2, "{err}");
+    assert!(err.contains("certificate"), "{err}");
+    // Another organisation's device by id: not reachable with this certificate.
+    let (rc, _, err) = console_with(
+        &relay,
+        &token,
+        &[
+            "--device",
+            &other_id,
+            "--cert",
+            s(&cert),
+            "--cert-key",
+            s(&key),
+            "--seconds",
+            "1",
+        ],
+    )
+    .await;
+    assert_eq!(rc, 12, "{err}");
+
+    // The agent's signed log has the session; the relay's admin commands show the device and
+    // the audit row names it.
+    drop(agent);
+    let relay_dir = dir.path();
+    let devices_json = relay_admin(relay_dir, &["devices", "list", "--json"]);
+    assert!(devices_json.contains(&id), "{devices_json}");
+    assert!(devices_json.contains("\"hostname\""), "{devices_json}");
+    let audit = relay_admin(relay_dir, &["audit", "--json"]);
+    assert!(audit.contains(&format!("device {id}")), "{audit}");
+    drop(theirs);
+    relay.terminate().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_device_comes_back_online_after_the_agent_and_the_relay_restart() {
+    let (dir, relay, token, relay_cfg) = setup().await;
+    let acme = make_org(dir.path(), "ACME IT");
+    let (cert, key) = technician_for(dir.path(), &acme, "alice", "all", "*");
+    let state = tempfile::tempdir().unwrap();
+    let id = enroll_agent(dir.path(), &acme, state.path(), "server-1", "servers");
+    let cfg = agent_config(dir.path(), "no", 30);
+    let args = ["--org", &acme.line, "--config", s(&cfg)];
+    let mut agent = Agent::start_in(&relay, &args, state).await;
+    agent.next("online").await;
+
+    // The service restarts (same state directory): the same device, online again.
+    let state = std::mem::replace(&mut agent.state, tempfile::tempdir().unwrap());
+    drop(agent);
+    let mut agent = Agent::start_in(&relay, &args, state).await;
+    assert_eq!(agent.next("device").await["device"], id.as_str());
+    agent.next("online").await;
+    let list = devices(&relay, &token, &cert, &key).await;
+    assert_eq!(list.len(), 1);
+    assert_eq!(list[0]["online"], true, "{list:?}");
+
+    // The relay dies and comes back: the agent notices, retries, and is online again.
+    let relay = relay
+        .crash_and_restart_with(dir.path(), &["--config", s(&relay_cfg)])
+        .await;
+    agent.next("offline").await;
+    agent.next("online").await;
+    let list = devices(&relay, &token, &cert, &key).await;
+    assert_eq!(list[0]["online"], true, "{list:?}");
+
+    // The agent stops: the relay lists the device offline, with when it was last seen.
+    drop(agent);
+    let mut offline = false;
+    for _ in 0..50 {
+        let list = devices(&relay, &token, &cert, &key).await;
+        if list[0]["online"] == false {
+            assert!(list[0]["last_seen"].as_u64().unwrap() > 0);
+            offline = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(offline, "the relay still lists the stopped device online");
+    relay.terminate().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agent_keeps_a_signed_log_of_its_sessions() {
+    let (dir, relay, token, _) = setup().await;
+    let acme = make_org(dir.path(), "ACME IT");
+    let (cert, key) = technician_for(dir.path(), &acme, "alice", "view,unattended", "lab");
+    let state = tempfile::tempdir().unwrap();
+    let state_path = state.path().to_path_buf();
+    let id = enroll_agent(dir.path(), &acme, state.path(), "lab-1", "lab");
+    let cfg = agent_config(dir.path(), "no", 30);
+    let mut agent =
+        Agent::start_in(&relay, &["--org", &acme.line, "--config", s(&cfg)], state).await;
+    agent.next("online").await;
+    for _ in 0..2 {
+        let (rc, ev, err) = console_with(
+            &relay,
+            &token,
+            &[
+                "--device",
+                &id,
+                "--cert",
+                s(&cert),
+                "--cert-key",
+                s(&key),
+                "--seconds",
+                "1",
+            ],
+        )
+        .await;
+        assert_eq!(rc, 0, "{ev:?}\n{err}");
+        // A view-only certificate: view only, whatever the policy allows.
+        assert_eq!(event(&ev, "consent")["decision"], "ViewOnly", "{ev:?}");
+        agent.next("online").await;
+    }
+    let (ok, out, err) = agent_cmd(&state_path, &["log"]);
+    assert!(ok, "{out}\n{err}");
+    let events: Vec<&str> = out
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(2))
+        .collect();
+    assert_eq!(events.iter().filter(|e| **e == "start").count(), 2, "{out}");
+    assert_eq!(events.iter().filter(|e| **e == "end").count(), 2, "{out}");
+    assert!(out.contains("unattended") && out.contains("alice"), "{out}");
+    // Someone edits the log: `tandem-agent log` says so and fails.
+    let log = state_path.join("sessions.log");
+    let text = std::fs::read_to_string(&log).unwrap();
+    std::fs::write(&log, text.replacen("alice", "bob", 1)).unwrap();
+    let (ok, out, _) = agent_cmd(&state_path, &["log"]);
+    assert!(!ok);
+    assert!(out.contains("ALTERED"), "{out}");
+    drop(agent);
+    relay.terminate().await;
+}
+
+trait TapMkdir {
+    fn tap_mkdir(self) -> Self;
+}
+impl TapMkdir for std::path::PathBuf {
+    fn tap_mkdir(self) -> Self {
+        std::fs::create_dir_all(&self).unwrap();
+        self
+    }
+}
