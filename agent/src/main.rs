@@ -559,6 +559,15 @@ async fn run(
     let ca = cli.relay_ca.clone().or(file.relay_ca.clone());
     let trust = RelayTrust::from_options(pin.as_deref(), ca.as_deref())?;
     let windowed = shared.ctx.is_some();
+    // Unattended, the endpoint's policy ([unattended] ask) decides how the user is asked; the
+    // attended --consent modes do not apply (a service has no terminal).
+    let unattended_on = cli.unattended || file.unattended.as_ref().is_some_and(|u| u.enabled);
+    if unattended_on && cli.consent.is_some() {
+        bail!(
+            "--consent is for attended sessions; unattended ones follow [unattended] ask in \
+             tandem-agent.toml (then-connect, never-without-user or no)"
+        );
+    }
     let consent = cli.consent.unwrap_or(if windowed {
         ConsentMode::Window
     } else {
@@ -567,7 +576,7 @@ async fn run(
     if consent == ConsentMode::Window && !windowed {
         bail!("--consent window needs a window; without a display use --consent tty");
     }
-    if consent == ConsentMode::Tty && !std::io::stdin().is_terminal() {
+    if consent == ConsentMode::Tty && !unattended_on && !std::io::stdin().is_terminal() {
         bail!(
             "--consent tty needs a terminal; run it in one, or choose --consent deny|view-only|allow"
         );
@@ -641,7 +650,6 @@ async fn run(
         None => None,
     };
     let mut log = enrollment.as_ref().and_then(|e| open_log(&cli, e));
-    let unattended_on = cli.unattended || file.unattended.as_ref().is_some_and(|u| u.enabled);
     if unattended_on {
         let Some(enrollment) = enrollment else {
             bail!(

@@ -100,6 +100,21 @@ impl Agent {
     }
 
     pub async fn start_in(relay: &RelayProcess, extra: &[&str], state: tempfile::TempDir) -> Agent {
+        let mut args = vec!["--consent", "allow"];
+        args.extend_from_slice(extra);
+        Self::start_raw(relay, &args, state).await
+    }
+
+    /// An agent without `--consent` (unattended agents follow their configuration's policy).
+    pub async fn start_unattended(
+        relay: &RelayProcess,
+        extra: &[&str],
+        state: tempfile::TempDir,
+    ) -> Agent {
+        Self::start_raw(relay, extra, state).await
+    }
+
+    async fn start_raw(relay: &RelayProcess, extra: &[&str], state: tempfile::TempDir) -> Agent {
         let mut cmd = Command::new(binary("tandem-agent"));
         for v in [
             "DISPLAY",
@@ -118,7 +133,7 @@ impl Agent {
                 "--relay-pin",
                 &relay.pin.to_string(),
             ])
-            .args(["--consent", "allow", "--json", "--headless"])
+            .args(["--json", "--headless"])
             .args(extra)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -298,4 +313,10 @@ pub fn enroll_agent(dir: &Path, org_: &Org, state: &Path, name: &str, group: &st
         .and_then(|r| r.split(')').next())
         .unwrap_or_else(|| panic!("no device id in {out}"))
         .to_string()
+}
+
+/// Creates `dir` (and its parents); returns it.
+pub fn mkdir(dir: PathBuf) -> PathBuf {
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
 }

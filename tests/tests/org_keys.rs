@@ -87,7 +87,7 @@ async fn a_certified_technician_is_verified_by_the_agent_and_others_are_not() {
 
     // Another organisation that calls itself "ACME IT" too (what a stolen relay would mint):
     // not verified, and said why.
-    let evil = make_org(&dir.path().join("evil").tap_mkdir(), "ACME IT");
+    let evil = make_org(&mkdir(dir.path().join("evil")), "ACME IT");
     let (ecert, ekey) = technician(&dir.path().join("evil"), &evil, "alice", "all");
     let code = agent.code().await;
     let (rc, ev, _) = console(
@@ -123,16 +123,6 @@ async fn a_certified_technician_is_verified_by_the_agent_and_others_are_not() {
     assert_ne!(rc, 0);
     assert!(err.contains("do not belong together"), "{err}");
     relay.terminate().await;
-}
-
-trait TapMkdir {
-    fn tap_mkdir(self) -> Self;
-}
-impl TapMkdir for PathBuf {
-    fn tap_mkdir(self) -> Self {
-        std::fs::create_dir_all(&self).unwrap();
-        self
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -297,7 +287,7 @@ async fn the_relay_carries_revocation_lists_it_cannot_forge_or_roll_back() {
     let (dir, relay, token) = setup().await;
     let acme = make_org(dir.path(), "ACME IT");
     let (cert, key) = technician(dir.path(), &acme, "alice", "view,control");
-    let work = dir.path().join("admin").tap_mkdir();
+    let work = mkdir(dir.path().join("admin"));
     let list = work.join("revocation");
     org(&[
         "revoke",

@@ -74,7 +74,7 @@ async fn an_enrolled_agent_is_reached_without_a_code_nobody_answering_with_the_b
     let id = enroll_agent(dir.path(), &acme, state.path(), "pc-7", "servers");
     assert!(tandem_session::tandem_org::is_device_id(&id), "{id}");
     // An agent of another organisation online on the same relay.
-    let other = make_org(&dir.path().join("other").tap_mkdir(), "Other MSP");
+    let other = make_org(&mkdir(dir.path().join("other")), "Other MSP");
     let other_state = tempfile::tempdir().unwrap();
     let other_id = enroll_agent(
         &dir.path().join("other"),
@@ -86,7 +86,7 @@ async fn an_enrolled_agent_is_reached_without_a_code_nobody_answering_with_the_b
 
     let x = tandem_tests::x11::Xvfb::start(640, 480);
     let cfg = agent_config(dir.path(), "then-connect", 2);
-    let mut agent = Agent::start_in(
+    let mut agent = Agent::start_unattended(
         &relay,
         &[
             "--org",
@@ -105,7 +105,7 @@ async fn an_enrolled_agent_is_reached_without_a_code_nobody_answering_with_the_b
     agent.next("online").await;
     let other_cfg = dir.path().join("other").join("tandem-agent.toml");
     std::fs::write(&other_cfg, "[unattended]\nenabled = true\nask = \"no\"\n").unwrap();
-    let mut theirs = Agent::start_in(
+    let mut theirs = Agent::start_unattended(
         &relay,
         &["--org", &other.line, "--config", s(&other_cfg)],
         other_state,
@@ -230,13 +230,13 @@ async fn the_device_comes_back_online_after_the_agent_and_the_relay_restart() {
     let id = enroll_agent(dir.path(), &acme, state.path(), "server-1", "servers");
     let cfg = agent_config(dir.path(), "no", 30);
     let args = ["--org", &acme.line, "--config", s(&cfg)];
-    let mut agent = Agent::start_in(&relay, &args, state).await;
+    let mut agent = Agent::start_unattended(&relay, &args, state).await;
     agent.next("online").await;
 
     // The service restarts (same state directory): the same device, online again.
     let state = std::mem::replace(&mut agent.state, tempfile::tempdir().unwrap());
     drop(agent);
-    let mut agent = Agent::start_in(&relay, &args, state).await;
+    let mut agent = Agent::start_unattended(&relay, &args, state).await;
     assert_eq!(agent.next("device").await["device"], id.as_str());
     agent.next("online").await;
     let list = devices(&relay, &token, &cert, &key).await;
@@ -278,7 +278,7 @@ async fn the_agent_keeps_a_signed_log_of_its_sessions() {
     let id = enroll_agent(dir.path(), &acme, state.path(), "lab-1", "lab");
     let cfg = agent_config(dir.path(), "no", 30);
     let mut agent =
-        Agent::start_in(&relay, &["--org", &acme.line, "--config", s(&cfg)], state).await;
+        Agent::start_unattended(&relay, &["--org", &acme.line, "--config", s(&cfg)], state).await;
     agent.next("online").await;
     for _ in 0..2 {
         let (rc, ev, err) = console_with(
@@ -319,14 +319,4 @@ async fn the_agent_keeps_a_signed_log_of_its_sessions() {
     assert!(out.contains("ALTERED"), "{out}");
     drop(agent);
     relay.terminate().await;
-}
-
-trait TapMkdir {
-    fn tap_mkdir(self) -> Self;
-}
-impl TapMkdir for std::path::PathBuf {
-    fn tap_mkdir(self) -> Self {
-        std::fs::create_dir_all(&self).unwrap();
-        self
-    }
 }
