@@ -362,3 +362,35 @@ async fn a_forged_or_foreign_device_list_entry_is_rejected_by_the_console() {
         list.rejected
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_enrolled_agent_takes_no_code() {
+    tandem_tests::init_logs();
+    let acme = org("ACME IT");
+    let relay = FakeRelay::start(Mode::Forward(Tamper::default())).await;
+    let mut rx = device(
+        &relay,
+        agent_cfg(&acme),
+        enroll(&acme, "servers"),
+        UnattendedPolicy::default(),
+    );
+    assert!(matches!(next(&mut rx).await, DeviceEvent::Online { .. }));
+    // The relay pairs an attended console (a code, the PAKE) with the enrolled agent: the agent
+    // answers the device handshake only, and nobody gets a session.
+    let code = tandem_session::SessionCode::generate(tandem_proto::Slot::new("999999999").unwrap())
+        .unwrap();
+    let cfg = SessionConfig {
+        credentials: Some(Arc::new(technician(&acme, "all", &["*"], unix_now()))),
+        setup_timeout: Duration::from_secs(10),
+        ..SessionConfig::default()
+    };
+    let r = tokio::time::timeout(
+        T,
+        tandem_session::join(&relay.opts(), &Secret::new("tnd_1_x"), &code, &cfg),
+    )
+    .await
+    .unwrap();
+    assert!(r.is_err());
+    let reason = refusal(&mut rx).await;
+    assert!(!reason.is_empty());
+}
