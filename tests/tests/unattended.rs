@@ -242,6 +242,23 @@ async fn the_device_comes_back_online_after_the_agent_and_the_relay_restart() {
     let list = devices(&relay, &token, &cert, &key).await;
     assert_eq!(list.len(), 1);
     assert_eq!(list[0]["online"], true, "{list:?}");
+    // The relay's metrics count it (the gauges are refreshed each second).
+    let mut counted = false;
+    for _ in 0..30 {
+        let (_, m) = tandem_tests::http_get(relay.metrics, "/metrics").await;
+        if tandem_tests::metric(&m, "tandem_relay_devices_online") == 1.0
+            && tandem_tests::metric(&m, "tandem_relay_devices_known") == 1.0
+            && tandem_tests::metric(&m, "tandem_relay_agents_waiting") == 0.0
+        {
+            counted = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(
+        counted,
+        "the relay's metrics do not count the online device"
+    );
 
     // The relay dies and comes back: the agent notices, retries, and is online again.
     let relay = relay

@@ -64,6 +64,8 @@ pub struct Metrics {
     pub auth_queue: Gauge,
     pub connections_on_probation: Gauge,
     pub slots_quarantined: Gauge,
+    pub devices_online: Gauge,
+    pub devices_known: Gauge,
 }
 
 impl Default for Metrics {
@@ -100,6 +102,8 @@ impl Metrics {
             auth_queue: Gauge::default(),
             connections_on_probation: Gauge::default(),
             slots_quarantined: Gauge::default(),
+            devices_online: Gauge::default(),
+            devices_known: Gauge::default(),
         };
         let r = &mut m.registry;
         r.register(
@@ -217,6 +221,16 @@ impl Metrics {
             "slots_quarantined",
             "Ended slots held back from reuse",
             m.slots_quarantined.clone(),
+        );
+        r.register(
+            "devices_online",
+            "Enrolled devices online (reachable without a code), in a session or not",
+            m.devices_online.clone(),
+        );
+        r.register(
+            "devices_known",
+            "Enrolled devices the relay has seen (online or not)",
+            m.devices_known.clone(),
         );
         m
     }

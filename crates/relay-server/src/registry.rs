@@ -597,10 +597,13 @@ impl Registry {
         self.sessions.len()
     }
     /// Slots with an agent waiting.
+    /// Agents waiting with a code (online devices are counted by [`Registry::device_count`]).
     pub fn waiting_count(&self) -> usize {
         self.slots
-            .values()
-            .filter(|s| matches!(s, SlotState::Waiting { .. }))
+            .iter()
+            .filter(|(slot, s)| {
+                matches!(s, SlotState::Waiting { .. }) && !self.slot_devices.contains_key(*slot)
+            })
             .count()
     }
     pub fn role(&self, conn: ConnId) -> Option<&Role> {

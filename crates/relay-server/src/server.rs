@@ -499,7 +499,7 @@ fn shared_view(shared: &Arc<Shared>) -> Arc<View> {
 }
 
 fn refresh_gauges(shared: &Shared) {
-    let (s, probation, quarantined) = {
+    let (s, probation, quarantined, online) = {
         let r = lock(&shared.registry);
         (
             Stats {
@@ -509,14 +509,18 @@ fn refresh_gauges(shared: &Shared) {
             },
             r.probation_count(),
             r.quarantined_count(),
+            r.device_count(),
         )
     };
+    let known = lock(&shared.devices).len();
     let m = &shared.metrics;
     m.connections.set(s.connections as i64);
     m.sessions.set(s.sessions as i64);
     m.agents_waiting.set(s.agents_waiting as i64);
     m.connections_on_probation.set(probation as i64);
     m.slots_quarantined.set(quarantined as i64);
+    m.devices_online.set(online as i64);
+    m.devices_known.set(known as i64);
     m.auth_queue.set(shared.auth.queued() as i64);
 }
 
