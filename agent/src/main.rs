@@ -181,6 +181,7 @@ fn org_trust(
         store
             .offer(&list)
             .with_context(|| format!("revocation list {}", path.display()))?;
+        store.save_now();
     }
     Ok(Some(store))
 }

@@ -800,6 +800,37 @@ pub struct TrustStore {
     org: OrgPublic,
     revocation: Option<(RevocationList, RevocationBody)>,
     file: Option<PathBuf>,
+    /// A newer list was taken and is not written to `file` yet.
+    unsaved: bool,
+}
+
+/// A revocation list to write to the trust store's file ([`TrustStore::take_unsaved`]). Writing
+/// is file I/O: do it off the async executor and outside the store's lock.
+#[derive(Debug)]
+pub struct UnsavedRevocation {
+    path: PathBuf,
+    serial: u64,
+    text: String,
+}
+
+impl UnsavedRevocation {
+    /// Writes the list unless the file already holds one at least as new (two writers that raced
+    /// cannot leave the older list on disk).
+    pub fn write(self) {
+        static WRITING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+        let _one_at_a_time = WRITING.lock().unwrap_or_else(|e| e.into_inner());
+        let kept = std::fs::read_to_string(&self.path)
+            .ok()
+            .and_then(|t| RevocationList::from_text(&t).ok())
+            .and_then(|l| l.read_unchecked().ok())
+            .map(|b| b.serial);
+        if kept.is_some_and(|k| k >= self.serial) {
+            return;
+        }
+        if let Err(e) = write_private(&self.path, &self.text) {
+            tracing::warn!(error = %e, "cannot keep the newer revocation list for the next start");
+        }
+    }
 }
 
 impl TrustStore {
@@ -809,6 +840,7 @@ impl TrustStore {
             org,
             revocation: None,
             file,
+            unsaved: false,
         };
         if let Some(f) = &s.file {
             match std::fs::read_to_string(f) {
@@ -867,14 +899,33 @@ impl TrustStore {
             return Ok(Offered::Same);
         }
         let serial = body.serial;
-        // In memory first: a list that cannot be saved still counts for this run.
+        // In memory: it counts at once. The file is written by whoever holds the store, outside
+        // its lock ([`TrustStore::take_unsaved`]); a list that cannot be saved still counts for
+        // this run.
         self.revocation = Some((list.clone(), body));
-        if let Some(f) = &self.file
-            && let Err(e) = write_private(f, &list.to_text())
-        {
-            tracing::warn!(error = %e, "cannot keep the newer revocation list for the next start");
-        }
+        self.unsaved = true;
         Ok(Offered::Newer(serial))
+    }
+
+    /// The newer list taken since the last call, to write to the store's file (none without a
+    /// file, or if nothing changed).
+    pub fn take_unsaved(&mut self) -> Option<UnsavedRevocation> {
+        if !std::mem::take(&mut self.unsaved) {
+            return None;
+        }
+        let (list, body) = self.revocation.as_ref()?;
+        Some(UnsavedRevocation {
+            path: self.file.clone()?,
+            serial: body.serial,
+            text: list.to_text(),
+        })
+    }
+
+    /// Writes what [`TrustStore::take_unsaved`] returns, now (for callers that are not async).
+    pub fn save_now(&mut self) {
+        if let Some(u) = self.take_unsaved() {
+            u.write();
+        }
     }
 
     /// Checks a technician's certificate and proof at `now`.

@@ -236,6 +236,16 @@ fn revocation_by_id_or_key_newest_wins_and_no_rollback() {
         store.offer(&forged),
         Err(OrgError::BadSignature("revocation list"))
     );
+    // Nothing is written until the holder saves (outside its lock); two saves that race in the
+    // wrong order leave the newest list on disk.
+    assert!(!file.exists());
+    let newest = store.take_unsaved().unwrap();
+    assert!(store.take_unsaved().is_none());
+    let mut older = TrustStore::new(o.public.clone(), Some(file.clone()));
+    older.offer(&l1).unwrap();
+    let stale = older.take_unsaved().unwrap();
+    newest.write();
+    stale.write();
     // After a restart the kept list still holds (file, owner only).
     use std::os::unix::fs::PermissionsExt;
     assert_eq!(

@@ -290,6 +290,7 @@ impl AgentHost {
                 RelayMsg::SlotExpired { .. } => return self.new_code(CodeChange::Expired).await,
                 RelayMsg::Revocation { list } => {
                     offer_revocation(&self.cfg, &list);
+                    persist_trust(&self.cfg);
                     continue;
                 }
                 RelayMsg::ShuttingDown => {
@@ -470,6 +471,18 @@ pub(crate) fn offer_revocation(cfg: &SessionConfig, text: &str) {
     }
 }
 
+/// Writes a newer revocation list the trust store took to its file: off the async executor and
+/// outside the store's lock.
+pub(crate) fn persist_trust(cfg: &SessionConfig) {
+    let unsaved = cfg
+        .trust
+        .as_ref()
+        .and_then(|t| t.lock().unwrap_or_else(|e| e.into_inner()).take_unsaved());
+    if let Some(u) = unsaved {
+        tokio::task::spawn_blocking(move || u.write());
+    }
+}
+
 pub(crate) struct PeerHello {
     pub(crate) software: String,
     pub(crate) capabilities: Vec<String>,
@@ -599,7 +612,9 @@ async fn agent_pake(
             revocation,
         } => {
             let exporter = org_exporter(conn, code.slot())?;
-            check_org(cfg, &exporter, &nonce, cert, &proof, revocation)
+            let org = check_org(cfg, &exporter, &nonce, cert, &proof, revocation);
+            persist_trust(cfg);
+            org
         }
         other => {
             return Err(SessionError::Protocol(format!(

@@ -28,7 +28,7 @@ use crate::session::{
 };
 use crate::setup::{
     AGENT_ADDR, CONSOLE_ADDR, Confirmed, ConsoleMode, SessionConfig, check_org, console_setup,
-    hello, offer_revocation, read_hello, watch_setup_link,
+    hello, offer_revocation, persist_trust, read_hello, watch_setup_link,
 };
 use quinn::{Connection, VarInt};
 use std::sync::Arc;
@@ -171,7 +171,10 @@ impl DeviceHost {
                     };
                     return Ok(self.handshake(link, who, resume).await);
                 }
-                RelayMsg::Revocation { list } => offer_revocation(&self.cfg, &list),
+                RelayMsg::Revocation { list } => {
+                    offer_revocation(&self.cfg, &list);
+                    persist_trust(&self.cfg);
+                }
                 RelayMsg::ShuttingDown => {
                     self.link = None;
                     return Err(SessionError::Relay(ClientError::Closed {
@@ -353,7 +356,9 @@ async fn agent_handshake(
             revocation,
         } => {
             let exporter = export(conn, tandem_org::EXPORTER_LABEL, id)?;
-            check_org(cfg, &exporter, &mine, cert, &proof, revocation)
+            let org = check_org(cfg, &exporter, &mine, cert, &proof, revocation);
+            persist_trust(cfg);
+            org
         }
         other => {
             return Err(SessionError::Protocol(format!(
