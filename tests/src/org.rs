@@ -3,7 +3,7 @@
 //! and a headless `tandem-console` run to its end.
 #![allow(clippy::unwrap_used)]
 
-use crate::{RelayProcess, binary};
+use crate::{RelayProcess, binary, relay_admin, token_from_output};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
@@ -60,32 +60,7 @@ pub fn make_org(dir: &Path, name: &str) -> Org {
 
 /// A technician's key and a certificate from `org` with `permissions`: (cert, key) files.
 pub fn technician(dir: &Path, org_: &Org, name: &str, permissions: &str) -> (PathBuf, PathBuf) {
-    let key = dir.join(format!("{name}.key"));
-    let req = dir.join(format!("{name}.req"));
-    let cert = dir.join(format!("{name}.cert"));
-    org(&[
-        "request",
-        "--name",
-        name,
-        "--key",
-        key.to_str().unwrap(),
-        "--out",
-        req.to_str().unwrap(),
-    ]);
-    org(&[
-        "issue",
-        "--key",
-        org_.key.to_str().unwrap(),
-        "--request",
-        req.to_str().unwrap(),
-        "--permissions",
-        permissions,
-        "--validity",
-        "2h",
-        "--out",
-        cert.to_str().unwrap(),
-    ]);
-    (cert, key)
+    technician_for(dir, org_, name, permissions, "")
 }
 
 pub struct Agent {
@@ -319,4 +294,27 @@ pub fn enroll_agent(dir: &Path, org_: &Org, state: &Path, name: &str, group: &st
 pub fn mkdir(dir: PathBuf) -> PathBuf {
     std::fs::create_dir_all(&dir).unwrap();
     dir
+}
+
+/// A real relay whose store knows "alice of ACME IT" (the relay's word, not the organisation's),
+/// with join, login and registration limits raised above what these tests do in a minute (the
+/// limits are not under test here): its data directory, the relay, alice's token and the relay's
+/// configuration file (to restart it with).
+pub async fn relay_for_org_tests() -> (tempfile::TempDir, RelayProcess, String, PathBuf) {
+    crate::init_logs();
+    let dir = tempfile::tempdir().unwrap();
+    let out = relay_admin(
+        dir.path(),
+        &["technician", "add", "--org", "ACME IT", "--name", "alice"],
+    );
+    let token = token_from_output(&out).expose().to_string();
+    let cfg = dir.path().join("relay.toml");
+    std::fs::write(
+        &cfg,
+        "[limits]\njoins_per_minute_per_technician = 100\njoins_per_minute_per_address = 100\n\
+         auths_per_minute_per_address = 200\n",
+    )
+    .unwrap();
+    let relay = RelayProcess::start_with(dir.path(), &["--config", s(&cfg)]).await;
+    (dir, relay, token, cfg)
 }

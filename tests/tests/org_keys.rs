@@ -5,30 +5,12 @@
 //! says about the technician never makes the agent say "verified".
 #![allow(clippy::unwrap_used)]
 
-use std::path::PathBuf;
 use std::process::Stdio;
 use tandem_tests::org::*;
-use tandem_tests::{RelayProcess, binary, relay_admin, token_from_output};
+use tandem_tests::{RelayProcess, binary};
 
 async fn setup() -> (tempfile::TempDir, RelayProcess, String) {
-    tandem_tests::init_logs();
-    let dir = tempfile::tempdir().unwrap();
-    // The relay's own account says "alice of ACME IT": the relay's word, not the organisation's.
-    let out = relay_admin(
-        dir.path(),
-        &["technician", "add", "--org", "ACME IT", "--name", "alice"],
-    );
-    let token = token_from_output(&out).expose().to_string();
-    // Many sessions from one technician and address within a minute: above the relay's default
-    // join limits, which are not under test here.
-    let cfg = dir.path().join("relay.toml");
-    std::fs::write(
-        &cfg,
-        "[limits]\njoins_per_minute_per_technician = 100\njoins_per_minute_per_address = 100\n\
-         auths_per_minute_per_address = 100\n",
-    )
-    .unwrap();
-    let relay = RelayProcess::start_with(dir.path(), &["--config", cfg.to_str().unwrap()]).await;
+    let (dir, relay, token, _) = relay_for_org_tests().await;
     (dir, relay, token)
 }
 

@@ -8,27 +8,31 @@
 use std::path::Path;
 use std::time::Duration;
 use tandem_tests::org::*;
-use tandem_tests::{RelayProcess, relay_admin, token_from_output};
+use tandem_tests::{RelayProcess, relay_admin};
 
-/// A relay with raised join and registration limits (not under test here), its data directory,
-/// configuration file and a technician token of "alice of ACME IT".
-async fn setup() -> (tempfile::TempDir, RelayProcess, String, std::path::PathBuf) {
-    tandem_tests::init_logs();
-    let dir = tempfile::tempdir().unwrap();
-    let out = relay_admin(
-        dir.path(),
-        &["technician", "add", "--org", "ACME IT", "--name", "alice"],
-    );
-    let token = token_from_output(&out).expose().to_string();
-    let cfg = dir.path().join("relay.toml");
-    std::fs::write(
-        &cfg,
-        "[limits]\njoins_per_minute_per_technician = 100\njoins_per_minute_per_address = 100\n\
-         auths_per_minute_per_address = 200\n",
-    )
-    .unwrap();
-    let relay = RelayProcess::start_with(dir.path(), &["--config", s(&cfg)]).await;
-    (dir, relay, token, cfg)
+/// A headless console connecting to `device` (id or name) with the technician certificate and key
+/// `creds`, for `seconds`; (exit code, JSON events, stderr).
+async fn connect(
+    relay: &RelayProcess,
+    token: &str,
+    device: &str,
+    creds: (&Path, &Path),
+    seconds: u32,
+    extra: &[&str],
+) -> (i32, Vec<serde_json::Value>, String) {
+    let seconds = seconds.to_string();
+    let mut args = vec![
+        "--device",
+        device,
+        "--cert",
+        s(creds.0),
+        "--cert-key",
+        s(creds.1),
+        "--seconds",
+        &seconds,
+    ];
+    args.extend_from_slice(extra);
+    console_with(relay, token, &args).await
 }
 
 /// tandem-agent.toml with `[unattended]`.
@@ -61,7 +65,7 @@ async fn devices(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_enrolled_agent_is_reached_without_a_code_nobody_answering_with_the_banner_shown() {
-    let (dir, relay, token, _) = setup().await;
+    let (dir, relay, token, _) = relay_for_org_tests().await;
     let acme = make_org(dir.path(), "ACME IT");
     let (cert, key) = technician_for(
         dir.path(),
@@ -124,21 +128,13 @@ async fn an_enrolled_agent_is_reached_without_a_code_nobody_answering_with_the_b
     // Connect by name, no code: the agent asks, nobody answers in 2 s, the technician connects;
     // the banner is on the screen the technician sees.
     let png = dir.path().join("screen.png");
-    let (rc, ev, err) = console_with(
+    let (rc, ev, err) = connect(
         &relay,
         &token,
-        &[
-            "--device",
-            "pc-7",
-            "--cert",
-            s(&cert),
-            "--cert-key",
-            s(&key),
-            "--seconds",
-            "6",
-            "--png",
-            s(&png),
-        ],
+        "pc-7",
+        (&cert, &key),
+        6,
+        &["--png", s(&png)],
     )
     .await;
     assert_eq!(rc, 0, "{ev:?}\n{err}");
@@ -169,21 +165,7 @@ async fn an_enrolled_agent_is_reached_without_a_code_nobody_answering_with_the_b
     // A certificate without unattended access: refused (by the relay already, and the agent
     // would refuse it too: see unattended_hostile.rs), with a clear word.
     let (vcert, vkey) = technician_for(dir.path(), &acme, "victor", "view,control", "servers");
-    let (rc, _, err) = console_with(
-        &relay,
-        &token,
-        &[
-            "--device",
-            &id,
-            "--cert",
-            s(&vcert),
-            "--cert-key",
-            s(&vkey),
-            "--seconds",
-            "1",
-        ],
-    )
-    .await;
+    let (rc, _, err) = connect(&relay, &token, &id, (&vcert, &vkey), 1, &[]).await;
     assert_eq!(rc, 15, "{err}");
     assert!(err.contains("unattended"), "{err}");
     // Without any certificate: told what is missing.
@@ -191,21 +173,7 @@ async fn an_enrolled_agent_is_reached_without_a_code_nobody_answering_with_the_b
     assert_eq!(rc, 2, "{err}");
     assert!(err.contains("certificate"), "{err}");
     // Another organisation's device by id: not reachable with this certificate.
-    let (rc, _, err) = console_with(
-        &relay,
-        &token,
-        &[
-            "--device",
-            &other_id,
-            "--cert",
-            s(&cert),
-            "--cert-key",
-            s(&key),
-            "--seconds",
-            "1",
-        ],
-    )
-    .await;
+    let (rc, _, err) = connect(&relay, &token, &other_id, (&cert, &key), 1, &[]).await;
     assert_eq!(rc, 12, "{err}");
 
     // The agent's signed log has the session; the relay's admin commands show the device and
@@ -223,7 +191,7 @@ async fn an_enrolled_agent_is_reached_without_a_code_nobody_answering_with_the_b
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_device_comes_back_online_after_the_agent_and_the_relay_restart() {
-    let (dir, relay, token, relay_cfg) = setup().await;
+    let (dir, relay, token, relay_cfg) = relay_for_org_tests().await;
     let acme = make_org(dir.path(), "ACME IT");
     let (cert, key) = technician_for(dir.path(), &acme, "alice", "all", "*");
     let state = tempfile::tempdir().unwrap();
@@ -287,7 +255,7 @@ async fn the_device_comes_back_online_after_the_agent_and_the_relay_restart() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_agent_keeps_a_signed_log_of_its_sessions() {
-    let (dir, relay, token, _) = setup().await;
+    let (dir, relay, token, _) = relay_for_org_tests().await;
     let acme = make_org(dir.path(), "ACME IT");
     let (cert, key) = technician_for(dir.path(), &acme, "alice", "view,unattended", "lab");
     let state = tempfile::tempdir().unwrap();
@@ -298,21 +266,7 @@ async fn the_agent_keeps_a_signed_log_of_its_sessions() {
         Agent::start_unattended(&relay, &["--org", &acme.line, "--config", s(&cfg)], state).await;
     agent.next("online").await;
     for _ in 0..2 {
-        let (rc, ev, err) = console_with(
-            &relay,
-            &token,
-            &[
-                "--device",
-                &id,
-                "--cert",
-                s(&cert),
-                "--cert-key",
-                s(&key),
-                "--seconds",
-                "1",
-            ],
-        )
-        .await;
+        let (rc, ev, err) = connect(&relay, &token, &id, (&cert, &key), 1, &[]).await;
         assert_eq!(rc, 0, "{ev:?}\n{err}");
         // A view-only certificate: view only, whatever the policy allows.
         assert_eq!(event(&ev, "consent")["decision"], "ViewOnly", "{ev:?}");

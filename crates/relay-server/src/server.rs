@@ -1023,25 +1023,7 @@ async fn run_connection(
                             "session paired"
                         );
                     }
-                    Err(Refusal::Fatal(code)) => {
-                        Metrics::inc(&shared.metrics.protocol_errors, code.label());
-                        return Err(Close::code(code));
-                    }
-                    Err(r) => {
-                        if let Refusal::Limit(l) = r {
-                            shared.metrics.limit(l.label());
-                        }
-                        let code = r.code();
-                        Metrics::inc(&shared.metrics.joins_refused, code.label());
-                        write_msg(
-                            &mut send,
-                            RelayMsg::Refused {
-                                code,
-                                message: code.explain().into(),
-                            },
-                        )
-                        .await?;
-                    }
+                    Err(r) => refuse_pairing(shared, &mut send, r).await?,
                 }
             }
             ClientMsg::Ping { nonce } => write_msg(&mut send, RelayMsg::Pong { nonce }).await?,
@@ -1255,25 +1237,7 @@ async fn run_connection(
                             "unattended session paired"
                         );
                     }
-                    Err(Refusal::Fatal(code)) => {
-                        Metrics::inc(&shared.metrics.protocol_errors, code.label());
-                        return Err(Close::code(code));
-                    }
-                    Err(r) => {
-                        if let Refusal::Limit(l) = r {
-                            shared.metrics.limit(l.label());
-                        }
-                        let code = r.code();
-                        Metrics::inc(&shared.metrics.joins_refused, code.label());
-                        write_msg(
-                            &mut send,
-                            RelayMsg::Refused {
-                                code,
-                                message: code.explain().into(),
-                            },
-                        )
-                        .await?;
-                    }
+                    Err(r) => refuse_pairing(shared, &mut send, r).await?,
                 }
             }
             ClientMsg::End { reason } => {
@@ -1284,6 +1248,28 @@ async fn run_connection(
             }
         }
     }
+}
+
+/// A join or a connection to a device was refused: a fatal refusal closes the connection, the
+/// others are answered (the connection stays) and counted.
+async fn refuse_pairing(shared: &Shared, send: &mut SendStream, r: Refusal) -> Result<(), Close> {
+    if let Refusal::Fatal(code) = r {
+        Metrics::inc(&shared.metrics.protocol_errors, code.label());
+        return Err(Close::code(code));
+    }
+    if let Refusal::Limit(l) = r {
+        shared.metrics.limit(l.label());
+    }
+    let code = r.code();
+    Metrics::inc(&shared.metrics.joins_refused, code.label());
+    write_msg(
+        send,
+        RelayMsg::Refused {
+            code,
+            message: code.explain().into(),
+        },
+    )
+    .await
 }
 
 /// Marks a device offline (last seen now) when the connection it was online on ends, unless it

@@ -322,26 +322,14 @@ impl AgentHost {
         self.announced = false;
         // A request for a new code made before this failure does not lift a lock it causes.
         self.requests.take();
-        let carrier = Carrier::new(self.cfg.fallback);
-        carrier.attach(link.connection().clone());
-        let socket = carrier
-            .socket(AGENT_ADDR, CONSOLE_ADDR)
-            .ok_or_else(|| SessionError::Setup("carrier already in use".into()))?;
-        let endpoint = inner::agent_endpoint(socket)?;
+        let inner = AgentInner::open(&self.cfg, &link)?;
         let cfg = self.cfg.clone();
         let who = RelayIdentity {
             technician: technician.clone(),
             organisation: organisation.clone(),
         };
         let setup = async {
-            let incoming = endpoint
-                .accept()
-                .await
-                .ok_or_else(|| SessionError::Setup("inner endpoint closed".into()))?;
-            inner::stop_accepting(&endpoint);
-            let conn = incoming
-                .await
-                .map_err(|e| SessionError::Setup(format!("inner handshake: {e}")))?;
+            let conn = inner.accept().await?;
             let r = agent_pake(&conn, &code, &who, &cfg).await;
             Ok::<_, SessionError>((conn, r))
         };
@@ -355,39 +343,23 @@ impl AgentHost {
         })
         .await;
         let failure = match outcome {
-            Ok(Ok((conn, Ok((ctl_send, ctl_recv, hello, key, org, _))))) => {
-                let PeerHello {
-                    software,
-                    capabilities,
-                    version,
-                } = hello;
+            Ok(Ok((conn, Ok(confirmed)))) => {
                 self.tries.succeeded();
                 self.next_why = CodeChange::New;
                 tracing::info!("session confirmed");
-                return Ok(AgentEvent::Session(Box::new(Session::start(Parts {
-                    role: Role::Agent,
-                    conn,
-                    ctl_send,
-                    ctl_recv,
-                    peer: PeerInfo {
-                        software,
-                        capabilities,
-                        version,
-                        technician: Some(technician),
-                        organisation: Some(organisation),
-                        org,
-                        device: None,
-                    },
-                    carrier,
-                    endpoint,
-                    link: LinkCtx {
-                        link,
-                        opts: self.opts.clone(),
-                        token,
-                        grace: self.cfg.resume_grace,
-                    },
-                    session_key: key,
-                }))));
+                let link = LinkCtx {
+                    link,
+                    opts: self.opts.clone(),
+                    token,
+                    grace: self.cfg.resume_grace,
+                };
+                let who = RelayIdentity {
+                    technician,
+                    organisation,
+                };
+                return Ok(AgentEvent::Session(Box::new(
+                    inner.start(conn, confirmed, who, link),
+                )));
             }
             Ok(Ok((conn, Err(e)))) => {
                 // The console may have closed the connection because it found the code wrong
@@ -409,8 +381,7 @@ impl AgentHost {
             ),
         };
         // Whatever went wrong after a technician joined, the code is burned: one try per code.
-        endpoint.close(VarInt::from_u32(close::PROTOCOL), b"setup failed");
-        drop(carrier);
+        inner.close();
         let why = match failure {
             SessionError::WrongCode => {
                 tracing::warn!(
@@ -446,6 +417,74 @@ impl AgentHost {
                 self.new_code(why).await
             }
         }
+    }
+}
+
+/// The agent's end of the inner connection: a carrier on the relay link and an endpoint that takes
+/// the console's one connection.
+pub(crate) struct AgentInner {
+    carrier: Arc<Carrier>,
+    endpoint: quinn::Endpoint,
+}
+
+impl AgentInner {
+    pub(crate) fn open(cfg: &SessionConfig, link: &RelayLink) -> Result<AgentInner, SessionError> {
+        let carrier = Carrier::new(cfg.fallback);
+        carrier.attach(link.connection().clone());
+        let socket = carrier
+            .socket(AGENT_ADDR, CONSOLE_ADDR)
+            .ok_or_else(|| SessionError::Setup("carrier already in use".into()))?;
+        let endpoint = inner::agent_endpoint(socket)?;
+        Ok(AgentInner { carrier, endpoint })
+    }
+
+    /// The console's inner connection (the only one accepted).
+    pub(crate) async fn accept(&self) -> Result<Connection, SessionError> {
+        let incoming = self
+            .endpoint
+            .accept()
+            .await
+            .ok_or_else(|| SessionError::Setup("inner endpoint closed".into()))?;
+        inner::stop_accepting(&self.endpoint);
+        incoming
+            .await
+            .map_err(|e| SessionError::Setup(format!("inner handshake: {e}")))
+    }
+
+    /// The confirmed session; `who` as the relay named the technician.
+    pub(crate) fn start(
+        self,
+        conn: Connection,
+        confirmed: Confirmed,
+        who: RelayIdentity,
+        link: LinkCtx,
+    ) -> Session {
+        let (ctl_send, ctl_recv, hello, session_key, org, device) = confirmed;
+        Session::start(Parts {
+            role: Role::Agent,
+            conn,
+            ctl_send,
+            ctl_recv,
+            peer: PeerInfo {
+                software: hello.software,
+                capabilities: hello.capabilities,
+                version: hello.version,
+                technician: Some(who.technician),
+                organisation: Some(who.organisation),
+                org,
+                device,
+            },
+            carrier: self.carrier,
+            endpoint: self.endpoint,
+            link,
+            session_key,
+        })
+    }
+
+    /// Gives up: the endpoint closes and the carrier detaches.
+    pub(crate) fn close(self) {
+        self.endpoint
+            .close(VarInt::from_u32(close::PROTOCOL), b"setup failed");
     }
 }
 

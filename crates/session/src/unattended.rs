@@ -19,16 +19,14 @@
 //! later: the exporter and the challenge are new every time. What the user is asked, and the
 //! banner, are the application's (the [`Session`] is confirmed here, nothing is shown yet).
 
-use crate::carrier::Carrier;
-use crate::inner::{self, close};
+use crate::inner::close;
 use crate::pake::RelayIdentity;
 use crate::session::{
-    ControlMsg, LinkCtx, OrgCheck, Parts, PeerInfo, Role, Session, SessionError, close_reason,
-    read_frame, write_frame,
+    ControlMsg, LinkCtx, OrgCheck, Session, SessionError, close_reason, read_frame, write_frame,
 };
 use crate::setup::{
-    AGENT_ADDR, CONSOLE_ADDR, Confirmed, ConsoleMode, SessionConfig, check_org, console_setup,
-    hello, offer_revocation, persist_trust, read_hello, watch_setup_link,
+    AgentInner, Confirmed, ConsoleMode, SessionConfig, check_org, console_setup, hello,
+    offer_revocation, persist_trust, read_hello, watch_setup_link,
 };
 use quinn::{Connection, VarInt};
 use std::sync::Arc;
@@ -193,15 +191,8 @@ impl DeviceHost {
         who: RelayIdentity,
         token: ResumeToken,
     ) -> DeviceEvent {
-        let carrier = Carrier::new(self.cfg.fallback);
-        carrier.attach(link.connection().clone());
-        let Some(socket) = carrier.socket(AGENT_ADDR, CONSOLE_ADDR) else {
-            return DeviceEvent::Refused {
-                reason: "carrier already in use".into(),
-            };
-        };
-        let endpoint = match inner::agent_endpoint(socket) {
-            Ok(e) => e,
+        let inner = match AgentInner::open(&self.cfg, &link) {
+            Ok(i) => i,
             Err(e) => {
                 return DeviceEvent::Refused {
                     reason: e.to_string(),
@@ -212,14 +203,7 @@ impl DeviceHost {
         // while the verdict is still being delivered, and the refusal is the truth.
         let decided = std::sync::OnceLock::new();
         let setup = async {
-            let incoming = endpoint
-                .accept()
-                .await
-                .ok_or_else(|| SessionError::Setup("inner endpoint closed".into()))?;
-            inner::stop_accepting(&endpoint);
-            let conn = incoming
-                .await
-                .map_err(|e| SessionError::Setup(format!("inner handshake: {e}")))?;
+            let conn = inner.accept().await?;
             let r =
                 agent_handshake(&conn, &self.cfg, &self.enrollment, &self.policy, &decided).await;
             Ok::<_, SessionError>((conn, r))
@@ -232,32 +216,15 @@ impl DeviceHost {
         })
         .await;
         let failure = match outcome {
-            Ok(Ok((conn, Ok((ctl_send, ctl_recv, hello, key, org, _))))) => {
+            Ok(Ok((conn, Ok(confirmed)))) => {
                 tracing::info!("unattended session confirmed");
-                return DeviceEvent::Session(Box::new(Session::start(Parts {
-                    role: Role::Agent,
-                    conn,
-                    ctl_send,
-                    ctl_recv,
-                    peer: PeerInfo {
-                        software: hello.software,
-                        capabilities: hello.capabilities,
-                        version: hello.version,
-                        technician: Some(who.technician),
-                        organisation: Some(who.organisation),
-                        org,
-                        device: Some(self.enrollment.body.clone()),
-                    },
-                    carrier,
-                    endpoint,
-                    link: LinkCtx {
-                        link,
-                        opts: self.opts.clone(),
-                        token,
-                        grace: self.cfg.resume_grace,
-                    },
-                    session_key: key,
-                })));
+                let link = LinkCtx {
+                    link,
+                    opts: self.opts.clone(),
+                    token,
+                    grace: self.cfg.resume_grace,
+                };
+                return DeviceEvent::Session(Box::new(inner.start(conn, confirmed, who, link)));
             }
             Ok(Ok((conn, Err(e)))) => {
                 conn.close(
@@ -275,8 +242,7 @@ impl DeviceHost {
             Some(detail) => SessionError::Unverified(detail.clone()),
             None => failure,
         };
-        endpoint.close(VarInt::from_u32(close::PROTOCOL), b"setup failed");
-        drop(carrier);
+        inner.close();
         tracing::warn!(error = %failure, "an unattended connection was refused");
         let _ = link
             .end(EndReason::Other("session setup failed".into()))
