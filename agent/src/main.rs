@@ -283,6 +283,9 @@ struct UnattendedFile {
     ask: Option<String>,
     /// Seconds to wait for the user's answer. [default: 30]
     ask_timeout_secs: Option<u64>,
+    /// `required` (the default: an unattended session needs the banner on the screen, and ends if
+    /// it is closed and cannot be shown again) or `optional` (computers without a screen).
+    banner: Option<String>,
 }
 
 /// What happens when an unattended technician connects while someone may be at the screen.
@@ -300,6 +303,8 @@ struct Unattended {
     timeout: Duration,
     /// Where the banner is shown (an X display), if any.
     display: Option<String>,
+    /// Without the banner, nobody connects (`banner = "required"`, the default).
+    banner_required: bool,
 }
 
 impl FileConfig {
@@ -810,7 +815,9 @@ async fn run(
                 report.phase(Phase::Locked { note });
             }
             AgentEvent::Session(s) => {
-                log_start(&mut log, &s, MODE_ATTENDED);
+                // Attended: the user is there and decides; a log that cannot be written is
+                // warned about, not a reason to refuse them help.
+                let _ = log_start(&mut log, &s, MODE_ATTENDED);
                 let quit = run_session(
                     *s,
                     consent,
@@ -983,14 +990,19 @@ async fn ask_consent(
         .unwrap_or(Consent::Deny)
 }
 
-/// The user's commands during a session: the window's buttons, terminal lines, Ctrl-C.
-struct AgentCmds<'a>(&'a mut mpsc::UnboundedReceiver<UiCmd>);
+/// The user's commands during a session: the window's buttons, terminal lines, Ctrl-C; and, in an
+/// unattended session, what the [`Watch`] ends it for.
+struct AgentCmds<'a> {
+    rx: &'a mut mpsc::UnboundedReceiver<UiCmd>,
+    watch: Option<&'a mut Watch>,
+    report: &'a Report,
+}
 
 impl UserCommands for AgentCmds<'_> {
     async fn next(&mut self) -> HostCmd {
         loop {
             tokio::select! {
-                c = self.0.recv() => match c {
+                c = self.rx.recv() => match c {
                     Some(UiCmd::ViewOnly(v)) => return HostCmd::ViewOnly(v),
                     Some(UiCmd::Line(l)) => match l.trim().to_lowercase().as_str() {
                         "v" | "view" | "view only" => return HostCmd::ViewOnly(true),
@@ -1003,8 +1015,69 @@ impl UserCommands for AgentCmds<'_> {
                     Some(UiCmd::Consent(_) | UiCmd::NewCode) => {}
                 },
                 _ = tokio::signal::ctrl_c() => return HostCmd::Quit,
+                _ = tokio::time::sleep(WATCH_EVERY), if self.watch.is_some() => {
+                    if let Some(w) = self.watch.as_deref_mut()
+                        && let Some(cmd) = w.check(self.report)
+                    {
+                        return cmd;
+                    }
+                }
             }
         }
+    }
+}
+
+/// How often an unattended session's banner and certificate are checked.
+const WATCH_EVERY: Duration = Duration::from_millis(500);
+
+/// What keeps an unattended session honest while it runs: the banner stays on the screen (shown
+/// again if someone closes it; the session ends if it cannot be), and the session ends when the
+/// technician's certificate does.
+struct Watch {
+    banner: Option<tandem_host::banner::Banner>,
+    display: Option<String>,
+    text: String,
+    required: bool,
+    until: Option<std::time::SystemTime>,
+}
+
+impl Watch {
+    fn check(&mut self, report: &Report) -> Option<HostCmd> {
+        if self
+            .until
+            .is_some_and(|t| std::time::SystemTime::now() >= t)
+        {
+            report.event(
+                "certificate_expired",
+                "The technician's certificate has expired: the session ends.",
+                serde_json::json!({}),
+            );
+            return Some(HostCmd::End);
+        }
+        if self.banner.as_ref().is_some_and(|b| !b.is_active()) {
+            match tandem_host::banner::Banner::show(self.display.as_deref(), &self.text) {
+                Ok(b) => {
+                    report.event(
+                        "banner",
+                        "The session banner was closed; it is shown again.",
+                        serde_json::json!({"shown": true, "again": true}),
+                    );
+                    self.banner = Some(b);
+                }
+                Err(e) => {
+                    self.banner = None;
+                    report.event(
+                        "banner_lost",
+                        &format!("The session banner was closed and cannot be shown again ({e})."),
+                        serde_json::json!({"error": e.to_string()}),
+                    );
+                    if self.required {
+                        return Some(HostCmd::End);
+                    }
+                }
+            }
+        }
+        None
     }
 }
 
@@ -1030,9 +1103,38 @@ async fn run_session(
         serde_json::json!({"technician": technician, "organisation": organisation,
             "verified": trust.verified, "trust": trust.text}),
     );
-    // Unattended: the banner shows from now until the session ends, whatever is decided.
-    let _banner = unattended.and_then(|u| show_banner(u, &technician, &organisation, report));
+    // Unattended: the banner shows from now until the session ends, whatever is decided; without
+    // it (unless the policy makes it optional) nobody gets in.
+    let mut watch = unattended.map(|u| {
+        let (banner, text) = show_banner(u, &technician, &organisation, report);
+        let until = match &s.peer().org {
+            OrgCheck::Verified(v) => Some(
+                std::time::UNIX_EPOCH
+                    + Duration::from_secs(v.not_after.saturating_add(org::CLOCK_SKEW)),
+            ),
+            _ => None,
+        };
+        Watch {
+            banner,
+            display: u.display.clone(),
+            text,
+            required: u.banner_required,
+            until,
+        }
+    });
+    let no_banner = watch
+        .as_ref()
+        .is_some_and(|w| w.required && w.banner.is_none());
     let mut decision = match unattended {
+        Some(_) if no_banner => {
+            report.event(
+                "unattended_refused",
+                "The session banner cannot be shown, so nobody may connect unattended (set \
+                 [unattended] banner = \"optional\" for computers without a screen).",
+                serde_json::json!({"reason": "no banner"}),
+            );
+            Consent::Deny
+        }
         Some(u) => ask_unattended(u, &technician, &organisation, &trust, report, cmds).await,
         None => {
             ask_consent(
@@ -1175,8 +1277,18 @@ async fn run_session(
         }
     }
     };
-    let outcome =
-        tandem_host::run_session(s, decision, desktop, &mut AgentCmds(cmds), &mut on).await?;
+    let outcome = tandem_host::run_session(
+        s,
+        decision,
+        desktop,
+        &mut AgentCmds {
+            rx: cmds,
+            watch: watch.as_mut(),
+            report,
+        },
+        &mut on,
+    )
+    .await?;
     Ok(outcome.quit)
 }
 
@@ -1304,8 +1416,10 @@ fn open_log(cli: &Cli, e: &Enrollment) -> Option<SessionLog> {
     }
 }
 
-fn log_start(log: &mut Option<SessionLog>, s: &Session, mode: &str) {
-    let Some(l) = log else { return };
+/// Records the start of a session; whether it is recorded (true without a log: attended sessions
+/// on a computer that is not enrolled).
+fn log_start(log: &mut Option<SessionLog>, s: &Session, mode: &str) -> bool {
+    let Some(l) = log else { return true };
     let (technician, organisation, cert) = match &s.peer().org {
         OrgCheck::Verified(v) => (
             v.technician.clone(),
@@ -1330,8 +1444,12 @@ fn log_start(log: &mut Option<SessionLog>, s: &Session, mode: &str) {
             "not verified".into()
         },
     };
-    if let Err(e) = l.append(&r, org::unix_now()) {
-        tracing::warn!(error = %e, "cannot write the signed session log");
+    match l.append(&r, org::unix_now()) {
+        Ok(_) => true,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot write the signed session log");
+            false
+        }
     }
 }
 
@@ -1410,10 +1528,18 @@ fn unattended_policy(f: Option<&UnattendedFile>, cli: &Cli) -> Result<Unattended
         .clone()
         .or_else(|| std::env::var("DISPLAY").ok())
         .filter(|d| !d.is_empty());
+    let banner_required = match f.and_then(|u| u.banner.as_deref()) {
+        None | Some("required") => true,
+        Some("optional") => false,
+        Some(other) => bail!(
+            "[unattended] banner = {other:?} in tandem-agent.toml: use \"required\" or \"optional\""
+        ),
+    };
     Ok(Unattended {
         ask,
         timeout: Duration::from_secs(secs),
         display,
+        banner_required,
     })
 }
 
@@ -1427,6 +1553,8 @@ struct UnattendedRun<'a> {
 
 /// Longest wait between two attempts to get back online.
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// Longest pause after refused unattended attempts.
+const MAX_REFUSED_PAUSE: Duration = Duration::from_secs(60);
 
 /// The enrolled device's loop: online, sessions, and back online after any loss (network, relay
 /// restart), with a growing pause between attempts.
@@ -1462,8 +1590,50 @@ async fn run_unattended(
         serde_json::json!({"device": b.id, "name": b.name, "group": b.group,
             "organisation": b.organisation}),
     );
+    // What cannot work as the policy says, said at once.
+    let windowed = report.shared.ctx.is_some();
+    if ctx.u.ask != AskPolicy::No && !windowed && !std::io::stdin().is_terminal() {
+        report.event(
+            "policy_note",
+            &match ctx.u.ask {
+                AskPolicy::NeverWithoutUser => "Nobody can answer here (no window, no terminal): \
+                    every unattended connection will be refused."
+                    .to_string(),
+                _ => format!(
+                    "Nobody can answer here (no window, no terminal): technicians connect after \
+                     {} s.",
+                    ctx.u.timeout.as_secs()
+                ),
+            },
+            serde_json::json!({}),
+        );
+    }
+    if let Some(name) = policy
+        .technicians
+        .iter()
+        .find(|t| !t.starts_with("SHA256:"))
+    {
+        report.event(
+            "policy_note",
+            &format!(
+                "[unattended] technicians names {}: any certificate of the organisation with that \
+                 name matches; a key fingerprint (SHA256:…) names exactly one technician.",
+                names::printable(name, 48)
+            ),
+            serde_json::json!({}),
+        );
+    }
+    if log.is_none() {
+        bail!(
+            "the signed session log cannot be kept in the state directory; unattended access needs \
+             it (check the state directory's permissions)"
+        );
+    }
     let mut host = DeviceHost::new(opts, cfg, enrollment.clone(), policy, device_info());
     let mut backoff = Duration::from_secs(1);
+    // After a refused attempt the device waits before it is reachable again (growing, reset by a
+    // session), so that whoever keeps trying without the right certificate gets few tries.
+    let mut refused_pause = Duration::ZERO;
     loop {
         let ev = {
             let next = host.next();
@@ -1489,17 +1659,37 @@ async fn run_unattended(
                 report.phase(Phase::Online { text: text.into() });
             }
             Ok(DeviceEvent::Refused { reason }) => {
+                refused_pause =
+                    (refused_pause * 2).clamp(Duration::from_secs(1), MAX_REFUSED_PAUSE);
                 report.event(
                     "unattended_refused",
                     &format!(
-                        "Someone tried to connect and was refused: {}",
-                        names::printable(&reason, 200)
+                        "Someone tried to connect and was refused: {}. Reachable again in {} s.",
+                        names::printable(&reason, 200),
+                        refused_pause.as_secs()
                     ),
-                    serde_json::json!({"reason": reason}),
+                    serde_json::json!({"reason": reason, "pause_secs": refused_pause.as_secs()}),
                 );
+                tokio::select! {
+                    _ = tokio::time::sleep(refused_pause) => {}
+                    _ = tokio::signal::ctrl_c() => return Ok(()),
+                }
             }
             Ok(DeviceEvent::Session(s)) => {
-                log_start(&mut log, &s, MODE_UNATTENDED);
+                refused_pause = Duration::ZERO;
+                if !log_start(&mut log, &s, MODE_UNATTENDED) {
+                    // No record, no session.
+                    s.end(tandem_proto::EndReason::Other(
+                        "the computer cannot record the session".into(),
+                    ))
+                    .await;
+                    report.event(
+                        "unattended_refused",
+                        "The session could not be written to the signed log: refused.",
+                        serde_json::json!({"reason": "log"}),
+                    );
+                    continue;
+                }
                 let r = run_session(
                     *s,
                     ConsentMode::Window,
@@ -1543,7 +1733,7 @@ fn show_banner(
     technician: &str,
     organisation: &str,
     report: &Report,
-) -> Option<tandem_host::banner::Banner> {
+) -> (Option<tandem_host::banner::Banner>, String) {
     let text = format!(
         "Remote session: {technician} of {organisation} is connected to this computer (unattended \
          access, verified by the organisation's key)"
@@ -1554,12 +1744,12 @@ fn show_banner(
             "No X display: the session banner cannot be shown on this desktop.",
             serde_json::json!({"shown": false}),
         );
-        return None;
+        return (None, text);
     };
     match tandem_host::banner::Banner::show(Some(display), &text) {
         Ok(b) => {
             report.event("banner", &text, serde_json::json!({"shown": true}));
-            Some(b)
+            (Some(b), text)
         }
         Err(e) => {
             report.event(
@@ -1567,7 +1757,7 @@ fn show_banner(
                 &format!("The session banner cannot be shown: {e}"),
                 serde_json::json!({"shown": false, "error": e.to_string()}),
             );
-            None
+            (None, text)
         }
     }
 }

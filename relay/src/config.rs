@@ -28,6 +28,23 @@ pub struct FileConfig {
     pub limits: FileLimits,
     #[serde(default)]
     pub tcp: FileTcp,
+    #[serde(default)]
+    pub devices: FileDevices,
+}
+
+/// `[devices]`: enrolled devices (unattended access) the relay keeps and lists.
+#[derive(Debug, Default, Deserialize, Serialize, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct FileDevices {
+    /// Organisation keys (`tandem-org-v1:…`) whose devices this relay hosts; empty or absent:
+    /// any (the relay checks every device's enrollment signature either way).
+    pub organisations: Option<Vec<String>>,
+    /// Devices kept at most, online or not. [default: 100000]
+    pub max_known: Option<usize>,
+    /// New devices (never seen before) one source address may bring per hour. [default: 600]
+    pub new_per_hour_per_address: Option<u32>,
+    /// Devices not seen online for this many days are forgotten. [default: 90]
+    pub retention_days: Option<u64>,
 }
 
 /// `[tcp]`: the TCP front (TLS over TCP and WebSocket) for clients whose network drops UDP.
@@ -108,6 +125,9 @@ pub struct Config {
     pub log_format: String,
     pub drain_timeout: Duration,
     pub limits: Limits,
+    pub devices: tandem_relay_server::devices::DeviceLimits,
+    /// The `[devices] organisations` lines as given (for print-config).
+    pub device_organisations: Vec<String>,
     pub tcp: TcpConfig,
 }
 
@@ -233,6 +253,31 @@ impl Config {
             bail!("limits.console_reserve must be less than limits.max_connections");
         }
         let tcp = resolve_tcp(listen, &file.tcp, &o.tcp_listen, &limits)?;
+        let dd = tandem_relay_server::devices::DeviceLimits::default();
+        let fd = &file.devices;
+        let device_organisations = fd.organisations.clone().unwrap_or_default();
+        let mut organisations = Vec::new();
+        for line in &device_organisations {
+            let org = tandem_org::OrgPublic::from_text(line).with_context(|| {
+                "invalid [devices] organisations entry: copy the whole `tandem-org-v1:…` line \
+                 from `tandem-org show`"
+            })?;
+            organisations.push(org.key);
+        }
+        let devices = tandem_relay_server::devices::DeviceLimits {
+            max_known: fd.max_known.unwrap_or(dd.max_known),
+            new_per_hour_per_address: fd
+                .new_per_hour_per_address
+                .unwrap_or(dd.new_per_hour_per_address),
+            retention: fd
+                .retention_days
+                .map(|d| Duration::from_secs(d.saturating_mul(24 * 3600)))
+                .unwrap_or(dd.retention),
+            organisations,
+        };
+        if devices.max_known == 0 || devices.new_per_hour_per_address == 0 {
+            bail!("devices.max_known and devices.new_per_hour_per_address must be at least 1");
+        }
         Ok(Config {
             listen,
             metrics_listen,
@@ -243,6 +288,8 @@ impl Config {
             drain_timeout: Duration::from_secs(file.drain_timeout_secs.unwrap_or(3)),
             limits,
             tcp,
+            devices,
+            device_organisations,
         })
     }
 
@@ -268,6 +315,7 @@ impl Config {
             limits: self.limits.clone(),
             drain_timeout: self.drain_timeout,
             tcp: self.tcp.clone(),
+            devices: self.devices.clone(),
         })
     }
 
@@ -317,6 +365,12 @@ impl Config {
                 max_links: Some(self.tcp.max_links),
                 links_per_address: Some(self.tcp.links_per_address),
                 handshake_timeout_secs: Some(self.tcp.handshake_timeout.as_secs()),
+            },
+            devices: FileDevices {
+                organisations: Some(self.device_organisations.clone()),
+                max_known: Some(self.devices.max_known),
+                new_per_hour_per_address: Some(self.devices.new_per_hour_per_address),
+                retention_days: Some(self.devices.retention.as_secs() / (24 * 3600)),
             },
         };
         Ok(toml::to_string_pretty(&f)?)
@@ -415,6 +469,27 @@ mod tests {
         // The printed configuration reads back.
         let again: FileConfig = toml::from_str(&c.to_toml().unwrap()).unwrap();
         assert_eq!(again.listen.as_deref(), Some("127.0.0.1:6000"));
+    }
+
+    #[test]
+    fn devices_section() {
+        let key = tandem_org::KeyPair::generate().unwrap();
+        let org = tandem_org::OrgPublic::new("ACME IT", key.public()).unwrap();
+        let file: FileConfig = toml::from_str(&format!(
+            "[devices]\norganisations = [\"{}\"]\nmax_known = 50\nretention_days = 7\n",
+            org.to_text()
+        ))
+        .unwrap();
+        let c = Config::resolve(file, Overrides::default()).unwrap();
+        assert_eq!(c.devices.organisations, vec![key.public()]);
+        assert_eq!(c.devices.max_known, 50);
+        assert_eq!(c.devices.retention, Duration::from_secs(7 * 24 * 3600));
+        let again: FileConfig = toml::from_str(&c.to_toml().unwrap()).unwrap();
+        assert_eq!(again.devices.max_known, Some(50));
+        let bad: FileConfig =
+            toml::from_str("[devices]\norganisations = [\"tandem-org-v1:nonsense\"]").unwrap();
+        let e = Config::resolve(bad, Overrides::default()).unwrap_err();
+        assert!(format!("{e:#}").contains("tandem-org show"), "{e:#}");
     }
 
     #[test]

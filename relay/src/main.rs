@@ -337,6 +337,18 @@ fn fmt_ms(ms: i64) -> String {
     humantime::format_rfc3339_seconds(t).to_string()
 }
 
+/// Text a device chose about itself (checked, but arbitrary), made safe for a terminal: control and
+/// bidirectional-formatting characters become `?`, at most 40 characters.
+fn shown(s: &str) -> String {
+    s.chars()
+        .map(|c| {
+            let bidi = matches!(c, '\u{200E}' | '\u{200F}' | '\u{061C}' | '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}');
+            if c.is_control() || bidi { '?' } else { c }
+        })
+        .take(40)
+        .collect()
+}
+
 fn devices(cfg: &Config, cmd: DeviceCmd) -> Result<()> {
     let store = open_store(cfg)?;
     match cmd {
@@ -354,11 +366,11 @@ fn devices(cfg: &Config, cmd: DeviceCmd) -> Result<()> {
                 println!(
                     "{:<20} {:<20} {:<16} {:<12} {:<20} {:<12} {:<8} {}",
                     r.id,
-                    r.name,
-                    r.organisation,
-                    r.group,
-                    r.hostname,
-                    r.user,
+                    shown(&r.name),
+                    shown(&r.organisation),
+                    shown(&r.group),
+                    shown(&r.hostname),
+                    shown(&r.user),
                     if r.online { "online" } else { "offline" },
                     fmt_ms(r.last_seen.saturating_mul(1000))
                 );
@@ -366,7 +378,10 @@ fn devices(cfg: &Config, cmd: DeviceCmd) -> Result<()> {
         }
         DeviceCmd::Remove { id } => {
             if store.remove_device(&id)? {
-                println!("device {id} forgotten");
+                println!(
+                    "device {id} forgotten (a running relay forgets it at its next start; it \
+                     reappears if it comes online again, unless its key is revoked)"
+                );
             } else {
                 bail!("no device {id}");
             }

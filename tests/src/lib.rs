@@ -71,6 +71,7 @@ impl TestRelay {
             data_dir: dir.path().to_path_buf(),
             limits,
             drain_timeout: Duration::from_secs(1),
+            devices: Default::default(),
         };
         let handle = tandem_relay_server::start(cfg, &identity).await.unwrap();
         TestRelay {

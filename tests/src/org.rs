@@ -164,22 +164,27 @@ pub async fn console_with(
     token: &str,
     args: &[&str],
 ) -> (i32, Vec<serde_json::Value>, String) {
+    console_at(&relay.addr, &relay.pin.to_string(), token, args).await
+}
+
+/// Like [`console_with`], for a relay given by address and pin (to run in a task of its own).
+pub async fn console_at(
+    addr: &str,
+    pin: &str,
+    token: &str,
+    args: &[&str],
+) -> (i32, Vec<serde_json::Value>, String) {
     let cfg = tempfile::tempdir().unwrap();
     let mut cmd = Command::new(binary("tandem-console"));
-    cmd.args([
-        "--relay",
-        &relay.addr,
-        "--relay-pin",
-        &relay.pin.to_string(),
-    ])
-    .args(["--token", token])
-    .args(["--headless", "--json", "--no-remember"])
-    .arg("--config")
-    .arg(cfg.path().join("console.toml"))
-    .args(args)
-    .env_remove("TANDEM_CERT")
-    .env_remove("TANDEM_CERT_KEY")
-    .kill_on_drop(true);
+    cmd.args(["--relay", addr, "--relay-pin", pin])
+        .args(["--token", token])
+        .args(["--headless", "--json", "--no-remember"])
+        .arg("--config")
+        .arg(cfg.path().join("console.toml"))
+        .args(args)
+        .env_remove("TANDEM_CERT")
+        .env_remove("TANDEM_CERT_KEY")
+        .kill_on_drop(true);
     let out = tokio::time::timeout(T, cmd.output())
         .await
         .unwrap()

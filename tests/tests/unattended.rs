@@ -10,6 +10,27 @@ use std::time::Duration;
 use tandem_tests::org::*;
 use tandem_tests::{RelayProcess, relay_admin};
 
+/// Kills the X clients of the banners on `display` (override-redirect windows along the top edge):
+/// what a technician with control could do with `xkill`. Returns how many.
+fn kill_banner(display: &str) -> usize {
+    use x11rb::connection::Connection;
+    use x11rb::protocol::xproto::{ConnectionExt, MapState};
+    use x11rb::wrapper::ConnectionExt as _;
+    let (conn, screen) = x11rb::connect(Some(display)).unwrap();
+    let root = conn.setup().roots[screen].root;
+    let mut killed = 0;
+    for w in conn.query_tree(root).unwrap().reply().unwrap().children {
+        let a = conn.get_window_attributes(w).unwrap().reply().unwrap();
+        let g = conn.get_geometry(w).unwrap().reply().unwrap();
+        if a.override_redirect && a.map_state == MapState::VIEWABLE && g.y == 0 && g.height == 24 {
+            conn.kill_client(w).unwrap();
+            killed += 1;
+        }
+    }
+    conn.sync().unwrap();
+    killed
+}
+
 /// A headless console connecting to `device` (id or name) with the technician certificate and key
 /// `creds`, for `seconds`; (exit code, JSON events, stderr).
 async fn connect(
@@ -35,12 +56,16 @@ async fn connect(
     console_with(relay, token, &args).await
 }
 
-/// tandem-agent.toml with `[unattended]`.
-fn agent_config(dir: &Path, ask: &str, timeout: u64) -> std::path::PathBuf {
+/// tandem-agent.toml with `[unattended]`; without a screen the banner must be optional.
+fn agent_config(dir: &Path, ask: &str, timeout: u64, screen: bool) -> std::path::PathBuf {
     let p = dir.join("tandem-agent.toml");
+    let banner = if screen { "required" } else { "optional" };
     std::fs::write(
         &p,
-        format!("[unattended]\nenabled = true\nask = \"{ask}\"\nask_timeout_secs = {timeout}\n"),
+        format!(
+            "[unattended]\nenabled = true\nask = \"{ask}\"\nask_timeout_secs = {timeout}\n\
+             banner = \"{banner}\"\n"
+        ),
     )
     .unwrap();
     p
@@ -89,7 +114,7 @@ async fn an_enrolled_agent_is_reached_without_a_code_nobody_answering_with_the_b
     );
 
     let x = tandem_tests::x11::Xvfb::start(640, 480);
-    let cfg = agent_config(dir.path(), "then-connect", 2);
+    let cfg = agent_config(dir.path(), "then-connect", 2, true);
     let mut agent = Agent::start_unattended(
         &relay,
         &[
@@ -108,7 +133,11 @@ async fn an_enrolled_agent_is_reached_without_a_code_nobody_answering_with_the_b
     assert_eq!(d["group"], "servers");
     agent.next("online").await;
     let other_cfg = dir.path().join("other").join("tandem-agent.toml");
-    std::fs::write(&other_cfg, "[unattended]\nenabled = true\nask = \"no\"\n").unwrap();
+    std::fs::write(
+        &other_cfg,
+        "[unattended]\nenabled = true\nask = \"no\"\nbanner = \"optional\"\n",
+    )
+    .unwrap();
     let mut theirs = Agent::start_unattended(
         &relay,
         &["--org", &other.line, "--config", s(&other_cfg)],
@@ -126,22 +155,39 @@ async fn an_enrolled_agent_is_reached_without_a_code_nobody_answering_with_the_b
     assert!(!format!("{list:?}").contains(&other_id));
 
     // Connect by name, no code: the agent asks, nobody answers in 2 s, the technician connects;
-    // the banner is on the screen the technician sees.
+    // the banner is on the screen the technician sees. Someone closes the banner during the
+    // session (kills its X client): it is shown again.
     let png = dir.path().join("screen.png");
-    let (rc, ev, err) = connect(
-        &relay,
-        &token,
-        "pc-7",
-        (&cert, &key),
-        6,
-        &["--png", s(&png)],
-    )
-    .await;
-    assert_eq!(rc, 0, "{ev:?}\n{err}");
-    let joined = event(&ev, "joined");
-    assert_eq!(joined["device"]["id"], id.as_str(), "{joined}");
-    assert_eq!(joined["verified"], true);
-    assert_eq!(event(&ev, "consent")["decision"], "AllowControl");
+    let console = {
+        let (relay_addr, pin, token, cert, key, png) = (
+            relay.addr.clone(),
+            relay.pin.to_string(),
+            token.clone(),
+            cert.clone(),
+            key.clone(),
+            png.clone(),
+        );
+        tokio::spawn(async move {
+            console_at(
+                &relay_addr,
+                &pin,
+                &token,
+                &[
+                    "--device",
+                    "pc-7",
+                    "--cert",
+                    s(&cert),
+                    "--cert-key",
+                    s(&key),
+                    "--seconds",
+                    "6",
+                    "--png",
+                    s(&png),
+                ],
+            )
+            .await
+        })
+    };
     let banner = agent.next("banner").await;
     assert_eq!(banner["shown"], true, "{banner}");
     let asked = agent.next("consent_asked").await;
@@ -149,6 +195,16 @@ async fn an_enrolled_agent_is_reached_without_a_code_nobody_answering_with_the_b
     assert_eq!(asked["verified"], true);
     assert_eq!(asked["if_nobody_answers"], "allow");
     agent.next("consent_timeout").await;
+    agent.next("session").await;
+    assert_eq!(kill_banner(&x.display), 1);
+    let again = agent.next("banner").await;
+    assert_eq!(again["again"], true, "{again}");
+    let (rc, ev, err) = console.await.unwrap();
+    assert_eq!(rc, 0, "{ev:?}\n{err}");
+    let joined = event(&ev, "joined");
+    assert_eq!(joined["device"]["id"], id.as_str(), "{joined}");
+    assert_eq!(joined["verified"], true);
+    assert_eq!(event(&ev, "consent")["decision"], "AllowControl");
     let shot = tandem_tests::read_png(&png);
     let w = shot.width;
     let red = tandem_tests::count_color(&shot, 0xC62828, 40, (0, 0, w, 24));
@@ -196,7 +252,7 @@ async fn the_device_comes_back_online_after_the_agent_and_the_relay_restart() {
     let (cert, key) = technician_for(dir.path(), &acme, "alice", "all", "*");
     let state = tempfile::tempdir().unwrap();
     let id = enroll_agent(dir.path(), &acme, state.path(), "server-1", "servers");
-    let cfg = agent_config(dir.path(), "no", 30);
+    let cfg = agent_config(dir.path(), "no", 30, false);
     let args = ["--org", &acme.line, "--config", s(&cfg)];
     let mut agent = Agent::start_unattended(&relay, &args, state).await;
     agent.next("online").await;
@@ -261,7 +317,7 @@ async fn the_agent_keeps_a_signed_log_of_its_sessions() {
     let state = tempfile::tempdir().unwrap();
     let state_path = state.path().to_path_buf();
     let id = enroll_agent(dir.path(), &acme, state.path(), "lab-1", "lab");
-    let cfg = agent_config(dir.path(), "no", 30);
+    let cfg = agent_config(dir.path(), "no", 30, false);
     let mut agent =
         Agent::start_unattended(&relay, &["--org", &acme.line, "--config", s(&cfg)], state).await;
     agent.next("online").await;

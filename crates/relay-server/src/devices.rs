@@ -13,7 +13,7 @@
 //! [`DeviceRow`]s through).
 
 use crate::store::DeviceRow;
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use tandem_org::{CertBody, DeviceBody, DeviceCert, Presence, PresenceBody, PublicKey};
 use tandem_proto::{DeviceListing, ErrorCode, MAX_CONTROL_FRAME};
 
@@ -37,10 +37,50 @@ pub struct Announced {
     pub presence: PresenceBody,
 }
 
-/// Every device the relay has seen.
+/// How the device book is bounded (from the relay's `[limits]`).
+#[derive(Clone, Debug)]
+pub struct DeviceLimits {
+    /// Devices kept at most (online or not); beyond it new devices are refused until old ones are
+    /// forgotten (existing devices are never pushed out by newcomers).
+    pub max_known: usize,
+    /// Devices never seen before that one source address may bring, per hour.
+    pub new_per_hour_per_address: u32,
+    /// Devices not seen online for this long are forgotten.
+    pub retention: std::time::Duration,
+    /// Organisation keys whose devices this relay hosts (empty: any).
+    pub organisations: Vec<PublicKey>,
+}
+
+impl Default for DeviceLimits {
+    fn default() -> Self {
+        DeviceLimits {
+            max_known: 100_000,
+            new_per_hour_per_address: 600,
+            retention: std::time::Duration::from_secs(90 * 24 * 3600),
+            organisations: Vec::new(),
+        }
+    }
+}
+
+/// Why a device is not taken.
+#[derive(Debug, PartialEq, Eq)]
+pub enum NotTaken {
+    /// Its organisation is not hosted here.
+    Organisation,
+    /// The relay keeps as many devices as it may.
+    Full,
+    /// Too many new devices from this address lately.
+    Budget,
+}
+
+/// Every device the relay has seen, indexed by organisation (sorted by name for pages).
 #[derive(Default)]
 pub struct DeviceBook {
     known: HashMap<String, Known>,
+    by_org: HashMap<PublicKey, BTreeSet<(String, String)>>,
+    limits: DeviceLimits,
+    /// New devices per source address: (tokens, last refill).
+    new_by_addr: HashMap<std::net::IpAddr, (f64, std::time::Instant)>,
 }
 
 /// Room left in a [`tandem_proto::RelayMsg::Devices`] frame for its entries.
@@ -77,8 +117,11 @@ pub fn may_connect(cert: &CertBody, org_key: &PublicKey, group: &str) -> Result<
 
 impl DeviceBook {
     /// The book as the store kept it (every device offline).
-    pub fn load(rows: Vec<DeviceRow>) -> DeviceBook {
-        let mut b = DeviceBook::default();
+    pub fn load(rows: Vec<DeviceRow>, limits: DeviceLimits) -> DeviceBook {
+        let mut b = DeviceBook {
+            limits,
+            ..DeviceBook::default()
+        };
         for r in rows {
             // Rows are the relay's own writes; one that no longer checks is skipped.
             let Ok(cert) = DeviceCert::from_text(&r.cert) else {
@@ -101,6 +144,73 @@ impl DeviceBook {
             );
         }
         b
+    }
+
+    /// Whether a device may come online here: its organisation is hosted, and a device never seen
+    /// before fits the book and its address's budget (charged here).
+    pub fn admit(
+        &mut self,
+        a: &Announced,
+        from: std::net::IpAddr,
+        now: std::time::Instant,
+    ) -> Result<(), NotTaken> {
+        if !self.limits.organisations.is_empty()
+            && !self.limits.organisations.contains(&a.device.org_key)
+        {
+            return Err(NotTaken::Organisation);
+        }
+        if self.known.contains_key(&a.device.id) {
+            return Ok(());
+        }
+        if self.known.len() >= self.limits.max_known {
+            return Err(NotTaken::Full);
+        }
+        let per_hour = f64::from(self.limits.new_per_hour_per_address);
+        if self.new_by_addr.len() > 100_000 {
+            // Only full buckets would be forgotten by a sweep; under such a spread of addresses
+            // starting afresh is as good.
+            self.new_by_addr.clear();
+        }
+        let (tokens, last) = self.new_by_addr.entry(from).or_insert((per_hour, now));
+        *tokens = (*tokens
+            + now.saturating_duration_since(*last).as_secs_f64() * per_hour / 3600.0)
+            .min(per_hour);
+        *last = now;
+        if *tokens < 1.0 {
+            return Err(NotTaken::Budget);
+        }
+        *tokens -= 1.0;
+        Ok(())
+    }
+
+    /// Forgets devices not seen online since `now - retention` (Unix seconds) unless `online(id)`;
+    /// their ids.
+    pub fn forget_stale(&mut self, now: u64, online: impl Fn(&str) -> bool) -> Vec<String> {
+        let cutoff = now.saturating_sub(self.limits.retention.as_secs());
+        let stale: Vec<String> = self
+            .known
+            .iter()
+            .filter(|(id, k)| k.last_seen < cutoff && !online(id))
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in &stale {
+            self.remove(id);
+        }
+        stale
+    }
+
+    /// Forgets a device (an administrator's command); whether it was known.
+    pub fn remove(&mut self, id: &str) -> bool {
+        let Some(k) = self.known.remove(id) else {
+            return false;
+        };
+        if let Some(set) = self.by_org.get_mut(&k.org_key) {
+            set.remove(&(k.name.clone(), id.to_string()));
+            if set.is_empty() {
+                self.by_org.remove(&k.org_key);
+            }
+        }
+        true
     }
 
     /// Records an announcement; the row to write to the store.
@@ -137,6 +247,12 @@ impl DeviceBook {
             a.device.name, a.presence.hostname, a.device.group, a.presence.user, a.device.id
         )
         .to_lowercase();
+        // Its name or organisation may have changed (a new enrollment of the same key).
+        self.remove(&a.device.id);
+        self.by_org
+            .entry(a.device.org_key)
+            .or_default()
+            .insert((a.device.name.clone(), a.device.id.clone()));
         self.known.insert(
             a.device.id.clone(),
             Known {
@@ -163,6 +279,11 @@ impl DeviceBook {
         self.known.get(device).map(|k| (k.org_key, k.group.clone()))
     }
 
+    /// Every device id known.
+    pub fn ids(&self) -> impl Iterator<Item = &String> {
+        self.known.keys()
+    }
+
     pub fn len(&self) -> usize {
         self.known.len()
     }
@@ -171,45 +292,73 @@ impl DeviceBook {
         self.known.is_empty()
     }
 
-    /// A page of the devices of `org_key` matching `query` (case-insensitive, in name, host,
-    /// group, user or id), by name, from `offset`, at most [`tandem_proto::DEVICES_PER_PAGE`]
-    /// entries and what fits one control frame. `state(id)` says whether a device is online and in
-    /// a session (`None`: offline). Returns the entries and how many match in all.
+    /// A page of the devices of `org_key` in `groups` (`None`: every group) matching `query`
+    /// (case-insensitive, in name, host, group, user or id), by name, from `offset`, at most
+    /// [`tandem_proto::DEVICES_PER_PAGE`] entries and what fits one control frame. Returns the
+    /// entries (their ids, to ask whether each is online) and how many match in all. Costs the
+    /// organisation's devices, not the relay's.
     pub fn page(
         &self,
         org_key: &PublicKey,
+        groups: Option<&[String]>,
         query: &str,
         offset: u32,
-        now: u64,
-        state: impl Fn(&str) -> Option<bool>,
-    ) -> (Vec<DeviceListing>, u32) {
+    ) -> (Vec<(String, DeviceListing)>, u32) {
         let query = query.trim().to_lowercase();
-        let mut matching: Vec<(&String, &Known)> = self
-            .known
-            .iter()
-            .filter(|(_, k)| k.org_key == *org_key && k.haystack.contains(&query))
-            .collect();
-        matching.sort_by(|a, b| (&a.1.name, a.0).cmp(&(&b.1.name, b.0)));
-        let total = matching.len() as u32;
+        let Some(set) = self.by_org.get(org_key) else {
+            return (Vec::new(), 0);
+        };
+        let matching = set.iter().filter_map(|(_, id)| {
+            let k = self.known.get(id)?;
+            let in_group = groups.is_none_or(|g| g.contains(&k.group));
+            (in_group && k.haystack.contains(&query)).then_some((id, k))
+        });
         let mut out = Vec::new();
         let mut bytes = 0;
-        for (id, k) in matching.into_iter().skip(offset as usize) {
+        let mut total = 0u32;
+        for (i, (id, k)) in matching.enumerate() {
+            total += 1;
+            if i < offset as usize {
+                continue;
+            }
             let size = k.cert.len() + k.presence.len() + 32;
             if out.len() >= tandem_proto::DEVICES_PER_PAGE || bytes + size > PAGE_BYTES {
-                break;
+                continue;
             }
             bytes += size;
-            let st = state(id);
-            out.push(DeviceListing {
-                cert: k.cert.clone(),
-                presence: k.presence.clone(),
-                online: st.is_some(),
-                in_session: st == Some(true),
-                last_seen: if st.is_some() { now } else { k.last_seen },
-            });
+            out.push((
+                id.clone(),
+                DeviceListing {
+                    cert: k.cert.clone(),
+                    presence: k.presence.clone(),
+                    online: false,
+                    in_session: false,
+                    last_seen: k.last_seen,
+                },
+            ));
         }
         (out, total)
     }
+}
+
+/// Fills in a page's online state (`state(id)`: `None` offline, `Some(in_session)` online), with
+/// `now` as last seen for devices online.
+pub fn with_state(
+    page: Vec<(String, DeviceListing)>,
+    now: u64,
+    state: impl Fn(&str) -> Option<bool>,
+) -> Vec<DeviceListing> {
+    page.into_iter()
+        .map(|(id, mut l)| {
+            let st = state(&id);
+            l.online = st.is_some();
+            l.in_session = st == Some(true);
+            if l.online {
+                l.last_seen = now;
+            }
+            l
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -228,48 +377,129 @@ mod tests {
         (cert.to_text(), p.to_text())
     }
 
+    fn page(
+        book: &DeviceBook,
+        org: &PublicKey,
+        groups: Option<&[String]>,
+        query: &str,
+        offset: u32,
+    ) -> (Vec<DeviceListing>, u32) {
+        let (p, total) = book.page(org, groups, query, offset);
+        (with_state(p, NOW, |_| None), total)
+    }
+
     #[test]
-    fn lists_only_the_organisation_pages_and_searches() {
+    fn lists_only_the_organisation_and_its_groups_pages_and_searches() {
         let acme = KeyPair::generate().unwrap();
         let evil = KeyPair::generate().unwrap();
         let mut book = DeviceBook::default();
+        let t0 = std::time::Instant::now();
+        let from: std::net::IpAddr = "10.0.0.1".parse().unwrap();
         for i in 0..30 {
-            let (c, p) = enroll(&acme, "ACME IT", &format!("pc-{i:02}"), "office");
+            let group = if i % 3 == 0 { "servers" } else { "office" };
+            let (c, p) = enroll(&acme, "ACME IT", &format!("pc-{i:02}"), group);
             let a = check_announce(&c, &p, NOW).unwrap();
+            book.admit(&a, from, t0).unwrap();
             book.online(&a, c, p, "a".into(), NOW);
         }
         let (c, p) = enroll(&evil, "Evil", "evil-pc", "office");
         let a = check_announce(&c, &p, NOW).unwrap();
         book.online(&a, c, p, "a".into(), NOW);
         let org = OrgPublic::new("ACME IT", acme.public()).unwrap();
-        let (page, total) = book.page(&org.key, "", 0, NOW, |_| None);
+        let (first, total) = page(&book, &org.key, None, "", 0);
         assert_eq!(total, 30);
-        assert_eq!(page.len(), tandem_proto::DEVICES_PER_PAGE);
+        assert_eq!(first.len(), tandem_proto::DEVICES_PER_PAGE);
         let frame = tandem_proto::encode_frame(
             &tandem_proto::RelayMsg::Devices {
-                entries: page.clone(),
+                entries: first.clone(),
                 offset: 0,
                 total,
             },
             MAX_CONTROL_FRAME,
         );
         assert!(frame.is_ok());
-        for e in &page {
+        let mut names = Vec::new();
+        for e in &first {
             let d = tandem_org::DeviceEntry {
                 cert: &e.cert,
                 presence: &e.presence,
             }
             .check(&org, None)
             .unwrap();
-            assert!(d.device.name.starts_with("pc-"));
+            names.push(d.device.name);
         }
-        let (page, _) = book.page(&org.key, "PC-2", 0, NOW, |_| Some(false));
-        assert_eq!(page.len(), 10);
-        assert!(page.iter().all(|e| e.online && !e.in_session));
-        let (page, total) = book.page(&org.key, "evil", 0, NOW, |_| None);
-        assert_eq!((page.len(), total), (0, 0));
-        let (page, _) = book.page(&org.key, "", 24, NOW, |_| None);
-        assert_eq!(page.len(), 6);
+        let mut sorted = names.clone();
+        sorted.sort();
+        assert_eq!(names, sorted);
+        let (found, _) = page(&book, &org.key, None, "PC-2", 0);
+        assert_eq!(found.len(), 10);
+        let (found, total) = page(&book, &org.key, None, "evil", 0);
+        assert_eq!((found.len(), total), (0, 0));
+        let (last, _) = page(&book, &org.key, None, "", 24);
+        assert_eq!(last.len(), 6);
+        // A certificate for the group "servers" sees those only.
+        let servers = ["servers".to_string()];
+        let (_, total) = page(&book, &org.key, Some(&servers), "", 0);
+        assert_eq!(total, 10);
+        // Online state comes from the registry.
+        let (p, _) = book.page(&org.key, None, "pc-00", 0);
+        let l = with_state(p, NOW + 5, |_| Some(true));
+        assert!(l[0].online && l[0].in_session && l[0].last_seen == NOW + 5);
+    }
+
+    #[test]
+    fn the_book_is_bounded_hosts_only_its_organisations_and_forgets_the_stale() {
+        let acme = KeyPair::generate().unwrap();
+        let stranger = KeyPair::generate().unwrap();
+        let mut book = DeviceBook {
+            limits: DeviceLimits {
+                max_known: 5,
+                new_per_hour_per_address: 3,
+                retention: std::time::Duration::from_secs(3600),
+                organisations: vec![acme.public()],
+            },
+            ..DeviceBook::default()
+        };
+        let t0 = std::time::Instant::now();
+        let a_ip: std::net::IpAddr = "10.0.0.1".parse().unwrap();
+        let b_ip: std::net::IpAddr = "10.0.0.2".parse().unwrap();
+        let take = |book: &mut DeviceBook, key: &KeyPair, ip, name: &str, t| {
+            let (c, p) = enroll(key, "ACME IT", name, "office");
+            let a = check_announce(&c, &p, NOW).unwrap();
+            book.admit(&a, ip, t)?;
+            book.online(&a, c, p, "a".into(), NOW);
+            Ok::<_, NotTaken>(a)
+        };
+        assert_eq!(
+            take(&mut book, &stranger, a_ip, "x", t0).err(),
+            Some(NotTaken::Organisation)
+        );
+        let first = take(&mut book, &acme, a_ip, "d1", t0).unwrap();
+        take(&mut book, &acme, a_ip, "d2", t0).unwrap();
+        take(&mut book, &acme, a_ip, "d3", t0).unwrap();
+        // Three new devices an hour from one address; a known device comes back at any time.
+        assert_eq!(
+            take(&mut book, &acme, a_ip, "d4", t0).err(),
+            Some(NotTaken::Budget)
+        );
+        assert!(book.admit(&first, a_ip, t0).is_ok());
+        take(&mut book, &acme, b_ip, "d4", t0).unwrap();
+        take(&mut book, &acme, b_ip, "d5", t0).unwrap();
+        let later = t0 + std::time::Duration::from_secs(3600);
+        assert_eq!(
+            take(&mut book, &acme, b_ip, "d6", later).err(),
+            Some(NotTaken::Full)
+        );
+        // Devices unseen for longer than the retention are forgotten, unless online now.
+        book.seen(&first.device.id, NOW + 7200);
+        let gone = book.forget_stale(NOW + 7200, |id| id.is_empty());
+        assert_eq!(gone.len(), 4);
+        assert_eq!(book.len(), 1);
+        let org = OrgPublic::new("ACME IT", acme.public()).unwrap();
+        assert_eq!(book.page(&org.key, None, "", 0).1, 1);
+        assert!(book.remove(&first.device.id));
+        assert!(book.is_empty());
+        assert_eq!(book.page(&org.key, None, "", 0).1, 0);
     }
 
     #[test]

@@ -63,6 +63,8 @@ pub struct ServerConfig {
     pub limits: Limits,
     /// How long shutdown waits for peers to acknowledge the close.
     pub drain_timeout: Duration,
+    /// How many enrolled devices are kept, from where, for how long, of which organisations.
+    pub devices: crate::devices::DeviceLimits,
 }
 
 /// The revocation list published in `<data_dir>/revocation` (`tandem-org revoke --list …`, copied
@@ -140,6 +142,7 @@ enum AuditOp {
         id: String,
         last_seen: i64,
     },
+    ForgetDevices(Vec<String>),
     Start {
         session: SessionId,
         technician: Technician,
@@ -376,7 +379,7 @@ pub async fn start(
     let audit_store = Store::open(&cfg.data_dir)?;
     let dangling = audit_store.close_dangling()?;
     audit_store.devices_all_offline()?;
-    let devices = DeviceBook::load(audit_store.devices()?);
+    let devices = DeviceBook::load(audit_store.devices()?, cfg.devices.clone());
     if dangling > 0 {
         tracing::warn!(
             sessions = dangling,
@@ -565,6 +568,7 @@ async fn accept_loop(
 
 async fn ticker(shared: std::sync::Weak<Shared>, mut stop: watch::Receiver<bool>) {
     let mut iv = tokio::time::interval(Duration::from_millis(500));
+    let mut next_sweep = Instant::now();
     loop {
         tokio::select! {
             _ = iv.tick() => {}
@@ -593,7 +597,34 @@ async fn ticker(shared: std::sync::Weak<Shared>, mut stop: watch::Receiver<bool>
                 );
             }
         }
+        if Instant::now() >= next_sweep {
+            next_sweep = Instant::now() + DEVICE_SWEEP;
+            forget_stale_devices(&shared);
+        }
         refresh_gauges(&shared);
+    }
+}
+
+/// How often devices not seen for the retention period are forgotten.
+const DEVICE_SWEEP: Duration = Duration::from_secs(600);
+
+fn forget_stale_devices(shared: &Shared) {
+    // Lock order: `registry` before `devices`.
+    let online: std::collections::HashSet<String> = {
+        let reg = lock(&shared.registry);
+        let book = lock(&shared.devices);
+        book.ids()
+            .filter(|id| reg.device_state(id).is_some())
+            .cloned()
+            .collect()
+    };
+    let gone = lock(&shared.devices).forget_stale(tandem_org::unix_now(), |id| online.contains(id));
+    if !gone.is_empty() {
+        tracing::info!(
+            devices = gone.len(),
+            "forgot devices not seen for the retention period"
+        );
+        let _ = shared.audit_tx.send(AuditOp::ForgetDevices(gone));
     }
 }
 
@@ -837,6 +868,10 @@ async fn run_connection(
     let mut refused_registers: u32 = 0;
     // Console: the certificate it proved (scopes the devices it sees and reaches).
     let mut proven: Option<tandem_org::CertBody> = None;
+    let mut failed_proofs: u32 = 0;
+    // Device list pages have a budget of their own (a large organisation lists in hundreds of
+    // pages): over it a page is refused, the connection stays.
+    let mut pages = Bucket::new(LIST_BURST, Instant::now());
     // Agent: the device it is online as (marked offline when this connection ends).
     let mut _online: Option<DeviceOffline> = None;
     loop {
@@ -889,7 +924,9 @@ async fn run_connection(
         };
         let msg = decode_body::<ClientMsg>(&body).map_err(|e| protocol_error(shared, e))?;
         let now = Instant::now();
-        if !budget.take(CONTROL_BURST, CONTROL_PER_SECOND, now) {
+        if !matches!(msg, ClientMsg::ListDevices { .. })
+            && !budget.take(CONTROL_BURST, CONTROL_PER_SECOND, now)
+        {
             shared.metrics.limit("control_messages");
             return Err(Close::With(
                 ErrorCode::RateLimited,
@@ -1082,6 +1119,30 @@ async fn run_connection(
                     }
                 };
                 let dev = announced.device.id.clone();
+                let from = peer_of(shared, conn.remote_address()).0.ip();
+                let admitted = lock(&shared.devices).admit(
+                    &announced,
+                    crate::registry::address_key(from),
+                    now,
+                );
+                if let Err(why) = admitted {
+                    let (label, text) = match why {
+                        crate::devices::NotTaken::Organisation => (
+                            "device_organisation",
+                            "this relay does not host devices of that organisation",
+                        ),
+                        crate::devices::NotTaken::Full => (
+                            "devices_full",
+                            "this relay keeps as many devices as it may; ask its administrator",
+                        ),
+                        crate::devices::NotTaken::Budget => (
+                            "new_devices_per_address",
+                            "too many new devices from this address in the last hour; try later",
+                        ),
+                    };
+                    shared.metrics.limit(label);
+                    return Err(Close::With(ErrorCode::BadDevice, text.into()));
+                }
                 let res = {
                     let mut rng = lock(&shared.rng);
                     lock(&shared.registry).announce(id, &dev, now, &mut *rng)
@@ -1113,11 +1174,15 @@ async fn run_connection(
                     unix,
                 );
                 let _ = shared.audit_tx.send(AuditOp::DeviceOnline(Box::new(row)));
-                _online = Some(DeviceOffline {
-                    shared: shared.clone(),
-                    conn: id,
-                    device: dev.clone(),
-                });
+                // The same device announced again on this connection keeps its guard (a new
+                // one would mark it offline when the old one is dropped).
+                if _online.as_ref().is_none_or(|g| g.device != dev) {
+                    _online = Some(DeviceOffline {
+                        shared: shared.clone(),
+                        conn: id,
+                        device: dev.clone(),
+                    });
+                }
                 if let Some(suppressed) = may_log(shared) {
                     tracing::info!(
                         conn = id,
@@ -1165,6 +1230,10 @@ async fn run_connection(
                             &shared.metrics.protocol_errors,
                             ErrorCode::BadCertificate.label(),
                         );
+                        failed_proofs += 1;
+                        if failed_proofs > MAX_FAILED_PROOFS {
+                            return Err(Close::code(ErrorCode::BadCertificate));
+                        }
                         write_msg(
                             &mut send,
                             RelayMsg::Refused {
@@ -1181,11 +1250,43 @@ async fn run_connection(
                     return Err(Close::code(ErrorCode::NotProven));
                 };
                 let unix = tandem_org::unix_now();
-                let (entries, total) = {
-                    // Lock order: `rng`, then `registry`, then `devices`.
+                // Devices are listed to technicians who may reach them: unattended access, for
+                // their groups, while their certificate lasts.
+                if !p.permissions.unattended
+                    || unix > p.not_after.saturating_add(tandem_org::CLOCK_SKEW)
+                {
+                    write_msg(
+                        &mut send,
+                        RelayMsg::Refused {
+                            code: ErrorCode::BadCertificate,
+                            message: "the certificate does not allow unattended access (or has \
+                                      expired)"
+                                .into(),
+                        },
+                    )
+                    .await?;
+                    continue;
+                }
+                if !pages.take(LIST_BURST, LIST_PER_SECOND, now) {
+                    shared.metrics.limit("device_list_pages");
+                    write_msg(
+                        &mut send,
+                        RelayMsg::Refused {
+                            code: ErrorCode::RateLimited,
+                            message: ErrorCode::RateLimited.explain().into(),
+                        },
+                    )
+                    .await?;
+                    continue;
+                }
+                let groups = (!p.groups.iter().any(|g| g == tandem_org::ANY_GROUP))
+                    .then_some(p.groups.as_slice());
+                // The page under the book's lock only, then each entry's state (at most a
+                // page's worth) under the registry's.
+                let (page, total) = lock(&shared.devices).page(&p.org_key, groups, &query, offset);
+                let entries = {
                     let reg = lock(&shared.registry);
-                    let book = lock(&shared.devices);
-                    book.page(&p.org_key, &query, offset, unix, |d| reg.device_state(d))
+                    crate::devices::with_state(page, unix, |d| reg.device_state(d))
                 };
                 write_msg(
                     &mut send,
@@ -1308,6 +1409,14 @@ const WRITE_STALL: Duration = Duration::from_secs(5);
 /// flood of Pings or refused Registers is closed instead of served one by one.
 const CONTROL_BURST: f64 = 60.0;
 const CONTROL_PER_SECOND: f64 = 20.0;
+
+/// Device list pages a console may ask for: a burst of [`LIST_BURST`] (a listing of ≈ 12,000
+/// devices), then [`LIST_PER_SECOND`].
+const LIST_BURST: f64 = 1_000.0;
+const LIST_PER_SECOND: f64 = 50.0;
+
+/// Failed certificate proofs a connection may make before it is closed.
+const MAX_FAILED_PROOFS: u32 = 3;
 
 /// Registers refused for their budget that a connection may send before it is closed.
 const MAX_REFUSED_REGISTERS: u32 = 3;
@@ -1630,6 +1739,13 @@ fn audit_writer(store: Store, mut rx: mpsc::UnboundedReceiver<AuditOp>) {
             AuditOp::DeviceOnline(row) => {
                 if let Err(e) = store.device_online(&row) {
                     tracing::error!(error = %e, "cannot record the device");
+                }
+            }
+            AuditOp::ForgetDevices(ids) => {
+                for id in ids {
+                    if let Err(e) = store.remove_device(&id) {
+                        tracing::error!(error = %e, "cannot forget the device");
+                    }
                 }
             }
             AuditOp::DeviceOffline { id, last_seen } => {

@@ -200,7 +200,8 @@ impl Validate for ControlMsg {
                 Err(ProtoError::TextTooLong)
             }
             ControlMsg::DeviceChallenge { device, nonce }
-                if device.len() > 64 || nonce.len() != tandem_org::CHALLENGE_LEN =>
+                if !tandem_org::is_device_id(device)
+                    || nonce.len() != tandem_org::CHALLENGE_LEN =>
             {
                 Err(ProtoError::Invalid("device challenge"))
             }

@@ -277,7 +277,7 @@ async fn agent_handshake(
         ControlMsg::DeviceChallenge { device, nonce } => {
             if device != me.body.id {
                 return Err(SessionError::Setup(format!(
-                    "the technician asked for device {device}, this is {}",
+                    "the technician asked for device {device:?}, this is {}",
                     me.body.id
                 )));
             }
@@ -525,14 +525,33 @@ pub async fn list_devices(
     let (org, revocation) = own_org(creds)?;
     let (mut link, _) = proven_link(opts, token, cfg).await?;
     let mut out = DeviceList::default();
+    let mut seen = std::collections::HashSet::new();
     let mut offset = 0u32;
+    let mut waits = 0;
     loop {
-        let (entries, total) = link.list_devices(query, offset).await?;
+        let (entries, total) = match link.list_devices(query, offset).await {
+            Ok(page) => page,
+            // The relay paces long listings: wait and ask for the same page again.
+            Err(ClientError::Refused {
+                code: ErrorCode::RateLimited,
+            }) if waits < MAX_LIST_WAITS => {
+                waits += 1;
+                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                continue;
+            }
+            Err(e) => return Err(e.into()),
+        };
         let n = entries.len();
         for e in entries {
-            check_listing(&org, revocation.as_ref(), e, &mut out);
+            check_listing(&org, revocation.as_ref(), e, &mut seen, &mut out);
         }
         offset = offset.saturating_add(n as u32);
+        if out.rejected.len() >= MAX_REJECTED {
+            // A relay that lists junk by the thousand is not worth reading to the end.
+            out.rejected
+                .push("the relay listed too many entries that do not check; stopped".into());
+            break;
+        }
         if n == 0 || offset >= total || offset as usize >= MAX_LISTED {
             break;
         }
@@ -541,10 +560,16 @@ pub async fn list_devices(
     Ok(out)
 }
 
+/// How many times a listing waits for the relay's pace before giving up.
+const MAX_LIST_WAITS: u32 = 120;
+/// Entries that do not check after which a listing stops.
+const MAX_REJECTED: usize = 1_000;
+
 fn check_listing(
     org: &OrgPublic,
     revocation: Option<&RevocationBody>,
     e: DeviceListing,
+    seen: &mut std::collections::HashSet<String>,
     out: &mut DeviceList,
 ) {
     match (DeviceEntry {
@@ -553,6 +578,10 @@ fn check_listing(
     })
     .check(org, revocation)
     {
+        Ok(checked) if !seen.insert(checked.device.id.clone()) => {
+            out.rejected
+                .push(format!("device {} listed twice", checked.device.id));
+        }
         Ok(checked) => out.devices.push(ListedDevice {
             checked,
             online: e.online,
