@@ -199,6 +199,7 @@ async fn serve(
             ClientMsg::ProveOrg { .. } => {
                 let _ = tx.send(RelayMsg::OrgProven {
                     organisation: "anything".into(),
+                    revocation: None,
                 });
             }
             ClientMsg::ListDevices { offset, .. } => {

@@ -344,6 +344,32 @@ async fn the_agent_keeps_a_signed_log_of_its_sessions() {
     let (ok, out, _) = agent_cmd(&state_path, &["log"]);
     assert!(!ok);
     assert!(out.contains("ALTERED"), "{out}");
+
+    // The administrator revokes the device and publishes the list on the relay (the file
+    // `revocation` in its data directory): consoles take it from there (they check its signature)
+    // and refuse the device, which is still online.
+    let list = dir.path().join("revocation");
+    org(&[
+        "revoke",
+        "--key",
+        s(&acme.key),
+        "--list",
+        s(&list),
+        "--device",
+        s(&dir.path().join("lab-1.device")),
+    ]);
+    let (rc, _, err) = connect(&relay, &token, &id, (&cert, &key), 1, &[]).await;
+    assert_eq!(rc, 15, "{err}");
+    assert!(err.contains("revoked"), "{err}");
+    let (rc, ev, _) = console_with(
+        &relay,
+        &token,
+        &["--list-devices", "--cert", s(&cert), "--cert-key", s(&key)],
+    )
+    .await;
+    assert_eq!(rc, 0);
+    assert_eq!(event(&ev, "devices")["count"], 0, "{ev:?}");
+    assert_eq!(event(&ev, "devices")["rejected"], 1, "{ev:?}");
     drop(agent);
     relay.terminate().await;
 }

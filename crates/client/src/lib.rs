@@ -808,11 +808,19 @@ impl RelayLink {
     }
 
     /// Console: proves an organisation certificate (`proof` over this connection's exporter with
-    /// the membership label). Returns the organisation's name.
-    pub async fn prove_org(&mut self, cert: String, proof: Vec<u8>) -> Result<String, ClientError> {
+    /// the membership label). Returns the organisation's name and the revocation list the relay
+    /// carries, if any (unchecked: the caller checks it).
+    pub async fn prove_org(
+        &mut self,
+        cert: String,
+        proof: Vec<u8>,
+    ) -> Result<(String, Option<String>), ClientError> {
         self.send(&ClientMsg::ProveOrg { cert, proof }).await?;
         match self.reply().await? {
-            RelayMsg::OrgProven { organisation } => Ok(organisation),
+            RelayMsg::OrgProven {
+                organisation,
+                revocation,
+            } => Ok((organisation, revocation)),
             RelayMsg::Refused { code, message } => {
                 Err(ClientError::RefusedBecause { code, message })
             }

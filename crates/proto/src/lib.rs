@@ -229,8 +229,11 @@ pub enum RelayMsg {
         device: String,
     },
     /// Console, after `ProveOrg`: the relay lists and routes this organisation's devices for you.
+    /// `revocation`: the newest revocation list the administrator published on the relay (the
+    /// console keeps it if its organisation signed it and it is newer than its own).
     OrgProven {
         organisation: String,
+        revocation: Option<String>,
     },
     /// Console: a page of the device list (`total` matching, this page from `offset`).
     Devices {
@@ -480,7 +483,18 @@ impl Validate for RelayMsg {
                 Err(ProtoError::Invalid("revocation list"))
             }
             RelayMsg::Online { device } => text_ok(device, 64),
-            RelayMsg::OrgProven { organisation } => text_ok(organisation, MAX_TEXT),
+            RelayMsg::OrgProven {
+                organisation,
+                revocation,
+            } => {
+                text_ok(organisation, MAX_TEXT)?;
+                match revocation {
+                    Some(r) if r.len() > MAX_REVOCATION_TEXT => {
+                        Err(ProtoError::Invalid("revocation list"))
+                    }
+                    _ => Ok(()),
+                }
+            }
             RelayMsg::Devices { entries, .. } => {
                 if entries.len() > DEVICES_PER_PAGE {
                     return Err(ProtoError::Invalid("device list"));

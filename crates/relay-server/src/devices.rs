@@ -97,6 +97,17 @@ pub fn check_announce(device: &str, presence: &str, now: u64) -> Result<Announce
     Ok(Announced { device, presence })
 }
 
+/// Whether the revocation list `list` (text), if its signature is by the device's organisation,
+/// names the device's key.
+pub fn revoked(a: &Announced, list: &str) -> bool {
+    let Ok(org) = tandem_org::OrgPublic::new(&a.device.organisation, a.device.org_key) else {
+        return false;
+    };
+    tandem_org::RevocationList::from_text(list)
+        .and_then(|l| l.check(&org))
+        .is_ok_and(|b| b.keys.contains(&a.device.key))
+}
+
 /// Whether a console that proved `cert` may connect to `device`: same organisation key, the
 /// `unattended` permission, and the device's group in the certificate. (The agent checks it all
 /// again; this keeps strangers from even reaching a device.)

@@ -1118,6 +1118,17 @@ async fn run_connection(
                         ));
                     }
                 };
+                // A courtesy (agents and consoles decide): a device the published revocation list
+                // names is not listed.
+                if let Some(list) = published_revocation(&shared.data_dir).await
+                    && crate::devices::revoked(&announced, &list)
+                {
+                    shared.metrics.limit("device_revoked");
+                    return Err(Close::With(
+                        ErrorCode::BadDevice,
+                        "this device was revoked by its organisation".into(),
+                    ));
+                }
                 let dev = announced.device.id.clone();
                 let from = peer_of(shared, conn.remote_address()).0.ip();
                 let admitted = lock(&shared.devices).admit(
@@ -1223,7 +1234,17 @@ async fn run_connection(
                         );
                         let organisation = body.organisation.clone();
                         proven = Some(body);
-                        write_msg(&mut send, RelayMsg::OrgProven { organisation }).await?;
+                        // Consoles learn of revoked devices from the list the administrator
+                        // published here (they check its signature; the relay only carries it).
+                        let revocation = published_revocation(&shared.data_dir).await;
+                        write_msg(
+                            &mut send,
+                            RelayMsg::OrgProven {
+                                organisation,
+                                revocation,
+                            },
+                        )
+                        .await?;
                     }
                     Err(why) => {
                         Metrics::inc(

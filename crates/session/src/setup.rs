@@ -782,8 +782,12 @@ pub async fn join_on(
 pub(crate) enum ConsoleMode<'a> {
     /// Attended: the PAKE over the code's secret.
     Code(&'a SessionCode),
-    /// Unattended: the enrolled device `device`, proven by its key.
-    Device(&'a str),
+    /// Unattended: the enrolled device `device`, proven by its key; `revocation`, the list the
+    /// relay carried (checked and used if newer than the console's own).
+    Device {
+        device: &'a str,
+        revocation: Option<&'a str>,
+    },
 }
 
 /// The console's side of a pairing the relay confirmed (`token` resumes it): the inner handshake
@@ -813,8 +817,8 @@ pub(crate) async fn console_setup(
             })?;
         let r = match mode {
             ConsoleMode::Code(code) => console_pake(&conn, code, who, cfg).await,
-            ConsoleMode::Device(device) => {
-                crate::unattended::console_handshake(&conn, device, cfg).await
+            ConsoleMode::Device { device, revocation } => {
+                crate::unattended::console_handshake(&conn, device, revocation, cfg).await
             }
         };
         Ok::<_, SessionError>((conn, r))

@@ -372,10 +372,11 @@ async fn agent_handshake(
 pub(crate) async fn console_handshake(
     conn: &Connection,
     device: &str,
+    carried: Option<&str>,
     cfg: &SessionConfig,
 ) -> Result<Confirmed, SessionError> {
     let creds = cfg.credentials.as_ref().ok_or_else(no_certificate)?;
-    let (org, revocation) = own_org(creds)?;
+    let (org, revocation) = own_org(creds, carried)?;
     let (mut send, mut recv) = conn
         .open_bi()
         .await
@@ -455,17 +456,30 @@ fn no_certificate() -> SessionError {
     )
 }
 
-/// The organisation the console's own certificate is from, and its revocation list (if it carries
-/// one signed by that organisation).
-fn own_org(creds: &Credentials) -> Result<(OrgPublic, Option<RevocationBody>), SessionError> {
+/// The organisation the console's own certificate is from, and the newest revocation list signed
+/// by it among the console's own and the one the relay carried (`carried`, text).
+fn own_org(
+    creds: &Credentials,
+    carried: Option<&str>,
+) -> Result<(OrgPublic, Option<RevocationBody>), SessionError> {
     let b = creds
         .cert
         .read_unchecked()
         .map_err(|e| SessionError::Setup(format!("the technician certificate: {e}")))?;
     let org = OrgPublic::new(&b.organisation, b.org_key)
         .map_err(|e| SessionError::Setup(format!("the technician certificate: {e}")))?;
-    let revocation = creds.revocation.as_ref().and_then(|r| r.check(&org).ok());
-    Ok((org, revocation))
+    let mine = creds.revocation.as_ref().and_then(|r| r.check(&org).ok());
+    let relayed = carried.and_then(|t| {
+        tandem_org::RevocationList::from_text(t)
+            .and_then(|l| l.check(&org))
+            .map_err(|e| tracing::warn!(error = %e, "ignoring the relay's revocation list"))
+            .ok()
+    });
+    let newest = match (mine, relayed) {
+        (Some(a), Some(b)) => Some(if b.serial > a.serial { b } else { a }),
+        (a, b) => a.or(b),
+    };
+    Ok((org, newest))
 }
 
 /// Connects to the relay as a technician and proves the certificate (for listing and connecting).
@@ -473,7 +487,7 @@ async fn proven_link(
     opts: &ConnectOptions,
     token: &Secret,
     cfg: &SessionConfig,
-) -> Result<(RelayLink, RelayIdentity), SessionError> {
+) -> Result<(RelayLink, RelayIdentity, Option<String>), SessionError> {
     let creds = cfg.credentials.as_ref().ok_or_else(no_certificate)?;
     let mut link = RelayLink::connect(opts).await?;
     let (technician, organisation) = link.authenticate(token).await?;
@@ -482,13 +496,14 @@ async fn proven_link(
         .export_keying_material(&mut exporter, tandem_org::MEMBERSHIP_EXPORTER_LABEL, b"")
         .map_err(|_| SessionError::Setup("TLS exporter unavailable".into()))?;
     let proof = tandem_org::prove_membership(&creds.key, &creds.cert, &exporter);
-    link.prove_org(creds.cert.to_text(), proof).await?;
+    let (_, carried) = link.prove_org(creds.cert.to_text(), proof).await?;
     Ok((
         link,
         RelayIdentity {
             technician,
             organisation,
         },
+        carried,
     ))
 }
 
@@ -522,8 +537,8 @@ pub async fn list_devices(
     query: &str,
 ) -> Result<DeviceList, SessionError> {
     let creds = cfg.credentials.as_ref().ok_or_else(no_certificate)?;
-    let (org, revocation) = own_org(creds)?;
-    let (mut link, _) = proven_link(opts, token, cfg).await?;
+    let (mut link, _, carried) = proven_link(opts, token, cfg).await?;
+    let (org, revocation) = own_org(creds, carried.as_deref())?;
     let mut out = DeviceList::default();
     let mut seen = std::collections::HashSet::new();
     let mut offset = 0u32;
@@ -608,7 +623,11 @@ pub async fn connect_device(
             "{device:?} is not a device id (20 hex digits, as the device list shows)"
         )));
     }
-    let (mut link, who) = proven_link(opts, token, cfg).await?;
+    let (mut link, who, carried) = proven_link(opts, token, cfg).await?;
     let token = link.connect_device(device).await?;
-    console_setup(link, &who, opts, token, cfg, ConsoleMode::Device(device)).await
+    let mode = ConsoleMode::Device {
+        device,
+        revocation: carried.as_deref(),
+    };
+    console_setup(link, &who, opts, token, cfg, mode).await
 }
