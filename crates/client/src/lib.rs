@@ -785,11 +785,13 @@ impl RelayLink {
     /// Console: joins the agent waiting on `slot`. On success payloads flow; the token resumes the
     /// session on a new connection if this one is lost.
     /// Enrolled agent: comes online as the device of `device` (certificate text), saying
-    /// `presence` (signed text). Returns the device id the relay lists it under.
+    /// `presence` (signed text), proving the device key with `proof` (over this connection's
+    /// exporter: see `tandem_org::prove_announce`). Returns the device id the relay lists it under.
     pub async fn announce(
         &mut self,
         device: String,
         presence: String,
+        proof: Vec<u8>,
     ) -> Result<String, ClientError> {
         let client = ClientInfo {
             software: self.software.clone(),
@@ -798,6 +800,7 @@ impl RelayLink {
             client,
             device,
             presence,
+            proof,
         })
         .await?;
         match self.reply().await? {

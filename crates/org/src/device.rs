@@ -469,3 +469,34 @@ pub fn check_membership(
     }
     Ok(b)
 }
+
+const DOMAIN_ANNOUNCE: &[u8] = b"tandem device announce v1";
+/// TLS exporter label of a device's announcement to the relay (outer connection).
+pub const ANNOUNCE_EXPORTER_LABEL: &[u8] = b"EXPORTER-tandem-device-announce-v1";
+
+fn announce_message(exporter: &[u8; 32], cert: &str, presence: &str) -> Vec<u8> {
+    signed_message(
+        DOMAIN_ANNOUNCE,
+        &sha256(&[exporter, cert.as_bytes(), presence.as_bytes()]),
+    )
+}
+
+/// The device's proof, on its own connection to the relay, that it holds the device key: a
+/// copied certificate and presence (any technician of the organisation can list them) cannot
+/// take the device's place on the relay.
+pub fn prove_announce(key: &KeyPair, cert: &str, presence: &str, exporter: &[u8; 32]) -> Vec<u8> {
+    key.sign_raw(&announce_message(exporter, cert, presence))
+}
+
+/// The relay's check of [`prove_announce`] for the device `device` (from the certificate).
+pub fn check_announce_proof(
+    device: &DeviceBody,
+    cert: &str,
+    presence: &str,
+    proof: &[u8],
+    exporter: &[u8; 32],
+) -> bool {
+    device
+        .key
+        .verify(&announce_message(exporter, cert, presence), proof)
+}

@@ -133,10 +133,13 @@ pub enum ClientMsg {
     /// Enrolled agent: come online as a device of its organisation, reachable without a code.
     /// `device` is its certificate (`tandem-device-v1:…`, signed by the organisation key),
     /// `presence` what it says about itself (`tandem-presence-v1:…`, signed by the device key).
+    /// `proof`: the device key's signature over this connection's exporter, the certificate and
+    /// the presence (a copied certificate and presence cannot take the device's place).
     Announce {
         client: ClientInfo,
         device: String,
         presence: String,
+        proof: Vec<u8>,
     },
     /// Console (authenticated): prove membership of an organisation with a technician certificate
     /// (`tandem-cert-v1:…`) and its key's signature over this outer connection's exporter. It only
@@ -440,7 +443,11 @@ impl Validate for ClientMsg {
                 client,
                 device,
                 presence,
+                proof,
             } => {
+                if proof.len() > 64 {
+                    return Err(ProtoError::Invalid("proof"));
+                }
                 text_ok(&client.software, MAX_TEXT)?;
                 text_ok(device, MAX_DEVICE_TEXT)?;
                 text_ok(presence, MAX_DEVICE_TEXT)

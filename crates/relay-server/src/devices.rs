@@ -86,10 +86,22 @@ pub struct DeviceBook {
 /// Room left in a [`tandem_proto::RelayMsg::Devices`] frame for its entries.
 const PAGE_BYTES: usize = MAX_CONTROL_FRAME - 1024;
 
-/// Checks an agent's announcement (`device` certificate, `presence`) at `now` (Unix seconds).
-pub fn check_announce(device: &str, presence: &str, now: u64) -> Result<Announced, String> {
-    let cert = DeviceCert::from_text(device).map_err(|e| e.to_string())?;
-    let device = cert.check_self().map_err(|e| e.to_string())?;
+/// Checks an agent's announcement (`cert`, `presence`, and the device key's `proof` over this
+/// connection's `exporter`) at `now` (Unix seconds).
+pub fn check_announce(
+    cert: &str,
+    presence: &str,
+    proof: &[u8],
+    exporter: &[u8; 32],
+    now: u64,
+) -> Result<Announced, String> {
+    let device = DeviceCert::from_text(cert)
+        .map_err(|e| e.to_string())?
+        .check_self()
+        .map_err(|e| e.to_string())?;
+    if !tandem_org::check_announce_proof(&device, cert, presence, proof, exporter) {
+        return Err("the connection does not hold the device's key".into());
+    }
     let presence = Presence::from_text(presence)
         .map_err(|e| e.to_string())?
         .check_fresh(&device, now)
@@ -380,12 +392,22 @@ mod tests {
 
     const NOW: u64 = 1_800_000_000;
 
-    fn enroll(org: &KeyPair, org_name: &str, name: &str, group: &str) -> (String, String) {
+    /// The exporter of "this" connection in these tests.
+    const EXPORTER: [u8; 32] = [5; 32];
+
+    /// An enrolled device's certificate, presence and proof for [`EXPORTER`].
+    fn enroll(org: &KeyPair, org_name: &str, name: &str, group: &str) -> (String, String, Vec<u8>) {
         let key = KeyPair::generate().unwrap();
         let req = DeviceRequest::new(name, &key).unwrap();
         let cert = DeviceCert::issue(org, org_name, &req, None, group, NOW).unwrap();
         let p = Presence::sign(&key, name, "Debian 12", "bob", NOW).unwrap();
-        (cert.to_text(), p.to_text())
+        let (c, p) = (cert.to_text(), p.to_text());
+        let proof = tandem_org::prove_announce(&key, &c, &p, &EXPORTER);
+        (c, p, proof)
+    }
+
+    fn check(c: &str, p: &str, proof: &[u8], now: u64) -> Result<Announced, String> {
+        check_announce(c, p, proof, &EXPORTER, now)
     }
 
     fn page(
@@ -408,13 +430,13 @@ mod tests {
         let from: std::net::IpAddr = "10.0.0.1".parse().unwrap();
         for i in 0..30 {
             let group = if i % 3 == 0 { "servers" } else { "office" };
-            let (c, p) = enroll(&acme, "ACME IT", &format!("pc-{i:02}"), group);
-            let a = check_announce(&c, &p, NOW).unwrap();
+            let (c, p, proof) = enroll(&acme, "ACME IT", &format!("pc-{i:02}"), group);
+            let a = check(&c, &p, &proof, NOW).unwrap();
             book.admit(&a, from, t0).unwrap();
             book.online(&a, c, p, "a".into(), NOW);
         }
-        let (c, p) = enroll(&evil, "Evil", "evil-pc", "office");
-        let a = check_announce(&c, &p, NOW).unwrap();
+        let (c, p, proof) = enroll(&evil, "Evil", "evil-pc", "office");
+        let a = check(&c, &p, &proof, NOW).unwrap();
         book.online(&a, c, p, "a".into(), NOW);
         let org = OrgPublic::new("ACME IT", acme.public()).unwrap();
         let (first, total) = page(&book, &org.key, None, "", 0);
@@ -475,8 +497,8 @@ mod tests {
         let a_ip: std::net::IpAddr = "10.0.0.1".parse().unwrap();
         let b_ip: std::net::IpAddr = "10.0.0.2".parse().unwrap();
         let take = |book: &mut DeviceBook, key: &KeyPair, ip, name: &str, t| {
-            let (c, p) = enroll(key, "ACME IT", name, "office");
-            let a = check_announce(&c, &p, NOW).unwrap();
+            let (c, p, proof) = enroll(key, "ACME IT", name, "office");
+            let a = check(&c, &p, &proof, NOW).unwrap();
             book.admit(&a, ip, t)?;
             book.online(&a, c, p, "a".into(), NOW);
             Ok::<_, NotTaken>(a)
@@ -514,13 +536,30 @@ mod tests {
     }
 
     #[test]
-    fn garbage_stale_and_moved_announcements_are_refused() {
+    fn garbage_stale_moved_and_replayed_announcements_are_refused() {
         let acme = KeyPair::generate().unwrap();
-        let (c, p) = enroll(&acme, "ACME IT", "pc", "office");
-        assert!(check_announce(&c, &p, NOW + tandem_org::PRESENCE_MAX_AGE + 1).is_err());
-        assert!(check_announce("tandem-device-v1:AAAA", &p, NOW).is_err());
-        let (c2, p2) = enroll(&acme, "ACME IT", "pc2", "office");
-        assert!(check_announce(&c, &p2, NOW).is_err());
-        assert!(check_announce(&c2, &p2, NOW).is_ok());
+        let (c, p, proof) = enroll(&acme, "ACME IT", "pc", "office");
+        assert!(check(&c, &p, &proof, NOW).is_ok());
+        assert!(check(&c, &p, &proof, NOW + tandem_org::PRESENCE_MAX_AGE + 1).is_err());
+        assert!(check("tandem-device-v1:AAAA", &p, &proof, NOW).is_err());
+        let (c2, p2, proof2) = enroll(&acme, "ACME IT", "pc2", "office");
+        assert!(check(&c, &p2, &proof2, NOW).is_err());
+        assert!(check(&c2, &p2, &proof2, NOW).is_ok());
+        // A copied certificate and presence (what the device list hands any technician of the
+        // organisation) on another connection: the proof is for the device's own connection.
+        let e = check_announce(&c, &p, &proof, &[6; 32], NOW).unwrap_err();
+        assert!(e.contains("does not hold the device's key"), "{e}");
+        // Another organisation certifying the same public device key: no proof without the key.
+        let evil = KeyPair::generate().unwrap();
+        let key = KeyPair::generate().unwrap();
+        let req = DeviceRequest::new("pc", &key).unwrap();
+        let stolen_cert = DeviceCert::issue(&evil, "Evil", &req, None, "office", NOW)
+            .unwrap()
+            .to_text();
+        let presence = Presence::sign(&key, "pc", "Debian 12", "bob", NOW)
+            .unwrap()
+            .to_text();
+        let wrong_key_proof = tandem_org::prove_announce(&evil, &stolen_cert, &presence, &EXPORTER);
+        assert!(check(&stolen_cert, &presence, &wrong_key_proof, NOW).is_err());
     }
 }

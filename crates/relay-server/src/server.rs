@@ -1103,9 +1103,19 @@ async fn run_connection(
                 client,
                 device,
                 presence,
+                proof,
             } => {
                 let unix = tandem_org::unix_now();
-                let announced = match crate::devices::check_announce(&device, &presence, unix) {
+                let mut exporter = [0u8; 32];
+                conn.export_keying_material(
+                    &mut exporter,
+                    tandem_org::ANNOUNCE_EXPORTER_LABEL,
+                    b"",
+                )
+                .map_err(|_| Close::code(ErrorCode::Internal))?;
+                let checked =
+                    crate::devices::check_announce(&device, &presence, &proof, &exporter, unix);
+                let announced = match checked {
                     Ok(a) => a,
                     Err(why) => {
                         Metrics::inc(

@@ -140,9 +140,14 @@ impl DeviceHost {
                 tandem_org::unix_now(),
             )
             .map_err(|e| SessionError::Setup(e.to_string()))?;
-            let device = link
-                .announce(self.enrollment.cert.to_text(), presence.to_text())
-                .await?;
+            let (cert, presence) = (self.enrollment.cert.to_text(), presence.to_text());
+            let mut exporter = [0u8; 32];
+            link.connection()
+                .export_keying_material(&mut exporter, tandem_org::ANNOUNCE_EXPORTER_LABEL, b"")
+                .map_err(|_| SessionError::Setup("TLS exporter unavailable".into()))?;
+            let proof =
+                tandem_org::prove_announce(&self.enrollment.key, &cert, &presence, &exporter);
+            let device = link.announce(cert, presence, proof).await?;
             self.link = Some(link);
             return Ok(DeviceEvent::Online { device });
         };
