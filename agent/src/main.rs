@@ -1315,9 +1315,42 @@ fn device_info() -> DeviceInfo {
         })
         .unwrap_or_else(|| std::env::consts::OS.to_string());
     let user = std::env::var("TANDEM_DEVICE_USER")
-        .or_else(|_| std::env::var("USER"))
+        .ok()
+        .or_else(|| {
+            std::fs::read("/run/utmp")
+                .ok()
+                .and_then(|b| logged_in_user(&b))
+        })
+        .or_else(|| std::env::var("USER").ok())
         .unwrap_or_default();
     DeviceInfo { hostname, os, user }
+}
+
+/// The user logged in at the computer's screen, from utmp records (glibc layout on Linux: 384
+/// bytes each; type at 0, line at 8, user at 44): a graphical session (line `:0`, `seat0`, `tty7`
+/// …) first, else any user process.
+fn logged_in_user(utmp: &[u8]) -> Option<String> {
+    const RECORD: usize = 384;
+    const USER_PROCESS: i16 = 7;
+    let field = |b: &[u8]| {
+        let end = b.iter().position(|c| *c == 0).unwrap_or(b.len());
+        String::from_utf8_lossy(&b[..end]).into_owned()
+    };
+    let mut any = None;
+    for r in utmp.chunks_exact(RECORD) {
+        if i16::from_ne_bytes([r[0], r[1]]) != USER_PROCESS {
+            continue;
+        }
+        let (line, user) = (field(&r[8..40]), field(&r[44..76]));
+        if user.is_empty() {
+            continue;
+        }
+        if line.starts_with(':') || line.starts_with("seat") || line.starts_with("tty") {
+            return Some(user);
+        }
+        any.get_or_insert(user);
+    }
+    any
 }
 
 /// `tandem-agent enroll`: the device key and request, or the certificate installed.
@@ -1842,5 +1875,31 @@ async fn ask_unattended(
             );
             on_silence
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(kind: i16, line: &str, user: &str) -> Vec<u8> {
+        let mut r = vec![0u8; 384];
+        r[..2].copy_from_slice(&kind.to_ne_bytes());
+        r[8..8 + line.len()].copy_from_slice(line.as_bytes());
+        r[44..44 + user.len()].copy_from_slice(user.as_bytes());
+        r
+    }
+
+    #[test]
+    fn the_user_at_the_screen_comes_from_utmp() {
+        let mut utmp = record(2, "~", "reboot");
+        utmp.extend(record(7, "pts/3", "admin"));
+        utmp.extend(record(7, "seat0", "bob"));
+        assert_eq!(logged_in_user(&utmp).as_deref(), Some("bob"));
+        let ssh_only = record(7, "pts/0", "admin");
+        assert_eq!(logged_in_user(&ssh_only).as_deref(), Some("admin"));
+        assert_eq!(logged_in_user(&record(8, "tty1", "gone")), None);
+        // A truncated record is ignored.
+        assert_eq!(logged_in_user(&utmp[..500]), None);
     }
 }
