@@ -996,6 +996,26 @@ struct AgentCmds<'a> {
     rx: &'a mut mpsc::UnboundedReceiver<UiCmd>,
     watch: Option<&'a mut Watch>,
     report: &'a Report,
+    /// The watch's clock: made once, so that the session's other work (cursor moves, the
+    /// console's messages), which starts `next` over each time, cannot keep it from ticking.
+    tick: tokio::time::Interval,
+}
+
+impl<'a> AgentCmds<'a> {
+    fn new(
+        rx: &'a mut mpsc::UnboundedReceiver<UiCmd>,
+        watch: Option<&'a mut Watch>,
+        report: &'a Report,
+    ) -> Self {
+        let mut tick = tokio::time::interval(WATCH_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        AgentCmds {
+            rx,
+            watch,
+            report,
+            tick,
+        }
+    }
 }
 
 impl UserCommands for AgentCmds<'_> {
@@ -1015,7 +1035,7 @@ impl UserCommands for AgentCmds<'_> {
                     Some(UiCmd::Consent(_) | UiCmd::NewCode) => {}
                 },
                 _ = tokio::signal::ctrl_c() => return HostCmd::Quit,
-                _ = tokio::time::sleep(WATCH_EVERY), if self.watch.is_some() => {
+                _ = self.tick.tick(), if self.watch.is_some() => {
                     if let Some(w) = self.watch.as_deref_mut()
                         && let Some(cmd) = w.check(self.report)
                     {
@@ -1039,7 +1059,13 @@ struct Watch {
     text: String,
     required: bool,
     until: Option<std::time::SystemTime>,
+    /// Times the banner had to be shown again in this session.
+    reshown: u32,
 }
+
+/// Times a banner is shown again before it counts as one that cannot be kept (someone keeps
+/// closing it).
+const MAX_RESHOWN: u32 = 5;
 
 impl Watch {
     fn check(&mut self, report: &Report) -> Option<HostCmd> {
@@ -1052,10 +1078,19 @@ impl Watch {
                 "The technician's certificate has expired: the session ends.",
                 serde_json::json!({}),
             );
-            return Some(HostCmd::End);
+            return Some(HostCmd::EndBecause(
+                "the technician's certificate has expired",
+            ));
         }
         if self.banner.as_ref().is_some_and(|b| !b.is_active()) {
-            match tandem_host::banner::Banner::show(self.display.as_deref(), &self.text) {
+            self.reshown += 1;
+            let shown = if self.reshown > MAX_RESHOWN {
+                Err("it was closed too often".to_string())
+            } else {
+                tandem_host::banner::Banner::show(self.display.as_deref(), &self.text)
+                    .map_err(|e| e.to_string())
+            };
+            match shown {
                 Ok(b) => {
                     report.event(
                         "banner",
@@ -1069,10 +1104,12 @@ impl Watch {
                     report.event(
                         "banner_lost",
                         &format!("The session banner was closed and cannot be shown again ({e})."),
-                        serde_json::json!({"error": e.to_string()}),
+                        serde_json::json!({"error": e}),
                     );
                     if self.required {
-                        return Some(HostCmd::End);
+                        return Some(HostCmd::EndBecause(
+                            "the session banner was closed and cannot be shown again",
+                        ));
                     }
                 }
             }
@@ -1120,6 +1157,7 @@ async fn run_session(
             text,
             required: u.banner_required,
             until,
+            reshown: 0,
         }
     });
     let no_banner = watch
@@ -1281,11 +1319,7 @@ async fn run_session(
         s,
         decision,
         desktop,
-        &mut AgentCmds {
-            rx: cmds,
-            watch: watch.as_mut(),
-            report,
-        },
+        &mut AgentCmds::new(cmds, watch.as_mut(), report),
         &mut on,
     )
     .await?;
@@ -1881,6 +1915,51 @@ async fn ask_unattended(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn report() -> Report {
+        Report {
+            out: EventOut { json: true },
+            shared: Arc::new(Shared {
+                state: Mutex::new(State {
+                    phase: Phase::Connecting,
+                    relay: String::new(),
+                }),
+                ctx: None,
+            }),
+        }
+    }
+
+    /// The watch ends a session when the certificate does, even while the session keeps starting
+    /// `next` over (as cursor moves and the console's messages do, many times a second).
+    #[tokio::test]
+    async fn the_watch_ends_the_session_with_the_certificate_however_busy_the_session() {
+        let report = report();
+        let mut watch = Watch {
+            banner: None,
+            display: None,
+            text: String::new(),
+            required: false,
+            until: Some(std::time::SystemTime::now() + Duration::from_millis(1200)),
+            reshown: 0,
+        };
+        let (_tx, mut rx) = mpsc::unbounded_channel();
+        let mut cmds = AgentCmds::new(&mut rx, Some(&mut watch), &report);
+        let started = tokio::time::Instant::now();
+        let ended = loop {
+            // A busy session: `next` dropped after 100 ms, again and again.
+            if let Ok(c) = tokio::time::timeout(Duration::from_millis(100), cmds.next()).await {
+                break c;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "the watch never ended the session"
+            );
+        };
+        assert_eq!(
+            ended,
+            HostCmd::EndBecause("the technician's certificate has expired")
+        );
+    }
 
     fn record(kind: i16, line: &str, user: &str) -> Vec<u8> {
         let mut r = vec![0u8; 384];

@@ -17,6 +17,9 @@ pub enum HostCmd {
     ViewOnly(bool),
     /// End the session.
     End,
+    /// End the session for this reason (not the user's doing: e.g. the technician's certificate
+    /// expired); the technician and the user are told it.
+    EndBecause(&'static str),
     /// End the session and the program.
     Quit,
 }
@@ -203,6 +206,12 @@ pub async fn run_session(
                     s.end(EndReason::EndedByUser).await;
                     on(by_user());
                     return Ok(Outcome { quit: c == HostCmd::Quit });
+                }
+                HostCmd::EndBecause(why) => {
+                    let reason = EndReason::Other(why.into());
+                    s.end(reason.clone()).await;
+                    on(ended_by_peer(&why, reason.label()));
+                    return Ok(Outcome { quit: false });
                 }
                 HostCmd::ViewOnly(v) => {
                     if v == view_only {

@@ -146,13 +146,17 @@ impl DeviceBook {
             ..DeviceBook::default()
         };
         for r in rows {
-            // Rows are the relay's own writes; one that no longer checks is skipped.
+            // Rows are the relay's own writes; one that no longer checks, or of an organisation
+            // no longer hosted, is skipped (and forgotten by the next sweep of the store).
             let Ok(cert) = DeviceCert::from_text(&r.cert) else {
                 continue;
             };
             let Ok(device) = cert.check_self() else {
                 continue;
             };
+            if !b.hosts(&device.org_key) {
+                continue;
+            }
             let Ok(presence) = Presence::from_text(&r.presence).and_then(|p| {
                 p.check(&device)
                     .map_err(|_| tandem_org::OrgError::Malformed("presence"))
@@ -169,17 +173,37 @@ impl DeviceBook {
         b
     }
 
-    /// Whether a device may come online here: its organisation is hosted, and a device never seen
-    /// before fits the book and its address's budget (charged here).
+    /// Whether this relay hosts devices of `org_key`.
+    fn hosts(&self, org_key: &PublicKey) -> bool {
+        self.limits.organisations.is_empty() || self.limits.organisations.contains(org_key)
+    }
+
+    /// The cheap refusals, before any signature is checked: an organisation not hosted here, or a
+    /// device never seen before when the book is full. `cert` is the certificate's text, unchecked.
+    pub fn precheck(&self, cert: &str) -> Result<(), NotTaken> {
+        let Ok(claimed) = DeviceCert::from_text(cert).and_then(|c| c.read_unchecked()) else {
+            // Garbage: the full check says why.
+            return Ok(());
+        };
+        if !self.hosts(&claimed.org_key) {
+            return Err(NotTaken::Organisation);
+        }
+        if !self.known.contains_key(&claimed.id) && self.known.len() >= self.limits.max_known {
+            return Err(NotTaken::Full);
+        }
+        Ok(())
+    }
+
+    /// Whether a checked device may come online here: [`DeviceBook::precheck`] again, and a
+    /// device never seen before takes from its address's budget (after its signatures checked, so
+    /// that garbage costs an address nothing).
     pub fn admit(
         &mut self,
         a: &Announced,
         from: std::net::IpAddr,
         now: std::time::Instant,
     ) -> Result<(), NotTaken> {
-        if !self.limits.organisations.is_empty()
-            && !self.limits.organisations.contains(&a.device.org_key)
-        {
+        if !self.hosts(&a.device.org_key) {
             return Err(NotTaken::Organisation);
         }
         if self.known.contains_key(&a.device.id) {
@@ -206,20 +230,32 @@ impl DeviceBook {
         Ok(())
     }
 
-    /// Forgets devices not seen online since `now - retention` (Unix seconds) unless `online(id)`;
-    /// their ids.
-    pub fn forget_stale(&mut self, now: u64, online: impl Fn(&str) -> bool) -> Vec<String> {
+    /// Devices not seen online since `now - retention` (Unix seconds), and devices of
+    /// organisations no longer hosted: candidates for [`DeviceBook::forget`] (the caller leaves out
+    /// those online now).
+    pub fn stale(&self, now: u64) -> Vec<String> {
         let cutoff = now.saturating_sub(self.limits.retention.as_secs());
-        let stale: Vec<String> = self
-            .known
+        self.known
             .iter()
-            .filter(|(id, k)| k.last_seen < cutoff && !online(id))
+            .filter(|(_, k)| k.last_seen < cutoff || !self.hosts(&k.org_key))
             .map(|(id, _)| id.clone())
+            .collect()
+    }
+
+    /// Forgets `ids`; those forgotten.
+    pub fn forget(&mut self, ids: Vec<String>) -> Vec<String> {
+        ids.into_iter().filter(|id| self.remove(id)).collect()
+    }
+
+    /// Forgets devices not seen online since `now - retention` (Unix seconds), and those of
+    /// organisations no longer hosted, unless `online(id)`; their ids.
+    pub fn forget_stale(&mut self, now: u64, online: impl Fn(&str) -> bool) -> Vec<String> {
+        let stale: Vec<String> = self
+            .stale(now)
+            .into_iter()
+            .filter(|id| !online(id))
             .collect();
-        for id in &stale {
-            self.remove(id);
-        }
-        stale
+        self.forget(stale)
     }
 
     /// Forgets a device (an administrator's command); whether it was known.
@@ -339,13 +375,17 @@ impl DeviceBook {
         let mut out = Vec::new();
         let mut bytes = 0;
         let mut total = 0u32;
+        // Entries are taken in order until one does not fit: the next page starts right after
+        // the last one taken (the console moves its offset by the entries it got).
+        let mut full = false;
         for (i, (id, k)) in matching.enumerate() {
             total += 1;
-            if i < offset as usize {
+            if i < offset as usize || full {
                 continue;
             }
             let size = k.cert.len() + k.presence.len() + 32;
             if out.len() >= tandem_proto::DEVICES_PER_PAGE || bytes + size > PAGE_BYTES {
+                full = true;
                 continue;
             }
             bytes += size;
@@ -481,6 +521,44 @@ mod tests {
     }
 
     #[test]
+    fn pages_follow_one_another_without_gaps_when_entries_are_large() {
+        let acme = KeyPair::generate().unwrap();
+        let mut book = DeviceBook::default();
+        // Long names make some entries larger than others: a page ends at the first that does
+        // not fit, and the next starts there.
+        for i in 0..40 {
+            let name = if i % 5 == 2 {
+                format!("pc-{i:02}-{}", "x".repeat(50))
+            } else {
+                format!("pc-{i:02}")
+            };
+            let (c, mut p, proof) = enroll(&acme, "ACME IT", &name, "office");
+            let a = check(&c, &p, &proof, NOW).unwrap();
+            // Pad the presence as a device holding its key could (the book takes it as text).
+            if i % 5 == 2 {
+                p.push_str(&" ".repeat(5000));
+            }
+            book.online(&a, c, p, "a".into(), NOW);
+        }
+        let org = acme.public();
+        let mut offset = 0;
+        let mut seen = Vec::new();
+        loop {
+            let (page, total) = book.page(&org, None, "", offset);
+            assert_eq!(total, 40);
+            if page.is_empty() {
+                break;
+            }
+            offset += page.len() as u32;
+            seen.extend(page.into_iter().map(|(id, _)| id));
+        }
+        let mut unique = seen.clone();
+        unique.sort();
+        unique.dedup();
+        assert_eq!((seen.len(), unique.len()), (40, 40));
+    }
+
+    #[test]
     fn the_book_is_bounded_hosts_only_its_organisations_and_forgets_the_stale() {
         let acme = KeyPair::generate().unwrap();
         let stranger = KeyPair::generate().unwrap();
@@ -507,6 +585,9 @@ mod tests {
             take(&mut book, &stranger, a_ip, "x", t0).err(),
             Some(NotTaken::Organisation)
         );
+        // The cheap check refuses a foreign organisation before any signature.
+        let (fc, _, _) = enroll(&stranger, "X", "x", "office");
+        assert_eq!(book.precheck(&fc), Err(NotTaken::Organisation));
         let first = take(&mut book, &acme, a_ip, "d1", t0).unwrap();
         take(&mut book, &acme, a_ip, "d2", t0).unwrap();
         take(&mut book, &acme, a_ip, "d3", t0).unwrap();
@@ -523,10 +604,19 @@ mod tests {
             take(&mut book, &acme, b_ip, "d6", later).err(),
             Some(NotTaken::Full)
         );
+        let (c7, _, _) = enroll(&acme, "ACME IT", "d7", "office");
+        assert_eq!(book.precheck(&c7), Err(NotTaken::Full));
         // Devices unseen for longer than the retention are forgotten, unless online now.
         book.seen(&first.device.id, NOW + 7200);
-        let gone = book.forget_stale(NOW + 7200, |id| id.is_empty());
-        assert_eq!(gone.len(), 4);
+        let online = book
+            .ids()
+            .find(|id| **id != first.device.id)
+            .unwrap()
+            .clone();
+        let gone = book.forget_stale(NOW + 7200, |id| id == online);
+        assert_eq!(gone.len(), 3);
+        assert_eq!(book.len(), 2);
+        book.forget(vec![online]);
         assert_eq!(book.len(), 1);
         let org = OrgPublic::new("ACME IT", acme.public()).unwrap();
         assert_eq!(book.page(&org.key, None, "", 0).1, 1);

@@ -568,7 +568,8 @@ async fn accept_loop(
 
 async fn ticker(shared: std::sync::Weak<Shared>, mut stop: watch::Receiver<bool>) {
     let mut iv = tokio::time::interval(Duration::from_millis(500));
-    let mut next_sweep = Instant::now();
+    // Not at once: devices that were online before a restart come back first.
+    let mut next_sweep = Instant::now() + DEVICE_SWEEP;
     loop {
         tokio::select! {
             _ = iv.tick() => {}
@@ -609,16 +610,26 @@ async fn ticker(shared: std::sync::Weak<Shared>, mut stop: watch::Receiver<bool>
 const DEVICE_SWEEP: Duration = Duration::from_secs(600);
 
 fn forget_stale_devices(shared: &Shared) {
-    // Lock order: `registry` before `devices`.
-    let online: std::collections::HashSet<String> = {
+    // The candidates under the book's lock only (usually few), then which of them are online
+    // under the registry's; those are seen now, the others forgotten.
+    let now = tandem_org::unix_now();
+    let candidates = lock(&shared.devices).stale(now);
+    if candidates.is_empty() {
+        return;
+    }
+    let (online, stale): (Vec<String>, Vec<String>) = {
         let reg = lock(&shared.registry);
-        let book = lock(&shared.devices);
-        book.ids()
-            .filter(|id| reg.device_state(id).is_some())
-            .cloned()
-            .collect()
+        candidates
+            .into_iter()
+            .partition(|id| reg.device_state(id).is_some())
     };
-    let gone = lock(&shared.devices).forget_stale(tandem_org::unix_now(), |id| online.contains(id));
+    let gone = {
+        let mut book = lock(&shared.devices);
+        for id in &online {
+            book.seen(id, now);
+        }
+        book.forget(stale)
+    };
     if !gone.is_empty() {
         tracing::info!(
             devices = gone.len(),
@@ -1106,6 +1117,11 @@ async fn run_connection(
                 proof,
             } => {
                 let unix = tandem_org::unix_now();
+                // The cheap refusals first, before any signature is checked.
+                let pre = lock(&shared.devices).precheck(&device);
+                if let Err(why) = pre {
+                    return Err(not_taken(shared, why));
+                }
                 let mut exporter = [0u8; 32];
                 conn.export_keying_material(
                     &mut exporter,
@@ -1147,22 +1163,7 @@ async fn run_connection(
                     now,
                 );
                 if let Err(why) = admitted {
-                    let (label, text) = match why {
-                        crate::devices::NotTaken::Organisation => (
-                            "device_organisation",
-                            "this relay does not host devices of that organisation",
-                        ),
-                        crate::devices::NotTaken::Full => (
-                            "devices_full",
-                            "this relay keeps as many devices as it may; ask its administrator",
-                        ),
-                        crate::devices::NotTaken::Budget => (
-                            "new_devices_per_address",
-                            "too many new devices from this address in the last hour; try later",
-                        ),
-                    };
-                    shared.metrics.limit(label);
-                    return Err(Close::With(ErrorCode::BadDevice, text.into()));
+                    return Err(not_taken(shared, why));
                 }
                 let res = {
                     let mut rng = lock(&shared.rng);
@@ -1286,6 +1287,11 @@ async fn run_connection(
                 if !p.permissions.unattended
                     || unix > p.not_after.saturating_add(tandem_org::CLOCK_SKEW)
                 {
+                    // A refusal costs the asker like any other message.
+                    if !budget.take(CONTROL_BURST, CONTROL_PER_SECOND, now) {
+                        shared.metrics.limit("control_messages");
+                        return Err(Close::code(ErrorCode::RateLimited));
+                    }
                     write_msg(
                         &mut send,
                         RelayMsg::Refused {
@@ -1300,6 +1306,11 @@ async fn run_connection(
                 }
                 if !pages.take(LIST_BURST, LIST_PER_SECOND, now) {
                     shared.metrics.limit("device_list_pages");
+                    // Asking again before the pause is over costs like any other message.
+                    if !budget.take(CONTROL_BURST, CONTROL_PER_SECOND, now) {
+                        shared.metrics.limit("control_messages");
+                        return Err(Close::code(ErrorCode::RateLimited));
+                    }
                     write_msg(
                         &mut send,
                         RelayMsg::Refused {
@@ -1380,6 +1391,26 @@ async fn run_connection(
             }
         }
     }
+}
+
+/// A device the book does not take: counted, and the connection closed with the reason.
+fn not_taken(shared: &Shared, why: crate::devices::NotTaken) -> Close {
+    let (label, text) = match why {
+        crate::devices::NotTaken::Organisation => (
+            "device_organisation",
+            "this relay does not host devices of that organisation",
+        ),
+        crate::devices::NotTaken::Full => (
+            "devices_full",
+            "this relay keeps as many devices as it may; ask its administrator",
+        ),
+        crate::devices::NotTaken::Budget => (
+            "new_devices_per_address",
+            "too many new devices from this address in the last hour; try later",
+        ),
+    };
+    shared.metrics.limit(label);
+    Close::With(ErrorCode::BadDevice, text.into())
 }
 
 /// A join or a connection to a device was refused: a fatal refusal closes the connection, the

@@ -550,7 +550,10 @@ pub async fn list_devices(
     let mut waits = 0;
     loop {
         let (entries, total) = match link.list_devices(query, offset).await {
-            Ok(page) => page,
+            Ok(page) => {
+                waits = 0;
+                page
+            }
             // The relay paces long listings: wait and ask for the same page again.
             Err(ClientError::Refused {
                 code: ErrorCode::RateLimited,
@@ -580,7 +583,7 @@ pub async fn list_devices(
     Ok(out)
 }
 
-/// How many times a listing waits for the relay's pace before giving up.
+/// How many times in a row a listing waits for the relay's pace before giving up.
 const MAX_LIST_WAITS: u32 = 120;
 /// Entries that do not check after which a listing stops.
 const MAX_REJECTED: usize = 1_000;
