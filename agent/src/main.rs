@@ -1702,6 +1702,10 @@ async fn run_unattended(
     // session), so that whoever keeps trying without the right certificate gets few tries.
     let mut refused_pause = Duration::ZERO;
     loop {
+        if !host.is_online() {
+            // Who is logged in may have changed since the last announcement.
+            host.set_info(device_info());
+        }
         let ev = {
             let next = host.next();
             tokio::pin!(next);
@@ -1737,9 +1741,14 @@ async fn run_unattended(
                     ),
                     serde_json::json!({"reason": reason, "pause_secs": refused_pause.as_secs()}),
                 );
-                tokio::select! {
-                    _ = tokio::time::sleep(refused_pause) => {}
-                    _ = tokio::signal::ctrl_c() => return Ok(()),
+                report.phase(Phase::Online {
+                    text: format!(
+                        "Someone was refused; this computer is reachable again in {} s.",
+                        refused_pause.as_secs()
+                    ),
+                });
+                if pause_or_quit(refused_pause, cmds).await {
+                    return Ok(());
                 }
             }
             Ok(DeviceEvent::Session(s)) => {
@@ -1784,12 +1793,27 @@ async fn run_unattended(
                     serde_json::json!({"error": e.to_string(), "retry_in_secs": backoff.as_secs()}),
                 );
                 report.phase(Phase::Online { text });
-                tokio::select! {
-                    _ = tokio::time::sleep(backoff) => {}
-                    _ = tokio::signal::ctrl_c() => return Ok(()),
+                if pause_or_quit(backoff, cmds).await {
+                    return Ok(());
                 }
                 backoff = (backoff * 2).min(MAX_BACKOFF);
             }
+        }
+    }
+}
+
+/// Waits `pause`; whether the program is to quit meanwhile (the window closed, `quit`, Ctrl-C).
+async fn pause_or_quit(pause: Duration, cmds: &mut mpsc::UnboundedReceiver<UiCmd>) -> bool {
+    let until = tokio::time::Instant::now() + pause;
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep_until(until) => return false,
+            _ = tokio::signal::ctrl_c() => return true,
+            c = cmds.recv() => match c {
+                None => return true,
+                Some(UiCmd::Line(l)) if l.trim() == "quit" => return true,
+                Some(_) => {}
+            },
         }
     }
 }
