@@ -913,9 +913,15 @@ impl Registry {
 
     /// The connection online as `device`.
     pub fn device_conn(&self, device: &str) -> Option<ConnId> {
-        match self.slots.get(self.device_slots.get(device)?) {
-            Some(SlotState::Waiting { agent, .. }) => Some(*agent),
-            _ => None,
+        let slot = self.device_slots.get(device)?;
+        match self.slots.get(slot)? {
+            SlotState::Waiting { agent, .. } => Some(*agent),
+            // In a session: the agent's side of it (found by its slot; sessions are few).
+            SlotState::Paired { .. } => self
+                .sessions
+                .values()
+                .find(|s| &s.slot == slot)
+                .map(|s| s.agent),
         }
     }
 
@@ -1590,6 +1596,8 @@ mod tests {
         let p = f.r.connect_device(c, "dev1", f.t0, toks).unwrap();
         assert_eq!(p.session.device.as_deref(), Some("dev1"));
         assert_eq!(f.r.device_state("dev1"), Some(true));
+        // In a session, the device is still known to be on its connection.
+        assert_eq!(f.r.device_conn("dev1"), Some(a));
         let c2 = f.console(4, 2);
         assert_eq!(
             f.r.connect_device(
