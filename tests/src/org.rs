@@ -157,6 +157,22 @@ pub async fn console(
     console_with(relay, token, &args).await
 }
 
+/// Like [`console`], proving the technician certificate and key `creds`.
+pub async fn console_certified(
+    relay: &RelayProcess,
+    token: &str,
+    code: &str,
+    creds: (&Path, &Path),
+) -> (i32, Vec<serde_json::Value>, String) {
+    console(
+        relay,
+        token,
+        code,
+        &["--cert", s(creds.0), "--cert-key", s(creds.1)],
+    )
+    .await
+}
+
 /// A headless console with `args` (besides relay, pin and token) run to its end; (exit code,
 /// JSON events, stderr). No configuration file is read or written.
 pub async fn console_with(

@@ -34,13 +34,7 @@ async fn a_certified_technician_is_verified_by_the_agent_and_others_are_not() {
 
     // With the certificate: verified, on both sides, with the certificate's rights.
     let code = agent.code().await;
-    let (rc, ev, err) = console(
-        &relay,
-        &token,
-        &code,
-        &["--cert", s(&cert), "--cert-key", s(&key)],
-    )
-    .await;
+    let (rc, ev, err) = console_certified(&relay, &token, &code, (&cert, &key)).await;
     assert_eq!(rc, 0, "{ev:?}\n{err}");
     assert_eq!(event(&ev, "joined")["verified"], true, "{ev:?}");
     let asked = agent.next("technician").await;
@@ -72,13 +66,7 @@ async fn a_certified_technician_is_verified_by_the_agent_and_others_are_not() {
     let evil = make_org(&mkdir(dir.path().join("evil")), "ACME IT");
     let (ecert, ekey) = technician(&dir.path().join("evil"), &evil, "alice", "all");
     let code = agent.code().await;
-    let (rc, ev, _) = console(
-        &relay,
-        &token,
-        &code,
-        &["--cert", s(&ecert), "--cert-key", s(&ekey)],
-    )
-    .await;
+    let (rc, ev, _) = console_certified(&relay, &token, &code, (&ecert, &ekey)).await;
     assert_eq!(rc, 0);
     assert_eq!(event(&ev, "joined")["verified"], false);
     let asked = agent.next("technician").await;
@@ -95,13 +83,7 @@ async fn a_certified_technician_is_verified_by_the_agent_and_others_are_not() {
     // the console before it connects.
     let (_, other_key) = technician(dir.path(), &acme, "bob", "view");
     let code = agent.code().await;
-    let (rc, _, err) = console(
-        &relay,
-        &token,
-        &code,
-        &["--cert", s(&cert), "--cert-key", s(&other_key)],
-    )
-    .await;
+    let (rc, _, err) = console_certified(&relay, &token, &code, (&cert, &other_key)).await;
     assert_ne!(rc, 0);
     assert!(err.contains("do not belong together"), "{err}");
     relay.terminate().await;
@@ -126,25 +108,13 @@ async fn policy_permissions_and_revocation_are_enforced_by_the_agent() {
     // The agent asked nothing and shows a new code (after its pause).
     let next = agent.code().await;
     // A verified technician gets in.
-    let (rc, ev, err) = console(
-        &relay,
-        &token,
-        &next,
-        &["--cert", s(&cert), "--cert-key", s(&key)],
-    )
-    .await;
+    let (rc, ev, err) = console_certified(&relay, &token, &next, (&cert, &key)).await;
     assert_eq!(rc, 0, "{ev:?}\n{err}");
     assert_eq!(event(&ev, "consent")["decision"], "AllowControl");
 
     // A view-only certificate: the user's "allow control" becomes view only, on the agent.
     let code = agent.code().await;
-    let (rc, ev, err) = console(
-        &relay,
-        &token,
-        &code,
-        &["--cert", s(&vcert), "--cert-key", s(&vkey)],
-    )
-    .await;
+    let (rc, ev, err) = console_certified(&relay, &token, &code, (&vcert, &vkey)).await;
     assert_eq!(rc, 0, "{ev:?}\n{err}");
     assert_eq!(event(&ev, "consent")["decision"], "ViewOnly", "{ev:?}");
     agent.next("certificate_limits").await;
@@ -170,13 +140,7 @@ async fn policy_permissions_and_revocation_are_enforced_by_the_agent() {
     )
     .await;
     let code = agent.code().await;
-    let (_, ev, _) = console(
-        &relay,
-        &token,
-        &code,
-        &["--cert", s(&cert), "--cert-key", s(&key)],
-    )
-    .await;
+    let (_, ev, _) = console_certified(&relay, &token, &code, (&cert, &key)).await;
     assert_eq!(event(&ev, "joined")["verified"], false);
     let asked = agent.next("technician").await;
     assert!(
@@ -189,13 +153,7 @@ async fn policy_permissions_and_revocation_are_enforced_by_the_agent() {
     drop(agent);
     let mut agent = Agent::start_in(&relay, &["--org", &acme.line], state).await;
     let code = agent.code().await;
-    let (_, ev, _) = console(
-        &relay,
-        &token,
-        &code,
-        &["--cert", s(&cert), "--cert-key", s(&key)],
-    )
-    .await;
+    let (_, ev, _) = console_certified(&relay, &token, &code, (&cert, &key)).await;
     assert_eq!(
         event(&ev, "joined")["verified"],
         false,
@@ -299,13 +257,7 @@ async fn the_relay_carries_revocation_lists_it_cannot_forge_or_roll_back() {
 
     let mut agent = Agent::start(&relay, &["--org", &acme.line]).await;
     let code = agent.code().await;
-    let (_, ev, _) = console(
-        &relay,
-        &token,
-        &code,
-        &["--cert", s(&cert), "--cert-key", s(&key)],
-    )
-    .await;
+    let (_, ev, _) = console_certified(&relay, &token, &code, (&cert, &key)).await;
     assert_eq!(event(&ev, "joined")["verified"], false, "{ev:?}");
     let t = agent.next("technician").await;
     assert!(t["trust"].as_str().unwrap().contains("revoked"), "{t}");
@@ -314,13 +266,7 @@ async fn the_relay_carries_revocation_lists_it_cannot_forge_or_roll_back() {
     // The relay now hands out the stale list (serial 1 < 2): the agent keeps its own.
     std::fs::copy(&stale, dir.path().join("revocation")).unwrap();
     let code = agent.code().await;
-    let (_, ev, _) = console(
-        &relay,
-        &token,
-        &code,
-        &["--cert", s(&cert), "--cert-key", s(&key)],
-    )
-    .await;
+    let (_, ev, _) = console_certified(&relay, &token, &code, (&cert, &key)).await;
     assert_eq!(
         event(&ev, "joined")["verified"],
         false,
@@ -329,13 +275,7 @@ async fn the_relay_carries_revocation_lists_it_cannot_forge_or_roll_back() {
     // And garbage from the relay changes nothing either.
     std::fs::write(dir.path().join("revocation"), "tandem-revocation-v1:AAAA").unwrap();
     let code = agent.code().await;
-    let (_, ev, _) = console(
-        &relay,
-        &token,
-        &code,
-        &["--cert", s(&cert), "--cert-key", s(&key)],
-    )
-    .await;
+    let (_, ev, _) = console_certified(&relay, &token, &code, (&cert, &key)).await;
     assert_eq!(event(&ev, "joined")["verified"], false);
     relay.terminate().await;
 }

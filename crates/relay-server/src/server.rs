@@ -1048,20 +1048,7 @@ async fn run_connection(
             ClientMsg::Join { slot } => {
                 // Lock order everywhere: `rng` before `registry` (Register holds both in that
                 // order; the other order deadlocked the relay under a register flood).
-                let tokens = {
-                    let mut rng = lock(&shared.rng);
-                    (rng.token(), rng.token())
-                };
-                let res = {
-                    let mut reg = lock(&shared.registry);
-                    let res = reg.join(id, &slot, now, tokens);
-                    if let Ok(p) = &res {
-                        // Start forwarding while the registry is locked, so that no end of this
-                        // session can be processed before its forwarders exist.
-                        start_session_io(shared, p);
-                    }
-                    res
-                };
+                let res = pair(shared, |reg, tokens| reg.join(id, &slot, now, tokens));
                 match res {
                     Ok(p) => {
                         shared.metrics.sessions_started.inc();
@@ -1146,8 +1133,9 @@ async fn run_connection(
                 };
                 // A courtesy (agents and consoles decide): a device the published revocation list
                 // names is not listed.
-                if let Some(list) = published_revocation(&shared.data_dir).await
-                    && crate::devices::revoked(&announced, &list)
+                let published = published_revocation(&shared.data_dir).await;
+                if let Some(list) = &published
+                    && crate::devices::revoked(&announced, list)
                 {
                     shared.metrics.limit("device_revoked");
                     return Err(Close::With(
@@ -1216,7 +1204,7 @@ async fn run_connection(
                 }
                 tracing::debug!(conn = id, software = ?loggable(&client.software), "agent software");
                 write_msg(&mut send, RelayMsg::Online { device: dev }).await?;
-                if let Some(list) = published_revocation(&shared.data_dir).await {
+                if let Some(list) = published {
                     write_msg(&mut send, RelayMsg::Revocation { list }).await?;
                 }
             }
@@ -1355,20 +1343,11 @@ async fn run_connection(
                         None => Err(ErrorCode::DeviceOffline),
                     }
                 };
-                let tokens = {
-                    let mut rng = lock(&shared.rng);
-                    (rng.token(), rng.token())
-                };
                 let res = match allowed {
                     Err(code) => Err(Refusal::Refused(code)),
-                    Ok(()) => {
-                        let mut reg = lock(&shared.registry);
-                        let res = reg.connect_device(id, &device, now, tokens);
-                        if let Ok(p) = &res {
-                            start_session_io(shared, p);
-                        }
-                        res
-                    }
+                    Ok(()) => pair(shared, |reg, tokens| {
+                        reg.connect_device(id, &device, now, tokens)
+                    }),
                 };
                 match res {
                     Ok(p) => {
@@ -1391,6 +1370,25 @@ async fn run_connection(
             }
         }
     }
+}
+
+/// Pairs a console with an agent (`how`, given fresh resume tokens) and starts forwarding while
+/// the registry is still locked, so that no end of the session can be processed before its
+/// forwarders exist. Lock order: `rng`, then `registry`.
+fn pair(
+    shared: &Arc<Shared>,
+    how: impl FnOnce(&mut Registry, (ResumeToken, ResumeToken)) -> Result<Paired, Refusal>,
+) -> Result<Paired, Refusal> {
+    let tokens = {
+        let mut rng = lock(&shared.rng);
+        (rng.token(), rng.token())
+    };
+    let mut reg = lock(&shared.registry);
+    let res = how(&mut reg, tokens);
+    if let Ok(p) = &res {
+        start_session_io(shared, p);
+    }
+    res
 }
 
 /// A device the book does not take: counted, and the connection closed with the reason.

@@ -328,22 +328,15 @@ impl AgentHost {
             technician: technician.clone(),
             organisation: organisation.clone(),
         };
-        let setup = async {
-            let conn = inner.accept().await?;
-            let r = agent_pake(&conn, &code, &who, &cfg).await;
-            Ok::<_, SessionError>((conn, r))
-        };
         // While the handshake runs, the relay may report that the console gave up (for example it
         // found the code wrong and left before its inner close could arrive).
-        let outcome = tokio::time::timeout(self.cfg.setup_timeout, async {
-            tokio::select! {
-                r = setup => r,
-                e = watch_setup_link(&mut link) => Err(e),
-            }
-        })
-        .await;
+        let outcome = inner
+            .confirm(&mut link, self.cfg.setup_timeout, async |conn| {
+                agent_pake(conn, &code, &who, &cfg).await
+            })
+            .await;
         let failure = match outcome {
-            Ok(Ok((conn, Ok(confirmed)))) => {
+            Ok((conn, Ok(confirmed))) => {
                 self.tries.succeeded();
                 self.next_why = CodeChange::New;
                 tracing::info!("session confirmed");
@@ -361,7 +354,7 @@ impl AgentHost {
                     inner.start(conn, confirmed, who, link),
                 )));
             }
-            Ok(Ok((conn, Err(e)))) => {
+            Ok((conn, Err(e))) => {
                 // The console may have closed the connection because it found the code wrong
                 // (before its `Fail` could be read): its close reason is the truth.
                 let e = match conn.close_reason() {
@@ -375,10 +368,7 @@ impl AgentHost {
                 conn.close(VarInt::from_u32(code), &close_reason(&reason));
                 e
             }
-            Ok(Err(e)) => e,
-            Err(_) => SessionError::Setup(
-                "the technician's side did not complete the handshake in time".into(),
-            ),
+            Err(e) => e,
         };
         // Whatever went wrong after a technician joined, the code is burned: one try per code.
         inner.close();
@@ -451,6 +441,34 @@ impl AgentInner {
             .map_err(|e| SessionError::Setup(format!("inner handshake: {e}")))
     }
 
+    /// Runs `handshake` on the console's inner connection, bounded by `timeout`, while watching
+    /// the relay link for the console giving up. The connection (to close on failure) and the
+    /// handshake's result.
+    pub(crate) async fn confirm(
+        &self,
+        link: &mut RelayLink,
+        timeout: Duration,
+        handshake: impl AsyncFnOnce(&Connection) -> Result<Confirmed, SessionError>,
+    ) -> Result<(Connection, Result<Confirmed, SessionError>), SessionError> {
+        let setup = async {
+            let conn = self.accept().await?;
+            let r = handshake(&conn).await;
+            Ok::<_, SessionError>((conn, r))
+        };
+        tokio::time::timeout(timeout, async {
+            tokio::select! {
+                r = setup => r,
+                e = watch_setup_link(link) => Err(e),
+            }
+        })
+        .await
+        .unwrap_or_else(|_| {
+            Err(SessionError::Setup(
+                "the technician's side did not complete the handshake in time".into(),
+            ))
+        })
+    }
+
     /// The confirmed session; `who` as the relay named the technician.
     pub(crate) fn start(
         self,
@@ -459,26 +477,15 @@ impl AgentInner {
         who: RelayIdentity,
         link: LinkCtx,
     ) -> Session {
-        let (ctl_send, ctl_recv, hello, session_key, org, device) = confirmed;
-        Session::start(Parts {
-            role: Role::Agent,
+        confirmed_session(
+            Role::Agent,
             conn,
-            ctl_send,
-            ctl_recv,
-            peer: PeerInfo {
-                software: hello.software,
-                capabilities: hello.capabilities,
-                version: hello.version,
-                technician: Some(who.technician),
-                organisation: Some(who.organisation),
-                org,
-                device,
-            },
-            carrier: self.carrier,
-            endpoint: self.endpoint,
+            confirmed,
+            who,
+            self.carrier,
+            self.endpoint,
             link,
-            session_key,
-        })
+        )
     }
 
     /// Gives up: the endpoint closes and the carrier detaches.
@@ -486,6 +493,38 @@ impl AgentInner {
         self.endpoint
             .close(VarInt::from_u32(close::PROTOCOL), b"setup failed");
     }
+}
+
+/// A session both sides confirmed, on either side; `who` as the relay named the technician.
+fn confirmed_session(
+    role: Role,
+    conn: Connection,
+    confirmed: Confirmed,
+    who: RelayIdentity,
+    carrier: Arc<Carrier>,
+    endpoint: quinn::Endpoint,
+    link: LinkCtx,
+) -> Session {
+    let (ctl_send, ctl_recv, hello, session_key, org, device) = confirmed;
+    Session::start(Parts {
+        role,
+        conn,
+        ctl_send,
+        ctl_recv,
+        peer: PeerInfo {
+            software: hello.software,
+            capabilities: hello.capabilities,
+            version: hello.version,
+            technician: Some(who.technician),
+            organisation: Some(who.organisation),
+            org,
+            device,
+        },
+        carrier,
+        endpoint,
+        link,
+        session_key,
+    })
 }
 
 /// A revocation list the relay carried: kept if the organisation signed it and it is newer.
@@ -850,30 +889,20 @@ pub(crate) async fn console_setup(
         }
     };
     match r {
-        Ok((ctl_send, ctl_recv, hello, key, org, device)) => Ok(Session::start(Parts {
-            role: Role::Console,
+        Ok(confirmed) => Ok(confirmed_session(
+            Role::Console,
             conn,
-            ctl_send,
-            ctl_recv,
-            peer: PeerInfo {
-                software: hello.software,
-                capabilities: hello.capabilities,
-                version: hello.version,
-                technician: Some(who.technician.clone()),
-                organisation: Some(who.organisation.clone()),
-                org,
-                device,
-            },
+            confirmed,
+            who.clone(),
             carrier,
             endpoint,
-            link: LinkCtx {
+            LinkCtx {
                 link,
                 opts: opts.clone(),
                 token,
                 grace: cfg.resume_grace,
             },
-            session_key: key,
-        })),
+        )),
         Err(e) => {
             // If the agent closed the connection, its reason is the truth (e.g. wrong code).
             let e = match (&e, conn.close_reason()) {

@@ -26,7 +26,7 @@ use crate::session::{
 };
 use crate::setup::{
     AgentInner, Confirmed, ConsoleMode, SessionConfig, check_org, console_setup, hello,
-    offer_revocation, persist_trust, read_hello, watch_setup_link,
+    offer_revocation, persist_trust, read_hello,
 };
 use quinn::{Connection, VarInt};
 use std::sync::Arc;
@@ -207,21 +207,13 @@ impl DeviceHost {
         // The agent's own refusal, once decided: the console may leave (and the relay say so)
         // while the verdict is still being delivered, and the refusal is the truth.
         let decided = std::sync::OnceLock::new();
-        let setup = async {
-            let conn = inner.accept().await?;
-            let r =
-                agent_handshake(&conn, &self.cfg, &self.enrollment, &self.policy, &decided).await;
-            Ok::<_, SessionError>((conn, r))
-        };
-        let outcome = tokio::time::timeout(self.cfg.setup_timeout, async {
-            tokio::select! {
-                r = setup => r,
-                e = watch_setup_link(&mut link) => Err(e),
-            }
-        })
-        .await;
+        let outcome = inner
+            .confirm(&mut link, self.cfg.setup_timeout, async |conn| {
+                agent_handshake(conn, &self.cfg, &self.enrollment, &self.policy, &decided).await
+            })
+            .await;
         let failure = match outcome {
-            Ok(Ok((conn, Ok(confirmed)))) => {
+            Ok((conn, Ok(confirmed))) => {
                 tracing::info!("unattended session confirmed");
                 let link = LinkCtx {
                     link,
@@ -231,17 +223,14 @@ impl DeviceHost {
                 };
                 return DeviceEvent::Session(Box::new(inner.start(conn, confirmed, who, link)));
             }
-            Ok(Ok((conn, Err(e)))) => {
+            Ok((conn, Err(e))) => {
                 conn.close(
                     VarInt::from_u32(close::PROTOCOL),
                     &close_reason(&EndReason::Other(e.to_string())),
                 );
                 e
             }
-            Ok(Err(e)) => e,
-            Err(_) => SessionError::Setup(
-                "the technician's side did not complete the handshake in time".into(),
-            ),
+            Err(e) => e,
         };
         let failure = match decided.get() {
             Some(detail) => SessionError::Unverified(detail.clone()),
