@@ -217,6 +217,20 @@ async fn an_enrolled_agent_is_reached_without_a_code_nobody_answering_with_the_b
     assert_eq!(below, 0);
     // Back online for the next technician.
     agent.next("online").await;
+    // A technician who gives up while the agent still waits for an answer: the agent stays up and
+    // comes back online.
+    let (rc, _, err) = connect(&relay, &token, &id, (&cert, &key), 1, &[]).await;
+    assert_eq!(rc, 0, "{err}");
+    agent.next("consent_timeout").await;
+    let ended = agent.next("ended").await;
+    assert!(
+        ended["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("before it started"),
+        "{ended}"
+    );
+    agent.next("online").await;
 
     // A certificate without unattended access: refused (by the relay already, and the agent
     // would refuse it too: see unattended_hostile.rs), with a clear word.

@@ -94,7 +94,22 @@ pub async fn run_session(
     cmds: &mut impl UserCommands,
     on: &mut (dyn FnMut(HostEvent) + Send),
 ) -> Result<Outcome, SessionError> {
-    s.send_control(&ControlMsg::Consent { decision }).await?;
+    match s.send_control(&ControlMsg::Consent { decision }).await {
+        Ok(()) => {}
+        // The technician left while the user (or the policy) was deciding: an ordinary end, not
+        // a failure of this program.
+        Err(SessionError::Ended(end)) => {
+            on(HostEvent::Ended {
+                text: format!(
+                    "Session ended before it started: {}.",
+                    names::printable(&end.to_string(), 120)
+                ),
+                reason: end.reason.label(),
+            });
+            return Ok(Outcome { quit: false });
+        }
+        Err(e) => return Err(e),
+    }
     if decision == Consent::Deny {
         on(HostEvent::Denied);
         s.end(EndReason::Denied).await;
