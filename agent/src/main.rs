@@ -73,7 +73,8 @@ struct Cli {
     /// How consent is asked: `window` (the default with a window) or `tty` (the default without;
     /// asks on this terminal). Either way it is denied after 60 s without an answer. `deny`,
     /// `view-only` and `allow` answer without asking: for demonstrations and tests on machines
-    /// without a person in front of them.
+    /// without a person in front of them. `lines` reads the answer (a, v or d) and chat lines
+    /// (`say …`) from standard input without a terminal: for scripts driving the agent.
     #[arg(long, value_enum)]
     consent: Option<ConsentMode>,
     /// No window: events on stdout, consent on the terminal or by --consent.
@@ -127,10 +128,94 @@ struct Cli {
     /// certificate allows unattended access to this device's group. Needs `tandem-agent enroll`.
     #[arg(long)]
     unattended: bool,
+    /// Do not share the clipboard with the technician in either direction (also `[toolbox]
+    /// clipboard_to_technician` / `clipboard_from_technician = false`).
+    #[arg(long)]
+    no_clipboard: bool,
+    /// An image the technician puts on the clipboard: `ask` (the window asks; refused without a
+    /// window), `yes` or `no`. [default: ask; `[toolbox] clipboard_images`]
+    #[arg(long, value_enum)]
+    clipboard_images: Option<ImagesArg>,
+    /// Where files the technician sends are saved. [default: `[toolbox] downloads`, else
+    /// $XDG_DOWNLOAD_DIR, else ~/Downloads]
+    #[arg(long)]
+    downloads: Option<PathBuf>,
+    /// Refuse files from the technician (also `[toolbox] receive_files = false`).
+    #[arg(long)]
+    no_receive_files: bool,
+    /// The most bytes the technician may send in one session, in MiB. [default: 4096;
+    /// `[toolbox] quota_mib`]
+    #[arg(long)]
+    file_quota_mib: Option<u64>,
+    /// Send this file or folder to the technician once a session runs (repeatable). In a
+    /// session, also `send PATH` on the terminal, or a drop on the window.
+    #[arg(long, value_name = "PATH")]
+    send: Vec<PathBuf>,
     #[command(flatten)]
     network: tandem_client::NetworkArgs,
     #[command(subcommand)]
     command: Option<AgentCmd>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum ImagesArg {
+    Ask,
+    Yes,
+    No,
+}
+
+/// `[toolbox]` in tandem-agent.toml: what the technician's tools may do here.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ToolboxFile {
+    clipboard_to_technician: Option<bool>,
+    clipboard_from_technician: Option<bool>,
+    clipboard_images: Option<tandem_host::toolbox::ImagePolicy>,
+    receive_files: Option<bool>,
+    downloads: Option<PathBuf>,
+    quota_mib: Option<u64>,
+}
+
+/// The toolbox's policy: flags over `[toolbox]` over defaults.
+fn tools(cli: &Cli, file: Option<&ToolboxFile>, windowed: bool) -> tandem_host::Tools {
+    use tandem_host::toolbox::{ClipboardPolicy, ImagePolicy};
+    let f = |g: fn(&ToolboxFile) -> Option<bool>| file.and_then(g).unwrap_or(true);
+    tandem_host::Tools {
+        clipboard: ClipboardPolicy {
+            to_technician: !cli.no_clipboard && f(|t| t.clipboard_to_technician),
+            from_technician: !cli.no_clipboard && f(|t| t.clipboard_from_technician),
+            images: match cli.clipboard_images {
+                Some(ImagesArg::Ask) => ImagePolicy::Ask,
+                Some(ImagesArg::Yes) => ImagePolicy::Yes,
+                Some(ImagesArg::No) => ImagePolicy::No,
+                None => file.and_then(|t| t.clipboard_images).unwrap_or_default(),
+            },
+            can_ask: windowed,
+        },
+        files: tandem_host::session::FilesPolicy {
+            receive: !cli.no_receive_files && f(|t| t.receive_files),
+            downloads: cli
+                .downloads
+                .clone()
+                .or_else(|| file.and_then(|t| t.downloads.clone()))
+                .unwrap_or_else(downloads_dir),
+            quota: cli
+                .file_quota_mib
+                .or_else(|| file.and_then(|t| t.quota_mib))
+                .map_or(tandem_toolbox::DEFAULT_QUOTA, |m| m.saturating_mul(1 << 20)),
+        },
+    }
+}
+
+/// The user's downloads folder: `$XDG_DOWNLOAD_DIR`, else `~/Downloads`, else `./Downloads`.
+fn downloads_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("XDG_DOWNLOAD_DIR").filter(|d| !d.is_empty()) {
+        return PathBuf::from(d);
+    }
+    match std::env::var_os("HOME").filter(|h| !h.is_empty()) {
+        Some(h) => PathBuf::from(h).join("Downloads"),
+        None => PathBuf::from("Downloads"),
+    }
 }
 
 #[derive(Subcommand, Debug)]
@@ -197,6 +282,8 @@ fn parse_backend(s: &str) -> Result<Backend, String> {
 enum ConsentMode {
     Window,
     Tty,
+    /// Like `tty`, from standard input as it is (a script's pipe), without a prompt.
+    Lines,
     Deny,
     ViewOnly,
     Allow,
@@ -263,6 +350,8 @@ struct FileConfig {
     revocation: Option<PathBuf>,
     /// Unattended access (an enrolled device).
     unattended: Option<UnattendedFile>,
+    /// The technician's tools (clipboard, files).
+    toolbox: Option<ToolboxFile>,
 }
 
 /// `[unattended]` in tandem-agent.toml: the endpoint's policy, owned by whoever administers this
@@ -391,9 +480,64 @@ pub struct State {
     pub relay: String,
 }
 
+/// One chat line, as both windows show it.
+#[derive(Clone, Debug)]
+pub struct ChatLine {
+    /// Local time, `HH:MM`.
+    pub at: String,
+    /// From the technician (else from the user).
+    pub technician: bool,
+    pub text: String,
+}
+
+/// The toolbox's part of the window: chat, clipboard switches, file transfers. Emptied when a
+/// session starts and when it ends: nothing of a session is kept for the next.
+#[derive(Debug, Default)]
+pub struct ToolboxView {
+    pub chat: Vec<ChatLine>,
+    /// The clipboard switches (to the technician, from the technician); `None` where the
+    /// clipboard is not shared in this session.
+    pub clipboard: Option<(bool, bool)>,
+    /// An image the technician wants to put on the clipboard (its size), waiting for the user.
+    pub image_offered: Option<usize>,
+    /// File transfers of this session.
+    pub transfers: tandem_toolbox::TransferList,
+}
+
+/// Most chat lines kept (the oldest go).
+const MAX_CHAT_LINES: usize = 500;
+
+impl ToolboxView {
+    fn push_chat(&mut self, technician: bool, text: String) {
+        if self.chat.len() >= MAX_CHAT_LINES {
+            self.chat.remove(0);
+        }
+        self.chat.push(ChatLine {
+            at: clock(),
+            technician,
+            text,
+        });
+    }
+}
+
+/// ", resumed at 12 MB" for a transfer that resumed.
+fn resumed_note(from: u64) -> String {
+    if from > 0 {
+        format!(", resumed at {}", tandem_toolbox::human_bytes(from))
+    } else {
+        String::new()
+    }
+}
+
+/// The local time as chat lines show it.
+pub fn clock() -> String {
+    chrono::Local::now().format("%H:%M").to_string()
+}
+
 /// State shared by the session logic and the window.
 pub struct Shared {
     pub state: Mutex<State>,
+    pub toolbox: Mutex<ToolboxView>,
     ctx: Option<eframe::egui::Context>,
 }
 
@@ -423,12 +567,34 @@ pub enum UiCmd {
     End,
     /// A line typed on the terminal.
     Line(String),
+    /// Say something to the technician.
+    Chat(String),
+    /// The clipboard switches (to the technician, from the technician).
+    Clipboard(bool, bool),
+    /// The answer about the technician's image.
+    AcceptImage(bool),
+    /// Send this file or folder to the technician.
+    SendFiles(PathBuf),
+    /// Cancel a transfer.
+    CancelTransfer(u64),
+}
+
+/// A terminal line that is chat (`say …`), not a command.
+fn chat_line(l: &str) -> Option<String> {
+    let t = l.trim_start();
+    let rest = t.strip_prefix("say ").or_else(|| t.strip_prefix("say\t"))?;
+    let rest = rest.trim();
+    (!rest.is_empty()).then(|| rest.to_owned())
 }
 
 /// Reports every step to stdout (text or JSON lines) and to the window.
 struct Report {
     out: EventOut,
     shared: Arc<Shared>,
+    /// The toolbox's policy for every session.
+    tools: tandem_host::Tools,
+    /// Files to send once a session runs (`--send`).
+    send: Vec<PathBuf>,
 }
 
 impl Report {
@@ -437,6 +603,78 @@ impl Report {
     }
     fn phase(&self, p: Phase) {
         self.shared.set_phase(p);
+    }
+    /// The user's own chat line: into the window's log and reported (`sent`: whether the
+    /// technician's console can show chat).
+    fn said(&self, text: &str, sent: bool) {
+        let text = names::printable(text, tandem_session::MAX_CHAT);
+        if sent {
+            lock(&self.shared.toolbox).push_chat(false, text.clone());
+        }
+        self.event(
+            "chat_sent",
+            &if sent {
+                format!("[{}] You: {text}", clock())
+            } else {
+                "The technician's console cannot show chat.".to_owned()
+            },
+            serde_json::json!({"text": text, "sent": sent}),
+        );
+        self.shared.repaint();
+    }
+    /// The technician's chat line.
+    fn heard(&self, text: String) {
+        let at = clock();
+        self.event(
+            "chat",
+            &format!("[{at}] Technician: {text}"),
+            serde_json::json!({"from": "technician", "text": text}),
+        );
+        lock(&self.shared.toolbox).push_chat(true, text);
+        self.shared.repaint();
+    }
+    /// A transfer event on stdout: progress with --json (about ten a second), every end.
+    fn transfer(&self, e: &tandem_toolbox::TransferEvent) {
+        use tandem_toolbox::TransferEvent;
+        let data = serde_json::to_value(e).unwrap_or_default();
+        match e {
+            TransferEvent::Progress { progress, .. } => {
+                if self.out.json || progress.done == progress.total {
+                    self.event("transfer", &progress.line(), data);
+                }
+            }
+            TransferEvent::Done {
+                direction,
+                stored_as,
+                path,
+                size,
+                resumed_from,
+                ..
+            } => {
+                let text = match (direction, path) {
+                    (tandem_toolbox::Direction::Incoming, Some(p)) => format!(
+                        "Received {} from the technician: saved as {} (checked){}.",
+                        tandem_toolbox::human_bytes(*size),
+                        p.display(),
+                        resumed_note(*resumed_from)
+                    ),
+                    _ => format!(
+                        "Sent {} to the technician: saved there as {stored_as} (checked){}.",
+                        tandem_toolbox::human_bytes(*size),
+                        resumed_note(*resumed_from)
+                    ),
+                };
+                self.event("transfer_done", &text, data);
+            }
+            TransferEvent::Failed { name, error, .. } => {
+                self.event("transfer_failed", &format!("{name}: {error}"), data);
+            }
+        }
+    }
+    /// Forgets everything of the session's toolbox (chat, transfers).
+    fn clear_toolbox(&self) {
+        *lock(&self.shared.toolbox) = ToolboxView::default();
+        self.shared.repaint();
     }
     /// Updates the in-session phase's fields.
     fn update_session(&self, f: impl FnOnce(&mut bool, &mut Option<String>)) {
@@ -490,6 +728,7 @@ fn main() -> std::process::ExitCode {
                 phase: Phase::Connecting,
                 relay: String::new(),
             }),
+            toolbox: Mutex::default(),
             ctx: None,
         });
         return finish(rt.block_on(run(cli, shared, rx, tx)));
@@ -500,6 +739,7 @@ fn main() -> std::process::ExitCode {
             phase: Phase::Connecting,
             relay: cli.relay.clone().unwrap_or_default(),
         }),
+        toolbox: Mutex::default(),
         ctx: Some(ctx.clone()),
     });
     let logic = {
@@ -610,6 +850,8 @@ async fn run(
     }
     let report = Report {
         out: EventOut { json: cli.json },
+        tools: tools(&cli, file.toolbox.as_ref(), shared.ctx.is_some()),
+        send: cli.send.clone(),
         shared,
     };
     let desktop = choose_desktop(&cli, file.backend.as_deref(), &report)?;
@@ -642,7 +884,13 @@ async fn run(
     }
     let cfg = SessionConfig {
         software: opts.software.clone(),
-        capabilities: vec!["control/v1".into(), "cursor/v1".into()],
+        capabilities: vec![
+            "control/v1".into(),
+            "cursor/v1".into(),
+            tandem_session::CAP_CHAT.into(),
+            tandem_session::CAP_CLIPBOARD.into(),
+            tandem_session::CAP_FILES.into(),
+        ],
         guesses: tandem_session::GuessLimit {
             first_pause: Duration::from_secs(cli.wrong_code_pause),
             ..Default::default()
@@ -927,8 +1175,16 @@ fn failure_text(why: &CodeChange) -> &'static str {
     }
 }
 
+/// The user's chat line before the answer: sent, shown and reported.
+async fn user_says(s: &Session, report: &Report, text: String) {
+    let sent = tandem_host::say_before_consent(s, text.clone()).await;
+    report.said(&text, sent);
+}
+
 /// Waits for the user's answer; denied after 60 s.
+#[allow(clippy::too_many_arguments)] // the prompt's words and the two channels it listens to
 async fn ask_consent(
+    s: &Session,
     mode: ConsentMode,
     technician: &str,
     organisation: &str,
@@ -952,9 +1208,10 @@ async fn ask_consent(
             println!(
                 "  Only continue if YOU contacted them. Nobody legitimate calls you out of the blue."
             );
-            println!("  [a] allow control   [v] view only   [d] deny   (denied in 60 s): ");
+            println!("  [a] allow control   [v] view only   [d] deny   (denied in 60 s)");
+            println!("  (To ask them something first, type: say <your question>)");
         }
-        ConsentMode::Window => {}
+        ConsentMode::Window | ConsentMode::Lines => {}
     }
     report.event(
         "consent_asked",
@@ -972,7 +1229,12 @@ async fn ask_consent(
         while let Some(c) = cmds.recv().await {
             match c {
                 UiCmd::Consent(c) => return c,
+                UiCmd::Chat(t) => user_says(s, report, t).await,
                 UiCmd::Line(l) => {
+                    if let Some(t) = chat_line(&l) {
+                        user_says(s, report, t).await;
+                        continue;
+                    }
                     return match l.trim().to_lowercase().as_str() {
                         "a" | "allow" => Consent::AllowControl,
                         "v" | "view" | "view only" => Consent::ViewOnly,
@@ -980,7 +1242,12 @@ async fn ask_consent(
                     };
                 }
                 UiCmd::End => return Consent::Deny,
-                UiCmd::ViewOnly(_) | UiCmd::NewCode => {}
+                UiCmd::ViewOnly(_)
+                | UiCmd::NewCode
+                | UiCmd::Clipboard(..)
+                | UiCmd::AcceptImage(_)
+                | UiCmd::SendFiles(_)
+                | UiCmd::CancelTransfer(_) => {}
             }
         }
         Consent::Deny
@@ -999,6 +1266,8 @@ struct AgentCmds<'a> {
     /// The watch's clock: made once, so that the session's other work (cursor moves, the
     /// console's messages), which starts `next` over each time, cannot keep it from ticking.
     tick: tokio::time::Interval,
+    /// Commands given before the session ran (`--send`), played first.
+    queued: std::collections::VecDeque<HostCmd>,
 }
 
 impl<'a> AgentCmds<'a> {
@@ -1014,16 +1283,50 @@ impl<'a> AgentCmds<'a> {
             watch,
             report,
             tick,
+            queued: report
+                .send
+                .iter()
+                .cloned()
+                .map(HostCmd::SendFiles)
+                .collect(),
         }
     }
 }
 
 impl UserCommands for AgentCmds<'_> {
     async fn next(&mut self) -> HostCmd {
+        if let Some(c) = self.queued.pop_front() {
+            return c;
+        }
         loop {
             tokio::select! {
                 c = self.rx.recv() => match c {
                     Some(UiCmd::ViewOnly(v)) => return HostCmd::ViewOnly(v),
+                    Some(UiCmd::Chat(t)) => return HostCmd::Chat(t),
+                    Some(UiCmd::Clipboard(to_technician, from_technician)) => {
+                        let mut v = lock(&self.report.shared.toolbox);
+                        if v.clipboard.is_some() {
+                            v.clipboard = Some((to_technician, from_technician));
+                        }
+                        return HostCmd::Clipboard { to_technician, from_technician };
+                    }
+                    Some(UiCmd::SendFiles(p)) => return HostCmd::SendFiles(p),
+                    Some(UiCmd::CancelTransfer(id)) => return HostCmd::CancelTransfer(id),
+                    Some(UiCmd::Line(l)) if l.trim_start().starts_with("send ") => {
+                        let p = l.trim_start()["send ".len()..].trim();
+                        if !p.is_empty() {
+                            return HostCmd::SendFiles(PathBuf::from(p));
+                        }
+                    }
+                    Some(UiCmd::AcceptImage(yes)) => {
+                        lock(&self.report.shared.toolbox).image_offered = None;
+                        return HostCmd::AcceptImage(yes);
+                    }
+                    Some(UiCmd::Line(l)) if chat_line(&l).is_some() => {
+                        if let Some(t) = chat_line(&l) {
+                            return HostCmd::Chat(t);
+                        }
+                    }
                     Some(UiCmd::Line(l)) => match l.trim().to_lowercase().as_str() {
                         "v" | "view" | "view only" => return HostCmd::ViewOnly(true),
                         "c" | "control" => return HostCmd::ViewOnly(false),
@@ -1160,61 +1463,6 @@ async fn run_session(
             reshown: 0,
         }
     });
-    let no_banner = watch
-        .as_ref()
-        .is_some_and(|w| w.required && w.banner.is_none());
-    let mut decision = match unattended {
-        Some(_) if no_banner => {
-            report.event(
-                "unattended_refused",
-                "The session banner cannot be shown, so nobody may connect unattended (set \
-                 [unattended] banner = \"optional\" for computers without a screen).",
-                serde_json::json!({"reason": "no banner"}),
-            );
-            Consent::Deny
-        }
-        Some(u) => ask_unattended(u, &technician, &organisation, &trust, report, cmds).await,
-        None => {
-            ask_consent(
-                mode,
-                &technician,
-                &organisation,
-                suspicious,
-                &trust,
-                report,
-                cmds,
-            )
-            .await
-        }
-    };
-    // Answering for nobody (`--consent allow`) on a computer that trusts an organisation: control
-    // only for technicians its key verified; the others get view only.
-    if org.is_some()
-        && mode == ConsentMode::Allow
-        && decision == Consent::AllowControl
-        && !s.peer().org.is_verified()
-    {
-        decision = Consent::ViewOnly;
-        report.event(
-            "certificate_limits",
-            "The technician is not verified by the organisation's key: view only (nobody was \
-             asked).",
-            serde_json::json!({"permissions": "view"}),
-        );
-    }
-    // A verified certificate's permissions bound what the user can grant (enforced here, on the
-    // agent, like the user's own choice).
-    if let OrgCheck::Verified(v) = &s.peer().org
-        && decision == Consent::AllowControl
-        && !v.permissions.control
-    {
-        decision = Consent::ViewOnly;
-        report.event(
-            "certificate_limits",
-            "The technician's certificate allows viewing only: control is not possible.",
-            serde_json::json!({"permissions": v.permissions.to_string()}),
-        );
-    }
     let may = |v: bool| {
         if v {
             "view your screen"
@@ -1255,6 +1503,10 @@ async fn run_session(
                 ),
                 serde_json::json!({"technician": technician, "organisation": organisation, "view_only": view_only}),
             );
+            lock(&report.shared.toolbox).clipboard = control_possible.then_some((
+                report.tools.clipboard.to_technician,
+                report.tools.clipboard.from_technician,
+            ));
             report.phase(Phase::InSession {
                 technician: technician.clone(),
                 organisation: organisation.clone(),
@@ -1309,21 +1561,133 @@ async fn run_session(
             let resumed = matches!(kind, "peer_resumed" | "link_resumed");
             report.update_session(|_, note| *note = (!resumed).then_some(text));
         }
+        HostEvent::Chat { text } => report.heard(text),
+        HostEvent::Clipboard { to_technician, image, bytes } => {
+            let what = if image { "An image" } else { "Text" };
+            report.event(
+                "clipboard",
+                &if to_technician {
+                    format!("{what} from your clipboard went to the technician ({bytes} bytes).")
+                } else {
+                    format!("{what} from the technician is on your clipboard ({bytes} bytes).")
+                },
+                serde_json::json!({"to_technician": to_technician, "image": image, "bytes": bytes}),
+            );
+        }
+        HostEvent::ClipboardRefused { to_technician, why } => report.event(
+            "clipboard_refused",
+            &format!(
+                "{} not shared: {why}.",
+                if to_technician { "Your clipboard was" } else { "The technician's clipboard was" }
+            ),
+            serde_json::json!({"to_technician": to_technician, "reason": why}),
+        ),
+        HostEvent::ImageOffered { bytes } => {
+            lock(&report.shared.toolbox).image_offered = Some(bytes);
+            report.event(
+                "clipboard_image_offered",
+                &format!("The technician wants to put an image ({bytes} bytes) on your clipboard."),
+                serde_json::json!({"bytes": bytes}),
+            );
+            report.shared.repaint();
+        }
+        HostEvent::Transfer(e) => {
+            lock(&report.shared.toolbox).transfers.apply(&e);
+            report.shared.repaint();
+            report.transfer(&e);
+        }
+        HostEvent::SendProblem(why) => report.event("send_problem", &why, serde_json::json!({})),
+        HostEvent::ClipboardUnavailable(why) => {
+            lock(&report.shared.toolbox).clipboard = None;
+            report.event("clipboard_unavailable", &why, serde_json::json!({}));
+        }
+        HostEvent::ChatSent { text, delivered } => report.said(&text, delivered),
         HostEvent::Ended { text, reason } => {
             report.event("ended", &text, serde_json::json!({"reason": reason}));
             report.phase(Phase::Ended { text });
         }
     }
     };
+    let no_banner = watch
+        .as_ref()
+        .is_some_and(|w| w.required && w.banner.is_none());
+    report.clear_toolbox();
+    let decide = async {
+        match unattended {
+            Some(_) if no_banner => {
+                report.event(
+                    "unattended_refused",
+                    "The session banner cannot be shown, so nobody may connect unattended (set \
+                 [unattended] banner = \"optional\" for computers without a screen).",
+                    serde_json::json!({"reason": "no banner"}),
+                );
+                Consent::Deny
+            }
+            Some(u) => {
+                ask_unattended(&s, u, &technician, &organisation, &trust, report, cmds).await
+            }
+            None => {
+                ask_consent(
+                    &s,
+                    mode,
+                    &technician,
+                    &organisation,
+                    suspicious,
+                    &trust,
+                    report,
+                    cmds,
+                )
+                .await
+            }
+        }
+    };
+    let (mut decision, pending) = match tandem_host::await_decision(&s, decide, &mut on).await {
+        tandem_host::Decision::Decided { consent, pending } => (consent, pending),
+        tandem_host::Decision::Ended => {
+            report.clear_toolbox();
+            return Ok(false);
+        }
+    };
+    // Answering for nobody (`--consent allow`) on a computer that trusts an organisation: control
+    // only for technicians its key verified; the others get view only.
+    if org.is_some()
+        && mode == ConsentMode::Allow
+        && decision == Consent::AllowControl
+        && !s.peer().org.is_verified()
+    {
+        decision = Consent::ViewOnly;
+        report.event(
+            "certificate_limits",
+            "The technician is not verified by the organisation's key: view only (nobody was \
+             asked).",
+            serde_json::json!({"permissions": "view"}),
+        );
+    }
+    // A verified certificate's permissions bound what the user can grant (enforced here, on the
+    // agent, like the user's own choice).
+    if let OrgCheck::Verified(v) = &s.peer().org
+        && decision == Consent::AllowControl
+        && !v.permissions.control
+    {
+        decision = Consent::ViewOnly;
+        report.event(
+            "certificate_limits",
+            "The technician's certificate allows viewing only: control is not possible.",
+            serde_json::json!({"permissions": v.permissions.to_string()}),
+        );
+    }
     let outcome = tandem_host::run_session(
         s,
         decision,
+        pending,
         desktop,
+        &report.tools,
         &mut AgentCmds::new(cmds, watch.as_mut(), report),
         &mut on,
     )
-    .await?;
-    Ok(outcome.quit)
+    .await;
+    report.clear_toolbox();
+    Ok(outcome?.quit)
 }
 
 /// Files of an enrolled device, in the state directory.
@@ -1856,6 +2220,7 @@ fn show_banner(
 /// Unattended: asks the user at the screen per the policy; nobody answering connects
 /// (`then-connect`) or refuses (`never-without-user`).
 async fn ask_unattended(
+    s: &Session,
     u: &Unattended,
     technician: &str,
     organisation: &str,
@@ -1907,6 +2272,12 @@ async fn ask_unattended(
         while let Some(c) = cmds.recv().await {
             match c {
                 UiCmd::Consent(c) => return c,
+                UiCmd::Chat(t) => user_says(s, report, t).await,
+                UiCmd::Line(l) if chat_line(&l).is_some() => {
+                    if let Some(t) = chat_line(&l) {
+                        user_says(s, report, t).await;
+                    }
+                }
                 UiCmd::Line(l) => match l.trim().to_lowercase().as_str() {
                     "a" | "allow" => return Consent::AllowControl,
                     "v" | "view" | "view only" => return Consent::ViewOnly,
@@ -1914,7 +2285,12 @@ async fn ask_unattended(
                     _ => {}
                 },
                 UiCmd::End => return Consent::Deny,
-                UiCmd::ViewOnly(_) | UiCmd::NewCode => {}
+                UiCmd::ViewOnly(_)
+                | UiCmd::NewCode
+                | UiCmd::Clipboard(..)
+                | UiCmd::AcceptImage(_)
+                | UiCmd::SendFiles(_)
+                | UiCmd::CancelTransfer(_) => {}
             }
         }
         Consent::Deny
@@ -1948,8 +2324,11 @@ mod tests {
                     phase: Phase::Connecting,
                     relay: String::new(),
                 }),
+                toolbox: Mutex::default(),
                 ctx: None,
             }),
+            tools: tandem_host::Tools::default(),
+            send: Vec::new(),
         }
     }
 

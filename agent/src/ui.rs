@@ -15,6 +15,10 @@ pub struct AgentWindow {
     shared: Arc<Shared>,
     cmds: UnboundedSender<UiCmd>,
     copied_at: Option<Instant>,
+    /// The chat line being typed.
+    draft: String,
+    /// A path typed to send to the technician.
+    send_path: String,
 }
 
 impl AgentWindow {
@@ -23,6 +27,8 @@ impl AgentWindow {
             shared,
             cmds,
             copied_at: None,
+            draft: String::new(),
+            send_path: String::new(),
         }
     }
 
@@ -30,13 +36,119 @@ impl AgentWindow {
         // The logic is gone only when the program is ending anyway.
         let _ = self.cmds.send(c);
     }
+
+    /// The clipboard's switches and the question about an image from the technician.
+    fn clipboard(&mut self, ui: &mut egui::Ui) {
+        let (clip, image) = {
+            let v = crate::lock(&self.shared.toolbox);
+            (v.clipboard, v.image_offered)
+        };
+        if let Some((mut to, mut from)) = clip {
+            ui.horizontal(|ui| {
+                let a = ui.checkbox(&mut to, "Share my clipboard with the technician");
+                let b = ui.checkbox(&mut from, "Take theirs");
+                if a.changed() || b.changed() {
+                    self.send(UiCmd::Clipboard(to, from));
+                }
+            });
+        }
+        if let Some(bytes) = image {
+            ui.horizontal(|ui| {
+                ui.colored_label(
+                    WARN,
+                    format!(
+                        "The technician sent an image ({} KB) for your clipboard.",
+                        bytes / 1024
+                    ),
+                );
+                if ui.button("Accept").clicked() {
+                    self.send(UiCmd::AcceptImage(true));
+                }
+                if ui.button("Ignore").clicked() {
+                    self.send(UiCmd::AcceptImage(false));
+                }
+            });
+        }
+    }
+
+    /// Files: send some to the technician (a path, or files dropped on the window), and the
+    /// transfers of this session with their progress.
+    fn files(&mut self, ui: &mut egui::Ui) {
+        for f in ui.ctx().input(|i| i.raw.dropped_files.clone()) {
+            self.send(UiCmd::SendFiles(f.path().to_path_buf()));
+        }
+        ui.horizontal(|ui| {
+            ui.add(
+                egui::TextEdit::singleline(&mut self.send_path)
+                    .hint_text("File or folder to send (or drop it here)")
+                    .desired_width(ui.available_width() - 120.0),
+            );
+            if ui.button("Send to technician").clicked() && !self.send_path.trim().is_empty() {
+                let p = std::mem::take(&mut self.send_path);
+                self.send(UiCmd::SendFiles(std::path::PathBuf::from(p.trim())));
+            }
+        });
+        let rows = crate::lock(&self.shared.toolbox).transfers.rows.clone();
+        for r in rows.iter().rev().take(4) {
+            ui.horizontal(|ui| {
+                ui.label(if r.direction == tandem_toolbox::Direction::Outgoing {
+                    "↑"
+                } else {
+                    "↓"
+                });
+                ui.add(
+                    egui::ProgressBar::new(r.fraction)
+                        .desired_width(120.0)
+                        .show_percentage(),
+                );
+                if !r.finished && ui.small_button("Cancel").clicked() {
+                    self.send(UiCmd::CancelTransfer(r.id));
+                }
+            });
+            ui.small(&r.line);
+        }
+    }
+
+    /// The chat with the technician: before the answer (to ask who they are) and during the
+    /// session.
+    fn chat(&mut self, ui: &mut egui::Ui) {
+        ui.separator();
+        ui.label(RichText::new("Chat with the technician").strong());
+        let lines = crate::lock(&self.shared.toolbox).chat.clone();
+        egui::ScrollArea::vertical()
+            .max_height(110.0)
+            .stick_to_bottom(true)
+            .auto_shrink([false, true])
+            .show(ui, |ui| {
+                if lines.is_empty() {
+                    ui.weak("No messages yet.");
+                }
+                for l in &lines {
+                    let who = if l.technician { "Technician" } else { "You" };
+                    ui.label(format!("{} {who}: {}", l.at, l.text));
+                }
+            });
+        ui.horizontal(|ui| {
+            let edit = ui.add(
+                egui::TextEdit::singleline(&mut self.draft)
+                    .hint_text("Type a message")
+                    .desired_width(ui.available_width() - 60.0),
+            );
+            let enter = edit.lost_focus() && ui.input(|i| i.key_pressed(egui::Key::Enter));
+            if (ui.button("Send").clicked() || enter) && !self.draft.trim().is_empty() {
+                let text = std::mem::take(&mut self.draft);
+                self.send(UiCmd::Chat(text.trim().to_owned()));
+                edit.request_focus();
+            }
+        });
+    }
 }
 
 pub fn options() -> eframe::NativeOptions {
     eframe::NativeOptions {
         viewport: egui::ViewportBuilder::default()
             .with_title("Tandem remote support")
-            .with_inner_size([460.0, 330.0])
+            .with_inner_size([480.0, 520.0])
             .with_always_on_top(),
         renderer: eframe::Renderer::Glow,
         ..Default::default()
@@ -196,6 +308,8 @@ impl eframe::App for AgentWindow {
                             self.send(UiCmd::ViewOnly(vo));
                         }
                     }
+                    self.clipboard(ui);
+                    self.files(ui);
                     ui.add_space(10.0);
                     if ui
                         .button(RichText::new("End session").size(18.0).strong())
@@ -213,6 +327,9 @@ impl eframe::App for AgentWindow {
                     ui.colored_label(LIVE, text);
                 }
                 Phase::Closing => {}
+            }
+            if matches!(phase, Phase::Consent { .. } | Phase::InSession { .. }) {
+                self.chat(ui);
             }
         });
     }

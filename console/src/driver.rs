@@ -12,6 +12,7 @@
 
 use crate::exit;
 use std::collections::VecDeque;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 use tandem_client::tandem_net::Transport;
@@ -19,7 +20,10 @@ use tandem_input::{InputClient, InputEvent, Pos};
 use tandem_media::DecodedFrame;
 use tandem_proto::EndReason;
 use tandem_sandbox::{Decoded, RestartPolicy, SandboxedDecoder, WorkerCommand};
-use tandem_session::{Consent, ControlMsg, MonitorInfo, Session, SessionEvent};
+use tandem_session::{
+    ClipFormat, ClipItem, Consent, ControlMsg, MonitorInfo, Session, SessionEvent, names,
+};
+use tandem_toolbox::{TransferEvent, Transfers};
 use tokio::sync::mpsc;
 
 /// What the technician asks of the session.
@@ -32,6 +36,15 @@ pub enum Cmd {
     /// Ceiling for the video bitrate in kbit/s (0: follow the path).
     Quality(u32),
     Monitor(u8),
+    /// Say something to the user (chat; works before their answer).
+    Chat(String),
+    /// Put this on the user's clipboard (sent only while the technician has control).
+    Clipboard(ClipFormat, Vec<u8>),
+    /// Send this file or folder to the user (only while the technician has control; the
+    /// agent's policy decides too).
+    SendFiles(PathBuf),
+    /// Cancel a transfer (by the id in its events).
+    CancelTransfer(u64),
     End,
 }
 
@@ -104,6 +117,23 @@ pub enum Update {
     },
     /// A picture was decoded again after [`Update::Undecodable`].
     PictureBack,
+    /// A file transfer's progress, end or failure.
+    Transfer(TransferEvent),
+    /// Files could not be sent (or only some); the words say why.
+    SendProblem(String),
+    /// The user's clipboard changed (only while the technician has control; the agent decides).
+    Clipboard(ClipItem),
+    /// A clipboard update was not sent, and why.
+    ClipboardNotSent(String),
+    /// The user said something (escaped, bounded).
+    Chat {
+        text: String,
+    },
+    /// The technician's chat line went (`delivered`: the agent can show chat).
+    ChatSent {
+        text: String,
+        delivered: bool,
+    },
     /// The session is over; `exit_code` says why (see `exit`).
     Ended {
         text: String,
@@ -124,10 +154,19 @@ impl Latest {
     }
 }
 
+/// Where files from the user go.
+#[derive(Clone, Debug)]
+pub struct Downloads {
+    pub dir: PathBuf,
+    /// The most bytes one session may bring.
+    pub quota: u64,
+}
+
 /// Drives `session` until it ends; `wake` is called after each update (the window repaints).
 pub async fn drive(
     session: Session,
     started: Instant,
+    downloads: Downloads,
     mut cmds: mpsc::UnboundedReceiver<Cmd>,
     tx: mpsc::UnboundedSender<Update>,
     latest: Arc<Latest>,
@@ -154,6 +193,9 @@ pub async fn drive(
         }
     };
     let mut consent: Option<Consent> = None;
+    let mut view_only = true;
+    let (transfers, mut transfer_events) = Transfers::new();
+    let mut inbox: Option<tandem_toolbox::Inbox> = None;
     let mut decoded: u64 = 0;
     let mut video_bytes: u64 = 0;
     let mut first = true;
@@ -223,6 +265,57 @@ pub async fn drive(
                     Some(Cmd::Keyframe) => session.send_control(&ControlMsg::KeyframeRequest).await,
                     Some(Cmd::Quality(kbps)) => session.send_control(&ControlMsg::Quality { max_kbps: kbps, max_fps: 30 }).await,
                     Some(Cmd::Monitor(index)) => session.send_control(&ControlMsg::SelectMonitor { index }).await,
+                    Some(Cmd::Clipboard(format, data)) => {
+                        let why = if consent != Some(Consent::AllowControl) || view_only {
+                            Some("the user has not allowed control")
+                        } else if !session.peer_can(tandem_session::CAP_CLIPBOARD) {
+                            Some("the user's agent cannot share the clipboard")
+                        } else {
+                            None
+                        };
+                        match why {
+                            Some(w) => { send(Update::ClipboardNotSent(w.into())); Ok(()) }
+                            None => session.send_clipboard(format, &data).await,
+                        }
+                    }
+                    Some(Cmd::SendFiles(path)) => {
+                        if consent != Some(Consent::AllowControl) || view_only {
+                            send(Update::SendProblem("the user has not allowed control".into()));
+                        } else if !session.peer_can(tandem_session::CAP_FILES) {
+                            send(Update::SendProblem("the user's agent cannot receive files".into()));
+                        } else {
+                            let p = path.clone();
+                            match tokio::task::spawn_blocking(move || tandem_toolbox::plan(&p)).await {
+                                Ok(Ok(plan)) => {
+                                    for sk in &plan.skipped {
+                                        send(Update::SendProblem(format!("{} is not sent: {}", sk.path.display(), sk.reason)));
+                                    }
+                                    let opener = session.transfer_opener();
+                                    transfers.send_all(
+                                        move || {
+                                            let o = opener.clone();
+                                            async move { o.open().await.map(|t| (t.recv, t.send)).map_err(|e| e.to_string()) }
+                                        },
+                                        plan.files,
+                                    );
+                                }
+                                Ok(Err(e)) => send(Update::SendProblem(format!("{} cannot be sent: {e}", path.display()))),
+                                Err(e) => send(Update::SendProblem(e.to_string())),
+                            }
+                        }
+                        Ok(())
+                    }
+                    Some(Cmd::CancelTransfer(id)) => {
+                        transfers.cancel(id);
+                        Ok(())
+                    }
+                    Some(Cmd::Chat(text)) => {
+                        let text: String = text.chars().take(tandem_session::MAX_CHAT / 4).collect();
+                        let delivered = session.peer_can(tandem_session::CAP_CHAT)
+                            && session.send_control(&ControlMsg::Chat { text: text.clone() }).await.is_ok();
+                        send(Update::ChatSent { text: names::printable(&text, tandem_session::MAX_CHAT), delivered });
+                        Ok(())
+                    }
                     Some(Cmd::End) | None => {
                         session.end(EndReason::EndedByTechnician).await;
                         send(ended("You ended the session.".into(), EndReason::EndedByTechnician.label(), exit::OK));
@@ -236,9 +329,14 @@ pub async fn drive(
             m = session.recv_control() => match m {
                 Ok(ControlMsg::Consent { decision }) => {
                     consent = Some(decision);
+                    view_only = decision != Consent::AllowControl;
                     send(Update::Consent(decision));
                 }
-                Ok(ControlMsg::Permissions { view_only }) => send(Update::Permissions { view_only }),
+                Ok(ControlMsg::Permissions { view_only: v }) => {
+                    view_only = v;
+                    send(Update::Permissions { view_only: v });
+                }
+                Ok(ControlMsg::Chat { text }) => send(Update::Chat { text: names::printable(&text, tandem_session::MAX_CHAT) }),
                 Ok(ControlMsg::Cursor { x, y, visible, screen_w, screen_h }) => {
                     send(Update::Cursor(Cursor { x, y, visible, screen_w, screen_h }));
                 }
@@ -286,6 +384,33 @@ pub async fn drive(
                 ping_sent = Some(Instant::now());
                 let _ = session.send_control(&ControlMsg::Stats { rtt_us: 0, fps: 0, kbps: 0, pipeline_us: 0, transport: session.link_transport() }).await;
             }
+            e = transfer_events.recv() => if let Some(e) = e {
+                send(Update::Transfer(e));
+            },
+            t = session.accept_transfer() => if let Ok(t) = t {
+                // The user chose these files; the console still checks every name, the quota and
+                // the free space (the agent is not trusted either).
+                if inbox.is_none() {
+                    let d = downloads.clone();
+                    let opened = tokio::task::spawn_blocking(move || {
+                        std::fs::create_dir_all(&d.dir).map_err(|e| format!("{}: {e}", d.dir.display()))?;
+                        tandem_toolbox::Inbox::new(d.dir, tandem_toolbox::InboxOptions { quota: d.quota, ..Default::default() })
+                            .map_err(|e| e.to_string())
+                    }).await;
+                    match opened {
+                        Ok(Ok(i)) => inbox = Some(i),
+                        Ok(Err(e)) => send(Update::SendProblem(format!("the download folder cannot be used: {e}"))),
+                        Err(e) => send(Update::SendProblem(e.to_string())),
+                    }
+                }
+                match &inbox {
+                    Some(i) => { transfers.receive(t.recv, t.send, i.clone()); }
+                    None => transfers.refuse(t.recv, t.send, "the technician's download folder cannot be used".into()),
+                }
+            },
+            c = session.recv_clipboard() => if let Ok(c) = c {
+                send(Update::Clipboard(c));
+            },
             e = session.next_event() => {
                 send(Update::Link(match e {
                     SessionEvent::PeerSuspended { .. } => "The user's connection dropped; waiting for it to come back.",

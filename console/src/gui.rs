@@ -46,6 +46,8 @@ pub struct Form {
     pub code: String,
     /// An enrolled device (id or exact name) to reach without a code; empty: join by `code`.
     pub device: String,
+    /// Where the user's files go [default: the downloads folder, 4 GiB a session].
+    pub downloads: Option<crate::driver::Downloads>,
 }
 
 enum Phase {
@@ -96,6 +98,8 @@ pub struct Live {
     shown: bool,
     /// Signalled when the session thread is done (ended and told the agent).
     done: std_mpsc::Receiver<()>,
+    /// Chat (and the session's other tools).
+    toolbox: crate::toolbox::Toolbox,
 }
 
 pub struct ConsoleApp {
@@ -155,6 +159,13 @@ impl ConsoleApp {
             format!("{} through {relay}", self.devices.name_of(device))
         };
         let form = self.form.clone();
+        let downloads = form
+            .downloads
+            .clone()
+            .unwrap_or_else(|| crate::driver::Downloads {
+                dir: crate::downloads_dir(),
+                quota: tandem_toolbox::DEFAULT_QUOTA,
+            });
         self.form.device.clear();
         let login = self.login.clone();
         let rt = self.rt.clone();
@@ -217,6 +228,7 @@ impl ConsoleApp {
                         last_pointer: None,
                         shown: false,
                         done: done_rx,
+                        toolbox: Default::default(),
                     };
                     if tx.send(Ok(Box::new(live))).is_err() {
                         session
@@ -226,7 +238,7 @@ impl ConsoleApp {
                     }
                     ctx.request_repaint();
                     let c = ctx.clone();
-                    driver::drive(session, started, cmd_rx, up_tx, latest, move || {
+                    driver::drive(session, started, downloads, cmd_rx, up_tx, latest, move || {
                         c.request_repaint()
                     })
                     .await;
@@ -911,7 +923,16 @@ impl Live {
     /// Applies the driver's updates; returns the end text if the session is over.
     fn pump(&mut self, ctx: &egui::Context, out: &EventOut) -> Option<(String, u8)> {
         while let Ok(u) = self.updates.try_recv() {
+            let Some(u) = self.toolbox.update(u) else {
+                continue;
+            };
             match u {
+                Update::Chat { .. }
+                | Update::ChatSent { .. }
+                | Update::Clipboard(_)
+                | Update::ClipboardNotSent(_)
+                | Update::Transfer(_)
+                | Update::SendProblem(_) => {}
                 Update::Consent(c) => {
                     self.consent = Some(c);
                     self.view_only = c != Consent::AllowControl;
@@ -1010,6 +1031,14 @@ impl Live {
                 (Some(_), false) => ("Control", Color32::from_rgb(0x2e, 0x9d, 0x4a)),
             };
             ui.label(RichText::new(label).color(color).strong());
+            let chat = match (self.toolbox.open, self.toolbox.unread) {
+                (true, _) => "Hide chat".to_owned(),
+                (false, 0) => "Chat".to_owned(),
+                (false, n) => format!("Chat ({n} new)"),
+            };
+            if ui.button(chat).clicked() {
+                self.toolbox.open = !self.toolbox.open;
+            }
             if self.can_control() {
                 ui.label(if self.keyboard {
                     "· keys go to the remote"
@@ -1136,6 +1165,10 @@ impl Live {
     }
 
     fn screen_ui(&mut self, ui: &mut egui::Ui, out: &EventOut) {
+        // Files dropped on the window go to the user (the driver checks control).
+        for f in ui.ctx().input(|i| i.raw.dropped_files.clone()) {
+            self.send(Cmd::SendFiles(f.path().to_path_buf()));
+        }
         let Some(tex) = &self.texture else {
             self.view = None;
             ui.centered_and_justified(|ui| {
@@ -1298,6 +1331,26 @@ impl eframe::App for ConsoleApp {
                 } else {
                     egui::Panel::top("toolbar").show(ui, |ui| live.toolbar(ui));
                     egui::Panel::bottom("stats").show(ui, |ui| live.stats_line(ui));
+                    {
+                        let cmds = live.cmds.clone();
+                        let control = live.can_control();
+                        live.toolbox.poll_clipboard(control, &move |c| {
+                            let _ = cmds.send(c);
+                        });
+                    }
+                    if live.toolbox.open {
+                        egui::Panel::right("toolbox")
+                            .default_size(280.0)
+                            .show(ui, |ui| {
+                                let cmds = live.cmds.clone();
+                                if live.toolbox.ui(ui, &move |c| {
+                                    let _ = cmds.send(c);
+                                }) {
+                                    // Typing a message: keys stay in the chat box.
+                                    live.keyboard = false;
+                                }
+                            });
+                    }
                     egui::CentralPanel::default()
                         .frame(egui::Frame::NONE.fill(Color32::from_gray(20)))
                         .show(ui, |ui| live.screen_ui(ui, &self.out));

@@ -26,6 +26,7 @@ use tandem_client::EventOut;
 use tandem_input::keymap::usage_by_name;
 use tandem_input::{Combo, InputEvent, MouseButton, Pos};
 use tandem_media::DecodedFrame;
+use tandem_session::ClipFormat;
 use tandem_session::{Consent, Session};
 use tokio::sync::mpsc;
 
@@ -244,6 +245,30 @@ pub struct Options {
     pub frames: Option<u64>,
     pub png: Option<PathBuf>,
     pub script: Option<Vec<Step>>,
+    /// Chat lines to send as soon as the session starts (before the user's answer).
+    pub chat: Vec<String>,
+    /// Put on the user's clipboard once they allowed control.
+    pub clipboard_set: Vec<(ClipFormat, Vec<u8>)>,
+    /// Write the user's clipboard (text, or a PNG) here each time it changes.
+    pub clipboard_get: Option<PathBuf>,
+    /// Files or folders to send once the user allowed control.
+    pub send: Vec<PathBuf>,
+    /// Where files from the user go.
+    pub downloads: crate::driver::Downloads,
+    /// End the session once every transfer is over (after at least one).
+    pub end_when_done: bool,
+}
+
+/// Writes `data` to `path` through a temporary file in the same folder (a reader never sees half).
+fn write_atomically(path: &Path, data: &[u8]) -> std::io::Result<()> {
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
+    std::io::Write::write_all(&mut tmp, data)?;
+    tmp.persist(path).map_err(|e| e.error)?;
+    Ok(())
 }
 
 /// Runs a joined session headless until it ends.
@@ -256,7 +281,15 @@ pub async fn run(
     let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
     let (tx, mut updates) = mpsc::unbounded_channel();
     let latest = Arc::new(Latest::default());
-    let drive = driver::drive(session, started, cmd_rx, tx, latest.clone(), || {});
+    let drive = driver::drive(
+        session,
+        started,
+        opts.downloads.clone(),
+        cmd_rx,
+        tx,
+        latest.clone(),
+        || {},
+    );
     tokio::pin!(drive);
     let deadline = opts
         .seconds
@@ -284,7 +317,16 @@ pub async fn run(
             }
         }
     };
+    for line in &opts.chat {
+        let _ = cmd_tx.send(Cmd::Chat(line.clone()));
+    }
     let mut script = opts.script;
+    let mut clipboard_set = opts.clipboard_set;
+    let mut to_send = opts.send;
+    // Transfers under way (by id) and whether any ran.
+    let mut running = std::collections::HashSet::new();
+    // --end-when-done: the session ends at this time unless another transfer starts.
+    let mut quiet_until: Option<tokio::time::Instant> = None;
     let mut control = false;
     let mut screen: Option<(u32, u32)> = None;
     let mut frames = 0u64;
@@ -307,6 +349,11 @@ pub async fn run(
                 let _ = cmd_tx.send(Cmd::End);
                 continue;
             }
+            _ = sleep_until(quiet_until), if quiet_until.is_some() && ending.is_none() => {
+                ending = Some("Every transfer is over; session ended.");
+                let _ = cmd_tx.send(Cmd::End);
+                continue;
+            }
             _ = tokio::signal::ctrl_c(), if ending.is_none() => {
                 ending = Some("You ended the session.");
                 let _ = cmd_tx.send(Cmd::End);
@@ -316,6 +363,20 @@ pub async fn run(
         match u {
             Update::Consent(decision) => {
                 control = decision == Consent::AllowControl;
+                if control {
+                    for (format, data) in std::mem::take(&mut clipboard_set) {
+                        let _ = cmd_tx.send(Cmd::Clipboard(format, data));
+                    }
+                    for p in std::mem::take(&mut to_send) {
+                        let _ = cmd_tx.send(Cmd::SendFiles(p));
+                    }
+                } else if !std::mem::take(&mut clipboard_set).is_empty() {
+                    out.event(
+                        "clipboard_not_sent",
+                        "Clipboard not sent: the user has not allowed control.",
+                        serde_json::json!({"reason": "the user has not allowed control"}),
+                    );
+                }
                 let what = match decision {
                     Consent::AllowControl => "allowed control",
                     Consent::ViewOnly => "allowed viewing only",
@@ -391,6 +452,78 @@ pub async fn run(
                     "decode_ms": s.decode_ms}),
             ),
             Update::Link(text) => out.event("link", text, serde_json::json!({})),
+            Update::Clipboard(item) => {
+                let image = item.format == ClipFormat::Png;
+                let kept = match &opts.clipboard_get {
+                    Some(path) => match write_atomically(path, &item.data) {
+                        Ok(()) => Some(path.display().to_string()),
+                        Err(e) => {
+                            eprintln!("tandem-console: cannot write {}: {e}", path.display());
+                            None
+                        }
+                    },
+                    None => None,
+                };
+                out.event(
+                    "clipboard",
+                    &format!(
+                        "The user's clipboard: {} of {} bytes{}",
+                        if image { "an image" } else { "text" },
+                        item.data.len(),
+                        kept.as_ref().map(|p| format!(", written to {p}")).unwrap_or_else(|| " (not kept: no --clipboard-get)".into())
+                    ),
+                    serde_json::json!({"image": image, "bytes": item.data.len(), "path": kept}),
+                );
+            }
+            Update::Transfer(e) => {
+                use tandem_toolbox::TransferEvent;
+                let data = serde_json::to_value(&e).unwrap_or_default();
+                match &e {
+                    TransferEvent::Progress { id, progress, .. } => {
+                        running.insert(*id);
+                        quiet_until = None;
+                        out.event("transfer", &progress.line(), data);
+                    }
+                    TransferEvent::Done { id, direction, stored_as, size, resumed_from, .. } => {
+                        running.remove(id);
+                        let text = format!(
+                            "{} {} ({}), verified{}",
+                            if *direction == tandem_toolbox::Direction::Incoming { "Received" } else { "Sent" },
+                            stored_as,
+                            tandem_toolbox::human_bytes(*size),
+                            if *resumed_from > 0 { format!(", resumed at {}", tandem_toolbox::human_bytes(*resumed_from)) } else { String::new() }
+                        );
+                        out.event("transfer_done", &text, data);
+                    }
+                    TransferEvent::Failed { id, name, error, .. } => {
+                        running.remove(id);
+                        out.event("transfer_failed", &format!("{name}: {error}"), data);
+                    }
+                }
+                if opts.end_when_done && running.is_empty() && ending.is_none() {
+                    quiet_until = Some(tokio::time::Instant::now() + Duration::from_millis(1500));
+                }
+            }
+            Update::SendProblem(why) => out.event("send_problem", &why, serde_json::json!({})),
+            Update::ClipboardNotSent(why) => out.event(
+                "clipboard_not_sent",
+                &format!("Clipboard not sent: {why}."),
+                serde_json::json!({"reason": why}),
+            ),
+            Update::Chat { text } => out.event(
+                "chat",
+                &format!("[{}] User: {text}", crate::clock()),
+                serde_json::json!({"from": "user", "text": text}),
+            ),
+            Update::ChatSent { text, delivered } => out.event(
+                "chat_sent",
+                &if delivered {
+                    format!("[{}] You: {text}", crate::clock())
+                } else {
+                    "The agent cannot show chat; not sent.".to_owned()
+                },
+                serde_json::json!({"text": text, "sent": delivered}),
+            ),
             Update::Undecodable { reason } => out.event(
                 "undecodable",
                 "The remote picture could not be decoded; the decoder was restarted and a fresh picture asked for.",

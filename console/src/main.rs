@@ -20,6 +20,7 @@ use tandem_session::{Session, SessionCode, SessionConfig, SessionError};
 mod driver;
 mod gui;
 mod headless;
+mod toolbox;
 
 /// Exit codes: each failure a script may want to tell apart.
 pub mod exit {
@@ -107,6 +108,35 @@ struct Cli {
     /// Write the last decoded frame of the remote screen to this PNG file when the session ends.
     #[arg(long)]
     png: Option<PathBuf>,
+    /// Headless: say this to the user as soon as the session starts, before they answer (repeat
+    /// for several lines). The user's lines are printed as `chat` events.
+    #[arg(long, value_name = "TEXT")]
+    chat: Vec<String>,
+    /// Headless: put this text on the user's clipboard once they allowed control.
+    #[arg(long, value_name = "TEXT")]
+    clipboard_set: Option<String>,
+    /// Headless: put this PNG image on the user's clipboard once they allowed control (the
+    /// user's agent asks them, or its policy decides).
+    #[arg(long, value_name = "FILE")]
+    clipboard_set_png: Option<PathBuf>,
+    /// Headless: write the user's clipboard (text, or a PNG image) to this file each time it
+    /// changes during the session.
+    #[arg(long, value_name = "FILE")]
+    clipboard_get: Option<PathBuf>,
+    /// Headless: send this file or folder to the user once they allowed control (repeatable).
+    /// In the window: drop files on the remote screen, or use the toolbox panel.
+    #[arg(long, value_name = "PATH")]
+    send: Vec<PathBuf>,
+    /// Where files the user sends are saved. [default: $XDG_DOWNLOAD_DIR, else ~/Downloads]
+    #[arg(long, value_name = "DIR")]
+    downloads: Option<PathBuf>,
+    /// The most bytes the user may send in one session, in MiB. [default: 4096]
+    #[arg(long, value_name = "MIB")]
+    file_quota_mib: Option<u64>,
+    /// Headless: end the session once every file transfer is over (after at least one, and
+    /// when none started for a second and a half).
+    #[arg(long)]
+    end_when_done: bool,
     /// End the session after this many decoded frames.
     #[arg(long)]
     frames: Option<u64>,
@@ -325,7 +355,13 @@ fn connect_options(
     login.network.apply(&mut opts).map_err(Failure::usage)?;
     let cfg = SessionConfig {
         software: opts.software.clone(),
-        capabilities: vec!["control/v1".into(), "cursor/v1".into()],
+        capabilities: vec![
+            "control/v1".into(),
+            "cursor/v1".into(),
+            tandem_session::CAP_CHAT.into(),
+            tandem_session::CAP_CLIPBOARD.into(),
+            tandem_session::CAP_FILES.into(),
+        ],
         credentials: login.credentials.clone(),
         ..SessionConfig::default()
     };
@@ -616,6 +652,7 @@ fn setup(cli: &Cli) -> Result<(gui::Form, Login), Failure> {
         token: token.or(remembered.token).unwrap_or_default(),
         code,
         device: cli.device.clone().unwrap_or_default(),
+        downloads: Some(downloads(cli)),
     };
     let login = Login {
         ca: cli.relay_ca.clone().or(remembered.relay_ca),
@@ -670,10 +707,70 @@ async fn run_headless(
             frames: cli.frames,
             png: cli.png.clone(),
             script,
+            chat: cli.chat.clone(),
+            clipboard_set: clipboard_set(cli)?,
+            clipboard_get: cli.clipboard_get.clone(),
+            send: cli.send.clone(),
+            downloads: downloads(cli),
+            end_when_done: cli.end_when_done,
         },
         out,
     )
     .await
+}
+
+/// The local time as chat lines show it.
+pub fn clock() -> String {
+    chrono::Local::now().format("%H:%M").to_string()
+}
+
+/// Where received files (and saved chat transcripts) go by default: `$XDG_DOWNLOAD_DIR`, else
+/// `~/Downloads`, else the current directory.
+pub fn downloads_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("XDG_DOWNLOAD_DIR").filter(|d| !d.is_empty()) {
+        return PathBuf::from(d);
+    }
+    match std::env::var_os("HOME").filter(|h| !h.is_empty()) {
+        Some(h) => PathBuf::from(h).join("Downloads"),
+        None => PathBuf::from("."),
+    }
+}
+
+/// The clipboard content `--clipboard-set` and `--clipboard-set-png` give.
+fn clipboard_set(cli: &Cli) -> Result<Vec<(tandem_session::ClipFormat, Vec<u8>)>, Failure> {
+    use tandem_session::ClipFormat;
+    let mut v = Vec::new();
+    if let Some(t) = &cli.clipboard_set {
+        if t.len() > ClipFormat::Text.limit() {
+            return Err(Failure::usage(anyhow::anyhow!(
+                "--clipboard-set: the text is over the clipboard's limit of 1 MiB"
+            )));
+        }
+        v.push((ClipFormat::Text, t.clone().into_bytes()));
+    }
+    if let Some(p) = &cli.clipboard_set_png {
+        let data = std::fs::read(p)
+            .with_context(|| format!("--clipboard-set-png: cannot read {}", p.display()))
+            .map_err(Failure::usage)?;
+        if !data.starts_with(b"\x89PNG\r\n\x1a\n") || data.len() > ClipFormat::Png.limit() {
+            return Err(Failure::usage(anyhow::anyhow!(
+                "--clipboard-set-png: {} is not a PNG image of at most 16 MiB",
+                p.display()
+            )));
+        }
+        v.push((ClipFormat::Png, data));
+    }
+    Ok(v)
+}
+
+/// Where the user's files go, and how much one session may bring.
+fn downloads(cli: &Cli) -> driver::Downloads {
+    driver::Downloads {
+        dir: cli.downloads.clone().unwrap_or_else(downloads_dir),
+        quota: cli
+            .file_quota_mib
+            .map_or(tandem_toolbox::DEFAULT_QUOTA, |m| m.saturating_mul(1 << 20)),
+    }
 }
 
 #[cfg(test)]

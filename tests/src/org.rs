@@ -137,6 +137,17 @@ impl Agent {
         .unwrap_or_else(|_| panic!("no {kind} event from the agent"))
     }
 
+    /// Types a line on the agent's standard input (answers and `say …` with `--consent lines`).
+    pub async fn type_line(&mut self, line: &str) {
+        use tokio::io::AsyncWriteExt;
+        let stdin = self.child.stdin.as_mut().expect("stdin piped");
+        stdin
+            .write_all(format!("{line}\n").as_bytes())
+            .await
+            .unwrap();
+        stdin.flush().await.unwrap();
+    }
+
     pub async fn code(&mut self) -> String {
         self.next("code").await["code"]
             .as_str()

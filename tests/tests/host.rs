@@ -158,10 +158,19 @@ fn spawn_agent(
     let task = tokio::spawn(async move {
         let mut on = move |e: HostEvent| ev.lock().unwrap().push(format!("{e:?}"));
         let d: Arc<dyn Desktop> = desktop;
-        run_session(s, decision, Some(d), &mut Cmds(rx), &mut on)
-            .await
-            .unwrap()
-            .quit
+        let tools = tandem_host::Tools::default();
+        run_session(
+            s,
+            decision,
+            Vec::new(),
+            Some(d),
+            &tools,
+            &mut Cmds(rx),
+            &mut on,
+        )
+        .await
+        .unwrap()
+        .quit
     });
     (tx, events, task)
 }

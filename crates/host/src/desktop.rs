@@ -242,6 +242,12 @@ pub trait Desktop: Send + Sync {
     fn open_screen(&self) -> Result<Box<dyn Capturer + Send>, BackendError>;
     /// Opens the input sink, on the thread that will use it.
     fn open_input(&self) -> Result<Box<dyn Injector>, InjectError>;
+    /// The X display whose `CLIPBOARD` the session shares, if this desktop's clipboard can be
+    /// shared (X11 only for now; Wayland compositors keep the clipboard to focused clients, and
+    /// the portal's clipboard interface is not used yet).
+    fn x11_clipboard(&self) -> Option<String> {
+        None
+    }
 }
 
 /// Opens the chosen backend.
@@ -293,6 +299,9 @@ impl Desktop for X11Desktop {
     }
     fn describe(&self) -> String {
         format!("X11 display {}", self.display)
+    }
+    fn x11_clipboard(&self) -> Option<String> {
+        Some(self.display.clone())
     }
     fn open_screen(&self) -> Result<Box<dyn Capturer + Send>, BackendError> {
         Ok(Box::new(X11Capturer::open(Some(&self.display))?))

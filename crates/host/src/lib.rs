@@ -15,12 +15,17 @@
 //! Nothing here knows of windows, terminals or configuration files: `tandem-agent` is the glue.
 
 pub mod banner;
+pub mod clipboard;
 pub mod desktop;
 pub mod mutter;
 pub mod portal;
 pub mod session;
 pub mod stream;
+pub mod toolbox;
 pub mod wlroots;
 
 pub use desktop::{Backend, BackendError, Desktop, X11Desktop};
-pub use session::{HostCmd, HostEvent, Outcome, UserCommands, run_session};
+pub use session::{
+    Decision, HostCmd, HostEvent, Outcome, Tools, UserCommands, await_decision, run_session,
+    say_before_consent,
+};

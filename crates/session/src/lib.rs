@@ -29,9 +29,10 @@ pub use code::{CodeError, SessionCode};
 pub use limit::{GuessLimit, Remembered};
 pub use pake::RelayIdentity;
 pub use session::{
-    Consent, ControlMsg, InputItem, InputSender, MAX_CURSOR_SIDE, MAX_MONITORS, MonitorInfo,
-    OrgCheck, PeerInfo, Role, Session, SessionEnd, SessionError, SessionEvent, VideoFrame,
-    VideoSender,
+    CAP_CHAT, CAP_CLIPBOARD, CAP_FILES, ClipFormat, ClipItem, Consent, ControlMsg, InputItem,
+    InputSender, MAX_CHAT, MAX_CLIP_IMAGE, MAX_CLIP_TEXT, MAX_CURSOR_SIDE, MAX_MONITORS,
+    MonitorInfo, OrgCheck, PeerInfo, Role, Session, SessionEnd, SessionError, SessionEvent,
+    TransferStream, VideoFrame, VideoSender,
 };
 pub use setup::{AgentEvent, AgentHost, CodeChange, CodeRequester, SessionConfig, join, join_on};
 pub use tandem_org;

@@ -6,7 +6,10 @@
 //! | video | one unidirectional stream per frame, oldest first, at most 3 unacknowledged (the sender waits) | in order, none skipped (P-frames reference their predecessor); the receiver still never goes backwards |
 //! | input events | one unidirectional stream, length-framed | buttons and keys: reliable, ordered |
 //! | pointer | DATAGRAM frames with a sequence number | only the newest matters; older or lost ones are skipped |
-//! | later: clipboard, files, chat | unidirectional streams of their own kind byte | unknown kinds are refused without harm |
+//! | chat | control messages ([`ControlMsg::Chat`]) | works before consent: the user may ask who is calling |
+//! | clipboard | one unidirectional stream per update (kind byte, format byte, data) | newest wins; text above video, images below; agent: only after consent |
+//! | files | one bidirectional stream per file (kind byte, then `tandem_toolbox`'s transfer protocol) | below video; agent: only after consent |
+//! | unknown kinds | | refused without harm |
 //!
 //! A supervisor task watches the relay link: it reports the peer's suspension and return, reconnects
 //! and resumes this side's link within the relay's grace period, and ends the session on both sides
@@ -54,6 +57,22 @@ pub const MAX_INPUT_MSG: usize = 4096;
 
 const KIND_VIDEO: u8 = 1;
 const KIND_INPUT: u8 = 2;
+const KIND_CLIPBOARD: u8 = 3;
+const KIND_FILE: u8 = 4;
+/// Largest chat message, in bytes of UTF-8.
+pub const MAX_CHAT: usize = 2000;
+/// Largest clipboard text (UTF-8 bytes).
+pub const MAX_CLIP_TEXT: usize = 1 << 20;
+/// Largest clipboard image (PNG bytes).
+pub const MAX_CLIP_IMAGE: usize = 16 << 20;
+/// File streams the peer may have waiting to be taken by [`Session::accept_transfer`]; more are
+/// refused (the peer retries when one is done).
+const TRANSFER_QUEUE: usize = 8;
+/// Capability names of the toolbox (in `Hello`): a side sends chat, clipboard or files only to a
+/// peer that announced them (an older peer would close the session on a message it cannot read).
+pub const CAP_CHAT: &str = "chat/v1";
+pub const CAP_CLIPBOARD: &str = "clipboard/v1";
+pub const CAP_FILES: &str = "files/v1";
 const DGRAM_POINTER: u8 = 1;
 
 /// Which end this is.
@@ -148,6 +167,9 @@ pub enum ControlMsg {
     /// Agent → console, the answer: its device certificate and the device key's signature over
     /// this connection's exporter and the challenge.
     DeviceProof { cert: String, proof: Vec<u8> },
+    /// Either way, also before consent: a chat line (at most [`MAX_CHAT`] bytes). Shown escaped
+    /// ([`crate::names::printable`]); kept only for the session.
+    Chat { text: String },
 }
 
 /// Largest cursor image side sent (larger cursors are sent downscaled).
@@ -181,6 +203,7 @@ impl Validate for ControlMsg {
                 Ok(())
             }
             ControlMsg::End { reason } => reason.validate(),
+            ControlMsg::Chat { text } if text.len() > MAX_CHAT => Err(ProtoError::TextTooLong),
             ControlMsg::OrgChallenge { nonce } if nonce.len() != tandem_org::CHALLENGE_LEN => {
                 Err(ProtoError::Invalid("organisation challenge"))
             }
@@ -438,6 +461,8 @@ pub struct Session {
     ctl_rx: Mutex<mpsc::Receiver<Result<ControlMsg, SessionError>>>,
     video_rx: Mutex<mpsc::Receiver<VideoFrame>>,
     input_rx: Mutex<mpsc::Receiver<InputItem>>,
+    clip_rx: Mutex<mpsc::Receiver<ClipItem>>,
+    transfer_rx: Mutex<mpsc::Receiver<TransferStream>>,
     events_rx: Mutex<mpsc::Receiver<SessionEvent>>,
     end_tx: mpsc::Sender<EndReason>,
     peer: PeerInfo,
@@ -540,7 +565,20 @@ impl Session {
                 held: video_held.clone(),
             },
         };
-        tasks.push(tokio::spawn(accept_streams(p.conn.clone(), accepts)).abort_handle());
+        // The toolbox's streams: on the agent, refused until the user answered.
+        let gate = (p.role == Role::Agent).then(|| input_open.clone());
+        let (clip_tx, clip_rx) = mpsc::channel(4);
+        let (transfer_tx, transfer_rx) = mpsc::channel(TRANSFER_QUEUE);
+        let clip = ToolboxIn {
+            tx: clip_tx,
+            gate: gate.clone(),
+        };
+        tasks.push(tokio::spawn(accept_streams(p.conn.clone(), accepts, clip)).abort_handle());
+        let files = ToolboxIn {
+            tx: transfer_tx,
+            gate,
+        };
+        tasks.push(tokio::spawn(accept_transfers(p.conn.clone(), files)).abort_handle());
         if p.role == Role::Agent {
             tasks.push(
                 tokio::spawn(read_pointer(p.conn.clone(), input_tx, input_open.clone()))
@@ -575,6 +613,8 @@ impl Session {
             ctl_rx: Mutex::new(ctl_rx),
             video_rx: Mutex::new(video_rx),
             input_rx: Mutex::new(input_rx),
+            clip_rx: Mutex::new(clip_rx),
+            transfer_rx: Mutex::new(transfer_rx),
             events_rx: Mutex::new(events_rx),
             end_tx,
             peer: p.peer,
@@ -670,6 +710,70 @@ impl Session {
         let r = self.input_rx.lock().await.recv().await;
         match r {
             Some(i) => Ok(i),
+            None => Err(self.wait_ended().await),
+        }
+    }
+
+    /// Whether the peer announced capability `cap` (e.g. [`CAP_CHAT`]) in its `Hello`.
+    pub fn peer_can(&self, cap: &str) -> bool {
+        self.peer.capabilities.iter().any(|c| c == cap)
+    }
+
+    /// Sends a clipboard update on a stream of its own. Text goes before video, images after it.
+    pub async fn send_clipboard(
+        &self,
+        format: ClipFormat,
+        data: &[u8],
+    ) -> Result<(), SessionError> {
+        if data.len() > format.limit() {
+            return Err(SessionError::Protocol(format!(
+                "clipboard {format:?} of {} bytes is over the limit of {}",
+                data.len(),
+                format.limit()
+            )));
+        }
+        let mut s = self
+            .conn
+            .open_uni()
+            .await
+            .map_err(|e| SessionError::Ended(end_of(&e)))?;
+        let _ = s.set_priority(match format {
+            ClipFormat::Text => i32::MAX - 1,
+            ClipFormat::Png => i32::MIN + 1,
+        });
+        s.write_all(&[KIND_CLIPBOARD, format.byte()])
+            .await
+            .map_err(|e| SessionError::Protocol(e.to_string()))?;
+        s.write_all(data)
+            .await
+            .map_err(|e| SessionError::Protocol(e.to_string()))?;
+        let _ = s.finish();
+        Ok(())
+    }
+
+    /// The peer's next clipboard update (on the agent, only those sent after the user's answer).
+    /// Cancel-safe.
+    pub async fn recv_clipboard(&self) -> Result<ClipItem, SessionError> {
+        let r = self.clip_rx.lock().await.recv().await;
+        match r {
+            Some(c) => Ok(c),
+            None => Err(self.wait_ended().await),
+        }
+    }
+
+    /// Opens file transfer streams (cheap to clone; for the tasks that send files).
+    pub fn transfer_opener(&self) -> TransferOpener {
+        TransferOpener {
+            conn: self.conn.clone(),
+        }
+    }
+
+    /// The peer's next file transfer stream (on the agent, only those opened after the user's
+    /// answer). Cancel-safe.
+    pub async fn accept_transfer(&self) -> Result<TransferStream, SessionError> {
+        let r = self.transfer_rx.lock().await.recv().await;
+        match r {
+            Some(t) => Ok(t),
             None => Err(self.wait_ended().await),
         }
     }
@@ -788,6 +892,78 @@ async fn control_reader(mut recv: RecvStream, tx: mpsc::Sender<Result<ControlMsg
     }
 }
 
+/// What a clipboard update holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ClipFormat {
+    /// UTF-8 text (at most [`MAX_CLIP_TEXT`] bytes; checked to be UTF-8 when read).
+    Text,
+    /// A PNG image (at most [`MAX_CLIP_IMAGE`] bytes; starts with the PNG signature).
+    Png,
+}
+
+impl ClipFormat {
+    fn byte(self) -> u8 {
+        match self {
+            ClipFormat::Text => 1,
+            ClipFormat::Png => 2,
+        }
+    }
+    fn of(b: u8) -> Option<ClipFormat> {
+        match b {
+            1 => Some(ClipFormat::Text),
+            2 => Some(ClipFormat::Png),
+            _ => None,
+        }
+    }
+    /// The most bytes of this format accepted.
+    pub fn limit(self) -> usize {
+        match self {
+            ClipFormat::Text => MAX_CLIP_TEXT,
+            ClipFormat::Png => MAX_CLIP_IMAGE,
+        }
+    }
+}
+
+/// A clipboard update from the peer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ClipItem {
+    pub format: ClipFormat,
+    pub data: Bytes,
+}
+
+/// One file transfer's stream (both halves), for `tandem_toolbox`'s protocol.
+#[derive(Debug)]
+pub struct TransferStream {
+    pub send: SendStream,
+    pub recv: RecvStream,
+}
+
+/// Opens a file transfer's stream (below video in priority).
+#[derive(Clone, Debug)]
+pub struct TransferOpener {
+    conn: Connection,
+}
+
+impl TransferOpener {
+    pub async fn open(&self) -> Result<TransferStream, SessionError> {
+        let (mut send, recv) = self
+            .conn
+            .open_bi()
+            .await
+            .map_err(|e| SessionError::Ended(end_of(&e)))?;
+        let _ = send.set_priority(i32::MIN);
+        send.write_all(&[KIND_FILE])
+            .await
+            .map_err(|e| SessionError::Protocol(e.to_string()))?;
+        Ok(TransferStream { send, recv })
+    }
+}
+
+const PNG_SIGNATURE: [u8; 8] = [0x89, b'P', b'N', b'G', 0x0d, 0x0a, 0x1a, 0x0a];
+
+/// Why a stream was refused (application error code on stop/reset).
+const STREAM_REFUSED: u32 = 1;
+
 /// The streams one side accepts from the other.
 #[derive(Clone)]
 enum Accepts {
@@ -805,7 +981,7 @@ enum Accepts {
 
 /// Accepts the peer's unidirectional streams and routes them by their kind byte; a kind this side
 /// does not accept from its peer is stopped.
-async fn accept_streams(conn: Connection, accepts: Accepts) {
+async fn accept_streams(conn: Connection, accepts: Accepts, clip: ToolboxIn<ClipItem>) {
     let newest = Arc::new(AtomicU64::new(0));
     let permits = Arc::new(Semaphore::new(VIDEO_READERS));
     let mut readers = tokio::task::JoinSet::new();
@@ -818,6 +994,7 @@ async fn accept_streams(conn: Connection, accepts: Accepts) {
             Some(_) = readers.join_next(), if !readers.is_empty() => continue,
         };
         let (accepts, newest, permits) = (accepts.clone(), newest.clone(), permits.clone());
+        let clip = clip.clone();
         readers.spawn(async move {
             let mut kind = [0u8; 1];
             if recv.read_exact(&mut kind).await.is_err() {
@@ -830,11 +1007,110 @@ async fn accept_streams(conn: Connection, accepts: Accepts) {
                 (KIND_INPUT, Accepts::Input { tx, open }) => {
                     read_input_events(recv, tx, open).await
                 }
+                (KIND_CLIPBOARD, _) => read_clipboard(recv, clip).await,
                 _ => {
                     // A channel this side does not take from its peer, or one this version does
                     // not know (a newer peer): refuse it politely.
                     let _ = recv.stop(VarInt::from_u32(0));
                 }
+            }
+        });
+    }
+}
+
+/// Where one kind of toolbox item goes, and (agent) the consent gate it waits for.
+struct ToolboxIn<T> {
+    tx: mpsc::Sender<T>,
+    gate: Option<Arc<InputGate>>,
+}
+
+impl<T> Clone for ToolboxIn<T> {
+    fn clone(&self) -> Self {
+        ToolboxIn {
+            tx: self.tx.clone(),
+            gate: self.gate.clone(),
+        }
+    }
+}
+
+impl<T> ToolboxIn<T> {
+    /// Agent: nothing of the toolbox but chat before the user's answer.
+    fn open(&self) -> bool {
+        self.gate
+            .as_ref()
+            .is_none_or(|g| g.open.load(Ordering::SeqCst))
+    }
+}
+
+async fn read_clipboard(mut recv: RecvStream, clip: ToolboxIn<ClipItem>) {
+    let mut f = [0u8; 1];
+    if recv.read_exact(&mut f).await.is_err() {
+        return;
+    }
+    let Some(format) = ClipFormat::of(f[0]) else {
+        let _ = recv.stop(VarInt::from_u32(STREAM_REFUSED));
+        return;
+    };
+    if !clip.open() {
+        let _ = recv.stop(VarInt::from_u32(STREAM_REFUSED));
+        return;
+    }
+    let data = match recv.read_to_end(format.limit()).await {
+        Ok(d) => d,
+        Err(quinn::ReadToEndError::TooLong) => {
+            tracing::warn!(?format, "clipboard update over the size limit dropped");
+            let _ = recv.stop(VarInt::from_u32(close::PROTOCOL));
+            return;
+        }
+        Err(_) => return,
+    };
+    let valid = match format {
+        ClipFormat::Text => std::str::from_utf8(&data).is_ok(),
+        ClipFormat::Png => data.starts_with(&PNG_SIGNATURE),
+    };
+    if !valid {
+        tracing::warn!(?format, "malformed clipboard update dropped");
+        return;
+    }
+    // Newest wins: if the consumer lags, older updates are the ones that go.
+    let _ = clip.tx.try_send(ClipItem {
+        format,
+        data: Bytes::from(data),
+    });
+}
+
+/// Accepts the peer's bidirectional streams: file transfers (kind byte first).
+async fn accept_transfers(conn: Connection, files: ToolboxIn<TransferStream>) {
+    let mut readers = tokio::task::JoinSet::new();
+    loop {
+        let (mut send, mut recv) = tokio::select! {
+            s = conn.accept_bi() => match s {
+                Ok(s) => s,
+                Err(_) => return,
+            },
+            Some(_) = readers.join_next(), if !readers.is_empty() => continue,
+        };
+        let files = files.clone();
+        readers.spawn(async move {
+            let mut kind = [0u8; 1];
+            let read = tokio::time::timeout(Duration::from_secs(10), recv.read_exact(&mut kind));
+            if !matches!(read.await, Ok(Ok(()))) {
+                return;
+            }
+            let refuse = |send: &mut SendStream, recv: &mut RecvStream| {
+                let _ = recv.stop(VarInt::from_u32(STREAM_REFUSED));
+                let _ = send.reset(VarInt::from_u32(STREAM_REFUSED));
+            };
+            if kind[0] != KIND_FILE || !files.open() {
+                refuse(&mut send, &mut recv);
+                return;
+            }
+            let _ = send.set_priority(i32::MIN);
+            if let Err(
+                mpsc::error::TrySendError::Full(mut t) | mpsc::error::TrySendError::Closed(mut t),
+            ) = files.tx.try_send(TransferStream { send, recv })
+            {
+                refuse(&mut t.send, &mut t.recv);
             }
         });
     }
