@@ -308,8 +308,6 @@ impl eframe::App for AgentWindow {
                             self.send(UiCmd::ViewOnly(vo));
                         }
                     }
-                    self.clipboard(ui);
-                    self.files(ui);
                     ui.add_space(10.0);
                     if ui
                         .button(RichText::new("End session").size(18.0).strong())
@@ -317,6 +315,10 @@ impl eframe::App for AgentWindow {
                     {
                         self.send(UiCmd::End);
                     }
+                    // The toolbox below the session's own controls (which keep their places).
+                    ui.add_space(6.0);
+                    self.clipboard(ui);
+                    self.files(ui);
                 }
                 Phase::Ended { text } => {
                     ui.heading(text);

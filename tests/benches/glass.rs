@@ -50,7 +50,8 @@ struct Args {
     slow: f64,
     /// How agent and console reach the relay, one whole session each, in this order (repeat a
     /// name to interleave): `quic`, `tcp` (TLS over TCP), `udp-dropped` (automatic, with the
-    /// relay's UDP address silently dropping everything, so the race has to find TCP).
+    /// relay's UDP address silently dropping everything, so the race has to find TCP),
+    /// `quic+file` (QUIC, with files moving from the console to the agent all the while).
     transports: Vec<String>,
 }
 
@@ -245,6 +246,9 @@ async fn run(a: Args) {
             "transport {}: join → first decoded frame {:.0} ms (target ≤ 300 on QUIC, ≤ 1000 with UDP dropped); links: console {}, agent {}",
             p.transport, p.first_frame_ms, p.console_link, p.agent_link
         );
+        if let Some(mb) = p.file_mb_s {
+            println!("files moved to the agent during these scenes: {mb:.1} MB/s");
+        }
         println!(
             "{:<24} {:>9} {:>9} {:>10} {:>10} {:>7} {:>8} {:>7} {:>9} {:>11} {:>9}",
             "scene",
@@ -289,7 +293,7 @@ async fn run(a: Args) {
         }
         pass_json.push(serde_json::json!({"transport": p.transport,
             "join_to_first_frame_ms": p.first_frame_ms, "console_link": p.console_link,
-            "agent_link": p.agent_link, "scenes": rows}));
+            "agent_link": p.agent_link, "file_mb_s": p.file_mb_s, "scenes": rows}));
     }
     // Every other transport against QUIC in the same run, scene by scene, with the samples of all
     // passes of a transport pooled (the passes interleave, so machine noise hits each alike).
@@ -376,6 +380,55 @@ struct Pass {
     /// The links' transports as the session saw them at the end.
     console_link: String,
     agent_link: String,
+    /// `quic+file`: MB/s of the files that moved during the scenes.
+    file_mb_s: Option<f64>,
+}
+
+/// Sends `src` to the agent again and again until `stop`; returns the bytes that arrived (the
+/// agent's copies are deleted as they arrive).
+async fn move_files(
+    session: Arc<tandem_session::Session>,
+    src: std::path::PathBuf,
+    dl: std::path::PathBuf,
+    stop: Arc<AtomicBool>,
+) -> u64 {
+    let size = std::fs::metadata(&src).unwrap().len();
+    let mut moved = 0;
+    let cancel = tokio_util::sync::CancellationToken::new();
+    while !stop.load(Ordering::Relaxed) {
+        let Ok(t) = session.transfer_opener().open().await else {
+            break;
+        };
+        let item = tandem_toolbox::Outgoing::new(&src, "bench.bin", size);
+        let options = tandem_toolbox::SendOptions::default();
+        let stopper = {
+            let (stop, cancel) = (stop.clone(), cancel.clone());
+            tokio::spawn(async move {
+                while !stop.load(Ordering::Relaxed) {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                cancel.cancel();
+            })
+        };
+        let r = tandem_toolbox::send_file(
+            t.recv,
+            t.send,
+            &item,
+            &options,
+            |_: &tandem_toolbox::Progress| {},
+            &cancel,
+        )
+        .await;
+        stopper.abort();
+        match r {
+            Ok(sent) => moved += sent.bytes_sent,
+            Err(_) => break,
+        }
+        for e in std::fs::read_dir(&dl).into_iter().flatten().flatten() {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
+    moved
 }
 
 /// A fresh agent over `transport`, the console joins, every scene is measured (and the creep run
@@ -397,12 +450,25 @@ async fn pass(
     let (relay_addr, mode, tcp) = match transport {
         "quic" => (relay.addr.clone(), "quic", None),
         "tcp" => (relay.addr.clone(), "tcp", None),
+        "quic+file" => (relay.addr.clone(), "quic", None),
         "udp-dropped" => (
             silent.local_addr().unwrap().to_string(),
             "auto",
             Some(relay.addr.clone()),
         ),
-        other => panic!("unknown transport {other:?}: quic, tcp or udp-dropped"),
+        other => panic!("unknown transport {other:?}: quic, tcp, udp-dropped or quic+file"),
+    };
+    let with_file = transport == "quic+file";
+    let dl = dir.join("glass-downloads");
+    let file_args: Vec<String> = if with_file {
+        vec![
+            "--downloads".into(),
+            dl.display().to_string(),
+            "--file-quota-mib".into(),
+            "100000000".into(),
+        ]
+    } else {
+        vec![]
     };
     let mut agent = tokio::process::Command::new(binary("tandem-agent"))
         .env("TANDEM_AGENT_STATE_DIR", dir.join("agent-state"))
@@ -418,6 +484,7 @@ async fn pass(
             "--display",
             &x.display,
         ])
+        .args(&file_args)
         .env_remove("DISPLAY")
         .env_remove("WAYLAND_DISPLAY")
         .env_remove("XDG_SESSION_TYPE")
@@ -485,6 +552,32 @@ async fn pass(
         }
     };
 
+    // ---- quic+file: files move from the console to the agent during every scene ----
+    let file_stop = Arc::new(AtomicBool::new(false));
+    let file_task = with_file.then(|| {
+        let src = dir.join("glass-file.bin");
+        if !src.exists() {
+            let block: Vec<u8> = (0..1u32 << 20)
+                .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+                .collect();
+            let mut data = Vec::with_capacity(256 << 20);
+            for k in 0..=255u8 {
+                data.extend(block.iter().map(|b| b ^ k));
+            }
+            std::fs::write(&src, data).unwrap();
+        }
+        let t0 = Instant::now();
+        (
+            t0,
+            tokio::spawn(move_files(
+                session.clone(),
+                src,
+                dl.clone(),
+                file_stop.clone(),
+            )),
+        )
+    });
+
     // ---- scenes through the whole session ----
     let scenes = [
         Scene::Idle,
@@ -530,6 +623,14 @@ async fn pass(
         });
     }
     let console_link = session.link_transport().to_string();
+    let file_mb_s = match file_task {
+        Some((t0, task)) => {
+            file_stop.store(true, Ordering::Relaxed);
+            let moved = task.await.unwrap();
+            Some(moved as f64 / t0.elapsed().as_secs_f64() / 1e6)
+        }
+        None => None,
+    };
 
     // ---- creep: a long typing session, first and last minute ----
     let mut creep = None;
@@ -582,6 +683,7 @@ async fn pass(
         creep,
         console_link,
         agent_link: agent_link.lock().unwrap().clone(),
+        file_mb_s,
     }
 }
 

@@ -12,45 +12,8 @@ use bytes::Bytes;
 use std::time::{Duration, Instant};
 use tandem_certs::RelayTrust;
 use tandem_client::{ConnectOptions, RelayLink};
-use tandem_proto::Secret;
-use tandem_session::{AgentEvent, AgentHost, ControlMsg, Fallback, Session, SessionConfig};
+use tandem_session::{ControlMsg, Fallback, Session};
 use tandem_tests::{RelayProcess, percentile, relay_admin, token_from_output};
-
-async fn pair(
-    opts: &ConnectOptions,
-    token: &Secret,
-    fallback: Fallback,
-) -> (Session, Session, f64) {
-    let cfg = SessionConfig {
-        fallback,
-        ..SessionConfig::default()
-    };
-    let mut host = AgentHost::connect(opts.clone(), cfg.clone()).await.unwrap();
-    let code = match host.next().await.unwrap() {
-        AgentEvent::Code { code, .. } => code,
-        other => panic!("{other:?}"),
-    };
-    let t = Instant::now();
-    let (o, tk, c2) = (opts.clone(), token.clone(), cfg.clone());
-    let console = tokio::spawn(async move { tandem_session::join(&o, &tk, &code, &c2).await });
-    let agent = loop {
-        match host.next().await.unwrap() {
-            AgentEvent::Joining { .. } => continue,
-            AgentEvent::Session(s) => break *s,
-            other => panic!("{other:?}"),
-        }
-    };
-    let console = console.await.unwrap().unwrap();
-    let ms = t.elapsed().as_secs_f64() * 1e3;
-    // Input (the throughput test's stream) is accepted once the user's answer was sent.
-    agent
-        .send_control(&tandem_session::ControlMsg::Consent {
-            decision: tandem_session::Consent::AllowControl,
-        })
-        .await
-        .unwrap();
-    (agent, console, ms)
-}
 
 /// Reliable-stream throughput of the inner connection: 4,000-byte messages on the session's input
 /// event stream (one ordered stream, like the outer payload stream it is compared with). Video
@@ -127,7 +90,7 @@ async fn run(quick: bool) {
     let (mut frag_ms, mut stream_ms) = (vec![], vec![]);
     for _ in 0..setups {
         for fb in [Fallback::Fragment, Fallback::Stream] {
-            let (a, c, ms) = pair(&opts, &token, fb).await;
+            let (a, c, ms) = tandem_tests::session_pair(&opts, &token, fb).await;
             match fb {
                 Fallback::Fragment => frag_ms.push(ms),
                 Fallback::Stream => stream_ms.push(ms),
@@ -140,7 +103,7 @@ async fn run(quick: bool) {
     // ---- throughput and RTT: inner (both fallbacks) vs outer alone ----
     let mut rows = vec![];
     for fb in [Fallback::Fragment, Fallback::Stream] {
-        let (agent, console, _) = pair(&opts, &token, fb).await;
+        let (agent, console, _) = tandem_tests::session_pair(&opts, &token, fb).await;
         let tp = inner_throughput(&agent, &console, mib).await;
         let load = |s: &Session| {
             let st = s.carrier_stats();

@@ -572,3 +572,43 @@ pub async fn desktop_session(
     relay.terminate().await;
     DesktopSession { desktop, seen }
 }
+
+/// An agent and a console session through the relay at `opts`, the user's consent (allow
+/// control) already sent; and the setup time in ms (join → both confirmed).
+pub async fn session_pair(
+    opts: &tandem_client::ConnectOptions,
+    token: &tandem_proto::Secret,
+    fallback: tandem_session::Fallback,
+) -> (tandem_session::Session, tandem_session::Session, f64) {
+    let cfg = tandem_session::SessionConfig {
+        fallback,
+        ..tandem_session::SessionConfig::default()
+    };
+    let mut host = tandem_session::AgentHost::connect(opts.clone(), cfg.clone())
+        .await
+        .unwrap();
+    let code = match host.next().await.unwrap() {
+        tandem_session::AgentEvent::Code { code, .. } => code,
+        other => panic!("{other:?}"),
+    };
+    let t = std::time::Instant::now();
+    let (o, tk, c2) = (opts.clone(), token.clone(), cfg.clone());
+    let console = tokio::spawn(async move { tandem_session::join(&o, &tk, &code, &c2).await });
+    let agent = loop {
+        match host.next().await.unwrap() {
+            tandem_session::AgentEvent::Joining { .. } => continue,
+            tandem_session::AgentEvent::Session(s) => break *s,
+            other => panic!("{other:?}"),
+        }
+    };
+    let console = console.await.unwrap().unwrap();
+    let ms = t.elapsed().as_secs_f64() * 1e3;
+    // Input (the throughput test's stream) is accepted once the user's answer was sent.
+    agent
+        .send_control(&tandem_session::ControlMsg::Consent {
+            decision: tandem_session::Consent::AllowControl,
+        })
+        .await
+        .unwrap();
+    (agent, console, ms)
+}

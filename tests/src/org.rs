@@ -127,6 +127,9 @@ impl Agent {
         tokio::time::timeout(T, async {
             loop {
                 let line = self.lines.next_line().await.unwrap().expect("agent exited");
+                if std::env::var_os("TANDEM_TEST_ECHO").is_some() {
+                    eprintln!("AGENT: {line}");
+                }
                 let v: serde_json::Value = serde_json::from_str(&line).unwrap();
                 if v["event"] == kind {
                     return v;

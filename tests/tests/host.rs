@@ -152,13 +152,26 @@ fn spawn_agent(
     Events,
     tokio::task::JoinHandle<bool>,
 ) {
+    spawn_agent_with(s, decision, desktop, tandem_host::Tools::default())
+}
+
+/// Like [`spawn_agent`], with the toolbox's policy `tools`.
+fn spawn_agent_with(
+    s: Session,
+    decision: Consent,
+    desktop: Arc<MemDesktop>,
+    tools: tandem_host::Tools,
+) -> (
+    mpsc::UnboundedSender<HostCmd>,
+    Events,
+    tokio::task::JoinHandle<bool>,
+) {
     let (tx, rx) = mpsc::unbounded_channel();
     let events: Events = Arc::default();
     let ev = events.clone();
     let task = tokio::spawn(async move {
         let mut on = move |e: HostEvent| ev.lock().unwrap().push(format!("{e:?}"));
         let d: Arc<dyn Desktop> = desktop;
-        let tools = tandem_host::Tools::default();
         run_session(
             s,
             decision,
@@ -341,4 +354,126 @@ async fn view_only_consent_cannot_be_turned_into_control() {
         within(console.closed()).await.reason,
         EndReason::EndedByUser
     );
+}
+
+/// A hostile console offers files under names meant to escape the download folder (the
+/// ScreenConnect and SimpleHelp path-traversal bugs), through a planted symbolic link, and with a
+/// name that is not UTF-8: the agent refuses every one and writes nothing anywhere. In view only,
+/// it takes no file at all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_file_names_are_refused_and_nothing_is_written() {
+    tandem_tests::init_logs();
+    let relay = TestRelay::start().await;
+    let work = tempfile::tempdir().unwrap();
+    let dl = work.path().join("Downloads");
+    let outside = work.path().join("outside");
+    std::fs::create_dir_all(&dl).unwrap();
+    std::fs::create_dir_all(&outside).unwrap();
+    std::os::unix::fs::symlink(&outside, dl.join("evil")).unwrap();
+    let src = work.path().join("payload.sh");
+    std::fs::write(&src, "#!/bin/sh\necho owned\n").unwrap();
+    let tools = tandem_host::Tools {
+        files: tandem_host::session::FilesPolicy {
+            receive: true,
+            downloads: dl.clone(),
+            quota: 1 << 30,
+        },
+        ..Default::default()
+    };
+    for decision in [Consent::AllowControl, Consent::ViewOnly] {
+        let (agent, console) = pair(&relay).await;
+        let desktop = Arc::new(MemDesktop::default());
+        let (tx, events, task) = spawn_agent_with(agent, decision, desktop, tools.clone());
+        until_control(&console, |m| matches!(m, ControlMsg::Consent { .. })).await;
+        let long = "a".repeat(300);
+        let names = [
+            "../../etc/passwd",
+            "/etc/passwd",
+            "a/../../b.sh",
+            "evil/payload.sh",
+            "CON",
+            "nul.txt",
+            "LPT1.log",
+            long.as_str(),
+            "report\u{202e}hs.txt",
+            "bell\u{7}.txt",
+            ".tandem-0123456789abcdef.part",
+            "ok/./x",
+            "trailing. ",
+        ];
+        let cancel = tokio_util::sync::CancellationToken::new();
+        for name in names {
+            let t = console.transfer_opener().open().await.unwrap();
+            let item = tandem_toolbox::Outgoing::new(&src, name, 20);
+            let r = within(tandem_toolbox::send_file(
+                t.recv,
+                t.send,
+                &item,
+                &Default::default(),
+                |_: &tandem_toolbox::Progress| {},
+                &cancel,
+            ))
+            .await;
+            assert!(r.is_err(), "{name:?} was accepted ({decision:?})");
+        }
+        // A name that is not UTF-8, written on the wire by hand (version, length, postcard offer).
+        {
+            #[derive(serde::Serialize)]
+            struct Offer {
+                name: Vec<u8>,
+                size: u64,
+                hash: [u8; 32],
+                chunk_size: u32,
+            }
+            let body = postcard::to_allocvec(&Offer {
+                name: vec![b'x', 0xff, 0xfe, b'.', b's', b'h'],
+                size: 20,
+                hash: [7; 32],
+                chunk_size: 256 * 1024,
+            })
+            .unwrap();
+            let mut t = console.transfer_opener().open().await.unwrap();
+            let mut frame = vec![1u8];
+            frame.extend_from_slice(&(body.len() as u32).to_be_bytes());
+            frame.extend_from_slice(&body);
+            t.send.write_all(&frame).await.unwrap();
+            let mut len = [0u8; 4];
+            within(t.recv.read_exact(&mut len)).await.unwrap();
+            let mut reply = vec![0u8; u32::from_be_bytes(len) as usize];
+            within(t.recv.read_exact(&mut reply)).await.unwrap();
+            assert_eq!(
+                reply[0], 1,
+                "a Refuse (variant 1), not an Accept ({decision:?})"
+            );
+        }
+        let _ = tx.send(HostCmd::End);
+        within(task).await.unwrap();
+        let in_dl: Vec<_> = std::fs::read_dir(&dl)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(
+            in_dl,
+            vec![std::ffi::OsString::from("evil")],
+            "only the planted link"
+        );
+        assert_eq!(std::fs::read_dir(&outside).unwrap().count(), 0);
+        let mut top: Vec<_> = std::fs::read_dir(work.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        top.sort();
+        assert_eq!(top, ["Downloads", "outside", "payload.sh"]);
+        let refused = events
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|e| e.starts_with("Transfer(Failed"))
+            .count();
+        assert_eq!(
+            refused,
+            names.len() + 1,
+            "each refusal reported ({decision:?})"
+        );
+    }
 }

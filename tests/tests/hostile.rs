@@ -183,13 +183,76 @@ async fn recording_relay_never_sees_pixels_keystrokes_or_the_code() {
             break;
         }
     }
+    // The toolbox: a chat line, a clipboard text and a file (whose name is a marker too).
+    const CHAT: &str = "CHAT-MARKER-5e0d21";
+    const CLIP: &[u8] = b"CLIPBOARD-MARKER-93c7aa";
+    const FILE: &[u8] = b"FILE-CONTENT-MARKER-44f1b0-";
+    const FILE_NAME: &str = "FILENAME-MARKER-1c9e.txt";
+    console
+        .send_control(&ControlMsg::Chat { text: CHAT.into() })
+        .await
+        .unwrap();
+    loop {
+        if let ControlMsg::Chat { text } = within(agent.recv_control()).await.unwrap() {
+            assert_eq!(text, CHAT);
+            break;
+        }
+    }
+    console
+        .send_clipboard(tandem_session::ClipFormat::Text, CLIP)
+        .await
+        .unwrap();
+    assert_eq!(
+        &within(agent.recv_clipboard()).await.unwrap().data[..],
+        CLIP
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src");
+    let content: Vec<u8> = FILE.iter().copied().cycle().take(300_000).collect();
+    std::fs::write(&src, &content).unwrap();
+    let inbox_dir = dir.path().join("inbox");
+    std::fs::create_dir(&inbox_dir).unwrap();
+    let inbox = tandem_toolbox::Inbox::new(&inbox_dir, Default::default()).unwrap();
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let out = console.transfer_opener().open().await.unwrap();
+    let item = tandem_toolbox::Outgoing::new(&src, FILE_NAME, content.len() as u64);
+    let options = tandem_toolbox::SendOptions::default();
+    let send = tandem_toolbox::send_file(
+        out.recv,
+        out.send,
+        &item,
+        &options,
+        |_: &tandem_toolbox::Progress| {},
+        &cancel,
+    );
+    let recv = async {
+        let t = within(agent.accept_transfer()).await.unwrap();
+        tandem_toolbox::receive_file(
+            t.recv,
+            t.send,
+            &inbox,
+            |_: &tandem_toolbox::Progress| {},
+            &cancel,
+        )
+        .await
+    };
+    let (sent, got) = tokio::join!(send, recv);
+    sent.unwrap();
+    assert_eq!(std::fs::read(got.unwrap().path).unwrap(), content);
     console.end(EndReason::EndedByTechnician).await;
     let seen = relay.seen.lock().unwrap();
-    assert!(seen.bytes.len() > 200_000, "the relay saw the traffic");
+    assert!(seen.bytes.len() > 500_000, "the relay saw the traffic");
     let hay = &seen.bytes;
     let find = |needle: &[u8]| hay.windows(needle.len()).any(|w| w == needle);
     assert!(!find(PIXELS), "pixels visible to the relay");
     assert!(!find(TYPED), "typed text visible to the relay");
+    assert!(!find(CHAT.as_bytes()), "chat visible to the relay");
+    assert!(!find(CLIP), "clipboard visible to the relay");
+    assert!(!find(FILE), "file content visible to the relay");
+    assert!(
+        !find(FILE_NAME.as_bytes()),
+        "file name visible to the relay"
+    );
     assert!(
         !find(code.grouped().as_bytes()),
         "the code visible to the relay"

@@ -524,3 +524,89 @@ async fn a_transfer_cut_by_a_relay_restart_resumes_in_the_next_session() {
     let left: Vec<_> = std::fs::read_dir(&user_dl).unwrap().collect();
     assert_eq!(left.len(), 1, "the partial is gone");
 }
+
+/// The technician's link is cut for three seconds at about a third of a 300 MB file: the session
+/// resumes within the relay's grace period and the transfer goes on from where it was (every byte
+/// crossed once, nothing started over), verified at the end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_link_cut_mid_transfer_pauses_it_and_it_goes_on() {
+    use tandem_tests::impair::{ImpairProxy, Impairment};
+    let (_dir, relay, token, _cfg) = relay_for_org_tests().await;
+    let x = tandem_tests::x11::Xvfb::start(320, 240);
+    let work = tempfile::tempdir().unwrap();
+    let file = work.path().join("logs.tar");
+    big_file(&file, 300, 5);
+    let user_dl = work.path().join("dl");
+    let mut agent = Agent::start_unattended(
+        &relay,
+        &[
+            "--consent",
+            "allow",
+            "--display",
+            &x.display,
+            "--downloads",
+            user_dl.to_str().unwrap(),
+        ],
+        tempfile::tempdir().unwrap(),
+    )
+    .await;
+    let code = agent.code().await;
+    let proxy = ImpairProxy::start(
+        relay.addr.parse().unwrap(),
+        Impairment::default(),
+        Impairment::default(),
+    )
+    .await;
+    let console = {
+        let (addr, pin, token) = (proxy.addr.to_string(), relay.pin.to_string(), token.clone());
+        let file = file.to_str().unwrap().to_owned();
+        tokio::spawn(async move {
+            tandem_tests::org::console_at(
+                &addr,
+                &pin,
+                &token,
+                &[
+                    "--code",
+                    &code,
+                    "--send",
+                    &file,
+                    "--end-when-done",
+                    "--seconds",
+                    "40",
+                ],
+            )
+            .await
+        })
+    };
+    loop {
+        let e = agent.next("transfer").await;
+        let (done, total) = (
+            e["progress"]["done"].as_u64().unwrap(),
+            e["progress"]["total"].as_u64().unwrap(),
+        );
+        if e["progress"]["stage"] == "receiving" && done * 3 >= total {
+            break;
+        }
+    }
+    proxy.cut(true);
+    agent.next("peer_suspended").await;
+    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+    proxy.cut(false);
+    agent.next("peer_resumed").await;
+    let (rc, ev, err) = console.await.unwrap();
+    assert_eq!(rc, 0, "{err}");
+    let done = ev
+        .iter()
+        .find(|e| e["event"] == "transfer_done")
+        .unwrap_or_else(|| panic!("{ev:?}"));
+    assert_eq!(
+        done["resumed_from"], 0,
+        "one transfer, not started over: {done}"
+    );
+    assert_eq!(done["transferred"].as_u64().unwrap(), 300 << 20, "{done}");
+    assert_eq!(
+        ev.iter().filter(|e| e["event"] == "transfer_done").count(),
+        1
+    );
+    assert_eq!(hash_of(&user_dl.join("logs.tar")), hash_of(&file));
+}
