@@ -69,21 +69,31 @@ async fn file(agent: &Session, console: &Session, src: &Path, inbox: &Path) -> f
     let out = console.transfer_opener().open().await.unwrap();
     let item = tandem_toolbox::Outgoing::new(src, "bench.bin", size);
     let options = tandem_toolbox::SendOptions::default();
+    let hashed = std::sync::Mutex::new(None);
     let send = tandem_toolbox::send_file(
         out.recv,
         out.send,
         &item,
         &options,
-        |_: &tandem_toolbox::Progress| {},
+        |p: &tandem_toolbox::Progress| {
+            if p.stage != tandem_toolbox::Stage::Hashing {
+                hashed.lock().unwrap().get_or_insert(t.elapsed());
+            }
+        },
         &cancel,
     );
+    let received_all = std::sync::Mutex::new(None);
     let recv = async {
         let t_in = agent.accept_transfer().await.unwrap();
         tandem_toolbox::receive_file(
             t_in.recv,
             t_in.send,
             &ib,
-            |_: &tandem_toolbox::Progress| {},
+            |p: &tandem_toolbox::Progress| {
+                if p.done == p.total {
+                    received_all.lock().unwrap().get_or_insert(t.elapsed());
+                }
+            },
             &cancel,
         )
         .await
@@ -92,6 +102,14 @@ async fn file(agent: &Session, console: &Session, src: &Path, inbox: &Path) -> f
     s.unwrap();
     let got = r.unwrap();
     let mbs = size as f64 / t.elapsed().as_secs_f64() / 1e6;
+    if std::env::var_os("TOOLBOX_BENCH_TRACE").is_some() {
+        eprintln!(
+            "file: hashed and offered after {:?}, all chunks read by the receiver {:?}, total {:?}",
+            hashed.lock().unwrap(),
+            received_all.lock().unwrap(),
+            t.elapsed()
+        );
+    }
     std::fs::remove_file(got.path).unwrap();
     mbs
 }
@@ -152,7 +170,7 @@ fn start_sshd(dir: &Path) -> Result<Ssh, String> {
         format!(
             "Port {port}\nListenAddress 127.0.0.1\nHostKey {}\nAuthorizedKeysFile {}\n\
              PidFile {}\nStrictModes no\nUsePAM no\nPermitRootLogin yes\n\
-             PasswordAuthentication no\n",
+             PasswordAuthentication no\nSubsystem sftp internal-sftp\n",
             host.display(),
             auth.display(),
             dir.join("sshd.pid").display()

@@ -433,7 +433,7 @@ async fn hostile_file_names_are_refused_and_nothing_is_written() {
             })
             .unwrap();
             let mut t = console.transfer_opener().open().await.unwrap();
-            let mut frame = vec![1u8];
+            let mut frame = vec![tandem_toolbox::PROTOCOL_VERSION];
             frame.extend_from_slice(&(body.len() as u32).to_be_bytes());
             frame.extend_from_slice(&body);
             t.send.write_all(&frame).await.unwrap();

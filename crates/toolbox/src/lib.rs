@@ -19,12 +19,12 @@
 //!    in the target folder, hashes what that file already holds, and answers **Accept** with the
 //!    offset to start from: the partial's length rounded down to a chunk boundary. That is how a
 //!    transfer cut off in an earlier session resumes.
-//! 4. The sender seeks there and sends chunk frames, each with its offset and BLAKE3. The receiver
+//! 4. The sender seeks there and sends chunk frames, each with its offset and hash. The receiver
 //!    checks each header before reading the data (the offset must be the next byte, the length
 //!    must be exactly one chunk or the remainder, never past the offered size), verifies the hash,
 //!    and writes the chunk. Meanwhile the sender keeps reading the receiver's direction, so a
 //!    Cancel or a failure is seen at once.
-//! 5. At the end, the receiver compares the whole-file hash, fsyncs, and renames the partial to
+//! 5. At the end, the receiver merges the chunks' hashes into the file's and compares, fsyncs, and renames the partial to
 //!    the offered name. If that name exists it uses `name (1).ext`, `name (2).ext`, …, because a
 //!    file is never overwritten. The rename uses `RENAME_NOREPLACE`, so a race cannot replace a
 //!    file either. It answers **Done** with the name used, which both sides show.
@@ -37,7 +37,7 @@
 //! the partial: a cancel from either side (that is the user's intent), a corrupt chunk, a protocol
 //! violation, a local write error, or a whole-file hash mismatch.
 //!
-//! # Wire format (version 1)
+//! # Wire format (version 2)
 //!
 //! All integers are big-endian. Control messages are [postcard]-encoded, and each frame carries at
 //! most [`MAX_MESSAGE_BYTES`] of them.
@@ -47,7 +47,7 @@
 //! ```text
 //! offer:   [version u8 = 1][len u32][postcard Offer { name: bytes, size: u64, hash: [u8; 32], chunk_size: u32 }]
 //! then any number of
-//! chunk:   ['C'][offset u64][len u32][blake3 of the data, 32 bytes][data: len bytes]
+//! chunk:   ['C'][offset u64][len u32][the chunk's BLAKE3 chaining value, 32 bytes][data: len bytes]
 //! message: ['M'][len u32][postcard SenderMsg]        SenderMsg = Cancel { reason }
 //! ```
 //!
@@ -59,7 +59,11 @@
 //! ```
 //!
 //! Chunks are exactly `chunk_size` bytes, except the last one, which holds the rest.
-//! `chunk_size` must be between [`MIN_CHUNK_SIZE`] and [`MAX_CHUNK_SIZE`]; the default is
+//! A chunk's hash is its BLAKE3 chaining value at its offset (the subtree of BLAKE3's own tree it
+//! is; for a file of a single chunk, the file's hash), so the file's hash is merged from the chunks'
+//! and every byte is hashed once on each side (version 1 hashed each chunk on its own and the
+//! file again: three passes instead of two; see `tree.rs`). `chunk_size` must be a power of two
+//! between [`MIN_CHUNK_SIZE`] and [`MAX_CHUNK_SIZE`]; the default is
 //! [`DEFAULT_CHUNK_SIZE`]. A receiver that does not know the offer's version refuses it.
 //!
 //! # Receiver-side safety
@@ -88,6 +92,7 @@ mod policy;
 mod progress;
 mod recv;
 mod send;
+mod tree;
 mod wire;
 
 pub use error::{Party, PlanError, Refusal, TransferError};

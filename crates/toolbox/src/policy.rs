@@ -30,9 +30,11 @@ impl ValidOffer {
 /// Checks the name and the chunk size of an offer.
 pub(crate) fn validate_offer(offer: Offer) -> Result<ValidOffer, Refusal> {
     let components = sanitise(&offer.name).map_err(Refusal::Name)?;
-    if !(MIN_CHUNK_SIZE..=MAX_CHUNK_SIZE).contains(&offer.chunk_size) {
+    if !(MIN_CHUNK_SIZE..=MAX_CHUNK_SIZE).contains(&offer.chunk_size)
+        || !crate::tree::valid_chunk_size(offer.chunk_size)
+    {
         return Err(Refusal::Offer(format!(
-            "the chunk size {} is outside {MIN_CHUNK_SIZE}..={MAX_CHUNK_SIZE}",
+            "the chunk size {} is not a power of two in {MIN_CHUNK_SIZE}..={MAX_CHUNK_SIZE}",
             offer.chunk_size
         )));
     }

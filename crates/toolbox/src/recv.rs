@@ -21,6 +21,7 @@ use crate::policy::{
     validate_offer,
 };
 use crate::progress::{Progress, Reporter, Stage};
+use crate::tree;
 use crate::wire::{
     self, CHUNK_HEADER_BYTES, ChunkHeader, KIND_CHUNK, KIND_MESSAGE, MAX_TEXT_BYTES, Offer,
     PROTOCOL_VERSION, ReceiverMsg, SenderMsg, WireError,
@@ -472,7 +473,8 @@ where
     let hasher = {
         let file = Arc::clone(&target.file);
         let cancel = cancel.clone();
-        tokio::task::spawn_blocking(move || hash_prefix(&file, offset, &cancel)).await
+        let (size, chunk) = (offer.size, offer.chunk_size);
+        tokio::task::spawn_blocking(move || hash_prefix(&file, offset, size, chunk, &cancel)).await
     };
     let hasher = match hasher.map_err(join_error).map_err(fail)? {
         Ok(Some(hasher)) => hasher,
@@ -488,8 +490,17 @@ where
     }
     reporter.stage(Stage::Receiving, offset, offset);
 
-    let (hasher, done) = receive_chunks(r, offer, target, hasher, reporter, cancel).await?;
-    let actual = hasher.finalize();
+    let (cvs, done) = receive_chunks(r, offer, target, hasher, reporter, cancel).await?;
+    let actual = match cvs {
+        // An empty file has no chunk: its hash is BLAKE3 of nothing.
+        cvs if offer.size == 0 && cvs.is_empty() => blake3::hash(&[]),
+        cvs => tree::root(&cvs, offer.size, u64::from(offer.chunk_size)).ok_or_else(|| {
+            (
+                TransferError::Protocol("the chunks do not add up to the offered size".into()),
+                done,
+            )
+        })?,
+    };
     if actual.as_bytes() != &offer.hash {
         let e = TransferError::HashMismatch {
             expected: blake3::Hash::from_bytes(offer.hash).to_hex().to_string(),
@@ -534,14 +545,19 @@ fn cancelled_locally() -> TransferError {
     }
 }
 
-/// Hashes the first `len` bytes of the partial file; `None` if cancelled meanwhile.
+/// The chunk hashes of the first `len` bytes of the partial file (whole chunks of a file of
+/// `size` bytes); `None` if cancelled meanwhile.
 fn hash_prefix(
     file: &File,
     len: u64,
+    size: u64,
+    chunk_size: u32,
     cancel: &CancellationToken,
-) -> io::Result<Option<blake3::Hasher>> {
-    let mut hasher = blake3::Hasher::new();
-    let mut buf = vec![0u8; PREFIX_BLOCK.min(usize::try_from(len).unwrap_or(PREFIX_BLOCK))];
+) -> io::Result<Option<Vec<[u8; 32]>>> {
+    let chunk = chunk_size as usize;
+    let block = PREFIX_BLOCK.max(chunk);
+    let mut cvs = Vec::new();
+    let mut buf = vec![0u8; block.min(usize::try_from(len).unwrap_or(block))];
     let mut pos = 0u64;
     while pos < len {
         if cancel.is_cancelled() {
@@ -549,10 +565,12 @@ fn hash_prefix(
         }
         let n = usize::try_from(len - pos).map_or(buf.len(), |left| left.min(buf.len()));
         file.read_exact_at(&mut buf[..n], pos)?;
-        hasher.update(&buf[..n]);
+        for (i, c) in buf[..n].chunks(chunk).enumerate() {
+            cvs.push(tree::chunk_hash(c, pos + (i * chunk) as u64, size));
+        }
         pos += n as u64;
     }
-    Ok(Some(hasher))
+    Ok(Some(cvs))
 }
 
 /// Checks a chunk header against what the offer allows next.
@@ -587,7 +605,9 @@ pub(crate) fn check_chunk(
 /// The part of the receive state that moves into the blocking writer and back.
 struct Sink {
     file: Arc<File>,
-    hasher: blake3::Hasher,
+    /// The hashes of the chunks on disk, in order.
+    cvs: Vec<[u8; 32]>,
+    size: u64,
 }
 
 type WriteJob = JoinHandle<(Sink, Vec<u8>, Result<(), TransferError>)>;
@@ -600,7 +620,8 @@ fn write_chunk(
     path: &Path,
 ) -> (Sink, Vec<u8>, Result<(), TransferError>) {
     let data = &buf[..header.len as usize];
-    if blake3::hash(data).as_bytes() != &header.hash {
+    let hash = tree::chunk_hash(data, header.offset, sink.size);
+    if hash != header.hash {
         return (
             sink,
             buf,
@@ -609,7 +630,7 @@ fn write_chunk(
             }),
         );
     }
-    sink.hasher.update(data);
+    sink.cvs.push(hash);
     let written = sink
         .file
         .write_all_at(data, header.offset)
@@ -624,10 +645,10 @@ async fn receive_chunks<R, P>(
     r: &mut R,
     offer: &ValidOffer,
     target: &Target,
-    hasher: blake3::Hasher,
+    cvs: Vec<[u8; 32]>,
     reporter: &mut Reporter<P>,
     cancel: &CancellationToken,
-) -> Result<(blake3::Hasher, u64), (TransferError, u64)>
+) -> Result<(Vec<[u8; 32]>, u64), (TransferError, u64)>
 where
     R: AsyncRead + Unpin + Send,
     P: FnMut(&Progress),
@@ -637,7 +658,8 @@ where
     let path = Arc::new(target.parent_path.join(&target.partial_name));
     let mut sink = Some(Sink {
         file: Arc::clone(&target.file),
-        hasher,
+        cvs,
+        size,
     });
     let mut spare: Vec<Vec<u8>> = Vec::with_capacity(2);
     let mut job: Option<(WriteJob, u64)> = None;
@@ -694,7 +716,7 @@ where
         }
     }
     match (outcome, sink) {
-        (Ok(()), Some(sink)) => Ok((sink.hasher, on_disk)),
+        (Ok(()), Some(sink)) => Ok((sink.cvs, on_disk)),
         (Ok(()), None) => Err((
             TransferError::Protocol("internal error: no writer".into()),
             on_disk,

@@ -17,6 +17,7 @@ use crate::error::{Party, TransferError};
 use crate::name::display_text;
 use crate::plan::Outgoing;
 use crate::progress::{Progress, Reporter, Stage};
+use crate::tree;
 use crate::wire::{
     self, CHUNK_HEADER_BYTES, ChunkHeader, DEFAULT_CHUNK_SIZE, KIND_MESSAGE, MAX_CHUNK_SIZE,
     MAX_TEXT_BYTES, MIN_CHUNK_SIZE, Offer, ReceiverMsg, SenderMsg, WireError,
@@ -25,7 +26,7 @@ use crate::wire::{
 /// Bytes hashed per blocking step before offering (between steps: progress and cancel).
 const HASH_STEP: u64 = 16 << 20;
 /// Read size while hashing.
-const HASH_BLOCK: usize = 1 << 20;
+const HASH_BLOCK: usize = 4 << 20;
 /// How long the rest of a frame and a Cancel may take to go out after a cancel.
 const GOODBYE_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long to wait for the receiver's explanation after the stream failed under a write.
@@ -82,9 +83,11 @@ where
     P: FnMut(&Progress) + Send,
 {
     let chunk_size = options.chunk_size;
-    if !(MIN_CHUNK_SIZE..=MAX_CHUNK_SIZE).contains(&chunk_size) {
+    if !(MIN_CHUNK_SIZE..=MAX_CHUNK_SIZE).contains(&chunk_size)
+        || !tree::valid_chunk_size(chunk_size)
+    {
         return Err(TransferError::Options(format!(
-            "the chunk size {chunk_size} is outside {MIN_CHUNK_SIZE}..={MAX_CHUNK_SIZE}"
+            "the chunk size {chunk_size} is not a power of two in {MIN_CHUNK_SIZE}..={MAX_CHUNK_SIZE}"
         )));
     }
     let path = item.path.clone();
@@ -101,9 +104,12 @@ where
         .len();
     let mut reporter = Reporter::new(progress, item.name.clone(), size);
 
-    // 1. Hash the whole file.
+    // 1. Hash the whole file: every chunk's hash (sent with it later) and from them the file's.
     reporter.stage(Stage::Hashing, 0, 0);
-    let mut hasher = blake3::Hasher::new();
+    let mut cvs: Vec<[u8; 32]> = Vec::with_capacity(size.div_ceil(u64::from(chunk_size)) as usize);
+    if size == 0 {
+        cvs.push(*blake3::hash(&[]).as_bytes());
+    }
     let mut pos = 0u64;
     while pos < size {
         if cancel.is_cancelled() {
@@ -114,14 +120,17 @@ where
         }
         let end = size.min(pos + HASH_STEP);
         let job_file = Arc::clone(&file);
-        let step = tokio::task::spawn_blocking(move || hash_range(&job_file, hasher, pos, end))
-            .await
-            .map_err(join_error)?;
-        hasher = step.map_err(|e| source_error(&path, e))?;
+        let step =
+            tokio::task::spawn_blocking(move || hash_range(&job_file, pos, end, size, chunk_size))
+                .await
+                .map_err(join_error)?;
+        cvs.extend(step.map_err(|e| source_error(&path, e))?);
         pos = end;
         reporter.update(pos);
     }
-    let hash = hasher.finalize();
+    let hash = tree::root(&cvs, size, u64::from(chunk_size))
+        .ok_or_else(|| TransferError::Protocol("internal error: chunk hashes".into()))?;
+    let cvs = Arc::new(cvs);
 
     // 2. Offer, and hear the answer.
     let offer = Offer {
@@ -164,8 +173,8 @@ where
     // 3. Chunks: the next one is read and hashed while the current one goes out.
     let frame_capacity = CHUNK_HEADER_BYTES + chunk_size as usize;
     let mut pos = offset;
-    let mut next: Option<ReadJob> =
-        (pos < size).then(|| spawn_read(&file, pos, size, chunk_size, vec![0; frame_capacity]));
+    let mut next: Option<ReadJob> = (pos < size)
+        .then(|| spawn_read(&file, &cvs, pos, size, chunk_size, vec![0; frame_capacity]));
     let mut spare: Option<Vec<u8>> = None;
     while let Some(job) = next.take() {
         let (frame, len) = job
@@ -175,7 +184,7 @@ where
         let end = pos + len;
         if end < size {
             let buf = spare.take().unwrap_or_else(|| vec![0; frame_capacity]);
-            next = Some(spawn_read(&file, end, size, chunk_size, buf));
+            next = Some(spawn_read(&file, &cvs, end, size, chunk_size, buf));
         }
         let frame_len = CHUNK_HEADER_BYTES + len as usize;
         let mut written = 0;
@@ -256,33 +265,57 @@ fn open_source(path: &Path) -> Result<File, TransferError> {
     Ok(File::from(fd))
 }
 
+/// The hashes of the chunks in `pos..end` (a multiple of the chunk size apart, `end` possibly
+/// the file's end).
 fn hash_range(
     file: &File,
-    mut hasher: blake3::Hasher,
     mut pos: u64,
     end: u64,
-) -> io::Result<blake3::Hasher> {
-    let mut buf = vec![0u8; HASH_BLOCK];
+    size: u64,
+    chunk_size: u32,
+) -> io::Result<Vec<[u8; 32]>> {
+    let chunk = chunk_size as usize;
+    let block = HASH_BLOCK.max(chunk);
+    let mut buf = vec![0u8; block];
+    let mut out = Vec::new();
     while pos < end {
-        let n = usize::try_from(end - pos).map_or(HASH_BLOCK, |left| left.min(HASH_BLOCK));
+        let n = usize::try_from(end - pos).map_or(block, |left| left.min(block));
         file.read_exact_at(&mut buf[..n], pos)?;
-        hasher.update(&buf[..n]);
+        for (i, c) in buf[..n].chunks(chunk).enumerate() {
+            out.push(tree::chunk_hash_with(
+                c,
+                pos + (i * chunk) as u64,
+                size,
+                true,
+            ));
+        }
         pos += n as u64;
     }
-    Ok(hasher)
+    Ok(out)
 }
 
 type ReadJob = JoinHandle<io::Result<(Vec<u8>, u64)>>;
 
-/// Reads the chunk at `pos` into `buf` after room for its header, hashes it and writes the header.
-fn spawn_read(file: &Arc<File>, pos: u64, size: u64, chunk_size: u32, mut buf: Vec<u8>) -> ReadJob {
-    let file = Arc::clone(file);
+/// Reads the chunk at `pos` into `buf` after room for its header and writes the header with the
+/// chunk's hash from the first pass (if the file changed since, the receiver finds out).
+fn spawn_read(
+    file: &Arc<File>,
+    cvs: &Arc<Vec<[u8; 32]>>,
+    pos: u64,
+    size: u64,
+    chunk_size: u32,
+    mut buf: Vec<u8>,
+) -> ReadJob {
+    let (file, cvs) = (Arc::clone(file), Arc::clone(cvs));
     tokio::task::spawn_blocking(move || {
         let len = (size - pos).min(u64::from(chunk_size));
         let len32 = u32::try_from(len).map_err(io::Error::other)?;
         let end = CHUNK_HEADER_BYTES + len32 as usize;
         file.read_exact_at(&mut buf[CHUNK_HEADER_BYTES..end], pos)?;
-        let hash = *blake3::hash(&buf[CHUNK_HEADER_BYTES..end]).as_bytes();
+        let index = usize::try_from(pos / u64::from(chunk_size)).map_err(io::Error::other)?;
+        let hash = *cvs
+            .get(index)
+            .ok_or_else(|| io::Error::other("internal error: no hash for a chunk"))?;
         ChunkHeader {
             offset: pos,
             len: len32,

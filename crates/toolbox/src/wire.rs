@@ -5,7 +5,7 @@ use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncReadExt};
 
 /// Version byte at the start of every Offer.
-pub const PROTOCOL_VERSION: u8 = 1;
+pub const PROTOCOL_VERSION: u8 = 2;
 /// Largest control message (length-prefixed postcard), in bytes.
 pub const MAX_MESSAGE_BYTES: usize = 16 * 1024;
 /// Smallest chunk size a receiver accepts.

@@ -233,17 +233,28 @@ enum RawReply {
 
 fn raw_offer(offer: &RawOffer) -> Vec<u8> {
     let body = postcard::to_allocvec(offer).unwrap();
-    let mut out = vec![1];
+    let mut out = vec![tandem_toolbox::PROTOCOL_VERSION];
     out.extend_from_slice(&(body.len() as u32).to_be_bytes());
     out.extend_from_slice(&body);
     out
 }
 
-fn raw_chunk(offset: u64, data: &[u8]) -> Vec<u8> {
+/// A chunk frame with the chunk's hash as the protocol defines it: its BLAKE3 chaining value at
+/// its offset (the whole hash for a file of one chunk).
+fn raw_chunk(offset: u64, data: &[u8], size: u64) -> Vec<u8> {
+    use blake3::hazmat::HasherExt;
     let mut out = vec![b'C'];
     out.extend_from_slice(&offset.to_be_bytes());
     out.extend_from_slice(&(data.len() as u32).to_be_bytes());
-    out.extend_from_slice(blake3::hash(data).as_bytes());
+    let hash = if offset == 0 && data.len() as u64 == size {
+        *blake3::hash(data).as_bytes()
+    } else {
+        let mut h = blake3::Hasher::new();
+        h.set_input_offset(offset);
+        h.update(data);
+        h.finalize_non_root()
+    };
+    out.extend_from_slice(&hash);
     out.extend_from_slice(data);
     out
 }
@@ -461,7 +472,7 @@ async fn a_file_that_changed_after_hashing_fails_verification() {
         ));
         for offset in [0usize, 4096, 8192] {
             let end = (offset + 4096).min(10_000);
-            sw.write_all(&raw_chunk(offset as u64, &data[offset..end]))
+            sw.write_all(&raw_chunk(offset as u64, &data[offset..end], 10_000))
                 .await
                 .unwrap();
         }
@@ -864,7 +875,11 @@ async fn a_sender_that_sends_more_than_offered_is_stopped() {
         ));
         for offset in [0usize, 4096, 8192] {
             let _ = sw
-                .write_all(&raw_chunk(offset as u64, &data[offset..offset + 4096]))
+                .write_all(&raw_chunk(
+                    offset as u64,
+                    &data[offset..offset + 4096],
+                    10_000,
+                ))
                 .await;
         }
         raw_reply(&mut sr).await
@@ -893,9 +908,15 @@ async fn malformed_offers_are_refused() {
         // Unknown version.
         (vec![9, 0, 0, 0, 0], "version 9"),
         // A 4 GiB "message".
-        (vec![1, 0xff, 0xff, 0xff, 0xff], "malformed"),
+        (
+            vec![tandem_toolbox::PROTOCOL_VERSION, 0xff, 0xff, 0xff, 0xff],
+            "malformed",
+        ),
         // Garbage body.
-        (vec![1, 0, 0, 0, 2, 0xff, 0xff], "malformed"),
+        (
+            vec![tandem_toolbox::PROTOCOL_VERSION, 0, 0, 0, 2, 0xff, 0xff],
+            "malformed",
+        ),
         // Chunk size too large.
         (
             raw_offer(&RawOffer {
