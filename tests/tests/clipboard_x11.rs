@@ -34,7 +34,9 @@ impl Drop for XclipIn {
 }
 
 /// `xclip` copies `data` as `target` (default `UTF8_STRING`) and serves it in the foreground.
+/// Returns once xclip owns the clipboard, so that what a test does next happens after it.
 fn xclip_in(x: &Xvfb, target: Option<&str>, data: &[u8]) -> XclipIn {
+    let before = owner_of_clipboard(x);
     let mut cmd = Command::new("xclip");
     cmd.args([
         "-quiet",
@@ -54,6 +56,11 @@ fn xclip_in(x: &Xvfb, target: Option<&str>, data: &[u8]) -> XclipIn {
         .spawn()
         .expect("xclip not installed (Debian package xclip)");
     child.stdin.take().unwrap().write_all(data).unwrap();
+    let deadline = Instant::now() + T;
+    while owner_of_clipboard(x) == before {
+        assert!(Instant::now() < deadline, "xclip never took the clipboard");
+        std::thread::sleep(Duration::from_millis(5));
+    }
     XclipIn(child)
 }
 
