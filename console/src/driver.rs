@@ -194,7 +194,9 @@ pub async fn drive(
     };
     let mut consent: Option<Consent> = None;
     let mut view_only = true;
-    let (transfers, mut transfer_events) = Transfers::new();
+    let (mut transfers, mut transfer_events) = Transfers::new();
+    let conn = session.connection().clone();
+    transfers.pace_by(std::sync::Arc::new(move || conn.rtt()));
     let mut inbox: Option<tandem_toolbox::Inbox> = None;
     let mut decoded: u64 = 0;
     let mut video_bytes: u64 = 0;

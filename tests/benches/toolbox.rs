@@ -53,8 +53,9 @@ async fn raw(agent: &Session, console: &Session, bytes: u64) -> f64 {
 }
 
 /// MB/s of one file through the toolbox's protocol (the time includes hashing the file first
-/// and verifying it at the end).
-async fn file(agent: &Session, console: &Session, src: &Path, inbox: &Path) -> f64 {
+/// and verifying it at the end). `paced`: as the programs send, paced by the session's RTT
+/// (`tandem_toolbox::Pacer`); otherwise as fast as the stream takes it.
+async fn file(agent: &Session, console: &Session, src: &Path, inbox: &Path, paced: bool) -> f64 {
     let size = std::fs::metadata(src).unwrap().len();
     let ib = tandem_toolbox::Inbox::new(
         inbox,
@@ -68,7 +69,13 @@ async fn file(agent: &Session, console: &Session, src: &Path, inbox: &Path) -> f
     let t = Instant::now();
     let out = console.transfer_opener().open().await.unwrap();
     let item = tandem_toolbox::Outgoing::new(src, "bench.bin", size);
-    let options = tandem_toolbox::SendOptions::default();
+    let mut options = tandem_toolbox::SendOptions::default();
+    if paced {
+        let conn = console.connection().clone();
+        options.pacer = Some(std::sync::Arc::new(tandem_toolbox::Pacer::new(
+            std::sync::Arc::new(move || conn.rtt()),
+        )));
+    }
     let hashed = std::sync::Mutex::new(None);
     let send = tandem_toolbox::send_file(
         out.recv,
@@ -263,13 +270,15 @@ async fn run() {
         eprintln!("scp column left out: {e}");
     }
     let bytes = mib << 20;
-    let (mut raws, mut files, mut scps, mut ratios) = (vec![], vec![], vec![], vec![]);
+    let (mut raws, mut files, mut unpaced, mut scps, mut ratios) =
+        (vec![], vec![], vec![], vec![], vec![]);
     for _ in 0..rounds {
         // A fresh session each round, as each transfer in real use has its own.
         let (agent, console, _) =
             tandem_tests::session_pair(&opts, &token, Fallback::default()).await;
         let r = raw(&agent, &console, bytes).await;
-        let f = file(&agent, &console, &src, &inbox).await;
+        let f = file(&agent, &console, &src, &inbox, true).await;
+        unpaced.push(file(&agent, &console, &src, &inbox, false).await);
         raws.push(r);
         files.push(f);
         ratios.push(f / r);
@@ -297,7 +306,8 @@ async fn run() {
         );
     };
     row("inner session raw stream (ceiling), MB/s", &raws, "");
-    row("file through the session (toolbox), MB/s", &files, "");
+    row("file as the programs send it (paced), MB/s", &files, "");
+    row("file unpaced (protocol alone), MB/s", &unpaced, "");
     if !scps.is_empty() {
         row("scp over loopback, MB/s", &scps, "");
     }
@@ -306,6 +316,13 @@ async fn run() {
         "file ÷ raw",
         percentile(&ratios, 0.5),
         percentile(&ratios, 0.01)
+    );
+    let r: Vec<f64> = unpaced.iter().zip(&raws).map(|(u, r)| u / r).collect();
+    println!(
+        "{:<44} {:>10.2} {:>10.2}",
+        "file unpaced ÷ raw",
+        percentile(&r, 0.5),
+        percentile(&r, 0.01)
     );
     if !scps.is_empty() {
         let r: Vec<f64> = files.iter().zip(&scps).map(|(f, s)| f / s).collect();
@@ -320,7 +337,7 @@ async fn run() {
         "toolbox",
         &serde_json::json!({
             "mib": mib, "rounds": rounds, "cores": cores,
-            "raw_mb_s": raws, "file_mb_s": files, "scp_mb_s": scps,
+            "raw_mb_s": raws, "file_mb_s": files, "file_unpaced_mb_s": unpaced, "scp_mb_s": scps,
             "file_over_raw": ratios,
             "file_over_raw_p50": percentile(&ratios, 0.5),
         }),

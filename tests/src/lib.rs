@@ -185,7 +185,7 @@ pub fn binary(name: &str) -> PathBuf {
     let path = dir.join(name);
     if !path.exists() {
         let mut cmd = std::process::Command::new(env!("CARGO"));
-        cmd.args(["build", "--bin", name]);
+        cmd.args(["build", "--workspace", "--bin", name]);
         if dir.ends_with("release") {
             cmd.arg("--release");
         }

@@ -349,7 +349,9 @@ pub async fn run_session(
             )),
         }
     }
-    let (transfers, mut transfer_events) = Transfers::new();
+    let (mut transfers, mut transfer_events) = Transfers::new();
+    let conn = s.connection().clone();
+    transfers.pace_by(std::sync::Arc::new(move || conn.rtt()));
     let mut inbox: Option<tandem_toolbox::Inbox> = None;
     let pump = async {
         match &input {

@@ -87,6 +87,7 @@ mod error;
 mod fsops;
 mod manager;
 mod name;
+mod pace;
 mod plan;
 mod policy;
 mod progress;
@@ -101,6 +102,7 @@ pub use name::{
     MAX_COMPONENT_BYTES, MAX_DEPTH, MAX_NAME_BYTES, NameError, PARTIAL_PREFIX, candidate_name,
     display_text, sanitise,
 };
+pub use pace::{Pacer, RttSource, Scavenger};
 pub use plan::{MAX_PLAN_FILES, Outgoing, Plan, Skipped, plan};
 pub use policy::{DEFAULT_FREE_SPACE_MARGIN, DEFAULT_QUOTA};
 pub use progress::{Progress, Stage, human_bytes, human_duration, human_rate};

@@ -6,6 +6,7 @@
 //! opens one stream per file through the `open` function, at most [`PARALLEL`] at once.
 
 use crate::error::TransferError;
+use crate::pace::{Pacer, RttSource};
 use crate::plan::Outgoing;
 use crate::progress::Progress;
 use crate::recv::{Inbox, receive_file, refuse};
@@ -121,6 +122,12 @@ impl Transfers {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .remove(&id);
+    }
+
+    /// Paces outgoing files by the session's RTT (see [`Pacer`]): they then take only what
+    /// the screen and input leave. Call before sending.
+    pub fn pace_by(&mut self, rtt: RttSource) {
+        self.options.pacer = Some(Arc::new(Pacer::new(rtt)));
     }
 
     /// Transfers under way.

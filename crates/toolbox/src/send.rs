@@ -15,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::error::{Party, TransferError};
 use crate::name::display_text;
+use crate::pace::Pacer;
 use crate::plan::Outgoing;
 use crate::progress::{Progress, Reporter, Stage};
 use crate::tree;
@@ -33,16 +34,20 @@ const GOODBYE_TIMEOUT: Duration = Duration::from_secs(5);
 const EXPLANATION_GRACE: Duration = Duration::from_millis(500);
 
 /// Settings of [`send_file`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct SendOptions {
     /// Chunk size, [`MIN_CHUNK_SIZE`]..=[`MAX_CHUNK_SIZE`] (default 256 KiB).
     pub chunk_size: u32,
+    /// Paces the chunks by the delay they add to the session (files are scavenger traffic);
+    /// `None` sends as fast as the stream takes them.
+    pub pacer: Option<Arc<Pacer>>,
 }
 
 impl Default for SendOptions {
     fn default() -> Self {
         Self {
             chunk_size: DEFAULT_CHUNK_SIZE,
+            pacer: None,
         }
     }
 }
@@ -187,6 +192,14 @@ where
             next = Some(spawn_read(&file, &cvs, end, size, chunk_size, buf));
         }
         let frame_len = CHUNK_HEADER_BYTES + len as usize;
+        if let Some(pacer) = &options.pacer {
+            tokio::select! {
+                biased;
+                () = cancel.cancelled() => return Err(send_cancel(&mut w, &[], cancelled_locally()).await),
+                msg = &mut reply => return Err(midstream(msg, pos, size)),
+                () = pacer.wait(frame_len) => {}
+            }
+        }
         let mut written = 0;
         while written < frame_len {
             tokio::select! {

@@ -79,7 +79,10 @@ fn inbox(dir: &Path) -> Inbox {
 
 /// Options that outlive the `join!`s below.
 fn opts(chunk_size: u32) -> &'static SendOptions {
-    Box::leak(Box::new(SendOptions { chunk_size }))
+    Box::leak(Box::new(SendOptions {
+        chunk_size,
+        ..SendOptions::default()
+    }))
 }
 
 /// Counts the bytes written through it.
