@@ -9,6 +9,17 @@ fn index_of(ev: &[serde_json::Value], kind: &str) -> Option<usize> {
     ev.iter().position(|e| e["event"] == kind)
 }
 
+/// A real agent on `x` that allows the session at once (`--consent allow`), with `extra` flags.
+async fn agent_allowing(
+    relay: &tandem_tests::RelayProcess,
+    x: &tandem_tests::x11::Xvfb,
+    extra: &[&str],
+) -> Agent {
+    let mut args = vec!["--consent", "allow", "--display", &x.display];
+    args.extend_from_slice(extra);
+    Agent::start_unattended(relay, &args, tempfile::tempdir().unwrap()).await
+}
+
 /// The user can ask "who are you?" before deciding, and the technician's hello arrives before
 /// anything is shared.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -132,12 +143,7 @@ fn png_bytes(w: u32, h: u32) -> Vec<u8> {
 async fn clipboard_text_both_ways_through_the_x_clipboard() {
     let (_dir, relay, token, _cfg) = relay_for_org_tests().await;
     let x = tandem_tests::x11::Xvfb::start(640, 480);
-    let mut agent = Agent::start_unattended(
-        &relay,
-        &["--consent", "allow", "--display", &x.display],
-        tempfile::tempdir().unwrap(),
-    )
-    .await;
+    let mut agent = agent_allowing(&relay, &x, &[]).await;
     let code = agent.code().await;
     let out = tempfile::tempdir().unwrap();
     let got = out.path().join("clip.txt");
@@ -181,19 +187,7 @@ async fn clipboard_text_both_ways_through_the_x_clipboard() {
 async fn clipboard_images_both_ways() {
     let (_dir, relay, token, _cfg) = relay_for_org_tests().await;
     let x = tandem_tests::x11::Xvfb::start(640, 480);
-    let mut agent = Agent::start_unattended(
-        &relay,
-        &[
-            "--consent",
-            "allow",
-            "--display",
-            &x.display,
-            "--clipboard-images",
-            "yes",
-        ],
-        tempfile::tempdir().unwrap(),
-    )
-    .await;
+    let mut agent = agent_allowing(&relay, &x, &["--clipboard-images", "yes"]).await;
     let code = agent.code().await;
     let out = tempfile::tempdir().unwrap();
     let got = out.path().join("clip.png");
@@ -320,19 +314,15 @@ async fn files_both_ways_arrive_whole_and_verified() {
     big_file(&user_file, 50, 2);
     let user_dl = work.path().join("user-downloads");
     let tech_dl = work.path().join("tech-downloads");
-    let mut agent = Agent::start_unattended(
+    let mut agent = agent_allowing(
         &relay,
+        &x,
         &[
-            "--consent",
-            "allow",
-            "--display",
-            &x.display,
             "--downloads",
             user_dl.to_str().unwrap(),
             "--send",
             user_file.to_str().unwrap(),
         ],
-        tempfile::tempdir().unwrap(),
     )
     .await;
     let code = agent.code().await;
@@ -395,19 +385,15 @@ async fn quota_and_existing_names_are_respected() {
     std::fs::write(&notes, "the technician's notes").unwrap();
     let big = work.path().join("big.bin");
     big_file(&big, 3, 3);
-    let mut agent = Agent::start_unattended(
+    let mut agent = agent_allowing(
         &relay,
+        &x,
         &[
-            "--consent",
-            "allow",
-            "--display",
-            &x.display,
             "--downloads",
             user_dl.to_str().unwrap(),
             "--file-quota-mib",
             "2",
         ],
-        tempfile::tempdir().unwrap(),
     )
     .await;
     let code = agent.code().await;
@@ -462,19 +448,7 @@ async fn a_transfer_cut_by_a_relay_restart_resumes_in_the_next_session() {
     let file = work.path().join("backup.tar");
     big_file(&file, 400, 4);
     let user_dl = work.path().join("dl");
-    let mut agent = Agent::start_unattended(
-        &relay,
-        &[
-            "--consent",
-            "allow",
-            "--display",
-            &x.display,
-            "--downloads",
-            user_dl.to_str().unwrap(),
-        ],
-        tempfile::tempdir().unwrap(),
-    )
-    .await;
+    let mut agent = agent_allowing(&relay, &x, &["--downloads", user_dl.to_str().unwrap()]).await;
     let code = agent.code().await;
     let args = |code: String| {
         vec![
@@ -537,19 +511,7 @@ async fn a_link_cut_mid_transfer_pauses_it_and_it_goes_on() {
     let file = work.path().join("logs.tar");
     big_file(&file, 300, 5);
     let user_dl = work.path().join("dl");
-    let mut agent = Agent::start_unattended(
-        &relay,
-        &[
-            "--consent",
-            "allow",
-            "--display",
-            &x.display,
-            "--downloads",
-            user_dl.to_str().unwrap(),
-        ],
-        tempfile::tempdir().unwrap(),
-    )
-    .await;
+    let mut agent = agent_allowing(&relay, &x, &["--downloads", user_dl.to_str().unwrap()]).await;
     let code = agent.code().await;
     let proxy = ImpairProxy::start(
         relay.addr.parse().unwrap(),
