@@ -109,6 +109,11 @@ struct Cli {
     /// it, a windowed agent keeps the code off stdout, which desktop sessions often log.
     #[arg(long)]
     print_code: bool,
+    /// Check the connection and exit: DNS, UDP, TCP and proxy paths to the relay, its
+    /// certificate, and the desktop found; one line at the end to read out to your IT provider.
+    /// Exits 0 when the relay can be reached.
+    #[arg(long)]
+    check: bool,
     /// The organisation key this computer trusts (`tandem-org-v1:…`, from `tandem-org init`; or
     /// `org = "…"` in tandem-agent.toml): technicians with a valid certificate of that
     /// organisation are shown as verified, and their certificate's permissions limit what they may
@@ -413,11 +418,42 @@ fn load_config(path: &Path) -> Result<FileConfig> {
     toml::from_str(&text).with_context(|| format!("invalid configuration file {}", path.display()))
 }
 
+/// The configuration: `--config`, else the one a ready agent carries (checked; a ready agent
+/// that was altered or damaged does not run), else tandem-agent.toml next to the program.
 fn file_config(cli: &Cli) -> Result<FileConfig> {
-    Ok(match cli.config.clone().or_else(shipped_config) {
+    if let Some(p) = &cli.config {
+        return load_config(p);
+    }
+    if let Some(text) = bundled_config()? {
+        return toml::from_str(&text).context(
+            "this ready agent carries a configuration this version cannot use; ask your IT \
+             provider for a new download",
+        );
+    }
+    Ok(match shipped_config() {
         Some(p) => load_config(&p)?,
         None => FileConfig::default(),
     })
+}
+
+/// The configuration appended to this program by `tandem-relay agent-bundle`, if any, after its
+/// check. Never logged: it may carry the organisation's key (public, but still not log noise).
+fn bundled_config() -> Result<Option<String>> {
+    let exe = match std::env::current_exe() {
+        Ok(p) => p,
+        Err(e) => {
+            tracing::warn!("cannot find this program's own file ({e}); no ready-agent settings");
+            return Ok(None);
+        }
+    };
+    match tandem_bundle::read_file(&exe) {
+        Ok(b) => Ok(b.map(|b| b.config)),
+        Err(tandem_bundle::BundleError::Read { path, source }) => {
+            tracing::warn!(%path, "cannot read this program's own file ({source}); no ready-agent settings");
+            Ok(None)
+        }
+        Err(e) => Err(anyhow::Error::new(e)),
+    }
 }
 
 fn shipped_config() -> Option<PathBuf> {
@@ -719,6 +755,24 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
+    if cli.check {
+        return match rt.block_on(check_connection(&cli)) {
+            Ok(report) => {
+                if cli.json {
+                    println!("{}", serde_json::to_string(&report).unwrap_or_default());
+                } else {
+                    println!("Tandem connection check");
+                    print!("{}", report.text());
+                }
+                if report.reachable {
+                    std::process::ExitCode::SUCCESS
+                } else {
+                    std::process::ExitCode::FAILURE
+                }
+            }
+            Err(e) => finish(Err(e)),
+        };
+    }
     // The window opens on $DISPLAY (the user's desktop); `--display` only chooses what is shared.
     let windowed = !cli.headless && std::env::var_os("DISPLAY").is_some_and(|d| !d.is_empty());
     let (tx, rx) = mpsc::unbounded_channel();
@@ -777,6 +831,62 @@ fn main() -> std::process::ExitCode {
         Ok(Ok(r)) => finish(r),
         _ => std::process::ExitCode::SUCCESS,
     }
+}
+
+fn connect_options(
+    cli: &Cli,
+    file_network: &tandem_client::NetworkArgs,
+    relay: String,
+    trust: RelayTrust,
+) -> Result<ConnectOptions> {
+    let mut opts = ConnectOptions::new(relay, trust);
+    opts.software = format!("tandem-agent {}", env!("CARGO_PKG_VERSION"));
+    cli.network
+        .clone()
+        .or(file_network)
+        .apply(&mut opts)
+        .context(
+            "invalid network settings (--transport, --relay-tcp, --relay-websocket, --proxy)",
+        )?;
+    Ok(opts)
+}
+
+/// `--check`: the connection report, and the desktop this agent would share.
+async fn check_connection(cli: &Cli) -> Result<tandem_client::check::Report> {
+    use tandem_client::check::Verdict;
+    let file = file_config(cli)?;
+    let relay = cli.relay.clone().or(file.relay.clone()).context(
+        "no relay configured: this agent does not know which relay to use; ask your IT provider \
+         for their ready agent (or give --relay HOST:PORT --relay-pin sha256:…)",
+    )?;
+    let pin = cli.relay_pin.clone().or(file.relay_pin.clone());
+    let ca = cli.relay_ca.clone().or(file.relay_ca.clone());
+    let trust = RelayTrust::from_options(pin.as_deref(), ca.as_deref())?;
+    let opts = connect_options(cli, &file.network(), relay, trust)?;
+    let mut report = tandem_client::check::check(&opts).await;
+    let forced = match (cli.backend, file.backend.as_deref()) {
+        (Some(b), _) => Some(b),
+        (None, Some(name)) => parse_backend(name).ok(),
+        (None, None) => None,
+    };
+    let env = SessionEnv::from_process(cli.display.clone());
+    match desktop::detect(&env, forced) {
+        // Found, not opened: opening a portal backend would ask the user to share the screen.
+        Ok(choice) => report.push(
+            "display",
+            Verdict::Ok,
+            format!("{} ({})", choice.backend.name(), choice.why),
+        ),
+        Err(e) => report.push("display", Verdict::Fail, e.to_string()),
+    }
+    if report
+        .steps
+        .last()
+        .is_some_and(|s| s.verdict == Verdict::Fail)
+    {
+        report.summary.push_str("; the screen cannot be shared");
+    }
+    Ok(report)
 }
 
 fn finish(r: Result<()>) -> std::process::ExitCode {
@@ -855,15 +965,7 @@ async fn run(
         shared,
     };
     let desktop = choose_desktop(&cli, file.backend.as_deref(), &report)?;
-    let mut opts = ConnectOptions::new(relay.clone(), trust);
-    opts.software = format!("tandem-agent {}", env!("CARGO_PKG_VERSION"));
-    cli.network
-        .clone()
-        .or(&file_network)
-        .apply(&mut opts)
-        .context(
-            "invalid network settings (--transport, --relay-tcp, --relay-websocket, --proxy)",
-        )?;
+    let opts = connect_options(&cli, &file_network, relay.clone(), trust)?;
     let trust = org_trust(&cli, &file)?;
     let org_public = trust.as_ref().map(|t| t.org().clone());
     if let Some(o) = &org_public {

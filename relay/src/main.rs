@@ -98,6 +98,33 @@ enum Command {
     Devices(DeviceCmd),
     /// Print the effective configuration as TOML.
     PrintConfig,
+    /// Make a ready agent for this relay: the tandem-agent program with this relay's address,
+    /// its pin and your organisation key appended, as one file your users download and run.
+    /// Nobody types a relay address or a pin; a ready agent altered after this does not run.
+    AgentBundle(BundleArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct BundleArgs {
+    /// Address the users' agents reach this relay at, HOST:PORT. [default: the first --name
+    /// (or `names` in the configuration) and the UDP listen port]
+    #[arg(long)]
+    address: Option<String>,
+    /// The tandem-agent program to use. [default: tandem-agent next to this program, else
+    /// /usr/bin/tandem-agent]
+    #[arg(long)]
+    agent: Option<PathBuf>,
+    /// Organisation key the agents trust (tandem-org-v1:…, printed by `tandem-org init`).
+    /// [default: the one `[devices] organisations` line, if there is exactly one]
+    #[arg(long)]
+    org: Option<String>,
+    /// More agent settings to include (a TOML file with `[toolbox]`, `[unattended]`, … as in
+    /// tandem-agent.toml; relay, relay_pin and org come from here and may not be in it).
+    #[arg(long)]
+    extra: Option<PathBuf>,
+    /// Where to write the ready agent. [default: tandem-agent-HOST in this folder]
+    #[arg(long, short)]
+    out: Option<PathBuf>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -196,7 +223,165 @@ fn run(cli: Cli) -> Result<()> {
         Command::Technician(t) => technician(&cfg, t),
         Command::Audit { json, limit } => audit(&cfg, json, limit),
         Command::Devices(d) => devices(&cfg, d),
+        Command::AgentBundle(b) => agent_bundle(&cfg, b),
     }
+}
+
+/// `tandem-relay agent-bundle`.
+fn agent_bundle(cfg: &Config, args: BundleArgs) -> Result<()> {
+    let port = cfg.listen.port();
+    let address = match args.address {
+        Some(a) => a,
+        None => match cfg.names.first() {
+            Some(n) if n.contains(':') && !n.starts_with('[') => format!("[{n}]:{port}"),
+            Some(n) => format!("{n}:{port}"),
+            None => bail!(
+                "which address do your users' agents reach this relay at? Give --address \
+                 relay.example.com:{port} (or set names = [\"relay.example.com\"] in the \
+                 relay's configuration)"
+            ),
+        },
+    };
+    let host = split_address(&address).with_context(|| {
+        format!("--address {address:?} is not HOST:PORT (for example relay.example.com:{port})")
+    })?;
+    let agent = match args.agent {
+        Some(p) => p,
+        None => default_agent_program().context(
+            "no tandem-agent program found next to tandem-relay or in /usr/bin: install the \
+             tandem-agent package or give --agent PATH",
+        )?,
+    };
+    let org = match args.org {
+        Some(o) => Some(o),
+        None if cfg.device_organisations.len() == 1 => cfg.device_organisations.first().cloned(),
+        None => None,
+    };
+    if let Some(o) = &org {
+        tandem_org::OrgPublic::from_text(o).with_context(
+            || "--org is not an organisation key (tandem-org-v1:…, from `tandem-org init`)",
+        )?;
+    }
+    let identity = cfg.identity()?;
+    let pin = identity.fingerprint();
+    // TCP fronts on other ports than the UDP one (the agent tries the UDP port and 443 itself).
+    let tcp: Vec<toml::Value> = cfg
+        .tcp
+        .listen
+        .iter()
+        .map(|a| a.port())
+        .filter(|p| *p != port)
+        .map(|p| format!("{}:{p}", host_for_port(&address, &host)).into())
+        .collect();
+    let mut table = toml::Table::new();
+    table.insert("relay".into(), address.clone().into());
+    table.insert("relay_pin".into(), pin.to_string().into());
+    if !tcp.is_empty() {
+        table.insert("relay_tcp".into(), toml::Value::Array(tcp));
+    }
+    if let Some(o) = &org {
+        table.insert("org".into(), o.clone().into());
+    }
+    let mut config = format!(
+        "# A ready agent for the Tandem relay at {address}, made by `tandem-relay agent-bundle`.\n{}",
+        toml::to_string(&table).context("cannot write the agent's configuration")?
+    );
+    if let Some(extra) = &args.extra {
+        let text = std::fs::read_to_string(extra)
+            .with_context(|| format!("cannot read {}", extra.display()))?;
+        let table: toml::Table = text
+            .parse()
+            .with_context(|| format!("{} is not valid TOML", extra.display()))?;
+        for k in ["relay", "relay_pin", "relay_ca", "org"] {
+            if table.contains_key(k) {
+                bail!(
+                    "{} sets {k}, which agent-bundle writes itself; remove it from the file",
+                    extra.display()
+                );
+            }
+        }
+        // Top-level keys first would land inside the last table of the generated part: there is
+        // none, so the file is appended as it is.
+        config.push_str("\n# From ");
+        config.push_str(&extra.display().to_string());
+        config.push('\n');
+        config.push_str(&text);
+        if !text.ends_with('\n') {
+            config.push('\n');
+        }
+    }
+    config
+        .parse::<toml::Table>()
+        .context("the agent settings do not combine (a key given twice?)")?;
+    let out = args.out.unwrap_or_else(|| {
+        let safe: String = host
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '.' || c == '-' {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .collect();
+        PathBuf::from(format!("tandem-agent-{safe}"))
+    });
+    tandem_bundle::write_file(&agent, &config, &out).context("cannot make the ready agent")?;
+    let sha = tandem_bundle::file_sha256(&out).context("cannot hash the ready agent")?;
+    println!("Ready agent written to {}", out.display());
+    println!("  relay:   {address}");
+    println!("  pin:     {pin}");
+    match &org {
+        Some(o) => println!(
+            "  org key: {}",
+            tandem_org::OrgPublic::from_text(o)
+                .map(|o| o.fingerprint())
+                .unwrap_or_default()
+        ),
+        None => println!("  org key: none (technicians are checked by the relay only)"),
+    }
+    println!("  SHA-256: {sha}");
+    println!();
+    println!("Give your users this file (publish the SHA-256 beside it). They run it; nothing to");
+    println!("install or type. If this relay's certificate changes, make the ready agent again.");
+    if cfg.cert.is_some() {
+        println!(
+            "Note: the relay uses your own certificate (--cert): when it is renewed with a new key,\n\
+             the pin changes and ready agents made before stop connecting."
+        );
+    }
+    Ok(())
+}
+
+/// The host of HOST:PORT or [IPv6]:PORT.
+fn split_address(address: &str) -> Option<String> {
+    let (host, port) = address.rsplit_once(':')?;
+    port.parse::<u16>().ok().filter(|p| *p != 0)?;
+    let host = match host.strip_prefix('[') {
+        Some(h) => h.strip_suffix(']')?,
+        None if host.contains(':') => return None,
+        None => host,
+    };
+    (!host.is_empty() && !host.contains(char::is_whitespace)).then(|| host.to_string())
+}
+
+/// `address`'s host in a form that takes a `:port` (IPv6 in brackets).
+fn host_for_port(address: &str, host: &str) -> String {
+    if address.starts_with('[') {
+        format!("[{host}]")
+    } else {
+        host.to_string()
+    }
+}
+
+fn default_agent_program() -> Option<PathBuf> {
+    let beside = std::env::current_exe()
+        .ok()
+        .and_then(|e| e.parent().map(|d| d.join("tandem-agent")));
+    beside
+        .into_iter()
+        .chain([PathBuf::from("/usr/bin/tandem-agent")])
+        .find(|p| p.is_file())
 }
 
 fn init_logging(format: &str) -> Result<()> {

@@ -811,3 +811,101 @@ async fn udp_unblocked_during_a_session_moves_to_quic() {
     let _ = scene.kill();
     let _ = scene.wait();
 }
+
+/// `tandem-agent --check` in A with the given firewall state and pin; (exit code, JSON report).
+async fn agent_check(net: &Net, pin: &str, extra: &[&str]) -> (i32, serde_json::Value) {
+    let mut cmd = net.a.command(binary("tandem-agent"));
+    clean_env(&mut cmd);
+    cmd.args(["--relay", &format!("{RELAY_A}:{PORT}")])
+        .args(["--relay-pin", pin])
+        .args(["--check", "--json"])
+        .args(extra)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit());
+    let out = tokio::time::timeout(T, cmd.output())
+        .await
+        .unwrap()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let report = serde_json::from_str(text.trim())
+        .unwrap_or_else(|e| panic!("not a JSON report ({e}): {text}"));
+    (out.status.code().unwrap_or(-1), report)
+}
+
+fn verdict<'a>(report: &'a serde_json::Value, what: &str) -> &'a str {
+    report["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["what"] == what)
+        .unwrap_or_else(|| panic!("no step {what}: {report}"))["verdict"]
+        .as_str()
+        .unwrap()
+}
+
+/// `--check` tells an open network, a network that drops UDP, one where only TCP 443 is open
+/// and a relay whose certificate does not match the pin apart, in the words a user reads out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_reports_udp_blocked_and_a_wrong_pin() {
+    skip_without_netns!();
+    let net = Net::new(false);
+    let relay = start_relay(
+        &net.r,
+        &["--tcp-listen", &format!("0.0.0.0:{PORT},0.0.0.0:443")],
+    )
+    .await;
+
+    let (rc, r) = agent_check(&net, &relay.pin, &[]).await;
+    assert_eq!(rc, 0, "{r}");
+    assert!(
+        r["summary"]
+            .as_str()
+            .unwrap()
+            .starts_with(&format!("UDP {PORT} OK: connected over QUIC")),
+        "{r}"
+    );
+    assert_eq!(verdict(&r, "certificate"), "OK");
+    assert_eq!(verdict(&r, "TCP 443"), "OK");
+    // No display in the test's environment: said, without failing the connection.
+    assert_eq!(verdict(&r, "display"), "FAIL");
+
+    net.firewall(&net.a, &drop_udp_to(RELAY_A));
+    let (rc, r) = agent_check(&net, &relay.pin, &[]).await;
+    assert_eq!(rc, 0, "{r}");
+    assert_eq!(verdict(&r, &format!("UDP {PORT}")), "FAIL");
+    assert!(
+        r["summary"]
+            .as_str()
+            .unwrap()
+            .starts_with(&format!("UDP blocked, using TCP {PORT}: OK")),
+        "{r}"
+    );
+
+    net.open_firewall(&net.a);
+    net.firewall(&net.a, ONLY_TCP_443);
+    let (rc, r) = agent_check(&net, &relay.pin, &[]).await;
+    assert_eq!(rc, 0, "{r}");
+    assert_eq!(verdict(&r, &format!("TCP {PORT}")), "FAIL");
+    assert!(
+        r["summary"]
+            .as_str()
+            .unwrap()
+            .starts_with("UDP blocked, using TCP 443: OK"),
+        "{r}"
+    );
+
+    // Another relay's pin (as if the relay had been swapped): never "unreachable".
+    let wrong = format!("sha256:{}", "ab".repeat(32));
+    net.open_firewall(&net.a);
+    let (rc, r) = agent_check(&net, &wrong, &[]).await;
+    assert_eq!(rc, 1, "{r}");
+    assert_eq!(verdict(&r, "certificate"), "FAIL");
+    assert!(
+        r["summary"]
+            .as_str()
+            .unwrap()
+            .contains("does not match the pin"),
+        "{r}"
+    );
+}

@@ -7,6 +7,8 @@
 //! ([`RelayLink::open_payload_stream`] / [`RelayLink::accept_payload_stream`]) when larger than
 //! [`RelayLink::max_datagram_size`].
 
+pub mod check;
+
 use bytes::Bytes;
 use quinn::{Connection, ConnectionError, RecvStream, SendStream, VarInt};
 use std::net::SocketAddr;

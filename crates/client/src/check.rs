@@ -1,0 +1,341 @@
+//! "Check connection": every way to the relay tried on its own, and one line a user can read
+//! out on the phone ("UDP blocked, using TCP 443: OK").
+//!
+//! Each step is a real attempt with the caller's settings (trust, proxy, TCP targets), not a
+//! guess: DNS, QUIC over UDP, then TLS over TCP (or WebSocket) to each TCP target, directly or
+//! through the proxy the agent would use. A certificate that does not match the pin is reported
+//! as such and never as "unreachable". Nothing is registered at the relay (no code is used up).
+
+use std::fmt;
+use std::time::{Duration, Instant};
+
+use crate::{ClientError, ConnectOptions, ProxyChoice, RelayLink, Transports};
+
+/// How long each attempt may take.
+pub const STEP_TIMEOUT: Duration = Duration::from_secs(4);
+
+/// The outcome of one step.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    Ok,
+    /// Works, with a caveat (e.g. TCP only).
+    Warn,
+    Fail,
+    /// Not tried (nothing to try, or an earlier step made it pointless).
+    Skipped,
+}
+
+impl fmt::Display for Verdict {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // `pad`, so that widths in format strings apply.
+        f.pad(match self {
+            Verdict::Ok => "OK",
+            Verdict::Warn => "WARN",
+            Verdict::Fail => "FAIL",
+            Verdict::Skipped => "--",
+        })
+    }
+}
+
+/// One line of the report.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Step {
+    /// What was checked ("DNS", "UDP 4433", "TCP 443", "certificate", …).
+    pub what: String,
+    #[serde(serialize_with = "verdict_text")]
+    pub verdict: Verdict,
+    /// What happened, in words.
+    pub detail: String,
+}
+
+fn verdict_text<S: serde::Serializer>(v: &Verdict, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&v.to_string())
+}
+
+/// A whole check.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Report {
+    pub steps: Vec<Step>,
+    /// One line for the phone.
+    pub summary: String,
+    /// A session can reach the relay by some way.
+    pub reachable: bool,
+}
+
+impl Report {
+    /// Adds a step found by the caller (the agent adds its display backend).
+    pub fn push(&mut self, what: impl Into<String>, verdict: Verdict, detail: impl Into<String>) {
+        self.steps.push(Step {
+            what: what.into(),
+            verdict,
+            detail: detail.into(),
+        });
+    }
+
+    /// The report as text: one line per step, the summary last.
+    pub fn text(&self) -> String {
+        let mut s = String::new();
+        for st in &self.steps {
+            s.push_str(&format!(
+                "  {:<5} {:<14} {}\n",
+                st.verdict, st.what, st.detail
+            ));
+        }
+        s.push_str(&format!("Summary: {}\n", self.summary));
+        s
+    }
+}
+
+/// What one transport attempt found.
+enum Attempt {
+    Ok { ms: u128, rtt: Duration },
+    PinMismatch(String),
+    Failed(String),
+}
+
+fn classify(e: &ClientError) -> Attempt {
+    let text = e.to_string();
+    match e {
+        ClientError::Tls(_) if text.contains("pin") || text.contains("certificate") => {
+            Attempt::PinMismatch(text)
+        }
+        _ if text.contains("does not match the pinned") || text.contains("pinned fingerprint") => {
+            Attempt::PinMismatch(text)
+        }
+        _ => Attempt::Failed(text),
+    }
+}
+
+async fn attempt(opts: ConnectOptions) -> Attempt {
+    let t = Instant::now();
+    match tokio::time::timeout(
+        STEP_TIMEOUT + Duration::from_secs(1),
+        RelayLink::connect(&opts),
+    )
+    .await
+    {
+        Ok(Ok(link)) => {
+            let rtt = link.connection().rtt();
+            let ms = t.elapsed().as_millis();
+            link.close().await;
+            Attempt::Ok { ms, rtt }
+        }
+        Ok(Err(e)) => classify(&e),
+        Err(_) => Attempt::Failed(format!("no answer within {} s", STEP_TIMEOUT.as_secs())),
+    }
+}
+
+/// A short name of a TCP target for the summary ("TCP 443", "WebSocket").
+fn tcp_name(t: &tandem_net::dial::TcpTarget) -> String {
+    match t {
+        tandem_net::dial::TcpTarget::Tls { port, .. } => format!("TCP {port}"),
+        tandem_net::dial::TcpTarget::WebSocket { port, .. } => format!("WebSocket {port}"),
+    }
+}
+
+/// Checks every way to the relay that `opts` allows.
+pub async fn check(opts: &ConnectOptions) -> Report {
+    let mut r = Report {
+        steps: Vec::new(),
+        summary: String::new(),
+        reachable: false,
+    };
+    let base = ConnectOptions {
+        timeout: STEP_TIMEOUT,
+        ..opts.clone()
+    };
+    let udp_port = crate::relay_host(&opts.relay).map(|(_, p)| p).ok();
+
+    // DNS.
+    let t = Instant::now();
+    match crate::resolve(&opts.relay, STEP_TIMEOUT).await {
+        Ok((addr, host)) => r.push(
+            "DNS",
+            Verdict::Ok,
+            format!("{host} → {} ({} ms)", addr.ip(), t.elapsed().as_millis()),
+        ),
+        Err(e) => {
+            r.push("DNS", Verdict::Fail, e.to_string());
+            // TCP through a proxy resolves at the proxy: still worth trying below.
+        }
+    }
+
+    // QUIC over UDP.
+    let mut pin_mismatch: Option<String> = None;
+    let udp_name = udp_port.map_or("UDP".to_string(), |p| format!("UDP {p}"));
+    let udp_ok = if opts.transports == Transports::Tcp {
+        r.push(
+            &udp_name,
+            Verdict::Skipped,
+            "transport = tcp: UDP is not used",
+        );
+        false
+    } else {
+        let o = ConnectOptions {
+            transports: Transports::Quic,
+            ..base.clone()
+        };
+        match attempt(o).await {
+            Attempt::Ok { ms, rtt } => {
+                r.push(
+                    &udp_name,
+                    Verdict::Ok,
+                    format!(
+                        "QUIC connected in {ms} ms, round trip {} ms",
+                        rtt.as_millis()
+                    ),
+                );
+                true
+            }
+            Attempt::PinMismatch(e) => {
+                r.push(&udp_name, Verdict::Fail, e.clone());
+                pin_mismatch = Some(e);
+                false
+            }
+            Attempt::Failed(e) => {
+                r.push(
+                    &udp_name,
+                    Verdict::Fail,
+                    format!("{e} (UDP blocked on this network, or the relay is down)"),
+                );
+                false
+            }
+        }
+    };
+
+    // TCP targets, each on its own, through the proxy the program would use.
+    let proxy_note = match &opts.proxy {
+        ProxyChoice::Direct => String::new(),
+        ProxyChoice::Use(p) => format!(" via proxy {p}"),
+        ProxyChoice::FromEnvironment => {
+            match tandem_net::proxy::Proxy::from_env(
+                crate::relay_host(&opts.relay)
+                    .map(|(h, _)| h)
+                    .unwrap_or_default()
+                    .as_str(),
+            ) {
+                Ok(Some(p)) => format!(" via proxy {p} (HTTPS_PROXY)"),
+                Ok(None) => String::new(),
+                Err(e) => {
+                    r.push("proxy", Verdict::Fail, e.to_string());
+                    String::new()
+                }
+            }
+        }
+    };
+    let mut tcp_ok: Option<String> = None;
+    if opts.transports == Transports::Quic {
+        r.push("TCP", Verdict::Skipped, "transport = quic: TCP is not used");
+    } else if opts.tcp.is_empty() {
+        r.push("TCP", Verdict::Skipped, "no TCP address to try");
+    }
+    for target in opts
+        .tcp
+        .iter()
+        .filter(|_| opts.transports != Transports::Quic)
+    {
+        let name = tcp_name(target);
+        let o = ConnectOptions {
+            transports: Transports::Tcp,
+            tcp: vec![target.clone()],
+            ..base.clone()
+        };
+        match attempt(o).await {
+            Attempt::Ok { ms, .. } => {
+                r.push(
+                    &name,
+                    Verdict::Ok,
+                    format!("{target}{proxy_note}: TLS connected in {ms} ms"),
+                );
+                tcp_ok.get_or_insert(name);
+            }
+            Attempt::PinMismatch(e) => {
+                r.push(&name, Verdict::Fail, format!("{target}{proxy_note}: {e}"));
+                pin_mismatch.get_or_insert(e);
+            }
+            Attempt::Failed(e) => {
+                r.push(&name, Verdict::Fail, format!("{target}{proxy_note}: {e}"));
+            }
+        }
+    }
+
+    // The certificate, over whatever got through.
+    let trust = match &opts.trust {
+        tandem_certs::RelayTrust::Pin(p) => format!("pin {}", short_pin(&p.to_string())),
+        _ => "the configured CA".to_string(),
+    };
+    match (&pin_mismatch, udp_ok || tcp_ok.is_some()) {
+        (Some(_), _) => r.push(
+            "certificate",
+            Verdict::Fail,
+            format!(
+                "the relay's certificate does not match {trust}: the relay was replaced or \
+                 reinstalled, or something on this network intercepts the connection"
+            ),
+        ),
+        (None, true) => r.push("certificate", Verdict::Ok, format!("matches {trust}")),
+        (None, false) => r.push("certificate", Verdict::Skipped, "nothing reached the relay"),
+    }
+
+    r.reachable = udp_ok || tcp_ok.is_some();
+    r.summary = match (udp_ok, &tcp_ok, &pin_mismatch) {
+        (_, _, Some(_)) if !r.reachable => {
+            "relay certificate does not match the pin: do not connect; tell your IT provider"
+                .to_string()
+        }
+        (true, _, _) => format!("{udp_name} OK: connected over QUIC"),
+        (false, Some(t), _) if opts.transports == Transports::Tcp => format!("{t}: OK"),
+        (false, Some(t), _) => format!("UDP blocked, using {t}: OK"),
+        (false, None, _) if r.steps.first().is_some_and(|s| s.verdict == Verdict::Fail) => {
+            "cannot find the relay's address (DNS): check the internet connection".to_string()
+        }
+        (false, None, _) => format!(
+            "relay not reachable: no answer over {udp_name} or TCP ({}); check the internet \
+             connection or ask your IT provider",
+            opts.tcp.iter().map(tcp_name).collect::<Vec<_>>().join(", ")
+        ),
+    };
+    r
+}
+
+fn short_pin(p: &str) -> String {
+    match p.char_indices().nth(19) {
+        Some((i, _)) => format!("{}…", &p[..i]),
+        None => p.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn report_text_lists_steps_and_summary() {
+        let mut r = Report {
+            steps: vec![],
+            summary: "UDP blocked, using TCP 443: OK".into(),
+            reachable: true,
+        };
+        r.push("UDP 4433", Verdict::Fail, "no answer");
+        r.push(
+            "TCP 443",
+            Verdict::Ok,
+            "tls://relay:443: TLS connected in 40 ms",
+        );
+        let t = r.text();
+        assert!(t.contains("FAIL  UDP 4433"));
+        assert!(t.contains("OK    TCP 443"));
+        assert!(t.ends_with("Summary: UDP blocked, using TCP 443: OK\n"));
+        let j = serde_json::to_value(&r).unwrap();
+        assert_eq!(j["steps"][0]["verdict"], "FAIL");
+    }
+
+    #[test]
+    fn pins_are_shortened_for_the_phone() {
+        assert_eq!(
+            short_pin("sha256:0123456789abcdef0123"),
+            "sha256:0123456789ab…"
+        );
+        assert_eq!(short_pin("sha256:01"), "sha256:01");
+    }
+}
