@@ -19,6 +19,10 @@ if ! cargo nextest --version >/dev/null 2>&1; then
   echo "==> installing cargo-nextest"
   cargo install cargo-nextest --locked --quiet
 fi
+if ! cargo deb --version >/dev/null 2>&1; then
+  echo "==> installing cargo-deb"
+  cargo install cargo-deb --locked --quiet
+fi
 echo "==> tests"
 profile=default
 [[ "${CI:-}" == "true" ]] && profile=ci
