@@ -102,6 +102,9 @@ enum Command {
     /// its pin and your organisation key appended, as one file your users download and run.
     /// Nobody types a relay address or a pin; a ready agent altered after this does not run.
     AgentBundle(BundleArgs),
+    /// Ask the running relay's /health (on the metrics address of this configuration) and exit 0
+    /// when it serves, 1 otherwise: for container health checks and monitoring scripts.
+    Health,
 }
 
 #[derive(clap::Args, Debug)]
@@ -224,6 +227,41 @@ fn run(cli: Cli) -> Result<()> {
         Command::Audit { json, limit } => audit(&cfg, json, limit),
         Command::Devices(d) => devices(&cfg, d),
         Command::AgentBundle(b) => agent_bundle(&cfg, b),
+        Command::Health => health(&cfg),
+    }
+}
+
+/// `tandem-relay health`.
+fn health(cfg: &Config) -> Result<()> {
+    use std::io::{Read, Write};
+    let mut addr = cfg.metrics_listen.context(
+        "metrics and health are switched off (metrics_listen = \"off\"); nothing to ask",
+    )?;
+    if addr.ip().is_unspecified() {
+        addr.set_ip(match addr {
+            std::net::SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+            std::net::SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+        });
+    }
+    let timeout = std::time::Duration::from_secs(3);
+    let mut s = std::net::TcpStream::connect_timeout(&addr, timeout)
+        .with_context(|| format!("no relay answers on {addr} (is it running?)"))?;
+    s.set_read_timeout(Some(timeout))?;
+    s.set_write_timeout(Some(timeout))?;
+    s.write_all(b"GET /health HTTP/1.0\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        .with_context(|| format!("cannot ask {addr}"))?;
+    let mut reply = Vec::new();
+    s.take(64 * 1024)
+        .read_to_end(&mut reply)
+        .with_context(|| format!("no answer from {addr}"))?;
+    let reply = String::from_utf8_lossy(&reply);
+    let status = reply.lines().next().unwrap_or_default();
+    let body = reply.split_once("\r\n\r\n").map_or("", |(_, b)| b).trim();
+    if status.split_whitespace().nth(1) == Some("200") {
+        println!("{body}");
+        Ok(())
+    } else {
+        bail!("the relay on {addr} is not serving: {status} {body}")
     }
 }
 
