@@ -102,6 +102,10 @@ enum Command {
     /// its pin and your organisation key appended, as one file your users download and run.
     /// Nobody types a relay address or a pin; a ready agent altered after this does not run.
     AgentBundle(BundleArgs),
+    /// Check this relay's setup and exit 0 when nothing is wrong: configuration, data directory,
+    /// certificate (expiry, pin), database, the UDP and TCP ports (free, or held by this relay),
+    /// and the system clock. Changes nothing (run it as the relay's user).
+    Doctor,
     /// Ask the running relay's /health (on the metrics address of this configuration) and exit 0
     /// when it serves, 1 otherwise: for container health checks and monitoring scripts.
     Health,
@@ -228,6 +232,262 @@ fn run(cli: Cli) -> Result<()> {
         Command::Devices(d) => devices(&cfg, d),
         Command::AgentBundle(b) => agent_bundle(&cfg, b),
         Command::Health => health(&cfg),
+        Command::Doctor => doctor(&cfg),
+    }
+}
+
+/// One line of `tandem-relay doctor`.
+struct Doctor {
+    failed: usize,
+    warned: usize,
+}
+
+impl Doctor {
+    fn line(&mut self, verdict: &str, what: &str, detail: impl std::fmt::Display) {
+        match verdict {
+            "FAIL" => self.failed += 1,
+            "WARN" => self.warned += 1,
+            _ => {}
+        }
+        println!("  {verdict:<5} {what:<12} {detail}");
+    }
+}
+
+/// `tandem-relay doctor`: looks, never creates or changes anything.
+fn doctor(cfg: &Config) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let mut d = Doctor {
+        failed: 0,
+        warned: 0,
+    };
+    println!("Tandem relay {} — doctor", env!("CARGO_PKG_VERSION"));
+    d.line(
+        "OK",
+        "config",
+        "read; flags > TANDEM_RELAY_* > file > defaults",
+    );
+
+    // Data directory.
+    let dir = &cfg.data_dir;
+    let mut dir_ok = false;
+    match std::fs::metadata(dir) {
+        Ok(m) if m.is_dir() => {
+            dir_ok = true;
+            let mode = m.permissions().mode() & 0o777;
+            let probe = dir.join(format!(".doctor-{}", std::process::id()));
+            let writable = std::fs::write(&probe, b"").is_ok();
+            let _ = std::fs::remove_file(&probe);
+            if !writable {
+                d.line(
+                    "FAIL",
+                    "data dir",
+                    format!(
+                        "{} is not writable by this user: run the doctor as the relay's user \
+                         (sudo -u tandem-relay …)",
+                        dir.display()
+                    ),
+                );
+            } else if mode & 0o077 != 0 {
+                d.line(
+                    "WARN",
+                    "data dir",
+                    format!(
+                        "{} is mode {mode:o}: others can read the relay's key; chmod 700 it",
+                        dir.display()
+                    ),
+                );
+            } else {
+                d.line(
+                    "OK",
+                    "data dir",
+                    format!("{} (mode {mode:o})", dir.display()),
+                );
+            }
+        }
+        Ok(_) => d.line(
+            "FAIL",
+            "data dir",
+            format!("{} is not a directory", dir.display()),
+        ),
+        Err(_) => d.line(
+            "WARN",
+            "data dir",
+            format!(
+                "{} does not exist yet (the first start creates it)",
+                dir.display()
+            ),
+        ),
+    }
+
+    // Certificate.
+    let cert_path = match &cfg.cert {
+        Some((c, _)) => Some(c.clone()),
+        None => {
+            let p = dir.join(tandem_certs::RELAY_CERT_FILE);
+            p.exists().then_some(p)
+        }
+    };
+    match cert_path {
+        None => d.line(
+            "WARN",
+            "certificate",
+            "none yet (the first start makes one and prints its pin)",
+        ),
+        Some(p) => {
+            match tandem_certs::load_certs(&p) {
+                Ok(chain) if !chain.is_empty() => {
+                    let leaf = &chain[0];
+                    let pin = tandem_certs::Fingerprint::of(leaf.as_ref());
+                    match x509_parser::parse_x509_certificate(leaf.as_ref()) {
+                        Ok((_, x)) => {
+                            let now = std::time::SystemTime::now()
+                                .duration_since(std::time::UNIX_EPOCH)
+                                .map(|d| d.as_secs() as i64)
+                                .unwrap_or(0);
+                            let not_after = x.validity().not_after.timestamp();
+                            let not_before = x.validity().not_before.timestamp();
+                            let days = (not_after - now) / 86_400;
+                            let detail = format!("{} ({pin}), expires in {days} days", p.display());
+                            if now < not_before {
+                                d.line(
+                                "FAIL",
+                                "certificate",
+                                format!("{detail}; not valid before its start date: is the clock right?"),
+                            );
+                            } else if days < 0 {
+                                d.line(
+                                    "FAIL",
+                                    "certificate",
+                                    format!("{detail}: EXPIRED; renew it"),
+                                );
+                            } else if days < 30 {
+                                d.line("WARN", "certificate", format!("{detail}: renew it soon (a new key changes the pin: make new ready agents)"));
+                            } else {
+                                d.line("OK", "certificate", detail);
+                            }
+                        }
+                        Err(e) => d.line(
+                            "FAIL",
+                            "certificate",
+                            format!("{}: unreadable ({e})", p.display()),
+                        ),
+                    }
+                }
+                Ok(_) => d.line(
+                    "FAIL",
+                    "certificate",
+                    format!("{}: no certificate in it", p.display()),
+                ),
+                Err(e) => d.line("FAIL", "certificate", e),
+            }
+        }
+    }
+
+    // Database (opened only if it exists: the doctor makes nothing).
+    let db = dir.join(tandem_relay_server::store::DB_FILE);
+    if !dir_ok || !db.exists() {
+        d.line(
+            "WARN",
+            "database",
+            format!("{} does not exist yet", db.display()),
+        );
+    } else {
+        match Store::open(dir).and_then(|s| s.list_technicians()) {
+            Ok(t) => d.line(
+                "OK",
+                "database",
+                format!("{} ({} technicians)", db.display(), t.len()),
+            ),
+            Err(e) => d.line("FAIL", "database", format!("{}: {e}", db.display())),
+        }
+    }
+
+    // Ports: free, or held by this relay (it answers /health).
+    let running = health_quiet(cfg);
+    match std::net::UdpSocket::bind(cfg.listen) {
+        Ok(_) => d.line(
+            "OK",
+            "UDP",
+            format!("{} free (the relay is not running)", cfg.listen),
+        ),
+        Err(_) if running => d.line("OK", "UDP", format!("{} served by this relay", cfg.listen)),
+        Err(e) => d.line(
+            "FAIL",
+            "UDP",
+            format!(
+                "{} cannot be used ({e}): another program holds it?",
+                cfg.listen
+            ),
+        ),
+    }
+    for a in &cfg.tcp.listen {
+        match std::net::TcpListener::bind(a) {
+            Ok(_) => d.line("OK", "TCP", format!("{a} free (the relay is not running)")),
+            Err(_) if running => d.line("OK", "TCP", format!("{a} served by this relay")),
+            Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => d.line(
+                "FAIL",
+                "TCP",
+                format!("{a}: not allowed ({e}); ports below 1024 need CAP_NET_BIND_SERVICE"),
+            ),
+            Err(e) => d.line(
+                "FAIL",
+                "TCP",
+                format!("{a} cannot be used ({e}): another program holds it?"),
+            ),
+        }
+    }
+    if running {
+        d.line("OK", "health", "the running relay answers /health");
+    }
+
+    // Clock: technicians' certificates and revocation lists are checked against it.
+    match clock_synchronized() {
+        Some(true) => d.line("OK", "clock", "synchronised (NTP)"),
+        Some(false) => d.line(
+            "WARN",
+            "clock",
+            "not synchronised: turn on NTP (timedatectl set-ntp true); certificates are checked against it",
+        ),
+        None => d.line("WARN", "clock", "cannot tell whether the clock is synchronised (no timedatectl)"),
+    }
+
+    println!();
+    if d.failed > 0 {
+        bail!(
+            "{} problem(s) above need fixing ({} warning(s))",
+            d.failed,
+            d.warned
+        );
+    }
+    println!("Summary: no problems ({} warning(s))", d.warned);
+    Ok(())
+}
+
+/// Whether the relay of this configuration answers /health (quietly).
+fn health_quiet(cfg: &Config) -> bool {
+    let Some(mut addr) = cfg.metrics_listen else {
+        return false;
+    };
+    if addr.ip().is_unspecified() {
+        addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+    }
+    std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_secs(1)).is_ok()
+}
+
+/// NTP synchronisation as systemd reports it; `None` when it cannot be asked.
+fn clock_synchronized() -> Option<bool> {
+    let out = std::process::Command::new("timedatectl")
+        .args(["show", "-p", "NTPSynchronized", "--value"])
+        .stderr(std::process::Stdio::null())
+        .output()
+        .ok()?;
+    if !out.status.success() {
+        return None;
+    }
+    match String::from_utf8_lossy(&out.stdout).trim() {
+        "yes" => Some(true),
+        "no" => Some(false),
+        _ => None,
     }
 }
 
