@@ -574,7 +574,60 @@ pub fn clock() -> String {
 pub struct Shared {
     pub state: Mutex<State>,
     pub toolbox: Mutex<ToolboxView>,
+    /// The window's "Check connection".
+    pub check: Mutex<CheckView>,
     ctx: Option<eframe::egui::Context>,
+}
+
+/// What the window's "Check connection" needs and found.
+#[derive(Default)]
+pub struct CheckView {
+    /// How this agent reaches its relay (known once the settings are read).
+    pub opts: Option<ConnectOptions>,
+    /// Where the result is also reported (a `check` event).
+    pub out: Option<EventOut>,
+    pub running: bool,
+    pub report: Option<tandem_client::check::Report>,
+}
+
+impl Shared {
+    /// Runs the connection check on a thread of its own (the session logic is not disturbed);
+    /// the window shows the report when it is there.
+    pub fn start_check(self: &Arc<Self>) {
+        let (opts, out) = {
+            let mut c = lock(&self.check);
+            if c.running {
+                return;
+            }
+            let Some(o) = c.opts.clone() else { return };
+            c.running = true;
+            (o, c.out.clone())
+        };
+        let me = self.clone();
+        let spawned = std::thread::Builder::new()
+            .name("tandem-check".into())
+            .spawn(move || {
+                let report = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .map(|rt| rt.block_on(tandem_client::check::check(&opts)));
+                if let (Some(out), Ok(r)) = (&out, &report) {
+                    out.event(
+                        "check",
+                        &format!("Connection check: {}", r.summary),
+                        serde_json::to_value(r).unwrap_or_default(),
+                    );
+                }
+                let mut c = lock(&me.check);
+                c.running = false;
+                c.report = report.ok();
+                drop(c);
+                me.repaint();
+            });
+        if spawned.is_err() {
+            lock(&self.check).running = false;
+        }
+    }
 }
 
 impl Shared {
@@ -783,6 +836,7 @@ fn main() -> std::process::ExitCode {
                 relay: String::new(),
             }),
             toolbox: Mutex::default(),
+            check: Mutex::default(),
             ctx: None,
         });
         return finish(rt.block_on(run(cli, shared, rx, tx)));
@@ -794,6 +848,7 @@ fn main() -> std::process::ExitCode {
             relay: cli.relay.clone().unwrap_or_default(),
         }),
         toolbox: Mutex::default(),
+        check: Mutex::default(),
         ctx: Some(ctx.clone()),
     });
     let logic = {
@@ -966,6 +1021,11 @@ async fn run(
     };
     let desktop = choose_desktop(&cli, file.backend.as_deref(), &report)?;
     let opts = connect_options(&cli, &file_network, relay.clone(), trust)?;
+    {
+        let mut c = lock(&report.shared.check);
+        c.opts = Some(opts.clone());
+        c.out = Some(report.out);
+    }
     let trust = org_trust(&cli, &file)?;
     let org_public = trust.as_ref().map(|t| t.org().clone());
     if let Some(o) = &org_public {
@@ -2427,6 +2487,7 @@ mod tests {
                     relay: String::new(),
                 }),
                 toolbox: Mutex::default(),
+                check: Mutex::default(),
                 ctx: None,
             }),
             tools: tandem_host::Tools::default(),

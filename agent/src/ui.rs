@@ -157,6 +157,42 @@ pub fn options() -> eframe::NativeOptions {
 
 const WARN: Color32 = Color32::from_rgb(0xe0, 0x8a, 0x00);
 const LIVE: Color32 = Color32::from_rgb(0xc6, 0x28, 0x28);
+const OK_GREEN: Color32 = Color32::from_rgb(0x2d, 0xa4, 0x4e);
+
+impl AgentWindow {
+    /// "Check connection" and its report (before and outside sessions).
+    fn check(&mut self, ui: &mut egui::Ui) {
+        let (available, running, report) = {
+            let c = crate::lock(&self.shared.check);
+            (c.opts.is_some(), c.running, c.report.clone())
+        };
+        if !available {
+            return;
+        }
+        ui.add_space(8.0);
+        ui.horizontal(|ui| {
+            let label = if running {
+                "Checking…"
+            } else {
+                "Check connection"
+            };
+            if ui.add_enabled(!running, egui::Button::new(label)).clicked() {
+                self.shared.start_check();
+            }
+        });
+        if let Some(r) = report {
+            ui.label(RichText::new(&r.summary).strong().color(if r.reachable {
+                OK_GREEN
+            } else {
+                LIVE
+            }));
+            ui.small("Read this line to your IT provider if they ask.");
+            for st in &r.steps {
+                ui.small(format!("{}  {}: {}", st.verdict, st.what, st.detail));
+            }
+        }
+    }
+}
 
 impl eframe::App for AgentWindow {
     fn ui(&mut self, ui: &mut egui::Ui, _frame: &mut eframe::Frame) {
@@ -176,6 +212,7 @@ impl eframe::App for AgentWindow {
                 Phase::Connecting => {
                     ui.heading("Connecting to the relay…");
                     ui.label(format!("Relay: {relay}"));
+                    self.check(ui);
                 }
                 Phase::Waiting {
                     code,
@@ -213,6 +250,7 @@ impl eframe::App for AgentWindow {
                     );
                     ui.add_space(8.0);
                     ui.small(format!("Relay: {relay}"));
+                    self.check(ui);
                 }
                 Phase::Paused { until, note } => {
                     ui.colored_label(WARN, note);
@@ -327,6 +365,7 @@ impl eframe::App for AgentWindow {
                 Phase::Failed { text } => {
                     ui.heading("Tandem cannot continue");
                     ui.colored_label(LIVE, text);
+                    self.check(ui);
                 }
                 Phase::Closing => {}
             }

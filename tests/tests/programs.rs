@@ -1400,3 +1400,59 @@ async fn an_unusable_desktop_is_refused_before_a_code() {
     assert!(stderr.contains("cannot be shared"), "{stderr}");
     assert!(stderr.contains("Wayland"), "{stderr}");
 }
+
+/// The agent window's "Check connection": one click, every way to the relay tried, the line to
+/// read out shown (and reported as a `check` event).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_window_checks_the_connection() {
+    let (_dir, relay, _token) = setup().await;
+    let x = tandem_tests::x11::Xvfb::start(1024, 768);
+    let state = tempfile::tempdir().unwrap();
+    let mut child = Command::new(binary("tandem-agent"))
+        .env("TANDEM_AGENT_STATE_DIR", state.path())
+        .args([
+            "--relay",
+            &relay.addr,
+            "--relay-pin",
+            &relay.pin.to_string(),
+            "--json",
+            "--print-code",
+        ])
+        .env("DISPLAY", &x.display)
+        .env("LIBGL_ALWAYS_SOFTWARE", "1")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut agent = Agent {
+        child,
+        lines,
+        _state: state,
+    };
+    let _ = agent.code().await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let display = x.display.clone();
+    // "Check connection", under the relay's address (see target/screenshots/agent-check.png).
+    tokio::task::spawn_blocking(move || x_click(&display, 66, 184))
+        .await
+        .unwrap();
+    let check = agent.next("check").await;
+    assert_eq!(check["reachable"], true, "{check}");
+    assert!(
+        check["summary"]
+            .as_str()
+            .unwrap()
+            .contains("OK: connected over QUIC"),
+        "{check}"
+    );
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let shots = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/screenshots");
+    std::fs::create_dir_all(&shots).unwrap();
+    let _ = std::process::Command::new(binary("tandem-screenshot"))
+        .arg(&x.display)
+        .arg(shots.join("agent-check.png"))
+        .status();
+    relay.terminate().await;
+}

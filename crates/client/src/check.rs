@@ -96,6 +96,10 @@ enum Attempt {
 fn classify(e: &ClientError) -> Attempt {
     let text = e.to_string();
     match e {
+        // A TCP-only attempt: what TCP met says it all (not the QUIC advice).
+        ClientError::Unreachable { tcp, .. } if !tcp.is_empty() && !tcp.contains("pin") => {
+            Attempt::Failed(tcp.clone())
+        }
         ClientError::Tls(_) if text.contains("pin") || text.contains("certificate") => {
             Attempt::PinMismatch(text)
         }
@@ -152,7 +156,7 @@ pub async fn check(opts: &ConnectOptions) -> Report {
         Ok((addr, host)) => r.push(
             "DNS",
             Verdict::Ok,
-            format!("{host} → {} ({} ms)", addr.ip(), t.elapsed().as_millis()),
+            format!("{host} is {} ({} ms)", addr.ip(), t.elapsed().as_millis()),
         ),
         Err(e) => {
             r.push("DNS", Verdict::Fail, e.to_string());
