@@ -601,7 +601,7 @@ impl Shared {
             }
             let Some(o) = c.opts.clone() else { return };
             c.running = true;
-            (o, c.out.clone())
+            (o, c.out)
         };
         let me = self.clone();
         let spawned = std::thread::Builder::new()
