@@ -137,6 +137,11 @@ struct Cli {
     /// when none started for a second and a half).
     #[arg(long)]
     end_when_done: bool,
+    /// Check the connection to the relay and exit: DNS, UDP, TCP and proxy paths, the relay's
+    /// certificate against the pin, with one line to sum it up. Exits 0 when the relay can be
+    /// reached, 13 when not, 14 when its certificate does not match.
+    #[arg(long)]
+    check: bool,
     /// End the session after this many decoded frames.
     #[arg(long)]
     frames: Option<u64>,
@@ -583,6 +588,35 @@ fn main() -> std::process::ExitCode {
         Err(f) => return fail(f),
     };
     let out = EventOut { json: cli.json };
+    if cli.check {
+        if form.relay.trim().is_empty() {
+            return fail(Failure::usage(anyhow::anyhow!(
+                "no relay to check: give --relay HOST:PORT --relay-pin sha256:… (or log in once)"
+            )));
+        }
+        let opts = match connect_options(form.relay.trim(), &form, &login) {
+            Ok((o, _)) => o,
+            Err(f) => return fail(f),
+        };
+        let report = rt.block_on(tandem_client::check::check(&opts));
+        if cli.json {
+            println!("{}", serde_json::to_string(&report).unwrap_or_default());
+        } else {
+            println!("Tandem connection check");
+            print!("{}", report.text());
+        }
+        let pin_failed = report
+            .steps
+            .iter()
+            .any(|s| s.what == "certificate" && s.verdict == tandem_client::check::Verdict::Fail);
+        return std::process::ExitCode::from(if report.reachable {
+            exit::OK
+        } else if pin_failed {
+            exit::RELAY_NOT_TRUSTED
+        } else {
+            exit::RELAY_UNREACHABLE
+        });
+    }
     let windowed = !cli.headless
         && cli.list_devices.is_none()
         && std::env::var_os("DISPLAY").is_some_and(|d| !d.is_empty());

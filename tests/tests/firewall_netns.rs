@@ -908,4 +908,25 @@ async fn check_reports_udp_blocked_and_a_wrong_pin() {
             .contains("does not match the pin"),
         "{r}"
     );
+
+    // The console's --check: the same report; exit codes 0 and 14 (relay not trusted).
+    for (pin, expected) in [(relay.pin.as_str(), 0), (wrong.as_str(), 14)] {
+        let mut cmd = net.c.command(binary("tandem-console"));
+        clean_env(&mut cmd);
+        let cfg = tempfile::tempdir().unwrap();
+        cmd.args(["--relay", &format!("{RELAY_C}:{PORT}")])
+            .args(["--relay-pin", pin])
+            .args(["--check", "--json", "--headless"])
+            .arg("--config")
+            .arg(cfg.path().join("console.toml"))
+            .stdin(Stdio::null());
+        let out = tokio::time::timeout(T, cmd.output())
+            .await
+            .unwrap()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(out.status.code(), Some(expected), "{text}");
+        let r: serde_json::Value = serde_json::from_str(text.trim()).unwrap();
+        assert_eq!(r["reachable"], expected == 0, "{r}");
+    }
 }
