@@ -962,9 +962,18 @@ async fn run(
 ) -> Result<()> {
     let file = file_config(&cli)?;
     let file_network = file.network();
-    let relay = cli.relay.clone().or(file.relay.clone()).context(
-        "no relay given: use --relay HOST:PORT (or a tandem-agent.toml next to the program)",
-    )?;
+    let relay = match cli.relay.clone().or(file.relay.clone()) {
+        Some(r) => r,
+        // In the window's words for a user who double-clicked a plain agent.
+        None if shared.ctx.is_some() => bail!(
+            "This Tandem agent does not know which relay to use. Ask your IT provider for their \
+             ready Tandem download, and run that one instead."
+        ),
+        None => bail!(
+            "no relay given: use --relay HOST:PORT --relay-pin sha256:… (or run the ready agent \
+             your IT provider made with `tandem-relay agent-bundle`)"
+        ),
+    };
     lock(&shared.state).relay = relay.clone();
     let pin = cli.relay_pin.clone().or(file.relay_pin.clone());
     let ca = cli.relay_ca.clone().or(file.relay_ca.clone());
