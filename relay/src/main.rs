@@ -465,13 +465,22 @@ fn doctor(cfg: &Config) -> Result<()> {
 
 /// Whether the relay of this configuration answers /health (quietly).
 fn health_quiet(cfg: &Config) -> bool {
-    let Some(mut addr) = cfg.metrics_listen else {
-        return false;
-    };
+    health_addr(cfg).is_some_and(|addr| {
+        std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_secs(1)).is_ok()
+    })
+}
+
+/// Where this configuration's relay answers /health from this machine (a wildcard listen
+/// address is reached on loopback); `None` when metrics are off.
+fn health_addr(cfg: &Config) -> Option<std::net::SocketAddr> {
+    let mut addr = cfg.metrics_listen?;
     if addr.ip().is_unspecified() {
-        addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+        addr.set_ip(match addr {
+            std::net::SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+            std::net::SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+        });
     }
-    std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_secs(1)).is_ok()
+    Some(addr)
 }
 
 /// NTP synchronisation as systemd reports it; `None` when it cannot be asked.
@@ -494,15 +503,9 @@ fn clock_synchronized() -> Option<bool> {
 /// `tandem-relay health`.
 fn health(cfg: &Config) -> Result<()> {
     use std::io::{Read, Write};
-    let mut addr = cfg.metrics_listen.context(
+    let addr = health_addr(cfg).context(
         "metrics and health are switched off (metrics_listen = \"off\"); nothing to ask",
     )?;
-    if addr.ip().is_unspecified() {
-        addr.set_ip(match addr {
-            std::net::SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
-            std::net::SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
-        });
-    }
     let timeout = std::time::Duration::from_secs(3);
     let mut s = std::net::TcpStream::connect_timeout(&addr, timeout)
         .with_context(|| format!("no relay answers on {addr} (is it running?)"))?;

@@ -763,13 +763,9 @@ fn x_click(display: &str, x: i16, y: i16) {
     conn.sync().unwrap();
 }
 
-/// The agent's window: it shows the code, asks for consent when the technician joins, the user's
-/// click on "Allow control" starts the session, the view-only switch takes control away, and End
-/// ends the session with the console told why.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn agent_window_consent_view_only_and_end() {
-    let (_dir, relay, token) = setup().await;
-    let x = tandem_tests::x11::Xvfb::start(1024, 768);
+/// A real agent with its window on `x` (Mesa's software renderer), events as JSON, the code
+/// printed too (a windowed agent keeps it off stdout unless asked).
+fn windowed_agent(relay: &RelayProcess, x: &tandem_tests::x11::Xvfb, extra: &[&str]) -> Agent {
     let state = tempfile::tempdir().unwrap();
     let mut child = Command::new(binary("tandem-agent"))
         .env("TANDEM_AGENT_STATE_DIR", state.path())
@@ -778,11 +774,9 @@ async fn agent_window_consent_view_only_and_end() {
             &relay.addr,
             "--relay-pin",
             &relay.pin.to_string(),
-            "--json",
-            "--once",
-            // A windowed agent keeps the code off stdout unless asked.
-            "--print-code",
         ])
+        .args(["--json", "--print-code"])
+        .args(extra)
         .env("DISPLAY", &x.display)
         .env("LIBGL_ALWAYS_SOFTWARE", "1")
         .stdout(Stdio::piped())
@@ -791,11 +785,21 @@ async fn agent_window_consent_view_only_and_end() {
         .spawn()
         .unwrap();
     let lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let mut agent = Agent {
+    Agent {
         child,
         lines,
         _state: state,
-    };
+    }
+}
+
+/// The agent's window: it shows the code, asks for consent when the technician joins, the user's
+/// click on "Allow control" starts the session, the view-only switch takes control away, and End
+/// ends the session with the console told why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_window_consent_view_only_and_end() {
+    let (_dir, relay, token) = setup().await;
+    let x = tandem_tests::x11::Xvfb::start(1024, 768);
+    let mut agent = windowed_agent(&relay, &x, &["--once"]);
     let code = agent.code().await;
     let console = spawn_console(&relay, &token, &code, &["--seconds", "25"]);
     let asked = agent.next("consent_asked").await;
@@ -1407,30 +1411,7 @@ async fn an_unusable_desktop_is_refused_before_a_code() {
 async fn agent_window_checks_the_connection() {
     let (_dir, relay, _token) = setup().await;
     let x = tandem_tests::x11::Xvfb::start(1024, 768);
-    let state = tempfile::tempdir().unwrap();
-    let mut child = Command::new(binary("tandem-agent"))
-        .env("TANDEM_AGENT_STATE_DIR", state.path())
-        .args([
-            "--relay",
-            &relay.addr,
-            "--relay-pin",
-            &relay.pin.to_string(),
-            "--json",
-            "--print-code",
-        ])
-        .env("DISPLAY", &x.display)
-        .env("LIBGL_ALWAYS_SOFTWARE", "1")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let mut agent = Agent {
-        child,
-        lines,
-        _state: state,
-    };
+    let mut agent = windowed_agent(&relay, &x, &[]);
     let _ = agent.code().await;
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let display = x.display.clone();
