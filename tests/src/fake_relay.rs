@@ -274,6 +274,12 @@ async fn serve(
             ClientMsg::Ping { nonce } => {
                 let _ = tx.send(RelayMsg::Pong { nonce });
             }
+            ClientMsg::Time { nonce } => {
+                let unix_ms = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_millis() as u64);
+                let _ = tx.send(RelayMsg::Time { nonce, unix_ms });
+            }
             ClientMsg::End { reason } => {
                 if let Some(p) = peer.take() {
                     let _ = p.send(RelayMsg::SessionEnded { reason });

@@ -245,6 +245,15 @@ impl RelayProcess {
         Self::start_on_port(data_dir, extra, free_port()).await
     }
 
+    /// Starts the relay binary with extra arguments and environment (e.g. libfaketime's).
+    pub async fn start_with_env(
+        data_dir: &Path,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> RelayProcess {
+        Self::start_on_port_env(data_dir, extra, free_port(), env).await
+    }
+
     /// Kills the relay (SIGKILL: no drain, no goodbye) and starts it again on the same address.
     pub async fn crash_and_restart(self, data_dir: &Path) -> RelayProcess {
         self.crash_and_restart_with(data_dir, &[]).await
@@ -262,6 +271,15 @@ impl RelayProcess {
     }
 
     async fn start_on_port(data_dir: &Path, extra: &[&str], port: u16) -> RelayProcess {
+        Self::start_on_port_env(data_dir, extra, port, &[]).await
+    }
+
+    async fn start_on_port_env(
+        data_dir: &Path,
+        extra: &[&str],
+        port: u16,
+        env: &[(&str, &str)],
+    ) -> RelayProcess {
         use tokio::io::AsyncBufReadExt;
         let mport = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
@@ -276,6 +294,7 @@ impl RelayProcess {
             .arg("--metrics-listen")
             .arg(format!("127.0.0.1:{mport}"))
             .args(extra)
+            .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .kill_on_drop(true)

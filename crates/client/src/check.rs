@@ -88,7 +88,12 @@ impl Report {
 
 /// What one transport attempt found.
 enum Attempt {
-    Ok { ms: u128, rtt: Duration },
+    Ok {
+        ms: u128,
+        rtt: Duration,
+        /// The relay's clock against ours, or why it could not be asked.
+        clock: Result<(i64, u64), String>,
+    },
     PinMismatch(String),
     Failed(String),
 }
@@ -118,11 +123,18 @@ async fn attempt(opts: ConnectOptions) -> Attempt {
     )
     .await
     {
-        Ok(Ok(link)) => {
+        Ok(Ok(mut link)) => {
             let rtt = link.connection().rtt();
             let ms = t.elapsed().as_millis();
+            let clock = match tokio::time::timeout(STEP_TIMEOUT, link.clock_offset()).await {
+                Ok(Ok(o)) => Ok(o),
+                Ok(Err(e)) => Err(format!(
+                    "the relay did not tell its time ({e}); an older relay"
+                )),
+                Err(_) => Err("the relay did not tell its time".to_string()),
+            };
             link.close().await;
-            Attempt::Ok { ms, rtt }
+            Attempt::Ok { ms, rtt, clock }
         }
         Ok(Err(e)) => classify(&e),
         Err(_) => Attempt::Failed(format!("no answer within {} s", STEP_TIMEOUT.as_secs())),
@@ -166,6 +178,7 @@ pub async fn check(opts: &ConnectOptions) -> Report {
 
     // QUIC over UDP.
     let mut pin_mismatch: Option<String> = None;
+    let mut clock: Option<Result<(i64, u64), String>> = None;
     let udp_name = udp_port.map_or("UDP".to_string(), |p| format!("UDP {p}"));
     let udp_ok = if opts.transports == Transports::Tcp {
         r.push(
@@ -180,7 +193,8 @@ pub async fn check(opts: &ConnectOptions) -> Report {
             ..base.clone()
         };
         match attempt(o).await {
-            Attempt::Ok { ms, rtt } => {
+            Attempt::Ok { ms, rtt, clock: c } => {
+                clock = Some(c);
                 r.push(
                     &udp_name,
                     Verdict::Ok,
@@ -228,6 +242,8 @@ pub async fn check(opts: &ConnectOptions) -> Report {
         }
     };
     let mut tcp_ok: Option<String> = None;
+    // Steps of TCP ports that did not answer (not those with a wrong certificate).
+    let mut tcp_failed: Vec<usize> = Vec::new();
     if opts.transports == Transports::Quic {
         r.push("TCP", Verdict::Skipped, "transport = quic: TCP is not used");
     } else if opts.tcp.is_empty() {
@@ -245,7 +261,10 @@ pub async fn check(opts: &ConnectOptions) -> Report {
             ..base.clone()
         };
         match attempt(o).await {
-            Attempt::Ok { ms, .. } => {
+            Attempt::Ok { ms, clock: c, .. } => {
+                if !matches!(clock, Some(Ok(_))) {
+                    clock = Some(c);
+                }
                 r.push(
                     &name,
                     Verdict::Ok,
@@ -258,7 +277,31 @@ pub async fn check(opts: &ConnectOptions) -> Report {
                 pin_mismatch.get_or_insert(e);
             }
             Attempt::Failed(e) => {
-                r.push(&name, Verdict::Fail, format!("{target}{proxy_note}: {e}"));
+                // Most dial errors name the target already (sometimes twice: "T: cannot
+                // connect to T").
+                let t = target.to_string();
+                let e = match e.strip_prefix(&format!("{t}: ")) {
+                    Some(rest) if rest.contains(&t) => rest.to_owned(),
+                    _ => e,
+                };
+                let detail = if e.contains(&t) {
+                    format!("{e}{proxy_note}")
+                } else {
+                    format!("{t}{proxy_note}: {e}")
+                };
+                tcp_failed.push(r.steps.len());
+                r.push(&name, Verdict::Fail, detail);
+            }
+        }
+    }
+    // A TCP port that failed while the relay was reached another way is a caveat (the relay may
+    // not listen there; a network that later blocks UDP needs it), not a failure.
+    if udp_ok || tcp_ok.is_some() {
+        for i in tcp_failed {
+            if let Some(st) = r.steps.get_mut(i) {
+                st.verdict = Verdict::Warn;
+                st.detail
+                    .push_str(" (not needed now; the relay may not listen there)");
             }
         }
     }
@@ -281,6 +324,23 @@ pub async fn check(opts: &ConnectOptions) -> Report {
         (None, false) => r.push("certificate", Verdict::Skipped, "nothing reached the relay"),
     }
 
+    // The clock, against the relay's.
+    let clock_note = match &clock {
+        Some(Ok((offset, uncertainty))) => {
+            let (verdict, detail) = clock_verdict(*offset, *uncertainty);
+            r.push("clock", verdict, detail);
+            (verdict != Verdict::Ok).then(|| clock_summary(*offset))
+        }
+        Some(Err(e)) => {
+            r.push("clock", Verdict::Skipped, e.clone());
+            None
+        }
+        None => {
+            r.push("clock", Verdict::Skipped, "nothing reached the relay");
+            None
+        }
+    };
+
     r.reachable = udp_ok || tcp_ok.is_some();
     r.summary = match (udp_ok, &tcp_ok, &pin_mismatch) {
         (_, _, Some(_)) if !r.reachable => {
@@ -299,7 +359,79 @@ pub async fn check(opts: &ConnectOptions) -> Report {
             opts.tcp.iter().map(tcp_name).collect::<Vec<_>>().join(", ")
         ),
     };
+    if let Some(note) = clock_note {
+        r.summary.push_str("; ");
+        r.summary.push_str(&note);
+    }
     r
+}
+
+/// Clock differences up to this are fine (certificates and signed records allow for it).
+pub const CLOCK_OK: Duration = Duration::from_secs(60);
+/// Clock differences above this break certificate and signature times: a failure.
+pub const CLOCK_BAD: Duration = Duration::from_secs(3600);
+
+/// How far the relay's clock is ahead of ours (ms, negative: behind) and the uncertainty (half
+/// the round trip), from our clock when we asked (`sent`), when it answered (`received`), and
+/// the relay's clock in its answer. Assumes the answer was made half-way through the round trip.
+pub fn clock_offset(sent: u64, received: u64, relay: u64) -> (i64, u64) {
+    let received = received.max(sent);
+    let half = (received - sent) / 2;
+    let mid = i128::from(sent) + i128::from(half);
+    let offset = (i128::from(relay) - mid).clamp(i128::from(i64::MIN), i128::from(i64::MAX));
+    (offset as i64, half)
+}
+
+/// "4 min", "3 h", "2 days": a clock difference for people.
+fn span(ms: u64) -> String {
+    let s = ms / 1000;
+    match s {
+        0..=119 => format!("{s} s"),
+        120..=7199 => format!("{} min", s / 60),
+        7200..=172_799 => format!("{} h", s / 3600),
+        _ => format!("{} days", s / 86_400),
+    }
+}
+
+/// The clock step: OK within [`CLOCK_OK`] (beyond what the measurement cannot tell apart),
+/// WARN up to [`CLOCK_BAD`], FAIL beyond.
+pub fn clock_verdict(offset: i64, uncertainty: u64) -> (Verdict, String) {
+    let off = offset.unsigned_abs();
+    // Only what is certainly off counts: the round trip hides up to `uncertainty`.
+    let sure = off.saturating_sub(uncertainty);
+    let side = if offset > 0 { "behind" } else { "ahead of" };
+    if u128::from(sure) <= CLOCK_OK.as_millis() {
+        (
+            Verdict::Ok,
+            format!("within {} of the relay's clock", span(off.max(1000))),
+        )
+    } else if u128::from(sure) <= CLOCK_BAD.as_millis() {
+        (
+            Verdict::Warn,
+            format!(
+                "this computer's clock is {} {side} the relay's: turn on \"set time automatically\"",
+                span(off)
+            ),
+        )
+    } else {
+        (
+            Verdict::Fail,
+            format!(
+                "this computer's clock is {} {side} the relay's: certificates will look expired \
+                 or not yet valid; fix the date and time",
+                span(off)
+            ),
+        )
+    }
+}
+
+/// The clock's part of the summary line.
+fn clock_summary(offset: i64) -> String {
+    let side = if offset > 0 { "slow" } else { "fast" };
+    format!(
+        "clock {} {side}: fix the date and time",
+        span(offset.unsigned_abs())
+    )
 }
 
 fn short_pin(p: &str) -> String {
@@ -332,6 +464,40 @@ mod tests {
         assert!(t.ends_with("Summary: UDP blocked, using TCP 443: OK\n"));
         let j = serde_json::to_value(&r).unwrap();
         assert_eq!(j["steps"][0]["verdict"], "FAIL");
+    }
+
+    #[test]
+    fn clock_offset_takes_the_middle_of_the_round_trip() {
+        // Asked at 1000, answered at 1100, relay said 1050: in step, uncertain by 50 ms.
+        assert_eq!(clock_offset(1000, 1100, 1050), (0, 50));
+        // Relay 2 h ahead.
+        assert_eq!(clock_offset(1000, 1100, 7_201_050), (7_200_000, 50));
+        // Relay behind (our clock fast).
+        assert_eq!(clock_offset(10_000, 10_000, 4_000), (-6_000, 0));
+        // A wall clock that stepped back while waiting is not a negative round trip.
+        assert_eq!(clock_offset(1000, 900, 1000), (0, 0));
+        // Absurd values saturate instead of overflowing.
+        assert_eq!(clock_offset(u64::MAX, u64::MAX, 0).0, i64::MIN);
+    }
+
+    #[test]
+    fn clock_verdicts() {
+        assert_eq!(clock_verdict(1_200, 20).0, Verdict::Ok);
+        assert_eq!(clock_verdict(-59_000, 20).0, Verdict::Ok);
+        // 70 s off but the round trip was 30 s long: cannot be sure it is over a minute.
+        assert_eq!(clock_verdict(70_000, 15_000).0, Verdict::Ok);
+        let (v, d) = clock_verdict(-240_000, 20);
+        assert_eq!(v, Verdict::Warn);
+        assert!(d.contains("4 min ahead of the relay's"), "{d}");
+        let (v, d) = clock_verdict(3 * 3_600_000, 20);
+        assert_eq!(v, Verdict::Fail);
+        assert!(d.contains("3 h behind the relay's"), "{d}");
+        assert!(d.contains("fix the date and time"), "{d}");
+        assert_eq!(
+            clock_summary(3 * 3_600_000),
+            "clock 3 h slow: fix the date and time"
+        );
+        assert_eq!(span(3 * 86_400_000), "3 days");
     }
 
     #[test]

@@ -749,6 +749,25 @@ impl RelayLink {
         }
     }
 
+    /// Asks the relay for its clock. Returns how far the relay's clock is ahead of this computer's
+    /// in milliseconds (negative: behind) and the measurement's uncertainty (half the round trip).
+    pub async fn clock_offset(&mut self) -> Result<(i64, u64), ClientError> {
+        let t0 = unix_ms();
+        let nonce = t0;
+        self.send(&ClientMsg::Time { nonce }).await?;
+        loop {
+            match self.reply().await? {
+                RelayMsg::Time { nonce: n, unix_ms } if n == nonce => {
+                    let t1 = unix_ms_now_after(t0);
+                    return Ok(check::clock_offset(t0, t1, unix_ms));
+                }
+                RelayMsg::Time { .. } => continue,
+                RelayMsg::Refused { code, .. } => return Err(ClientError::Refused { code }),
+                other => return Err(unexpected(other)),
+            }
+        }
+    }
+
     /// Agent: asks for a slot; returns it and its lifetime.
     pub async fn register(&mut self) -> Result<(Slot, Duration), ClientError> {
         let client = ClientInfo {
@@ -1233,4 +1252,16 @@ impl EventOut {
         }
         let _ = std::io::stdout().flush();
     }
+}
+
+/// This computer's clock in milliseconds since the Unix epoch (0 before 1970).
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// The clock now, never before `t0` (the wall clock may step back while we wait).
+fn unix_ms_now_after(t0: u64) -> u64 {
+    unix_ms().max(t0)
 }

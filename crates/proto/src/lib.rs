@@ -150,6 +150,10 @@ pub enum ClientMsg {
     ListDevices { query: String, offset: u32 },
     /// Console (proven): pair with the online device `device` (its id).
     Connect { device: String },
+    /// Asks for the relay's clock; answered with [`RelayMsg::Time`]. "Check connection" compares
+    /// it with the local clock: certificates and signed device records are judged by time, so a
+    /// clock hours off fails in ways that look like something else.
+    Time { nonce: u64 },
 }
 
 /// Longest certificate or presence text carried in a device message.
@@ -243,6 +247,12 @@ pub enum RelayMsg {
         entries: Vec<DeviceListing>,
         offset: u32,
         total: u32,
+    },
+    /// Answer to [`ClientMsg::Time`]: the relay's clock when it answered, in milliseconds since
+    /// the Unix epoch.
+    Time {
+        nonce: u64,
+        unix_ms: u64,
     },
 }
 
@@ -461,7 +471,10 @@ impl Validate for ClientMsg {
             }
             ClientMsg::ListDevices { query, .. } => text_ok(query, MAX_TEXT),
             ClientMsg::Connect { device } => text_ok(device, 64),
-            ClientMsg::Join { .. } | ClientMsg::Ping { .. } | ClientMsg::Resume { .. } => Ok(()),
+            ClientMsg::Join { .. }
+            | ClientMsg::Ping { .. }
+            | ClientMsg::Time { .. }
+            | ClientMsg::Resume { .. } => Ok(()),
         }
     }
 }
@@ -627,6 +640,7 @@ mod tests {
             slot: Slot::new("417").unwrap(),
         });
         roundtrip_client(ClientMsg::Ping { nonce: u64::MAX });
+        roundtrip_client(ClientMsg::Time { nonce: 7 });
         roundtrip_client(ClientMsg::Resume {
             token: ResumeToken([1; 16]),
         });
@@ -648,6 +662,10 @@ mod tests {
                 resume: ResumeToken([7; 16]),
             },
             RelayMsg::PeerSuspended { grace_secs: 15 },
+            RelayMsg::Time {
+                nonce: 7,
+                unix_ms: 1_796_000_000_000,
+            },
             RelayMsg::Revocation {
                 list: "tandem-revocation-v1:AAAA".into(),
             },

@@ -1062,6 +1062,12 @@ async fn run_connection(
                 }
             }
             ClientMsg::Ping { nonce } => write_msg(&mut send, RelayMsg::Pong { nonce }).await?,
+            ClientMsg::Time { nonce } => {
+                let unix_ms = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+                write_msg(&mut send, RelayMsg::Time { nonce, unix_ms }).await?
+            }
             ClientMsg::Resume { token } => {
                 lock(&shared.registry)
                     .auth_attempt(id, now)

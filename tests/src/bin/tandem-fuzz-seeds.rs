@@ -32,6 +32,7 @@ fn main() {
         },
         ClientMsg::Join { slot: slot.clone() },
         ClientMsg::Ping { nonce: 7 },
+        ClientMsg::Time { nonce: 8 },
         ClientMsg::End {
             reason: EndReason::Other("bye".into()),
         },
