@@ -859,7 +859,7 @@ fn main() -> std::process::ExitCode {
                 Ok(()) => Phase::Closing,
                 Err(e) => Phase::Failed {
                     // The error may carry a relay's or peer's words: one plain, short line.
-                    text: names::printable(&format!("{e:#}"), 300),
+                    text: names::printable(&window_words(&format!("{e:#}")), 400),
                 },
             });
             r
@@ -904,6 +904,29 @@ fn connect_options(
             "invalid network settings (--transport, --relay-tcp, --relay-websocket, --proxy)",
         )?;
     Ok(opts)
+}
+
+/// An error as the agent's window says it: what the user can do (tell the IT provider, press
+/// "Check connection", get the ready download), not which flag to give. The terminal keeps the
+/// full text with flags. The original follows in brackets for the IT provider.
+fn window_words(text: &str) -> String {
+    let advice = if text.contains("does not match the pinned fingerprint") {
+        "The relay's certificate has changed, so this agent does not trust it. Do not continue: \
+         tell your IT provider (their relay was replaced, or something on this network \
+         intercepts the connection)."
+    } else if text.contains("the relay must be pinned") || text.contains("no relay given") {
+        "This Tandem agent is not set up for your IT provider's relay. Ask them for their ready \
+         Tandem download, and run that one instead."
+    } else if text.contains("no answer from the relay") || text.contains("cannot resolve relay") {
+        "Cannot reach your IT provider's relay. Press \"Check connection\" and read the summary \
+         line to your IT provider."
+    } else if text.contains("tandem-agent.toml") || text.contains("invalid network settings") {
+        "This Tandem agent's settings are wrong. Ask your IT provider for their ready Tandem \
+         download."
+    } else {
+        return text.to_owned();
+    };
+    format!("{advice} ({text})")
 }
 
 /// `--check`: the connection report, and the desktop this agent would share.
@@ -2486,6 +2509,28 @@ async fn ask_unattended(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn window_errors_say_what_to_do_in_the_window() {
+        let pin = tandem_certs::pin_mismatch_message(&fp(1), &fp(2));
+        let w = window_words(&pin);
+        assert!(w.starts_with("The relay's certificate has changed"), "{w}");
+        let w = window_words(
+            "no answer from the relay at 10.0.0.1:4433 within 10 s: check that it runs and that \
+             UDP port 4433 is reachable",
+        );
+        assert!(w.contains("Press \"Check connection\""), "{w}");
+        assert_eq!(
+            window_words("the technician ended the session"),
+            "the technician ended the session"
+        );
+    }
+
+    fn fp(b: u8) -> tandem_certs::Fingerprint {
+        format!("sha256:{}", format!("{b:02x}").repeat(32))
+            .parse()
+            .unwrap()
+    }
 
     fn report() -> Report {
         Report {

@@ -115,6 +115,16 @@ pub struct ConsoleApp {
     closes_when_done: bool,
     /// The login screen's device list.
     devices: Devices,
+    /// The login screen's "Check connection".
+    check: Check,
+}
+
+/// "Check connection" on the login screen: the same report as `--check`, for the form's relay.
+#[derive(Default)]
+struct Check {
+    pending: Option<std_mpsc::Receiver<tandem_client::check::Report>>,
+    report: Option<tandem_client::check::Report>,
+    error: Option<String>,
 }
 
 impl ConsoleApp {
@@ -139,6 +149,7 @@ impl ConsoleApp {
             exit_code,
             closes_when_done: seconds.is_some(),
             devices: Devices::default(),
+            check: Check::default(),
         };
         if auto {
             app.connect(ctx);
@@ -179,7 +190,8 @@ impl ConsoleApp {
                     let session = match crate::join(&form, &login).await {
                         Ok(s) => s,
                         Err(f) => {
-                            let _ = tx.send(Err((f.code, format!("{:#}", f.error))));
+                            let text = crate::pin_words(&format!("{:#}", f.error), true);
+                            let _ = tx.send(Err((f.code, text)));
                             ctx.request_repaint();
                             return;
                         }
@@ -273,8 +285,89 @@ impl ConsoleApp {
         self.devices.error = None;
     }
 
+    /// Checks every way to the form's relay in the background; [`Self::check_ui`] shows it.
+    fn start_check(&mut self, ctx: &egui::Context) {
+        self.check.report = None;
+        self.check.error = None;
+        let relay = self.form.relay.trim().to_owned();
+        if relay.is_empty() {
+            self.check.error = Some(crate::missing_relay(true));
+            return;
+        }
+        let opts = match crate::connect_options(&relay, &self.form, &self.login) {
+            Ok((o, _)) => o,
+            Err(f) => {
+                self.check.error = Some(format!("{:#}", f.error));
+                return;
+            }
+        };
+        let (tx, rx) = std_mpsc::channel();
+        let ctx = ctx.clone();
+        let out = self.out;
+        // If the runtime is gone the task is dropped with `tx`, and the poll reports that.
+        self.rt.spawn(async move {
+            let report = tandem_client::check::check(&opts).await;
+            out.event(
+                "check",
+                &report.summary,
+                serde_json::to_value(&report).unwrap_or_default(),
+            );
+            let _ = tx.send(report);
+            ctx.request_repaint();
+        });
+        self.check.pending = Some(rx);
+    }
+
+    /// The button and, once it ran, the report: the summary line first, then each step.
+    fn check_ui(&mut self, ui: &mut egui::Ui) -> bool {
+        if let Some(rx) = &self.check.pending {
+            match rx.try_recv() {
+                Ok(r) => {
+                    self.check.report = Some(r);
+                    self.check.pending = None;
+                }
+                Err(std_mpsc::TryRecvError::Empty) => {}
+                Err(std_mpsc::TryRecvError::Disconnected) => {
+                    self.check.pending = None;
+                    self.check.error = Some("the check stopped".into());
+                }
+            }
+        }
+        let running = self.check.pending.is_some();
+        ui.add_enabled(
+            !running,
+            egui::Button::new(if running {
+                "Checking…"
+            } else {
+                "Check connection"
+            }),
+        )
+        .on_hover_text(
+            "Try every way to the relay (UDP, TCP, proxy), its certificate and the clock",
+        )
+        .clicked()
+    }
+
+    fn check_report(&self, ui: &mut egui::Ui) {
+        if let Some(e) = &self.check.error {
+            ui.colored_label(Color32::from_rgb(0xd0, 0x40, 0x40), e);
+        }
+        if let Some(r) = &self.check.report {
+            let color = if r.reachable {
+                Color32::from_rgb(0x2e, 0x9e, 0x4f)
+            } else {
+                Color32::from_rgb(0xd0, 0x40, 0x40)
+            };
+            ui.label(RichText::new(&r.summary).strong().color(color));
+            for st in &r.steps {
+                ui.small(format!("{}  {}: {}", st.verdict, st.what, st.detail));
+            }
+        }
+    }
+
     fn login_ui(&mut self, ui: &mut egui::Ui, error: Option<String>) {
         let mut go = false;
+        let mut check = false;
         let mut action = None;
         let certified = self.login.credentials.is_some();
         egui::CentralPanel::default().show(ui, |ui| {
@@ -283,15 +376,20 @@ impl ConsoleApp {
             egui::Grid::new("login").num_columns(2).show(ui, |ui| {
                 ui.label("Relay");
                 ui.text_edit_singleline(&mut self.form.relay)
-                    .on_hover_text("host:port of your relay");
+                    .on_hover_text("host:port of your relay (your administrator has it)");
                 ui.end_row();
                 ui.label("Relay pin");
-                ui.text_edit_singleline(&mut self.form.pin)
-                    .on_hover_text("sha256:… as printed by `tandem-relay fingerprint`");
+                ui.text_edit_singleline(&mut self.form.pin).on_hover_text(
+                    "sha256:…: the relay's fingerprint; your administrator reads it with \
+                         `tandem-relay fingerprint`",
+                );
                 ui.end_row();
                 ui.label("Token");
                 ui.add(egui::TextEdit::singleline(&mut self.form.token).password(true))
-                    .on_hover_text("from `tandem-relay technician add`");
+                    .on_hover_text(
+                        "your technician token; your administrator makes it with \
+                         `tandem-relay technician add`",
+                    );
                 ui.end_row();
                 ui.label("Session code");
                 let r = ui.add(
@@ -305,19 +403,34 @@ impl ConsoleApp {
                 ui.end_row();
             });
             ui.add_space(8.0);
-            if ui.button(RichText::new("Connect").strong()).clicked() {
-                go = true;
-            }
+            ui.horizontal(|ui| {
+                if ui.button(RichText::new("Connect").strong()).clicked() {
+                    go = true;
+                }
+                check = self.check_ui(ui);
+            });
             if let Some(e) = &error {
                 ui.add_space(8.0);
                 ui.colored_label(Color32::from_rgb(0xd0, 0x40, 0x40), e);
             }
+            self.check_report(ui);
             ui.add_space(8.0);
             ui.small("Relay, pin and token are remembered after the first successful login.");
             ui.add_space(8.0);
             ui.separator();
-            action = self.devices.ui(ui, certified);
+            let cert_dir = self
+                .login
+                .cfg_path
+                .as_ref()
+                .and_then(|p| p.parent())
+                .map_or("the console's configuration folder".to_string(), |d| {
+                    d.display().to_string()
+                });
+            action = self.devices.ui(ui, certified, &cert_dir);
         });
+        if check {
+            self.start_check(ui.ctx());
+        }
         if go {
             self.form.device.clear();
             self.connect(ui.ctx());
@@ -545,14 +658,16 @@ impl Devices {
 
     /// The section: a fetch button, a search box, the table. `certified`: the technician's
     /// certificate is loaded (without it the relay lists nothing).
-    fn ui(&mut self, ui: &mut egui::Ui, certified: bool) -> Option<DeviceAction> {
+    /// `cert_dir`: where the console looks for the technician's certificate and key.
+    fn ui(&mut self, ui: &mut egui::Ui, certified: bool, cert_dir: &str) -> Option<DeviceAction> {
         self.poll();
         ui.heading("Devices");
         if !certified {
-            ui.label(
-                "Unattended access: load your technician certificate (--cert, --cert-key) to \
-                 see your organisation's devices",
-            );
+            ui.label(format!(
+                "Unattended access: put the technician.cert and technician.key your administrator \
+                 gave you in {cert_dir} and start the console again to see your organisation's \
+                 devices"
+            ));
             return None;
         }
         let mut action = None;

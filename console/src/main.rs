@@ -338,11 +338,22 @@ fn classify(e: &SessionError) -> u8 {
 #[derive(Clone)]
 pub struct Login {
     ca: Option<PathBuf>,
-    cfg_path: Option<PathBuf>,
+    pub(crate) cfg_path: Option<PathBuf>,
     remember: bool,
     timeout: Duration,
     network: tandem_client::NetworkArgs,
     credentials: Option<Arc<tandem_session::tandem_org::Credentials>>,
+    /// Errors are shown in the window: say what to do there (fields), not which flags to give.
+    window: bool,
+}
+
+/// "No relay": in the window's words or the command line's.
+pub fn missing_relay(window: bool) -> String {
+    if window {
+        "Enter the relay address (host:port; your administrator has it)".into()
+    } else {
+        "no relay given: use --relay HOST:PORT".into()
+    }
 }
 
 /// The relay connection options and session settings of a login.
@@ -352,8 +363,14 @@ fn connect_options(
     login: &Login,
 ) -> Result<(ConnectOptions, SessionConfig), Failure> {
     let pin = Some(form.pin.trim().to_owned()).filter(|p| !p.is_empty());
-    let trust =
-        RelayTrust::from_options(pin.as_deref(), login.ca.as_deref()).map_err(Failure::usage)?;
+    if login.window && pin.is_none() && login.ca.is_none() {
+        return Err(Failure::usage(anyhow::anyhow!(
+            "Enter the relay pin (sha256:…; your administrator reads it with `tandem-relay \
+             fingerprint`): Tandem never connects to a relay it cannot verify"
+        )));
+    }
+    let trust = RelayTrust::from_options(pin.as_deref(), login.ca.as_deref())
+        .map_err(|e| Failure::usage(anyhow::anyhow!(pin_words(&e.to_string(), login.window))))?;
     let mut opts = ConnectOptions::new(relay.to_owned(), trust);
     opts.software = format!("tandem-console {}", env!("CARGO_PKG_VERSION"));
     opts.timeout = login.timeout;
@@ -373,9 +390,19 @@ fn connect_options(
     Ok((opts, cfg))
 }
 
+/// A pin error in the window's words: the "Relay pin" field instead of `--relay-pin`.
+pub fn pin_words(text: &str, window: bool) -> String {
+    if window {
+        text.replace("--relay-pin", "the Relay pin field")
+    } else {
+        text.to_owned()
+    }
+}
+
 fn no_certificate() -> Failure {
     Failure::usage(anyhow::anyhow!(
-        "unattended access needs your technician certificate: --cert and --cert-key (or          technician.cert and technician.key beside console.toml)"
+        "unattended access needs your technician certificate: --cert and --cert-key (or \
+         technician.cert and technician.key beside console.toml)"
     ))
 }
 
@@ -501,21 +528,25 @@ async fn list_devices(
 pub async fn join(form: &gui::Form, login: &Login) -> Result<Session, Failure> {
     let relay = form.relay.trim().to_owned();
     if relay.is_empty() {
-        return Err(Failure::usage(anyhow::anyhow!(
-            "no relay given: use --relay HOST:PORT"
-        )));
+        return Err(Failure::usage(anyhow::anyhow!(missing_relay(login.window))));
     }
     let token = form.token.trim().to_owned();
     if token.is_empty() {
-        return Err(Failure::usage(anyhow::anyhow!(
+        return Err(Failure::usage(anyhow::anyhow!(if login.window {
+            "Enter your technician token (your administrator makes it with `tandem-relay \
+             technician add`)"
+        } else {
             "no technician token given: use --token (from `tandem-relay technician add`)"
-        )));
+        })));
     }
     let device = form.device.trim().to_owned();
     if form.code.trim().is_empty() && device.is_empty() {
-        return Err(Failure::usage(anyhow::anyhow!(
+        return Err(Failure::usage(anyhow::anyhow!(if login.window {
+            "Enter the session code the user reads out (like 417-382-905), or pick a computer \
+             from the device list"
+        } else {
             "no session code given: use --code 417-382-905 (or --device for an enrolled computer)"
-        )));
+        })));
     }
     let (opts, cfg) = connect_options(&relay, form, login)?;
     let pin = Some(form.pin.trim().to_owned()).filter(|p| !p.is_empty());
@@ -583,7 +614,7 @@ fn main() -> std::process::ExitCode {
         eprintln!("tandem-console: error: {:#}", f.error);
         std::process::ExitCode::from(f.code)
     };
-    let (form, login) = match setup(&cli) {
+    let (form, mut login) = match setup(&cli) {
         Ok(x) => x,
         Err(f) => return fail(f),
     };
@@ -626,6 +657,7 @@ fn main() -> std::process::ExitCode {
             Err(f) => fail(f),
         };
     }
+    login.window = true;
     let code = Arc::new(AtomicU8::new(exit::OK));
     let handle = rt.handle().clone();
     let seconds = cli.seconds;
@@ -695,6 +727,7 @@ fn setup(cli: &Cli) -> Result<(gui::Form, Login), Failure> {
         timeout: Duration::from_secs(cli.connect_timeout.max(1)),
         network: cli.network.clone(),
         credentials: credentials(cli).map_err(Failure::usage)?,
+        window: false,
     };
     Ok((form, login))
 }
