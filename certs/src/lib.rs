@@ -154,6 +154,19 @@ impl RelayIdentity {
     }
 }
 
+/// Creates `dir` (and missing parents) readable by this user only (mode 0700): it holds private
+/// keys. A directory that exists is left as it is.
+pub fn create_private_dir(dir: &Path) -> Result<(), CertError> {
+    let mut b = fs::DirBuilder::new();
+    b.recursive(true);
+    #[cfg(unix)]
+    std::os::unix::fs::DirBuilderExt::mode(&mut b, 0o700);
+    b.create(dir).map_err(|source| CertError::Write {
+        path: dir.to_path_buf(),
+        source,
+    })
+}
+
 /// Loads the relay identity from `data_dir`, creating a private CA and a relay certificate there if
 /// none exist. `names` are the DNS names and IP addresses the certificate is valid for (always
 /// including `localhost`, `127.0.0.1` and `::1`).
@@ -166,10 +179,7 @@ pub fn ensure_identity(data_dir: &Path, names: &[String]) -> Result<RelayIdentit
         id.ca_path = ca.exists().then_some(ca);
         return Ok(id);
     }
-    fs::create_dir_all(data_dir).map_err(|source| CertError::Write {
-        path: data_dir.to_path_buf(),
-        source,
-    })?;
+    create_private_dir(data_dir)?;
     let generated = generate(names)?;
     write_file(
         &data_dir.join(CA_CERT_FILE),

@@ -39,18 +39,19 @@ struct Cli {
     data_dir: Option<PathBuf>,
 
     /// UDP address to listen on. [default: 0.0.0.0:4433]
-    #[arg(long, env = "TANDEM_RELAY_LISTEN")]
+    #[arg(long, env = "TANDEM_RELAY_LISTEN", global = true)]
     listen: Option<String>,
 
     /// TCP address for /metrics and /health; "off" disables. [default: 127.0.0.1:9733]
-    #[arg(long, env = "TANDEM_RELAY_METRICS_LISTEN")]
+    #[arg(long, env = "TANDEM_RELAY_METRICS_LISTEN", global = true)]
     metrics_listen: Option<String>,
     /// TCP address for clients whose network drops UDP (TLS over TCP and WebSocket on the same
     /// port); repeat for several, `off` for none. [default: the --listen address, same port number]
     #[arg(
         long = "tcp-listen",
         env = "TANDEM_RELAY_TCP_LISTEN",
-        value_delimiter = ','
+        value_delimiter = ',',
+        global = true
     )]
     tcp_listen: Vec<String>,
 
@@ -59,11 +60,11 @@ struct Cli {
     names: Vec<String>,
 
     /// Use this PEM certificate chain (leaf first) instead of the generated one. Needs --key.
-    #[arg(long, env = "TANDEM_RELAY_CERT", requires = "key")]
+    #[arg(long, env = "TANDEM_RELAY_CERT", requires = "key", global = true)]
     cert: Option<PathBuf>,
 
     /// PEM private key of --cert.
-    #[arg(long, env = "TANDEM_RELAY_KEY", requires = "cert")]
+    #[arg(long, env = "TANDEM_RELAY_KEY", requires = "cert", global = true)]
     key: Option<PathBuf>,
 
     /// Log format: text or json.
@@ -700,7 +701,8 @@ fn init_logging(format: &str) -> Result<()> {
 }
 
 fn open_store(cfg: &Config) -> Result<Store> {
-    std::fs::create_dir_all(&cfg.data_dir)
+    // Readable by the relay's user only: it holds the relay's key and the technicians' database.
+    tandem_certs::create_private_dir(&cfg.data_dir)
         .with_context(|| format!("cannot create data directory {}", cfg.data_dir.display()))?;
     Store::open(&cfg.data_dir).context("cannot open the relay database")
 }

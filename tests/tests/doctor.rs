@@ -80,3 +80,19 @@ async fn doctor_reads_a_relay_without_changing_it() {
     assert!(!ok, "{text}");
     assert!(line(&text, "UDP").contains("another program"), "{text}");
 }
+
+/// A relay started on a data directory that does not exist yet makes it readable by its own user
+/// only (it holds the relay's key), and its doctor has nothing to say about the mode.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_data_directory_is_private() {
+    use std::os::unix::fs::PermissionsExt;
+    let base = tempfile::tempdir().unwrap();
+    let dir = base.path().join("new").join("tandem-relay");
+    let relay = RelayProcess::start(&dir).await;
+    let mode = std::fs::metadata(&dir).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o700, "data directory mode {mode:o}");
+    let metrics = relay.metrics.to_string();
+    let (ok, text) = doctor(&dir, &relay.addr, &metrics);
+    assert!(ok, "{text}");
+    assert!(!text.contains("chmod"), "{text}");
+}
