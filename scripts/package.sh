@@ -15,15 +15,9 @@ build_args=()
 # cargo-deb alone would build each package with its own feature set).
 [[ "${1:-}" == "--dev" ]] && profile=dev && build_args=(--no-build)
 
-if ! command -v dpkg-shlibdeps >/dev/null; then
-  if [[ $(id -u) -eq 0 ]]; then
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends dpkg-dev >/dev/null
-  else
-    echo "package.sh needs dpkg-dev (for the packages' library dependencies):" >&2
-    echo "  sudo apt-get install -y dpkg-dev" >&2
-    exit 1
-  fi
-fi
+# Build dependencies (nasm, the -dev libraries) and dpkg-dev (dpkg-shlibdeps, for the packages'
+# library dependencies): installed as root, otherwise the apt-get line is printed and we stop.
+scripts/deps.sh
 if ! cargo deb --version >/dev/null 2>&1; then
   echo "==> installing cargo-deb"
   cargo install cargo-deb --locked --quiet

@@ -1437,3 +1437,69 @@ async fn agent_window_checks_the_connection() {
         .status();
     relay.terminate().await;
 }
+
+/// The console's login screen: "Check connection" runs the same report as `--check` for the
+/// relay in the form (screenshot in target/screenshots/console-check.png); the empty form
+/// first says what to fill in, in the window's words.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn console_window_checks_the_connection() {
+    let (_dir, relay, _token) = setup().await;
+    let x = tandem_tests::x11::Xvfb::start(1024, 768);
+    let cfg = tempfile::tempdir().unwrap();
+    let mut child = Command::new(binary("tandem-console"))
+        .args([
+            "--relay",
+            &relay.addr,
+            "--relay-pin",
+            &relay.pin.to_string(),
+            "--json",
+        ])
+        .arg("--config")
+        .arg(cfg.path().join("console.toml"))
+        .env("DISPLAY", &x.display)
+        .env("LIBGL_ALWAYS_SOFTWARE", "1")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let display = x.display.clone();
+    // "Check connection", beside Connect (see the screenshot).
+    tokio::task::spawn_blocking(move || x_click(&display, CHECK_BUTTON.0, CHECK_BUTTON.1))
+        .await
+        .unwrap();
+    let check = tokio::time::timeout(T, async {
+        loop {
+            let line = lines.next_line().await.unwrap().expect("console exited");
+            if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line)
+                && v["event"] == "check"
+            {
+                return v;
+            }
+        }
+    })
+    .await
+    .expect("no check event: the button was not clicked or the check hung");
+    assert_eq!(check["reachable"], true, "{check}");
+    assert!(
+        check["summary"]
+            .as_str()
+            .unwrap()
+            .contains("OK: connected over QUIC"),
+        "{check}"
+    );
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let shots = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/screenshots");
+    std::fs::create_dir_all(&shots).unwrap();
+    let _ = std::process::Command::new(binary("tandem-screenshot"))
+        .arg(&x.display)
+        .arg(shots.join("console-check.png"))
+        .status();
+    relay.terminate().await;
+}
+
+/// Where the console's "Check connection" button is on an empty login screen (no window manager:
+/// the window sits at the top-left corner).
+const CHECK_BUTTON: (i16, i16) = (139, 154);
