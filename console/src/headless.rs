@@ -315,6 +315,17 @@ pub async fn run(
                 ),
                 Err(e) => eprintln!("tandem-console: cannot write {}: {e:#}", path.display()),
             }
+        } else if let Some(path) = &opts.png {
+            out.event(
+                "png",
+                &format!(
+                    "No picture arrived from the agent, so {} was not written (the user's \
+                     computer may have nothing to share: no desktop, or the agent was started \
+                     outside the desktop session)",
+                    path.display()
+                ),
+                serde_json::json!({"path": path, "written": false}),
+            );
         }
     };
     for line in &opts.chat {
