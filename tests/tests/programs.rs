@@ -1420,27 +1420,12 @@ async fn agent_window_checks_the_connection() {
         .await
         .unwrap();
     let check = agent.next("check").await;
-    assert_eq!(check["reachable"], true, "{check}");
-    assert!(
-        check["summary"]
-            .as_str()
-            .unwrap()
-            .contains("OK: connected over QUIC"),
-        "{check}"
-    );
-    tokio::time::sleep(Duration::from_millis(800)).await;
-    let shots = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/screenshots");
-    std::fs::create_dir_all(&shots).unwrap();
-    let _ = std::process::Command::new(binary("tandem-screenshot"))
-        .arg(&x.display)
-        .arg(shots.join("agent-check.png"))
-        .status();
+    checked_over_quic(&check, &x.display, "agent-check.png").await;
     relay.terminate().await;
 }
 
 /// The console's login screen: "Check connection" runs the same report as `--check` for the
-/// relay in the form (screenshot in target/screenshots/console-check.png); the empty form
-/// first says what to fill in, in the window's words.
+/// relay in the form (screenshot in target/screenshots/console-check.png).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn console_window_checks_the_connection() {
     let (_dir, relay, _token) = setup().await;
@@ -1482,6 +1467,13 @@ async fn console_window_checks_the_connection() {
     })
     .await
     .expect("no check event: the button was not clicked or the check hung");
+    checked_over_quic(&check, &x.display, "console-check.png").await;
+    relay.terminate().await;
+}
+
+/// A window's `check` event says the relay was reached over QUIC; the window with its report is
+/// kept as target/screenshots/`shot`.
+async fn checked_over_quic(check: &serde_json::Value, display: &str, shot: &str) {
     assert_eq!(check["reachable"], true, "{check}");
     assert!(
         check["summary"]
@@ -1494,10 +1486,9 @@ async fn console_window_checks_the_connection() {
     let shots = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/screenshots");
     std::fs::create_dir_all(&shots).unwrap();
     let _ = std::process::Command::new(binary("tandem-screenshot"))
-        .arg(&x.display)
-        .arg(shots.join("console-check.png"))
+        .arg(display)
+        .arg(shots.join(shot))
         .status();
-    relay.terminate().await;
 }
 
 /// Where the console's "Check connection" button is on an empty login screen (no window manager:
