@@ -2,6 +2,7 @@
 //! data directory, clients that trust it by pin, and a way to run the real `tandem-relay` binary.
 #![allow(clippy::unwrap_used)]
 
+pub mod content;
 pub mod fake_relay;
 pub mod impair;
 pub mod mutter;
