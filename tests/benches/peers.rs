@@ -75,6 +75,18 @@ fn args() -> Args {
     }
 }
 
+/// The first counter value of the next run: after this run's frames, and back to 1 before the
+/// 16-bit counter would wrap (a wrapped counter reads as a smaller value, i.e. as no frame of the
+/// run).
+fn next_base(base: u32, seconds: f64) -> u32 {
+    let step = (seconds * 30.0) as u32 + 100;
+    if base + 2 * step > 0xffff {
+        1
+    } else {
+        base + step
+    }
+}
+
 /// Pushes rectangles of `c` to the X screen (in strips that fit one request).
 fn push(p: &Painter, c: &Canvas, rects: &[Rect]) {
     let max = p.conn.maximum_request_bytes().saturating_sub(64).max(4096);
@@ -286,7 +298,7 @@ async fn run(a: Args) {
             let mut v = vec![];
             for &class in &a.classes {
                 let b = base;
-                base += 2000;
+                base = next_base(base, a.seconds);
                 let (p, d) = vnc(&a, &x, class, b).await;
                 v.push((class, b, p, d));
             }
@@ -295,7 +307,7 @@ async fn run(a: Args) {
             let mut v = vec![];
             for &class in &a.classes {
                 let b = base;
-                base += 2000;
+                base = next_base(base, a.seconds);
                 let (p, d) = x264(&a, &x, class, preset, b, dir.path()).await;
                 v.push((class, b, p, d));
             }
@@ -434,7 +446,7 @@ async fn tandem(
     let mut out = vec![];
     for &class in &a.classes {
         let b = *base;
-        *base += 2000;
+        *base = next_base(*base, a.seconds);
         let played = Arc::new(Mutex::new(Played::default()));
         let painter = {
             let (display, played) = (x.display.clone(), played.clone());
