@@ -75,6 +75,17 @@ fn args() -> Args {
     }
 }
 
+impl Args {
+    /// What a painter thread needs (timing and size), owned.
+    fn for_painter(&self) -> Args {
+        Args {
+            classes: vec![],
+            tools: vec![],
+            ..*self
+        }
+    }
+}
+
 /// The first counter value of the next run: after this run's frames, and back to 1 before the
 /// 16-bit counter would wrap (a wrapped counter reads as a smaller value, i.e. as no frame of the
 /// run).
@@ -450,11 +461,7 @@ async fn tandem(
         let played = Arc::new(Mutex::new(Played::default()));
         let painter = {
             let (display, played) = (x.display.clone(), played.clone());
-            let a2 = Args {
-                classes: vec![],
-                tools: vec![],
-                ..*a
-            };
+            let a2 = a.for_painter();
             std::thread::spawn(move || play(&display, class, &a2, b, played))
         };
         let mut d = Delivered::default();
@@ -553,11 +560,7 @@ async fn x264(
     let played = Arc::new(Mutex::new(Played::default()));
     {
         let (display, played) = (x.display.clone(), played.clone());
-        let a2 = Args {
-            classes: vec![],
-            tools: vec![],
-            ..*a
-        };
+        let a2 = a.for_painter();
         tokio::task::spawn_blocking(move || play(&display, class, &a2, base, played))
             .await
             .unwrap();
@@ -705,11 +708,7 @@ async fn vnc(a: &Args, x: &Xvfb, class: Class, base: u32) -> (Played, Delivered)
     let played = Arc::new(Mutex::new(Played::default()));
     let painter = {
         let (display, played) = (x.display.clone(), played.clone());
-        let a2 = Args {
-            classes: vec![],
-            tools: vec![],
-            ..*a
-        };
+        let a2 = a.for_painter();
         std::thread::spawn(move || play(&display, class, &a2, base, played))
     };
     // The viewer's screen, captured whenever it changed, until the rest ends.
