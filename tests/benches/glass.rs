@@ -19,7 +19,6 @@
 #![allow(clippy::unwrap_used)]
 
 use std::collections::HashMap;
-use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -33,9 +32,8 @@ use tandem_session::{ControlMsg, SessionCode};
 use tandem_tests::scenes::{Scene, draw, draw_counter, read_counter};
 use tandem_tests::x11::{Painter, Xvfb};
 use tandem_tests::{
-    RelayProcess, bench_arg, binary, percentile, relay_admin, token_from_output, write_bench_json,
+    RelayProcess, bench_arg, percentile, relay_admin, token_from_output, write_bench_json,
 };
-use tokio::io::AsyncBufReadExt;
 
 struct Args {
     seconds: f64,
@@ -470,38 +468,24 @@ async fn pass(
     } else {
         vec![]
     };
-    let mut agent = tokio::process::Command::new(binary("tandem-agent"))
-        .env("TANDEM_AGENT_STATE_DIR", dir.join("agent-state"))
-        .args(["--headless", "--relay", &relay_addr, "--relay-pin"])
-        .arg(relay.pin.to_string())
-        .args(["--transport", mode])
-        .args(tcp.iter().flat_map(|t| ["--relay-tcp", t.as_str()]))
-        .args([
-            "--consent",
-            "allow",
-            "--json",
-            "--once",
-            "--display",
-            &x.display,
-        ])
-        .args(&file_args)
-        .env_remove("DISPLAY")
-        .env_remove("WAYLAND_DISPLAY")
-        .env_remove("XDG_SESSION_TYPE")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut lines = tokio::io::BufReader::new(agent.stdout.take().unwrap()).lines();
-    let code = loop {
-        let l = lines.next_line().await.unwrap().unwrap();
-        let v: serde_json::Value = serde_json::from_str(&l).unwrap();
-        if v["event"] == "code" {
-            break v["code"].as_str().unwrap().to_string();
-        }
-    };
-    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    let mut relay_args = vec![
+        "--relay".to_string(),
+        relay_addr.clone(),
+        "--relay-pin".to_string(),
+        relay.pin.to_string(),
+        "--transport".to_string(),
+        mode.to_string(),
+    ];
+    if let Some(t) = &tcp {
+        relay_args.extend(["--relay-tcp".to_string(), t.clone()]);
+    }
+    let (mut agent, code) = tandem_tests::bench_agent(
+        &dir.join("agent-state"),
+        &x.display,
+        &relay_args,
+        &file_args,
+    )
+    .await;
 
     // ---- join → first frame ----
     let mut opts = ConnectOptions::new(relay_addr.clone(), RelayTrust::Pin(relay.pin));

@@ -36,9 +36,8 @@ use tandem_session::{ControlMsg, SessionCode};
 use tandem_tests::content::{Canvas, Class, Content, Rect, read_counter_luma};
 use tandem_tests::x11::{Painter, Xvfb};
 use tandem_tests::{
-    RelayProcess, bench_arg, binary, percentile, relay_admin, token_from_output, write_bench_json,
+    RelayProcess, bench_arg, percentile, relay_admin, token_from_output, write_bench_json,
 };
-use tokio::io::AsyncBufReadExt;
 use x11rb::connection::{Connection, RequestConnection};
 use x11rb::protocol::xproto::{ConnectionExt, ImageFormat};
 
@@ -409,35 +408,14 @@ async fn tandem(
     x: &Xvfb,
     base: &mut u32,
 ) -> Vec<(Class, u32, Played, Delivered)> {
-    let mut agent = tokio::process::Command::new(binary("tandem-agent"))
-        .env("TANDEM_AGENT_STATE_DIR", dir.join("agent-state"))
-        .args(["--headless", "--relay", &relay.addr, "--relay-pin"])
-        .arg(relay.pin.to_string())
-        .args([
-            "--consent",
-            "allow",
-            "--json",
-            "--once",
-            "--display",
-            &x.display,
-        ])
-        .env_remove("DISPLAY")
-        .env_remove("WAYLAND_DISPLAY")
-        .env_remove("XDG_SESSION_TYPE")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut lines = tokio::io::BufReader::new(agent.stdout.take().unwrap()).lines();
-    let code = loop {
-        let l = lines.next_line().await.unwrap().unwrap();
-        let v: serde_json::Value = serde_json::from_str(&l).unwrap();
-        if v["event"] == "code" {
-            break v["code"].as_str().unwrap().to_string();
-        }
-    };
-    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    let relay_args = [
+        "--relay".to_string(),
+        relay.addr.clone(),
+        "--relay-pin".to_string(),
+        relay.pin.to_string(),
+    ];
+    let (mut agent, code) =
+        tandem_tests::bench_agent(&dir.join("agent-state"), &x.display, &relay_args, &[]).await;
     let opts = ConnectOptions::new(relay.addr.clone(), RelayTrust::Pin(relay.pin));
     let session = Arc::new(
         tandem_session::join(

@@ -632,3 +632,47 @@ pub async fn session_pair(
         .unwrap();
     (agent, console, ms)
 }
+
+/// A headless `tandem-agent` for the benchmarks: on X display `display`, consent given, one
+/// session, JSON events; `relay_args` say how it reaches the relay (`--relay …`, `--relay-pin …`,
+/// transport flags), `extra` anything more. Returns the process and its session code; its later
+/// output is drained so it never blocks.
+pub async fn bench_agent(
+    state_dir: &Path,
+    display: &str,
+    relay_args: &[String],
+    extra: &[String],
+) -> (tokio::process::Child, String) {
+    use tokio::io::AsyncBufReadExt;
+    let mut agent = tokio::process::Command::new(binary("tandem-agent"))
+        .env("TANDEM_AGENT_STATE_DIR", state_dir)
+        .arg("--headless")
+        .args(relay_args)
+        .args([
+            "--consent",
+            "allow",
+            "--json",
+            "--once",
+            "--display",
+            display,
+        ])
+        .args(extra)
+        .env_remove("DISPLAY")
+        .env_remove("WAYLAND_DISPLAY")
+        .env_remove("XDG_SESSION_TYPE")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = tokio::io::BufReader::new(agent.stdout.take().unwrap()).lines();
+    let code = loop {
+        let l = lines.next_line().await.unwrap().unwrap();
+        let v: serde_json::Value = serde_json::from_str(&l).unwrap();
+        if v["event"] == "code" {
+            break v["code"].as_str().unwrap().to_string();
+        }
+    };
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    (agent, code)
+}
