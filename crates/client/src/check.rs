@@ -382,14 +382,16 @@ pub fn clock_offset(sent: u64, received: u64, relay: u64) -> (i64, u64) {
     (offset as i64, half)
 }
 
-/// "4 min", "3 h", "2 days": a clock difference for people.
+/// "4 min", "3 h", "2 days": a clock difference for people, rounded to the nearest unit (a
+/// clock 3 h off measures a few milliseconds under or over 3 h and must read "3 h", not "2 h").
 fn span(ms: u64) -> String {
-    let s = ms / 1000;
+    let s = ms.saturating_add(500) / 1000;
+    let nearest = |unit: u64| s.saturating_add(unit / 2) / unit;
     match s {
         0..=119 => format!("{s} s"),
-        120..=7199 => format!("{} min", s / 60),
-        7200..=172_799 => format!("{} h", s / 3600),
-        _ => format!("{} days", s / 86_400),
+        120..=7199 => format!("{} min", nearest(60)),
+        7200..=172_799 => format!("{} h", nearest(3600)),
+        _ => format!("{} days", nearest(86_400)),
     }
 }
 
@@ -498,6 +500,13 @@ mod tests {
             "clock 3 h slow: fix the date and time"
         );
         assert_eq!(span(3 * 86_400_000), "3 days");
+        // Measured a little under or over a whole unit: the nearest one (CI saw "2 h" for a
+        // relay set 3 h ahead, measured 2 h 59 min 59.9 s).
+        assert_eq!(span(3 * 3_600_000 - 100), "3 h");
+        assert_eq!(span(3 * 3_600_000 + 100), "3 h");
+        assert_eq!(span(4 * 60_000 - 300), "4 min");
+        assert_eq!(span(59_600), "60 s");
+        assert_eq!(span(3 * 86_400_000 - 5_000), "3 days");
     }
 
     #[test]
