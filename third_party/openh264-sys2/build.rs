@@ -1,4 +1,9 @@
 fn main() {
+    // (Tandem) The `cc` crate prints `rerun-if-env-changed` lines, which turn off Cargo's default of
+    // re-running this script when any file of the package changes: an edited C++ source was then
+    // not compiled again. Watch the vendored sources and this script explicitly.
+    println!("cargo:rerun-if-changed=upstream");
+    println!("cargo:rerun-if-changed=build.rs");
     #[cfg(feature = "source")]
     source_build::compile();
 }

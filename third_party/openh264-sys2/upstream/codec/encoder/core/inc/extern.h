@@ -118,6 +118,14 @@ int32_t WelsEncoderApplyBitVaryRang(SLogContext* pLogCtx, SWelsSvcCodingParam* p
  * whether it computed them.
  */
 bool WelsTandemPrepareFeatureSearch (sWelsEncCtx* pCtx);
+
+/*!
+ * Tandem: rate control's quantiser range from the next picture on, without re-initialising the
+ * encoder (a new range through ENCODER_OPTION_SVC_ENCODE_PARAM_EXT keeps the old one until the next
+ * reset). Returns false if rate control is not set up.
+ */
+bool WelsTandemSetQpRange (sWelsEncCtx* pCtx, int32_t iMinQp, int32_t iMaxQp, int32_t iStaticFineQp,
+                           int32_t iRefineMaxSse);
 int32_t WelsEncoderApplyLTR (SLogContext* pLogCtx, sWelsEncCtx** ppCtx, SLTRConfig* pLTRValue);
 int32_t DynSliceRealloc(sWelsEncCtx* pCtx,SFrameBSInfo* pFrameBsInfo,SLayerBSInfo* pLayerBsInfo);
 int32_t FilterLTRRecoveryRequest (sWelsEncCtx* pCtx, SLTRRecoverRequest* pLTRRecoverRequest);

@@ -122,6 +122,14 @@ typedef struct TagWelsSvcCodingParam: SEncParamExt {
   // Tandem: the screen-content feature search only on frames that scrolled (not kept on by the
   // "it paid off recently" count); ENCODER_OPTION_TANDEM_FME_ON_SCROLL_ONLY.
   bool      bFmeOnScrollOnly;
+  // Tandem: a screen-content macroblock that did not change is skipped unless its reference was
+  // coded above this quantiser and more than DELTA_QP_SCD_THD above the current one, i.e. then it
+  // is coded again, finer (upstream: 26); ENCODER_OPTION_TANDEM_QP_RANGE.
+  int32_t   iTandemStaticFineQp;
+  // Tandem: when >= 0, a refinement: an unchanged macroblock is skipped if and only if its
+  // reference's luma differs from the picture by at most this sum of squared differences (so only
+  // what is visibly off is coded again, whatever quantiser it had); ENCODER_OPTION_TANDEM_QP_RANGE.
+  int32_t   iTandemRefineMaxSse;
 
   int8_t   iDecompStages;          // GOP size dependency
   int32_t  iMaxNumRefFrame;
@@ -235,6 +243,8 @@ typedef struct TagWelsSvcCodingParam: SEncParamExt {
     iDecompStages               = 0;    // GOP size dependency, unknown here and be revised later
     iBitsVaryPercentage = 10;
     bFmeOnScrollOnly = false;
+    iTandemStaticFineQp = 26;
+    iTandemRefineMaxSse = -1;
   }
 
   int32_t ParamBaseTranscode (const SEncParamBase& pCodingParam) {

@@ -2664,6 +2664,35 @@ bool SetMeMethod (const uint8_t uiMethod, PSearchMethodFunc& pSearchMethodFunc) 
 
 
 
+// Tandem: see extern.h. The range lives in three places: the parameters (read by the buffer-based
+// mode and by the next initialisation), each spatial layer's rate control (I frames, the GOM's
+// per-macroblock clipping) and its temporal layers (P frames, RcCalculatePictureQp, which widens
+// the range by 2 per temporal level as RcInitTlWeight does).
+bool WelsTandemSetQpRange (sWelsEncCtx* pCtx, int32_t iMinQp, int32_t iMaxQp, int32_t iStaticFineQp,
+                           int32_t iRefineMaxSse) {
+  if (NULL == pCtx || NULL == pCtx->pSvcParam || NULL == pCtx->pWelsSvcRc || iMinQp < 0 || iMaxQp > 51
+      || iMinQp > iMaxQp || iStaticFineQp < 0 || iStaticFineQp > 51 || iRefineMaxSse < -1) {
+    return false;
+  }
+  pCtx->pSvcParam->iTandemStaticFineQp = iStaticFineQp;
+  pCtx->pSvcParam->iTandemRefineMaxSse = iRefineMaxSse;
+  pCtx->pSvcParam->iMinQp = iMinQp;
+  pCtx->pSvcParam->iMaxQp = iMaxQp;
+  for (int32_t d = 0; d < pCtx->pSvcParam->iSpatialLayerNum; d++) {
+    SWelsSvcRc* pRc = &pCtx->pWelsSvcRc[d];
+    pRc->iMinQp = iMinQp;
+    pRc->iMaxQp = iMaxQp;
+    if (NULL == pRc->pTemporalOverRc)
+      continue;
+    const int32_t kiHighestTid = pCtx->pSvcParam->sDependencyLayers[d].iHighestTemporalId;
+    for (int32_t n = 0; n <= kiHighestTid; n++) {
+      pRc->pTemporalOverRc[n].iMinQp = WELS_CLIP3 (iMinQp + (n << 1), 0, 51);
+      pRc->pTemporalOverRc[n].iMaxQp = WELS_CLIP3 (iMaxQp + (n << 1), pRc->pTemporalOverRc[n].iMinQp, 51);
+    }
+  }
+  return true;
+}
+
 // Tandem: see extern.h. Only the configuration Tandem uses is handled (one spatial layer, no long-term
 // references: the next frame then refers to the newest short-term picture, pShortRefList[0], which is
 // what WelsBuildRefList picks); anything else returns false and the next frame hashes as upstream.

@@ -477,8 +477,12 @@ bool MdInterSCDPskipProcess (sWelsEncCtx* pEncCtx, SWelsMD* pWelsMd, SSlice* pSl
   bool bSkipFlag = pJudeSkip[eSkipMode] (pEncCtx, pCurMb, pMbCache, pWelsMd);
 
   if (bSkipFlag) {
-    bool bQpSimilarFlag = (kiRefMbQp - kiCurMbQp <= DELTA_QP_SCD_THD || kiRefMbQp <= 26);
+    // Tandem: "fine enough" is a parameter (upstream: 26), so that a picture sent coarsely while it
+    // moved is refined once it rests (see ENCODER_OPTION_TANDEM_QP_RANGE).
+    bool bQpSimilarFlag = (kiRefMbQp - kiCurMbQp <= DELTA_QP_SCD_THD
+                           || kiRefMbQp <= pEncCtx->pSvcParam->iTandemStaticFineQp);
     SMVUnitXY sVaaPredSkipMv = {0, 0}, sCurMbMv[2] = {{0, 0}, {0, 0}};
+    const int32_t kiRefineMaxSse = pEncCtx->pSvcParam->iTandemRefineMaxSse;
     PredSkipMv (pMbCache, &sVaaPredSkipMv);
 
     if (eSkipMode == SCROLLED) {
@@ -490,6 +494,23 @@ bool MdInterSCDPskipProcess (sWelsEncCtx* pEncCtx, SWelsMD* pWelsMd, SSlice* pSl
           static_cast<int16_t>(WELS_CLIP3(pVaaExt->sScrollDetectInfo.iScrollMvY,
                                           -pEncCtx->iMvRange, pEncCtx->iMvRange)
                                << 2);
+    }
+
+    if (kiRefineMaxSse >= 0) {
+      // Tandem: a refinement codes again what the reference shows too far from the picture.
+      const int32_t kiRefStride = pCurDqLayer->pRefPic->iLineSize[0];
+      const int32_t kiEncStride = pCurDqLayer->iEncStride[0];
+      const uint8_t* pRef = pMbCache->SPicData.pRefMb[0] + (sCurMbMv[eSkipMode].iMvX >> 2)
+                            + (sCurMbMv[eSkipMode].iMvY >> 2) * kiRefStride;
+      const uint8_t* pEnc = pMbCache->SPicData.pEncMb[0];
+      int32_t iSse = 0;
+      for (int32_t y = 0; y < 16 && iSse <= kiRefineMaxSse; y++) {
+        for (int32_t x = 0; x < 16; x++) {
+          const int32_t kiD = pRef[y * kiRefStride + x] - pEnc[y * kiEncStride + x];
+          iSse += kiD * kiD;
+        }
+      }
+      bQpSimilarFlag = (iSse <= kiRefineMaxSse);
     }
 
     bool bMbSkipFlag = (LD32 (&sVaaPredSkipMv) ==  LD32 (&sCurMbMv[eSkipMode])) ;

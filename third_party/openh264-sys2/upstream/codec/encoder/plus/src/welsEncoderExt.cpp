@@ -1212,6 +1212,13 @@ int CWelsH264SVCEncoder::SetOption (ENCODER_OPTION eOptionId, void* pOption) {
     * (static_cast<int32_t*> (pOption)) = WelsTandemPrepareFeatureSearch (m_pEncContext) ? 1 : 0;
   }
   break;
+  case ENCODER_OPTION_TANDEM_QP_RANGE: {
+    const int32_t* kpRange = static_cast<int32_t*> (pOption);
+    if (!WelsTandemSetQpRange (m_pEncContext, kpRange[0], kpRange[1], kpRange[2], kpRange[3])) {
+      return cmInitParaError;
+    }
+  }
+  break;
 
   default:
     return cmInitParaError;
