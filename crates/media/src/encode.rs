@@ -40,6 +40,47 @@ impl Default for Target {
     }
 }
 
+/// How fine a picture is encoded: a quality target instead of one fine quantiser for everything.
+/// Screen content at the quantisers OpenH264 picks with bits to spare (12–16) measures 50–55 dB
+/// luma PSNR, far above what anyone sees, and costs its bits most on the largest changes: a page
+/// scrolled, a window dragged, a video. So large changes go at a coarser quantiser while they
+/// move, and the picture is sent again finely once it rests, as RDP's progressive codec and VNC's
+/// lossless refresh do.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Quality {
+    /// A small change (typing, a cell edited) or a still picture: as fine as the path allows.
+    #[default]
+    Final,
+    /// Part of a motion (scrolling, dragging, video): quantiser at least [`MOTION_QP`].
+    Motion,
+    /// The unchanged picture again at [`REFINE_QP`] (or coarser on a slow path): brings what
+    /// motion sent coarsely to final quality. Macroblocks that are already fine are skipped.
+    Refine,
+}
+
+/// The finest quantiser for a picture in motion. Measured with the peer bench at 1080p (see
+/// `tests/benches/peers.rs`).
+pub const MOTION_QP: u8 = 24;
+/// How much coarser than [`MOTION_QP`] rate control may go during motion, whatever the ceiling:
+/// with the range closed at the ceiling (18 on a fast path) a full-screen video at 1080p came out
+/// at ≈130 KB a frame, and rate control held 8 Mbit/s by dropping three pictures of every four
+/// after encoding them (7–8 frames a second for a whole core).
+pub const MOTION_QP_SPAN: u8 = 12;
+/// The finest quantiser for final quality. Rate control in screen-content mode stays at the finest
+/// it is allowed while bits are to spare, so this is what small changes cost: measured with the
+/// peer bench at 1080p, 12 (OpenH264's own floor) against 16: a spreadsheet being edited 92 →
+/// 24 kbit/s at the same 50.9 dB luma PSNR; a 32×32 change over a photo 6.7 → 3.4 KB.
+pub const FINAL_QP: u8 = 16;
+/// The quantiser of a refinement pass on a fast path (what it codes again comes out at ≈ 50 dB).
+pub const REFINE_QP: u8 = 12;
+
+fn experiment_qp(var: &str, default: u8) -> u8 {
+    std::env::var(var)
+        .ok()
+        .and_then(|v| v.parse::<u8>().ok())
+        .map_or(default, |q| q.min(51))
+}
+
 /// One encoded frame (Annex B byte stream, with SPS/PPS on keyframes).
 #[derive(Clone, Debug)]
 pub struct EncodedFrame {
@@ -64,6 +105,15 @@ pub struct VideoEncoder {
     /// The encoder in use took Tandem's option to turn the deblocking filter off.
     deblocking_off: bool,
     threads: u16,
+    /// What the next picture is encoded for, and the quantisers the encoder has (`None`: not yet
+    /// initialised; OpenH264 initialises with its first picture).
+    quality: Quality,
+    qp_range_set: Option<QpSetting>,
+    /// The encoder refused Tandem's quantiser-range option (an unpatched OpenH264).
+    qp_range_refused: bool,
+    motion_qp: u8,
+    final_qp: u8,
+    refine_qp: u8,
     started: std::time::Instant,
     /// Rate control's clock (see [`VideoEncoder::path_busy_until_ms`]): the last timestamp given,
     /// the clock, and until when the path is busy carrying what was sent.
@@ -127,7 +177,7 @@ fn encoder_threads() -> u16 {
     std::thread::available_parallelism().map_or(1, |n| n.get().min(4) as u16)
 }
 
-fn config(t: Target, max_qp: u8, threads: u16) -> EncoderConfig {
+fn config(t: Target, (min_qp, max_qp): (u8, u8), threads: u16) -> EncoderConfig {
     EncoderConfig::new()
         .usage_type(UsageType::ScreenContentRealTime)
         .rate_control_mode(RateControlMode::Bitrate)
@@ -138,7 +188,7 @@ fn config(t: Target, max_qp: u8, threads: u16) -> EncoderConfig {
         // Neither is supported for screen content (OpenH264 turns them off and logs a warning).
         .adaptive_quantization(false)
         .background_detection(false)
-        .qp(QpRange::new(10, max_qp))
+        .qp(QpRange::new(min_qp, max_qp))
         // Keyframes on request and on scene changes only: a periodic one is a burst the path may
         // not carry, and lost frames are answered with a requested keyframe.
         .intra_frame_period(IntraFramePeriod::from_num_frames(0))
@@ -158,6 +208,12 @@ impl VideoEncoder {
             feature_search_set: None,
             deblocking_off: false,
             threads: encoder_threads(),
+            quality: Quality::Final,
+            qp_range_set: None,
+            qp_range_refused: false,
+            motion_qp: experiment_qp("TANDEM_EXPERIMENT_MOTION_QP", MOTION_QP),
+            final_qp: experiment_qp("TANDEM_EXPERIMENT_FINAL_QP", FINAL_QP),
+            refine_qp: experiment_qp("TANDEM_EXPERIMENT_REFINE_QP", REFINE_QP),
             started: std::time::Instant::now(),
             clock_in: None,
             clock: 0,
@@ -188,16 +244,26 @@ impl VideoEncoder {
         max_qp(self.target.bitrate_bps as f64 / px.max(1.0))
     }
 
-    /// Changes bitrate and frame rate in place (a new quantiser band re-initialises the encoder,
-    /// which then starts with a keyframe).
+    /// Changes bitrate and frame rate in place, and the quantiser ceiling with them (from the next
+    /// picture on; an OpenH264 without Tandem's quantiser-range option is re-initialised for a
+    /// new ceiling, and then starts with a keyframe).
     pub fn set_target(&mut self, t: Target) {
         if t == self.target {
             return;
         }
         let old = std::mem::replace(&mut self.target, t);
-        if self.enc.is_some() && self.ceiling_for(self.size) != self.qp_ceiling {
-            self.enc = None;
-        } else if let Some(enc) = self.enc.as_mut()
+        let ceiling = self
+            .ceiling_for(self.size)
+            .saturating_add(self.overflow_boost)
+            .min(51);
+        if self.enc.is_some() && ceiling != self.qp_ceiling {
+            if self.qp_range_set.is_none() || self.qp_range_refused {
+                self.enc = None;
+            } else {
+                self.qp_ceiling = ceiling;
+            }
+        }
+        if let Some(enc) = self.enc.as_mut()
             && !set_rate(enc, old, t)
         {
             tracing::warn!(
@@ -211,6 +277,50 @@ impl VideoEncoder {
     /// The quantiser ceiling in use.
     pub fn qp_ceiling(&self) -> u8 {
         self.qp_ceiling
+    }
+
+    /// What the next pictures are encoded for (until set otherwise).
+    pub fn set_quality(&mut self, q: Quality) {
+        self.quality = q;
+    }
+
+    pub fn quality(&self) -> Quality {
+        self.quality
+    }
+
+    /// The quantisers for `q` under the ceiling `c` the path allows: motion at least `motion_qp`
+    /// (the ceiling may be coarser still on a slow path), refinement at one fixed quantiser,
+    /// `refine_qp` on a fast path and 6 finer than the ceiling on a slow one (a refinement that
+    /// would take the path seconds is worth less than the next change). In a refinement,
+    /// unchanged macroblocks coded coarser than its quantiser count as not final and are coded
+    /// again if it is finer by more than 5 (upstream OpenH264 leaves anything at or below 26 as it
+    /// is, and a refinement would find nothing to do). Other pictures never code an unchanged
+    /// macroblock again: with the refinement's threshold every small change after a motion (a
+    /// blinking cursor) re-coded the whole screen, and then again whenever rate control's
+    /// quantiser swung by more than 5 (measured: 20–37 KB for each 32×32 change on a photo,
+    /// ≈ 6 Mbit/s for a ticking clock); with upstream's, the first small change after a motion
+    /// that rate control had taken above 26 did (212 KB after a 107 KB picture, then the
+    /// refinement again).
+    fn qp_setting(&self, q: Quality, c: u8) -> QpSetting {
+        let refine = self.refine_qp.max(c.saturating_sub(6));
+        let (min, max) = match q {
+            Quality::Final => (self.final_qp.min(c), c),
+            Quality::Motion => (
+                self.motion_qp,
+                c.max(self.motion_qp.saturating_add(MOTION_QP_SPAN)).min(51),
+            ),
+            Quality::Refine => (refine, refine),
+        };
+        QpSetting {
+            min,
+            max,
+            static_fine: if q == Quality::Refine { refine } else { 51 },
+            refine_max_sse: if q == Quality::Refine {
+                REFINE_MAX_SSE
+            } else {
+                -1
+            },
+        }
     }
 
     /// Work for the time between two frames, to call once the encoded frame is on its way: after
@@ -304,9 +414,11 @@ impl VideoEncoder {
                 .saturating_add(self.overflow_boost)
                 .min(51);
             let api = OpenH264API::from_source();
+            let q = self.qp_setting(self.quality, self.qp_ceiling);
             let mut enc =
-                Encoder::with_api_config(api, config(self.target, self.qp_ceiling, self.threads))
+                Encoder::with_api_config(api, config(self.target, (q.min, q.max), self.threads))
                     .map_err(|e| EncodeError::Create(e.to_string()))?;
+            self.qp_range_set = None;
             self.deblocking_off = disable_loop_filter(&mut enc);
             if !self.deblocking_off {
                 tracing::debug!(
@@ -318,6 +430,7 @@ impl VideoEncoder {
             self.size = (w, h);
             self.want_key = false; // a fresh encoder starts with one
         }
+        let range = self.qp_setting(self.quality, self.qp_ceiling);
         let enc = self
             .enc
             .as_mut()
@@ -325,12 +438,35 @@ impl VideoEncoder {
         if std::mem::take(&mut self.want_key) {
             enc.force_intra_frame();
         }
+        // The first picture initialises OpenH264 with the configured range; later ones change it
+        // in place (no keyframe).
+        if let Some(set) = self.qp_range_set
+            && set != range
+            && !self.qp_range_refused
+        {
+            if set_qp_range(enc, range) {
+                self.qp_range_set = Some(range);
+            } else {
+                tracing::debug!(
+                    "OpenH264 without Tandem's quantiser-range option: one range for all pictures"
+                );
+                self.qp_range_refused = true;
+            }
+        }
         let ts = openh264::Timestamp::from_millis(ms);
         let bs = enc
             .encode_at(img, ts)
             .map_err(|e| EncodeError::Encode(e.to_string()))?;
         let frame_type = bs.frame_type();
         let data = bs.to_vec();
+        if self.qp_range_set.is_none() {
+            // What initialisation set: the configured range, upstream's static threshold.
+            self.qp_range_set = Some(QpSetting {
+                static_fine: UPSTREAM_STATIC_FINE_QP,
+                refine_max_sse: -1,
+                ..range
+            });
+        }
         // Options take effect once OpenH264 is initialised, i.e. after its first picture (which
         // is a keyframe, where the policy does not matter).
         let want = self.target.bitrate_bps >= LATENCY_FIRST_BPS;
@@ -427,6 +563,51 @@ fn prepare_feature_search(enc: &mut Encoder) -> bool {
         )
     };
     rc == 0 && did == 1
+}
+
+/// Rate control's quantiser range and the static-macroblock threshold (see
+/// [`VideoEncoder::qp_setting`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct QpSetting {
+    min: u8,
+    max: u8,
+    static_fine: u8,
+    /// In a refinement (≥ 0): an unchanged macroblock is coded again if and only if its luma as
+    /// decoded so far differs from the picture by more than this sum of squared differences.
+    refine_max_sse: i32,
+}
+
+/// A refinement codes again the macroblocks decoded below 45 dB luma PSNR (mean squared error
+/// over 2.06 on 256 samples), whatever quantiser they had: text sent at 24 is mostly above it
+/// and stays, a photo or film grain at the same quantiser is below it and is sent again.
+pub const REFINE_MAX_SSE: i32 = 526;
+
+/// OpenH264's own threshold: unchanged macroblocks coded at or below this quantiser are skipped.
+const UPSTREAM_STATIC_FINE_QP: u8 = 26;
+
+/// Tandem's OpenH264 changes rate control's quantiser range in place, and the static threshold
+/// and what a refinement codes again (`int32_t[4]`: min, max, static fine, refine max SSE).
+const ENCODER_OPTION_TANDEM_QP_RANGE: openh264_sys2::ENCODER_OPTION =
+    openh264_sys2::ENCODER_OPTION_BITS_VARY_PERCENTAGE + 5;
+
+/// Sets the quantisers from the next picture on; returns whether the encoder took them (an
+/// OpenH264 without Tandem's patch refuses the option).
+#[allow(unsafe_code)]
+fn set_qp_range(enc: &mut Encoder, q: QpSetting) -> bool {
+    let mut range: [i32; 4] = [
+        i32::from(q.min),
+        i32::from(q.max),
+        i32::from(q.static_fine),
+        q.refine_max_sse,
+    ];
+    // SAFETY: the encoder is initialised (it has encoded a picture); the option reads four
+    // `int32_t` through the pointer, which points to a live `[i32; 4]` local for the whole call.
+    // Unknown options are refused with an error code, never read.
+    unsafe {
+        enc.raw_api()
+            .set_option(ENCODER_OPTION_TANDEM_QP_RANGE, range.as_mut_ptr().cast())
+            == 0
+    }
 }
 
 /// Sets bitrate and maximum frame rate on a running encoder (from `old`, the target it has).
@@ -549,10 +730,8 @@ mod tests {
         #[allow(unsafe_code)]
         // SAFETY: as in `set_feature_search`; the unknown option is refused without reading.
         let refused = unsafe {
-            enc.raw_api().set_option(
-                ENCODER_OPTION_TANDEM_CROSS_SEARCH_FRAMES + 1,
-                (&raw mut x).cast(),
-            )
+            enc.raw_api()
+                .set_option(ENCODER_OPTION_TANDEM_QP_RANGE + 1, (&raw mut x).cast())
         };
         assert_ne!(refused, 0);
     }
@@ -608,6 +787,67 @@ mod tests {
         v
     }
 
+    fn luma_psnr(a: &[u8], b: &[u8]) -> f64 {
+        let se: f64 = a
+            .iter()
+            .zip(b)
+            .map(|(&x, &y)| (f64::from(x) - f64::from(y)).powi(2))
+            .sum();
+        10.0 * (255.0f64.powi(2) / (se / a.len() as f64).max(1e-9)).log10()
+    }
+
+    /// A picture in motion goes at a coarser quantiser, and the same picture again as a
+    /// refinement sharpens it: a P frame (no keyframe), far smaller than the first picture.
+    #[test]
+    fn motion_is_coarser_and_a_refinement_sharpens_it_in_place() {
+        let (w, h) = (640u32, 360u32);
+        let mut src = page(w, h);
+        // Some texture besides the text, so that the quantiser shows.
+        for (i, px) in src.data.chunks_exact_mut(4).enumerate() {
+            let (x, y) = ((i as u32 % w) as u8, (i as u32 / w) as u8);
+            if px[0] == 255 {
+                px[..3].copy_from_slice(&[x.wrapping_mul(3) ^ y, 200u8.wrapping_add(y / 3), x / 2]);
+            }
+        }
+        let mut yuv = I420::default();
+        crate::convert::bgrx_to_i420(&src, &mut yuv).unwrap();
+        let mut dec = crate::decode::VideoDecoder::new().unwrap();
+        let mut out = I420::default();
+        let mut v = one_thread(20_000_000);
+
+        v.set_quality(Quality::Motion);
+        let first = v.encode_at(&yuv, 0).unwrap().unwrap();
+        assert!(first.keyframe);
+        assert!(dec.decode_i420(&first.data, &mut out).unwrap());
+        let motion = luma_psnr(&yuv.y, &out.y);
+        // The motion goes on elsewhere (a P frame of the same picture): nothing to code here.
+        if let Some(p) = v.encode_at(&yuv, 33).unwrap() {
+            assert!(
+                p.data.len() < first.data.len() / 20,
+                "{} bytes after {}",
+                p.data.len(),
+                first.data.len()
+            );
+            dec.decode_i420(&p.data, &mut out).unwrap();
+        }
+
+        v.set_quality(Quality::Refine);
+        let refined = v.encode_at(&yuv, 300).unwrap().unwrap();
+        assert!(!v.qp_range_refused, "Tandem's OpenH264 takes the range");
+        assert!(!refined.keyframe, "refined in place");
+        assert!(dec.decode_i420(&refined.data, &mut out).unwrap());
+        let fine = luma_psnr(&yuv.y, &out.y);
+        assert!(
+            motion < 45.0 && fine >= 45.0 && fine > motion + 3.0,
+            "motion {motion:.1} dB, refined {fine:.1} dB"
+        );
+
+        // Refined once, the same picture again costs next to nothing: what is above 45 dB is
+        // not coded again.
+        let again = v.encode_at(&yuv, 600).unwrap().map_or(0, |f| f.data.len());
+        assert!(again < refined.data.len() / 20, "{again} bytes");
+    }
+
     /// A new target moves the maximum bitrate with it, up and down, in place: OpenH264's frame
     /// skipping holds the stream under the maximum, which at first is the initial target.
     #[test]
@@ -644,7 +884,7 @@ mod tests {
         };
         let psnr = |off: bool| {
             let api = OpenH264API::from_source();
-            let mut enc = Encoder::with_api_config(api, config(target, 51, 1)).unwrap();
+            let mut enc = Encoder::with_api_config(api, config(target, (10, 51), 1)).unwrap();
             if off {
                 assert!(disable_loop_filter(&mut enc));
             }

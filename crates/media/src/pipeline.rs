@@ -6,7 +6,7 @@
 
 use crate::capture::{CaptureError, Capturer, CursorState};
 use crate::convert::{I420, bgrx_to_i420_changed, downscale_half_changed};
-use crate::encode::{EncodeError, EncodedFrame, Target, VideoEncoder};
+use crate::encode::{EncodeError, EncodedFrame, Quality, Target, VideoEncoder};
 use crate::frame::Frame;
 use crate::load::LoadGovernor;
 use std::time::{Duration, Instant};
@@ -41,6 +41,18 @@ pub struct Step {
     pub times: StageTimes,
 }
 
+impl Step {
+    fn nothing(cursor: CursorState, resized: bool, times: StageTimes) -> Step {
+        Step {
+            encoded: None,
+            cursor,
+            changed_pixels: 0,
+            resized,
+            times,
+        }
+    }
+}
+
 /// Below this many bits per pixel per frame the picture is halved in both directions: fewer,
 /// sharper pixels beat many smeared ones on a slow path.
 pub const HALVE_BELOW_BITS_PER_PIXEL: f64 = 0.02;
@@ -50,6 +62,17 @@ pub const HALVE_BELOW_BITS_PER_PIXEL: f64 = 0.02;
 /// instead. (The path may halve screens down from 640×360: there the choice is between fewer
 /// pixels and no picture.)
 pub const LOAD_HALVE_MIN: (u32, u32) = (1280, 720);
+
+/// A change of at most 1/`SMALL_CHANGE_DIVISOR` of the screen (256×256 pixels of 1080p: a word
+/// typed, a cell edited, a menu opened) is encoded at final quality at once: it costs few bits
+/// either way, and text that sharpens a moment after each keystroke would distract. Larger changes
+/// are encoded as motion and refined once the screen rests.
+pub const SMALL_CHANGE_DIVISOR: u64 = 32;
+
+/// How long the screen must rest before what was sent in motion is refined: longer than the gaps
+/// within a motion (a video's 33–42 ms, a scroll's wheel steps), short enough that the picture is
+/// sharp well within a second.
+pub const REFINE_AFTER: Duration = Duration::from_millis(200);
 
 fn frame_interval(t: Target) -> Duration {
     Duration::from_secs_f64(1.0 / f64::from(t.max_fps.clamp(1.0, 240.0)))
@@ -70,6 +93,8 @@ pub struct ScreenPipeline<C: Capturer> {
     /// A change was captured but rate control skipped its frame: encode again even if nothing
     /// new changes, or the change would never reach the technician.
     pending: bool,
+    /// A picture went as motion: refine it when the screen has rested until then.
+    refine_due: Option<Instant>,
 }
 
 impl<C: Capturer> ScreenPipeline<C> {
@@ -84,6 +109,7 @@ impl<C: Capturer> ScreenPipeline<C> {
             load: LoadGovernor::new(frame_interval(target)),
             size: (0, 0),
             pending: false,
+            refine_due: None,
         })
     }
 
@@ -167,18 +193,17 @@ impl<C: Capturer> ScreenPipeline<C> {
             capture: t1 - t0,
             ..StageTimes::default()
         };
+        let refine_due = self.refine_due.is_some_and(|due| t1 >= due) && self.yuv.width > 0;
         if changed == 0 && !self.pending {
             if self.load.idle(t1) {
+                // The whole screen comes next at full resolution, as motion; refined after it.
                 tracing::info!("screen still: back to full resolution");
                 self.apply_scale();
+                return Ok(Step::nothing(cursor, resized, times));
             }
-            return Ok(Step {
-                encoded: None,
-                cursor,
-                changed_pixels: 0,
-                resized,
-                times,
-            });
+            if !(refine_due && size == self.size) {
+                return Ok(Step::nothing(cursor, resized, times));
+            }
         }
         let frame: &Frame = cap.frame;
         if self.halve {
@@ -193,13 +218,52 @@ impl<C: Capturer> ScreenPipeline<C> {
         }
         let t2 = Instant::now();
         times.convert = t2 - t1;
+        // A large change is motion, and so is what is left of one whose frame rate control
+        // skipped (a small change since then carries it).
+        // Once the large changes have rested (small ones such as a blinking cursor or a clock may
+        // go on), the picture is sent again finely, with whatever small change came with it.
+        let screen = u64::from(size.0) * u64::from(size.1);
+        let small = changed.saturating_mul(SMALL_CHANGE_DIVISOR) <= screen
+            && !(self.pending && self.encoder.quality() == Quality::Motion);
+        let quality = if !small {
+            Quality::Motion
+        } else if refine_due {
+            Quality::Refine
+        } else if changed == 0 {
+            // What rate control skipped, as it was meant.
+            self.encoder.quality()
+        } else if self.refine_due.is_some() {
+            // A small change while a motion has not yet rested is part of it (the refinement
+            // comes for both): at final quality, the first small change after a picture sent as
+            // motion re-coded much of that picture finely (212 KB after a 107 KB photo, and the
+            // two frames together made the load governor halve a slideshow).
+            Quality::Motion
+        } else {
+            Quality::Final
+        };
+        if changed.saturating_mul(SMALL_CHANGE_DIVISOR) > screen {
+            // Only large changes keep a motion going: a ticking clock must not hold off the
+            // refinement for ever.
+            self.refine_due = Some(t2 + REFINE_AFTER);
+        }
+        self.encoder.set_quality(quality);
         let encoded = self.encoder.encode(&self.yuv)?;
+        if quality == Quality::Refine && encoded.is_some() {
+            self.refine_due = None;
+        }
+        tracing::trace!(
+            ?quality,
+            changed,
+            bytes = encoded.as_ref().map_or(0, |e| e.data.len()),
+            "picture encoded"
+        );
         times.encode = t2.elapsed();
         self.pending = encoded.is_none();
         if size != self.size {
             self.size = size;
             self.update_scale();
         } else if encoded.is_some()
+            && quality != Quality::Refine
             && self.load.frame(
                 times,
                 self.halve,
@@ -236,6 +300,8 @@ mod tests {
     struct Moving {
         frame: Frame,
         moving: bool,
+        /// While not moving: a 16×16 corner changes at every capture (a ticking clock).
+        ticking: bool,
         full: bool,
         n: u8,
     }
@@ -271,6 +337,21 @@ mod tests {
             }
             let damage = if self.moving || std::mem::take(&mut self.full) {
                 vec![all]
+            } else if self.ticking {
+                self.n = self.n.wrapping_add(1);
+                let w = self.frame.width as usize;
+                for y in 0..16 {
+                    for x in 0..16 {
+                        let i = (y * w + x) * 4;
+                        self.frame.data[i..i + 3].fill(self.n.wrapping_mul(37));
+                    }
+                }
+                vec![Rect {
+                    x: 0,
+                    y: 0,
+                    w: 16,
+                    h: 16,
+                }]
             } else {
                 vec![]
             };
@@ -289,6 +370,7 @@ mod tests {
         let cap = Moving {
             frame: Frame::new(w, h),
             moving: true,
+            ticking: false,
             full: true,
             n: 0,
         };
@@ -297,6 +379,66 @@ mod tests {
             max_fps: 60.0,
         };
         ScreenPipeline::new(cap, target).unwrap()
+    }
+
+    /// A large change goes as motion and, once the screen has rested for [`REFINE_AFTER`], the
+    /// same picture goes again as a refinement, once; small changes go at final quality at once
+    /// and ask for no refinement.
+    #[test]
+    fn motion_is_refined_once_the_screen_rests() {
+        let mut pipe = too_slow(640, 360);
+        pipe.capturer.moving = true;
+        let mut first = None;
+        for _ in 0..3 {
+            if let Some(e) = pipe.step().unwrap().encoded {
+                first.get_or_insert(e.data.len());
+            }
+        }
+        assert!(first.is_some());
+        assert_eq!(pipe.encoder.quality(), Quality::Motion);
+        pipe.capturer.moving = false;
+        // Rate control may have skipped the last moving frame: that one goes first.
+        let _ = pipe.step().unwrap();
+        assert!(pipe.step().unwrap().encoded.is_none(), "not yet");
+        std::thread::sleep(REFINE_AFTER);
+        let refined = pipe.step().unwrap().encoded.expect("the refinement");
+        assert!(!refined.keyframe);
+        assert_eq!(pipe.encoder.quality(), Quality::Refine);
+        assert!(pipe.step().unwrap().encoded.is_none(), "refined once");
+        std::thread::sleep(REFINE_AFTER);
+        assert!(pipe.step().unwrap().encoded.is_none(), "refined once");
+    }
+
+    /// A small change that goes on (a clock, a blinking cursor) neither holds off the refinement
+    /// of a motion nor is itself refined: it goes as part of the motion until the refinement,
+    /// at final quality after it.
+    #[test]
+    fn a_ticking_clock_does_not_hold_off_the_refinement() {
+        let mut pipe = too_slow(640, 360);
+        for _ in 0..3 {
+            let _ = pipe.step().unwrap();
+        }
+        pipe.capturer.moving = false;
+        pipe.capturer.ticking = true;
+        let started = Instant::now();
+        let mut seen = vec![];
+        while started.elapsed() < REFINE_AFTER * 3 {
+            let step = pipe.step().unwrap();
+            if step.encoded.is_some() {
+                seen.push(pipe.encoder.quality());
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let refined = seen.iter().position(|q| *q == Quality::Refine);
+        let Some(at) = refined else {
+            panic!("never refined: {seen:?}")
+        };
+        assert!(seen[..at].iter().all(|q| *q == Quality::Motion), "{seen:?}");
+        assert!(
+            seen[at + 1..].iter().all(|q| *q == Quality::Final),
+            "{seen:?}"
+        );
+        assert!(seen.len() > at + 3, "{seen:?}");
     }
 
     /// A small screen stays whole however slow the machine: fewer frames, legible text.
