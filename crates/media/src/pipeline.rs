@@ -66,7 +66,8 @@ pub const LOAD_HALVE_MIN: (u32, u32) = (1280, 720);
 /// A change of at most 1/`SMALL_CHANGE_DIVISOR` of the screen (256×256 pixels of 1080p: a word
 /// typed, a cell edited, a menu opened) is encoded at final quality at once: it costs few bits
 /// either way, and text that sharpens a moment after each keystroke would distract. Larger changes
-/// are encoded as motion and refined once the screen rests.
+/// are encoded as motion and refined once no large change has come for [`REFINE_AFTER`]; small
+/// changes until then go as part of the motion.
 pub const SMALL_CHANGE_DIVISOR: u64 = 32;
 
 /// How long the screen must rest before what was sent in motion is refined: longer than the gaps
