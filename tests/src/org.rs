@@ -215,7 +215,14 @@ pub async fn console_at(
         .env_remove("TANDEM_CERT")
         .env_remove("TANDEM_CERT_KEY")
         .kill_on_drop(true);
-    let out = tokio::time::timeout(T, cmd.output())
+    // A console told to run for `--seconds N` gets N plus margin: the file transfer with a cut
+    // link asks for 40 and, with 30 here, was killed in a busy run at 36 s.
+    let asked = args
+        .windows(2)
+        .find(|w| w[0] == "--seconds")
+        .and_then(|w| w[1].parse::<u64>().ok())
+        .map_or(Duration::ZERO, |n| Duration::from_secs(n + 20));
+    let out = tokio::time::timeout(T.max(asked), cmd.output())
         .await
         .unwrap()
         .unwrap();
