@@ -462,11 +462,13 @@ fn two_monitors_and_a_layout_change() {
     // same capture (under load the cursor's position may come a frame after the picture, and
     // nothing changes after that; CI once waited for both together in vain).
     let (mut whole, mut pointer) = (false, false);
+    let mut sizes = std::collections::BTreeSet::new();
     let deadline = Instant::now() + WAIT;
     loop {
         cap.wait_for_change(Duration::from_millis(50));
         let c = cap.capture().unwrap();
         resized |= c.resized;
+        sizes.insert((c.frame.width, c.frame.height));
         if (c.frame.width, c.frame.height) == (640, 480) {
             whole |= c.damage
                 == vec![Rect {
@@ -482,7 +484,9 @@ fn two_monitors_and_a_layout_change() {
         }
         assert!(
             Instant::now() < deadline,
-            "the second monitor's stream: whole picture {whole}, pointer at (101, 101) {pointer}"
+            "the second monitor's stream: whole picture {whole}, pointer at (101, 101) {pointer}, \
+             picture sizes seen {sizes:?}\n{}",
+            m.logs()
         );
     }
     assert!(resized, "a new size is reported as such");

@@ -76,6 +76,10 @@ const CURSOR_MODE_METADATA: u32 = 2;
 const STREAM_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long opening the screen (or switching monitors) waits for the first picture.
 const FIRST_FRAME_TIMEOUT: Duration = Duration::from_secs(3);
+/// How often a stream that gave no first picture is connected again. Mutter sends a monitor's
+/// picture when its stream starts and then only what is redrawn: a first picture lost (seen once
+/// on a loaded CI machine) would leave a still screen blank until something on it changed.
+const FIRST_FRAME_RETRIES: u32 = 3;
 /// Frames a second asked of Mutter at most (it sends fewer: only what is redrawn).
 const MAX_FPS: u32 = 60;
 /// The largest cursor image accepted, per side (Mutter's own limit is 384).
@@ -1653,6 +1657,10 @@ pub struct MutterCapturer {
     full: bool,
     resized: bool,
     cursor_sent: u32,
+    /// When the current stream was connected, and how often it was connected again for want of
+    /// a first picture (see [`FIRST_FRAME_RETRIES`]).
+    connected_at: Instant,
+    first_frame_retries: u32,
 }
 
 impl MutterCapturer {
@@ -1711,6 +1719,8 @@ impl MutterCapturer {
             full: true,
             resized: false,
             cursor_sent: 0,
+            connected_at: Instant::now(),
+            first_frame_retries: 0,
         };
         c.connect()?;
         Ok(c)
@@ -1747,7 +1757,8 @@ impl MutterCapturer {
             .map_err(|_| MutterError::PipeWire("the PipeWire thread ended".into()))?;
         self.has_picture = false;
         self.full = true;
-        let deadline = Instant::now() + FIRST_FRAME_TIMEOUT;
+        self.connected_at = Instant::now();
+        let deadline = self.connected_at + FIRST_FRAME_TIMEOUT;
         let mut pw = self.shared.lock();
         while pw.frames == 0 && pw.gone.is_none() {
             let left = deadline.saturating_duration_since(Instant::now());
@@ -1829,6 +1840,7 @@ impl Capturer for MutterCapturer {
         if index != self.selected {
             self.selected = index;
             self.resized = true;
+            self.first_frame_retries = 0;
             self.connect()?;
         }
         self.full = true;
@@ -1840,11 +1852,26 @@ impl Capturer for MutterCapturer {
     }
 
     fn capture(&mut self) -> Result<Captured<'_>, CaptureError> {
-        let gone = self.shared.lock().gone.clone();
+        let (gone, no_picture) = {
+            let pw = self.shared.lock();
+            (pw.gone.clone(), pw.frames == 0)
+        };
         if let Some(why) = gone {
+            self.first_frame_retries = 0;
             self.recover(&why)?;
         } else if self.session.is_closed() {
+            self.first_frame_retries = 0;
             self.recover("GNOME closed the remote desktop session")?;
+        } else if no_picture
+            && self.first_frame_retries < FIRST_FRAME_RETRIES
+            && self.connected_at.elapsed() >= FIRST_FRAME_TIMEOUT
+        {
+            self.first_frame_retries += 1;
+            tracing::warn!(
+                attempt = self.first_frame_retries,
+                "no picture from GNOME's screen stream: connecting it again"
+            );
+            self.connect()?;
         }
         let mut damage = Vec::new();
         let mut pw = self.shared.lock();
