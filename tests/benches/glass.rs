@@ -31,9 +31,7 @@ use tandem_proto::Secret;
 use tandem_session::{ControlMsg, SessionCode};
 use tandem_tests::scenes::{Scene, draw, draw_counter, read_counter};
 use tandem_tests::x11::{Painter, Xvfb};
-use tandem_tests::{
-    RelayProcess, bench_arg, percentile, relay_admin, token_from_output, write_bench_json,
-};
+use tandem_tests::{RelayProcess, bench_arg, percentile, write_bench_json};
 
 struct Args {
     seconds: f64,
@@ -182,12 +180,7 @@ fn main() {
 
 async fn run(a: Args) {
     let dir = tempfile::tempdir().unwrap();
-    let out = relay_admin(
-        dir.path(),
-        &["technician", "add", "--org", "Bench", "--name", "bench"],
-    );
-    let token: Secret = token_from_output(&out);
-    let relay = RelayProcess::start(dir.path()).await;
+    let (relay, token) = tandem_tests::bench_relay(dir.path(), &[]).await;
     let x = Xvfb::start(a.width, a.height);
     Painter::new(&x.display).page(0);
 

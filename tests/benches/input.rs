@@ -17,8 +17,8 @@ use tandem_client::ConnectOptions;
 use tandem_input::keymap::usage;
 use tandem_input::{AgentInput, Injector, InputClient, InputEvent, Permission, X11Injector};
 use tandem_session::{AgentEvent, AgentHost, InputItem, SessionConfig};
+use tandem_tests::percentile;
 use tandem_tests::x11::{Kind, XRecorder, Xvfb};
-use tandem_tests::{RelayProcess, percentile, relay_admin, token_from_output};
 
 /// Waits until the recorder has `n` key events; returns the arrival time of the last.
 fn arrival(rec: &XRecorder, n: usize) -> Option<Instant> {
@@ -83,12 +83,7 @@ async fn run(n: usize, transports: Vec<String>) {
 
     // Through the relay.
     let dir = tempfile::tempdir().unwrap();
-    let out = relay_admin(
-        dir.path(),
-        &["technician", "add", "--org", "Bench", "--name", "bench"],
-    );
-    let token = token_from_output(&out);
-    let relay = RelayProcess::start(dir.path()).await;
+    let (relay, token) = tandem_tests::bench_relay(dir.path(), &[]).await;
     let mut passes = vec![];
     for transport in &transports {
         let mut opts = ConnectOptions::new(relay.addr.clone(), RelayTrust::Pin(relay.pin));

@@ -35,9 +35,7 @@ use tandem_proto::Secret;
 use tandem_session::SessionCode;
 use tandem_tests::content::{Canvas, Class, Content, Rect, read_counter_luma};
 use tandem_tests::x11::{Painter, Xvfb};
-use tandem_tests::{
-    RelayProcess, bench_arg, percentile, relay_admin, token_from_output, write_bench_json,
-};
+use tandem_tests::{RelayProcess, bench_arg, percentile, write_bench_json};
 use x11rb::connection::{Connection, RequestConnection};
 use x11rb::protocol::xproto::{ConnectionExt, ImageFormat};
 
@@ -293,12 +291,7 @@ fn main() {
 
 async fn run(a: Args) {
     let dir = tempfile::tempdir().unwrap();
-    let out = relay_admin(
-        dir.path(),
-        &["technician", "add", "--org", "Bench", "--name", "bench"],
-    );
-    let token: Secret = token_from_output(&out);
-    let relay = RelayProcess::start(dir.path()).await;
+    let (relay, token) = tandem_tests::bench_relay(dir.path(), &[]).await;
     let x = Xvfb::start(a.width as u32, a.height as u32);
 
     let mut rows: Vec<Row> = vec![];

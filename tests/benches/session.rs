@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use tandem_certs::RelayTrust;
 use tandem_client::{ConnectOptions, RelayLink};
 use tandem_session::{ControlMsg, Fallback, Session};
-use tandem_tests::{RelayProcess, percentile, relay_admin, token_from_output};
+use tandem_tests::percentile;
 
 /// Reliable-stream throughput of the inner connection: 4,000-byte messages on the session's input
 /// event stream (one ordered stream, like the outer payload stream it is compared with). Video
@@ -78,12 +78,8 @@ async fn run(quick: bool) {
          registers_per_minute_per_address = 1000000\n",
     )
     .unwrap();
-    let out = relay_admin(
-        dir.path(),
-        &["technician", "add", "--org", "Bench", "--name", "bench"],
-    );
-    let token = token_from_output(&out);
-    let relay = RelayProcess::start_with(dir.path(), &["--config", cfg.to_str().unwrap()]).await;
+    let (relay, token) =
+        tandem_tests::bench_relay(dir.path(), &["--config", cfg.to_str().unwrap()]).await;
     let opts = ConnectOptions::new(relay.addr.clone(), RelayTrust::Pin(relay.pin));
 
     // ---- setup time, both fallbacks interleaved ----

@@ -18,9 +18,7 @@ use std::time::Instant;
 use tandem_certs::RelayTrust;
 use tandem_client::ConnectOptions;
 use tandem_session::{Fallback, Session};
-use tandem_tests::{
-    RelayProcess, bench_arg, percentile, relay_admin, token_from_output, write_bench_json,
-};
+use tandem_tests::{bench_arg, percentile, write_bench_json};
 
 fn main() {
     tandem_tests::bench_main(run());
@@ -239,12 +237,7 @@ async fn run() {
     let mib: u64 = bench_arg("--mib", 256);
     let rounds: usize = bench_arg("--rounds", 5);
     let dir = tempfile::tempdir().unwrap();
-    let out = relay_admin(
-        dir.path(),
-        &["technician", "add", "--org", "Bench", "--name", "bench"],
-    );
-    let token = token_from_output(&out);
-    let relay = RelayProcess::start(dir.path()).await;
+    let (relay, token) = tandem_tests::bench_relay(dir.path(), &[]).await;
     let opts = ConnectOptions::new(relay.addr.clone(), RelayTrust::Pin(relay.pin));
     let src = dir.path().join("src.bin");
     {

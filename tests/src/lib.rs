@@ -427,10 +427,19 @@ pub async fn load_relay(dir: &Path, org: &str) -> (RelayProcess, Secret) {
         limits.push_str("registers_per_minute_per_address = 1000000\nauth_queue = 100000\n");
     }
     std::fs::write(&cfg, limits).unwrap();
+    bench_relay_of(dir, org, &["--config", cfg.to_str().unwrap()]).await
+}
+
+/// The relay binary on `dir` with one technician ("bench" of "Bench") and extra arguments; the
+/// technician's token. What every session bench starts with.
+pub async fn bench_relay(dir: &Path, extra: &[&str]) -> (RelayProcess, Secret) {
+    bench_relay_of(dir, "Bench", extra).await
+}
+
+async fn bench_relay_of(dir: &Path, org: &str, extra: &[&str]) -> (RelayProcess, Secret) {
     let out = relay_admin(dir, &["technician", "add", "--org", org, "--name", "bench"]);
     let token = token_from_output(&out);
-    let relay = RelayProcess::start_with(dir, &["--config", cfg.to_str().unwrap()]).await;
-    (relay, token)
+    (RelayProcess::start_with(dir, extra).await, token)
 }
 
 /// Counts pixels of a BGRX frame within `tol` of 0xRRGGBB in the given rectangle.
