@@ -4,29 +4,33 @@
 # loopback, and a short run of every fuzz target. Installs what it needs first.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# Each stage's header says how long the suite has run, so a slow CI run shows where time went.
+stage() { printf '==> %s  [%dm%02ds]\n' "$1" $((SECONDS / 60)) $((SECONDS % 60)); }
+stage "system packages"
 scripts/deps.sh
 
-echo "==> cargo fmt --check"
+stage "cargo fmt --check"
 cargo fmt --all --check
 
-echo "==> cargo clippy"
+stage "cargo clippy"
 cargo clippy --workspace --all-targets --quiet -- -D warnings
 
-echo "==> build binaries used by the end-to-end tests"
+stage "build binaries used by the end-to-end tests"
 cargo build --workspace --bins --quiet
 
 if ! cargo nextest --version >/dev/null 2>&1; then
-  echo "==> installing cargo-nextest"
+  stage "installing cargo-nextest"
   cargo install cargo-nextest --locked --quiet
 fi
 if ! cargo deb --version >/dev/null 2>&1; then
-  echo "==> installing cargo-deb"
+  stage "installing cargo-deb"
   cargo install cargo-deb --locked --quiet
 fi
-echo "==> tests"
+stage "tests"
 profile=default
 [[ "${CI:-}" == "true" ]] && profile=ci
 cargo nextest run --workspace --profile "$profile" "$@"
 
-echo "==> fuzz smoke run"
+stage "fuzz smoke run"
 scripts/fuzz-smoke.sh
+stage "done"
