@@ -40,8 +40,9 @@
 //!   1.2 Mbit/s at 1080p anyway).
 //! * **Up** when the same frames at full resolution would cost under half the interval (estimated
 //!   from the halved frames: four times the encode, the rest as measured) and the picture has been
-//!   halved for at least the hold time, or when the screen has been still for [`QUIET`]: a picture
-//!   at rest is re-sent sharp (the switch is a keyframe).
+//!   halved for at least the hold time, or when the screen rests: the pipeline's refinement of
+//!   a motion comes at full resolution ([`LoadGovernor::rested`]), and a picture still for
+//!   [`QUIET`] with no refinement due comes back too (the switch is a keyframe).
 //! * The hold time starts at [`HOLD_MIN`] and doubles (up to [`HOLD_MAX`]) each time the picture
 //!   has to be halved again within [`RELAPSE`] of coming back: content that flips between cheap and
 //!   expensive does not become a stream of keyframes.
@@ -249,6 +250,14 @@ impl LoadGovernor {
         if let Some(m) = self.recent.back_mut() {
             m.motion = false;
         }
+    }
+
+    /// The screen has rested after a motion and its picture is about to be refined: a picture
+    /// halved for the load comes back at once, so the refinement is the way back to full
+    /// resolution (one sharp keyframe) instead of a coarse full-resolution picture after
+    /// [`QUIET`] and its refinement after that. Returns true when the decision changed.
+    pub fn rested(&mut self, now: Instant) -> bool {
+        self.halved && self.switch(false, now)
     }
 
     /// A look at the screen that found nothing to encode. Returns true when the decision changed

@@ -140,12 +140,16 @@ impl<C: Capturer> ScreenPipeline<C> {
         self.apply_scale();
     }
 
+    /// Whether either reason asks for half resolution of a `(w, h)` screen.
+    fn wants_halve((w, h): (u32, u32), path_halve: bool, load_halved: bool) -> bool {
+        (path_halve && w >= 640 && h >= 360)
+            || (load_halved && w >= LOAD_HALVE_MIN.0 && h >= LOAD_HALVE_MIN.1)
+    }
+
     /// Halves or restores the picture when either reason changed (the next frame is then a
     /// keyframe of the whole screen at the new size).
     fn apply_scale(&mut self) {
-        let (w, h) = self.size;
-        let halve = (self.path_halve && w >= 640 && h >= 360)
-            || (self.load.halved() && w >= LOAD_HALVE_MIN.0 && h >= LOAD_HALVE_MIN.1);
+        let halve = Self::wants_halve(self.size, self.path_halve, self.load.halved());
         if halve != self.halve {
             self.halve = halve;
             self.capturer.request_full();
@@ -206,6 +210,20 @@ impl<C: Capturer> ScreenPipeline<C> {
                 return Ok(Step::nothing(cursor, resized, times));
             }
         }
+        let screen = u64::from(size.0) * u64::from(size.1);
+        let small = changed.saturating_mul(SMALL_CHANGE_DIVISOR) <= screen
+            && !(self.pending && self.encoder.quality() == Quality::Motion);
+        if refine_due && small && size == self.size && self.load.rested(t1) {
+            // Halved for the load during the motion: the refinement comes at full resolution.
+            // The whole frame is converted below (the I420 picture changes size), so the
+            // capturer is not asked for it again: that would be a full-screen change, i.e. a
+            // coarse motion picture after the sharp one.
+            self.halve = Self::wants_halve(self.size, self.path_halve, self.load.halved());
+            tracing::info!(
+                halve = self.halve,
+                "screen at rest: refined at full resolution"
+            );
+        }
         let frame: &Frame = cap.frame;
         if self.halve {
             // Only the changed rows, halved; everything when the size changed (the switch to
@@ -223,9 +241,6 @@ impl<C: Capturer> ScreenPipeline<C> {
         // skipped (a small change since then carries it).
         // Once the large changes have rested (small ones such as a blinking cursor or a clock may
         // go on), the picture is sent again finely, with whatever small change came with it.
-        let screen = u64::from(size.0) * u64::from(size.1);
-        let small = changed.saturating_mul(SMALL_CHANGE_DIVISOR) <= screen
-            && !(self.pending && self.encoder.quality() == Quality::Motion);
         let quality = if !small {
             Quality::Motion
         } else if refine_due {
@@ -457,11 +472,12 @@ mod tests {
         assert!(!pipe.halved());
     }
 
-    /// The pipeline's load, not the path, halves the picture, and a still screen brings it back:
-    /// each switch is a keyframe at the new size. (At 60 frames a second the rule allows 25 ms a
-    /// frame; the capture alone takes 30.)
+    /// The pipeline's load, not the path, halves the picture, and the screen at rest brings it
+    /// back: the refinement of the motion is one keyframe at full resolution, and nothing comes
+    /// after it (not a coarse full-screen picture, not a second refinement). (At 60 frames a
+    /// second the rule allows 25 ms a frame; the capture alone takes 30.)
     #[test]
-    fn a_screen_the_machine_cannot_keep_up_with_is_halved_until_it_is_still() {
+    fn a_screen_the_machine_cannot_keep_up_with_is_halved_until_it_rests() {
         let mut pipe = too_slow(1280, 720);
         let mut sizes = vec![];
         // (Rate control may skip a frame now and then; the rule counts encoded frames.)
@@ -489,18 +505,18 @@ mod tests {
             }
         }
         assert!(settled && pipe.halved());
-        std::thread::sleep(crate::load::QUIET);
-        assert!(
-            pipe.step().unwrap().encoded.is_none(),
-            "nothing changed yet"
-        );
-        assert!(!pipe.halved());
+        std::thread::sleep(REFINE_AFTER);
         let back = pipe
             .step()
             .unwrap()
             .encoded
             .expect("the still screen, sharp");
         assert_eq!((back.width, back.keyframe), (1280, true));
+        assert_eq!(pipe.encoder.quality(), Quality::Refine);
+        assert!(!pipe.halved());
         assert!(pipe.step().unwrap().encoded.is_none());
+        std::thread::sleep(crate::load::QUIET);
+        assert!(pipe.step().unwrap().encoded.is_none(), "nothing after it");
+        assert!(pipe.step().unwrap().encoded.is_none(), "nothing after it");
     }
 }
