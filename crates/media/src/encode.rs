@@ -111,6 +111,8 @@ pub struct VideoEncoder {
     qp_range_set: Option<QpSetting>,
     /// The encoder refused Tandem's quantiser-range option (an unpatched OpenH264).
     qp_range_refused: bool,
+    /// The initialised encoder refused Tandem's keep option (an unpatched OpenH264).
+    keep_refused: bool,
     motion_qp: u8,
     final_qp: u8,
     refine_qp: u8,
@@ -211,6 +213,7 @@ impl VideoEncoder {
             quality: Quality::Final,
             qp_range_set: None,
             qp_range_refused: false,
+            keep_refused: false,
             motion_qp: experiment_qp("TANDEM_EXPERIMENT_MOTION_QP", MOTION_QP),
             final_qp: experiment_qp("TANDEM_EXPERIMENT_FINAL_QP", FINAL_QP),
             refine_qp: experiment_qp("TANDEM_EXPERIMENT_REFINE_QP", REFINE_QP),
@@ -336,8 +339,24 @@ impl VideoEncoder {
 
     /// Encodes one picture, timestamped now; `None` when rate control skipped it.
     pub fn encode(&mut self, img: &I420) -> Result<Option<EncodedFrame>, EncodeError> {
+        self.encode_keeping(img, None)
+    }
+
+    /// Encodes one picture, timestamped now, keeping the macroblocks `keep` marks (one byte per
+    /// 16×16 macroblock of the picture in raster order, non-zero: unchanged since the last picture
+    /// this encoder put out) exactly as the decoder has them: skipped, or coded as zero motion
+    /// without a residual. Without it OpenH264 decides by itself which macroblocks changed, and
+    /// codes again some that did not (measured in the peer bench's slideshow: after a refined
+    /// photo, each frame that changed only a 32×32 counter cost 1.3–81 KB instead of ≈100 bytes
+    /// and made the photo coarser again). A map of another size, a keyframe, or an OpenH264
+    /// without Tandem's option ignore it.
+    pub fn encode_keeping(
+        &mut self,
+        img: &I420,
+        keep: Option<&[u8]>,
+    ) -> Result<Option<EncodedFrame>, EncodeError> {
         let ms = self.started.elapsed().as_millis() as u64;
-        self.encode_at(img, ms)
+        self.encode_at_keeping(img, ms, keep)
     }
 
     /// The path carries what was sent until `t` (the caller's pacing estimate), in the clock of
@@ -381,8 +400,18 @@ impl VideoEncoder {
     /// the picture tried once more, as a keyframe; the ceiling comes back down
     /// [`BOOST_FRAMES`] frames later (one more keyframe).
     pub fn encode_at(&mut self, img: &I420, ms: u64) -> Result<Option<EncodedFrame>, EncodeError> {
+        self.encode_at_keeping(img, ms, None)
+    }
+
+    /// [`VideoEncoder::encode_at`] with the map of [`VideoEncoder::encode_keeping`].
+    pub fn encode_at_keeping(
+        &mut self,
+        img: &I420,
+        ms: u64,
+        keep: Option<&[u8]>,
+    ) -> Result<Option<EncodedFrame>, EncodeError> {
         let ms = self.rc_clock(ms);
-        match self.encode_once(img, ms) {
+        match self.encode_once(img, ms, keep) {
             Ok(f) => {
                 if self.overflow_boost > 0 && f.is_some() {
                     self.since_boost += 1;
@@ -401,12 +430,19 @@ impl VideoEncoder {
                 }
                 self.overflow_boost = (self.overflow_boost + OVERFLOW_BOOST).min(51);
                 tracing::warn!(error = %e, qp_ceiling_boost = self.overflow_boost, "encoder rebuilt with a coarser quantiser");
-                self.encode_once(img, ms).inspect_err(|_| self.enc = None)
+                // A fresh encoder starts with a keyframe: nothing to keep.
+                self.encode_once(img, ms, None)
+                    .inspect_err(|_| self.enc = None)
             }
         }
     }
 
-    fn encode_once(&mut self, img: &I420, ms: u64) -> Result<Option<EncodedFrame>, EncodeError> {
+    fn encode_once(
+        &mut self,
+        img: &I420,
+        ms: u64,
+        keep: Option<&[u8]>,
+    ) -> Result<Option<EncodedFrame>, EncodeError> {
         let (w, h) = (img.width, img.height);
         if self.enc.is_none() || self.size != (w, h) {
             self.qp_ceiling = self
@@ -454,11 +490,32 @@ impl VideoEncoder {
             }
         }
         let ts = openh264::Timestamp::from_millis(ms);
-        let bs = enc
+        let mbs = (w.div_ceil(16) * h.div_ceil(16)) as usize;
+        let keeping = match keep {
+            // Only an initialised encoder takes options (the first picture initialises it, and
+            // is a keyframe).
+            Some(k) if k.len() == mbs && !self.keep_refused && self.qp_range_set.is_some() => {
+                if set_keep_mbs(enc, Some(k)) {
+                    true
+                } else {
+                    tracing::debug!(
+                        "OpenH264 without Tandem's keep option: it decides what changed by itself"
+                    );
+                    self.keep_refused = true;
+                    false
+                }
+            }
+            _ => false,
+        };
+        let out = enc
             .encode_at(img, ts)
-            .map_err(|e| EncodeError::Encode(e.to_string()))?;
-        let frame_type = bs.frame_type();
-        let data = bs.to_vec();
+            .map(|bs| (bs.frame_type(), bs.to_vec()))
+            .map_err(|e| EncodeError::Encode(e.to_string()));
+        if keeping {
+            // The encoder holds the pointer, not a copy: it must not outlive this call.
+            set_keep_mbs(enc, None);
+        }
+        let (frame_type, data) = out?;
         if self.qp_range_set.is_none() {
             // What initialisation set: the configured range, upstream's static threshold.
             self.qp_range_set = Some(QpSetting {
@@ -589,6 +646,36 @@ const UPSTREAM_STATIC_FINE_QP: u8 = 26;
 /// and what a refinement codes again (`int32_t[4]`: min, max, static fine, refine max SSE).
 const ENCODER_OPTION_TANDEM_QP_RANGE: openh264_sys2::ENCODER_OPTION =
     openh264_sys2::ENCODER_OPTION_BITS_VARY_PERCENTAGE + 5;
+
+/// Tandem's OpenH264 codes the macroblocks a map marks as unchanged as copies of the reference
+/// (`STandemKeepMbs*`; see `third_party/openh264-keep-mbs-option.patch`).
+const ENCODER_OPTION_TANDEM_KEEP_MBS: openh264_sys2::ENCODER_OPTION =
+    openh264_sys2::ENCODER_OPTION_BITS_VARY_PERCENTAGE + 6;
+
+/// `STandemKeepMbs` of Tandem's `codec_app_def.h`.
+#[repr(C)]
+struct TandemKeepMbs {
+    keep: *const u8,
+    count: std::ffi::c_int,
+}
+
+/// Points the encoder at `keep` for the pictures to come, or at none; returns whether it took it.
+/// The caller clears it (`None`) before the slice goes away.
+#[allow(unsafe_code)]
+fn set_keep_mbs(enc: &mut Encoder, keep: Option<&[u8]>) -> bool {
+    let mut arg = TandemKeepMbs {
+        keep: keep.map_or(std::ptr::null(), <[u8]>::as_ptr),
+        count: keep.map_or(0, |k| std::ffi::c_int::try_from(k.len()).unwrap_or(0)),
+    };
+    // SAFETY: the encoder is initialised; the option reads the struct for the call only and keeps
+    // its pointer, which `encode_once` clears right after the one encode that may read it (the
+    // slice is borrowed for that whole time). Unknown options are refused without reading.
+    unsafe {
+        enc.raw_api()
+            .set_option(ENCODER_OPTION_TANDEM_KEEP_MBS, (&raw mut arg).cast())
+            == 0
+    }
+}
 
 /// Sets the quantisers from the next picture on; returns whether the encoder took them (an
 /// OpenH264 without Tandem's patch refuses the option).
@@ -731,7 +818,7 @@ mod tests {
         // SAFETY: as in `set_feature_search`; the unknown option is refused without reading.
         let refused = unsafe {
             enc.raw_api()
-                .set_option(ENCODER_OPTION_TANDEM_QP_RANGE + 1, (&raw mut x).cast())
+                .set_option(ENCODER_OPTION_TANDEM_KEEP_MBS + 1, (&raw mut x).cast())
         };
         assert_ne!(refused, 0);
     }
@@ -846,6 +933,58 @@ mod tests {
         // not coded again.
         let again = v.encode_at(&yuv, 600).unwrap().map_or(0, |f| f.data.len());
         assert!(again < refined.data.len() / 20, "{again} bytes");
+    }
+
+    /// Macroblocks marked as kept are copies of what the decoder already has, whatever the
+    /// picture holds there; the others are coded. (The kept region is given different pixels on
+    /// purpose: an encoder that ignored the map would code them.)
+    #[test]
+    fn kept_macroblocks_stay_as_the_decoder_has_them() {
+        let (w, h) = (320u32, 192u32);
+        let mut src = page(w, h);
+        let mut yuv = I420::default();
+        crate::convert::bgrx_to_i420(&src, &mut yuv).unwrap();
+        let mut dec = crate::decode::VideoDecoder::new().unwrap();
+        let (mut first, mut second) = (I420::default(), I420::default());
+        let mut v = one_thread(20_000_000);
+        v.set_quality(Quality::Final);
+        let key = v.encode_at(&yuv, 0).unwrap().unwrap();
+        assert!(dec.decode_i420(&key.data, &mut first).unwrap());
+
+        // The top four macroblock rows change (inverted, not so much of the picture that
+        // OpenH264 calls it a new scene and sends a keyframe); only the first is not kept.
+        for px in src.data[..(64 * w * 4) as usize].chunks_exact_mut(4) {
+            for c in &mut px[..3] {
+                *c = 255 - *c;
+            }
+        }
+        crate::convert::bgrx_to_i420(&src, &mut yuv).unwrap();
+        let (cols, rows) = (w / 16, h / 16);
+        let mut keep = vec![1u8; (cols * rows) as usize];
+        keep[..cols as usize].fill(0);
+        let p = v
+            .encode_at_keeping(&yuv, 33, Some(&keep))
+            .unwrap()
+            .expect("a picture");
+        assert!(!v.keep_refused, "Tandem's OpenH264 takes the map");
+        assert!(!p.keyframe);
+        assert!(dec.decode_i420(&p.data, &mut second).unwrap());
+        let row = (16 * w) as usize;
+        assert_eq!(first.y[row..], second.y[row..], "kept rows unchanged");
+        let cw = (w / 2) as usize;
+        assert_eq!(first.u[8 * cw..], second.u[8 * cw..]);
+        assert_eq!(first.v[8 * cw..], second.v[8 * cw..]);
+        assert!(
+            luma_psnr(&yuv.y[..row], &second.y[..row]) > 40.0,
+            "the row not kept shows the new picture"
+        );
+
+        // The map is for that picture only: a refinement after it (no map) codes what the
+        // decoder shows too far from the picture, i.e. the rows kept against the truth.
+        v.set_quality(Quality::Refine);
+        let q = v.encode_at(&yuv, 66).unwrap().expect("a picture");
+        assert!(dec.decode_i420(&q.data, &mut second).unwrap());
+        assert!(luma_psnr(&yuv.y, &second.y) > 40.0);
     }
 
     /// A new target moves the maximum bitrate with it, up and down, in place: OpenH264's frame

@@ -7,7 +7,7 @@
 use crate::capture::{CaptureError, Capturer, CursorState};
 use crate::convert::{I420, bgrx_to_i420_changed, downscale_half_changed};
 use crate::encode::{EncodeError, EncodedFrame, Quality, Target, VideoEncoder};
-use crate::frame::Frame;
+use crate::frame::{Frame, Rect};
 use crate::load::LoadGovernor;
 use std::time::{Duration, Instant};
 
@@ -75,6 +75,55 @@ pub const SMALL_CHANGE_DIVISOR: u64 = 32;
 /// sharp well within a second.
 pub const REFINE_AFTER: Duration = Duration::from_millis(200);
 
+/// Which 16×16 macroblocks of the encoded picture changed since the last picture the encoder put
+/// out (a picture rate control skipped leaves its changes here for the next one).
+#[derive(Debug, Default)]
+struct ChangedMbs {
+    /// Picture size in macroblocks.
+    cols: u32,
+    rows: u32,
+    /// One byte per macroblock, raster order: 1 if it changed.
+    dirty: Vec<u8>,
+    /// The complement handed to the encoder (kept to reuse its allocation).
+    keep: Vec<u8>,
+}
+
+impl ChangedMbs {
+    /// Marks what `rects` cover on a `w`×`h` picture; a picture of another size changed everywhere.
+    fn mark(&mut self, rects: &[Rect], (w, h): (u32, u32)) {
+        let (cols, rows) = (w.div_ceil(16), h.div_ceil(16));
+        if (cols, rows) != (self.cols, self.rows) {
+            (self.cols, self.rows) = (cols, rows);
+            self.dirty.clear();
+            self.dirty.resize((cols * rows) as usize, 1);
+            return;
+        }
+        for r in rects {
+            let (x0, y0) = ((r.x / 16).min(cols), (r.y / 16).min(rows));
+            let (x1, y1) = (
+                r.x.saturating_add(r.w).div_ceil(16).min(cols),
+                r.y.saturating_add(r.h).div_ceil(16).min(rows),
+            );
+            for y in y0..y1 {
+                let row = (y * cols) as usize;
+                self.dirty[row + x0 as usize..row + x1 as usize].fill(1);
+            }
+        }
+    }
+
+    /// The macroblocks to keep as the decoder has them: those that did not change.
+    fn keep(&mut self) -> &[u8] {
+        self.keep.clear();
+        self.keep.extend(self.dirty.iter().map(|&d| d ^ 1));
+        &self.keep
+    }
+
+    /// The encoder put a picture out: it has everything so far.
+    fn sent(&mut self) {
+        self.dirty.fill(0);
+    }
+}
+
 fn frame_interval(t: Target) -> Duration {
     Duration::from_secs_f64(1.0 / f64::from(t.max_fps.clamp(1.0, 240.0)))
 }
@@ -96,6 +145,8 @@ pub struct ScreenPipeline<C: Capturer> {
     pending: bool,
     /// A picture went as motion: refine it when the screen has rested until then.
     refine_due: Option<Instant>,
+    /// What changed since the encoder's last picture: everything else is kept as it is.
+    changed_mbs: ChangedMbs,
 }
 
 impl<C: Capturer> ScreenPipeline<C> {
@@ -111,6 +162,7 @@ impl<C: Capturer> ScreenPipeline<C> {
             size: (0, 0),
             pending: false,
             refine_due: None,
+            changed_mbs: ChangedMbs::default(),
         })
     }
 
@@ -230,10 +282,14 @@ impl<C: Capturer> ScreenPipeline<C> {
             // half resolution asks the capturer for the whole screen, so nothing stale remains).
             let changed = downscale_half_changed(frame, &mut self.half, &cap.damage);
             bgrx_to_i420_changed(&self.half, &mut self.yuv, &changed)?;
+            self.changed_mbs
+                .mark(&changed, (self.yuv.width, self.yuv.height));
         } else {
             // Only the changed rows; the whole frame when the picture was halved before (the
             // I420 buffer then has another size).
             bgrx_to_i420_changed(frame, &mut self.yuv, &cap.damage)?;
+            self.changed_mbs
+                .mark(&cap.damage, (self.yuv.width, self.yuv.height));
         }
         let t2 = Instant::now();
         times.convert = t2 - t1;
@@ -263,7 +319,13 @@ impl<C: Capturer> ScreenPipeline<C> {
             self.refine_due = Some(t2 + REFINE_AFTER);
         }
         self.encoder.set_quality(quality);
-        let encoded = self.encoder.encode(&self.yuv)?;
+        // What did not change stays exactly as sent, except in a refinement, whose point is to
+        // code again what was sent coarsely.
+        let keep = (quality != Quality::Refine).then(|| self.changed_mbs.keep());
+        let encoded = self.encoder.encode_keeping(&self.yuv, keep)?;
+        if encoded.is_some() {
+            self.changed_mbs.sent();
+        }
         if quality == Quality::Refine && encoded.is_some() {
             self.refine_due = None;
         }
@@ -458,6 +520,48 @@ mod tests {
     }
 
     /// A small screen stays whole however slow the machine: fewer frames, legible text.
+    /// After the refinement, a ticking clock costs only itself: every picture keeps the rest of
+    /// the screen exactly as the refinement left it (none is coded again, coarser).
+    #[test]
+    fn after_a_refinement_a_ticking_clock_keeps_the_rest_as_it_is() {
+        let mut pipe = too_slow(640, 360);
+        let mut dec = crate::decode::VideoDecoder::new().unwrap();
+        let mut out = crate::convert::I420::default();
+        let mut step = |pipe: &mut ScreenPipeline<Moving>, out: &mut crate::convert::I420| {
+            let e = pipe.step().unwrap().encoded?;
+            assert!(dec.decode_i420(&e.data, out).unwrap());
+            Some((pipe.encoder.quality(), e.data.len()))
+        };
+        for _ in 0..3 {
+            step(&mut pipe, &mut out);
+        }
+        pipe.capturer.moving = false;
+        pipe.capturer.ticking = true;
+        let started = Instant::now();
+        let mut refined: Option<Vec<u8>> = None;
+        let mut after = vec![];
+        while started.elapsed() < REFINE_AFTER * 4 {
+            match step(&mut pipe, &mut out) {
+                Some((Quality::Refine, _)) => refined = Some(out.y.clone()),
+                Some((q, bytes)) if refined.is_some() => {
+                    assert_eq!(q, Quality::Final);
+                    after.push(bytes);
+                    let was = refined.as_deref().unwrap_or_default();
+                    // All but the first macroblock row (the clock is in its first macroblock).
+                    let row = 16 * out.width as usize;
+                    assert!(
+                        out.y[row..] == was[row..],
+                        "the picture changed beyond the clock"
+                    );
+                }
+                _ => {}
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert!(refined.is_some() && after.len() >= 3, "{after:?}");
+        assert!(after.iter().all(|&b| b < 600), "bytes per tick: {after:?}");
+    }
+
     #[test]
     fn the_load_does_not_halve_a_small_screen() {
         let mut pipe = too_slow(1024, 768);
@@ -470,6 +574,59 @@ mod tests {
         assert!(widths.len() >= 6, "{widths:?}");
         assert!(widths.iter().all(|&w| w == 1024), "{widths:?}");
         assert!(!pipe.halved());
+    }
+
+    /// The map of changed macroblocks: rectangles cover every macroblock they touch, a new size
+    /// changes everything, and what the encoder put out is no longer a change.
+    #[test]
+    fn changed_macroblocks_are_what_the_rectangles_touch() {
+        let mut m = ChangedMbs::default();
+        m.mark(&[], (100, 40));
+        assert_eq!((m.cols, m.rows), (7, 3));
+        assert!(m.keep().iter().all(|&k| k == 0), "a new size: all changed");
+        m.sent();
+        assert!(m.keep().iter().all(|&k| k == 1));
+        // 15..17 touches columns 0 and 1; rows 16..18 only row 1.
+        m.mark(
+            &[Rect {
+                x: 15,
+                y: 16,
+                w: 2,
+                h: 2,
+            }],
+            (100, 40),
+        );
+        // A rectangle past the edge is clipped to the picture.
+        m.mark(
+            &[Rect {
+                x: 96,
+                y: 32,
+                w: 50,
+                h: 50,
+            }],
+            (100, 40),
+        );
+        let changed: Vec<usize> = m
+            .keep()
+            .iter()
+            .enumerate()
+            .filter(|(_, k)| **k == 0)
+            .map(|(i, _)| i)
+            .collect();
+        assert_eq!(changed, vec![7, 8, 20]);
+        // Not sent (rate control skipped the picture): the changes add up.
+        m.mark(
+            &[Rect {
+                x: 0,
+                y: 0,
+                w: 1,
+                h: 1,
+            }],
+            (100, 40),
+        );
+        assert_eq!(m.keep().iter().filter(|&&k| k == 0).count(), 4);
+        m.sent();
+        assert!(m.keep().iter().all(|&k| k == 1));
     }
 
     /// The pipeline's load, not the path, halves the picture, and the screen at rest brings it

@@ -148,8 +148,18 @@ typedef enum {
   ENCODER_OPTION_TANDEM_PREPARE_FEATURE_SEARCH, ///< (Tandem) int, out: after a scrolled frame, hash the next reference now (1 if it did)
   ENCODER_OPTION_TANDEM_LOOP_FILTER_DISABLE_IDC, ///< (Tandem) int: overrides iLoopFilterDisableIdc of every later InitializeExt and ENCODER_OPTION_SVC_ENCODE_PARAM_EXT (not Initialize or ENCODER_OPTION_SVC_ENCODE_PARAM_BASE); may be set before InitializeExt
   ENCODER_OPTION_TANDEM_CROSS_SEARCH_FRAMES,  ///< (Tandem) int, GetOption only: P frames since initialisation on which the screen-content 16x16 cross search ran
-  ENCODER_OPTION_TANDEM_QP_RANGE              ///< (Tandem) int[4] {min, max, static fine, refine max SSE}, 0 <= min <= max <= 51, 0 <= static fine <= 51, refine max SSE >= -1: rate control's quantiser range from the next picture on, without re-initialising (no IDR); an unchanged screen-content macroblock whose reference was coded above "static fine" (upstream: 26) and more than 5 above the current quantiser is coded again; with refine max SSE >= 0 instead exactly those whose reference's luma differs from the picture by more than that sum of squared differences
+  ENCODER_OPTION_TANDEM_QP_RANGE,             ///< (Tandem) int[4] {min, max, static fine, refine max SSE}, 0 <= min <= max <= 51, 0 <= static fine <= 51, refine max SSE >= -1: rate control's quantiser range from the next picture on, without re-initialising (no IDR); an unchanged screen-content macroblock whose reference was coded above "static fine" (upstream: 26) and more than 5 above the current quantiser is coded again; with refine max SSE >= 0 instead exactly those whose reference's luma differs from the picture by more than that sum of squared differences
+  ENCODER_OPTION_TANDEM_KEEP_MBS              ///< (Tandem) STandemKeepMbs*: the macroblocks the following P pictures keep from their reference as they are (the caller knows they did not change); set before each picture, NULL map for none
 } ENCODER_OPTION;
+
+/**
+* @brief (Tandem) ENCODER_OPTION_TANDEM_KEEP_MBS: the encoder keeps the pointer (not a copy) until
+*        the option is set again, so the map must live until then
+*/
+typedef struct TagTandemKeepMbs {
+  const unsigned char* pKeep; ///< one byte per macroblock in raster order, non-zero: unchanged since the reference picture (coded as a copy of it: skipped, or zero motion and no residual); NULL: none
+  int iCount;                 ///< bytes at pKeep; a map whose count is not the picture's macroblock count is ignored
+} STandemKeepMbs;
 
 /**
 * @brief Option types introduced in decoder application

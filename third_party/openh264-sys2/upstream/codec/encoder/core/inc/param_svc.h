@@ -130,6 +130,10 @@ typedef struct TagWelsSvcCodingParam: SEncParamExt {
   // reference's luma differs from the picture by at most this sum of squared differences (so only
   // what is visibly off is coded again, whatever quantiser it had); ENCODER_OPTION_TANDEM_QP_RANGE.
   int32_t   iTandemRefineMaxSse;
+  // Tandem: macroblocks the next P pictures keep from the reference as they are (one byte each,
+  // non-zero: keep), or NULL; not owned (ENCODER_OPTION_TANDEM_KEEP_MBS).
+  const uint8_t* pTandemKeepMbs;
+  int32_t   iTandemKeepMbCount;
 
   int8_t   iDecompStages;          // GOP size dependency
   int32_t  iMaxNumRefFrame;
@@ -245,6 +249,8 @@ typedef struct TagWelsSvcCodingParam: SEncParamExt {
     bFmeOnScrollOnly = false;
     iTandemStaticFineQp = 26;
     iTandemRefineMaxSse = -1;
+    pTandemKeepMbs = NULL;
+    iTandemKeepMbCount = 0;
   }
 
   int32_t ParamBaseTranscode (const SEncParamBase& pCodingParam) {

@@ -86,6 +86,9 @@ bool MdInterSCDPskipProcess (sWelsEncCtx* pEncCtx, SWelsMD* pMd, SSlice* pSlice,
 typedef bool (*pJudgeSkipFun) (sWelsEncCtx* pEncCtx, SMB* pCurMb, SMbCache* pMbCache, SWelsMD* pWelsMd);
 void SetBlockStaticIdcToMd (void* pVaa, void* pMd, SMB* pCurMb, void* pDqLay);
 void WelsInitSCDPskipFunc (SWelsFuncPtrList* pFuncList, const bool bScrollingDetection);
+// Tandem: a macroblock the caller marked unchanged (ENCODER_OPTION_TANDEM_KEEP_MBS) is coded as a
+// copy of the reference at the same place; returns false for any other macroblock.
+bool TandemMdKeepMb (sWelsEncCtx* pEncCtx, SWelsMD* pWelsMd, SSlice* pSlice, SMB* pCurMb, SMbCache* pMbCache);
 
 void SetScrollingMvToMd (SVAAFrameInfo* pVaa, SWelsMD* pWelsMd);
 void SetScrollingMvToMdNull (SVAAFrameInfo* pVaa, SWelsMD* pWelsMd);

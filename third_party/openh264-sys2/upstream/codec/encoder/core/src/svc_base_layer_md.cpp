@@ -44,6 +44,7 @@
 #include "encoder.h"
 #include "svc_encode_mb.h"
 #include "svc_encode_slice.h"
+#include "svc_mode_decision.h"
 namespace WelsEnc {
 static const ALIGNED_DECLARE (int8_t, g_kiIntra16AvaliMode[8][5], 16) = {
   { I16_PRED_DC_128, I16_PRED_INVALID, I16_PRED_INVALID, I16_PRED_INVALID, 1 },
@@ -1868,6 +1869,11 @@ void WelsMdInterMb (sWelsEncCtx* pEncCtx, SWelsMD* pWelsMd, SSlice* pSlice, SMB*
   bool bTrySkip = bMbLeftAvailPskip || bMbTopAvailPskip || bMbTopLeftAvailPskip || bMbTopRightAvailPskip;
   bool bKeepSkip = bMbLeftAvailPskip && bMbTopAvailPskip && bMbTopRightAvailPskip;
   bool bSkip = false;
+
+  // Tandem: a macroblock the caller knows did not change stays as the reference has it.
+  if (TandemMdKeepMb (pEncCtx, pWelsMd, pSlice, pCurMb, pMbCache)) {
+    return;
+  }
 
   //try BGD skip
   if (pEncCtx->pFuncList->pfInterMdBackgroundDecision (pEncCtx, pWelsMd, pSlice, pCurMb, pMbCache, &bKeepSkip)) {

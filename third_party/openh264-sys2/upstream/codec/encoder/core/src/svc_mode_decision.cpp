@@ -44,6 +44,7 @@
 #include "ls_defines.h"
 #include "svc_base_layer_md.h"
 #include "svc_mode_decision.h"
+#include "svc_encode_mb.h"
 
 namespace WelsEnc {
 
@@ -389,9 +390,11 @@ bool JudgeScrollSkip (sWelsEncCtx* pEncCtx, SMB* pCurMb, SMbCache* pMbCache, SWe
   return bTryScrollSkip;
 }
 
+// Tandem: bKeep codes the prediction with no residual (the macroblock did not change, so what the
+// reference shows is kept as it is, whatever quantiser it had).
 void SvcMdSCDMbEnc (sWelsEncCtx* pEncCtx, SWelsMD* pWelsMd, SMB* pCurMb, SMbCache* pMbCache, SSlice* pSlice,
                     bool bQpSimilarFlag,
-                    bool bMbSkipFlag, SMVUnitXY sCurMbMv[], ESkipModes eSkipMode) {
+                    bool bMbSkipFlag, SMVUnitXY sCurMbMv[], ESkipModes eSkipMode, bool bKeep = false) {
   SDqLayer* pCurDqLayer         = pEncCtx->pCurDqLayer;
   SWelsFuncPtrList* pFunc       = pEncCtx->pFuncList;
   SMVUnitXY sMvp = { 0};
@@ -457,8 +460,21 @@ void SvcMdSCDMbEnc (sWelsEncCtx* pEncCtx, SWelsMD* pWelsMd, SMB* pCurMb, SMbCach
     pWelsMd->iCostLuma = pFunc->sSampleDealingFuncs.pfSampleSad[BLOCK_16x16] (pMbCache->SPicData.pEncMb[0],
                          pCurDqLayer->iEncStride[0], pRefLuma, iLineSizeY);
 
-  WelsInterMbEncode (pEncCtx, pSlice, pCurMb);
-  WelsPMbChromaEncode (pEncCtx, pSlice, pCurMb);
+  if (bKeep) {
+    // The residual of the prediction against itself: all zero, so nothing but the motion is coded
+    // and the reconstruction is the reference (the same steps as a coded macroblock otherwise).
+    WelsDctMb (pMbCache->pCoeffLevel, pMbCache->pMemPredLuma, 16, pMbCache->pMemPredLuma, pFunc->pfDctFourT4);
+    WelsEncInterY (pFunc, pCurMb, pMbCache);
+    int16_t* pCurRS = pMbCache->pCoeffLevel + 256;
+    uint8_t* pPredUV = pMbCache->pMemPredChroma;
+    pFunc->pfDctFourT4 (pCurRS, pPredUV, 8, pPredUV, 8);
+    pFunc->pfDctFourT4 (pCurRS + 64, pPredUV + 64, 8, pPredUV + 64, 8);
+    WelsEncRecUV (pFunc, pCurMb, pMbCache, pCurRS, 1);
+    WelsEncRecUV (pFunc, pCurMb, pMbCache, pCurRS + 64, 2);
+  } else {
+    WelsInterMbEncode (pEncCtx, pSlice, pCurMb);
+    WelsPMbChromaEncode (pEncCtx, pSlice, pCurMb);
+  }
 
   pFunc->pfCopy16x16Aligned (pMbCache->SPicData.pCsMb[0], pCurDqLayer->iCsStride[0], pMbCache->pMemPredLuma, 16);
   pFunc->pfCopy8x8Aligned (pMbCache->SPicData.pCsMb[1], pCurDqLayer->iCsStride[1], pMbCache->pMemPredChroma, 8);
@@ -520,6 +536,24 @@ bool MdInterSCDPskipProcess (sWelsEncCtx* pEncCtx, SWelsMD* pWelsMd, SSlice* pSl
   }
 
   return false;
+}
+
+bool TandemMdKeepMb (sWelsEncCtx* pEncCtx, SWelsMD* pWelsMd, SSlice* pSlice, SMB* pCurMb, SMbCache* pMbCache) {
+  const SWelsSvcCodingParam* kpParam = pEncCtx->pSvcParam;
+  const SDqLayer* kpCurDqLayer = pEncCtx->pCurDqLayer;
+  if (NULL == kpParam->pTandemKeepMbs
+      || kpParam->iTandemKeepMbCount != kpCurDqLayer->iMbWidth * kpCurDqLayer->iMbHeight
+      || pCurMb->iMbXY < 0 || pCurMb->iMbXY >= kpParam->iTandemKeepMbCount
+      || 0 == kpParam->pTandemKeepMbs[pCurMb->iMbXY]) {
+    return false;
+  }
+  // As a static macroblock of the screen-content path (MdInterSCDPskipProcess): a skip when the
+  // predicted motion is zero, else zero motion coded explicitly; in either case no residual.
+  SMVUnitXY sPredSkipMv = {0, 0}, sCurMbMv[2] = {{0, 0}, {0, 0}};
+  PredSkipMv (pMbCache, &sPredSkipMv);
+  const bool kbMbSkipFlag = (LD32 (&sPredSkipMv) == LD32 (&sCurMbMv[STATIC]));
+  SvcMdSCDMbEnc (pEncCtx, pWelsMd, pCurMb, pMbCache, pSlice, true, kbMbSkipFlag, sCurMbMv, STATIC, true);
+  return true;
 }
 
 void SetBlockStaticIdcToMd (void* pVaa, SWelsMD* pWelsMd, SMB* pCurMb, SDqLayer* pDqLayer) {

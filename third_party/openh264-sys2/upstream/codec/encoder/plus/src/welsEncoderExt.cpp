@@ -1219,6 +1219,15 @@ int CWelsH264SVCEncoder::SetOption (ENCODER_OPTION eOptionId, void* pOption) {
     }
   }
   break;
+  case ENCODER_OPTION_TANDEM_KEEP_MBS: {
+    const STandemKeepMbs* kpKeep = static_cast<STandemKeepMbs*> (pOption);
+    if (NULL == m_pEncContext || NULL == m_pEncContext->pSvcParam || kpKeep->iCount < 0) {
+      return cmInitParaError;
+    }
+    m_pEncContext->pSvcParam->pTandemKeepMbs = kpKeep->pKeep;
+    m_pEncContext->pSvcParam->iTandemKeepMbCount = (NULL == kpKeep->pKeep) ? 0 : kpKeep->iCount;
+  }
+  break;
 
   default:
     return cmInitParaError;
