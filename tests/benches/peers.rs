@@ -658,6 +658,36 @@ async fn counting_proxy(
     }
 }
 
+/// Stops a helper program so that it cleans up after itself (SIGTERM, SIGKILL after 3 s), then
+/// removes the System V shared-memory segments it created and left with nobody attached. x11vnc
+/// killed outright left 62 segments per class; a few runs of the bench used up the kernel's
+/// 4,096 (`kernel.shmmni`), and x11vnc then could not start ("shmget: No space left on device")
+/// — nor could anything else on the machine that uses such segments.
+async fn stop_cleanly(child: &mut tokio::process::Child) {
+    let Some(pid) = child.id() else {
+        return;
+    };
+    let _ = std::process::Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status();
+    if tokio::time::timeout(Duration::from_secs(3), child.wait())
+        .await
+        .is_err()
+    {
+        let _ = child.kill().await;
+    }
+    // /proc/sysvipc/shm: key shmid perms size cpid lpid nattch ...
+    let table = std::fs::read_to_string("/proc/sysvipc/shm").unwrap_or_default();
+    for line in table.lines().skip(1) {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        if f.len() > 6 && f[4] == pid.to_string() && f[6] == "0" {
+            let _ = std::process::Command::new("ipcrm")
+                .args(["-m", f[1]])
+                .status();
+        }
+    }
+}
+
 /// One class through x11vnc and the TigerVNC viewer.
 async fn vnc(a: &Args, x: &Xvfb, class: Class, base: u32) -> (Played, Delivered) {
     use std::sync::atomic::{AtomicU64, Ordering};
@@ -773,8 +803,8 @@ async fn vnc(a: &Args, x: &Xvfb, class: Class, base: u32) -> (Played, Delivered)
     let d = grab.await.unwrap();
     painter.join().unwrap();
     let p = played.lock().unwrap().clone();
-    let _ = viewer.kill().await;
-    let _ = server.kill().await;
+    stop_cleanly(&mut viewer).await;
+    stop_cleanly(&mut server).await;
     proxy_task.abort();
     drop(screen);
     (p, d)
