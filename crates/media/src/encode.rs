@@ -213,7 +213,8 @@ impl VideoEncoder {
             quality: Quality::Final,
             qp_range_set: None,
             qp_range_refused: false,
-            keep_refused: false,
+            // TANDEM_EXPERIMENT_KEEP=0: OpenH264 decides what changed by itself (A/B benches).
+            keep_refused: std::env::var("TANDEM_EXPERIMENT_KEEP").is_ok_and(|v| v == "0"),
             motion_qp: experiment_qp("TANDEM_EXPERIMENT_MOTION_QP", MOTION_QP),
             final_qp: experiment_qp("TANDEM_EXPERIMENT_FINAL_QP", FINAL_QP),
             refine_qp: experiment_qp("TANDEM_EXPERIMENT_REFINE_QP", REFINE_QP),
