@@ -161,6 +161,17 @@ pub fn max_qp(bits_per_pixel: f64) -> u8 {
 /// rate bits are scarcer than milliseconds and OpenH264 decides as upstream.
 pub const LATENCY_FIRST_BPS: u32 = 2_000_000;
 
+/// A picture whose changed macroblocks are more than 1/32 and at most half of it (a window
+/// dragged, a dialog moved, a panel slid in: something may have moved whole) gets OpenH264's own
+/// feature-search policy even above [`LATENCY_FIRST_BPS`]: the search runs while it pays off on
+/// recent frames, and the hashes of the next reference are made between frames
+/// ([`VideoEncoder::prepare_next`]), off the path of the next picture. Smaller changes (typing)
+/// and larger ones (full-screen motion, where hashing every frame took glass-to-glass p50 from
+/// 23 to 39–43 ms) keep the search to real scrolls. Measured, a 800×600 text window dragged over
+/// a 1080p desktop (peer bench): 816 → 608 kbit/s at 45.4 → 47.7 dB during motion; glass bench,
+/// dragging: 200 → 160 kbit/s, p50 17.1 and 15.9 ms before, 17.1 and 17.6 after (one sitting).
+pub const MOVED_REGION_SHARE: (f64, f64) = (1.0 / 32.0, 0.5);
+
 /// How much coarser the quantiser ceiling gets after a picture overflowed the encoder.
 pub const OVERFLOW_BOOST: u8 = 12;
 /// Frames after which a raised ceiling comes back down.
@@ -492,6 +503,18 @@ impl VideoEncoder {
         }
         let ts = openh264::Timestamp::from_millis(ms);
         let mbs = (w.div_ceil(16) * h.div_ceil(16)) as usize;
+        // The feature-search policy for this picture, once OpenH264 is initialised (its first
+        // picture is a keyframe, where the policy does not matter; it is set after it below).
+        if self.qp_range_set.is_some() {
+            let moved = keep.filter(|k| k.len() == mbs).is_some_and(|k| {
+                let changed = k.iter().filter(|&&b| b == 0).count() as f64 / mbs.max(1) as f64;
+                changed > MOVED_REGION_SHARE.0 && changed <= MOVED_REGION_SHARE.1
+            });
+            let want = self.target.bitrate_bps >= LATENCY_FIRST_BPS && !moved;
+            if self.feature_search_set != Some(want) && set_feature_search(enc, want) {
+                self.feature_search_set = Some(want);
+            }
+        }
         let keeping = match keep {
             // Only an initialised encoder takes options (the first picture initialises it, and
             // is a keyframe).
@@ -528,7 +551,7 @@ impl VideoEncoder {
         // Options take effect once OpenH264 is initialised, i.e. after its first picture (which
         // is a keyframe, where the policy does not matter).
         let want = self.target.bitrate_bps >= LATENCY_FIRST_BPS;
-        if self.feature_search_set != Some(want) && set_feature_search(enc, want) {
+        if self.feature_search_set.is_none() && set_feature_search(enc, want) {
             self.feature_search_set = Some(want);
         }
         let keyframe = match frame_type {
@@ -934,6 +957,29 @@ mod tests {
         // not coded again.
         let again = v.encode_at(&yuv, 600).unwrap().map_or(0, |f| f.data.len());
         assert!(again < refined.data.len() / 20, "{again} bytes");
+    }
+
+    /// Above the latency-first rate the feature search is kept to scrolls, except for pictures
+    /// where a region of moderate size changed (something may have moved whole).
+    #[test]
+    fn a_moved_region_may_use_the_feature_search() {
+        let (w, h) = (320u32, 192u32);
+        let mut yuv = I420::default();
+        crate::convert::bgrx_to_i420(&page(w, h), &mut yuv).unwrap();
+        let mut v = one_thread(20_000_000);
+        v.encode_at(&yuv, 0).unwrap();
+        assert_eq!(v.feature_search_set, Some(true));
+        let mbs = ((w / 16) * (h / 16)) as usize;
+        for (changed, scroll_only) in [(4, true), (60, false), (mbs / 2, false), (200, true)] {
+            let mut keep = vec![1u8; mbs];
+            keep[..changed].fill(0);
+            v.encode_at_keeping(&yuv, 33, Some(&keep)).unwrap();
+            assert_eq!(
+                v.feature_search_set,
+                Some(scroll_only),
+                "{changed} of {mbs}"
+            );
+        }
     }
 
     /// Macroblocks marked as kept are copies of what the decoder already has, whatever the
