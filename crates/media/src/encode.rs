@@ -998,12 +998,14 @@ mod tests {
         let key = v.encode_at(&yuv, 0).unwrap().unwrap();
         assert!(dec.decode_i420(&key.data, &mut first).unwrap());
 
-        // The top four macroblock rows change (inverted, not so much of the picture that
-        // OpenH264 calls it a new scene and sends a keyframe); only the first is not kept.
-        for px in src.data[..(64 * w * 4) as usize].chunks_exact_mut(4) {
-            for c in &mut px[..3] {
-                *c = 255 - *c;
-            }
+        // The top four macroblock rows change: their text moves 8 pixels right (not so much of
+        // the picture that OpenH264 calls it a new scene and sends a keyframe; and the motion
+        // search may find the move, so that kept macroblocks under moved ones have a non-zero
+        // predicted motion and are coded as explicit zero motion rather than skipped). Only the
+        // first row is not kept.
+        let stride = (w * 4) as usize;
+        for row in src.data[..64 * stride].chunks_exact_mut(stride) {
+            row.rotate_right(8 * 4);
         }
         crate::convert::bgrx_to_i420(&src, &mut yuv).unwrap();
         let (cols, rows) = (w / 16, h / 16);

@@ -253,11 +253,18 @@ impl LoadGovernor {
     }
 
     /// The screen has rested after a motion and its picture is about to be refined: a picture
-    /// halved for the load comes back at once, so the refinement is the way back to full
-    /// resolution (one sharp keyframe) instead of a coarse full-resolution picture after
-    /// [`QUIET`] and its refinement after that. Returns true when the decision changed.
+    /// halved for the load comes back now, so the refinement is the way back to full resolution
+    /// (one sharp keyframe) instead of a coarse full-resolution picture after [`QUIET`] and its
+    /// refinement after that — unless it came back within [`RELAPSE`] before: content that
+    /// pauses and moves again (a drag with short stops) would otherwise cost a sharp
+    /// full-resolution keyframe at every stop and a halved one when it moves again; it is
+    /// refined at half resolution, and comes back after [`QUIET`]. Returns true when the
+    /// decision changed.
     pub fn rested(&mut self, now: Instant) -> bool {
-        self.halved && self.switch(false, now)
+        let flipping = self
+            .restored_at
+            .is_some_and(|t| now.saturating_duration_since(t) < RELAPSE);
+        self.halved && !flipping && self.switch(false, now)
     }
 
     /// A look at the screen that found nothing to encode. Returns true when the decision changed
@@ -550,5 +557,24 @@ mod tests {
         // The frames measured so far count for the new interval: the next one decides.
         g.set_interval(FRAME);
         assert_eq!(feed(&mut g, &mut t, 30, times(3, 2, 60)), Some(0));
+    }
+
+    /// A rest brings the picture back, but not when it came back shortly before (a drag with
+    /// short stops stays halved through them; the refinement is then at half resolution).
+    #[test]
+    fn a_rest_restores_the_picture_unless_it_flips() {
+        let t0 = Instant::now();
+        let mut g = LoadGovernor::new(FRAME);
+        assert!(!g.rested(t0), "not halved");
+        g.switch(true, t0);
+        let back = t0 + FRAME * 10;
+        assert!(g.rested(back));
+        assert!(!g.halved());
+        // Halved again soon after: the next rest keeps it halved.
+        g.switch(true, back + FRAME);
+        assert!(!g.rested(back + FRAME * 20));
+        assert!(g.halved());
+        // Long after the last return it comes back again.
+        assert!(g.rested(back + RELAPSE));
     }
 }

@@ -226,8 +226,10 @@ impl<C: Capturer> ScreenPipeline<C> {
         let scrolled = self.encoder.prepare_next();
         if scrolled {
             // Only a frame that used the feature search has something to prepare: at or above
-            // LATENCY_FIRST_BPS one the encoder found scrolled, so not motion (below it, upstream's
-            // policy also searches other frames, which then do not count as motion either).
+            // LATENCY_FIRST_BPS one the encoder found scrolled or a moved region (at most half
+            // the screen, which the load rule does not count as motion anyway), so not motion
+            // (below it, upstream's policy also searches other frames, which then do not count as
+            // motion either).
             self.load.scrolled();
         }
         scrolled
@@ -519,7 +521,6 @@ mod tests {
         assert!(seen.len() > at + 3, "{seen:?}");
     }
 
-    /// A small screen stays whole however slow the machine: fewer frames, legible text.
     /// After the refinement, a ticking clock costs only itself: every picture keeps the rest of
     /// the screen exactly as the refinement left it (none is coded again, coarser).
     #[test]
@@ -553,6 +554,13 @@ mod tests {
                         out.y[row..] == was[row..],
                         "the picture changed beyond the clock"
                     );
+                    // And the clock itself is shown as it is now (its macroblock is coded).
+                    let w = out.width as usize;
+                    let se: u64 = (0..16)
+                        .flat_map(|r| (0..16).map(move |x| r * w + x))
+                        .map(|i| u64::from(out.y[i].abs_diff(pipe.yuv.y[i])).pow(2))
+                        .sum();
+                    assert!(se <= 256 * 4, "the clock is not shown as it is: SSE {se}");
                 }
                 _ => {}
             }
@@ -562,6 +570,7 @@ mod tests {
         assert!(after.iter().all(|&b| b < 600), "bytes per tick: {after:?}");
     }
 
+    /// A small screen stays whole however slow the machine: fewer frames, legible text.
     #[test]
     fn the_load_does_not_halve_a_small_screen() {
         let mut pipe = too_slow(1024, 768);

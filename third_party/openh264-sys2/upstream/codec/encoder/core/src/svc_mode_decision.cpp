@@ -541,7 +541,10 @@ bool MdInterSCDPskipProcess (sWelsEncCtx* pEncCtx, SWelsMD* pWelsMd, SSlice* pSl
 bool TandemMdKeepMb (sWelsEncCtx* pEncCtx, SWelsMD* pWelsMd, SSlice* pSlice, SMB* pCurMb, SMbCache* pMbCache) {
   const SWelsSvcCodingParam* kpParam = pEncCtx->pSvcParam;
   const SDqLayer* kpCurDqLayer = pEncCtx->pCurDqLayer;
-  if (NULL == kpParam->pTandemKeepMbs
+  // The map says what changed since the last picture put out, which is the reference only with
+  // one temporal layer and no long-term references (Tandem's configuration); otherwise it is
+  // ignored.
+  if (NULL == kpParam->pTandemKeepMbs || kpParam->bEnableLongTermReference || kpParam->iTemporalLayerNum > 1
       || kpParam->iTandemKeepMbCount != kpCurDqLayer->iMbWidth * kpCurDqLayer->iMbHeight
       || pCurMb->iMbXY < 0 || pCurMb->iMbXY >= kpParam->iTandemKeepMbCount
       || 0 == kpParam->pTandemKeepMbs[pCurMb->iMbXY]) {
