@@ -503,10 +503,13 @@ impl VideoEncoder {
         }
         let ts = openh264::Timestamp::from_millis(ms);
         let mbs = (w.div_ceil(16) * h.div_ceil(16)) as usize;
-        // The feature-search policy for this picture, once OpenH264 is initialised (its first
-        // picture is a keyframe, where the policy does not matter; it is set after it below).
-        if self.qp_range_set.is_some() {
-            let moved = keep.filter(|k| k.len() == mbs).is_some_and(|k| {
+        let keep = keep.filter(|k| k.len() == mbs);
+        // Only an initialised encoder takes options (the first picture initialises it, and is a
+        // keyframe, where neither the policy nor the map matters; the policy is set after it).
+        let initialised = self.qp_range_set.is_some();
+        // The feature-search policy for this picture.
+        if initialised {
+            let moved = keep.is_some_and(|k| {
                 let changed = k.iter().filter(|&&b| b == 0).count() as f64 / mbs.max(1) as f64;
                 changed > MOVED_REGION_SHARE.0 && changed <= MOVED_REGION_SHARE.1
             });
@@ -516,9 +519,7 @@ impl VideoEncoder {
             }
         }
         let keeping = match keep {
-            // Only an initialised encoder takes options (the first picture initialises it, and
-            // is a keyframe).
-            Some(k) if k.len() == mbs && !self.keep_refused && self.qp_range_set.is_some() => {
+            Some(k) if initialised && !self.keep_refused => {
                 if set_keep_mbs(enc, Some(k)) {
                     true
                 } else {

@@ -75,16 +75,14 @@ pub const SMALL_CHANGE_DIVISOR: u64 = 32;
 /// sharp well within a second.
 pub const REFINE_AFTER: Duration = Duration::from_millis(200);
 
-/// Which 16×16 macroblocks of the encoded picture changed since the last picture the encoder put
-/// out (a picture rate control skipped leaves its changes here for the next one).
+/// Which 16×16 macroblocks of the encoded picture did not change since the last picture the
+/// encoder put out (a picture rate control skipped leaves its changes here for the next one).
 #[derive(Debug, Default)]
 struct ChangedMbs {
     /// Picture size in macroblocks.
     cols: u32,
     rows: u32,
-    /// One byte per macroblock, raster order: 1 if it changed.
-    dirty: Vec<u8>,
-    /// The complement handed to the encoder (kept to reuse its allocation).
+    /// One byte per macroblock, raster order: 1 if it did not change (what the encoder keeps).
     keep: Vec<u8>,
 }
 
@@ -94,8 +92,8 @@ impl ChangedMbs {
         let (cols, rows) = (w.div_ceil(16), h.div_ceil(16));
         if (cols, rows) != (self.cols, self.rows) {
             (self.cols, self.rows) = (cols, rows);
-            self.dirty.clear();
-            self.dirty.resize((cols * rows) as usize, 1);
+            self.keep.clear();
+            self.keep.resize((cols * rows) as usize, 0);
             return;
         }
         for r in rects {
@@ -106,21 +104,19 @@ impl ChangedMbs {
             );
             for y in y0..y1 {
                 let row = (y * cols) as usize;
-                self.dirty[row + x0 as usize..row + x1 as usize].fill(1);
+                self.keep[row + x0 as usize..row + x1 as usize].fill(0);
             }
         }
     }
 
     /// The macroblocks to keep as the decoder has them: those that did not change.
-    fn keep(&mut self) -> &[u8] {
-        self.keep.clear();
-        self.keep.extend(self.dirty.iter().map(|&d| d ^ 1));
+    fn keep(&self) -> &[u8] {
         &self.keep
     }
 
     /// The encoder put a picture out: it has everything so far.
     fn sent(&mut self) {
-        self.dirty.fill(0);
+        self.keep.fill(1);
     }
 }
 
