@@ -345,6 +345,8 @@ struct FileConfig {
     relay_tcp: Vec<String>,
     relay_websocket: Option<String>,
     proxy: Option<String>,
+    /// `auto` or `relay-only` (see `--path`).
+    path: Option<String>,
     /// The desktop backend (see --backend).
     backend: Option<String>,
     /// The organisation key this computer trusts (see --org).
@@ -408,6 +410,7 @@ impl FileConfig {
             relay_tcp: self.relay_tcp.clone(),
             relay_websocket: self.relay_websocket.clone(),
             proxy: self.proxy.clone(),
+            path: self.path.clone(),
         }
     }
 }

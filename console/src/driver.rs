@@ -20,6 +20,7 @@ use tandem_input::{InputClient, InputEvent, Pos};
 use tandem_media::DecodedFrame;
 use tandem_proto::EndReason;
 use tandem_sandbox::{Decoded, RestartPolicy, SandboxedDecoder, WorkerCommand};
+use tandem_session::direct::PathKind;
 use tandem_session::{
     ClipFormat, ClipItem, Consent, ControlMsg, MonitorInfo, Session, SessionEvent, names,
 };
@@ -88,6 +89,10 @@ pub struct Stats {
     /// How each side's relay link travels (the agent's as it reported it).
     pub console_transport: Transport,
     pub agent_transport: Transport,
+    /// The path this side's packets take (relay, or direct).
+    pub route: PathKind,
+    /// The longest time between two decoded pictures since the last stats (a freeze shows here).
+    pub max_frame_gap_ms: f64,
 }
 
 #[derive(Clone, Debug)]
@@ -111,6 +116,11 @@ pub enum Update {
     },
     Stats(Stats),
     Link(&'static str),
+    /// The session's packets changed path; `after_first_frame_ms`: since the first picture.
+    Path {
+        kind: PathKind,
+        after_first_frame_ms: Option<f64>,
+    },
     /// The video decoder died on the remote picture and was restarted; a keyframe was asked for.
     Undecodable {
         reason: String,
@@ -206,6 +216,14 @@ pub async fn drive(
     let mut ping = tokio::time::interval(Duration::from_secs(1));
     let mut ping_sent: Option<Instant> = None;
     let mut last_stats = (Instant::now(), 0u64, 0u64);
+    let mut path = session.path_watch();
+    if path.borrow().is_direct() {
+        // Direct before this loop started: say so.
+        path.mark_changed();
+    }
+    let mut first_frame_at: Option<Instant> = None;
+    let mut last_frame_at: Option<Instant> = None;
+    let mut max_gap = Duration::ZERO;
     let ended = |text: String, reason: &str, exit_code| Update::Ended {
         text,
         reason: reason.into(),
@@ -220,12 +238,17 @@ pub async fn drive(
                     match decoder.decode(&f.data) {
                         Ok(Decoded::Frame(frame)) => {
                             decoded += 1;
+                            let now = Instant::now();
+                            if let Some(l) = last_frame_at.replace(now) {
+                                max_gap = max_gap.max(now - l);
+                            }
                             if decode_times.len() == 31 {
                                 decode_times.pop_front();
                             }
                             decode_times.push_back(t.elapsed().as_secs_f64() * 1e3);
                             if first {
                                 first = false;
+                                first_frame_at = Some(Instant::now());
                                 send(Update::FirstFrame {
                                     width: frame.width,
                                     height: frame.height,
@@ -365,6 +388,8 @@ pub async fn drive(
                             frames: decoded,
                             console_transport: session.link_transport(),
                             agent_transport,
+                            route: session.path(),
+                            max_frame_gap_ms: std::mem::take(&mut max_gap).as_secs_f64() * 1e3,
                         }));
                         last_stats = (now, decoded, video_bytes);
                     }
@@ -413,6 +438,13 @@ pub async fn drive(
             c = session.recv_clipboard() => if let Ok(c) = c {
                 send(Update::Clipboard(c));
             },
+            Ok(()) = path.changed() => {
+                let kind = *path.borrow_and_update();
+                send(Update::Path {
+                    kind,
+                    after_first_frame_ms: first_frame_at.map(|t| t.elapsed().as_secs_f64() * 1e3),
+                });
+            }
             e = session.next_event() => {
                 send(Update::Link(match e {
                     SessionEvent::PeerSuspended { .. } => "The user's connection dropped; waiting for it to come back.",

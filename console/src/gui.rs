@@ -1120,6 +1120,11 @@ impl Live {
                     self.monitor = current;
                 }
                 Update::Stats(s) => self.stats = Some(s),
+                Update::Path { kind, .. } => {
+                    if let Some(s) = &mut self.stats {
+                        s.route = kind;
+                    }
+                }
                 Update::Link(t) => {
                     self.note = (!matches!(t, "The user is back." | "Reconnected."))
                         .then(|| t.to_owned());

@@ -200,7 +200,9 @@ async fn play(steps: Vec<Step>, size: (u32, u32), cmds: mpsc::UnboundedSender<Cm
 
 /// `relay (quic)`, or `relay (console tcp, agent quic)` when the two sides' links differ.
 pub fn path_label(s: &crate::driver::Stats) -> String {
-    if s.console_transport == s.agent_transport {
+    if s.route.is_direct() {
+        s.route.label().to_string()
+    } else if s.console_transport == s.agent_transport {
         format!("relay ({})", s.console_transport)
     } else {
         format!(
@@ -213,6 +215,9 @@ pub fn path_label(s: &crate::driver::Stats) -> String {
 /// The path for people: "via relay", and the transports when not both QUIC.
 pub fn path_text(s: &crate::driver::Stats) -> String {
     use tandem_client::tandem_net::Transport;
+    if s.route.is_direct() {
+        return s.route.label().to_string();
+    }
     let name = |t: Transport| match t {
         Transport::Quic => "QUIC",
         Transport::Tcp => "TLS over TCP",
@@ -457,12 +462,24 @@ pub async fn run(
                         .map(|g| format!(", glass-to-glass ≈{g:.0} ms"))
                         .unwrap_or_default()
                 ),
-                serde_json::json!({"rtt_ms": s.rtt_ms, "path_rtt_ms": s.path_rtt_ms, "path": path_label(&s),
+                serde_json::json!({"rtt_ms": s.rtt_ms, "path_rtt_ms": s.path_rtt_ms, "path": path_label(&s), "route": s.route.name(), "max_frame_gap_ms": s.max_frame_gap_ms,
                     "console_transport": s.console_transport.label(), "agent_transport": s.agent_transport.label(),
                     "frames": s.frames, "fps": s.fps, "kbit_s": s.kbit_s, "glass_ms_estimate": s.glass_ms,
                     "decode_ms": s.decode_ms}),
             ),
             Update::Link(text) => out.event("link", text, serde_json::json!({})),
+            Update::Path {
+                kind,
+                after_first_frame_ms,
+            } => out.event(
+                "path",
+                &format!("The session's packets now go {}", match kind {
+                    tandem_session::direct::PathKind::Relay => "through the relay".to_string(),
+                    k => format!("straight to the user ({})", k.label()),
+                }),
+                serde_json::json!({"path": kind.label(), "route": kind.name(),
+                    "after_first_frame_ms": after_first_frame_ms}),
+            ),
             Update::Clipboard(item) => {
                 let image = item.format == ClipFormat::Png;
                 let kept = match &opts.clipboard_get {

@@ -24,6 +24,10 @@ pub struct FileConfig {
     pub key: Option<PathBuf>,
     pub log_format: Option<String>,
     pub drain_timeout_secs: Option<u64>,
+    /// Which path sessions may take: `auto` (agent and console go straight to each other when they
+    /// can; the relay carries only what cannot) or `relay-only` (the relay tells both sides to stay
+    /// on it: networks where peer-to-peer traffic is forbidden). [default: auto]
+    pub path: Option<String>,
     #[serde(default)]
     pub limits: FileLimits,
     #[serde(default)]
@@ -112,6 +116,8 @@ pub struct Overrides {
     pub log_format: Option<String>,
     /// `--tcp-listen` (repeatable); `off` switches TCP off.
     pub tcp_listen: Vec<String>,
+    /// `--path`: `auto` or `relay-only`.
+    pub path: Option<String>,
 }
 
 /// The effective configuration.
@@ -129,6 +135,8 @@ pub struct Config {
     /// The `[devices] organisations` lines as given (for print-config).
     pub device_organisations: Vec<String>,
     pub tcp: TcpConfig,
+    /// Whether sessions may go direct (`path = "auto"`).
+    pub allow_direct: bool,
 }
 
 fn default_data_dir() -> PathBuf {
@@ -278,7 +286,13 @@ impl Config {
         if devices.max_known == 0 || devices.new_per_hour_per_address == 0 {
             bail!("devices.max_known and devices.new_per_hour_per_address must be at least 1");
         }
+        let allow_direct = match o.path.as_deref().or(file.path.as_deref()).map(str::trim) {
+            None | Some("") | Some("auto") => true,
+            Some("relay-only") => false,
+            Some(other) => bail!("path {other:?}: use auto or relay-only"),
+        };
         Ok(Config {
+            allow_direct,
             listen,
             metrics_listen,
             data_dir,
@@ -316,6 +330,7 @@ impl Config {
             drain_timeout: self.drain_timeout,
             tcp: self.tcp.clone(),
             devices: self.devices.clone(),
+            allow_direct: self.allow_direct,
         })
     }
 
@@ -335,6 +350,14 @@ impl Config {
             key: self.cert.as_ref().map(|c| c.1.clone()),
             log_format: Some(self.log_format.clone()),
             drain_timeout_secs: Some(self.drain_timeout.as_secs()),
+            path: Some(
+                if self.allow_direct {
+                    "auto"
+                } else {
+                    "relay-only"
+                }
+                .into(),
+            ),
             limits: FileLimits {
                 max_connections: Some(l.max_connections),
                 max_connections_per_address: Some(l.max_connections_per_address),

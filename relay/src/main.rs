@@ -55,6 +55,17 @@ struct Cli {
     )]
     tcp_listen: Vec<String>,
 
+    /// Which path sessions may take: `auto` (agent and console go straight to each other when
+    /// they can reach each other; the relay stays as the fallback) or `relay-only` (every byte
+    /// through this relay: networks where peer-to-peer traffic is forbidden). [default: auto]
+    #[arg(
+        long,
+        env = "TANDEM_RELAY_PATH",
+        global = true,
+        value_name = "auto|relay-only"
+    )]
+    path: Option<String>,
+
     /// Extra DNS name or IP address for the generated relay certificate (repeatable).
     #[arg(long = "name", env = "TANDEM_RELAY_NAMES", value_delimiter = ',')]
     names: Vec<String>,
@@ -210,6 +221,7 @@ fn run(cli: Cli) -> Result<()> {
             listen: cli.listen.clone(),
             metrics_listen: cli.metrics_listen.clone(),
             tcp_listen: cli.tcp_listen.clone(),
+            path: cli.path.clone(),
             names: cli.names.clone(),
             cert: cli.cert.clone(),
             key: cli.key.clone(),
@@ -886,7 +898,7 @@ fn audit(cfg: &Config, json: bool, limit: usize) -> Result<()> {
         return Ok(());
     }
     println!(
-        "{:>5}  {:<20} {:<16} {:<16} {:<9} {:<21} {:<21} {:>9} {:>12} {:>12}  ended",
+        "{:>5}  {:<20} {:<16} {:<16} {:<9} {:<21} {:<21} {:>9} {:>12} {:>12} {:>12}  ended",
         "id",
         "started",
         "technician",
@@ -896,7 +908,8 @@ fn audit(cfg: &Config, json: bool, limit: usize) -> Result<()> {
         "console",
         "seconds",
         "agent→con B",
-        "con→agent B"
+        "con→agent B",
+        "direct B"
     );
     for r in rows {
         let secs = r
@@ -904,7 +917,7 @@ fn audit(cfg: &Config, json: bool, limit: usize) -> Result<()> {
             .map(|e| format!("{:.1}", (e - r.started_at_ms) as f64 / 1000.0))
             .unwrap_or_else(|| "running".into());
         println!(
-            "{:>5}  {:<20} {:<16} {:<16} {:<9} {:<21} {:<21} {:>9} {:>12} {:>12}  {}",
+            "{:>5}  {:<20} {:<16} {:<16} {:<9} {:<21} {:<21} {:>9} {:>12} {:>12} {:>12}  {}",
             r.id,
             fmt_ms(r.started_at_ms),
             r.technician,
@@ -915,6 +928,11 @@ fn audit(cfg: &Config, json: bool, limit: usize) -> Result<()> {
             secs,
             r.bytes_agent_to_console,
             r.bytes_console_to_agent,
+            if r.went_direct {
+                r.bytes_direct.to_string()
+            } else {
+                "-".into()
+            },
             r.end_reason.unwrap_or_default()
         );
     }

@@ -141,8 +141,13 @@ impl FakeRelay {
         self.state.lock().unwrap().devices = devices;
     }
 
+    /// Options that reach it, "relay only": these tests are about what a relay can do with the
+    /// traffic it carries, so every byte must cross it (the direct path's own attacks are tested
+    /// in `tandem_session::direct` and `direct_netns`).
     pub fn opts(&self) -> ConnectOptions {
-        ConnectOptions::new(self.addr.to_string(), RelayTrust::Pin(self.pin))
+        let mut o = ConnectOptions::new(self.addr.to_string(), RelayTrust::Pin(self.pin));
+        o.direct = false;
+        o
     }
 
     pub fn close(&self) {
@@ -271,6 +276,8 @@ async fn serve(
                     }
                 }
             }
+            // A hostile relay learns nothing from it, and believing it changes nothing.
+            ClientMsg::PathReport { .. } => {}
             ClientMsg::Ping { nonce } => {
                 let _ = tx.send(RelayMsg::Pong { nonce });
             }

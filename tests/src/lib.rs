@@ -7,6 +7,7 @@ pub mod fake_relay;
 pub mod impair;
 pub mod mutter;
 pub mod netns;
+pub mod nsprocs;
 pub mod org;
 pub mod scenes;
 pub mod wayland;
@@ -73,6 +74,7 @@ impl TestRelay {
             limits,
             drain_timeout: Duration::from_secs(1),
             devices: Default::default(),
+            allow_direct: true,
         };
         let handle = tandem_relay_server::start(cfg, &identity).await.unwrap();
         TestRelay {

@@ -116,6 +116,8 @@ pub struct XRecorder {
     conn: Arc<RustConnection>,
     pub events: Arc<Mutex<Vec<XEv>>>,
     root: u32,
+    /// The full-screen window (others may draw on it: [`Painter::fill_on`]).
+    pub window: u32,
 }
 
 impl XRecorder {
@@ -260,7 +262,12 @@ impl XRecorder {
                 }
             }
         });
-        XRecorder { conn, events, root }
+        XRecorder {
+            conn,
+            events,
+            root,
+            window: win,
+        }
     }
 
     /// Waits until `n` events matching `pred` were recorded; returns them.

@@ -22,21 +22,14 @@ use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 use tandem_tests::netns::{self, Netns};
-use tandem_tests::{binary, count_color, metric, relay_admin, token_from_output};
-use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::Child;
-
-const T: Duration = Duration::from_secs(30);
+use tandem_tests::nsprocs::{Events, METRICS, PORT, Relay, T, clean_env, start_relay};
+use tandem_tests::{binary, count_color, metric, relay_admin};
 /// The relay as the agent's network sees it.
 const RELAY_A: &str = "10.231.1.1";
 const AGENT: &str = "10.231.1.2";
 /// The relay as the console's network sees it.
 const RELAY_C: &str = "10.231.2.1";
 const PROXY: &str = "10.231.3.2";
-/// The relay's UDP port (and, unless a test says otherwise, its TCP port).
-const PORT: u16 = 4433;
-/// Where the relay serves metrics, inside R.
-const METRICS: &str = "127.0.0.1:9733";
 
 /// Prints why and returns from the test when namespaces cannot be made here (not root).
 macro_rules! skip_without_netns {
@@ -121,162 +114,6 @@ fn drop_udp_to(relay: &str) -> String {
 
 /// Firewall rules: nothing gets through but TCP to port 443.
 const ONLY_TCP_443: &str = "tcp dport 443 accept\ndrop";
-
-/// A process whose stdout is JSON events, one a line.
-struct Events {
-    child: Child,
-    lines: tokio::io::Lines<BufReader<tokio::process::ChildStdout>>,
-    seen: Vec<serde_json::Value>,
-    what: &'static str,
-}
-
-impl Events {
-    fn new(mut child: Child, what: &'static str) -> Events {
-        let lines = BufReader::new(child.stdout.take().unwrap()).lines();
-        Events {
-            child,
-            lines,
-            seen: vec![],
-            what,
-        }
-    }
-
-    /// The next event for which `pred` holds, within `within`.
-    async fn until(
-        &mut self,
-        what: &str,
-        within: Duration,
-        pred: impl Fn(&serde_json::Value) -> bool,
-    ) -> serde_json::Value {
-        let (lines, seen, me) = (&mut self.lines, &mut self.seen, self.what);
-        let found = tokio::time::timeout(within, async {
-            while let Some(l) = lines.next_line().await.unwrap() {
-                let Ok(v) = serde_json::from_str::<serde_json::Value>(&l) else {
-                    continue;
-                };
-                seen.push(v.clone());
-                if pred(&v) {
-                    return Some(v);
-                }
-            }
-            None
-        })
-        .await;
-        match found {
-            Ok(Some(v)) => v,
-            Ok(None) => panic!("the {me} exited before {what}: {seen:?}"),
-            Err(_) => panic!("no {what} from the {me} within {within:?}: {seen:?}"),
-        }
-    }
-
-    async fn next(&mut self, kind: &str) -> serde_json::Value {
-        self.until(kind, T, |v| v["event"] == kind).await
-    }
-
-    /// Reads the remaining events and waits for the exit; returns (exit code, all events).
-    async fn finish(mut self) -> (i32, Vec<serde_json::Value>) {
-        let (lines, seen) = (&mut self.lines, &mut self.seen);
-        tokio::time::timeout(T, async {
-            while let Ok(Some(l)) = lines.next_line().await {
-                if let Ok(v) = serde_json::from_str(&l) {
-                    seen.push(v);
-                }
-            }
-        })
-        .await
-        .unwrap_or_else(|_| panic!("the {} did not end", self.what));
-        let status = tokio::time::timeout(T, self.child.wait())
-            .await
-            .unwrap()
-            .unwrap();
-        (status.code().unwrap_or(-1), self.seen)
-    }
-}
-
-/// A `tandem-relay` process in R, listening on UDP 0.0.0.0:4433 (TCP as `args` or its default).
-struct Relay {
-    _child: Child,
-    dir: tempfile::TempDir,
-    pin: String,
-    token: String,
-}
-
-async fn start_relay(r: &Netns, args: &[&str]) -> Relay {
-    let dir = tempfile::tempdir().unwrap();
-    let out = relay_admin(
-        dir.path(),
-        &["technician", "add", "--org", "ACME IT", "--name", "alice"],
-    );
-    let token = token_from_output(&out).expose().to_string();
-    let mut child = r
-        .command(binary("tandem-relay"))
-        .arg("--data-dir")
-        .arg(dir.path())
-        .args(["--listen", &format!("0.0.0.0:{PORT}")])
-        .args(["--metrics-listen", METRICS])
-        .args(args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let mut pin = None;
-    let mut printed = String::new();
-    let started = tokio::time::timeout(T, async {
-        while let Some(line) = lines.next_line().await.unwrap() {
-            printed.push_str(&line);
-            printed.push('\n');
-            if let Some(p) = line.trim().strip_prefix("fingerprint:") {
-                pin = Some(p.trim().to_string());
-            }
-            // The last line of the start-up report, after the UDP and TCP addresses.
-            if line.trim_start().starts_with("metrics:") {
-                return true;
-            }
-        }
-        false
-    })
-    .await;
-    assert!(
-        matches!(started, Ok(true)),
-        "the relay did not start: {printed}"
-    );
-    // Keep draining stdout so the relay never blocks on a full pipe.
-    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-    Relay {
-        _child: child,
-        dir,
-        pin: pin.expect("the relay printed no fingerprint"),
-        token,
-    }
-}
-
-/// Removes settings from the test runner's environment that would change how clients connect.
-fn clean_env(cmd: &mut tokio::process::Command) {
-    for v in [
-        "HTTPS_PROXY",
-        "https_proxy",
-        "HTTP_PROXY",
-        "http_proxy",
-        "ALL_PROXY",
-        "all_proxy",
-        "NO_PROXY",
-        "no_proxy",
-        "TANDEM_PROXY",
-        "TANDEM_TRANSPORT",
-        "TANDEM_RELAY_TCP",
-        "TANDEM_RELAY_WEBSOCKET",
-        "DISPLAY",
-        "WAYLAND_DISPLAY",
-        "XDG_SESSION_TYPE",
-        "TANDEM_BACKEND",
-        // Only a test that means to trust a reverse proxy's certificate names a trust store.
-        "SSL_CERT_FILE",
-        "SSL_CERT_DIR",
-    ] {
-        cmd.env_remove(v);
-    }
-}
 
 /// A headless agent in A that shares `display` and allows control by itself.
 fn start_agent(

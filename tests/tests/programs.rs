@@ -1039,7 +1039,14 @@ async fn one_megabit_cap_lowers_quality_not_latency() {
     )
     .await;
     let code = agent.code().await;
-    let (rc, ev) = console(&relay, &token, &code, &["--seconds", "15"]).await;
+    // The cap is on the relay path: the session stays on it.
+    let (rc, ev) = console(
+        &relay,
+        &token,
+        &code,
+        &["--seconds", "15", "--path", "relay-only"],
+    )
+    .await;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let _ = painter.join();
     assert_eq!(rc, 0, "{ev:?}");

@@ -97,7 +97,10 @@ async fn happy_path_with_all_channels() {
     assert_eq!(agent.peer().software, "tandem-console test");
     assert_eq!(console.peer().software, "tandem-agent test");
     assert_eq!(agent.peer().technician.as_deref(), Some("alice"));
-    assert_eq!(agent.peer().capabilities, vec!["video/h264", "input/v1"]);
+    assert_eq!(
+        agent.peer().capabilities,
+        vec!["video/h264", "input/v1", tandem_session::CAP_DIRECT]
+    );
     assert_eq!(agent.session_key(), console.session_key());
 
     // Control both ways.

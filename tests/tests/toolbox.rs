@@ -535,6 +535,9 @@ async fn a_link_cut_mid_transfer_pauses_it_and_it_goes_on() {
                     "--end-when-done",
                     "--seconds",
                     "40",
+                    // The cut is on the relay path: the session stays on it.
+                    "--path",
+                    "relay-only",
                 ],
             )
             .await

@@ -16,6 +16,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tandem_certs::RelayTrust;
 use tandem_net::dial::{DialError, TcpTarget};
+use tandem_net::direct::DirectPort;
 use tandem_net::proxy::{Proxy, ProxyError};
 use tandem_net::tunnel::{Hub, Link, MuxSocket, QueueLimits};
 use tandem_net::{Transport, TransportCell};
@@ -50,6 +51,9 @@ pub struct ConnectOptions {
     pub race_delay: Duration,
     /// A link on TCP first tries QUIC again after this long, then less and less often.
     pub quic_retry: Duration,
+    /// Whether sessions may take a direct path to the peer when one answers (`false`: "relay
+    /// only", for networks where peer-to-peer traffic is forbidden).
+    pub direct: bool,
 }
 
 /// Which transports a client uses.
@@ -95,6 +99,7 @@ impl ConnectOptions {
             proxy: ProxyChoice::FromEnvironment,
             race_delay: Duration::from_millis(300),
             quic_retry: Duration::from_secs(5),
+            direct: true,
         }
     }
 
@@ -137,6 +142,13 @@ pub struct NetworkArgs {
     /// [default: $HTTPS_PROXY or $ALL_PROXY, unless $NO_PROXY names the relay]
     #[arg(long, env = "TANDEM_PROXY", value_name = "URL|direct")]
     pub proxy: Option<String>,
+    /// Which path a session's packets may take: `auto` (straight to the other side when both can
+    /// reach each other, through the relay otherwise, and back to the relay within a second when
+    /// the direct path stops answering) or `relay-only` (always through the relay, for networks
+    /// where peer-to-peer traffic is forbidden; the relay's operator can also forbid it).
+    /// [default: auto]
+    #[arg(long, env = "TANDEM_PATH", value_name = "auto|relay-only")]
+    pub path: Option<String>,
 }
 
 impl NetworkArgs {
@@ -153,6 +165,7 @@ impl NetworkArgs {
                 .relay_websocket
                 .or_else(|| file.relay_websocket.clone()),
             proxy: self.proxy.or_else(|| file.proxy.clone()),
+            path: self.path.or_else(|| file.path.clone()),
         }
     }
 
@@ -182,6 +195,15 @@ impl NetworkArgs {
             None | Some("") => ProxyChoice::FromEnvironment,
             Some("direct") | Some("none") => ProxyChoice::Direct,
             Some(url) => ProxyChoice::Use(Proxy::parse(url)?),
+        };
+        opts.direct = match self.path.as_deref().map(str::trim) {
+            None | Some("") | Some("auto") | Some("direct") => true,
+            Some("relay-only") | Some("relay") => false,
+            Some(other) => {
+                return Err(ClientError::BadOption(format!(
+                    "path {other:?}: use auto or relay-only"
+                )));
+            }
         };
         Ok(())
     }
@@ -313,6 +335,18 @@ pub struct RelayLink {
     tunnel: Option<Arc<Link>>,
     /// Moves a link on TCP to QUIC when UDP works (and watches the TCP link).
     mover: Option<tokio::task::AbortHandle>,
+    /// Direct-path packets on the link's UDP socket (a link that started on QUIC).
+    port: Option<DirectPort>,
+    /// What the relay last said about this link's path ([`RelayMsg::PathInfo`]).
+    path_info: tokio::sync::watch::Receiver<Option<PathInfo>>,
+}
+
+/// What the relay said about a link's path: the address it sees the link come from, and whether
+/// it lets sessions go direct.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PathInfo {
+    pub observed: Option<SocketAddr>,
+    pub direct_allowed: bool,
 }
 
 impl Drop for RelayLink {
@@ -408,6 +442,8 @@ struct Won {
     transport: Transport,
     /// The TCP link under the connection: closed if the link is not started after all.
     tunnel: Option<(CloseOnDrop, Arc<MuxSocket>)>,
+    /// Direct-path packets on the endpoint's UDP socket (a QUIC link).
+    port: Option<DirectPort>,
 }
 
 /// One way of reaching the relay that failed, for the error message.
@@ -440,7 +476,7 @@ async fn handshake(
 
 async fn via_quic(opts: &ConnectOptions, timeout: Duration) -> Result<Won, ClientError> {
     let (addr, host) = resolve(&opts.relay, timeout).await?;
-    let endpoint = client_endpoint(opts, addr)?;
+    let (endpoint, port) = tandem_net::client_endpoint_with_port(addr, client_config(opts)?)?;
     let conn = handshake(&endpoint, addr, &host, timeout, &opts.relay).await?;
     Ok(Won {
         endpoint,
@@ -448,6 +484,7 @@ async fn via_quic(opts: &ConnectOptions, timeout: Duration) -> Result<Won, Clien
         addr,
         transport: Transport::Quic,
         tunnel: None,
+        port: Some(port),
     })
 }
 
@@ -497,6 +534,7 @@ async fn via_tcp(
         addr,
         transport: dialed.transport,
         tunnel: Some((guard, socket)),
+        port: None,
     })
 }
 
@@ -628,6 +666,7 @@ impl RelayLink {
         let won = race(opts).await?;
         let mut link = Self::start(won.endpoint, won.conn, won.addr, opts).await?;
         link.owns_endpoint = true;
+        link.port = won.port;
         link.transport.set(won.transport);
         if let Some((guard, socket)) = won.tunnel
             && let Some(tunnel) = guard.disarm()
@@ -669,7 +708,8 @@ impl RelayLink {
             .await
             .map_err(|e| ClientError::from_connection(&e))?;
         let (tx, events) = mpsc::channel(64);
-        tokio::spawn(reader(conn.clone(), recv, tx));
+        let (path_tx, path_info) = tokio::sync::watch::channel(None);
+        tokio::spawn(reader(conn.clone(), recv, tx, path_tx));
         Ok(RelayLink {
             endpoint,
             conn,
@@ -681,7 +721,20 @@ impl RelayLink {
             transport: TransportCell::new(Transport::Quic),
             tunnel: None,
             mover: None,
+            port: None,
+            path_info,
         })
+    }
+
+    /// The UDP socket's direct-path port, when the link runs on a UDP socket of its own (QUIC).
+    pub fn direct_port(&self) -> Option<DirectPort> {
+        self.port.clone()
+    }
+
+    /// What the relay says about this link's path (`None` until it said it; a relay older than
+    /// direct paths never does).
+    pub fn path_info(&self) -> tokio::sync::watch::Receiver<Option<PathInfo>> {
+        self.path_info.clone()
     }
 
     /// How the link travels now (it can move from TCP to QUIC while it runs).
@@ -1130,7 +1183,12 @@ fn unexpected(m: RelayMsg) -> ClientError {
     }
 }
 
-async fn reader(conn: Connection, mut recv: RecvStream, tx: mpsc::Sender<Incoming>) {
+async fn reader(
+    conn: Connection,
+    mut recv: RecvStream,
+    tx: mpsc::Sender<Incoming>,
+    path: tokio::sync::watch::Sender<Option<PathInfo>>,
+) {
     let mut header = [0u8; FRAME_HEADER];
     let err = |conn: &Connection| match conn.close_reason() {
         Some(e) => ClientError::from_connection(&e),
@@ -1160,6 +1218,17 @@ async fn reader(conn: Connection, mut recv: RecvStream, tx: mpsc::Sender<Incomin
             return;
         }
         let msg = decode_body::<RelayMsg>(&body).map_err(|e| ClientError::Protocol(e.to_string()));
+        if let Ok(RelayMsg::PathInfo {
+            observed,
+            direct_allowed,
+        }) = &msg
+        {
+            path.send_replace(Some(PathInfo {
+                observed: *observed,
+                direct_allowed: *direct_allowed,
+            }));
+            continue;
+        }
         let fatal = msg.is_err();
         if tx.send(msg).await.is_err() || fatal {
             return;

@@ -10,6 +10,7 @@
 //!   paired, [`close_for_session`] narrows it again when the session is over.
 
 pub mod dial;
+pub mod direct;
 pub mod proxy;
 pub mod tunnel;
 
@@ -132,21 +133,31 @@ pub fn client_endpoint(
     remote: SocketAddr,
     config: quinn::ClientConfig,
 ) -> Result<quinn::Endpoint, NetError> {
+    client_endpoint_with_port(remote, config).map(|(ep, _)| ep)
+}
+
+/// Like [`client_endpoint`], with the [`direct::DirectPort`] that shares its socket (a session's
+/// direct path probes from the socket whose NAT mapping the relay observed).
+pub fn client_endpoint_with_port(
+    remote: SocketAddr,
+    config: quinn::ClientConfig,
+) -> Result<(quinn::Endpoint, direct::DirectPort), NetError> {
     let local: SocketAddr = if remote.is_ipv6() {
         (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
     } else {
         (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
     };
     let sock = bind_udp(local)?;
-    let mut ep = quinn::Endpoint::new(
-        quinn::EndpointConfig::default(),
+    let (tap, port) = direct::TapSocket::new(sock).map_err(NetError::Endpoint)?;
+    let mut ep = quinn::Endpoint::new_with_abstract_socket(
+        direct::client_endpoint_config(),
         None,
-        sock,
+        tap,
         Arc::new(quinn::TokioRuntime),
     )
     .map_err(NetError::Endpoint)?;
     ep.set_default_client_config(config);
-    Ok(ep)
+    Ok((ep, port))
 }
 
 /// A server endpoint bound to `addr`.

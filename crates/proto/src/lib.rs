@@ -154,6 +154,10 @@ pub enum ClientMsg {
     /// it with the local clock: certificates and signed device records are judged by time, so a
     /// clock hours off fails in ways that look like something else.
     Time { nonce: u64 },
+    /// In a session: which path this side's inner packets take now (`direct`: straight to the
+    /// peer, not through the relay), and how many bytes it has sent on direct paths so far in this
+    /// session. Only this client's word; for the relay's metrics and audit.
+    PathReport { direct: bool, direct_bytes: u64 },
 }
 
 /// Longest certificate or presence text carried in a device message.
@@ -253,6 +257,13 @@ pub enum RelayMsg {
     Time {
         nonce: u64,
         unix_ms: u64,
+    },
+    /// Right after `Paired`, `Joined` or `Resumed`: the address this connection comes from as the
+    /// relay sees it (none over a TCP link), for the client's direct-path candidates, and whether
+    /// this relay lets sessions leave it (`direct_allowed: false`: "relay only" by the operator).
+    PathInfo {
+        observed: Option<std::net::SocketAddr>,
+        direct_allowed: bool,
     },
 }
 
@@ -474,7 +485,8 @@ impl Validate for ClientMsg {
             ClientMsg::Join { .. }
             | ClientMsg::Ping { .. }
             | ClientMsg::Time { .. }
-            | ClientMsg::Resume { .. } => Ok(()),
+            | ClientMsg::Resume { .. }
+            | ClientMsg::PathReport { .. } => Ok(()),
         }
     }
 }
@@ -641,6 +653,10 @@ mod tests {
         });
         roundtrip_client(ClientMsg::Ping { nonce: u64::MAX });
         roundtrip_client(ClientMsg::Time { nonce: 7 });
+        roundtrip_client(ClientMsg::PathReport {
+            direct: true,
+            direct_bytes: 1 << 40,
+        });
         roundtrip_client(ClientMsg::Resume {
             token: ResumeToken([1; 16]),
         });
@@ -677,6 +693,14 @@ mod tests {
                 reason: EndReason::WrongCode,
             },
             RelayMsg::ShuttingDown,
+            RelayMsg::PathInfo {
+                observed: Some("[2001:db8::1]:4433".parse().unwrap()),
+                direct_allowed: false,
+            },
+            RelayMsg::PathInfo {
+                observed: None,
+                direct_allowed: true,
+            },
         ];
         for m in all {
             let frame = encode_frame(&m, MAX_CONTROL_FRAME).unwrap();

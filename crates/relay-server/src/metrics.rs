@@ -49,6 +49,8 @@ pub struct Metrics {
     pub agents_waiting: Gauge,
     pub sessions: Gauge,
     pub sessions_started: Counter,
+    pub sessions_direct: Counter,
+    pub direct_bytes: Counter,
     pub sessions_ended: Family<Reason, Counter>,
     pub forwarded_bytes: Family<Flow, Counter>,
     pub forwarded_datagrams: Family<Flow, Counter>,
@@ -87,6 +89,8 @@ impl Metrics {
             agents_waiting: Gauge::default(),
             sessions: Gauge::default(),
             sessions_started: Counter::default(),
+            sessions_direct: Counter::default(),
+            direct_bytes: Counter::default(),
             sessions_ended: Family::default(),
             forwarded_bytes: Family::default(),
             forwarded_datagrams: Family::default(),
@@ -146,6 +150,16 @@ impl Metrics {
             "sessions_started",
             "Sessions paired",
             m.sessions_started.clone(),
+        );
+        r.register(
+            "sessions_direct",
+            "Sessions whose sides reported a direct path (their packets stopped crossing the relay)",
+            m.sessions_direct.clone(),
+        );
+        r.register(
+            "direct_bytes",
+            "Bytes sessions' sides reported sending on direct paths instead of through the relay",
+            m.direct_bytes.clone(),
         );
         r.register(
             "sessions_ended",

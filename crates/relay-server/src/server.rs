@@ -65,6 +65,9 @@ pub struct ServerConfig {
     pub drain_timeout: Duration,
     /// How many enrolled devices are kept, from where, for how long, of which organisations.
     pub devices: crate::devices::DeviceLimits,
+    /// Whether sessions may leave the relay for a direct path (told to both sides in
+    /// [`RelayMsg::PathInfo`]; `false` is the operator's "relay only").
+    pub allow_direct: bool,
 }
 
 /// The revocation list published in `<data_dir>/revocation` (`tandem-org revoke --list …`, copied
@@ -129,6 +132,17 @@ struct ConnHandle {
 struct SessionBytes {
     agent_to_console: AtomicU64,
     console_to_agent: AtomicU64,
+    /// What each side last reported of its direct path ([`ClientMsg::PathReport`]).
+    direct: Mutex<DirectReports>,
+}
+
+/// The two sides' reports of their direct paths in one session.
+#[derive(Default)]
+struct DirectReports {
+    went_direct: bool,
+    /// Bytes sent on direct paths, per side (agent, console), as last reported.
+    agent_bytes: u64,
+    console_bytes: u64,
 }
 
 struct SessionIo {
@@ -155,6 +169,8 @@ enum AuditOp {
         agent_to_console: u64,
         console_to_agent: u64,
         reason: String,
+        /// Bytes sent on direct paths, if the session went direct.
+        direct: Option<u64>,
     },
 }
 
@@ -207,6 +223,8 @@ struct Shared {
     hub: Arc<Hub>,
     /// Enrolled devices seen (online or not).
     devices: Mutex<DeviceBook>,
+    /// Whether sessions may go direct ([`ServerConfig::allow_direct`]).
+    allow_direct: bool,
 }
 
 /// Log lines that strangers can cause (connections, refusals, registrations): at most
@@ -437,6 +455,7 @@ pub async fn start(
         log_limit: Mutex::new(LogLimiter::new(Instant::now())),
         hub: hub.clone(),
         devices: Mutex::new(devices),
+        allow_direct: cfg.allow_direct,
     });
     let (stop_tx, stop_rx) = watch::channel(false);
 
@@ -1085,6 +1104,7 @@ async fn run_connection(
                         identified = true;
                         tracing::info!(session = r.session.id, side = ?r.side, "session resumed");
                         write_msg(&mut send, RelayMsg::Resumed).await?;
+                        write_msg(&mut send, path_info(shared, conn)).await?;
                         if let Some(peer) = r.notify {
                             notify(shared, peer, RelayMsg::PeerResumed);
                         }
@@ -1368,6 +1388,10 @@ async fn run_connection(
                     Err(r) => refuse_pairing(shared, &mut send, r).await?,
                 }
             }
+            ClientMsg::PathReport {
+                direct,
+                direct_bytes,
+            } => path_report(shared, id, direct, direct_bytes),
             ClientMsg::End { reason } => {
                 let ended = lock(&shared.registry).end(id, reason, now);
                 if let Some(e) = ended {
@@ -1739,10 +1763,58 @@ fn start_session_io(shared: &Arc<Shared>, p: &Paired) {
         organisation: s.technician.organisation.clone(),
         resume: s.agent_token,
     }));
+    let _ = agent.1.try_send(Box::new(path_info(shared, &agent.0)));
     let _ = console.1.try_send(Box::new(RelayMsg::Joined {
         slot: s.slot.clone(),
         resume: s.console_token,
     }));
+    let _ = console.1.try_send(Box::new(path_info(shared, &console.0)));
+}
+
+/// What a paired connection is told about its path: where the relay sees it come from (a QUIC
+/// connection only: a TCP link's address is not the one its UDP packets would come from) and
+/// whether it may go direct.
+fn path_info(shared: &Shared, conn: &Connection) -> RelayMsg {
+    let observed = match peer_of(shared, conn.remote_address()) {
+        (a, Transport::Quic) => Some(SocketAddr::new(a.ip().to_canonical(), a.port())),
+        _ => None,
+    };
+    RelayMsg::PathInfo {
+        observed,
+        direct_allowed: shared.allow_direct,
+    }
+}
+
+/// A side's report of its direct path: counted once per session when it first goes direct, and
+/// the bytes it sent directly since its last report added to the relay's total.
+fn path_report(shared: &Shared, conn: ConnId, direct: bool, direct_bytes: u64) {
+    let (session, agent) = match lock(&shared.registry).role(conn) {
+        Some(crate::registry::Role::Agent {
+            session: Some(s), ..
+        }) => (*s, true),
+        Some(crate::registry::Role::Console {
+            session: Some(s), ..
+        }) => (*s, false),
+        _ => return,
+    };
+    let bytes = match lock(&shared.sessions).get(&session) {
+        Some(io) => io.bytes.clone(),
+        None => return,
+    };
+    let mut d = lock(&bytes.direct);
+    let last = if agent {
+        &mut d.agent_bytes
+    } else {
+        &mut d.console_bytes
+    };
+    // Counters only grow; a smaller number (a confused or hostile client) adds nothing.
+    let added = direct_bytes.saturating_sub(*last);
+    *last = (*last).max(direct_bytes);
+    shared.metrics.direct_bytes.inc_by(added);
+    if direct && !d.went_direct {
+        d.went_direct = true;
+        shared.metrics.sessions_direct.inc();
+    }
 }
 
 /// Queues a message for a connection, if it is still there.
@@ -1756,17 +1828,20 @@ fn notify(shared: &Shared, conn: ConnId, m: RelayMsg) {
 /// Stops a session's forwarders and closes its audit row.
 fn finish_session_io(shared: &Shared, id: SessionId, reason: &EndReason) {
     let io = lock(&shared.sessions).remove(&id);
-    let (a2c, c2a) = match io {
+    let (a2c, c2a, direct) = match io {
         Some(io) => {
             for t in io.tasks {
                 t.abort();
             }
+            let d = lock(&io.bytes.direct);
             (
                 io.bytes.agent_to_console.load(Ordering::Relaxed),
                 io.bytes.console_to_agent.load(Ordering::Relaxed),
+                d.went_direct
+                    .then(|| d.agent_bytes.saturating_add(d.console_bytes)),
             )
         }
-        None => (0, 0),
+        None => (0, 0, None),
     };
     Metrics::inc(&shared.metrics.sessions_ended, reason.label());
     let _ = shared.audit_tx.send(AuditOp::End {
@@ -1774,6 +1849,7 @@ fn finish_session_io(shared: &Shared, id: SessionId, reason: &EndReason) {
         agent_to_console: a2c,
         console_to_agent: c2a,
         reason: reason.label().to_string(),
+        direct,
     });
     tracing::info!(
         session = id,
@@ -1841,10 +1917,11 @@ fn audit_writer(store: Store, mut rx: mpsc::UnboundedReceiver<AuditOp>) {
                 agent_to_console,
                 console_to_agent,
                 reason,
+                direct,
             } => {
                 if let Some(row) = rows.remove(&session)
                     && let Err(e) =
-                        store.audit_end(row, agent_to_console, console_to_agent, &reason)
+                        store.audit_end(row, agent_to_console, console_to_agent, &reason, direct)
                 {
                     tracing::error!(error = %e, "cannot close audit row");
                 }

@@ -96,6 +96,10 @@ pub struct AuditRow {
     pub bytes_agent_to_console: i64,
     pub bytes_console_to_agent: i64,
     pub end_reason: Option<String>,
+    /// The two sides said the session took a direct path at some point.
+    pub went_direct: bool,
+    /// Bytes the two sides said they sent on direct paths (not through the relay).
+    pub bytes_direct: i64,
 }
 
 /// What the relay records when a session starts.
@@ -158,6 +162,10 @@ const MIGRATIONS: &[&str] = &[
         online INTEGER NOT NULL DEFAULT 0
     );
     CREATE INDEX devices_org ON devices (org_key);",
+    // 3: direct paths. What the two sides reported: whether the session left the relay for a
+    // direct path at some point, and the bytes they sent on it (which did not cross the relay).
+    "ALTER TABLE sessions ADD COLUMN went_direct INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE sessions ADD COLUMN bytes_direct INTEGER NOT NULL DEFAULT 0;",
 ];
 
 /// An enrolled device as the relay last saw it.
@@ -616,16 +624,20 @@ impl Store {
         agent_to_console: u64,
         console_to_agent: u64,
         reason: &str,
+        direct: Option<u64>,
     ) -> Result<(), StoreError> {
         self.conn.execute(
-            "UPDATE sessions SET ended_at_ms = ?1, bytes_agent_to_console = ?2, bytes_console_to_agent = ?3, end_reason = ?4
+            "UPDATE sessions SET ended_at_ms = ?1, bytes_agent_to_console = ?2, bytes_console_to_agent = ?3, end_reason = ?4,
+                    went_direct = ?6, bytes_direct = ?7
              WHERE id = ?5",
             params![
                 now_ms(),
                 agent_to_console as i64,
                 console_to_agent as i64,
                 reason,
-                row
+                row,
+                direct.is_some(),
+                direct.unwrap_or(0).min(i64::MAX as u64) as i64
             ],
         )?;
         Ok(())
@@ -724,7 +736,7 @@ impl Store {
     pub fn audit(&self, limit: usize) -> Result<Vec<AuditRow>, StoreError> {
         let mut st = self.conn.prepare(
             "SELECT id, technician, organisation, slot, agent_addr, console_addr, started_at_ms, ended_at_ms,
-                    bytes_agent_to_console, bytes_console_to_agent, end_reason
+                    bytes_agent_to_console, bytes_console_to_agent, end_reason, went_direct, bytes_direct
              FROM sessions ORDER BY id DESC LIMIT ?1",
         )?;
         let rows = st
@@ -741,6 +753,8 @@ impl Store {
                     bytes_agent_to_console: r.get(8)?,
                     bytes_console_to_agent: r.get(9)?,
                     end_reason: r.get(10)?,
+                    went_direct: r.get(11)?,
+                    bytes_direct: r.get(12)?,
                 })
             })?
             .collect::<Result<Vec<_>, _>>()?;
@@ -923,11 +937,14 @@ mod tests {
             .unwrap();
         let open = s.audit(10).unwrap();
         assert_eq!(open[0].ended_at_ms, None);
-        s.audit_end(id, 1000, 20, "ended_by_user").unwrap();
+        s.audit_end(id, 1000, 20, "ended_by_user", Some(5000))
+            .unwrap();
         let rows = s.audit(10).unwrap();
         assert_eq!(rows.len(), 1);
         assert_eq!(rows[0].bytes_agent_to_console, 1000);
         assert_eq!(rows[0].bytes_console_to_agent, 20);
+        assert!(rows[0].went_direct);
+        assert_eq!(rows[0].bytes_direct, 5000);
         assert_eq!(rows[0].end_reason.as_deref(), Some("ended_by_user"));
         assert!(rows[0].ended_at_ms.unwrap() >= rows[0].started_at_ms);
     }

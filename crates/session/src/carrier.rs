@@ -18,6 +18,7 @@
 //! `WouldBlock` instead when the outer datagram buffer lacks room, and its poller waits for room, so
 //! inner QUIC's own pacing and congestion control see back-pressure rather than invisible loss.
 
+use crate::direct::PathKind;
 use bytes::{BufMut, Bytes, BytesMut};
 use quinn::udp::{RecvMeta, Transmit};
 use quinn::{AsyncUdpSocket, Connection, UdpPoller};
@@ -30,6 +31,7 @@ use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
+use tandem_client::tandem_net::direct::DirectPort;
 use tandem_proto::{FRAME_HEADER, MAX_PAYLOAD_FRAME, frame_len};
 use tokio::sync::mpsc;
 use tokio::task::AbortHandle;
@@ -49,6 +51,9 @@ const MAX_PARTS: u8 = 8;
 const MAX_REASSEMBLY: usize = 64;
 /// Largest inner packet accepted from the peer.
 pub const MAX_INNER_PACKET: usize = 2048;
+/// Largest direct-path data packet sent: inner QUIC's packets (at most 1380 bytes, see
+/// `inner::transport`) and the 1-byte header fit a 1500-byte path over IPv6 with room for a tunnel.
+const MAX_DIRECT_DATA: usize = 1400;
 /// Inner packets queued towards quinn before new ones are dropped (as a full UDP buffer would).
 const INBOUND_QUEUE: usize = 4096;
 
@@ -66,6 +71,10 @@ pub struct CarrierStats {
     pub dropped_inbound: AtomicU64,
     pub bad_inbound: AtomicU64,
     pub blocked: AtomicU64,
+    /// Inner packets sent and received on the direct path, and the bytes sent there.
+    pub sent_direct: AtomicU64,
+    pub received_direct: AtomicU64,
+    pub direct_bytes: AtomicU64,
 }
 
 /// Reassembly of fragmented packets.
@@ -152,6 +161,9 @@ pub struct Carrier {
     inbound_rx: Mutex<Option<mpsc::Receiver<Bytes>>>,
     fallback: Fallback,
     next_id: AtomicU16,
+    /// Where inner packets go instead of the relay, while a direct path answers.
+    direct: Mutex<Option<(DirectPort, SocketAddr)>>,
+    path: tokio::sync::watch::Sender<PathKind>,
     pub stats: CarrierStats,
 }
 
@@ -175,6 +187,8 @@ impl Carrier {
             inbound_rx: Mutex::new(Some(inbound_rx)),
             fallback,
             next_id: AtomicU16::new(0),
+            direct: Mutex::new(None),
+            path: tokio::sync::watch::channel(PathKind::Relay).0,
             stats: CarrierStats::default(),
         })
     }
@@ -262,6 +276,52 @@ impl Carrier {
         }
     }
 
+    /// Sends inner packets on a direct path (`Some`), or through the relay again (`None`).
+    pub(crate) fn set_direct(&self, to: Option<(DirectPort, SocketAddr)>, kind: PathKind) {
+        *lock(&self.direct) = to;
+        self.path.send_if_modified(|p| {
+            let changed = *p != kind;
+            *p = kind;
+            changed
+        });
+    }
+
+    /// The path inner packets take now, and its changes.
+    pub fn path(&self) -> tokio::sync::watch::Receiver<PathKind> {
+        self.path.subscribe()
+    }
+
+    /// An inner packet that came on the direct path.
+    pub(crate) fn deliver_direct(&self, p: Bytes) {
+        self.stats.received_direct.fetch_add(1, Ordering::Relaxed);
+        self.deliver(p);
+    }
+
+    /// Sends on the direct path if there is one; false if the packet must go through the relay.
+    fn send_direct(&self, pkt: &[u8]) -> bool {
+        let Some((port, to)) = lock(&self.direct).clone() else {
+            return false;
+        };
+        if pkt.len() + 1 > MAX_DIRECT_DATA {
+            return false;
+        }
+        let mut b = Vec::with_capacity(pkt.len() + 1);
+        b.push(crate::direct::DATA);
+        b.extend_from_slice(pkt);
+        match port.send_to(to, &b) {
+            Ok(()) => {
+                self.stats.sent_direct.fetch_add(1, Ordering::Relaxed);
+                self.stats
+                    .direct_bytes
+                    .fetch_add(b.len() as u64, Ordering::Relaxed);
+                true
+            }
+            // Unreachable network, too large for the path: this one goes through the relay (the
+            // prober notices a dead path by itself).
+            Err(_) => false,
+        }
+    }
+
     fn deliver(&self, p: Bytes) {
         self.stats.received.fetch_add(1, Ordering::Relaxed);
         if self.inbound_tx.try_send(p).is_err() {
@@ -271,6 +331,9 @@ impl Carrier {
 
     /// Room in the outer datagram send buffer (0 when detached).
     fn room(&self) -> usize {
+        if lock(&self.direct).is_some() {
+            return usize::MAX;
+        }
         lock(&self.conn)
             .as_ref()
             .map(|c| c.datagram_send_buffer_space())
@@ -279,6 +342,9 @@ impl Carrier {
 
     /// Sends one inner packet.
     fn send_packet(&self, pkt: &[u8]) -> io::Result<()> {
+        if self.send_direct(pkt) {
+            return Ok(());
+        }
         let conn = match lock(&self.conn).as_ref() {
             Some(c) => c.clone(),
             // No outer link right now (reconnecting): the packet is lost, as on a dead path.

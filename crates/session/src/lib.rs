@@ -16,6 +16,7 @@
 
 pub mod carrier;
 pub mod code;
+pub mod direct;
 pub mod inner;
 pub mod limit;
 pub mod names;
@@ -29,8 +30,8 @@ pub use code::{CodeError, SessionCode};
 pub use limit::{GuessLimit, Remembered};
 pub use pake::RelayIdentity;
 pub use session::{
-    CAP_CHAT, CAP_CLIPBOARD, CAP_FILES, ClipFormat, ClipItem, Consent, ControlMsg, InputItem,
-    InputSender, MAX_CHAT, MAX_CLIP_IMAGE, MAX_CLIP_TEXT, MAX_CURSOR_SIDE, MAX_MONITORS,
+    CAP_CHAT, CAP_CLIPBOARD, CAP_DIRECT, CAP_FILES, ClipFormat, ClipItem, Consent, ControlMsg,
+    InputItem, InputSender, MAX_CHAT, MAX_CLIP_IMAGE, MAX_CLIP_TEXT, MAX_CURSOR_SIDE, MAX_MONITORS,
     MonitorInfo, OrgCheck, PeerInfo, Role, Session, SessionEnd, SessionError, SessionEvent,
     TransferStream, VideoFrame, VideoSender,
 };

@@ -18,6 +18,7 @@
 //! closes the inner connection.
 
 use crate::carrier::{Carrier, CarrierStats};
+use crate::direct::{DirectCmd, PathKind};
 use crate::inner::close;
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use quinn::{Connection, RecvStream, SendStream, VarInt};
@@ -73,6 +74,10 @@ const TRANSFER_QUEUE: usize = 8;
 pub const CAP_CHAT: &str = "chat/v1";
 pub const CAP_CLIPBOARD: &str = "clipboard/v1";
 pub const CAP_FILES: &str = "files/v1";
+/// The session layer's own: direct paths ([`crate::direct`]).
+pub const CAP_DIRECT: &str = "direct/v1";
+/// Most candidates in one [`ControlMsg::PathCandidates`].
+pub const MAX_PATH_CANDIDATES: usize = 16;
 const DGRAM_POINTER: u8 = 1;
 
 /// Which end this is.
@@ -170,6 +175,13 @@ pub enum ControlMsg {
     /// Either way, also before consent: a chat line (at most [`MAX_CHAT`] bytes). Shown escaped
     /// ([`crate::names::printable`]); kept only for the session.
     Chat { text: String },
+    /// Either way (peers with [`CAP_DIRECT`]): where this side may be reached directly (at most
+    /// [`MAX_PATH_CANDIDATES`]); replaces what it sent before. `relay_only`: this side (or its
+    /// relay) does not take direct paths; do not probe. Handled by the session layer itself.
+    PathCandidates {
+        candidates: Vec<(std::net::SocketAddr, crate::direct::CandidateKind)>,
+        relay_only: bool,
+    },
 }
 
 /// Largest cursor image side sent (larger cursors are sent downscaled).
@@ -204,6 +216,11 @@ impl Validate for ControlMsg {
             }
             ControlMsg::End { reason } => reason.validate(),
             ControlMsg::Chat { text } if text.len() > MAX_CHAT => Err(ProtoError::TextTooLong),
+            ControlMsg::PathCandidates { candidates, .. }
+                if candidates.len() > MAX_PATH_CANDIDATES =>
+            {
+                Err(ProtoError::Invalid("too many path candidates"))
+            }
             ControlMsg::OrgChallenge { nonce } if nonce.len() != tandem_org::CHALLENGE_LEN => {
                 Err(ProtoError::Invalid("organisation challenge"))
             }
@@ -546,7 +563,32 @@ impl Session {
     pub(crate) fn start(p: Parts) -> Session {
         let mut tasks = Vec::new();
         let (ctl_tx, ctl_rx) = mpsc::channel(64);
-        tasks.push(tokio::spawn(control_reader(p.ctl_recv, ctl_tx)).abort_handle());
+        let (direct_tx, direct_rx) = mpsc::channel(4);
+        tasks.push(
+            tokio::spawn(control_reader(p.ctl_recv, ctl_tx, direct_tx.clone())).abort_handle(),
+        );
+        let ctl_send = Arc::new(Mutex::new(p.ctl_send));
+        let direct = crate::direct::DirectCtx {
+            carrier: p.carrier.clone(),
+            role: match p.role {
+                Role::Agent => 0,
+                Role::Console => 1,
+            },
+            session_key: p.session_key,
+            allowed_here: p.link.opts.direct,
+            peer_capable: p.peer.capabilities.iter().any(|c| c == CAP_DIRECT),
+            ctl_send: ctl_send.clone(),
+        };
+        tasks.push(
+            tokio::spawn(crate::direct::run(
+                direct,
+                direct_rx,
+                p.link.link.direct_port(),
+                p.link.link.path_info(),
+                p.link.link.remote().is_ipv6(),
+            ))
+            .abort_handle(),
+        );
         let (video_tx, video_rx) = mpsc::channel(VIDEO_QUEUE);
         let (input_tx, input_rx) = mpsc::channel(1024);
         // Input is accepted only once the user answered the consent prompt (the agent's
@@ -596,7 +638,10 @@ impl Session {
                 transport.clone(),
                 p.carrier.clone(),
                 p.conn.clone(),
-                events_tx,
+                Tell {
+                    events: events_tx,
+                    direct: direct_tx,
+                },
                 end_rx,
                 end_info.clone(),
             ))
@@ -605,11 +650,13 @@ impl Session {
         // Control messages (consent, end, stats, cursor) go before any video: video streams take
         // priorities up to the frame number, so on a slow path control would otherwise wait
         // behind seconds of frames.
-        let _ = p.ctl_send.set_priority(i32::MAX);
+        if let Ok(s) = ctl_send.try_lock() {
+            let _ = s.set_priority(i32::MAX);
+        }
         Session {
             role: p.role,
             conn: p.conn,
-            ctl_send: Arc::new(Mutex::new(p.ctl_send)),
+            ctl_send,
             ctl_rx: Mutex::new(ctl_rx),
             video_rx: Mutex::new(video_rx),
             input_rx: Mutex::new(input_rx),
@@ -649,6 +696,14 @@ impl Session {
     }
     pub fn carrier_stats(&self) -> &CarrierStats {
         &self.carrier.stats
+    }
+    /// The path this side's inner packets take now ("relay", "direct, LAN", ...).
+    pub fn path(&self) -> PathKind {
+        *self.carrier.path().borrow()
+    }
+    /// Follows [`Session::path`].
+    pub fn path_watch(&self) -> tokio::sync::watch::Receiver<PathKind> {
+        self.carrier.path()
     }
     /// A key both sides share, confirmed by the PAKE and bound to this connection.
     pub fn session_key(&self) -> &[u8; 32] {
@@ -882,9 +937,25 @@ impl Session {
     }
 }
 
-async fn control_reader(mut recv: RecvStream, tx: mpsc::Sender<Result<ControlMsg, SessionError>>) {
+async fn control_reader(
+    mut recv: RecvStream,
+    tx: mpsc::Sender<Result<ControlMsg, SessionError>>,
+    direct: mpsc::Sender<DirectCmd>,
+) {
     loop {
         let m = read_frame::<ControlMsg>(&mut recv).await;
+        // The session layer's own message: the direct path's driver takes it.
+        if let Ok(ControlMsg::PathCandidates {
+            candidates,
+            relay_only,
+        }) = m
+        {
+            let _ = direct.try_send(DirectCmd::Peer {
+                candidates,
+                relay_only,
+            });
+            continue;
+        }
         let fatal = m.is_err();
         if tx.send(m).await.is_err() || fatal {
             return;
@@ -1334,6 +1405,12 @@ impl InputSender {
     }
 }
 
+/// Whom the supervisor tells about the relay link: the session's user, and the direct path.
+struct Tell {
+    events: mpsc::Sender<SessionEvent>,
+    direct: mpsc::Sender<DirectCmd>,
+}
+
 /// Keeps the relay link of a session: reports and survives link loss, and ends the session on both
 /// layers together.
 async fn supervise(
@@ -1341,12 +1418,23 @@ async fn supervise(
     transport: LinkTransport,
     carrier: Arc<Carrier>,
     inner: Connection,
-    events: mpsc::Sender<SessionEvent>,
+    tell: Tell,
     mut end_rx: mpsc::Receiver<EndReason>,
     end_info: EndInfo,
 ) {
+    let Tell { events, direct } = tell;
+    let mut path = carrier.path();
+    let mut reported = (false, 0u64);
+    let mut report_tick = tokio::time::interval(PATH_REPORT_EVERY);
+    report_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
+            _ = path.changed() => {
+                report_path(&mut ctx.link, &carrier, &mut reported).await;
+            }
+            _ = report_tick.tick() => {
+                report_path(&mut ctx.link, &carrier, &mut reported).await;
+            }
             m = ctx.link.recv() => match m {
                 Ok(RelayMsg::SessionEnded { reason }) => {
                     tracing::info!(reason = reason.label(), "the relay ended the session");
@@ -1373,6 +1461,12 @@ async fn supervise(
                     match reconnect(&ctx, &inner).await {
                         Ok(link) => {
                             carrier.attach(link.connection().clone());
+                            let _ = direct.try_send(DirectCmd::Relink {
+                                port: link.direct_port(),
+                                info: link.path_info(),
+                            });
+                            // Report again on the new link.
+                            reported = (false, 0);
                             *transport.lock().unwrap_or_else(|e| e.into_inner()) = link.transport_cell();
                             ctx.link = link;
                             tracing::info!("relay link resumed");
@@ -1390,6 +1484,7 @@ async fn supervise(
             },
             r = end_rx.recv() => {
                 let reason = r.unwrap_or(EndReason::Other("session dropped".into()));
+                report_path(&mut ctx.link, &carrier, &mut reported).await;
                 let _ = ctx.link.end(reason.clone()).await;
                 inner.close(VarInt::from_u32(close::ENDED), &close_reason(&reason));
                 ctx.link.close().await;
@@ -1399,12 +1494,32 @@ async fn supervise(
                 // The inner connection ended (the peer ended it, or it timed out): end the relay
                 // session too, so nothing stays half-open.
                 let end = end_of(&e);
+                report_path(&mut ctx.link, &carrier, &mut reported).await;
                 let _ = ctx.link.end(end.reason.clone()).await;
                 ctx.link.close().await;
                 return;
             }
         }
     }
+}
+
+/// How often a side on a direct path tells the relay how many bytes it sent there.
+const PATH_REPORT_EVERY: Duration = Duration::from_secs(10);
+
+/// Tells the relay the path and the direct bytes, when either changed since the last report.
+async fn report_path(link: &mut RelayLink, carrier: &Carrier, reported: &mut (bool, u64)) {
+    let direct = carrier.path().borrow().is_direct();
+    let bytes = carrier.stats.direct_bytes.load(Ordering::Relaxed);
+    if (direct, bytes) == *reported || (!direct && bytes == 0) {
+        return;
+    }
+    *reported = (direct, bytes);
+    let _ = link
+        .send(&tandem_proto::ClientMsg::PathReport {
+            direct,
+            direct_bytes: bytes,
+        })
+        .await;
 }
 
 /// Reconnects to the relay and resumes the session within the grace period.

@@ -591,7 +591,11 @@ pub(crate) fn hello(cfg: &SessionConfig) -> ControlMsg {
     ControlMsg::Hello {
         version: SESSION_VERSION,
         software: cfg.software.clone(),
-        capabilities: cfg.capabilities.clone(),
+        capabilities: {
+            let mut c = cfg.capabilities.clone();
+            c.push(crate::session::CAP_DIRECT.into());
+            c
+        },
     }
 }
 

@@ -1,0 +1,326 @@
+//! The UDP socket a session's direct path uses: the same socket as the outer QUIC link where there is
+//! one, so that the NAT mapping the relay observed is the mapping the peer's probes reach.
+//!
+//! # Telling the two kinds of packet apart
+//! Every QUIC packet has the "fixed bit" (0x40 of the first byte) set, unless the receiver
+//! advertised `grease_quic_bit`. Client endpoints made by [`crate::client_endpoint`] do not
+//! advertise it ([`client_endpoint_config`]), so a packet from the relay always has the bit set.
+//! Direct-path packets ([`is_direct_packet`]) have it clear: the [`TapSocket`] under the outer
+//! endpoint hands those to the [`DirectPort`]'s subscriber and everything else to quinn.
+//!
+//! Nothing here authenticates anything: the session layer's probes carry a MAC, and the data they
+//! carry is the inner QUIC connection's own encrypted packets.
+
+use bytes::Bytes;
+use quinn::udp::{RecvMeta, Transmit};
+use quinn::{AsyncUdpSocket, UdpPoller};
+use std::fmt;
+use std::io::{self, IoSliceMut};
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use tokio::sync::mpsc;
+
+/// Direct-path packets queued for the session before new ones are dropped.
+const QUEUE: usize = 2048;
+/// Largest direct-path packet accepted (bigger ones are dropped: the session never sends them).
+pub const MAX_DIRECT_PACKET: usize = 2048;
+
+/// Whether a UDP payload is a direct-path packet rather than QUIC (fixed bit clear).
+pub fn is_direct_packet(p: &[u8]) -> bool {
+    p.first().is_some_and(|b| b & 0x40 == 0)
+}
+
+/// The endpoint configuration of clients: no QUIC-bit greasing, so direct-path packets and the
+/// relay's QUIC packets can share one socket.
+pub fn client_endpoint_config() -> quinn::EndpointConfig {
+    let mut c = quinn::EndpointConfig::default();
+    c.grease_quic_bit(false);
+    c
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// One received direct-path packet and where it came from.
+pub type DirectPacket = (Bytes, SocketAddr);
+
+struct PortInner {
+    /// A non-blocking handle of the socket (the outer endpoint's, or one of its own): sends at
+    /// once, where tokio's `try_*` refuse until the reactor has seen the socket writable.
+    sender: std::net::UdpSocket,
+    /// Shared with the outer QUIC endpoint.
+    shared: bool,
+    local: SocketAddr,
+    sub: Mutex<Option<mpsc::Sender<DirectPacket>>>,
+    received: AtomicU64,
+    dropped: AtomicU64,
+    reader: Mutex<Option<tokio::task::AbortHandle>>,
+}
+
+impl Drop for PortInner {
+    fn drop(&mut self) {
+        if let Some(r) = lock(&self.reader).take() {
+            r.abort();
+        }
+    }
+}
+
+/// Sends and receives direct-path packets on one UDP socket. Cheap to clone. One session at a time
+/// subscribes to what arrives ([`DirectPort::subscribe`]).
+#[derive(Clone)]
+pub struct DirectPort(Arc<PortInner>);
+
+impl fmt::Debug for DirectPort {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DirectPort")
+            .field("local", &self.0.local)
+            .field("shared", &self.0.shared)
+            .finish()
+    }
+}
+
+impl DirectPort {
+    fn new(sender: std::net::UdpSocket, shared: bool, local: SocketAddr) -> DirectPort {
+        DirectPort(Arc::new(PortInner {
+            sender,
+            shared,
+            local,
+            sub: Mutex::new(None),
+            received: AtomicU64::new(0),
+            dropped: AtomicU64::new(0),
+            reader: Mutex::new(None),
+        }))
+    }
+
+    /// A port on a UDP socket of its own, bound to `local` (for a session whose relay link has no
+    /// UDP socket: it runs over TCP).
+    pub fn bind(local: SocketAddr) -> Result<DirectPort, crate::NetError> {
+        let std = crate::bind_udp(local)?;
+        let err = |source| crate::NetError::Bind {
+            addr: local,
+            source,
+        };
+        std.set_nonblocking(true).map_err(err)?;
+        let local = std.local_addr().map_err(err)?;
+        let sender = std.try_clone().map_err(err)?;
+        let sock = tokio::net::UdpSocket::from_std(std).map_err(err)?;
+        let port = DirectPort::new(sender, false, local);
+        let weak = Arc::downgrade(&port.0);
+        let reader = tokio::spawn(async move {
+            let mut buf = vec![0u8; MAX_DIRECT_PACKET + 1];
+            loop {
+                let Ok((n, from)) = sock.recv_from(&mut buf).await else {
+                    // ICMP errors surface here on some systems; the socket stays usable.
+                    tokio::task::yield_now().await;
+                    continue;
+                };
+                let Some(port) = weak.upgrade() else { return };
+                if is_direct_packet(&buf[..n]) {
+                    port.deliver(&buf[..n], from);
+                }
+            }
+        });
+        *lock(&port.0.reader) = Some(reader.abort_handle());
+        Ok(port)
+    }
+
+    /// The socket's local address (its port is the one the peer's probes must reach).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.0.local
+    }
+
+    /// Whether this port shares the outer QUIC link's socket.
+    pub fn is_shared(&self) -> bool {
+        self.0.shared
+    }
+
+    /// Sends one packet (which must be a direct-path packet) to `dest`. A full socket buffer loses
+    /// the packet, as UDP does.
+    pub fn send_to(&self, dest: SocketAddr, payload: &[u8]) -> io::Result<()> {
+        debug_assert!(is_direct_packet(payload));
+        let dest = match (self.0.local, dest) {
+            // A dual-stack socket reaches IPv4 peers through mapped addresses.
+            (SocketAddr::V6(_), SocketAddr::V4(v4)) => {
+                SocketAddr::new(v4.ip().to_ipv6_mapped().into(), v4.port())
+            }
+            _ => dest,
+        };
+        match self.0.sender.send_to(payload, dest).map(|_| ()) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(()),
+            r => r,
+        }
+    }
+
+    /// Takes what arrives from now on. `None` while another session holds it.
+    pub fn subscribe(&self) -> Option<mpsc::Receiver<DirectPacket>> {
+        let mut sub = lock(&self.0.sub);
+        if sub.as_ref().is_some_and(|s| !s.is_closed()) {
+            return None;
+        }
+        let (tx, rx) = mpsc::channel(QUEUE);
+        *sub = Some(tx);
+        Some(rx)
+    }
+
+    /// Direct-path packets received (delivered or not) and dropped (nobody subscribed, or the
+    /// queue was full).
+    pub fn counts(&self) -> (u64, u64) {
+        (
+            self.0.received.load(Ordering::Relaxed),
+            self.0.dropped.load(Ordering::Relaxed),
+        )
+    }
+}
+
+impl PortInner {
+    fn deliver(&self, p: &[u8], from: SocketAddr) {
+        self.received.fetch_add(1, Ordering::Relaxed);
+        if p.len() > MAX_DIRECT_PACKET {
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        let from = SocketAddr::new(from.ip().to_canonical(), from.port());
+        let ok = lock(&self.sub)
+            .as_ref()
+            .is_some_and(|s| s.try_send((Bytes::copy_from_slice(p), from)).is_ok());
+        if !ok {
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// The outer endpoint's socket: QUIC packets to quinn, direct-path packets to the [`DirectPort`].
+pub struct TapSocket {
+    udp: Arc<dyn AsyncUdpSocket>,
+    port: DirectPort,
+}
+
+impl fmt::Debug for TapSocket {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TapSocket")
+            .field("local", &self.port.0.local)
+            .finish()
+    }
+}
+
+impl TapSocket {
+    /// Wraps `udp` (bound) for a quinn endpoint; the port shares it.
+    pub fn new(udp: std::net::UdpSocket) -> io::Result<(Arc<TapSocket>, DirectPort)> {
+        let local = udp.local_addr()?;
+        let sender = udp.try_clone()?;
+        let udp = quinn::TokioRuntime.wrap_udp_socket(udp)?;
+        // quinn made the socket non-blocking; the clone shares that.
+        sender.set_nonblocking(true)?;
+        let port = DirectPort::new(sender, true, local);
+        Ok((
+            Arc::new(TapSocket {
+                udp,
+                port: port.clone(),
+            }),
+            port,
+        ))
+    }
+}
+
+use quinn::Runtime as _;
+
+impl AsyncUdpSocket for TapSocket {
+    fn create_io_poller(self: Arc<Self>) -> Pin<Box<dyn UdpPoller>> {
+        self.udp.clone().create_io_poller()
+    }
+
+    fn try_send(&self, t: &Transmit) -> io::Result<()> {
+        self.udp.try_send(t)
+    }
+
+    fn poll_recv(
+        &self,
+        cx: &mut Context,
+        bufs: &mut [IoSliceMut<'_>],
+        meta: &mut [RecvMeta],
+    ) -> Poll<io::Result<usize>> {
+        loop {
+            let n = match self.udp.poll_recv(cx, bufs, meta) {
+                Poll::Ready(Ok(n)) => n,
+                other => return other,
+            };
+            let mut quic = 0;
+            for (m, b) in meta.iter_mut().zip(bufs.iter()).take(n) {
+                let data = &b[..m.len.min(b.len())];
+                if is_direct_packet(data) {
+                    // One flow's segments (GRO coalesces only same-source datagrams).
+                    let stride = m.stride.max(1);
+                    for seg in data.chunks(stride) {
+                        self.port.0.deliver(seg, m.addr);
+                    }
+                    // quinn skips an empty datagram.
+                    m.len = 0;
+                } else {
+                    quic += 1;
+                }
+            }
+            if quic > 0 || n == 0 {
+                return Poll::Ready(Ok(n));
+            }
+            // Only direct-path packets: read again (a Pending registers the waker).
+        }
+    }
+
+    fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.udp.local_addr()
+    }
+
+    fn max_transmit_segments(&self) -> usize {
+        self.udp.max_transmit_segments()
+    }
+
+    fn max_receive_segments(&self) -> usize {
+        self.udp.max_receive_segments()
+    }
+
+    fn may_fragment(&self) -> bool {
+        self.udp.may_fragment()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_fixed_bit_tells_the_packets_apart() {
+        assert!(is_direct_packet(&[0x01, 0xff]));
+        assert!(is_direct_packet(&[0x3f]));
+        assert!(!is_direct_packet(&[0x40]));
+        assert!(!is_direct_packet(&[0xc3, 0, 0, 0, 1]));
+        assert!(!is_direct_packet(&[]));
+    }
+
+    #[tokio::test]
+    async fn own_ports_exchange_direct_packets_and_ignore_the_rest() {
+        let a = DirectPort::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let b = DirectPort::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let mut rx = b.subscribe().unwrap();
+        assert!(b.subscribe().is_none(), "one subscriber at a time");
+        // A QUIC-looking packet is not a direct-path packet: dropped by the port.
+        let raw = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        raw.send_to(&[0xc0, 1, 2], b.local_addr()).unwrap();
+        a.send_to(b.local_addr(), &[0x03, 9, 9]).unwrap();
+        let (p, from) = tokio::time::timeout(std::time::Duration::from_secs(2), rx.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(&p[..], &[0x03, 9, 9]);
+        assert_eq!(from, a.local_addr());
+        assert_eq!(b.counts().0, 1);
+        drop(rx);
+        assert!(
+            b.subscribe().is_some(),
+            "a dropped subscriber frees the port"
+        );
+    }
+}

@@ -1,0 +1,605 @@
+//! Direct paths through real NATs: the real `tandem-relay`, `tandem-agent` and `tandem-console` in
+//! Linux network namespaces, each side behind its own NAT made with nftables. Root only: elsewhere
+//! each test says why it is skipped and passes.
+//!
+//! ```text
+//!   agent   A 192.168.10.2 ── .10.1 NA 10.240.1.2 ── 10.240.1.1 ┐
+//!                                                               I  relay; routes between NA and NC
+//!   console C 192.168.20.2 ── .20.1 NC 10.240.2.2 ── 10.240.2.1 ┘
+//! ```
+//!
+//! The NATs ([`Nat`]): endpoint-independent mapping (Linux keeps the source port) with no filtering
+//! ("full cone"), filtering by the addresses the inside host sent to ("restricted"), or by address
+//! and port (conntrack alone: "port-restricted"); and endpoint-dependent mapping with a random port
+//! for every destination ("symmetric"). For every pair a whole session runs (pixels and input);
+//! the console's events say whether and when it went direct. Expected: direct for every pair but
+//! symmetric↔symmetric and symmetric↔port-restricted, which no hole punching without a port
+//! prediction can open.
+#![allow(clippy::unwrap_used)]
+
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+use tandem_tests::netns::{self, Netns};
+use tandem_tests::nsprocs::{Events, METRICS, PORT, Relay, T, clean_env, start_relay};
+use tandem_tests::{binary, metric, relay_admin};
+
+macro_rules! skip_without_netns {
+    () => {
+        if let Some(why) = netns::skip_reason() {
+            eprintln!("SKIPPED: {why}");
+            return;
+        }
+    };
+}
+
+const RELAY_A: &str = "10.240.1.1";
+const RELAY_C: &str = "10.240.2.1";
+const NAT_A: &str = "10.240.1.2";
+const NAT_C: &str = "10.240.2.2";
+const HOST_A: &str = "192.168.10.2";
+const HOST_C: &str = "192.168.20.2";
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Nat {
+    FullCone,
+    Restricted,
+    PortRestricted,
+    Symmetric,
+}
+
+impl Nat {
+    const ALL: [Nat; 4] = [
+        Nat::FullCone,
+        Nat::Restricted,
+        Nat::PortRestricted,
+        Nat::Symmetric,
+    ];
+
+    fn name(self) -> &'static str {
+        match self {
+            Nat::FullCone => "full cone",
+            Nat::Restricted => "restricted",
+            Nat::PortRestricted => "port-restricted",
+            Nat::Symmetric => "symmetric",
+        }
+    }
+
+    /// The nftables rules of a NAT between `lan` and `wan` (device names) for the one host
+    /// `host` inside.
+    fn rules(self, lan: &str, wan: &str, host: &str) -> String {
+        // Inbound UDP nobody asked for: forwarded to the host (full cone), forwarded if the host
+        // sent to that address before (restricted), or left to conntrack (the others).
+        let inbound = match self {
+            Nat::FullCone => format!("iifname \"{wan}\" meta l4proto udp dnat to {host}"),
+            Nat::Restricted => {
+                format!("iifname \"{wan}\" meta l4proto udp ip saddr @contacted dnat to {host}")
+            }
+            Nat::PortRestricted | Nat::Symmetric => String::new(),
+        };
+        let random = if self == Nat::Symmetric {
+            " random"
+        } else {
+            ""
+        };
+        format!(
+            "table ip tnd_nat {{\n\
+             set contacted {{\n\
+             type ipv4_addr\n\
+             flags dynamic,timeout\n\
+             timeout 2m\n\
+             }}\n\
+             chain fwdc {{\n\
+             type filter hook forward priority 0; policy accept;\n\
+             iifname \"{lan}\" meta l4proto udp update @contacted {{ ip daddr }}\n\
+             }}\n\
+             chain prec {{\n\
+             type nat hook prerouting priority dstnat; policy accept;\n\
+             {inbound}\n\
+             }}\n\
+             chain postc {{\n\
+             type nat hook postrouting priority srcnat; policy accept;\n\
+             oifname \"{wan}\" masquerade{random}\n\
+             }}\n\
+             chain inc {{\n\
+             type filter hook input priority 0; policy accept;\n\
+             iifname \"{wan}\" meta l4proto udp drop\n\
+             }}\n\
+             }}\n"
+        )
+    }
+
+    /// Whether a pair should go direct.
+    fn direct_expected(a: Nat, c: Nat) -> bool {
+        !matches!(
+            (a, c),
+            (Nat::Symmetric, Nat::Symmetric)
+                | (Nat::Symmetric, Nat::PortRestricted)
+                | (Nat::PortRestricted, Nat::Symmetric)
+        )
+    }
+}
+
+/// The namespaces of one test (see the module's picture).
+struct World {
+    i: Netns,
+    a: Netns,
+    c: Netns,
+    _na: Netns,
+    _nc: Netns,
+}
+
+impl World {
+    fn new(nat_a: Nat, nat_c: Nat) -> World {
+        let i = Netns::new("inet");
+        let na = Netns::new("nata");
+        let nc = Netns::new("natc");
+        let a = Netns::new("a");
+        let c = Netns::new("c");
+        netns::link(&i, &format!("{RELAY_A}/24"), &na, &format!("{NAT_A}/24"));
+        netns::link(&i, &format!("{RELAY_C}/24"), &nc, &format!("{NAT_C}/24"));
+        netns::link(&na, "192.168.10.1/24", &a, &format!("{HOST_A}/24"));
+        netns::link(&nc, "192.168.20.1/24", &c, &format!("{HOST_C}/24"));
+        for n in [&i, &na, &nc] {
+            n.sysctl("net.ipv4.ip_forward", "1");
+        }
+        na.default_route(RELAY_A);
+        nc.default_route(RELAY_C);
+        a.default_route("192.168.10.1");
+        c.default_route("192.168.20.1");
+        na.nft(&nat_a.rules(&format!("v{}", a.tag), &format!("v{}", i.tag), HOST_A));
+        nc.nft(&nat_c.rules(&format!("v{}", c.tag), &format!("v{}", i.tag), HOST_C));
+        World {
+            i,
+            a,
+            c,
+            _na: na,
+            _nc: nc,
+        }
+    }
+
+    /// Cuts (or restores) the path between the two NATs; the relay stays reachable from both.
+    fn cut_between_nats(&self, cut: bool) {
+        if cut {
+            self.i.nft(&format!(
+                "table ip tnd_cut {{\n\
+                 chain fwdc {{\n\
+                 type filter hook forward priority 0; policy accept;\n\
+                 ip saddr {NAT_A} ip daddr {NAT_C} drop\n\
+                 ip saddr {NAT_C} ip daddr {NAT_A} drop\n\
+                 }}\n\
+                 }}\n"
+            ));
+        } else {
+            self.i.exec("nft", &["delete", "table", "ip", "tnd_cut"]);
+        }
+    }
+}
+
+fn start_agent(ns: &Netns, relay_ip: &str, relay: &Relay, display: &str, extra: &[&str]) -> Events {
+    let state = tempfile::tempdir().unwrap().keep();
+    let mut cmd = ns.command(binary("tandem-agent"));
+    clean_env(&mut cmd);
+    cmd.env("TANDEM_AGENT_STATE_DIR", state)
+        .env_remove("TANDEM_PATH")
+        .args(["--relay", &format!("{relay_ip}:{PORT}")])
+        .args(["--relay-pin", &relay.pin])
+        .args(["--display", display, "--headless", "--json"])
+        .args(["--consent", "allow", "--once"])
+        .args(extra)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit());
+    Events::new(cmd.spawn().unwrap(), "agent")
+}
+
+fn start_console(ns: &Netns, relay_ip: &str, relay: &Relay, code: &str, extra: &[&str]) -> Events {
+    let mut cmd = ns.command(binary("tandem-console"));
+    clean_env(&mut cmd);
+    cmd.env_remove("TANDEM_PATH")
+        .args(["--relay", &format!("{relay_ip}:{PORT}")])
+        .args(["--relay-pin", &relay.pin])
+        .args(["--token", &relay.token, "--code", code])
+        .args(["--headless", "--json", "--no-remember"])
+        .args(extra)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit());
+    Events::new(cmd.spawn().unwrap(), "console")
+}
+
+/// Paints a ticking square on the display (a frame every 50 ms) until dropped.
+struct Ticker(std::sync::Arc<std::sync::atomic::AtomicBool>);
+
+impl Ticker {
+    fn start(display: &str, window: u32) -> Ticker {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let s = stop.clone();
+        let display = display.to_string();
+        std::thread::spawn(move || {
+            let mut p = tandem_tests::x11::Painter::new(&display);
+            while !s.load(std::sync::atomic::Ordering::Relaxed) {
+                let c = p.rnd() & 0xffffff;
+                p.fill_on(window, c, 700, 500, 64, 64);
+                p.sync();
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        });
+        Ticker(stop)
+    }
+}
+
+impl Drop for Ticker {
+    fn drop(&mut self) {
+        self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// What one session showed.
+struct Outcome {
+    /// The console's path events, in order: (route, ms after the first picture).
+    paths: Vec<(String, f64)>,
+    events: Vec<serde_json::Value>,
+    keys: usize,
+}
+
+impl Outcome {
+    fn went_direct(&self) -> Option<(&str, f64)> {
+        self.paths
+            .iter()
+            .find(|(r, _)| r != "relay")
+            .map(|(r, t)| (r.as_str(), *t))
+    }
+}
+
+fn path_events(ev: &[serde_json::Value]) -> Vec<(String, f64)> {
+    ev.iter()
+        .filter(|e| e["event"] == "path")
+        .map(|e| {
+            (
+                e["route"].as_str().unwrap_or("?").to_string(),
+                e["after_first_frame_ms"].as_f64().unwrap_or(0.0),
+            )
+        })
+        .collect()
+}
+
+/// A whole session: the agent in `agent_ns` on an Xvfb screen with a ticking square, the console
+/// in `console_ns` clicking and typing `keys` letters; `during` runs once the console reported its
+/// first picture.
+async fn session(
+    relay: &Relay,
+    (agent_ns, agent_relay): (&Netns, &str),
+    (console_ns, console_relay): (&Netns, &str),
+    script: &str,
+    seconds: u32,
+    console_extra: &[&str],
+    during: impl AsyncFnOnce(&mut Events),
+) -> Outcome {
+    let x = tandem_tests::x11::Xvfb::start(800, 600);
+    let rec = tandem_tests::x11::XRecorder::start(&x);
+    let _tick = Ticker::start(&x.display, rec.window);
+    let mut agent = start_agent(agent_ns, agent_relay, relay, &x.display, &[]);
+    let code = agent.next("code").await["code"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let script_file = dir.path().join("script.txt");
+    std::fs::write(&script_file, script).unwrap();
+    let secs = seconds.to_string();
+    let mut args = vec![
+        "--input-script",
+        script_file.to_str().unwrap(),
+        "--seconds",
+        &secs,
+    ];
+    args.extend_from_slice(console_extra);
+    let mut console = start_console(console_ns, console_relay, relay, &code, &args);
+    console.next("first_frame").await;
+    during(&mut console).await;
+    let (rc, events) = console.finish().await;
+    assert_eq!(rc, 0, "{events:?}");
+    let keys = rec
+        .keys_and_buttons()
+        .iter()
+        .filter(|e| e.kind == tandem_tests::x11::Kind::KeyPress)
+        .count();
+    agent.next("ended").await;
+    Outcome {
+        paths: path_events(&events),
+        events,
+        keys,
+    }
+}
+
+const TYPE_TWO: &str = "wait 1500\nkey h\nkey i\nwait 1000\n";
+
+/// One pair of the matrix: a session, and whether it went direct as expected.
+async fn matrix_pair(nat_a: Nat, nat_c: Nat) {
+    let w = World::new(nat_a, nat_c);
+    let relay = start_relay(&w.i, &[]).await;
+    let out = session(
+        &relay,
+        (&w.a, RELAY_A),
+        (&w.c, RELAY_C),
+        TYPE_TWO,
+        4,
+        &[],
+        async |_| {},
+    )
+    .await;
+    let direct = out.went_direct();
+    eprintln!(
+        "MATRIX agent={} console={} -> {} (switch {} ms after the first picture)",
+        nat_a.name(),
+        nat_c.name(),
+        direct.map_or("relay", |d| d.0),
+        direct.map_or("-".into(), |d| format!("{:.0}", d.1)),
+    );
+    assert!(out.keys >= 2, "the keys reached the agent: {}", out.keys);
+    let stats: Vec<_> = out
+        .events
+        .iter()
+        .filter(|e| e["event"] == "stats")
+        .collect();
+    assert!(
+        stats
+            .iter()
+            .filter(|s| s["fps"].as_f64() > Some(0.0))
+            .count()
+            >= 2,
+        "frames kept flowing: {stats:?}"
+    );
+    if Nat::direct_expected(nat_a, nat_c) {
+        let (route, _) = direct.unwrap_or_else(|| {
+            panic!(
+                "{} ↔ {} did not go direct: {:?}",
+                nat_a.name(),
+                nat_c.name(),
+                out.events
+            )
+        });
+        assert_eq!(route, "direct-nat");
+        // The relay's metrics count it.
+        let (_, m) = w.i.http_get(METRICS, "/metrics");
+        assert!(
+            metric(&m, "tandem_relay_sessions_direct_total") >= 1.0,
+            "{m}"
+        );
+    } else {
+        assert!(direct.is_none(), "{:?}", out.paths);
+    }
+}
+
+macro_rules! matrix {
+    ($($name:ident: $a:expr, $c:expr;)*) => {$(
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $name() {
+            skip_without_netns!();
+            matrix_pair($a, $c).await;
+        }
+    )*};
+}
+
+matrix! {
+    nat_full_cone_to_full_cone: Nat::FullCone, Nat::FullCone;
+    nat_full_cone_to_restricted: Nat::FullCone, Nat::Restricted;
+    nat_full_cone_to_port_restricted: Nat::FullCone, Nat::PortRestricted;
+    nat_full_cone_to_symmetric: Nat::FullCone, Nat::Symmetric;
+    nat_restricted_to_full_cone: Nat::Restricted, Nat::FullCone;
+    nat_restricted_to_restricted: Nat::Restricted, Nat::Restricted;
+    nat_restricted_to_port_restricted: Nat::Restricted, Nat::PortRestricted;
+    nat_restricted_to_symmetric: Nat::Restricted, Nat::Symmetric;
+    nat_port_restricted_to_full_cone: Nat::PortRestricted, Nat::FullCone;
+    nat_port_restricted_to_restricted: Nat::PortRestricted, Nat::Restricted;
+    nat_port_restricted_to_port_restricted: Nat::PortRestricted, Nat::PortRestricted;
+    nat_port_restricted_to_symmetric: Nat::PortRestricted, Nat::Symmetric;
+    nat_symmetric_to_full_cone: Nat::Symmetric, Nat::FullCone;
+    nat_symmetric_to_restricted: Nat::Symmetric, Nat::Restricted;
+    nat_symmetric_to_port_restricted: Nat::Symmetric, Nat::PortRestricted;
+    nat_symmetric_to_symmetric: Nat::Symmetric, Nat::Symmetric;
+}
+
+#[test]
+fn every_pair_of_the_matrix_has_a_test() {
+    // The macro above names 16 pairs; this keeps the list and `Nat::ALL` in step.
+    assert_eq!(Nat::ALL.len() * Nat::ALL.len(), 16);
+}
+
+/// Agent and console on the same network, behind one NAT: direct, and over the LAN.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn same_lan_goes_direct_over_the_lan() {
+    skip_without_netns!();
+    let w = World::new(Nat::PortRestricted, Nat::PortRestricted);
+    let relay = start_relay(&w.i, &[]).await;
+    let out = session(
+        &relay,
+        (&w.a, RELAY_A),
+        (&w.a, RELAY_A),
+        TYPE_TWO,
+        4,
+        &[],
+        async |_| {},
+    )
+    .await;
+    assert_eq!(
+        out.went_direct().map(|d| d.0),
+        Some("direct-lan"),
+        "{:?}",
+        out.events
+    );
+    assert!(out.keys >= 2);
+}
+
+/// The direct path is cut mid-session: both sides go back through the relay within about a
+/// second, the pictures keep coming (no gap over 1.5 s), and keys typed after the cut arrive.
+/// When the path comes back, the session goes direct again. The relay's audit records that the
+/// session went direct and the bytes that did not cross it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cut_direct_path_falls_back_to_the_relay_and_comes_back() {
+    skip_without_netns!();
+    let w = World::new(Nat::FullCone, Nat::PortRestricted);
+    let relay = start_relay(&w.i, &[]).await;
+    let cut_at = std::sync::Mutex::new(None);
+    let script = "wait 4000\nkey a\nkey b\nkey c\nwait 6000\n";
+    let out = session(
+        &relay,
+        (&w.a, RELAY_A),
+        (&w.c, RELAY_C),
+        script,
+        12,
+        &[],
+        async |console| {
+            let direct = |e: &serde_json::Value| e["event"] == "path" && e["route"] != "relay";
+            // It may have gone direct before the first picture.
+            if !console.seen.iter().any(direct) {
+                console.until("a direct path", T, direct).await;
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            w.cut_between_nats(true);
+            let t = Instant::now();
+            *cut_at.lock().unwrap() = Some(t);
+            console
+                .until("the fallback", T, |e| {
+                    e["event"] == "path" && e["route"] == "relay"
+                })
+                .await;
+            let fallback = t.elapsed();
+            eprintln!(
+                "fell back to the relay {} ms after the cut",
+                fallback.as_millis()
+            );
+            assert!(
+                fallback < Duration::from_millis(1500),
+                "fell back after {fallback:?}"
+            );
+            tokio::time::sleep(Duration::from_secs(4)).await;
+            w.cut_between_nats(false);
+        },
+    )
+    .await;
+    assert!(cut_at.lock().unwrap().is_some());
+    // Direct, relay, direct again.
+    let routes: Vec<&str> = out.paths.iter().map(|(r, _)| r.as_str()).collect();
+    assert!(
+        routes
+            .windows(3)
+            .any(|w| w[0] != "relay" && w[1] == "relay" && w[2] != "relay"),
+        "{routes:?}"
+    );
+    assert!(
+        out.keys >= 3,
+        "keys typed after the cut arrived: {}",
+        out.keys
+    );
+    let stats: Vec<_> = out
+        .events
+        .iter()
+        .filter(|e| e["event"] == "stats")
+        .collect();
+    let worst = stats
+        .iter()
+        .filter_map(|s| s["max_frame_gap_ms"].as_f64())
+        .fold(0.0, f64::max);
+    eprintln!("longest gap between pictures: {worst:.0} ms");
+    assert!(worst < 1500.0, "a picture gap of {worst} ms: {stats:?}");
+    // The audit row: direct, with bytes.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let rows: serde_json::Value =
+            serde_json::from_str(&relay_admin(relay.dir.path(), &["audit", "--json"])).unwrap();
+        let row = &rows[0];
+        if row["ended_at_ms"].is_number() {
+            assert_eq!(row["went_direct"], true, "{row}");
+            assert!(row["bytes_direct"].as_i64() > Some(10_000), "{row}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the audit row did not close: {rows}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// "Relay only" on the relay: the sides never probe each other, although they could.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relay_only_on_the_relay_keeps_every_byte_on_it() {
+    skip_without_netns!();
+    let w = World::new(Nat::FullCone, Nat::FullCone);
+    let relay = start_relay(&w.i, &["--path", "relay-only"]).await;
+    let out = session(
+        &relay,
+        (&w.a, RELAY_A),
+        (&w.c, RELAY_C),
+        TYPE_TWO,
+        4,
+        &[],
+        async |_| {},
+    )
+    .await;
+    assert!(out.paths.is_empty(), "{:?}", out.paths);
+    let (_, m) = w.i.http_get(METRICS, "/metrics");
+    assert_eq!(metric(&m, "tandem_relay_sessions_direct_total"), 0.0);
+}
+
+/// "Relay only" on one side (the console): neither side probes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relay_only_on_one_side_keeps_every_byte_on_the_relay() {
+    skip_without_netns!();
+    let w = World::new(Nat::FullCone, Nat::FullCone);
+    let relay = start_relay(&w.i, &[]).await;
+    let out = session(
+        &relay,
+        (&w.a, RELAY_A),
+        (&w.c, RELAY_C),
+        TYPE_TWO,
+        4,
+        &["--path", "relay-only"],
+        async |_| {},
+    )
+    .await;
+    assert!(out.paths.is_empty(), "{:?}", out.paths);
+    assert!(out.keys >= 2);
+    let (_, m) = w.i.http_get(METRICS, "/metrics");
+    assert_eq!(metric(&m, "tandem_relay_sessions_direct_total"), 0.0);
+}
+
+/// UDP blocked entirely on the agent's side: the agent reaches the relay over TCP, the session
+/// runs through the relay, and no direct path is claimed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn udp_blocked_entirely_stays_on_the_relay_over_tcp() {
+    skip_without_netns!();
+    let w = World::new(Nat::FullCone, Nat::FullCone);
+    // The agent's NAT drops every UDP packet from inside.
+    w._na.nft(
+        "table ip tnd_noudp {\n\
+         chain fwdc {\n\
+         type filter hook forward priority -10; policy accept;\n\
+         meta l4proto udp iifname != \"vinet\" drop\n\
+         }\n\
+         }\n",
+    );
+    let relay = start_relay(&w.i, &[]).await;
+    let out = session(
+        &relay,
+        (&w.a, RELAY_A),
+        (&w.c, RELAY_C),
+        TYPE_TWO,
+        4,
+        &[],
+        async |_| {},
+    )
+    .await;
+    assert!(out.went_direct().is_none(), "{:?}", out.paths);
+    assert!(out.keys >= 2);
+    let stats: Vec<_> = out
+        .events
+        .iter()
+        .filter(|e| e["event"] == "stats")
+        .collect();
+    assert!(
+        stats.iter().any(|s| s["agent_transport"] == "tcp"),
+        "the agent is on TCP: {stats:?}"
+    );
+}
