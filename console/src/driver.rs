@@ -116,10 +116,11 @@ pub enum Update {
     },
     Stats(Stats),
     Link(&'static str),
-    /// The session's packets changed path; `after_first_frame_ms`: since the first picture.
+    /// The session's packets changed path; `after_join_ms`: since the join began (the clock of
+    /// [`Update::FirstFrame`]'s `ms`).
     Path {
         kind: PathKind,
-        after_first_frame_ms: Option<f64>,
+        after_join_ms: f64,
     },
     /// The video decoder died on the remote picture and was restarted; a keyframe was asked for.
     Undecodable {
@@ -221,7 +222,6 @@ pub async fn drive(
         // Direct before this loop started: say so.
         path.mark_changed();
     }
-    let mut first_frame_at: Option<Instant> = None;
     let mut last_frame_at: Option<Instant> = None;
     let mut max_gap = Duration::ZERO;
     let ended = |text: String, reason: &str, exit_code| Update::Ended {
@@ -248,7 +248,6 @@ pub async fn drive(
                             decode_times.push_back(t.elapsed().as_secs_f64() * 1e3);
                             if first {
                                 first = false;
-                                first_frame_at = Some(Instant::now());
                                 send(Update::FirstFrame {
                                     width: frame.width,
                                     height: frame.height,
@@ -442,7 +441,7 @@ pub async fn drive(
                 let kind = *path.borrow_and_update();
                 send(Update::Path {
                     kind,
-                    after_first_frame_ms: first_frame_at.map(|t| t.elapsed().as_secs_f64() * 1e3),
+                    after_join_ms: started.elapsed().as_secs_f64() * 1e3,
                 });
             }
             e = session.next_event() => {

@@ -470,7 +470,7 @@ pub async fn run(
             Update::Link(text) => out.event("link", text, serde_json::json!({})),
             Update::Path {
                 kind,
-                after_first_frame_ms,
+                after_join_ms,
             } => out.event(
                 "path",
                 &format!("The session's packets now go {}", match kind {
@@ -478,7 +478,7 @@ pub async fn run(
                     k => format!("straight to the user ({})", k.label()),
                 }),
                 serde_json::json!({"path": kind.label(), "route": kind.name(),
-                    "after_first_frame_ms": after_first_frame_ms}),
+                    "after_join_ms": after_join_ms}),
             ),
             Update::Clipboard(item) => {
                 let image = item.format == ClipFormat::Png;

@@ -6,6 +6,7 @@ pub mod content;
 pub mod fake_relay;
 pub mod impair;
 pub mod mutter;
+pub mod nat;
 pub mod netns;
 pub mod nsprocs;
 pub mod org;

@@ -727,3 +727,60 @@ async fn msp_certificate_is_used_and_trusted_by_its_ca() {
     assert_eq!(relay.pin, Fingerprint::of(&leaf));
     relay.terminate().await;
 }
+
+/// A client of protocol version 1 (an agent download from before direct paths) still pairs with
+/// this relay, and is never sent a version-2 message it could not read; a version-2 client on the
+/// same session is told its path.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_protocol_1_client_pairs_and_never_sees_path_messages() {
+    let relay = TestRelay::start().await;
+    let mut tls = RelayTrust::Pin(relay.pin)
+        .client_config(tandem_proto::ALPN_V1)
+        .unwrap();
+    tls.alpn_protocols = vec![tandem_proto::ALPN_V1.to_vec()];
+    let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap();
+    let addr: std::net::SocketAddr = relay.addr().parse().unwrap();
+    let ep = tandem_net::client_endpoint(addr, quinn::ClientConfig::new(std::sync::Arc::new(quic)))
+        .unwrap();
+    let conn = ep.connect(addr, "localhost").unwrap().await.unwrap();
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    let frame = encode_frame(
+        &ClientMsg::Register {
+            client: ClientInfo {
+                software: "tandem-agent 0.0.9".into(),
+            },
+        },
+        MAX_CONTROL_FRAME,
+    )
+    .unwrap();
+    send.write_all(&frame).await.unwrap();
+    async fn next(recv: &mut quinn::RecvStream) -> RelayMsg {
+        let mut head = [0u8; 4];
+        recv.read_exact(&mut head).await.unwrap();
+        let mut body = vec![0u8; u32::from_be_bytes(head) as usize];
+        recv.read_exact(&mut body).await.unwrap();
+        tandem_proto::decode_body(&body).unwrap()
+    }
+    let slot = match next(&mut recv).await {
+        RelayMsg::Registered { slot, .. } => slot,
+        other => panic!("{other:?}"),
+    };
+    let mut console = relay.console().await;
+    assert!(console.speaks_paths());
+    console.join(&slot).await.unwrap();
+    assert!(matches!(next(&mut recv).await, RelayMsg::Paired { .. }));
+    // Nothing else comes to the version-1 agent (a PathInfo would be next).
+    let more = tokio::time::timeout(Duration::from_millis(500), next(&mut recv)).await;
+    assert!(more.is_err(), "{more:?}");
+    let info = tokio::time::timeout(
+        Duration::from_secs(2),
+        console.path_info().wait_for(|i| i.is_some()),
+    )
+    .await
+    .unwrap()
+    .map(|g| *g)
+    .unwrap();
+    let info = info.unwrap();
+    assert!(info.direct_allowed);
+    assert!(info.observed.is_some_and(|o| o.ip().is_loopback()));
+}

@@ -367,7 +367,8 @@ impl Drop for RelayLink {
 }
 
 fn client_config(opts: &ConnectOptions) -> Result<quinn::ClientConfig, ClientError> {
-    let tls = opts.trust.client_config(ALPN)?;
+    let mut tls = opts.trust.client_config(ALPN)?;
+    tls.alpn_protocols = tandem_proto::ALPNS.iter().map(|a| a.to_vec()).collect();
     let quic_tls = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
         .map_err(|e| ClientError::Tls(e.to_string()))?;
     let mut cfg = quinn::ClientConfig::new(Arc::new(quic_tls));
@@ -724,6 +725,17 @@ impl RelayLink {
             port: None,
             path_info,
         })
+    }
+
+    /// Whether the relay speaks the protocol version with direct paths ([`RelayLink::path_info`]
+    /// comes, and [`ClientMsg::PathReport`] may be sent).
+    pub fn speaks_paths(&self) -> bool {
+        let proto = self
+            .conn
+            .handshake_data()
+            .and_then(|h| h.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
+            .and_then(|h| h.protocol);
+        tandem_proto::speaks_paths(proto.as_deref())
     }
 
     /// The UDP socket's direct-path port, when the link runs on a UDP socket of its own (QUIC).

@@ -243,31 +243,26 @@ impl AsyncUdpSocket for TapSocket {
         bufs: &mut [IoSliceMut<'_>],
         meta: &mut [RecvMeta],
     ) -> Poll<io::Result<usize>> {
-        loop {
-            let n = match self.udp.poll_recv(cx, bufs, meta) {
-                Poll::Ready(Ok(n)) => n,
-                other => return other,
-            };
-            let mut quic = 0;
-            for (m, b) in meta.iter_mut().zip(bufs.iter()).take(n) {
-                let data = &b[..m.len.min(b.len())];
-                if is_direct_packet(data) {
-                    // One flow's segments (GRO coalesces only same-source datagrams).
-                    let stride = m.stride.max(1);
-                    for seg in data.chunks(stride) {
+        let n = match self.udp.poll_recv(cx, bufs, meta) {
+            Poll::Ready(Ok(n)) => n,
+            other => return other,
+        };
+        for (m, b) in meta.iter_mut().zip(bufs.iter()).take(n) {
+            let data = &b[..m.len.min(b.len())];
+            if is_direct_packet(data) {
+                // One flow's segments (GRO coalesces only same-source datagrams).
+                let stride = m.stride.max(1);
+                for seg in data.chunks(stride) {
+                    if is_direct_packet(seg) {
                         self.port.0.deliver(seg, m.addr);
                     }
-                    // quinn skips an empty datagram.
-                    m.len = 0;
-                } else {
-                    quic += 1;
                 }
+                // quinn skips an empty datagram; returning (rather than reading on) keeps
+                // quinn's own limit on the work one wake-up does.
+                m.len = 0;
             }
-            if quic > 0 || n == 0 {
-                return Poll::Ready(Ok(n));
-            }
-            // Only direct-path packets: read again (a Pending registers the waker).
         }
+        Poll::Ready(Ok(n))
     }
 
     fn local_addr(&self) -> io::Result<SocketAddr> {

@@ -5,7 +5,11 @@
 //! deterministically. The I/O lives in `tandem-relay-server` and `tandem-client`.
 //!
 //! # Wire format
-//! * The QUIC connection negotiates ALPN [`ALPN`] (`tandem-relay/1`); the number is the protocol version.
+//! * The QUIC connection negotiates ALPN [`ALPN`] (`tandem-relay/2`); the number is the protocol version.
+//!   Version 2 adds [`RelayMsg::PathInfo`] and [`ClientMsg::PathReport`] (direct paths); relays and
+//!   clients offer both [`ALPNS`], and neither sends a version-2 message on a link that negotiated
+//!   [`ALPN_V1`] (so an agent download from before direct paths keeps working with a newer relay,
+//!   and the other way round).
 //!   A peer speaking another version fails the TLS handshake instead of misreading messages.
 //! * The client opens exactly one bidirectional stream, the *control stream*. Each message on it is a
 //!   frame: a 4-byte big-endian length followed by that many bytes of [postcard]-encoded message.
@@ -19,9 +23,18 @@ use serde::{Deserialize, Serialize};
 use std::fmt;
 
 /// ALPN protocol name of the outer relay link; the trailing number is the protocol version.
-pub const ALPN: &[u8] = b"tandem-relay/1";
+pub const ALPN: &[u8] = b"tandem-relay/2";
+/// The version before direct paths.
+pub const ALPN_V1: &[u8] = b"tandem-relay/1";
+/// What relays and clients offer, newest first.
+pub const ALPNS: [&[u8]; 2] = [ALPN, ALPN_V1];
 /// Version of the control protocol (also carried in [`ALPN`]).
-pub const PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
+
+/// Whether a link that negotiated `alpn` speaks version 2 (direct-path messages).
+pub fn speaks_paths(alpn: Option<&[u8]>) -> bool {
+    alpn == Some(ALPN)
+}
 /// Largest control frame body either side accepts.
 pub const MAX_CONTROL_FRAME: usize = 16 * 1024;
 /// Largest payload frame body on the payload stream.

@@ -136,13 +136,27 @@ struct SessionBytes {
     direct: Mutex<DirectReports>,
 }
 
-/// The two sides' reports of their direct paths in one session.
-#[derive(Default)]
+/// Most bytes per second a side's direct-path report may add (10 Gbit/s).
+const DIRECT_BYTES_PER_SECOND: u64 = 1_250_000_000;
+
+/// The two sides' reports of their direct paths in one session (their word only).
 struct DirectReports {
+    started: Instant,
     went_direct: bool,
     /// Bytes sent on direct paths, per side (agent, console), as last reported.
     agent_bytes: u64,
     console_bytes: u64,
+}
+
+impl Default for DirectReports {
+    fn default() -> Self {
+        DirectReports {
+            started: Instant::now(),
+            went_direct: false,
+            agent_bytes: 0,
+            console_bytes: 0,
+        }
+    }
 }
 
 struct SessionIo {
@@ -404,7 +418,8 @@ pub async fn start(
             "closed audit rows left open by a relay that stopped without draining"
         );
     }
-    let tls = tandem_certs::server_config(identity, ALPN)?;
+    let mut tls = tandem_certs::server_config(identity, ALPN)?;
+    tls.alpn_protocols = tandem_proto::ALPNS.iter().map(|a| a.to_vec()).collect();
     let quic_tls = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
         .map_err(|e| ServerError::Quic(e.to_string()))?;
     let mut server_cfg = quinn::ServerConfig::with_crypto(Arc::new(quic_tls));
@@ -1104,7 +1119,9 @@ async fn run_connection(
                         identified = true;
                         tracing::info!(session = r.session.id, side = ?r.side, "session resumed");
                         write_msg(&mut send, RelayMsg::Resumed).await?;
-                        write_msg(&mut send, path_info(shared, conn)).await?;
+                        if let Some(m) = path_info(shared, conn) {
+                            write_msg(&mut send, m).await?;
+                        }
                         if let Some(peer) = r.notify {
                             notify(shared, peer, RelayMsg::PeerResumed);
                         }
@@ -1763,26 +1780,42 @@ fn start_session_io(shared: &Arc<Shared>, p: &Paired) {
         organisation: s.technician.organisation.clone(),
         resume: s.agent_token,
     }));
-    let _ = agent.1.try_send(Box::new(path_info(shared, &agent.0)));
+    if let Some(m) = path_info(shared, &agent.0) {
+        let _ = agent.1.try_send(Box::new(m));
+    }
     let _ = console.1.try_send(Box::new(RelayMsg::Joined {
         slot: s.slot.clone(),
         resume: s.console_token,
     }));
-    let _ = console.1.try_send(Box::new(path_info(shared, &console.0)));
+    if let Some(m) = path_info(shared, &console.0) {
+        let _ = console.1.try_send(Box::new(m));
+    }
 }
 
 /// What a paired connection is told about its path: where the relay sees it come from (a QUIC
 /// connection only: a TCP link's address is not the one its UDP packets would come from) and
 /// whether it may go direct.
-fn path_info(shared: &Shared, conn: &Connection) -> RelayMsg {
+fn path_info(shared: &Shared, conn: &Connection) -> Option<RelayMsg> {
+    if !speaks_paths(conn) {
+        return None;
+    }
     let observed = match peer_of(shared, conn.remote_address()) {
         (a, Transport::Quic) => Some(SocketAddr::new(a.ip().to_canonical(), a.port())),
         _ => None,
     };
-    RelayMsg::PathInfo {
+    Some(RelayMsg::PathInfo {
         observed,
         direct_allowed: shared.allow_direct,
-    }
+    })
+}
+
+/// Whether a connection negotiated the protocol version with direct paths.
+fn speaks_paths(conn: &Connection) -> bool {
+    let proto = conn
+        .handshake_data()
+        .and_then(|h| h.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
+        .and_then(|h| h.protocol);
+    tandem_proto::speaks_paths(proto.as_deref())
 }
 
 /// A side's report of its direct path: counted once per session when it first goes direct, and
@@ -1801,13 +1834,22 @@ fn path_report(shared: &Shared, conn: ConnId, direct: bool, direct_bytes: u64) {
         Some(io) => io.bytes.clone(),
         None => return,
     };
+    if !shared.allow_direct {
+        // Relay only: a client that says it went direct anyway is not counted (its word only).
+        return;
+    }
     let mut d = lock(&bytes.direct);
+    // Counters only grow; a smaller number (a confused or hostile client) adds nothing, and a
+    // report adds at most what 10 Gbit/s could have carried since the session began (the counts
+    // are the clients' word: bounded, never trusted).
+    let bound =
+        DIRECT_BYTES_PER_SECOND.saturating_mul(d.started.elapsed().as_secs().saturating_add(1));
+    let direct_bytes = direct_bytes.min(bound);
     let last = if agent {
         &mut d.agent_bytes
     } else {
         &mut d.console_bytes
     };
-    // Counters only grow; a smaller number (a confused or hostile client) adds nothing.
     let added = direct_bytes.saturating_sub(*last);
     *last = (*last).max(direct_bytes);
     shared.metrics.direct_bytes.inc_by(added);

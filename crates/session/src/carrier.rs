@@ -297,7 +297,8 @@ impl Carrier {
         self.deliver(p);
     }
 
-    /// Sends on the direct path if there is one; false if the packet must go through the relay.
+    /// Sends on the direct path if there is one (true: sent, or lost there); false if the packet
+    /// must go through the relay (no direct path, or too large for it).
     fn send_direct(&self, pkt: &[u8]) -> bool {
         let Some((port, to)) = lock(&self.direct).clone() else {
             return false;
@@ -316,9 +317,10 @@ impl Carrier {
                     .fetch_add(b.len() as u64, Ordering::Relaxed);
                 true
             }
-            // Unreachable network, too large for the path: this one goes through the relay (the
-            // prober notices a dead path by itself).
-            Err(_) => false,
+            // Unreachable network, refused by a firewall: lost, as on any dead path (the prober
+            // notices and goes back to the relay). Not retried through the relay: its buffer may
+            // be full, and a WouldBlock here while the poller says "writable" would spin.
+            Err(_) => true,
         }
     }
 

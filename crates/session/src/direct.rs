@@ -45,7 +45,15 @@ pub const PONG: u8 = 0x02;
 /// An inner QUIC packet on the direct path.
 pub const DATA: u8 = 0x03;
 const MAC_LEN: usize = 16;
-const PROBE_LEN: usize = 2 + 8 + MAC_LEN;
+/// kind, role, sequence number, transaction id, MAC.
+const PROBE_LEN: usize = 2 + 8 + 8 + MAC_LEN;
+/// Probes a side sends per second at most, all candidates together (and a burst of this many).
+pub const PROBES_PER_SECOND: f64 = 50.0;
+const PROBE_BURST: f64 = 20.0;
+/// Addresses learnt from the peer's probes (not among its candidates) per round at most.
+const PEER_REFLEXIVE_PER_ROUND: u8 = 2;
+/// Sequence numbers of the peer's probes remembered below the highest (replay window).
+const REPLAY_WINDOW: u64 = 64;
 
 /// Time between probes to each candidate while punching.
 pub const PUNCH_INTERVAL: Duration = Duration::from_millis(100);
@@ -140,18 +148,19 @@ impl ProbeKey {
         out
     }
 
-    fn probe(&self, kind: u8, role: u8, txid: u64) -> Vec<u8> {
+    fn probe(&self, kind: u8, role: u8, seq: u64, txid: u64) -> Vec<u8> {
         let mut p = Vec::with_capacity(PROBE_LEN);
         p.push(kind);
         p.push(role);
+        p.extend_from_slice(&seq.to_be_bytes());
         p.extend_from_slice(&txid.to_be_bytes());
         let mac = self.mac(&p);
         p.extend_from_slice(&mac);
         p
     }
 
-    /// The probe's (kind, role, txid) if its MAC is right.
-    fn open(&self, p: &[u8]) -> Option<(u8, u8, u64)> {
+    /// The probe's (kind, role, sequence number, txid) if its MAC is right.
+    fn open(&self, p: &[u8]) -> Option<(u8, u8, u64, u64)> {
         if p.len() != PROBE_LEN {
             return None;
         }
@@ -165,8 +174,9 @@ impl ProbeKey {
         if diff != 0 {
             return None;
         }
-        let txid = u64::from_be_bytes(body[2..10].try_into().ok()?);
-        Some((body[0], body[1], txid))
+        let seq = u64::from_be_bytes(body[2..10].try_into().ok()?);
+        let txid = u64::from_be_bytes(body[10..18].try_into().ok()?);
+        Some((body[0], body[1], seq, txid))
     }
 }
 
@@ -206,10 +216,21 @@ pub struct ProberStats {
 pub struct Prober {
     key: ProbeKey,
     role: u8,
-    salt: u64,
-    counter: u64,
+    /// Unguessable transaction ids (a secure random source; a counter in tests).
+    rng: Box<dyn FnMut() -> u64 + Send>,
+    /// This side's probe sequence number (in every probe it sends, under the MAC).
+    seq: u64,
     remotes: Vec<Remote>,
     pending: VecDeque<(u64, SocketAddr, Instant)>,
+    /// The peer's highest probe sequence number, and which of the [`REPLAY_WINDOW`] below it
+    /// were seen: a probe replayed (by someone who saw it, from a forged source) is dropped.
+    peer_seq: Option<u64>,
+    peer_window: u64,
+    /// Probe budget ([`PROBES_PER_SECOND`]) and when it was last refilled.
+    tokens: f64,
+    refilled: Option<Instant>,
+    /// Peer-reflexive candidates added in this round.
+    learnt_this_round: u8,
     active: Option<SocketAddr>,
     /// The current round of punching ends then.
     punch_until: Option<Instant>,
@@ -222,15 +243,21 @@ pub struct Prober {
 
 impl Prober {
     /// `role`: 0 for the agent, 1 for the console (a side answers only the other's probes);
-    /// `salt`: random, so that transaction ids are unguessable.
-    pub fn new(key: ProbeKey, role: u8, salt: u64) -> Prober {
+    /// `rng`: transaction ids, which must be unguessable (the peer knows the key, so only they
+    /// keep it from forging answers from addresses it does not hold).
+    pub fn new(key: ProbeKey, role: u8, rng: Box<dyn FnMut() -> u64 + Send>) -> Prober {
         Prober {
             key,
             role,
-            salt,
-            counter: 0,
+            rng,
+            seq: 0,
             remotes: Vec::new(),
             pending: VecDeque::new(),
+            peer_seq: None,
+            peer_window: 0,
+            tokens: PROBE_BURST,
+            refilled: None,
+            learnt_this_round: 0,
             active: None,
             punch_until: None,
             round_began: None,
@@ -255,7 +282,9 @@ impl Prober {
     }
 
     fn add(&mut self, addr: SocketAddr, kind: CandidateKind, now: Instant) -> bool {
-        if addr.port() == 0 || addr.ip().is_unspecified() || addr.ip().is_multicast() {
+        // Only what a peer can be reached at: no loopback, link-local, broadcast or well-known
+        // ports (a peer must not make this side probe the services around it).
+        if !probeable(addr) {
             return false;
         }
         if let Some(r) = self.remotes.iter_mut().find(|r| r.addr == addr) {
@@ -284,6 +313,7 @@ impl Prober {
         }
         self.punch_until = Some(now + PUNCH_FOR);
         self.round_began = Some(now);
+        self.learnt_this_round = 0;
         for r in &mut self.remotes {
             r.next_ping = now;
         }
@@ -311,10 +341,38 @@ impl Prober {
         self.remotes.iter().find(|r| r.addr == a)?.rtt
     }
 
-    fn txid(&mut self) -> u64 {
-        self.counter += 1;
-        // Unique per probe, unguessable without the salt.
-        self.counter.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ self.salt
+    fn next_seq(&mut self) -> u64 {
+        self.seq += 1;
+        self.seq
+    }
+
+    /// Whether the peer's probe sequence number is new (and remembers it).
+    fn fresh(&mut self, seq: u64) -> bool {
+        match self.peer_seq {
+            None => {
+                self.peer_seq = Some(seq);
+                self.peer_window = 1;
+                true
+            }
+            Some(max) if seq > max => {
+                let shift = seq - max;
+                self.peer_window = if shift >= REPLAY_WINDOW {
+                    1
+                } else {
+                    (self.peer_window << shift) | 1
+                };
+                self.peer_seq = Some(seq);
+                true
+            }
+            Some(max) => {
+                let back = max - seq;
+                if back >= REPLAY_WINDOW || self.peer_window & (1 << back) != 0 {
+                    return false;
+                }
+                self.peer_window |= 1 << back;
+                true
+            }
+        }
     }
 
     /// Probes due now, and the path given up if it stopped answering.
@@ -337,6 +395,14 @@ impl Prober {
         }
         if self.punch_until.is_some_and(|t| now >= t) {
             self.punch_until = None;
+            // Addresses learnt from probes that never answered ours are forgotten (so a forged
+            // one costs at most one round of probes).
+            let active = self.active;
+            self.remotes.retain(|r| {
+                r.kind != CandidateKind::PeerReflexive
+                    || r.last_pong.is_some()
+                    || Some(r.addr) == active
+            });
         }
         if self.active.is_none()
             && self.punch_until.is_none()
@@ -361,8 +427,20 @@ impl Prober {
                 due.push((i, interval));
             }
         }
+        // The budget: refilled with time, spent per probe.
+        let last = self.refilled.replace(now).unwrap_or(now);
+        self.tokens = (self.tokens
+            + now.saturating_duration_since(last).as_secs_f64() * PROBES_PER_SECOND)
+            .min(PROBE_BURST);
         for (i, interval) in due {
-            let txid = self.txid();
+            if self.tokens < 1.0 {
+                // Over budget: this candidate waits its turn.
+                self.remotes[i].next_ping = now + Duration::from_secs_f64(1.0 / PROBES_PER_SECOND);
+                continue;
+            }
+            self.tokens -= 1.0;
+            let txid = (self.rng)();
+            let seq = self.next_seq();
             let addr = self.remotes[i].addr;
             self.remotes[i].next_ping = now + interval;
             if self.pending.len() >= MAX_PENDING {
@@ -370,7 +448,7 @@ impl Prober {
             }
             self.pending.push_back((txid, addr, now));
             self.stats.pings_sent += 1;
-            out.push((addr, self.key.probe(PING, self.role, txid)));
+            out.push((addr, self.key.probe(PING, self.role, seq, txid)));
         }
         out
     }
@@ -421,7 +499,7 @@ impl Prober {
                 }
             }
             Some(&PING) | Some(&PONG) => {
-                let Some((kind, role, txid)) = self.key.open(&p) else {
+                let Some((kind, role, seq, txid)) = self.key.open(&p) else {
                     self.stats.bad_packets += 1;
                     return Handled::Nothing;
                 };
@@ -430,17 +508,31 @@ impl Prober {
                     self.stats.bad_packets += 1;
                     return Handled::Nothing;
                 }
+                if !self.fresh(seq) {
+                    // Replayed (or older than the window).
+                    self.stats.bad_packets += 1;
+                    return Handled::Nothing;
+                }
                 if kind == PING {
-                    if self.add(from, CandidateKind::PeerReflexive, now) && self.active.is_none() {
-                        // A new way in: probe it at once.
+                    let known = self.remotes.iter().any(|r| r.addr == from);
+                    // A new way in (the peer's NAT gave its probes another port): probe it, a
+                    // few per round, and only while not direct.
+                    if !known
+                        && self.active.is_none()
+                        && self.learnt_this_round < PEER_REFLEXIVE_PER_ROUND
+                        && self.add(from, CandidateKind::PeerReflexive, now)
+                    {
+                        self.learnt_this_round += 1;
                         if self.punch_until.is_none() {
                             self.start_round(now);
+                            self.learnt_this_round = 1;
                         }
                     }
                     if let Some(r) = self.remotes.iter_mut().find(|r| r.addr == from) {
                         r.heard = Some(now);
                     }
-                    Handled::Reply(from, self.key.probe(PONG, self.role, txid))
+                    let seq = self.next_seq();
+                    Handled::Reply(from, self.key.probe(PONG, self.role, seq, txid))
                 } else {
                     self.on_pong(from, txid, now);
                     Handled::Nothing
@@ -495,18 +587,18 @@ impl Prober {
     }
 }
 
-/// What the driver is told while it runs.
-pub(crate) enum DirectCmd {
-    /// The peer's candidates ([`crate::ControlMsg::PathCandidates`]).
-    Peer {
-        candidates: Vec<(SocketAddr, CandidateKind)>,
-        relay_only: bool,
-    },
-    /// This side's relay link was replaced (resumed): its socket and the relay's view changed.
-    Relink {
-        port: Option<DirectPort>,
-        info: watch::Receiver<Option<PathInfo>>,
-    },
+/// The peer's candidates ([`crate::ControlMsg::PathCandidates`]), as the control reader hands
+/// them to the driver.
+pub(crate) struct PeerCandidates {
+    pub candidates: Vec<(SocketAddr, CandidateKind)>,
+    pub relay_only: bool,
+}
+
+/// This side's relay link was replaced (resumed): its socket and the relay's view changed.
+pub(crate) struct Relink {
+    pub port: Option<DirectPort>,
+    pub info: watch::Receiver<Option<PathInfo>>,
+    pub speaks_paths: bool,
 }
 
 /// What the driver needs of its session.
@@ -520,25 +612,40 @@ pub(crate) struct DirectCtx {
     /// The peer speaks [`crate::session::CAP_DIRECT`].
     pub peer_capable: bool,
     pub ctl_send: Arc<tokio::sync::Mutex<quinn::SendStream>>,
+    /// Agent: set once the user answered (allowed); nothing about the path is offered or probed
+    /// before (the technician learns no address of the user's before consent).
+    pub consented: Option<Arc<std::sync::atomic::AtomicBool>>,
 }
 
-/// How long the driver waits for the relay's [`PathInfo`] before deciding without it (a relay
-/// older than direct paths never sends one).
+/// How long the driver waits for the relay's [`PathInfo`] before giving up on direct paths (a
+/// relay that speaks direct paths sends it right after pairing).
 const PATH_INFO_WAIT: Duration = Duration::from_secs(3);
+/// The peer's candidates are taken at most this often (each set starts a round of probes).
+const CANDIDATES_EVERY: Duration = Duration::from_secs(2);
 
+/// Whether direct paths are allowed, and the relay's view of this side's address. A relay that
+/// does not speak direct paths (an older one) says nothing: this side's policy decides. One that
+/// does but whose word does not come in time: not allowed (its operator may have said "relay
+/// only").
 async fn decide(
-    ctx: &DirectCtx,
+    allowed_here: bool,
+    speaks_paths: bool,
     info: &mut watch::Receiver<Option<PathInfo>>,
 ) -> (bool, Option<SocketAddr>) {
+    if !allowed_here {
+        return (false, None);
+    }
+    if !speaks_paths {
+        return (true, None);
+    }
     let got = tokio::time::timeout(PATH_INFO_WAIT, info.wait_for(|i| i.is_some()))
         .await
         .ok()
         .and_then(|r| r.ok().and_then(|g| *g));
-    let relay_allows = got.is_none_or(|i| i.direct_allowed);
-    (
-        ctx.allowed_here && relay_allows,
-        got.and_then(|i| i.observed),
-    )
+    match got {
+        Some(i) => (i.direct_allowed, i.observed),
+        None => (false, None),
+    }
 }
 
 /// A port for the direct path: the relay link's own socket when it has one nobody else uses, a
@@ -568,54 +675,83 @@ fn port_for(link_port: Option<DirectPort>, v6: bool) -> Option<(DirectPort, Dire
 
 type DirectRx = mpsc::Receiver<tandem_client::tandem_net::direct::DirectPacket>;
 
-async fn offer(ctx: &DirectCtx, candidates: Vec<(SocketAddr, CandidateKind)>, relay_only: bool) {
+/// Sends this side's candidates to the peer, in the background (the control stream may be busy;
+/// the driver goes on probing meanwhile).
+fn offer(ctx: &DirectCtx, candidates: Vec<(SocketAddr, CandidateKind)>, relay_only: bool) {
     let msg = crate::ControlMsg::PathCandidates {
         candidates,
         relay_only,
     };
-    let mut s = ctx.ctl_send.lock().await;
-    let _ = crate::session::write_frame(&mut s, &msg).await;
+    let ctl = ctx.ctl_send.clone();
+    tokio::spawn(async move {
+        let mut s = ctl.lock().await;
+        let _ = crate::session::write_frame(&mut s, &msg).await;
+    });
+}
+
+/// The relay's view of this side's address applies to the relay link's own socket only (a fresh
+/// socket has another NAT mapping).
+fn observed_for(port: &DirectPort, o: Option<SocketAddr>) -> Option<SocketAddr> {
+    if port.is_shared() { o } else { None }
+}
+
+/// Unguessable transaction ids.
+fn secure_ids() -> Box<dyn FnMut() -> u64 + Send> {
+    let rng = ring::rand::SystemRandom::new();
+    let mut fallback = Instant::now();
+    Box::new(move || {
+        let mut b = [0u8; 8];
+        match ring::rand::SecureRandom::fill(&rng, &mut b) {
+            Ok(()) => u64::from_be_bytes(b),
+            // The system's random source failing is not expected; a probe with a weak id only
+            // risks a forged answer, never the session's secrecy.
+            Err(_) => {
+                fallback += Duration::from_nanos(1);
+                fallback.elapsed().as_nanos() as u64
+            }
+        }
+    })
 }
 
 /// Drives the direct path of one session side until the session ends (the task is aborted).
 pub(crate) async fn run(
     ctx: DirectCtx,
-    mut cmds: mpsc::Receiver<DirectCmd>,
-    link_port: Option<DirectPort>,
-    mut info: watch::Receiver<Option<PathInfo>>,
+    mut peer_rx: mpsc::Receiver<PeerCandidates>,
+    mut relink_rx: mpsc::Receiver<Relink>,
+    first: Relink,
     relay_v6: bool,
 ) {
     if !ctx.peer_capable {
         return;
     }
-    let (allowed, observed) = decide(&ctx, &mut info).await;
+    if let Some(c) = &ctx.consented {
+        while !c.load(std::sync::atomic::Ordering::SeqCst) {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    let Relink {
+        port: link_port,
+        mut info,
+        speaks_paths,
+    } = first;
+    let (allowed, observed) = decide(ctx.allowed_here, speaks_paths, &mut info).await;
     if !allowed {
         tracing::info!("direct paths are off (relay only); every packet goes through the relay");
-        offer(&ctx, Vec::new(), true).await;
+        offer(&ctx, Vec::new(), true);
         return;
     }
     let Some((mut port, mut rx)) = port_for(link_port, relay_v6) else {
-        offer(&ctx, Vec::new(), true).await;
+        offer(&ctx, Vec::new(), true);
         return;
-    };
-    let observed_here = |port: &DirectPort, o: Option<SocketAddr>| {
-        // The relay saw the link's socket; a fresh socket has another mapping.
-        if port.is_shared() { o } else { None }
     };
     offer(
         &ctx,
-        gather(port.local_addr(), observed_here(&port, observed)),
+        gather(port.local_addr(), observed_for(&port, observed)),
         false,
-    )
-    .await;
-    let mut salt = [0u8; 8];
-    let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut salt);
-    let mut prober = Prober::new(
-        ProbeKey::derive(&ctx.session_key),
-        ctx.role,
-        u64::from_be_bytes(salt),
     );
+    let mut prober = Prober::new(ProbeKey::derive(&ctx.session_key), ctx.role, secure_ids());
     let mut peer: Vec<(SocketAddr, CandidateKind)> = Vec::new();
+    let mut peer_taken: Option<Instant> = None;
     let mut shown: Option<SocketAddr> = None;
     loop {
         let wake = prober
@@ -633,23 +769,32 @@ pub(crate) async fn run(
                     Handled::Nothing => {}
                 }
             }
-            c = cmds.recv() => match c {
-                None => return,
-                Some(DirectCmd::Peer { candidates, relay_only }) => {
-                    peer = if relay_only { Vec::new() } else { candidates };
-                    prober.set_candidates(&peer, Instant::now());
+            c = peer_rx.recv() => {
+                let Some(PeerCandidates { candidates, relay_only }) = c else { return };
+                // A peer sending candidates over and over would make this side probe over and
+                // over: one set per CANDIDATES_EVERY.
+                if peer_taken.is_some_and(|t| t.elapsed() < CANDIDATES_EVERY) {
+                    continue;
                 }
-                Some(DirectCmd::Relink { port: new_port, mut info }) => {
-                    let (_, observed) = decide(&ctx, &mut info).await;
-                    if let Some((p, r)) = port_for(new_port, relay_v6) {
-                        port = p;
-                        rx = r;
-                    }
-                    offer(&ctx, gather(port.local_addr(), observed_here(&port, observed)), false)
-                        .await;
-                    prober.set_candidates(&peer, Instant::now());
+                peer_taken = Some(Instant::now());
+                peer = if relay_only { Vec::new() } else { candidates };
+                prober.set_candidates(&peer, Instant::now());
+            }
+            l = relink_rx.recv() => {
+                let Some(Relink { port: new_port, mut info, speaks_paths }) = l else { return };
+                let (allowed, observed) = decide(ctx.allowed_here, speaks_paths, &mut info).await;
+                if !allowed {
+                    ctx.carrier.set_direct(None, PathKind::Relay);
+                    offer(&ctx, Vec::new(), true);
+                    return;
                 }
-            },
+                if let Some((p, r)) = port_for(new_port, relay_v6) {
+                    port = p;
+                    rx = r;
+                }
+                offer(&ctx, gather(port.local_addr(), observed_for(&port, observed)), false);
+                prober.set_candidates(&peer, Instant::now());
+            }
             _ = tokio::time::sleep_until(wake) => {
                 for (to, p) in prober.poll(Instant::now()) {
                     let _ = port.send_to(to, &p);
@@ -667,6 +812,17 @@ pub(crate) async fn run(
 
 fn canonical(a: SocketAddr) -> SocketAddr {
     SocketAddr::new(a.ip().to_canonical(), a.port())
+}
+
+/// Whether a peer's candidate may be probed: an address a peer can be reached at, on a port that
+/// is not a well-known service's.
+fn probeable(a: SocketAddr) -> bool {
+    let ip = a.ip().to_canonical();
+    let broadcast_or_this = match ip {
+        IpAddr::V4(v4) => v4.is_broadcast() || v4.octets()[0] == 0,
+        IpAddr::V6(_) => false,
+    };
+    a.port() >= 1024 && offerable(ip) && !ip.is_multicast() && !broadcast_or_this
 }
 
 /// Whether an interface address is worth offering: not loopback, link-local or unspecified.
@@ -708,11 +864,20 @@ pub fn gather(local: SocketAddr, observed: Option<SocketAddr>) -> Vec<(SocketAdd
 mod tests {
     use super::*;
 
+    /// Distinct ids for tests (not secret).
+    fn ids(seed: u64) -> Box<dyn FnMut() -> u64 + Send> {
+        let mut n = seed << 32;
+        Box::new(move || {
+            n += 1;
+            n
+        })
+    }
+
     fn pair() -> (Prober, Prober) {
         let k = [7u8; 32];
         (
-            Prober::new(ProbeKey::derive(&k), 0, 11),
-            Prober::new(ProbeKey::derive(&k), 1, 22),
+            Prober::new(ProbeKey::derive(&k), 0, ids(11)),
+            Prober::new(ProbeKey::derive(&k), 1, ids(22)),
         )
     }
 
@@ -787,7 +952,7 @@ mod tests {
     #[test]
     fn a_stranger_cannot_make_a_path() {
         let (mut agent, _) = pair();
-        let mut stranger = Prober::new(ProbeKey::derive(&[8u8; 32]), 1, 5);
+        let mut stranger = Prober::new(ProbeKey::derive(&[8u8; 32]), 1, ids(5));
         let t0 = Instant::now();
         agent.set_candidates(&[(b(), CandidateKind::Reflexive)], t0);
         stranger.set_candidates(&[(a(), CandidateKind::Reflexive)], t0);
@@ -822,6 +987,46 @@ mod tests {
             let junk = vec![PING; n];
             assert_eq!(agent.handle(b(), Bytes::from(junk), t0), Handled::Nothing);
         }
+    }
+
+    #[test]
+    fn a_replayed_probe_is_not_answered_and_a_forged_address_is_forgotten() {
+        let (mut agent, mut console) = pair();
+        let t0 = Instant::now();
+        agent.set_candidates(&[(b(), CandidateKind::Reflexive)], t0);
+        let pings = console.poll(t0);
+        assert!(pings.is_empty(), "the console has no candidates");
+        console.set_candidates(&[(a(), CandidateKind::Reflexive)], t0);
+        let pings = console.poll(t0);
+        assert_eq!(deliver(&mut agent, b(), pings.clone(), t0).len(), 1);
+        // The same probe again, from a victim's address: no answer, no probes to the victim.
+        let victim: SocketAddr = "192.0.2.200:53".parse().unwrap();
+        assert!(deliver(&mut agent, victim, pings, t0).is_empty());
+        let out = agent.poll(t0 + Duration::from_millis(1));
+        assert!(out.iter().all(|(to, _)| *to != victim), "{out:?}");
+        // A fresh probe from a new address (the peer's other mapping) is a candidate for one
+        // round; never answering, it is forgotten when the round ends.
+        let pings = console.poll(t0 + PUNCH_INTERVAL);
+        let other: SocketAddr = "203.0.113.2:7777".parse().unwrap();
+        assert_eq!(deliver(&mut agent, other, pings, t0).len(), 1);
+        let mut now = t0;
+        let mut to_other = 0;
+        while now < t0 + PUNCH_FOR + Duration::from_secs(2) {
+            to_other += agent
+                .poll(now)
+                .iter()
+                .filter(|(to, _)| *to == other)
+                .count();
+            now += Duration::from_millis(10);
+        }
+        assert!(to_other > 0 && to_other <= 51, "{to_other}");
+        let later: usize = (0..200)
+            .map(|i| {
+                let t = t0 + RETRY_EVERY + Duration::from_millis(10 * i);
+                agent.poll(t).iter().filter(|(to, _)| *to == other).count()
+            })
+            .sum();
+        assert_eq!(later, 0, "forgotten after its round");
     }
 
     #[test]
@@ -913,6 +1118,47 @@ mod tests {
         assert!(sent >= per_round && sent <= per_round + 1, "{sent}");
         assert_eq!(agent.next_wake(), Some(t0 + RETRY_EVERY));
         assert!(!agent.poll(t0 + RETRY_EVERY).is_empty());
+    }
+
+    #[test]
+    fn probes_keep_to_their_budget_and_spare_local_services() {
+        let (mut agent, _) = pair();
+        let t0 = Instant::now();
+        let mut cands: Vec<_> = (0..16)
+            .map(|i| {
+                (
+                    SocketAddr::new("198.51.100.7".parse().unwrap(), 40000 + i),
+                    CandidateKind::Host,
+                )
+            })
+            .collect();
+        // What a hostile peer might name: loopback, link-local, broadcast, a well-known port.
+        for bad in [
+            "127.0.0.1:5000",
+            "169.254.1.1:5000",
+            "255.255.255.255:5000",
+            "0.1.2.3:5000",
+            "192.168.1.1:80",
+            "[::1]:5000",
+            "[fe80::1]:5000",
+        ] {
+            cands.insert(0, (bad.parse().unwrap(), CandidateKind::Host));
+        }
+        agent.set_candidates(&cands, t0);
+        let mut sent = Vec::new();
+        let mut now = t0;
+        while now < t0 + Duration::from_secs(2) {
+            sent.extend(agent.poll(now));
+            now += Duration::from_millis(5);
+        }
+        assert!(sent.iter().all(|(to, _)| to.port() >= 40000), "{sent:?}");
+        let limit = (2.0 * PROBES_PER_SECOND + PROBE_BURST) as usize + 1;
+        assert!(sent.len() <= limit, "{} probes in 2 s", sent.len());
+        assert!(
+            sent.len() >= limit - 10,
+            "the budget is used: {}",
+            sent.len()
+        );
     }
 
     #[test]

@@ -18,7 +18,7 @@
 //! closes the inner connection.
 
 use crate::carrier::{Carrier, CarrierStats};
-use crate::direct::{DirectCmd, PathKind};
+use crate::direct::{PathKind, PeerCandidates, Relink};
 use crate::inner::close;
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use quinn::{Connection, RecvStream, SendStream, VarInt};
@@ -506,6 +506,8 @@ pub(crate) type LinkTransport = Arc<std::sync::Mutex<TransportCell>>;
 struct InputGate {
     open: AtomicBool,
     dropped: AtomicU64,
+    /// Set with `open`, for the direct path's driver (which waits for it).
+    consented: Arc<AtomicBool>,
 }
 
 impl InputGate {
@@ -563,11 +565,17 @@ impl Session {
     pub(crate) fn start(p: Parts) -> Session {
         let mut tasks = Vec::new();
         let (ctl_tx, ctl_rx) = mpsc::channel(64);
-        let (direct_tx, direct_rx) = mpsc::channel(4);
-        tasks.push(
-            tokio::spawn(control_reader(p.ctl_recv, ctl_tx, direct_tx.clone())).abort_handle(),
-        );
+        let (peer_tx, peer_rx) = mpsc::channel(1);
+        let (relink_tx, relink_rx) = mpsc::channel(4);
+        tasks.push(tokio::spawn(control_reader(p.ctl_recv, ctl_tx, peer_tx)).abort_handle());
+        // Control messages (consent, end, stats, cursor) go before any video: video streams take
+        // priorities up to the frame number, so on a slow path control would otherwise wait
+        // behind seconds of frames.
+        let _ = p.ctl_send.set_priority(i32::MAX);
         let ctl_send = Arc::new(Mutex::new(p.ctl_send));
+        // Input is accepted only once the user answered the consent prompt (the agent's
+        // `send_control(Consent)` opens it); what arrives before is dropped, never queued.
+        let input_open = Arc::new(InputGate::default());
         let direct = crate::direct::DirectCtx {
             carrier: p.carrier.clone(),
             role: match p.role {
@@ -578,22 +586,24 @@ impl Session {
             allowed_here: p.link.opts.direct,
             peer_capable: p.peer.capabilities.iter().any(|c| c == CAP_DIRECT),
             ctl_send: ctl_send.clone(),
+            consented: (p.role == Role::Agent).then(|| input_open.consented.clone()),
         };
         tasks.push(
             tokio::spawn(crate::direct::run(
                 direct,
-                direct_rx,
-                p.link.link.direct_port(),
-                p.link.link.path_info(),
+                peer_rx,
+                relink_rx,
+                Relink {
+                    port: p.link.link.direct_port(),
+                    info: p.link.link.path_info(),
+                    speaks_paths: p.link.link.speaks_paths(),
+                },
                 p.link.link.remote().is_ipv6(),
             ))
             .abort_handle(),
         );
         let (video_tx, video_rx) = mpsc::channel(VIDEO_QUEUE);
         let (input_tx, input_rx) = mpsc::channel(1024);
-        // Input is accepted only once the user answered the consent prompt (the agent's
-        // `send_control(Consent)` opens it); what arrives before is dropped, never queued.
-        let input_open = Arc::new(InputGate::default());
         let video_held = Arc::new(AtomicUsize::new(0));
         // Each side accepts only the channels the other side may send: video to the console,
         // input to the agent.
@@ -640,19 +650,13 @@ impl Session {
                 p.conn.clone(),
                 Tell {
                     events: events_tx,
-                    direct: direct_tx,
+                    relink: relink_tx,
                 },
                 end_rx,
                 end_info.clone(),
             ))
             .abort_handle(),
         );
-        // Control messages (consent, end, stats, cursor) go before any video: video streams take
-        // priorities up to the frame number, so on a slow path control would otherwise wait
-        // behind seconds of frames.
-        if let Ok(s) = ctl_send.try_lock() {
-            let _ = s.set_priority(i32::MAX);
-        }
         Session {
             role: p.role,
             conn: p.conn,
@@ -724,6 +728,7 @@ impl Session {
             && *decision != Consent::Deny
         {
             self.input_open.open.store(true, Ordering::SeqCst);
+            self.input_open.consented.store(true, Ordering::SeqCst);
         }
         Ok(())
     }
@@ -940,7 +945,7 @@ impl Session {
 async fn control_reader(
     mut recv: RecvStream,
     tx: mpsc::Sender<Result<ControlMsg, SessionError>>,
-    direct: mpsc::Sender<DirectCmd>,
+    direct: mpsc::Sender<PeerCandidates>,
 ) {
     loop {
         let m = read_frame::<ControlMsg>(&mut recv).await;
@@ -950,7 +955,9 @@ async fn control_reader(
             relay_only,
         }) = m
         {
-            let _ = direct.try_send(DirectCmd::Peer {
+            // A full queue: the driver has a set it has not taken yet; this one waits for the
+            // peer's next (the driver takes one set per few seconds anyway).
+            let _ = direct.try_send(PeerCandidates {
                 candidates,
                 relay_only,
             });
@@ -1408,7 +1415,7 @@ impl InputSender {
 /// Whom the supervisor tells about the relay link: the session's user, and the direct path.
 struct Tell {
     events: mpsc::Sender<SessionEvent>,
-    direct: mpsc::Sender<DirectCmd>,
+    relink: mpsc::Sender<Relink>,
 }
 
 /// Keeps the relay link of a session: reports and survives link loss, and ends the session on both
@@ -1422,18 +1429,18 @@ async fn supervise(
     mut end_rx: mpsc::Receiver<EndReason>,
     end_info: EndInfo,
 ) {
-    let Tell { events, direct } = tell;
+    let Tell { events, relink } = tell;
     let mut path = carrier.path();
-    let mut reported = (false, 0u64);
+    let mut reported = Reported::default();
     let mut report_tick = tokio::time::interval(PATH_REPORT_EVERY);
     report_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             _ = path.changed() => {
-                report_path(&mut ctx.link, &carrier, &mut reported).await;
+                report_path(&mut ctx.link, &carrier, &mut reported, false).await;
             }
             _ = report_tick.tick() => {
-                report_path(&mut ctx.link, &carrier, &mut reported).await;
+                report_path(&mut ctx.link, &carrier, &mut reported, false).await;
             }
             m = ctx.link.recv() => match m {
                 Ok(RelayMsg::SessionEnded { reason }) => {
@@ -1461,12 +1468,13 @@ async fn supervise(
                     match reconnect(&ctx, &inner).await {
                         Ok(link) => {
                             carrier.attach(link.connection().clone());
-                            let _ = direct.try_send(DirectCmd::Relink {
+                            let _ = relink.try_send(Relink {
                                 port: link.direct_port(),
                                 info: link.path_info(),
+                                speaks_paths: link.speaks_paths(),
                             });
                             // Report again on the new link.
-                            reported = (false, 0);
+                            reported = Reported::default();
                             *transport.lock().unwrap_or_else(|e| e.into_inner()) = link.transport_cell();
                             ctx.link = link;
                             tracing::info!("relay link resumed");
@@ -1484,7 +1492,7 @@ async fn supervise(
             },
             r = end_rx.recv() => {
                 let reason = r.unwrap_or(EndReason::Other("session dropped".into()));
-                report_path(&mut ctx.link, &carrier, &mut reported).await;
+                report_path(&mut ctx.link, &carrier, &mut reported, true).await;
                 let _ = ctx.link.end(reason.clone()).await;
                 inner.close(VarInt::from_u32(close::ENDED), &close_reason(&reason));
                 ctx.link.close().await;
@@ -1494,7 +1502,7 @@ async fn supervise(
                 // The inner connection ended (the peer ended it, or it timed out): end the relay
                 // session too, so nothing stays half-open.
                 let end = end_of(&e);
-                report_path(&mut ctx.link, &carrier, &mut reported).await;
+                report_path(&mut ctx.link, &carrier, &mut reported, true).await;
                 let _ = ctx.link.end(end.reason.clone()).await;
                 ctx.link.close().await;
                 return;
@@ -1504,16 +1512,38 @@ async fn supervise(
 }
 
 /// How often a side on a direct path tells the relay how many bytes it sent there.
-const PATH_REPORT_EVERY: Duration = Duration::from_secs(10);
+const PATH_REPORT_EVERY: Duration = Duration::from_secs(5);
+/// Reports are at least this far apart (a path that flaps must not flood the relay).
+const PATH_REPORT_GAP: Duration = Duration::from_secs(1);
+
+/// What the relay was last told.
+#[derive(Default)]
+struct Reported {
+    direct: bool,
+    bytes: u64,
+    at: Option<Instant>,
+}
 
 /// Tells the relay the path and the direct bytes, when either changed since the last report.
-async fn report_path(link: &mut RelayLink, carrier: &Carrier, reported: &mut (bool, u64)) {
-    let direct = carrier.path().borrow().is_direct();
-    let bytes = carrier.stats.direct_bytes.load(Ordering::Relaxed);
-    if (direct, bytes) == *reported || (!direct && bytes == 0) {
+/// `last`: the session is ending (sent whatever the gap).
+async fn report_path(link: &mut RelayLink, carrier: &Carrier, reported: &mut Reported, last: bool) {
+    if !link.speaks_paths() {
+        // An older relay would take the message for a protocol error.
         return;
     }
-    *reported = (direct, bytes);
+    let direct = carrier.path().borrow().is_direct();
+    let bytes = carrier.stats.direct_bytes.load(Ordering::Relaxed);
+    if (direct, bytes) == (reported.direct, reported.bytes)
+        || (!direct && bytes == 0)
+        || (!last && reported.at.is_some_and(|t| t.elapsed() < PATH_REPORT_GAP))
+    {
+        return;
+    }
+    *reported = Reported {
+        direct,
+        bytes,
+        at: Some(Instant::now()),
+    };
     let _ = link
         .send(&tandem_proto::ClientMsg::PathReport {
             direct,
