@@ -166,7 +166,6 @@ pub fn start_agent(
     let mut cmd = ns.command(binary("tandem-agent"));
     clean_env(&mut cmd);
     cmd.env("TANDEM_AGENT_STATE_DIR", state)
-        .env_remove("TANDEM_PATH")
         .args(["--relay", &format!("{relay_ip}:{PORT}")])
         .args(["--relay-pin", &relay.pin])
         .args(["--display", display, "--headless", "--json"])
@@ -185,18 +184,7 @@ pub fn start_console(
     code: &str,
     extra: &[&str],
 ) -> Events {
-    let mut cmd = ns.command(binary("tandem-console"));
-    clean_env(&mut cmd);
-    cmd.env_remove("TANDEM_PATH")
-        .args(["--relay", &format!("{relay_ip}:{PORT}")])
-        .args(["--relay-pin", &relay.pin])
-        .args(["--token", &relay.token, "--code", code])
-        .args(["--headless", "--json", "--no-remember"])
-        .args(extra)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit());
-    Events::new(cmd.spawn().unwrap(), "console")
+    crate::nsprocs::start_console_in(ns, relay_ip, relay, code, extra)
 }
 
 /// Paints a ticking square on the display (a frame every 50 ms) until dropped.
@@ -258,6 +246,26 @@ pub fn path_events(ev: &[serde_json::Value]) -> Vec<(String, f64)> {
             )
         })
         .collect()
+}
+
+/// [`session`] with the two-key script, 4 s, nothing done during it: the agent in A, the console
+/// in `console` (C, or A for one LAN) with `console_extra`.
+pub async fn plain_session(
+    w: &World,
+    relay: &Relay,
+    console: (&Netns, &str),
+    console_extra: &[&str],
+) -> Outcome {
+    session(
+        relay,
+        (&w.a, RELAY_A),
+        console,
+        "wait 1500\nkey h\nkey i\nwait 1000\n",
+        4,
+        console_extra,
+        async |_| {},
+    )
+    .await
 }
 
 /// A whole session: the agent in `agent_ns` on an Xvfb screen with a ticking square, the console

@@ -147,6 +147,28 @@ pub async fn start_relay(r: &Netns, args: &[&str]) -> Relay {
 }
 
 /// Removes settings from the test runner's environment that would change how clients connect.
+/// A headless `tandem-console` in `ns` that joins `code` through the relay at `relay_ip` (JSON
+/// events on its stdout).
+pub fn start_console_in(
+    ns: &Netns,
+    relay_ip: &str,
+    relay: &Relay,
+    code: &str,
+    extra: &[&str],
+) -> Events {
+    let mut cmd = ns.command(binary("tandem-console"));
+    clean_env(&mut cmd);
+    cmd.args(["--relay", &format!("{relay_ip}:{PORT}")])
+        .args(["--relay-pin", &relay.pin])
+        .args(["--token", &relay.token, "--code", code])
+        .args(["--headless", "--json", "--no-remember"])
+        .args(extra)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit());
+    Events::new(cmd.spawn().unwrap(), "console")
+}
+
 pub fn clean_env(cmd: &mut tokio::process::Command) {
     for v in [
         "HTTPS_PROXY",
@@ -161,6 +183,7 @@ pub fn clean_env(cmd: &mut tokio::process::Command) {
         "TANDEM_TRANSPORT",
         "TANDEM_RELAY_TCP",
         "TANDEM_RELAY_WEBSOCKET",
+        "TANDEM_PATH",
         "DISPLAY",
         "WAYLAND_DISPLAY",
         "XDG_SESSION_TYPE",

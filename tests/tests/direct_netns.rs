@@ -18,7 +18,7 @@
 #![allow(clippy::unwrap_used)]
 
 use std::time::{Duration, Instant};
-use tandem_tests::nat::{Nat, RELAY_A, RELAY_C, World, session};
+use tandem_tests::nat::{Nat, RELAY_A, RELAY_C, World, plain_session, session};
 use tandem_tests::netns;
 use tandem_tests::nsprocs::{METRICS, T, start_relay};
 use tandem_tests::{metric, relay_admin};
@@ -32,22 +32,11 @@ macro_rules! skip_without_netns {
     };
 }
 
-const TYPE_TWO: &str = "wait 1500\nkey h\nkey i\nwait 1000\n";
-
 /// One pair of the matrix: a session, and whether it went direct as expected.
 async fn matrix_pair(nat_a: Nat, nat_c: Nat) {
     let w = World::new(nat_a, nat_c);
     let relay = start_relay(&w.i, &[]).await;
-    let out = session(
-        &relay,
-        (&w.a, RELAY_A),
-        (&w.c, RELAY_C),
-        TYPE_TWO,
-        4,
-        &[],
-        async |_| {},
-    )
-    .await;
+    let out = plain_session(&w, &relay, (&w.c, RELAY_C), &[]).await;
     let direct = out.went_direct();
     eprintln!(
         "MATRIX agent={} console={} -> {} (switch {} ms after the first picture)",
@@ -132,16 +121,7 @@ async fn same_lan_goes_direct_over_the_lan() {
     skip_without_netns!();
     let w = World::new(Nat::PortRestricted, Nat::PortRestricted);
     let relay = start_relay(&w.i, &[]).await;
-    let out = session(
-        &relay,
-        (&w.a, RELAY_A),
-        (&w.a, RELAY_A),
-        TYPE_TWO,
-        4,
-        &[],
-        async |_| {},
-    )
-    .await;
+    let out = plain_session(&w, &relay, (&w.a, RELAY_A), &[]).await;
     assert_eq!(
         out.went_direct().map(|d| d.0),
         Some("direct-lan"),
@@ -248,16 +228,7 @@ async fn relay_only_on_the_relay_keeps_every_byte_on_it() {
     skip_without_netns!();
     let w = World::new(Nat::FullCone, Nat::FullCone);
     let relay = start_relay(&w.i, &["--path", "relay-only"]).await;
-    let out = session(
-        &relay,
-        (&w.a, RELAY_A),
-        (&w.c, RELAY_C),
-        TYPE_TWO,
-        4,
-        &[],
-        async |_| {},
-    )
-    .await;
+    let out = plain_session(&w, &relay, (&w.c, RELAY_C), &[]).await;
     assert!(out.paths.is_empty(), "{:?}", out.paths);
     let (_, m) = w.i.http_get(METRICS, "/metrics");
     assert_eq!(metric(&m, "tandem_relay_sessions_direct_total"), 0.0);
@@ -269,16 +240,7 @@ async fn relay_only_on_one_side_keeps_every_byte_on_the_relay() {
     skip_without_netns!();
     let w = World::new(Nat::FullCone, Nat::FullCone);
     let relay = start_relay(&w.i, &[]).await;
-    let out = session(
-        &relay,
-        (&w.a, RELAY_A),
-        (&w.c, RELAY_C),
-        TYPE_TWO,
-        4,
-        &["--path", "relay-only"],
-        async |_| {},
-    )
-    .await;
+    let out = plain_session(&w, &relay, (&w.c, RELAY_C), &["--path", "relay-only"]).await;
     assert!(out.paths.is_empty(), "{:?}", out.paths);
     assert!(out.keys >= 2);
     let (_, m) = w.i.http_get(METRICS, "/metrics");
@@ -301,16 +263,7 @@ async fn udp_blocked_entirely_stays_on_the_relay_over_tcp() {
          }\n",
     );
     let relay = start_relay(&w.i, &[]).await;
-    let out = session(
-        &relay,
-        (&w.a, RELAY_A),
-        (&w.c, RELAY_C),
-        TYPE_TWO,
-        4,
-        &[],
-        async |_| {},
-    )
-    .await;
+    let out = plain_session(&w, &relay, (&w.c, RELAY_C), &[]).await;
     assert!(out.went_direct().is_none(), "{:?}", out.paths);
     assert!(out.keys >= 2);
     let stats: Vec<_> = out

@@ -22,7 +22,9 @@ use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 use tandem_tests::netns::{self, Netns};
-use tandem_tests::nsprocs::{Events, METRICS, PORT, Relay, T, clean_env, start_relay};
+use tandem_tests::nsprocs::{
+    Events, METRICS, PORT, Relay, T, clean_env, start_console_in, start_relay,
+};
 use tandem_tests::{binary, count_color, metric, relay_admin};
 /// The relay as the agent's network sees it.
 const RELAY_A: &str = "10.231.1.1";
@@ -141,17 +143,7 @@ fn start_agent(
 
 /// A headless console in C that joins `code` (JSON events on its stdout).
 fn start_console(net: &Net, relay: &Relay, code: &str, extra: &[&str]) -> Events {
-    let mut cmd = net.c.command(binary("tandem-console"));
-    clean_env(&mut cmd);
-    cmd.args(["--relay", &format!("{RELAY_C}:{PORT}")])
-        .args(["--relay-pin", &relay.pin])
-        .args(["--token", &relay.token, "--code", code])
-        .args(["--headless", "--json", "--no-remember"])
-        .args(extra)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit());
-    Events::new(cmd.spawn().unwrap(), "console")
+    start_console_in(&net.c, RELAY_C, relay, code, extra)
 }
 
 fn stats(ev: &[serde_json::Value]) -> Vec<&serde_json::Value> {
