@@ -446,6 +446,20 @@ async fn hostile_file_names_are_refused_and_nothing_is_written() {
                 "a Refuse (variant 1), not an Accept ({decision:?})"
             );
         }
+        // The host reports a refusal after writing it: wait (bounded) for the last report before
+        // ending, or the end can overtake it.
+        let reported = || {
+            events
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|e| e.starts_with("Transfer(Failed"))
+                .count()
+        };
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while reported() < names.len() + 1 && std::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         let _ = tx.send(HostCmd::End);
         within(task).await.unwrap();
         let in_dl: Vec<_> = std::fs::read_dir(&dl)

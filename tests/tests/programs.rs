@@ -712,7 +712,15 @@ async fn relay_crash_mid_session_ends_both_sides_with_a_reason() {
     let x = tandem_tests::x11::Xvfb::start(640, 480);
     let mut agent = Agent::start_on(&relay, "allow", Some(&x.display)).await;
     let code = agent.code().await;
-    let console = spawn_console(&relay, &token, &code, &["--seconds", "60"]);
+    // On the relay path (a direct session would go on without the relay until the console's
+    // resume is refused, and the agent would hear the end from the console before it noticed
+    // its own link was gone).
+    let console = spawn_console(
+        &relay,
+        &token,
+        &code,
+        &["--seconds", "60", "--path", "relay-only"],
+    );
     agent.next("session").await;
     let started = std::time::Instant::now();
     let relay = relay.crash_and_restart(dir.path()).await;
@@ -962,6 +970,9 @@ async fn lossy_slow_path_keeps_streaming_and_loses_no_input() {
             script.to_str().unwrap(),
             "--seconds",
             "12",
+            // The impairment is on the relay path: the session stays on it.
+            "--path",
+            "relay-only",
         ],
     )
     .await;
@@ -1101,7 +1112,13 @@ async fn network_cut_and_restored_resumes_the_session() {
     )
     .await;
     let code = agent.code().await;
-    let console = spawn_console(&relay, &token, &code, &["--seconds", "28"]);
+    // The cut is on the relay path: the session stays on it.
+    let console = spawn_console(
+        &relay,
+        &token,
+        &code,
+        &["--seconds", "28", "--path", "relay-only"],
+    );
     agent.next("session").await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     proxy.cut(true);

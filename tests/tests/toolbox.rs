@@ -459,6 +459,10 @@ async fn a_transfer_cut_by_a_relay_restart_resumes_in_the_next_session() {
             "--end-when-done".into(),
             "--seconds".into(),
             "25".into(),
+            // The cut is the relay's restart: the session stays on the relay path (a direct
+            // session would carry on without it).
+            "--path".into(),
+            "relay-only".into(),
         ]
     };
     let first = spawn_console(&relay, &token, args(code));
