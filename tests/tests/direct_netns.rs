@@ -222,29 +222,30 @@ async fn a_cut_direct_path_falls_back_to_the_relay_and_comes_back() {
     }
 }
 
+/// A session between two full-cone NATs (which would go direct) with `relay_args` and
+/// `console_extra`: it stays on the relay, keys arrive, and the relay counts no direct session.
+async fn stays_on_the_relay(relay_args: &[&str], console_extra: &[&str]) {
+    let w = World::new(Nat::FullCone, Nat::FullCone);
+    let relay = start_relay(&w.i, relay_args).await;
+    let out = plain_session(&w, &relay, (&w.c, RELAY_C), console_extra).await;
+    assert!(out.paths.is_empty(), "{:?}", out.paths);
+    assert!(out.keys >= 2);
+    let (_, m) = w.i.http_get(METRICS, "/metrics");
+    assert_eq!(metric(&m, "tandem_relay_sessions_direct_total"), 0.0);
+}
+
 /// "Relay only" on the relay: the sides never probe each other, although they could.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn relay_only_on_the_relay_keeps_every_byte_on_it() {
     skip_without_netns!();
-    let w = World::new(Nat::FullCone, Nat::FullCone);
-    let relay = start_relay(&w.i, &["--path", "relay-only"]).await;
-    let out = plain_session(&w, &relay, (&w.c, RELAY_C), &[]).await;
-    assert!(out.paths.is_empty(), "{:?}", out.paths);
-    let (_, m) = w.i.http_get(METRICS, "/metrics");
-    assert_eq!(metric(&m, "tandem_relay_sessions_direct_total"), 0.0);
+    stays_on_the_relay(&["--path", "relay-only"], &[]).await;
 }
 
 /// "Relay only" on one side (the console): neither side probes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn relay_only_on_one_side_keeps_every_byte_on_the_relay() {
     skip_without_netns!();
-    let w = World::new(Nat::FullCone, Nat::FullCone);
-    let relay = start_relay(&w.i, &[]).await;
-    let out = plain_session(&w, &relay, (&w.c, RELAY_C), &["--path", "relay-only"]).await;
-    assert!(out.paths.is_empty(), "{:?}", out.paths);
-    assert!(out.keys >= 2);
-    let (_, m) = w.i.http_get(METRICS, "/metrics");
-    assert_eq!(metric(&m, "tandem_relay_sessions_direct_total"), 0.0);
+    stays_on_the_relay(&[], &["--path", "relay-only"]).await;
 }
 
 /// UDP blocked entirely on the agent's side: the agent reaches the relay over TCP, the session

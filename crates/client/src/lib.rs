@@ -730,12 +730,7 @@ impl RelayLink {
     /// Whether the relay speaks the protocol version with direct paths ([`RelayLink::path_info`]
     /// comes, and [`ClientMsg::PathReport`] may be sent).
     pub fn speaks_paths(&self) -> bool {
-        let proto = self
-            .conn
-            .handshake_data()
-            .and_then(|h| h.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
-            .and_then(|h| h.protocol);
-        tandem_proto::speaks_paths(proto.as_deref())
+        tandem_proto::speaks_paths(tandem_net::negotiated_alpn(&self.conn).as_deref())
     }
 
     /// The UDP socket's direct-path port, when the link runs on a UDP socket of its own (QUIC).

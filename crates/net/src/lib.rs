@@ -128,6 +128,13 @@ pub fn close_for_session(conn: &quinn::Connection) {
     conn.set_receive_window(UNPAIRED_RECEIVE_WINDOW.into());
 }
 
+/// The application protocol (ALPN) a connection negotiated.
+pub fn negotiated_alpn(conn: &quinn::Connection) -> Option<Vec<u8>> {
+    conn.handshake_data()
+        .and_then(|h| h.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
+        .and_then(|h| h.protocol)
+}
+
 /// A client endpoint on an ephemeral port of the right address family.
 pub fn client_endpoint(
     remote: SocketAddr,

@@ -1811,11 +1811,7 @@ fn path_info(shared: &Shared, conn: &Connection) -> Option<RelayMsg> {
 
 /// Whether a connection negotiated the protocol version with direct paths.
 fn speaks_paths(conn: &Connection) -> bool {
-    let proto = conn
-        .handshake_data()
-        .and_then(|h| h.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
-        .and_then(|h| h.protocol);
-    tandem_proto::speaks_paths(proto.as_deref())
+    tandem_proto::speaks_paths(tandem_net::negotiated_alpn(conn).as_deref())
 }
 
 /// A side's report of its direct path: counted once per session when it first goes direct, and

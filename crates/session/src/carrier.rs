@@ -286,9 +286,14 @@ impl Carrier {
         });
     }
 
-    /// The path inner packets take now, and its changes.
+    /// Follows the path inner packets take.
     pub fn path(&self) -> tokio::sync::watch::Receiver<PathKind> {
         self.path.subscribe()
+    }
+
+    /// The path inner packets take now.
+    pub fn current_path(&self) -> PathKind {
+        *self.path.borrow()
     }
 
     /// An inner packet that came on the direct path.
@@ -306,10 +311,12 @@ impl Carrier {
         if pkt.len() + 1 > MAX_DIRECT_DATA {
             return false;
         }
-        let mut b = Vec::with_capacity(pkt.len() + 1);
-        b.push(crate::direct::DATA);
-        b.extend_from_slice(pkt);
-        match port.send_to(to, &b) {
+        // On the stack: this runs for every inner packet.
+        let mut buf = [0u8; MAX_DIRECT_DATA];
+        let b = &mut buf[..pkt.len() + 1];
+        b[0] = crate::direct::DATA;
+        b[1..].copy_from_slice(pkt);
+        match port.send_to(to, b) {
             Ok(()) => {
                 self.stats.sent_direct.fetch_add(1, Ordering::Relaxed);
                 self.stats

@@ -236,8 +236,6 @@ pub struct Prober {
     punch_until: Option<Instant>,
     /// When the last round began.
     round_began: Option<Instant>,
-    /// When the path in use was chosen.
-    pub became_direct: Option<Instant>,
     pub stats: ProberStats,
 }
 
@@ -261,7 +259,6 @@ impl Prober {
             active: None,
             punch_until: None,
             round_began: None,
-            became_direct: None,
             stats: ProberStats::default(),
         }
     }
@@ -388,7 +385,6 @@ impl Prober {
             if !alive {
                 tracing::info!("the direct path stopped answering; back through the relay");
                 self.active = None;
-                self.became_direct = None;
                 self.stats.fallbacks += 1;
                 self.start_round(now);
             }
@@ -573,12 +569,8 @@ impl Prober {
             Some(cur) => rank > cur.kind.rank(),
         };
         if better {
-            let first = self.active.is_none();
             self.active = Some(from);
             self.stats.switches += 1;
-            if first {
-                self.became_direct = Some(now);
-            }
             tracing::info!(
                 path = self.path().label(),
                 "direct path answers; switching to it"

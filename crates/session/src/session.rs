@@ -703,7 +703,7 @@ impl Session {
     }
     /// The path this side's inner packets take now ("relay", "direct, LAN", ...).
     pub fn path(&self) -> PathKind {
-        *self.carrier.path().borrow()
+        self.carrier.current_path()
     }
     /// Follows [`Session::path`].
     pub fn path_watch(&self) -> tokio::sync::watch::Receiver<PathKind> {
@@ -1531,7 +1531,7 @@ async fn report_path(link: &mut RelayLink, carrier: &Carrier, reported: &mut Rep
         // An older relay would take the message for a protocol error.
         return;
     }
-    let direct = carrier.path().borrow().is_direct();
+    let direct = carrier.current_path().is_direct();
     let bytes = carrier.stats.direct_bytes.load(Ordering::Relaxed);
     if (direct, bytes) == (reported.direct, reported.bytes)
         || (!direct && bytes == 0)
