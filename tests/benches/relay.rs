@@ -1,6 +1,8 @@
 //! Relay benchmark: in one run, on this machine,
 //!   1. datagram round-trip time through the relay vs a direct quinn connection (added RTT),
-//!   2. payload-stream throughput through the relay vs direct (ratio),
+//!   2. payload-stream throughput through the relay vs direct (ratio), and the same for a quinn
+//!      connection whose packets cross the relay on a relay channel (`tandem_net::channel`: how a
+//!      session's inner connection crosses it) against a direct one with the same packet size,
 //!   3. relay resident memory with N paired idle sessions (default 1,000),
 //!   4. relay resident memory with N unpaired connections (registered agents waiting, from 25
 //!      loopback addresses; a fresh relay process), and what 100 unpaired agents pushing all they
@@ -140,7 +142,18 @@ async fn transfer(tx: &quinn::Connection, rx: &quinn::Connection, mib: usize) ->
     (frames * FRAME) as f64 / secs / 1e6
 }
 
-async fn direct_pair() -> (quinn::Endpoint, quinn::Connection, quinn::Connection) {
+/// The bench's quinn configurations: the outer link's transport settings, packets capped at
+/// `mtu_cap` bytes when given (a session's inner connection caps them at 1,380).
+fn bench_configs(mtu_cap: Option<u16>) -> (quinn::ServerConfig, quinn::ClientConfig) {
+    let transport = |keep_alive| {
+        let mut t = tandem_net::transport_config(keep_alive);
+        if let Some(cap) = mtu_cap {
+            let mut m = quinn::MtuDiscoveryConfig::default();
+            m.upper_bound(cap);
+            t.mtu_discovery_config(Some(m));
+        }
+        Arc::new(t)
+    };
     let g = tandem_certs::generate(&[]).unwrap();
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(
@@ -155,22 +168,102 @@ async fn direct_pair() -> (quinn::Endpoint, quinn::Connection, quinn::Connection
     let mut sc = quinn::ServerConfig::with_crypto(Arc::new(
         quinn::crypto::rustls::QuicServerConfig::try_from(tls).unwrap(),
     ));
-    sc.transport_config(Arc::new(tandem_net::transport_config(false)));
-    let server = tandem_net::server_endpoint("127.0.0.1:0".parse().unwrap(), sc).unwrap();
-    let addr = server.local_addr().unwrap();
+    sc.transport_config(transport(false));
     let ctls = RelayTrust::Pin(id.fingerprint())
         .client_config(ALPN)
         .unwrap();
     let mut cc = quinn::ClientConfig::new(Arc::new(
         quinn::crypto::rustls::QuicClientConfig::try_from(ctls).unwrap(),
     ));
-    cc.transport_config(Arc::new(tandem_net::transport_config(true)));
+    cc.transport_config(transport(true));
+    (sc, cc)
+}
+
+async fn direct_pair(
+    mtu_cap: Option<u16>,
+) -> (quinn::Endpoint, quinn::Connection, quinn::Connection) {
+    let (sc, cc) = bench_configs(mtu_cap);
+    let server = tandem_net::server_endpoint("127.0.0.1:0".parse().unwrap(), sc).unwrap();
+    let addr = server.local_addr().unwrap();
     let client = tandem_net::client_endpoint(addr, cc).unwrap();
     let (c, s) = tokio::join!(
         async { client.connect(addr, "localhost").unwrap().await.unwrap() },
         async { server.accept().await.unwrap().await.unwrap() }
     );
     (client, c, s)
+}
+
+/// A quinn connection between two paired relay links whose packets cross the relay on its
+/// channel (the session's carrier, as an agent and a console use it), with packets capped at
+/// 1,380 bytes like a session's inner connection.
+struct ChannelPair {
+    _links: (RelayLink, RelayLink),
+    _endpoints: (quinn::Endpoint, quinn::Endpoint),
+    client: quinn::Connection,
+    server: quinn::Connection,
+}
+
+async fn channel_pair(
+    opts: &ConnectOptions,
+    token: &tandem_proto::Secret,
+    channel: bool,
+) -> ChannelPair {
+    use tandem_session::carrier::Carrier;
+    let mut agent = RelayLink::connect(opts).await.unwrap();
+    let (slot, _) = agent.register().await.unwrap();
+    let mut console = RelayLink::connect(opts).await.unwrap();
+    console.authenticate(token).await.unwrap();
+    console.join(&slot).await.unwrap();
+    agent.wait_paired().await.unwrap();
+    let (ca, cc) = (
+        Carrier::new(tandem_session::Fallback::Fragment),
+        Carrier::new(tandem_session::Fallback::Fragment),
+    );
+    if !channel {
+        // The same carrier on the outer connections' DATAGRAM frames (fragments while the
+        // outer datagram size is below the inner packet size), as before relay channels.
+        ca.attach(agent.connection().clone(), None);
+        cc.attach(console.connection().clone(), None);
+    } else {
+        ca.attach(agent.connection().clone(), agent.channel());
+        cc.attach(console.connection().clone(), console.channel());
+    }
+    let t = Instant::now();
+    while channel && !(ca.on_channel() && cc.on_channel()) {
+        assert!(t.elapsed() < Duration::from_secs(5), "no relay channel");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let (a_addr, c_addr) = (
+        "192.0.2.1:1".parse().unwrap(),
+        "192.0.2.2:1".parse().unwrap(),
+    );
+    let (sc, ccfg) = bench_configs(Some(1380));
+    let rt = Arc::new(quinn::TokioRuntime);
+    let server = quinn::Endpoint::new_with_abstract_socket(
+        quinn::EndpointConfig::default(),
+        Some(sc),
+        Arc::new(ca.socket(a_addr, c_addr).unwrap()),
+        rt.clone(),
+    )
+    .unwrap();
+    let mut client = quinn::Endpoint::new_with_abstract_socket(
+        quinn::EndpointConfig::default(),
+        None,
+        Arc::new(cc.socket(c_addr, a_addr).unwrap()),
+        rt,
+    )
+    .unwrap();
+    client.set_default_client_config(ccfg);
+    let (c, s) = tokio::join!(
+        async { client.connect(a_addr, "localhost").unwrap().await.unwrap() },
+        async { server.accept().await.unwrap().await.unwrap() }
+    );
+    ChannelPair {
+        _links: (agent, console),
+        _endpoints: (client, server),
+        client: c,
+        server: s,
+    }
 }
 
 /// Times of `n` QUIC handshakes (client side: from the first Initial to the handshake's end) with
@@ -419,6 +512,16 @@ struct Paths {
     mbit_per_cpu_s: f64,
     relay_cpu: f64,
     relay_time: f64,
+    /// Direct quinn with packets capped at 1,380 bytes, and the same through a relay channel.
+    dc_rtt: Vec<f64>,
+    c_rtt: Vec<f64>,
+    dc_tp: Vec<f64>,
+    c_tp: Vec<f64>,
+    channel_mbit_per_cpu_s: f64,
+    /// The same carrier on the outer connections' DATAGRAM frames.
+    g_rtt: Vec<f64>,
+    g_tp: Vec<f64>,
+    dgram_mbit_per_cpu_s: f64,
 }
 
 impl Paths {
@@ -434,6 +537,14 @@ impl Paths {
             mbit_per_cpu_s: f64::NAN,
             relay_cpu: f64::NAN,
             relay_time: f64::NAN,
+            dc_rtt: vec![],
+            c_rtt: vec![],
+            dc_tp: vec![f64::NAN],
+            c_tp: vec![f64::NAN],
+            channel_mbit_per_cpu_s: f64::NAN,
+            g_rtt: vec![],
+            g_tp: vec![f64::NAN],
+            dgram_mbit_per_cpu_s: f64::NAN,
         }
     }
 }
@@ -451,7 +562,7 @@ async fn paths(
     opts: &ConnectOptions,
     token: &tandem_proto::Secret,
 ) -> Paths {
-    let (_dep, dc, ds) = direct_pair().await;
+    let (_dep, dc, ds) = direct_pair(None).await;
     echo_datagrams(ds.clone());
     let mut agent = RelayLink::connect(opts).await.unwrap();
     let (slot, _) = agent.register().await.unwrap();
@@ -504,7 +615,48 @@ async fn paths(
     let mbit_per_cpu_s = relay_bytes * 8.0 / 1e6 / relay_cpu.max(1e-9);
     agent.close().await;
     console.close().await;
+
+    // ---- the relay channel against direct quinn with the same packet size, and against the
+    // same carrier on the outer DATAGRAM frames; interleaved ----
+    let (_cep, cdc, cds) = direct_pair(Some(1380)).await;
+    echo_datagrams(cds.clone());
+    let ch = channel_pair(opts, token, true).await;
+    echo_datagrams(ch.server.clone());
+    let dg = channel_pair(opts, token, false).await;
+    echo_datagrams(dg.server.clone());
+    let _ = rtt_samples(&cdc, 200).await;
+    let _ = rtt_samples(&ch.client, 200).await;
+    let _ = rtt_samples(&dg.client, 200).await;
+    let (mut dc_rtt, mut c_rtt, mut g_rtt) = (vec![], vec![], vec![]);
+    let (mut dc_tp, mut c_tp, mut g_tp) = (vec![], vec![], vec![]);
+    for _ in 0..a.rounds {
+        dc_rtt.extend(rtt_samples(&cdc, per_round).await);
+        c_rtt.extend(rtt_samples(&ch.client, per_round).await);
+        g_rtt.extend(rtt_samples(&dg.client, per_round).await);
+    }
+    let (mut channel_cpu, mut dgram_cpu, mut channel_bytes) = (0.0, 0.0, 0.0);
+    for _ in 0..a.rounds {
+        dc_tp.push(transfer(&cdc, &cds, a.transfer_mib).await);
+        let cpu = relay.cpu_seconds().unwrap_or(0.0);
+        c_tp.push(transfer(&ch.client, &ch.server, a.transfer_mib).await);
+        let cpu2 = relay.cpu_seconds().unwrap_or(0.0);
+        channel_cpu += cpu2 - cpu;
+        g_tp.push(transfer(&dg.client, &dg.server, a.transfer_mib).await);
+        dgram_cpu += relay.cpu_seconds().unwrap_or(0.0) - cpu2;
+        channel_bytes += (a.transfer_mib * 1024 * 1024) as f64;
+    }
+    let dgram_mbit_per_cpu_s = channel_bytes * 8.0 / 1e6 / dgram_cpu.max(1e-9);
+    let channel_mbit_per_cpu_s = channel_bytes * 8.0 / 1e6 / channel_cpu.max(1e-9);
+    drop((ch, dg));
     Paths {
+        dc_rtt,
+        c_rtt,
+        dc_tp,
+        c_tp,
+        channel_mbit_per_cpu_s,
+        g_rtt,
+        g_tp,
+        dgram_mbit_per_cpu_s,
         d_rtt,
         r_rtt,
         d_tp,
@@ -594,6 +746,14 @@ fn report(a: &Args, r: Report) {
                 mbit_per_cpu_s,
                 relay_cpu,
                 relay_time,
+                dc_rtt,
+                c_rtt,
+                dc_tp,
+                c_tp,
+                channel_mbit_per_cpu_s,
+                g_rtt,
+                g_tp,
+                dgram_mbit_per_cpu_s,
             },
         paired:
             Paired {
@@ -678,6 +838,63 @@ fn report(a: &Args, r: Report) {
         "{:<34} {:>12} {:>12.0} {:<6} relay CPU while forwarding",
         "relay Mbit/s per CPU-second", "", mbit_per_cpu_s, ""
     );
+    let (dcp50, cp50, dcp99, cp99) = (
+        percentile(&dc_rtt, 0.5),
+        percentile(&c_rtt, 0.5),
+        percentile(&dc_rtt, 0.99),
+        percentile(&c_rtt, 0.99),
+    );
+    let (dctp, ctp) = (percentile(&dc_tp, 0.5), percentile(&c_tp, 0.5));
+    let (gp50, gp99, gtp) = (
+        percentile(&g_rtt, 0.5),
+        percentile(&g_rtt, 0.99),
+        percentile(&g_tp, 0.5),
+    );
+    println!(
+        "a session's carrier through the relay, packets ≤ 1,380 B (columns: direct quinn, relay channel, outer DATAGRAMs):"
+    );
+    let row3 = |name: &str, d: f64, c: f64, g: f64, unit: &str, extra: String| {
+        println!("{name:<34} {d:>12.1} {c:>12.1} {g:>12.1} {unit:<6} {extra}");
+    };
+    row3(
+        "  datagram RTT p50 (64 B)",
+        dcp50,
+        cp50,
+        gp50,
+        "µs",
+        format!("added {:.1} / {:.1} µs", cp50 - dcp50, gp50 - dcp50),
+    );
+    row3(
+        "  datagram RTT p99 (64 B)",
+        dcp99,
+        cp99,
+        gp99,
+        "µs",
+        format!("added {:.1} / {:.1} µs", cp99 - dcp99, gp99 - dcp99),
+    );
+    row3(
+        "  stream throughput median",
+        dctp,
+        ctp,
+        gtp,
+        "MB/s",
+        format!(
+            "ratio to direct {:.2} / {:.2} (target ≥ 0.60)",
+            ctp / dctp,
+            gtp / dctp
+        ),
+    );
+    row3(
+        "  relay Mbit/s per CPU-second",
+        f64::NAN,
+        channel_mbit_per_cpu_s,
+        dgram_mbit_per_cpu_s,
+        "",
+        format!(
+            "channel ×{:.2} the DATAGRAMs'",
+            channel_mbit_per_cpu_s / dgram_mbit_per_cpu_s
+        ),
+    );
     println!(
         "{:<34} {:>12} {:>12.1} {:<6} slope {}→{} sessions: {:.1} → {:.1} MiB (target ≤ 50 KB)",
         "relay memory per idle session",
@@ -758,6 +975,11 @@ fn report(a: &Args, r: Report) {
         "bench": "relay",
         "rtt_us": {"direct_p50": dp50, "direct_p99": dp99, "relay_p50": rp50, "relay_p99": rp99, "added_p50": rp50 - dp50, "added_p99": rp99 - dp99, "samples_each": d_rtt.len()},
         "throughput_mb_s": {"direct_median": dtp, "relay_median": rtp, "ratio": rtp / dtp, "direct_all": d_tp, "relay_all": r_tp, "transfer_mib": a.transfer_mib},
+        "channel": {"rtt_p50_us": {"direct": dcp50, "channel": cp50}, "rtt_p99_us": {"direct": dcp99, "channel": cp99},
+            "throughput_mb_s": {"direct_median": dctp, "channel_median": ctp, "ratio": ctp / dctp, "direct_all": dc_tp, "channel_all": c_tp},
+            "relay_mbit_per_cpu_second": channel_mbit_per_cpu_s, "mtu_cap": 1380,
+            "datagrams": {"rtt_p50_us": gp50, "rtt_p99_us": gp99, "throughput_mb_s_median": gtp, "throughput_all": g_tp,
+                "ratio": gtp / dctp, "relay_mbit_per_cpu_second": dgram_mbit_per_cpu_s}},
         "both_links_tcp": {"rtt_p50_us": tp50, "rtt_p99_us": tp99, "throughput_median_mb_s": ttp, "throughput_all": t_tp, "rtt_p50_ratio_vs_quic": tp50 / rp50, "throughput_ratio_vs_quic": ttp / rtp},
         "relay_cpu": {"mbit_per_cpu_second": mbit_per_cpu_s, "cpu_seconds": relay_cpu, "wall_seconds": relay_time},
         "memory": {"sessions": a.sessions, "idle_rss_bytes": paired.idle, "half_sessions": paired.half_n, "half_rss_bytes": paired.half, "loaded_rss_bytes": paired.full, "bytes_per_session_marginal": paired.marginal(), "bytes_per_session_average": paired.average()},

@@ -366,10 +366,10 @@ async fn mitm(console: quinn::Connection, agent: quinn::Connection, seen: Arc<Mu
     let here: std::net::SocketAddr = "127.0.0.1:1".parse().unwrap();
     let there: std::net::SocketAddr = "127.0.0.1:2".parse().unwrap();
     let to_console = Carrier::new(Fallback::Fragment);
-    to_console.attach(console);
+    to_console.attach(console, None);
     let server = inner::agent_endpoint(to_console.socket(here, there).unwrap()).unwrap();
     let to_agent = Carrier::new(Fallback::Fragment);
-    to_agent.attach(agent);
+    to_agent.attach(agent, None);
     let client = inner::console_endpoint(to_agent.socket(there, here).unwrap()).unwrap();
     let (c_conn, a_conn) = tokio::join!(
         async { server.accept().await.unwrap().await.unwrap() },

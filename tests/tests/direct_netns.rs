@@ -232,6 +232,28 @@ async fn stays_on_the_relay(relay_args: &[&str], console_extra: &[&str]) {
     assert!(out.keys >= 2);
     let (_, m) = w.i.http_get(METRICS, "/metrics");
     assert_eq!(metric(&m, "tandem_relay_sessions_direct_total"), 0.0);
+    // Through NATs on both sides, the session's packets crossed the relay on its channel (plain
+    // UDP, the QUIC link's 5-tuple), not as DATAGRAM frames.
+    let bytes = |dir: &str, path: &str| {
+        metric(
+            &m,
+            &format!("tandem_relay_forwarded_bytes_total{{direction=\"{dir}\",path=\"{path}\"}}"),
+        )
+    };
+    for dir in ["agent_to_console", "console_to_agent"] {
+        let (ch, dg) = (bytes(dir, "channel"), bytes(dir, "datagram"));
+        assert!(
+            ch > 10.0 * dg && ch > 10_000.0,
+            "{dir}: channel {ch}, datagram {dg}"
+        );
+    }
+    assert_eq!(
+        metric(
+            &m,
+            "tandem_relay_dropped_datagrams_total{reason=\"channel_wrong_source\"}"
+        ),
+        0.0
+    );
 }
 
 /// "Relay only" on the relay: the sides never probe each other, although they could.
@@ -275,5 +297,14 @@ async fn udp_blocked_entirely_stays_on_the_relay_over_tcp() {
     assert!(
         stats.iter().any(|s| s["agent_transport"] == "tcp"),
         "the agent is on TCP: {stats:?}"
+    );
+    // A side on TCP has no UDP address to send channel packets to: no channel.
+    let (_, m) = w.i.http_get(METRICS, "/metrics");
+    assert_eq!(
+        metric(
+            &m,
+            "tandem_relay_forwarded_bytes_total{direction=\"agent_to_console\",path=\"channel\"}"
+        ),
+        0.0
     );
 }

@@ -783,4 +783,110 @@ async fn a_protocol_1_client_pairs_and_never_sees_path_messages() {
     let info = info.unwrap();
     assert!(info.direct_allowed);
     assert!(info.observed.is_some_and(|o| o.ip().is_loopback()));
+    // A relay channel needs both sides to speak protocol 3: none for this session.
+    assert!(console.channel_token().borrow().is_none());
+}
+
+/// Relay channels: a paired side's channel packets reach its peer with the peer's token; the
+/// same token from any other address, a guessed token, or a token of an ended session is dropped
+/// and counted, and the peer receives nothing of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn channel_packets_reach_the_peer_and_nobody_else_can_use_a_channel() {
+    use tandem_net::channel;
+    let relay = TestRelay::start().await;
+    let (mut agent, console) = relay.pair().await;
+    let relay_addr: std::net::SocketAddr = relay.addr().parse().unwrap();
+    let token_of = |l: &RelayLink| {
+        let mut w = l.channel_token();
+        async move {
+            tokio::time::timeout(Duration::from_secs(2), w.wait_for(|t| t.is_some()))
+                .await
+                .unwrap()
+                .map(|t| t.unwrap())
+                .unwrap()
+        }
+    };
+    let (a_token, c_token) = (token_of(&agent).await, token_of(&console).await);
+    assert_ne!(a_token, c_token);
+    let (a_port, c_port) = (
+        agent.channel().unwrap().port,
+        console.channel().unwrap().port,
+    );
+    let (tx, mut rx) = tokio::sync::mpsc::channel(16);
+    c_port.set_channel(relay_addr, c_token, tx);
+    let packet = |token: u64, body: &[u8]| {
+        let mut p = vec![0u8; channel::HEADER + body.len()];
+        channel::write_header(&mut p, token);
+        p[channel::HEADER..].copy_from_slice(body);
+        p
+    };
+    let dropped = |reason: &str| {
+        metric(
+            &relay.handle().metrics().encode(),
+            &format!("tandem_relay_dropped_datagrams_total{{reason=\"{reason}\"}}"),
+        )
+    };
+    // The agent's packet from its own link's address arrives, once.
+    a_port
+        .send_to(relay_addr, &packet(a_token, b"hello"))
+        .unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(2), rx.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&got[..], b"hello");
+    // The agent's token from another socket of the same machine: dropped at the relay.
+    let stranger = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    stranger
+        .send_to(&packet(a_token, b"forged"), relay_addr)
+        .unwrap();
+    // A guessed token from the agent's own address.
+    a_port
+        .send_to(relay_addr, &packet(a_token ^ 1, b"guess"))
+        .unwrap();
+    // A relayed-looking packet straight to the console from the stranger (not from the relay).
+    stranger
+        .send_to(&packet(c_token, b"spoof"), c_port.local_addr())
+        .unwrap();
+    let t = Instant::now();
+    while (dropped("channel_wrong_source") < 1.0 || dropped("channel_unknown_token") < 1.0)
+        && t.elapsed() < Duration::from_secs(2)
+    {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(dropped("channel_wrong_source"), 1.0);
+    assert_eq!(dropped("channel_unknown_token"), 1.0);
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), rx.recv())
+            .await
+            .is_err(),
+        "nothing but the agent's own packet reaches the console"
+    );
+    let forwarded = metric(
+        &relay.handle().metrics().encode(),
+        "tandem_relay_forwarded_bytes_total{direction=\"agent_to_console\",path=\"channel\"}",
+    );
+    assert_eq!(forwarded, 5.0);
+    // The session ends: the tokens stop working at once.
+    agent
+        .end(tandem_proto::EndReason::EndedByUser)
+        .await
+        .unwrap();
+    let t = Instant::now();
+    while relay.handle().stats().sessions > 0 && t.elapsed() < Duration::from_secs(2) {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    a_port
+        .send_to(relay_addr, &packet(a_token, b"late"))
+        .unwrap();
+    let t = Instant::now();
+    while dropped("channel_unknown_token") < 2.0 && t.elapsed() < Duration::from_secs(2) {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(dropped("channel_unknown_token"), 2.0);
+    assert!(
+        tokio::time::timeout(Duration::from_millis(200), rx.recv())
+            .await
+            .is_err()
+    );
 }

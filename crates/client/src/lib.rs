@@ -339,6 +339,8 @@ pub struct RelayLink {
     port: Option<DirectPort>,
     /// What the relay last said about this link's path ([`RelayMsg::PathInfo`]).
     path_info: tokio::sync::watch::Receiver<Option<PathInfo>>,
+    /// This link's relay-channel token, once the relay gave one ([`RelayMsg::Channel`]).
+    channel: tokio::sync::watch::Receiver<Option<u64>>,
 }
 
 /// What the relay said about a link's path: the address it sees the link come from, and whether
@@ -347,6 +349,14 @@ pub struct RelayLink {
 pub struct PathInfo {
     pub observed: Option<SocketAddr>,
     pub direct_allowed: bool,
+}
+
+/// A link's relay channel (see [`RelayLink::channel`]).
+#[derive(Clone, Debug)]
+pub struct LinkChannel {
+    pub port: DirectPort,
+    pub relay: SocketAddr,
+    pub token: tokio::sync::watch::Receiver<Option<u64>>,
 }
 
 impl Drop for RelayLink {
@@ -382,6 +392,17 @@ pub fn client_endpoint(
     relay_addr: SocketAddr,
 ) -> Result<quinn::Endpoint, ClientError> {
     Ok(tandem_net::client_endpoint(
+        relay_addr,
+        client_config(opts)?,
+    )?)
+}
+
+/// Like [`client_endpoint`], with the port that shares its socket (direct paths, relay channels).
+pub fn client_endpoint_with_port(
+    opts: &ConnectOptions,
+    relay_addr: SocketAddr,
+) -> Result<(quinn::Endpoint, DirectPort), ClientError> {
+    Ok(tandem_net::client_endpoint_with_port(
         relay_addr,
         client_config(opts)?,
     )?)
@@ -710,7 +731,8 @@ impl RelayLink {
             .map_err(|e| ClientError::from_connection(&e))?;
         let (tx, events) = mpsc::channel(64);
         let (path_tx, path_info) = tokio::sync::watch::channel(None);
-        tokio::spawn(reader(conn.clone(), recv, tx, path_tx));
+        let (channel_tx, channel) = tokio::sync::watch::channel(None);
+        tokio::spawn(reader(conn.clone(), recv, tx, path_tx, channel_tx));
         Ok(RelayLink {
             endpoint,
             conn,
@@ -724,6 +746,7 @@ impl RelayLink {
             mover: None,
             port: None,
             path_info,
+            channel,
         })
     }
 
@@ -742,6 +765,27 @@ impl RelayLink {
     /// direct paths never does).
     pub fn path_info(&self) -> tokio::sync::watch::Receiver<Option<PathInfo>> {
         self.path_info.clone()
+    }
+
+    /// The session's relay channel on this link ([`tandem_net::channel`]): the link's UDP port, the
+    /// relay's address, and the token the relay gives after pairing (`None` until then; never from
+    /// a relay older than channels, nor on a link that started on TCP).
+    pub fn channel(&self) -> Option<LinkChannel> {
+        let port = self.port.clone()?;
+        if !tandem_proto::speaks_channels(tandem_net::negotiated_alpn(&self.conn).as_deref()) {
+            return None;
+        }
+        Some(LinkChannel {
+            port,
+            relay: self.conn.remote_address(),
+            token: self.channel.clone(),
+        })
+    }
+
+    /// The relay-channel token the relay gave this link (`None` until paired; see
+    /// [`RelayLink::channel`]).
+    pub fn channel_token(&self) -> tokio::sync::watch::Receiver<Option<u64>> {
+        self.channel.clone()
     }
 
     /// How the link travels now (it can move from TCP to QUIC while it runs).
@@ -1195,6 +1239,7 @@ async fn reader(
     mut recv: RecvStream,
     tx: mpsc::Sender<Incoming>,
     path: tokio::sync::watch::Sender<Option<PathInfo>>,
+    channel: tokio::sync::watch::Sender<Option<u64>>,
 ) {
     let mut header = [0u8; FRAME_HEADER];
     let err = |conn: &Connection| match conn.close_reason() {
@@ -1234,6 +1279,10 @@ async fn reader(
                 observed: *observed,
                 direct_allowed: *direct_allowed,
             }));
+            continue;
+        }
+        if let Ok(RelayMsg::Channel { token }) = &msg {
+            channel.send_replace(Some(*token));
             continue;
         }
         let fatal = msg.is_err();

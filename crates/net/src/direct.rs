@@ -14,6 +14,7 @@
 use bytes::Bytes;
 use quinn::udp::{RecvMeta, Transmit};
 use quinn::{AsyncUdpSocket, UdpPoller};
+use std::collections::HashMap;
 use std::fmt;
 use std::io::{self, IoSliceMut};
 use std::net::SocketAddr;
@@ -31,6 +32,26 @@ pub const MAX_DIRECT_PACKET: usize = 2048;
 /// Whether a UDP payload is a direct-path packet rather than QUIC (fixed bit clear).
 pub fn is_direct_packet(p: &[u8]) -> bool {
     p.first().is_some_and(|b| b & 0x40 == 0)
+}
+
+/// Moves the QUIC packets (fixed bit set) among the `stride`-sized segments of `buf` to its front,
+/// in order, and returns their length: the other packets were taken already. The segments keep
+/// their size, so only the last one can be short, as GRO leaves them.
+pub fn keep_quic(buf: &mut [u8], stride: usize) -> usize {
+    let stride = stride.max(1);
+    let mut kept = 0;
+    let mut at = 0;
+    while at < buf.len() {
+        let end = (at + stride).min(buf.len());
+        if !is_direct_packet(&buf[at..end]) {
+            if kept != at {
+                buf.copy_within(at..end, kept);
+            }
+            kept += end - at;
+        }
+        at = end;
+    }
+    kept
 }
 
 /// The endpoint configuration of clients: no QUIC-bit greasing, so direct-path packets and the
@@ -52,6 +73,8 @@ struct PortInner {
     /// A non-blocking handle of the socket (the outer endpoint's, or one of its own): sends at
     /// once, where tokio's `try_*` refuse until the reactor has seen the socket writable.
     sender: std::net::UdpSocket,
+    /// quinn-udp's view of it, for sends of several packets in one call (GSO).
+    state: Option<quinn::udp::UdpSocketState>,
     /// Shared with the outer QUIC endpoint.
     shared: bool,
     local: SocketAddr,
@@ -59,6 +82,15 @@ struct PortInner {
     received: AtomicU64,
     dropped: AtomicU64,
     reader: Mutex<Option<tokio::task::AbortHandle>>,
+    /// Relay channels of sessions on this socket, by token: the relay's address and where the
+    /// payloads go (straight to the session's inner socket, no task in between).
+    channels: Mutex<HashMap<u64, ChannelSink>>,
+    channel_received: AtomicU64,
+}
+
+struct ChannelSink {
+    relay: SocketAddr,
+    sink: mpsc::Sender<Bytes>,
 }
 
 impl Drop for PortInner {
@@ -85,14 +117,18 @@ impl fmt::Debug for DirectPort {
 
 impl DirectPort {
     fn new(sender: std::net::UdpSocket, shared: bool, local: SocketAddr) -> DirectPort {
+        let state = quinn::udp::UdpSocketState::new((&sender).into()).ok();
         DirectPort(Arc::new(PortInner {
             sender,
+            state,
             shared,
             local,
             sub: Mutex::new(None),
             received: AtomicU64::new(0),
             dropped: AtomicU64::new(0),
             reader: Mutex::new(None),
+            channels: Mutex::new(HashMap::new()),
+            channel_received: AtomicU64::new(0),
         }))
     }
 
@@ -142,16 +178,55 @@ impl DirectPort {
     /// the packet, as UDP does.
     pub fn send_to(&self, dest: SocketAddr, payload: &[u8]) -> io::Result<()> {
         debug_assert!(is_direct_packet(payload));
-        let dest = match (self.0.local, dest) {
-            // A dual-stack socket reaches IPv4 peers through mapped addresses.
+        let dest = self.reachable(dest);
+        match self.0.sender.send_to(payload, dest).map(|_| ()) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(()),
+            r => r,
+        }
+    }
+
+    /// How many packets one [`DirectPort::send_segments`] call may carry.
+    pub fn max_segments(&self) -> usize {
+        self.0.state.as_ref().map_or(1, |s| s.max_gso_segments())
+    }
+
+    /// Sends `buf`, packets of `stride` bytes each (the last may be shorter), to `dest` in one
+    /// call where the system can (GSO), one by one otherwise. A full socket buffer loses them,
+    /// as UDP does.
+    pub fn send_segments(&self, dest: SocketAddr, buf: &[u8], stride: usize) -> io::Result<()> {
+        let stride = stride.max(1);
+        let Some(state) = self
+            .0
+            .state
+            .as_ref()
+            .filter(|s| s.max_gso_segments() >= buf.len().div_ceil(stride))
+        else {
+            for p in buf.chunks(stride) {
+                self.send_to(dest, p)?;
+            }
+            return Ok(());
+        };
+        let t = Transmit {
+            destination: self.reachable(dest),
+            ecn: None,
+            contents: buf,
+            segment_size: (buf.len() > stride).then_some(stride),
+            src_ip: None,
+        };
+        match state.send((&self.0.sender).into(), &t) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(()),
+            r => r,
+        }
+    }
+
+    /// `dest` as this socket reaches it (a dual-stack socket reaches IPv4 peers through mapped
+    /// addresses).
+    fn reachable(&self, dest: SocketAddr) -> SocketAddr {
+        match (self.0.local, dest) {
             (SocketAddr::V6(_), SocketAddr::V4(v4)) => {
                 SocketAddr::new(v4.ip().to_ipv6_mapped().into(), v4.port())
             }
             _ => dest,
-        };
-        match self.0.sender.send_to(payload, dest).map(|_| ()) {
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(()),
-            r => r,
         }
     }
 
@@ -164,6 +239,24 @@ impl DirectPort {
         let (tx, rx) = mpsc::channel(QUEUE);
         *sub = Some(tx);
         Some(rx)
+    }
+
+    /// Takes a relay channel's packets from now on: those from `relay` with `token` (see
+    /// [`crate::channel`]), their payloads into `sink`.
+    pub fn set_channel(&self, relay: SocketAddr, token: u64, sink: mpsc::Sender<Bytes>) {
+        let relay = SocketAddr::new(relay.ip().to_canonical(), relay.port());
+        lock(&self.0.channels).insert(token, ChannelSink { relay, sink });
+    }
+
+    /// Stops taking the packets of the channel with `token` (its session's link is gone, or the
+    /// relay gave a new token).
+    pub fn clear_channel(&self, token: u64) {
+        lock(&self.0.channels).remove(&token);
+    }
+
+    /// Channel payloads delivered so far.
+    pub fn channel_received(&self) -> u64 {
+        self.0.channel_received.load(Ordering::Relaxed)
     }
 
     /// Direct-path packets received (delivered or not) and dropped (nobody subscribed, or the
@@ -184,6 +277,17 @@ impl PortInner {
             return;
         }
         let from = SocketAddr::new(from.ip().to_canonical(), from.port());
+        if let Some((token, payload)) = crate::channel::parse(p) {
+            let ok = lock(&self.channels).get(&token).is_some_and(|c| {
+                c.relay == from && c.sink.try_send(Bytes::copy_from_slice(payload)).is_ok()
+            });
+            if ok {
+                self.channel_received.fetch_add(1, Ordering::Relaxed);
+            } else {
+                self.dropped.fetch_add(1, Ordering::Relaxed);
+            }
+            return;
+        }
         let ok = lock(&self.sub)
             .as_ref()
             .is_some_and(|s| s.try_send((Bytes::copy_from_slice(p), from)).is_ok());
@@ -247,20 +351,22 @@ impl AsyncUdpSocket for TapSocket {
             Poll::Ready(Ok(n)) => n,
             other => return other,
         };
-        for (m, b) in meta.iter_mut().zip(bufs.iter()).take(n) {
-            let data = &b[..m.len.min(b.len())];
-            if is_direct_packet(data) {
-                // One flow's segments (GRO coalesces only same-source datagrams).
-                let stride = m.stride.max(1);
-                for seg in data.chunks(stride) {
-                    if is_direct_packet(seg) {
-                        self.port.0.deliver(seg, m.addr);
-                    }
-                }
-                // quinn skips an empty datagram; returning (rather than reading on) keeps
-                // quinn's own limit on the work one wake-up does.
-                m.len = 0;
+        for (m, b) in meta.iter_mut().zip(bufs.iter_mut()).take(n) {
+            let len = m.len.min(b.len());
+            let stride = m.stride.max(1);
+            let data = &mut b[..len];
+            // One flow's segments (GRO coalesces only same-source datagrams, of one size but the
+            // last): direct-path and QUIC packets of one 5-tuple may share a buffer.
+            if !data.chunks(stride).any(is_direct_packet) {
+                continue;
             }
+            for seg in data.chunks(stride) {
+                if is_direct_packet(seg) {
+                    self.port.0.deliver(seg, m.addr);
+                }
+            }
+            // The QUIC packets go on to quinn (an empty datagram it skips).
+            m.len = keep_quic(data, stride);
         }
         Poll::Ready(Ok(n))
     }
@@ -293,6 +399,20 @@ mod tests {
         assert!(!is_direct_packet(&[0x40]));
         assert!(!is_direct_packet(&[0xc3, 0, 0, 0, 1]));
         assert!(!is_direct_packet(&[]));
+    }
+
+    #[test]
+    fn quic_segments_are_kept_in_order_and_the_rest_taken_out() {
+        // Three 4-byte segments and a short last one: QUIC, direct, QUIC, direct.
+        let mut b = [0x40, 1, 1, 1, 0x04, 2, 2, 2, 0xc0, 3, 3, 3, 0x03, 4];
+        let n = keep_quic(&mut b, 4);
+        assert_eq!(&b[..n], &[0x40, 1, 1, 1, 0xc0, 3, 3, 3]);
+        // A short QUIC packet last stays last.
+        let mut b = [0x04, 2, 2, 2, 0x41, 9];
+        let n = keep_quic(&mut b, 4);
+        assert_eq!(&b[..n], &[0x41, 9]);
+        let mut b = [0x04, 2, 2, 2];
+        assert_eq!(keep_quic(&mut b, 4), 0);
     }
 
     #[tokio::test]

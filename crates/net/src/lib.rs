@@ -9,6 +9,7 @@
 //!   stream data in flight, whatever it sends. [`open_for_session`] widens a connection when it is
 //!   paired, [`close_for_session`] narrows it again when the session is over.
 
+pub mod channel;
 pub mod dial;
 pub mod direct;
 pub mod proxy;
@@ -165,6 +166,12 @@ pub fn client_endpoint_with_port(
     .map_err(NetError::Endpoint)?;
     ep.set_default_client_config(config);
     Ok((ep, port))
+}
+
+/// The relay's endpoint configuration: no QUIC-bit greasing, so that every QUIC packet a client
+/// sends it has the fixed bit set and channel packets ([`channel`]) can share its socket.
+pub fn relay_endpoint_config() -> quinn::EndpointConfig {
+    direct::client_endpoint_config()
 }
 
 /// A server endpoint bound to `addr`.

@@ -656,6 +656,17 @@ pub struct MuxSocket {
     /// Datagrams received on the UDP socket (from `count_from` only, when set).
     udp_received: AtomicU64,
     count_from: Option<SocketAddr>,
+    /// Takes the UDP socket's non-QUIC packets (the relay's channels, [`crate::channel`]).
+    tap: Option<Arc<dyn PacketTap>>,
+}
+
+/// What a relay does with a UDP packet that is not QUIC (fixed bit clear): it may rewrite the
+/// packet in place and name where it goes, or drop it (`None`). Called on quinn's receive path for
+/// every such packet, so it must be quick and must not block.
+pub trait PacketTap: Send + Sync + fmt::Debug {
+    fn packet(&self, p: &mut [u8], from: SocketAddr) -> Option<SocketAddr>;
+    /// A forwarded packet the socket would not take (its send buffer was full).
+    fn send_failed(&self) {}
 }
 
 impl fmt::Debug for MuxSocket {
@@ -672,7 +683,19 @@ impl MuxSocket {
     /// A socket over a UDP socket and the links of `hub` (the relay; or a client on UDP, which
     /// counts what it receives).
     pub fn with_udp(udp: std::net::UdpSocket, hub: Arc<Hub>) -> io::Result<Arc<MuxSocket>> {
-        Self::make_udp(udp, hub, None)
+        Self::make_udp(udp, hub, None, None)
+    }
+
+    /// Like [`MuxSocket::with_udp`], with non-QUIC packets on the UDP socket handed to `tap` and
+    /// sent on where it says, before quinn sees anything (the relay's channels). Its endpoint must
+    /// not advertise `grease_quic_bit` ([`crate::relay_endpoint_config`]), so that every QUIC
+    /// packet has the fixed bit set.
+    pub fn with_udp_tap(
+        udp: std::net::UdpSocket,
+        hub: Arc<Hub>,
+        tap: Arc<dyn PacketTap>,
+    ) -> io::Result<Arc<MuxSocket>> {
+        Self::make_udp(udp, hub, None, Some(tap))
     }
 
     /// Like [`MuxSocket::with_udp`], counting only datagrams from `from` (a client that wants to
@@ -682,13 +705,14 @@ impl MuxSocket {
         hub: Arc<Hub>,
         from: SocketAddr,
     ) -> io::Result<Arc<MuxSocket>> {
-        Self::make_udp(udp, hub, Some(from))
+        Self::make_udp(udp, hub, Some(from), None)
     }
 
     fn make_udp(
         udp: std::net::UdpSocket,
         hub: Arc<Hub>,
         count_from: Option<SocketAddr>,
+        tap: Option<Arc<dyn PacketTap>>,
     ) -> io::Result<Arc<MuxSocket>> {
         let local = udp.local_addr()?;
         let runtime: Arc<dyn quinn::Runtime> = Arc::new(quinn::TokioRuntime);
@@ -700,6 +724,7 @@ impl MuxSocket {
             hub_first: AtomicBool::new(false),
             udp_received: AtomicU64::new(0),
             count_from,
+            tap,
         }))
     }
 
@@ -712,6 +737,7 @@ impl MuxSocket {
             hub_first: AtomicBool::new(false),
             udp_received: AtomicU64::new(0),
             count_from: None,
+            tap: None,
         })
     }
 
@@ -733,7 +759,18 @@ impl MuxSocket {
     ) -> Poll<io::Result<usize>> {
         let r = udp.poll_recv(cx, bufs, meta);
         if let Poll::Ready(Ok(n)) = &r {
-            for m in meta.iter_mut().take(*n) {
+            for (m, b) in meta.iter_mut().zip(bufs.iter_mut()).take(*n) {
+                let len = m.len.min(b.len());
+                let tapped = self.tap.as_ref().filter(|_| {
+                    b[..len]
+                        .chunks(m.stride.max(1))
+                        .any(crate::direct::is_direct_packet)
+                });
+                if let Some(tap) = tapped {
+                    // Forwarded; what is left (QUIC packets of the same flow) goes on to quinn,
+                    // which skips an empty datagram.
+                    m.len = tap_datagrams(&**tap, &**udp, m, &mut b[..len]);
+                }
                 if is_link_address(m.addr) {
                     // A forged source in the links' range: quinn skips an empty datagram.
                     m.len = 0;
@@ -745,6 +782,71 @@ impl MuxSocket {
             }
         }
         r
+    }
+}
+
+/// Hands one received buffer's non-QUIC packets (several when the kernel coalesced a flow's
+/// datagrams: GRO) to the tap and sends them on: in one `sendmsg` (GSO) when the whole buffer
+/// goes to one place, as a flow's packets do. Returns the length of the QUIC packets left, moved
+/// to the buffer's front.
+fn tap_datagrams(
+    tap: &dyn PacketTap,
+    udp: &dyn AsyncUdpSocket,
+    m: &RecvMeta,
+    buf: &mut [u8],
+) -> usize {
+    let stride = m.stride.max(1);
+    let mut dests: [Option<SocketAddr>; 64] = [None; 64];
+    let mut count = 0;
+    for (i, seg) in buf.chunks_mut(stride).enumerate() {
+        let to = if crate::direct::is_direct_packet(seg) {
+            tap.packet(seg, m.addr)
+        } else {
+            None
+        };
+        if let Some(d) = dests.get_mut(i) {
+            *d = to;
+        }
+        count = i + 1;
+    }
+    let first = dests[0];
+    let one_place = count > 1
+        && count <= dests.len()
+        && count <= udp.max_transmit_segments()
+        && first.is_some()
+        && dests[..count].iter().all(|d| *d == first);
+    match first {
+        Some(to) if one_place => {
+            send_on(tap, udp, to, buf, Some(stride));
+            return 0;
+        }
+        _ => {
+            for (i, seg) in buf.chunks(stride).enumerate() {
+                if let Some(Some(to)) = dests.get(i) {
+                    send_on(tap, udp, *to, seg, None);
+                }
+            }
+        }
+    }
+    crate::direct::keep_quic(buf, stride)
+}
+
+fn send_on(
+    tap: &dyn PacketTap,
+    udp: &dyn AsyncUdpSocket,
+    to: SocketAddr,
+    contents: &[u8],
+    segment_size: Option<usize>,
+) {
+    let t = Transmit {
+        destination: to,
+        ecn: None,
+        contents,
+        segment_size,
+        src_ip: None,
+    };
+    if udp.try_send(&t).is_err() {
+        tap.send_failed();
     }
 }
 

@@ -5,11 +5,11 @@
 //! deterministically. The I/O lives in `tandem-relay-server` and `tandem-client`.
 //!
 //! # Wire format
-//! * The QUIC connection negotiates ALPN [`ALPN`] (`tandem-relay/2`); the number is the protocol version.
-//!   Version 2 adds [`RelayMsg::PathInfo`] and [`ClientMsg::PathReport`] (direct paths); relays and
-//!   clients offer both [`ALPNS`], and neither sends a version-2 message on a link that negotiated
-//!   [`ALPN_V1`] (so an agent download from before direct paths keeps working with a newer relay,
-//!   and the other way round).
+//! * The QUIC connection negotiates ALPN [`ALPN`] (`tandem-relay/3`); the number is the protocol version.
+//!   Version 2 adds [`RelayMsg::PathInfo`] and [`ClientMsg::PathReport`] (direct paths), version 3
+//!   [`RelayMsg::Channel`] (relay channels). Relays and clients offer all of [`ALPNS`], and neither
+//!   sends a message on a link that negotiated an older version than the message's (so an agent
+//!   download from before direct paths keeps working with a newer relay, and the other way round).
 //!   A peer speaking another version fails the TLS handshake instead of misreading messages.
 //! * The client opens exactly one bidirectional stream, the *control stream*. Each message on it is a
 //!   frame: a 4-byte big-endian length followed by that many bytes of [postcard]-encoded message.
@@ -23,16 +23,23 @@ use serde::{Deserialize, Serialize};
 use std::fmt;
 
 /// ALPN protocol name of the outer relay link; the trailing number is the protocol version.
-pub const ALPN: &[u8] = b"tandem-relay/2";
+pub const ALPN: &[u8] = b"tandem-relay/3";
+/// The version before relay channels.
+pub const ALPN_V2: &[u8] = b"tandem-relay/2";
 /// The version before direct paths.
 pub const ALPN_V1: &[u8] = b"tandem-relay/1";
 /// What relays and clients offer, newest first.
-pub const ALPNS: [&[u8]; 2] = [ALPN, ALPN_V1];
+pub const ALPNS: [&[u8]; 3] = [ALPN, ALPN_V2, ALPN_V1];
 /// Version of the control protocol (also carried in [`ALPN`]).
-pub const PROTOCOL_VERSION: u16 = 2;
+pub const PROTOCOL_VERSION: u16 = 3;
 
-/// Whether a link that negotiated `alpn` speaks version 2 (direct-path messages).
+/// Whether a link that negotiated `alpn` speaks version 2 or later (direct-path messages).
 pub fn speaks_paths(alpn: Option<&[u8]>) -> bool {
+    alpn == Some(ALPN) || alpn == Some(ALPN_V2)
+}
+
+/// Whether a link that negotiated `alpn` speaks version 3 (relay channels).
+pub fn speaks_channels(alpn: Option<&[u8]>) -> bool {
     alpn == Some(ALPN)
 }
 /// Largest control frame body either side accepts.
@@ -277,6 +284,13 @@ pub enum RelayMsg {
     PathInfo {
         observed: Option<std::net::SocketAddr>,
         direct_allowed: bool,
+    },
+    /// After `PathInfo`, to a side on a QUIC link (version 3): its token for the session's relay
+    /// channel. From now on it may send the session's payloads as UDP channel packets from this
+    /// link's own address and port, and receives the peer's that way (`tandem_net::channel`);
+    /// DATAGRAM frames and payload streams still work. Sent again with a new token after a resume.
+    Channel {
+        token: u64,
     },
 }
 
@@ -714,6 +728,7 @@ mod tests {
                 observed: None,
                 direct_allowed: true,
             },
+            RelayMsg::Channel { token: u64::MAX },
         ];
         for m in all {
             let frame = encode_frame(&m, MAX_CONTROL_FRAME).unwrap();

@@ -5,9 +5,11 @@
 //! * [`store`]: SQLite store of organisations, technicians (Argon2id token hashes) and the audit log.
 //! * [`server`]: the QUIC server (quinn) that drives the registry and forwards payloads blind.
 //! * [`tcp`]: the TCP front (TLS over TCP, WebSocket) for clients whose network drops UDP.
+//! * [`channel`]: relay channels, the session packets forwarded without the outer QUIC.
 //! * [`devices`]: enrolled devices (presence), listed only to consoles of their organisation.
 //! * [`metrics`]: Prometheus metrics, served with `/health` by a small HTTP listener.
 
+pub mod channel;
 pub mod devices;
 mod http;
 pub mod metrics;

@@ -267,6 +267,15 @@ impl Metrics {
             .clone()
     }
 
+    /// The counter of one reason (kept, so that counting costs no label lookup).
+    pub fn reason(family: &Family<Reason, Counter>, reason: &str) -> Counter {
+        family
+            .get_or_create(&Reason {
+                reason: reason.into(),
+            })
+            .clone()
+    }
+
     pub fn inc(family: &Family<Reason, Counter>, reason: &str) {
         family
             .get_or_create(&Reason {

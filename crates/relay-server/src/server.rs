@@ -21,6 +21,7 @@
 //! * Log lines a stranger can cause are rate-limited ([`LogLimiter`]); client-chosen strings are
 //!   logged escaped and truncated, and only where an attempt budget bounds them.
 
+use crate::channel::{Channels, Dropped, Leg};
 use crate::devices::DeviceBook;
 use crate::metrics::Metrics;
 use crate::registry::{
@@ -162,6 +163,8 @@ impl Default for DirectReports {
 struct SessionIo {
     tasks: Vec<AbortHandle>,
     bytes: Arc<SessionBytes>,
+    /// The tokens of the session's relay channel, while it has one.
+    channel: Option<[u64; 2]>,
 }
 
 enum AuditOp {
@@ -239,6 +242,8 @@ struct Shared {
     devices: Mutex<DeviceBook>,
     /// Whether sessions may go direct ([`ServerConfig::allow_direct`]).
     allow_direct: bool,
+    /// Relay channels, forwarded by the endpoint socket's receive path.
+    channels: Arc<Channels<Connection>>,
 }
 
 /// Log lines that strangers can cause (connections, refusals, registrations): at most
@@ -429,10 +434,22 @@ pub async fn start(
     server_cfg.incoming_buffer_size_total(16 * 1024 * 1024);
     // One endpoint for every transport: its socket carries the UDP socket and the TCP links.
     let hub = Hub::server(cfg.listen.is_ipv6(), QueueLimits::default());
-    let socket = MuxSocket::with_udp(tandem_net::bind_udp(cfg.listen)?, hub.clone())
-        .map_err(|e| ServerError::Net(tandem_net::NetError::Endpoint(e)))?;
+    let drops = &metrics.dropped_datagrams;
+    let channels = Arc::new(Channels::new(crate::channel::DropCounters {
+        malformed: Metrics::reason(drops, Dropped::Malformed.label()),
+        unknown_token: Metrics::reason(drops, Dropped::UnknownToken.label()),
+        wrong_source: Metrics::reason(drops, Dropped::WrongSource.label()),
+        rate_limited: Metrics::reason(drops, Dropped::RateLimited.label()),
+        send_failed: Metrics::reason(drops, "channel_send_failed"),
+    }));
+    let socket = MuxSocket::with_udp_tap(
+        tandem_net::bind_udp(cfg.listen)?,
+        hub.clone(),
+        channels.clone(),
+    )
+    .map_err(|e| ServerError::Net(tandem_net::NetError::Endpoint(e)))?;
     let endpoint = quinn::Endpoint::new_with_abstract_socket(
-        quinn::EndpointConfig::default(),
+        tandem_net::relay_endpoint_config(),
         Some(server_cfg),
         socket,
         Arc::new(quinn::TokioRuntime),
@@ -471,6 +488,7 @@ pub async fn start(
         hub: hub.clone(),
         devices: Mutex::new(devices),
         allow_direct: cfg.allow_direct,
+        channels,
     });
     let (stop_tx, stop_rx) = watch::channel(false);
 
@@ -636,6 +654,7 @@ async fn ticker(shared: std::sync::Weak<Shared>, mut stop: watch::Receiver<bool>
             next_sweep = Instant::now() + DEVICE_SWEEP;
             forget_stale_devices(&shared);
         }
+        shared.channels.refresh();
         refresh_gauges(&shared);
     }
 }
@@ -1730,12 +1749,17 @@ fn spawn_forwarders(
     let io = sessions.entry(s.id).or_insert_with(|| SessionIo {
         tasks: Vec::new(),
         bytes: Arc::new(SessionBytes::default()),
+        channel: None,
     });
     for t in io.tasks.drain(..) {
         t.abort();
     }
+    if let Some(old) = io.channel.take() {
+        shared.channels.close(old);
+    }
     let m = &shared.metrics;
     let rate = shared.limits.session_bytes_per_second;
+    let mut legs: Vec<Arc<Flow>> = Vec::with_capacity(2);
     for (from, to, dir) in [
         (&agent.0, &console.0, Direction::AgentToConsole),
         (&console.0, &agent.0, Direction::ConsoleToAgent),
@@ -1747,16 +1771,53 @@ fn spawn_forwarders(
             m_bytes_dgram: m.flow_bytes(dir.label(), "datagram"),
             m_bytes_stream: m.flow_bytes(dir.label(), "stream"),
             m_dgrams: m.flow_datagrams(dir.label()),
+            m_bytes_channel: m.flow_bytes(dir.label(), "channel"),
             metrics: m.clone(),
             bucket,
         });
+        legs.push(flow.clone());
         io.tasks.push(
             tokio::spawn(forward_datagrams(from.clone(), to.clone(), flow.clone())).abort_handle(),
         );
         io.tasks
             .push(tokio::spawn(forward_streams(from.clone(), to.clone(), flow)).abort_handle());
     }
+    if let ([a2c, c2a], true) = (&legs[..], channel_capable(shared, &agent.0, &console.0)) {
+        let tokens = [channel_token(), channel_token()];
+        let legs: [Arc<dyn Leg>; 2] = [a2c.clone(), c2a.clone()];
+        if shared
+            .channels
+            .open([agent.0.clone(), console.0.clone()], tokens, legs)
+        {
+            io.channel = Some(tokens);
+            let _ = agent
+                .1
+                .try_send(Box::new(RelayMsg::Channel { token: tokens[0] }));
+            let _ = console
+                .1
+                .try_send(Box::new(RelayMsg::Channel { token: tokens[1] }));
+        }
+    }
     Some((agent, console))
+}
+
+/// Whether a session gets a relay channel: both sides on UDP (a channel packet goes to the peer's
+/// UDP address) and speaking protocol 3.
+fn channel_capable(shared: &Shared, a: &Connection, b: &Connection) -> bool {
+    [a, b].iter().all(|c| {
+        tandem_proto::speaks_channels(tandem_net::negotiated_alpn(c).as_deref())
+            && peer_of(shared, c.remote_address()).1 == Transport::Quic
+    })
+}
+
+/// A random channel token (the system's generator; a failure gives no channel, never a weak token).
+fn channel_token() -> u64 {
+    let mut b = [0u8; 8];
+    match SystemRandom::new().fill(&mut b) {
+        Ok(()) => u64::from_be_bytes(b),
+        // Equal tokens are refused by the table: no channel for this session.
+        Err(_) => 0,
+    }
 }
 
 /// Starts a freshly paired session: forwarders, audit row, and the news to both sides.
@@ -1870,6 +1931,9 @@ fn finish_session_io(shared: &Shared, id: SessionId, reason: &EndReason) {
         Some(io) => {
             for t in io.tasks {
                 t.abort();
+            }
+            if let Some(tokens) = io.channel {
+                shared.channels.close(tokens);
             }
             let d = lock(&io.bytes.direct);
             (
@@ -2030,8 +2094,22 @@ struct Flow {
     m_bytes_dgram: Counter,
     m_bytes_stream: Counter,
     m_dgrams: Counter,
+    m_bytes_channel: Counter,
     metrics: Arc<Metrics>,
     bucket: Option<Arc<Mutex<ByteBucket>>>,
+}
+
+impl Leg for Flow {
+    fn admit(&self, n: usize) -> bool {
+        if let Some(b) = &self.bucket
+            && !lock(b).try_take(n)
+        {
+            return false;
+        }
+        self.count(n);
+        self.m_bytes_channel.inc_by(n as u64);
+        true
+    }
 }
 
 impl Flow {

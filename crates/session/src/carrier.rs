@@ -31,6 +31,7 @@ use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
+use tandem_client::LinkChannel;
 use tandem_client::tandem_net::direct::DirectPort;
 use tandem_proto::{FRAME_HEADER, MAX_PAYLOAD_FRAME, frame_len};
 use tokio::sync::mpsc;
@@ -54,6 +55,10 @@ pub const MAX_INNER_PACKET: usize = 2048;
 /// Largest direct-path data packet sent: inner QUIC's packets (at most 1380 bytes, see
 /// `inner::transport`) and the 1-byte header fit a 1500-byte path over IPv6 with room for a tunnel.
 const MAX_DIRECT_DATA: usize = 1400;
+const CHANNEL_HEADER: usize = tandem_client::tandem_net::channel::HEADER;
+/// Inner packets quinn may hand the virtual socket at once (it batches them for GSO); on the relay
+/// channel they leave in one send.
+const GSO_SEGMENTS: usize = 10;
 /// Inner packets queued towards quinn before new ones are dropped (as a full UDP buffer would).
 const INBOUND_QUEUE: usize = 4096;
 
@@ -75,6 +80,16 @@ pub struct CarrierStats {
     pub sent_direct: AtomicU64,
     pub received_direct: AtomicU64,
     pub direct_bytes: AtomicU64,
+    /// Inner packets sent on the relay channel.
+    pub sent_channel: AtomicU64,
+}
+
+/// Where channel packets go: the link's socket, the relay, this side's token.
+#[derive(Clone)]
+struct ChannelOut {
+    port: DirectPort,
+    relay: SocketAddr,
+    token: u64,
 }
 
 /// Reassembly of fragmented packets.
@@ -163,6 +178,8 @@ pub struct Carrier {
     next_id: AtomicU16,
     /// Where inner packets go instead of the relay, while a direct path answers.
     direct: Mutex<Option<(DirectPort, SocketAddr)>>,
+    /// The relay channel of the current link, once the relay gave this side its token.
+    channel: Mutex<Option<ChannelOut>>,
     path: tokio::sync::watch::Sender<PathKind>,
     pub stats: CarrierStats,
 }
@@ -188,15 +205,48 @@ impl Carrier {
             fallback,
             next_id: AtomicU16::new(0),
             direct: Mutex::new(None),
+            channel: Mutex::new(None),
             path: tokio::sync::watch::channel(PathKind::Relay).0,
             stats: CarrierStats::default(),
         })
     }
 
-    /// Starts carrying over `conn` (a paired outer connection), replacing any previous one.
-    pub fn attach(self: &Arc<Self>, conn: Connection) {
+    /// Starts carrying over `conn` (a paired outer connection), replacing any previous one, and
+    /// over its relay channel once the relay gives this side its token.
+    pub fn attach(self: &Arc<Self>, conn: Connection, channel: Option<LinkChannel>) {
         self.detach();
         let mut tasks = Vec::new();
+        if let Some(LinkChannel {
+            port,
+            relay,
+            mut token,
+        }) = channel
+        {
+            let me = self.clone();
+            tasks.push(
+                tokio::spawn(async move {
+                    // A new token comes when the peer resumed on a new link.
+                    loop {
+                        let t = *token.borrow_and_update();
+                        if let Some(token) = t {
+                            port.set_channel(relay, token, me.inbound_tx.clone());
+                            let old = lock(&me.channel).replace(ChannelOut {
+                                port: port.clone(),
+                                relay,
+                                token,
+                            });
+                            if let Some(old) = old.filter(|o| o.token != token) {
+                                old.port.clear_channel(old.token);
+                            }
+                        }
+                        if token.changed().await.is_err() {
+                            return;
+                        }
+                    }
+                })
+                .abort_handle(),
+            );
+        }
         // Datagrams in.
         let me = self.clone();
         let c = conn.clone();
@@ -262,6 +312,9 @@ impl Carrier {
 
     /// Stops carrying (the outer link is gone); inner packets are dropped until [`Carrier::attach`].
     pub fn detach(&self) {
+        if let Some(c) = lock(&self.channel).take() {
+            c.port.clear_channel(c.token);
+        }
         *lock(&self.conn) = None;
         *lock(&self.stream_tx) = None;
         for t in lock(&self.tasks).drain(..) {
@@ -338,9 +391,79 @@ impl Carrier {
         }
     }
 
+    /// Sends on the relay channel if there is one and the packet fits the path (true: sent, or
+    /// lost there).
+    fn send_channel(&self, pkt: &[u8], max_datagram: usize) -> bool {
+        let Some(ch) = lock(&self.channel).clone() else {
+            return false;
+        };
+        if pkt.len() > tandem_client::tandem_net::channel::max_payload(max_datagram)
+            || pkt.len() > MAX_DIRECT_DATA
+        {
+            return false;
+        }
+        let mut buf = [0u8; MAX_DIRECT_DATA + CHANNEL_HEADER];
+        let b = &mut buf[..pkt.len() + CHANNEL_HEADER];
+        tandem_client::tandem_net::channel::write_header(b, ch.token);
+        b[CHANNEL_HEADER..].copy_from_slice(pkt);
+        // A full socket buffer or an unreachable relay: lost, as on any UDP path.
+        let _ = ch.port.send_to(ch.relay, b);
+        self.stats.sent_channel.fetch_add(1, Ordering::Relaxed);
+        true
+    }
+
+    /// Sends a batch of inner packets of `seg` bytes each (the last may be shorter) on the relay
+    /// channel in one send (GSO) if there is a channel, no direct path, and they fit (true: sent,
+    /// or lost there).
+    fn send_channel_batch(&self, contents: &[u8], seg: usize) -> bool {
+        if lock(&self.direct).is_some() {
+            return false;
+        }
+        let Some(ch) = lock(&self.channel).clone() else {
+            return false;
+        };
+        let max = match lock(&self.conn).as_ref() {
+            Some(c) => c.max_datagram_size().unwrap_or(0),
+            None => return false,
+        };
+        if seg > tandem_client::tandem_net::channel::max_payload(max) || seg > MAX_DIRECT_DATA {
+            return false;
+        }
+        let stride = seg + CHANNEL_HEADER;
+        let per_send = ch.port.max_segments().clamp(1, GSO_SEGMENTS);
+        // On the stack: this runs for every batch of inner packets.
+        let mut buf = [0u8; GSO_SEGMENTS * (MAX_DIRECT_DATA + CHANNEL_HEADER)];
+        for group in contents.chunks(seg * per_send) {
+            let mut len = 0;
+            for p in group.chunks(seg) {
+                let b = &mut buf[len..len + p.len() + CHANNEL_HEADER];
+                tandem_client::tandem_net::channel::write_header(b, ch.token);
+                b[CHANNEL_HEADER..].copy_from_slice(p);
+                len += b.len();
+            }
+            // A full socket buffer or an unreachable relay: lost, as on any UDP path.
+            let _ = ch.port.send_segments(ch.relay, &buf[..len], stride);
+            self.stats
+                .sent_channel
+                .fetch_add(group.len().div_ceil(seg) as u64, Ordering::Relaxed);
+        }
+        true
+    }
+
+    /// Whether inner packets bypass the outer connection's datagram buffer (a direct path or a
+    /// relay channel).
+    fn bypassing(&self) -> bool {
+        lock(&self.direct).is_some() || lock(&self.channel).is_some()
+    }
+
+    /// Whether inner packets cross the relay as channel packets now.
+    pub fn on_channel(&self) -> bool {
+        lock(&self.channel).is_some()
+    }
+
     /// Room in the outer datagram send buffer (0 when detached).
     fn room(&self) -> usize {
-        if lock(&self.direct).is_some() {
+        if self.bypassing() {
             return usize::MAX;
         }
         lock(&self.conn)
@@ -365,8 +488,16 @@ impl Carrier {
                 "the relay connection does not support datagrams",
             ));
         }
+        if self.send_channel(pkt, max) {
+            return Ok(());
+        }
         if conn.datagram_send_buffer_space() < pkt.len() + 2 * FRAG_HEADER {
             self.stats.blocked.fetch_add(1, Ordering::Relaxed);
+            if self.bypassing() {
+                // The poller says "writable" while packets bypass this buffer: lost rather than
+                // WouldBlock, which would spin quinn's send loop.
+                return Ok(());
+            }
             return Err(io::ErrorKind::WouldBlock.into());
         }
         if pkt.len() < max {
@@ -522,8 +653,17 @@ impl AsyncUdpSocket for VirtualSocket {
     fn try_send(&self, transmit: &Transmit) -> io::Result<()> {
         match transmit.segment_size {
             Some(seg) if seg < transmit.contents.len() => {
-                for p in transmit.contents.chunks(seg) {
-                    self.carrier.send_packet(p)?;
+                if self.carrier.send_channel_batch(transmit.contents, seg) {
+                    return Ok(());
+                }
+                for (i, p) in transmit.contents.chunks(seg).enumerate() {
+                    match self.carrier.send_packet(p) {
+                        Ok(()) => {}
+                        // Some of the batch went: quinn would send all of it again, so the rest
+                        // is lost instead (QUIC recovers it like any loss).
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock && i > 0 => return Ok(()),
+                        Err(e) => return Err(e),
+                    }
                 }
                 Ok(())
             }
@@ -568,6 +708,10 @@ impl AsyncUdpSocket for VirtualSocket {
 
     fn local_addr(&self) -> io::Result<SocketAddr> {
         Ok(self.local)
+    }
+
+    fn max_transmit_segments(&self) -> usize {
+        GSO_SEGMENTS
     }
 
     fn may_fragment(&self) -> bool {

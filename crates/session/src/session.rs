@@ -1467,7 +1467,7 @@ async fn supervise(
                     let _ = events.try_send(SessionEvent::LinkLost);
                     match reconnect(&ctx, &inner).await {
                         Ok(link) => {
-                            carrier.attach(link.connection().clone());
+                            carrier.attach(link.connection().clone(), link.channel());
                             let _ = relink.try_send(Relink {
                                 port: link.direct_port(),
                                 info: link.path_info(),

@@ -420,7 +420,7 @@ pub(crate) struct AgentInner {
 impl AgentInner {
     pub(crate) fn open(cfg: &SessionConfig, link: &RelayLink) -> Result<AgentInner, SessionError> {
         let carrier = Carrier::new(cfg.fallback);
-        carrier.attach(link.connection().clone());
+        carrier.attach(link.connection().clone(), link.channel());
         let socket = carrier
             .socket(AGENT_ADDR, CONSOLE_ADDR)
             .ok_or_else(|| SessionError::Setup("carrier already in use".into()))?;
@@ -844,7 +844,7 @@ pub(crate) async fn console_setup(
     mode: ConsoleMode<'_>,
 ) -> Result<Session, SessionError> {
     let carrier = Carrier::new(cfg.fallback);
-    carrier.attach(link.connection().clone());
+    carrier.attach(link.connection().clone(), link.channel());
     let socket = carrier
         .socket(CONSOLE_ADDR, AGENT_ADDR)
         .ok_or_else(|| SessionError::Setup("carrier already in use".into()))?;
