@@ -192,7 +192,7 @@ async fn run(a: Args) {
         }
         for (conn, token) in [(a_conn, tokens[0]), (c_conn, tokens[1])] {
             let (ch_tx, mut ch_rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(256);
-            port.set_channel(relay_addr, token, ch_tx);
+            port.set_channel(relay_addr, token, Arc::new(ch_tx));
             let (counters, latencies) = (counters.clone(), latencies.clone());
             tasks.spawn(async move {
                 let mut n = 0u64;

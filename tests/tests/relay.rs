@@ -813,7 +813,7 @@ async fn channel_packets_reach_the_peer_and_nobody_else_can_use_a_channel() {
         console.channel().unwrap().port,
     );
     let (tx, mut rx) = tokio::sync::mpsc::channel(16);
-    c_port.set_channel(relay_addr, c_token, tx);
+    c_port.set_channel(relay_addr, c_token, std::sync::Arc::new(tx));
     let packet = |token: u64, body: &[u8]| {
         let mut p = vec![0u8; channel::HEADER + body.len()];
         channel::write_header(&mut p, token);
@@ -828,25 +828,25 @@ async fn channel_packets_reach_the_peer_and_nobody_else_can_use_a_channel() {
     };
     // The agent's packet from its own link's address arrives, once.
     a_port
-        .send_to(relay_addr, &packet(a_token, b"hello"))
+        .send_to(relay_addr, &packet(a_token, b"hello, console"))
         .unwrap();
     let got = tokio::time::timeout(Duration::from_secs(2), rx.recv())
         .await
         .unwrap()
         .unwrap();
-    assert_eq!(&got[..], b"hello");
+    assert_eq!(&got[..], b"hello, console");
     // The agent's token from another socket of the same machine: dropped at the relay.
     let stranger = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
     stranger
-        .send_to(&packet(a_token, b"forged"), relay_addr)
+        .send_to(&packet(a_token, b"forged packet"), relay_addr)
         .unwrap();
     // A guessed token from the agent's own address.
     a_port
-        .send_to(relay_addr, &packet(a_token ^ 1, b"guess"))
+        .send_to(relay_addr, &packet(a_token ^ 1, b"guessed token"))
         .unwrap();
     // A relayed-looking packet straight to the console from the stranger (not from the relay).
     stranger
-        .send_to(&packet(c_token, b"spoof"), c_port.local_addr())
+        .send_to(&packet(c_token, b"spoofed reply"), c_port.local_addr())
         .unwrap();
     let t = Instant::now();
     while (dropped("channel_wrong_source") < 1.0 || dropped("channel_unknown_token") < 1.0)
@@ -866,7 +866,7 @@ async fn channel_packets_reach_the_peer_and_nobody_else_can_use_a_channel() {
         &relay.handle().metrics().encode(),
         "tandem_relay_forwarded_bytes_total{direction=\"agent_to_console\",path=\"channel\"}",
     );
-    assert_eq!(forwarded, 5.0);
+    assert_eq!(forwarded, 14.0);
     // The session ends: the tokens stop working at once.
     agent
         .end(tandem_proto::EndReason::EndedByUser)
@@ -877,7 +877,7 @@ async fn channel_packets_reach_the_peer_and_nobody_else_can_use_a_channel() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     a_port
-        .send_to(relay_addr, &packet(a_token, b"late"))
+        .send_to(relay_addr, &packet(a_token, b"late packet!"))
         .unwrap();
     let t = Instant::now();
     while dropped("channel_unknown_token") < 2.0 && t.elapsed() < Duration::from_secs(2) {

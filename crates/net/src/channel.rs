@@ -20,8 +20,15 @@
 pub const RELAYED: u8 = 0x04;
 /// Bytes before the payload.
 pub const HEADER: usize = 9;
-/// Largest channel packet a side or the relay handles (larger ones are dropped).
-pub const MAX_PACKET: usize = 2048;
+/// Largest channel packet a side or the relay handles (larger ones are dropped): a session's inner
+/// packets (at most 1,400 bytes on a channel) and the header. Small enough that the relay's
+/// batched sends (GSO) fit any 1,500-byte path, IPv4 or IPv6.
+pub const MAX_PACKET: usize = 1409;
+/// The payload of a channel hello: a side says it takes channel packets (see the session's
+/// carrier). Shorter than any QUIC packet, so never mistaken for one.
+pub const HELLO: &[u8] = b"tandem-hello";
+/// The answer to a [`HELLO`] (not answered itself). The same length.
+pub const READY: &[u8] = b"tandem-ready";
 
 /// The token and payload of a channel packet, if `p` is one.
 pub fn parse(p: &[u8]) -> Option<(u64, &[u8])> {
@@ -64,6 +71,7 @@ mod tests {
         p[0] = 0x03;
         assert_eq!(parse(&p), None, "another kind");
         let big = [RELAYED; MAX_PACKET + 1];
+        assert!(HELLO.len() < 20, "shorter than a QUIC packet");
         assert_eq!(parse(&big), None);
         assert_eq!(max_payload(1200), 1202);
     }

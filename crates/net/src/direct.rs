@@ -90,7 +90,19 @@ struct PortInner {
 
 struct ChannelSink {
     relay: SocketAddr,
-    sink: mpsc::Sender<Bytes>,
+    sink: Arc<dyn ChannelReceiver>,
+}
+
+/// Takes the payloads of one relay channel as they arrive (on the receive path of the socket:
+/// quick, never blocking). False: dropped.
+pub trait ChannelReceiver: Send + Sync {
+    fn receive(&self, payload: &[u8]) -> bool;
+}
+
+impl ChannelReceiver for mpsc::Sender<Bytes> {
+    fn receive(&self, payload: &[u8]) -> bool {
+        self.try_send(Bytes::copy_from_slice(payload)).is_ok()
+    }
 }
 
 impl Drop for PortInner {
@@ -117,7 +129,11 @@ impl fmt::Debug for DirectPort {
 
 impl DirectPort {
     fn new(sender: std::net::UdpSocket, shared: bool, local: SocketAddr) -> DirectPort {
-        let state = quinn::udp::UdpSocketState::new((&sender).into()).ok();
+        // Only on the outer endpoint's socket, whose reader (quinn) takes coalesced receives: the
+        // state switches on GRO, which the plain reader of a port's own socket could not split.
+        let state = shared
+            .then(|| quinn::udp::UdpSocketState::new((&sender).into()).ok())
+            .flatten();
         DirectPort(Arc::new(PortInner {
             sender,
             state,
@@ -242,8 +258,8 @@ impl DirectPort {
     }
 
     /// Takes a relay channel's packets from now on: those from `relay` with `token` (see
-    /// [`crate::channel`]), their payloads into `sink`.
-    pub fn set_channel(&self, relay: SocketAddr, token: u64, sink: mpsc::Sender<Bytes>) {
+    /// [`crate::channel`]), their payloads to `sink`.
+    pub fn set_channel(&self, relay: SocketAddr, token: u64, sink: Arc<dyn ChannelReceiver>) {
         let relay = SocketAddr::new(relay.ip().to_canonical(), relay.port());
         lock(&self.0.channels).insert(token, ChannelSink { relay, sink });
     }
@@ -278,9 +294,11 @@ impl PortInner {
         }
         let from = SocketAddr::new(from.ip().to_canonical(), from.port());
         if let Some((token, payload)) = crate::channel::parse(p) {
-            let ok = lock(&self.channels).get(&token).is_some_and(|c| {
-                c.relay == from && c.sink.try_send(Bytes::copy_from_slice(payload)).is_ok()
-            });
+            let sink = lock(&self.channels)
+                .get(&token)
+                .filter(|c| c.relay == from)
+                .map(|c| c.sink.clone());
+            let ok = sink.is_some_and(|s| s.receive(payload));
             if ok {
                 self.channel_received.fetch_add(1, Ordering::Relaxed);
             } else {

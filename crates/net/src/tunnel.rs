@@ -664,7 +664,9 @@ pub struct MuxSocket {
 /// packet in place and name where it goes, or drop it (`None`). Called on quinn's receive path for
 /// every such packet, so it must be quick and must not block.
 pub trait PacketTap: Send + Sync + fmt::Debug {
-    fn packet(&self, p: &mut [u8], from: SocketAddr) -> Option<SocketAddr>;
+    /// Where the packet goes, and from which of this host's addresses (`None`: the system's
+    /// choice).
+    fn packet(&self, p: &mut [u8], from: SocketAddr) -> Option<(SocketAddr, Option<IpAddr>)>;
     /// A forwarded packet the socket would not take (its send buffer was full).
     fn send_failed(&self) {}
 }
@@ -760,6 +762,11 @@ impl MuxSocket {
         let r = udp.poll_recv(cx, bufs, meta);
         if let Poll::Ready(Ok(n)) = &r {
             for (m, b) in meta.iter_mut().zip(bufs.iter_mut()).take(*n) {
+                if is_link_address(m.addr) {
+                    // A forged source in the links' range: quinn skips an empty datagram.
+                    m.len = 0;
+                    continue;
+                }
                 let len = m.len.min(b.len());
                 let tapped = self.tap.as_ref().filter(|_| {
                     b[..len]
@@ -771,10 +778,7 @@ impl MuxSocket {
                     // which skips an empty datagram.
                     m.len = tap_datagrams(&**tap, &**udp, m, &mut b[..len]);
                 }
-                if is_link_address(m.addr) {
-                    // A forged source in the links' range: quinn skips an empty datagram.
-                    m.len = 0;
-                } else if self.count_from.is_none_or(|f| {
+                if self.count_from.is_none_or(|f| {
                     f.port() == m.addr.port() && f.ip().to_canonical() == m.addr.ip().to_canonical()
                 }) {
                     self.udp_received.fetch_add(1, Ordering::Relaxed);
@@ -796,7 +800,7 @@ fn tap_datagrams(
     buf: &mut [u8],
 ) -> usize {
     let stride = m.stride.max(1);
-    let mut dests: [Option<SocketAddr>; 64] = [None; 64];
+    let mut dests: [Option<(SocketAddr, Option<IpAddr>)>; 64] = [None; 64];
     let mut count = 0;
     for (i, seg) in buf.chunks_mut(stride).enumerate() {
         let to = if crate::direct::is_direct_packet(seg) {
@@ -834,7 +838,7 @@ fn tap_datagrams(
 fn send_on(
     tap: &dyn PacketTap,
     udp: &dyn AsyncUdpSocket,
-    to: SocketAddr,
+    (to, src_ip): (SocketAddr, Option<IpAddr>),
     contents: &[u8],
     segment_size: Option<usize>,
 ) {
@@ -843,7 +847,7 @@ fn send_on(
         ecn: None,
         contents,
         segment_size,
-        src_ip: None,
+        src_ip,
     };
     if udp.try_send(&t).is_err() {
         tap.send_failed();

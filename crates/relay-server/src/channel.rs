@@ -6,29 +6,57 @@
 //! limit: tested without sockets.
 //!
 //! A packet is forwarded only if its token is one the relay gave, it comes from the address of
-//! the QUIC connection the token was given on (followed when that connection migrates), and its
-//! direction of the session has budget left (the same limit as its DATAGRAMs). It goes to the
-//! peer's QUIC connection address only.
+//! the QUIC connection the token was given on, its payload is between [`MIN_PAYLOAD`] and
+//! [`channel::MAX_PACKET`], and its direction of the session has budget left: the session's
+//! limit if the operator set one, and always [`CHANNEL_BYTES_PER_SECOND`] with
+//! [`PACKET_OVERHEAD`] charged per packet (a pair of clients cannot make the relay send tiny
+//! packets without end). It goes to the peer's QUIC connection address only, from the relay
+//! address that connection uses.
+//!
+//! # Moved connections
+//! A client whose NAT gives it a new address migrates its QUIC connection; quinn follows the new
+//! address at once and validates it within three PTOs (at least 2 s), going back if that fails.
+//! A forged packet from someone else's address can therefore move a connection's address for a
+//! moment. The table follows a connection's new address only once it has held for
+//! [`FOLLOW_AFTER`] ([`Channels::refresh`], called by the relay's ticker), so a forged migration
+//! never points a session's traffic at a third party; a real one interrupts the channel for that
+//! long.
 
 use prometheus_client::metrics::counter::Counter;
 use std::collections::HashMap;
 use std::fmt;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 use tandem_net::channel;
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// Where a side's QUIC connection is now (its packets come from there; the peer's go there).
+/// Shortest payload forwarded: a channel hello ([`channel::HELLO`]); every QUIC packet is longer.
+pub const MIN_PAYLOAD: usize = channel::HELLO.len();
+/// Bytes charged per packet besides its payload (headers on the wire).
+pub const PACKET_OVERHEAD: usize = 48;
+/// Most bytes per second one direction of a session may send through its channel, whatever the
+/// operator's session limit (a pair of clients flooding the relay).
+pub const CHANNEL_BYTES_PER_SECOND: f64 = 64.0 * 1024.0 * 1024.0;
+/// How long a connection's new address must hold before the channel follows it.
+pub const FOLLOW_AFTER: Duration = Duration::from_secs(4);
+
+/// Where a side's QUIC connection is now (its packets come from there; the peer's go there), and
+/// the relay's address it uses.
 pub trait Addressed: Send + Sync {
     fn address(&self) -> SocketAddr;
+    fn local_ip(&self) -> Option<IpAddr>;
 }
 
 impl Addressed for quinn::Connection {
     fn address(&self) -> SocketAddr {
         self.remote_address()
+    }
+    fn local_ip(&self) -> Option<IpAddr> {
+        quinn::Connection::local_ip(self)
     }
 }
 
@@ -41,14 +69,45 @@ fn same(a: SocketAddr, b: SocketAddr) -> bool {
     a.port() == b.port() && a.ip().to_canonical() == b.ip().to_canonical()
 }
 
+/// One side's address as the channel uses it.
+#[derive(Clone, Copy)]
+struct Side {
+    /// Where its packets come from and the peer's go (as the socket reports it).
+    addr: SocketAddr,
+    /// The relay's address its connection uses (the source of what goes to it).
+    local: Option<IpAddr>,
+    /// A new address its connection reports, and since when.
+    moving: Option<(SocketAddr, Instant)>,
+}
+
+/// The always-on byte budget of one direction.
+struct Budget {
+    tokens: f64,
+    last: Instant,
+}
+
+impl Budget {
+    fn take(&mut self, n: usize, rate: f64, now: Instant) -> bool {
+        let dt = now.saturating_duration_since(self.last).as_secs_f64();
+        self.last = now;
+        self.tokens = (self.tokens + dt * rate).min(rate);
+        if self.tokens >= n as f64 {
+            self.tokens -= n as f64;
+            true
+        } else {
+            false
+        }
+    }
+}
+
 /// A session's two sides: 0 and 1 (agent and console; the table does not care which).
 struct Pair<C> {
     conns: [C; 2],
     tokens: [u64; 2],
-    /// Where each side's packets come from, as the socket reports it.
-    addrs: Mutex<[SocketAddr; 2]>,
-    /// The direction *from* each side.
+    sides: Mutex<[Side; 2]>,
+    /// The direction *from* each side: the session's counters and limit, and the channel's own.
     legs: [Arc<dyn Leg>; 2],
+    budgets: [Mutex<Budget>; 2],
 }
 
 /// Why a channel packet was not forwarded (counted).
@@ -121,6 +180,8 @@ type TokenMap<V> = HashMap<u64, V, std::hash::BuildHasherDefault<TokenHasher>>;
 pub struct Channels<C> {
     map: Mutex<TokenMap<(Arc<Pair<C>>, usize)>>,
     pub drops: DropCounters,
+    /// Bytes per second per direction ([`CHANNEL_BYTES_PER_SECOND`]; tests set less).
+    rate: f64,
 }
 
 impl<C> fmt::Debug for Channels<C> {
@@ -143,6 +204,15 @@ impl<C: Addressed> Channels<C> {
         Channels {
             map: Mutex::new(TokenMap::default()),
             drops,
+            rate: CHANNEL_BYTES_PER_SECOND,
+        }
+    }
+
+    /// The same with another per-direction rate.
+    pub fn with_rate(drops: DropCounters, rate: f64) -> Self {
+        Channels {
+            rate,
+            ..Channels::new(drops)
         }
     }
 }
@@ -156,12 +226,24 @@ impl<C: Addressed + 'static> Channels<C> {
         if tokens[0] == tokens[1] || tokens.iter().any(|t| map.contains_key(t)) {
             return false;
         }
-        let addrs = [conns[0].address(), conns[1].address()];
+        let side = |c: &C| Side {
+            addr: c.address(),
+            local: c.local_ip(),
+            moving: None,
+        };
+        let sides = [side(&conns[0]), side(&conns[1])];
+        let budget = || {
+            Mutex::new(Budget {
+                tokens: self.rate,
+                last: Instant::now(),
+            })
+        };
         let pair = Arc::new(Pair {
             conns,
             tokens,
-            addrs: Mutex::new(addrs),
+            sides: Mutex::new(sides),
             legs,
+            budgets: [budget(), budget()],
         });
         for (i, t) in tokens.iter().enumerate() {
             map.insert(*t, (pair.clone(), i));
@@ -186,25 +268,52 @@ impl<C: Addressed + 'static> Channels<C> {
         self.len() == 0
     }
 
-    /// Takes every side's connection address again (a side that only receives while its
-    /// connection migrated is reached at its new address). Called by the relay's ticker.
-    pub fn refresh(&self) {
+    /// Follows connections that moved: a side's new address is taken once its connection has
+    /// reported it for [`FOLLOW_AFTER`] (see the module's doc). Called by the relay's ticker.
+    pub fn refresh(&self, now: Instant) {
         let pairs: Vec<Arc<Pair<C>>> = lock(&self.map)
             .values()
             .filter(|(_, i)| *i == 0)
             .map(|(p, _)| p.clone())
             .collect();
         for p in pairs {
-            let now = [p.conns[0].address(), p.conns[1].address()];
-            *lock(&p.addrs) = now;
+            let now_at = [p.conns[0].address(), p.conns[1].address()];
+            let mut sides = lock(&p.sides);
+            for (i, side) in sides.iter_mut().enumerate() {
+                let a = now_at[i];
+                if same(a, side.addr) {
+                    side.moving = None;
+                    continue;
+                }
+                match side.moving {
+                    Some((m, since)) if same(m, a) => {
+                        if now.saturating_duration_since(since) >= FOLLOW_AFTER {
+                            side.addr = a;
+                            side.local = p.conns[i].local_ip();
+                            side.moving = None;
+                        }
+                    }
+                    _ => side.moving = Some((a, now)),
+                }
+            }
         }
     }
 
-    /// One packet from `from`: where it goes (rewritten in place for the peer), or why not.
-    pub fn forward(&self, p: &mut [u8], from: SocketAddr) -> Result<SocketAddr, Dropped> {
-        let Some((token, _)) = channel::parse(p) else {
+    /// One packet from `from`: where it goes and from which relay address (rewritten in place
+    /// for the peer), or why not.
+    pub fn forward(
+        &self,
+        p: &mut [u8],
+        from: SocketAddr,
+        now: Instant,
+    ) -> Result<(SocketAddr, Option<IpAddr>), Dropped> {
+        let Some((token, payload)) = channel::parse(p) else {
             return Err(Dropped::Malformed);
         };
+        if payload.len() < MIN_PAYLOAD {
+            return Err(Dropped::Malformed);
+        }
+        let payload = payload.len();
         // Everything under the table's lock (taken by the endpoint's receive path, and briefly
         // when a session starts or ends): no reference count touched per packet.
         let map = lock(&self.map);
@@ -213,28 +322,25 @@ impl<C: Addressed + 'static> Channels<C> {
         };
         let i = *i;
         let to = {
-            let mut addrs = lock(&pair.addrs);
-            if !same(addrs[i], from) {
-                // The side's connection may have moved (NAT rebinding): its QUIC connection says.
-                let now = pair.conns[i].address();
-                if !same(now, from) {
-                    return Err(Dropped::WrongSource);
-                }
-                addrs[i] = now;
+            let sides = lock(&pair.sides);
+            if !same(sides[i].addr, from) {
+                return Err(Dropped::WrongSource);
             }
-            addrs[1 - i]
+            sides[1 - i]
         };
-        if !pair.legs[i].admit(p.len() - channel::HEADER) {
+        if !lock(&pair.budgets[i]).take(payload + PACKET_OVERHEAD, self.rate, now)
+            || !pair.legs[i].admit(payload)
+        {
             return Err(Dropped::RateLimited);
         }
         channel::write_header(p, pair.tokens[1 - i]);
-        Ok(to)
+        Ok((to.addr, to.local))
     }
 }
 
 impl<C: Addressed + 'static> tandem_net::tunnel::PacketTap for Channels<C> {
-    fn packet(&self, p: &mut [u8], from: SocketAddr) -> Option<SocketAddr> {
-        match self.forward(p, from) {
+    fn packet(&self, p: &mut [u8], from: SocketAddr) -> Option<(SocketAddr, Option<IpAddr>)> {
+        match self.forward(p, from, Instant::now()) {
             Ok(to) => Some(to),
             Err(d) => {
                 self.drops.count(d);
@@ -258,6 +364,9 @@ mod tests {
     impl Addressed for At {
         fn address(&self) -> SocketAddr {
             *lock(&self.0)
+        }
+        fn local_ip(&self) -> Option<IpAddr> {
+            Some("192.0.2.100".parse().unwrap())
         }
     }
     fn at(s: &str) -> At {
@@ -286,79 +395,74 @@ mod tests {
         Arc::new(b)
     }
 
-    fn packet(token: u64, payload: &[u8]) -> Vec<u8> {
-        let mut p = vec![0u8; channel::HEADER + payload.len()];
+    /// A channel packet with `token` whose payload is `body` padded to the shortest payload.
+    fn packet(token: u64, body: &[u8]) -> Vec<u8> {
+        let len = body.len().max(MIN_PAYLOAD);
+        let mut p = vec![0u8; channel::HEADER + len];
         channel::write_header(&mut p, token);
-        p[channel::HEADER..].copy_from_slice(payload);
+        p[channel::HEADER..channel::HEADER + body.len()].copy_from_slice(body);
         p
     }
 
     const A: &str = "198.51.100.1:4000";
     const C: &str = "203.0.113.2:5000";
 
+    fn addr(s: &str) -> SocketAddr {
+        s.parse().unwrap()
+    }
+
+    fn go(t: &Channels<At>, p: &mut [u8], from: &str) -> Result<SocketAddr, Dropped> {
+        t.forward(p, addr(from), Instant::now()).map(|(a, _)| a)
+    }
+
     #[test]
     fn forwards_between_the_two_sides_with_the_peers_token() {
         let t: Channels<At> = Channels::default();
         let (ba, bc) = (budget(1 << 20), budget(1 << 20));
         assert!(t.open([at(A), at(C)], [11, 22], [ba.clone(), bc.clone()]));
-        let mut p = packet(11, b"inner");
-        assert_eq!(
-            t.forward(&mut p, A.parse().unwrap()),
-            Ok(C.parse().unwrap())
-        );
-        assert_eq!(channel::parse(&p), Some((22, &b"inner"[..])));
+        let mut p = packet(11, b"inner packet");
+        let (to, src) = t.forward(&mut p, addr(A), Instant::now()).unwrap();
+        assert_eq!((to, src), (addr(C), Some("192.0.2.100".parse().unwrap())));
+        assert_eq!(channel::parse(&p), Some((22, &b"inner packet"[..])));
         let mut p = packet(22, b"back");
-        assert_eq!(
-            t.forward(&mut p, C.parse().unwrap()),
-            Ok(A.parse().unwrap())
-        );
-        assert_eq!(channel::parse(&p), Some((11, &b"back"[..])));
-        assert_eq!(ba.taken.load(Ordering::SeqCst), 5);
-        assert_eq!(bc.taken.load(Ordering::SeqCst), 4);
+        assert_eq!(go(&t, &mut p, C), Ok(addr(A)));
+        assert_eq!(channel::parse(&p).unwrap().0, 11);
+        assert_eq!(ba.taken.load(Ordering::SeqCst), 12);
+        assert_eq!(bc.taken.load(Ordering::SeqCst), 12);
         // An IPv4-mapped source is the same address.
-        let mut p = packet(11, b"x");
-        let mapped: SocketAddr = "[::ffff:198.51.100.1]:4000".parse().unwrap();
-        assert!(t.forward(&mut p, mapped).is_ok());
+        assert!(go(&t, &mut packet(11, b"x"), "[::ffff:198.51.100.1]:4000").is_ok());
     }
 
     #[test]
     fn strangers_wrong_sources_and_closed_sessions_get_nothing() {
         let t: Channels<At> = Channels::default();
         assert!(t.open([at(A), at(C)], [11, 22], [budget(1 << 20), budget(1 << 20)]));
-        let stranger: SocketAddr = "192.0.2.9:4000".parse().unwrap();
         // A guessed token.
-        assert_eq!(
-            t.forward(&mut packet(12, b"x"), A.parse().unwrap()),
-            Err(Dropped::UnknownToken)
-        );
+        assert_eq!(go(&t, &mut packet(12, b"x"), A), Err(Dropped::UnknownToken));
         // A real token from another address (someone who saw it, or forged the source badly).
         assert_eq!(
-            t.forward(&mut packet(11, b"x"), stranger),
+            go(&t, &mut packet(11, b"x"), "192.0.2.9:4000"),
             Err(Dropped::WrongSource)
         );
         // The console using the agent's token from its own address.
-        assert_eq!(
-            t.forward(&mut packet(11, b"x"), C.parse().unwrap()),
-            Err(Dropped::WrongSource)
-        );
-        assert_eq!(
-            t.forward(&mut [channel::RELAYED, 1, 2], A.parse().unwrap()),
-            Err(Dropped::Malformed)
-        );
-        assert_eq!(
-            t.forward(&mut [0x03, 0, 0, 0, 0, 0, 0, 0, 11, 1], A.parse().unwrap()),
-            Err(Dropped::Malformed)
-        );
+        assert_eq!(go(&t, &mut packet(11, b"x"), C), Err(Dropped::WrongSource));
+        // Too short to be a hello or a QUIC packet, or not a channel packet.
+        let mut short = packet(11, b"x");
+        short.truncate(channel::HEADER + MIN_PAYLOAD - 1);
+        assert_eq!(go(&t, &mut short, A), Err(Dropped::Malformed));
+        let mut other = packet(11, b"x");
+        other[0] = 0x03;
+        assert_eq!(go(&t, &mut other, A), Err(Dropped::Malformed));
+        let mut long = vec![0u8; channel::MAX_PACKET + 1];
+        channel::write_header(&mut long, 11);
+        assert_eq!(go(&t, &mut long, A), Err(Dropped::Malformed));
         t.close([11, 22]);
         assert!(t.is_empty());
-        assert_eq!(
-            t.forward(&mut packet(11, b"x"), A.parse().unwrap()),
-            Err(Dropped::UnknownToken)
-        );
+        assert_eq!(go(&t, &mut packet(11, b"x"), A), Err(Dropped::UnknownToken));
     }
 
     #[test]
-    fn a_migrated_connection_is_followed_and_its_old_address_refused() {
+    fn a_moved_connection_is_followed_only_once_its_address_held() {
         let t: Channels<At> = Channels::default();
         let (a, c) = (at(A), at(C));
         assert!(t.open(
@@ -366,44 +470,60 @@ mod tests {
             [11, 22],
             [budget(1 << 20), budget(1 << 20)]
         ));
-        let moved: SocketAddr = "198.51.100.1:4999".parse().unwrap();
-        // Before the QUIC connection moved, the new address is a stranger.
+        let moved = "198.51.100.1:4999";
+        let t0 = Instant::now();
+        // A forged packet moves the agent's QUIC connection to a third party for a moment:
+        // nothing follows it, and quinn's failed validation moves it back.
+        *lock(&a.0) = addr(moved);
+        t.refresh(t0);
+        assert_eq!(go(&t, &mut packet(22, b"y"), C), Ok(addr(A)));
         assert_eq!(
-            t.forward(&mut packet(11, b"x"), moved),
+            go(&t, &mut packet(11, b"x"), moved),
             Err(Dropped::WrongSource)
         );
-        *lock(&a.0) = moved;
-        assert!(t.forward(&mut packet(11, b"x"), moved).is_ok());
+        *lock(&a.0) = addr(A);
+        t.refresh(t0 + Duration::from_secs(3));
+        *lock(&a.0) = addr(moved);
+        t.refresh(t0 + Duration::from_secs(5));
         assert_eq!(
-            t.forward(&mut packet(11, b"x"), A.parse().unwrap()),
-            Err(Dropped::WrongSource)
+            go(&t, &mut packet(22, b"y"), C),
+            Ok(addr(A)),
+            "the clock restarted"
         );
-        // The console's packets now go to the new address.
-        assert_eq!(
-            t.forward(&mut packet(22, b"y"), C.parse().unwrap()),
-            Ok(moved)
-        );
-        // A side that only receives: the ticker's refresh finds its new address.
-        let c_moved: SocketAddr = "203.0.113.2:6000".parse().unwrap();
-        *lock(&c.0) = c_moved;
-        t.refresh();
-        assert_eq!(t.forward(&mut packet(11, b"x"), moved), Ok(c_moved));
+        // A real move holds: followed after FOLLOW_AFTER.
+        t.refresh(t0 + Duration::from_secs(5) + FOLLOW_AFTER);
+        assert_eq!(go(&t, &mut packet(11, b"x"), moved), Ok(addr(C)));
+        assert_eq!(go(&t, &mut packet(11, b"x"), A), Err(Dropped::WrongSource));
+        assert_eq!(go(&t, &mut packet(22, b"y"), C), Ok(addr(moved)));
     }
 
     #[test]
-    fn the_sessions_rate_limit_applies_and_tokens_never_clash() {
+    fn budgets_apply_per_direction_and_tokens_never_clash() {
+        // The session's own limit (the leg).
         let t: Channels<At> = Channels::default();
-        assert!(t.open([at(A), at(C)], [11, 22], [budget(10), budget(1 << 20)]));
+        assert!(t.open([at(A), at(C)], [11, 22], [budget(12), budget(1 << 20)]));
+        assert!(go(&t, &mut packet(11, b""), A).is_ok());
+        assert_eq!(go(&t, &mut packet(11, b""), A), Err(Dropped::RateLimited));
         assert!(
-            t.forward(&mut packet(11, &[0; 8]), A.parse().unwrap())
-                .is_ok()
-        );
-        assert_eq!(
-            t.forward(&mut packet(11, &[0; 8]), A.parse().unwrap()),
-            Err(Dropped::RateLimited)
+            go(&t, &mut packet(22, b""), C).is_ok(),
+            "the other direction"
         );
         assert!(!t.open([at(A), at(C)], [11, 33], [budget(1), budget(1)]));
         assert!(!t.open([at(A), at(C)], [44, 44], [budget(1), budget(1)]));
         assert_eq!(t.len(), 2);
+        // The channel's own: tiny packets are charged their overhead too.
+        let rate = 10.0 * (MIN_PAYLOAD + PACKET_OVERHEAD) as f64;
+        let t: Channels<At> = Channels::with_rate(DropCounters::default(), rate);
+        assert!(t.open([at(A), at(C)], [11, 22], [budget(1 << 20), budget(1 << 20)]));
+        let now = Instant::now();
+        let sent = (0..100)
+            .filter(|_| t.forward(&mut packet(11, b""), addr(A), now).is_ok())
+            .count();
+        assert_eq!(sent, 10);
+        // A second later there is room again.
+        assert!(
+            t.forward(&mut packet(11, b""), addr(A), now + Duration::from_secs(1))
+                .is_ok()
+        );
     }
 }

@@ -654,7 +654,7 @@ async fn ticker(shared: std::sync::Weak<Shared>, mut stop: watch::Receiver<bool>
             next_sweep = Instant::now() + DEVICE_SWEEP;
             forget_stale_devices(&shared);
         }
-        shared.channels.refresh();
+        shared.channels.refresh(Instant::now());
         refresh_gauges(&shared);
     }
 }
@@ -823,10 +823,14 @@ async fn serve_incoming(shared: Arc<Shared>, incoming: quinn::Incoming) {
             grace,
         } => {
             // Forwarding pauses; the byte counts and the audit row stay with the session. The side
-            // still there drops what it sends meanwhile.
+            // still there drops what it sends meanwhile (its channel token stops working; the
+            // resume gives both sides new ones).
             if let Some(io) = lock(&shared.sessions).get_mut(&session) {
                 for t in io.tasks.drain(..) {
                     t.abort();
+                }
+                if let Some(tokens) = io.channel.take() {
+                    shared.channels.close(tokens);
                 }
             }
             if let Some(h) = lock(&shared.conns).get(&peer) {

@@ -27,12 +27,14 @@ use std::fmt;
 use std::io::{self, IoSliceMut};
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::atomic::AtomicBool;
 use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 use tandem_client::LinkChannel;
-use tandem_client::tandem_net::direct::DirectPort;
+use tandem_client::tandem_net::channel;
+use tandem_client::tandem_net::direct::{ChannelReceiver, DirectPort};
 use tandem_proto::{FRAME_HEADER, MAX_PAYLOAD_FRAME, frame_len};
 use tokio::sync::mpsc;
 use tokio::task::AbortHandle;
@@ -55,7 +57,7 @@ pub const MAX_INNER_PACKET: usize = 2048;
 /// Largest direct-path data packet sent: inner QUIC's packets (at most 1380 bytes, see
 /// `inner::transport`) and the 1-byte header fit a 1500-byte path over IPv6 with room for a tunnel.
 const MAX_DIRECT_DATA: usize = 1400;
-const CHANNEL_HEADER: usize = tandem_client::tandem_net::channel::HEADER;
+const CHANNEL_HEADER: usize = channel::HEADER;
 /// Inner packets quinn may hand the virtual socket at once (it batches them for GSO); on the relay
 /// channel they leave in one send.
 const GSO_SEGMENTS: usize = 10;
@@ -82,6 +84,34 @@ pub struct CarrierStats {
     pub direct_bytes: AtomicU64,
     /// Inner packets sent on the relay channel.
     pub sent_channel: AtomicU64,
+}
+
+/// Hellos on a channel until the peer answers (ten a second for three seconds, then one).
+const HELLO_EVERY: Duration = Duration::from_millis(100);
+/// After the peer was first heard on the channel, whole DATAGRAMs from it are not taken as a
+/// sign that it left the channel for this long (they were on their way).
+const ARMED_GRACE: Duration = Duration::from_millis(500);
+
+/// The channel's receiving end: on the socket's receive path, straight into the inner socket's
+/// queue. Hellos are answered; anything from the peer shows it takes channel packets.
+struct ChannelIn(std::sync::Weak<Carrier>);
+
+impl ChannelReceiver for ChannelIn {
+    fn receive(&self, payload: &[u8]) -> bool {
+        let Some(c) = self.0.upgrade() else {
+            return false;
+        };
+        c.peer_on_channel();
+        if payload == channel::HELLO {
+            c.send_channel_control(channel::READY);
+            return true;
+        }
+        if payload == channel::READY {
+            return true;
+        }
+        c.deliver(Bytes::copy_from_slice(payload));
+        true
+    }
 }
 
 /// Where channel packets go: the link's socket, the relay, this side's token.
@@ -180,6 +210,10 @@ pub struct Carrier {
     direct: Mutex<Option<(DirectPort, SocketAddr)>>,
     /// The relay channel of the current link, once the relay gave this side its token.
     channel: Mutex<Option<ChannelOut>>,
+    /// Whether the peer was heard on the channel (inner packets go there only then), and since
+    /// when.
+    armed: AtomicBool,
+    armed_at: Mutex<Instant>,
     path: tokio::sync::watch::Sender<PathKind>,
     pub stats: CarrierStats,
 }
@@ -206,6 +240,8 @@ impl Carrier {
             next_id: AtomicU16::new(0),
             direct: Mutex::new(None),
             channel: Mutex::new(None),
+            armed: AtomicBool::new(false),
+            armed_at: Mutex::new(Instant::now()),
             path: tokio::sync::watch::channel(PathKind::Relay).0,
             stats: CarrierStats::default(),
         })
@@ -225,22 +261,42 @@ impl Carrier {
             let me = self.clone();
             tasks.push(
                 tokio::spawn(async move {
-                    // A new token comes when the peer resumed on a new link.
+                    let sink: Arc<dyn ChannelReceiver> = Arc::new(ChannelIn(Arc::downgrade(&me)));
+                    let mut hellos = 0u32;
+                    let mut current: Option<u64> = None;
                     loop {
+                        // A new token comes when a side resumed on a new link: the peer must be
+                        // heard on the channel again before anything is sent on it.
                         let t = *token.borrow_and_update();
-                        if let Some(token) = t {
-                            port.set_channel(relay, token, me.inbound_tx.clone());
-                            let old = lock(&me.channel).replace(ChannelOut {
-                                port: port.clone(),
-                                relay,
-                                token,
-                            });
-                            if let Some(old) = old.filter(|o| o.token != token) {
-                                old.port.clear_channel(old.token);
+                        if t != current {
+                            current = t;
+                            if let Some(token) = t {
+                                port.set_channel(relay, token, sink.clone());
+                                me.armed.store(false, Ordering::SeqCst);
+                                hellos = 0;
+                                let old = lock(&me.channel).replace(ChannelOut {
+                                    port: port.clone(),
+                                    relay,
+                                    token,
+                                });
+                                if let Some(old) = old.filter(|o| o.token != token) {
+                                    old.port.clear_channel(old.token);
+                                }
                             }
                         }
-                        if token.changed().await.is_err() {
-                            return;
+                        if lock(&me.channel).is_some() && !me.armed.load(Ordering::SeqCst) {
+                            me.send_channel_control(channel::HELLO);
+                            hellos = hellos.saturating_add(1);
+                        }
+                        // Quickly at first, then slowly (a peer that never answers has no channel).
+                        let every = if hellos < 30 {
+                            HELLO_EVERY
+                        } else {
+                            HELLO_EVERY * 10
+                        };
+                        tokio::select! {
+                            r = token.changed() => if r.is_err() { return },
+                            _ = tokio::time::sleep(every) => {}
                         }
                     }
                 })
@@ -254,6 +310,9 @@ impl Carrier {
             tokio::spawn(async move {
                 let mut reasm = Reassembly::default();
                 while let Ok(d) = c.read_datagram().await {
+                    if d.first() == Some(&KIND_WHOLE) {
+                        me.peer_off_channel();
+                    }
                     match decode_datagram(d, &mut reasm) {
                         Ok(Some(p)) => me.deliver(p),
                         Ok(None) => {}
@@ -312,14 +371,52 @@ impl Carrier {
 
     /// Stops carrying (the outer link is gone); inner packets are dropped until [`Carrier::attach`].
     pub fn detach(&self) {
+        // The tasks first: the channel's task could otherwise put a channel back.
+        for t in lock(&self.tasks).drain(..) {
+            t.abort();
+        }
+        self.armed.store(false, Ordering::SeqCst);
         if let Some(c) = lock(&self.channel).take() {
             c.port.clear_channel(c.token);
         }
         *lock(&self.conn) = None;
         *lock(&self.stream_tx) = None;
-        for t in lock(&self.tasks).drain(..) {
-            t.abort();
+    }
+
+    /// The peer sent something on the channel: it takes channel packets.
+    fn peer_on_channel(&self) {
+        if !self.armed.swap(true, Ordering::SeqCst) {
+            *lock(&self.armed_at) = Instant::now();
         }
+    }
+
+    /// The peer sent an inner packet as a whole DATAGRAM, which a side on the channel never does:
+    /// it has no channel (any more). Back to DATAGRAMs, and hellos again (past a moment for
+    /// packets that were on their way when it joined the channel).
+    fn peer_off_channel(&self) {
+        if self.armed.load(Ordering::SeqCst) && lock(&self.armed_at).elapsed() > ARMED_GRACE {
+            self.armed.store(false, Ordering::SeqCst);
+        }
+    }
+
+    /// Sends a hello or its answer on the channel, if there is one.
+    fn send_channel_control(&self, what: &[u8]) {
+        let Some(ch) = lock(&self.channel).clone() else {
+            return;
+        };
+        let mut b = [0u8; CHANNEL_HEADER + 16];
+        let b = &mut b[..CHANNEL_HEADER + what.len().min(16)];
+        channel::write_header(b, ch.token);
+        b[CHANNEL_HEADER..].copy_from_slice(&what[..what.len().min(16)]);
+        let _ = ch.port.send_to(ch.relay, b);
+    }
+
+    /// The channel to send on: only once the peer was heard on it.
+    fn sending_channel(&self) -> Option<ChannelOut> {
+        if !self.armed.load(Ordering::SeqCst) {
+            return None;
+        }
+        lock(&self.channel).clone()
     }
 
     /// Closes the current outer connection (simulates a cut link; see `Session::simulate_link_loss`).
@@ -394,17 +491,15 @@ impl Carrier {
     /// Sends on the relay channel if there is one and the packet fits the path (true: sent, or
     /// lost there).
     fn send_channel(&self, pkt: &[u8], max_datagram: usize) -> bool {
-        let Some(ch) = lock(&self.channel).clone() else {
+        let Some(ch) = self.sending_channel() else {
             return false;
         };
-        if pkt.len() > tandem_client::tandem_net::channel::max_payload(max_datagram)
-            || pkt.len() > MAX_DIRECT_DATA
-        {
+        if pkt.len() > channel::max_payload(max_datagram) || pkt.len() > MAX_DIRECT_DATA {
             return false;
         }
         let mut buf = [0u8; MAX_DIRECT_DATA + CHANNEL_HEADER];
         let b = &mut buf[..pkt.len() + CHANNEL_HEADER];
-        tandem_client::tandem_net::channel::write_header(b, ch.token);
+        channel::write_header(b, ch.token);
         b[CHANNEL_HEADER..].copy_from_slice(pkt);
         // A full socket buffer or an unreachable relay: lost, as on any UDP path.
         let _ = ch.port.send_to(ch.relay, b);
@@ -419,14 +514,14 @@ impl Carrier {
         if lock(&self.direct).is_some() {
             return false;
         }
-        let Some(ch) = lock(&self.channel).clone() else {
+        let Some(ch) = self.sending_channel() else {
             return false;
         };
         let max = match lock(&self.conn).as_ref() {
             Some(c) => c.max_datagram_size().unwrap_or(0),
             None => return false,
         };
-        if seg > tandem_client::tandem_net::channel::max_payload(max) || seg > MAX_DIRECT_DATA {
+        if seg > channel::max_payload(max) || seg > MAX_DIRECT_DATA {
             return false;
         }
         let stride = seg + CHANNEL_HEADER;
@@ -437,7 +532,7 @@ impl Carrier {
             let mut len = 0;
             for p in group.chunks(seg) {
                 let b = &mut buf[len..len + p.len() + CHANNEL_HEADER];
-                tandem_client::tandem_net::channel::write_header(b, ch.token);
+                channel::write_header(b, ch.token);
                 b[CHANNEL_HEADER..].copy_from_slice(p);
                 len += b.len();
             }
@@ -453,12 +548,12 @@ impl Carrier {
     /// Whether inner packets bypass the outer connection's datagram buffer (a direct path or a
     /// relay channel).
     fn bypassing(&self) -> bool {
-        lock(&self.direct).is_some() || lock(&self.channel).is_some()
+        lock(&self.direct).is_some() || self.on_channel()
     }
 
     /// Whether inner packets cross the relay as channel packets now.
     pub fn on_channel(&self) -> bool {
-        lock(&self.channel).is_some()
+        self.armed.load(Ordering::SeqCst) && lock(&self.channel).is_some()
     }
 
     /// Room in the outer datagram send buffer (0 when detached).
@@ -711,7 +806,12 @@ impl AsyncUdpSocket for VirtualSocket {
     }
 
     fn max_transmit_segments(&self) -> usize {
-        GSO_SEGMENTS
+        // Batches only where they leave in one send: on the relay channel.
+        if self.carrier.on_channel() && lock(&self.carrier.direct).is_none() {
+            GSO_SEGMENTS
+        } else {
+            1
+        }
     }
 
     fn may_fragment(&self) -> bool {
