@@ -17,7 +17,9 @@
 //!   [`ErrorCode::Oversized`] before anything is buffered.
 //! * After pairing, opaque payloads travel as QUIC DATAGRAM frames, or, when larger than the current
 //!   datagram size, on a unidirectional *payload stream* with the same 4-byte length framing, limited to
-//!   [`MAX_PAYLOAD_FRAME`]. The relay never looks inside a payload.
+//!   [`MAX_PAYLOAD_FRAME`]; or, on version 3 links, as relay-channel packets beside the QUIC
+//!   connection ([`RelayMsg::Channel`], `tandem_net::channel`). The relay never looks inside a
+//!   payload.
 
 use serde::{Deserialize, Serialize};
 use std::fmt;
