@@ -233,8 +233,7 @@ async fn stays_on_the_relay(relay_args: &[&str], console_extra: &[&str]) {
     let (_, m) = w.i.http_get(METRICS, "/metrics");
     assert_eq!(metric(&m, "tandem_relay_sessions_direct_total"), 0.0);
     // Through NATs on both sides, the session's packets crossed the relay on its channel (plain
-    // UDP, the QUIC link's 5-tuple), not as DATAGRAM frames: only the inner handshake's first
-    // packets, sent before each side heard the other on the channel, went as DATAGRAMs.
+    // UDP, the QUIC link's 5-tuple), not as DATAGRAM frames.
     let bytes = |dir: &str, path: &str| {
         metric(
             &m,
@@ -243,8 +242,10 @@ async fn stays_on_the_relay(relay_args: &[&str], console_extra: &[&str]) {
     };
     for dir in ["agent_to_console", "console_to_agent"] {
         let (ch, dg) = (bytes(dir, "channel"), bytes(dir, "datagram"));
+        // Both directions used the channel; the first packets (the inner handshake, the PAKE,
+        // sent before a side's hello was answered) went as DATAGRAMs.
         assert!(
-            ch > dg && ch > 10_000.0 && dg < 20_000.0,
+            ch > 1_000.0 && dg < 30_000.0,
             "{dir}: channel {ch}, datagram {dg}"
         );
     }
@@ -252,8 +253,10 @@ async fn stays_on_the_relay(relay_args: &[&str], console_extra: &[&str]) {
         bytes("agent_to_console", "channel"),
         bytes("agent_to_console", "datagram"),
     );
+    // Most of the picture: the handshake and at times the first picture's start go before the
+    // agent's hello was answered.
     assert!(
-        ch > 10.0 * dg,
+        ch > 2.0 * dg && ch > 10_000.0,
         "the picture went on the channel: {ch} vs {dg}"
     );
     assert_eq!(

@@ -664,9 +664,8 @@ pub struct MuxSocket {
 /// packet in place and name where it goes, or drop it (`None`). Called on quinn's receive path for
 /// every such packet, so it must be quick and must not block.
 pub trait PacketTap: Send + Sync + fmt::Debug {
-    /// Where the packet goes, and from which of this host's addresses (`None`: the system's
-    /// choice).
-    fn packet(&self, p: &mut [u8], from: SocketAddr) -> Option<(SocketAddr, Option<IpAddr>)>;
+    /// Where the packet goes on, if anywhere.
+    fn packet(&self, p: &mut [u8], from: SocketAddr) -> Option<Onward>;
     /// A forwarded packet the socket would not take (its send buffer was full).
     fn send_failed(&self) {}
 }
@@ -789,6 +788,17 @@ impl MuxSocket {
     }
 }
 
+/// Where a tapped packet goes on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Onward {
+    pub to: SocketAddr,
+    /// From which of this host's addresses (`None`: the system's choice).
+    pub src: Option<IpAddr>,
+    /// Whether it may leave in one send with others of its flow (GSO): its size is known to fit
+    /// the path.
+    pub batch: bool,
+}
+
 /// Hands one received buffer's non-QUIC packets (several when the kernel coalesced a flow's
 /// datagrams: GRO) to the tap and sends them on: in one `sendmsg` (GSO) when the whole buffer
 /// goes to one place, as a flow's packets do. Returns the length of the QUIC packets left, moved
@@ -800,7 +810,7 @@ fn tap_datagrams(
     buf: &mut [u8],
 ) -> usize {
     let stride = m.stride.max(1);
-    let mut dests: [Option<(SocketAddr, Option<IpAddr>)>; 64] = [None; 64];
+    let mut dests: [Option<Onward>; 64] = [None; 64];
     let mut count = 0;
     for (i, seg) in buf.chunks_mut(stride).enumerate() {
         let to = if crate::direct::is_direct_packet(seg) {
@@ -817,7 +827,7 @@ fn tap_datagrams(
     let one_place = count > 1
         && count <= dests.len()
         && count <= udp.max_transmit_segments()
-        && first.is_some()
+        && first.is_some_and(|f| f.batch)
         && dests[..count].iter().all(|d| *d == first);
     match first {
         Some(to) if one_place => {
@@ -838,16 +848,16 @@ fn tap_datagrams(
 fn send_on(
     tap: &dyn PacketTap,
     udp: &dyn AsyncUdpSocket,
-    (to, src_ip): (SocketAddr, Option<IpAddr>),
+    onward: Onward,
     contents: &[u8],
     segment_size: Option<usize>,
 ) {
     let t = Transmit {
-        destination: to,
+        destination: onward.to,
         ecn: None,
         contents,
         segment_size,
-        src_ip,
+        src_ip: onward.src,
     };
     if udp.try_send(&t).is_err() {
         tap.send_failed();

@@ -29,6 +29,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 use tandem_net::channel;
+use tandem_net::tunnel::Onward;
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
@@ -38,6 +39,10 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 pub const MIN_PAYLOAD: usize = channel::HELLO.len();
 /// Bytes charged per packet besides its payload (headers on the wire).
 pub const PACKET_OVERHEAD: usize = 48;
+/// Least charged per packet (with the overhead): a flood of tiny packets costs the relay a send
+/// each, so one direction gets at most [`CHANNEL_BYTES_PER_SECOND`] / 512 packets a second
+/// (≈ 131,000), far above a session's needs (its ACKs are a fraction of its packets).
+pub const MIN_CHARGE: usize = 512;
 /// Most bytes per second one direction of a session may send through its channel, whatever the
 /// operator's session limit (a pair of clients flooding the relay).
 pub const CHANNEL_BYTES_PER_SECOND: f64 = 64.0 * 1024.0 * 1024.0;
@@ -49,6 +54,8 @@ pub const FOLLOW_AFTER: Duration = Duration::from_secs(4);
 pub trait Addressed: Send + Sync {
     fn address(&self) -> SocketAddr;
     fn local_ip(&self) -> Option<IpAddr>;
+    /// The largest UDP payload its path is known to carry.
+    fn max_udp_payload(&self) -> usize;
 }
 
 impl Addressed for quinn::Connection {
@@ -57,6 +64,10 @@ impl Addressed for quinn::Connection {
     }
     fn local_ip(&self) -> Option<IpAddr> {
         quinn::Connection::local_ip(self)
+    }
+    fn max_udp_payload(&self) -> usize {
+        // A DATAGRAM frame's payload plus the least a packet spends around it.
+        self.max_datagram_size().map_or(1200, |d| d + 22)
     }
 }
 
@@ -78,6 +89,10 @@ struct Side {
     local: Option<IpAddr>,
     /// A new address its connection reports, and since when.
     moving: Option<(SocketAddr, Instant)>,
+    /// The largest packet its path is known to carry (taken again by [`Channels::refresh`]):
+    /// larger ones still go, but never in a batched send, which the system would refuse whole
+    /// (and quinn-udp would then stop batching on the relay's socket for good).
+    max_packet: usize,
 }
 
 /// The always-on byte budget of one direction.
@@ -230,6 +245,7 @@ impl<C: Addressed + 'static> Channels<C> {
             addr: c.address(),
             local: c.local_ip(),
             moving: None,
+            max_packet: c.max_udp_payload(),
         };
         let sides = [side(&conns[0]), side(&conns[1])];
         let budget = || {
@@ -278,8 +294,10 @@ impl<C: Addressed + 'static> Channels<C> {
             .collect();
         for p in pairs {
             let now_at = [p.conns[0].address(), p.conns[1].address()];
+            let max = [p.conns[0].max_udp_payload(), p.conns[1].max_udp_payload()];
             let mut sides = lock(&p.sides);
             for (i, side) in sides.iter_mut().enumerate() {
+                side.max_packet = max[i];
                 let a = now_at[i];
                 if same(a, side.addr) {
                     side.moving = None;
@@ -301,12 +319,7 @@ impl<C: Addressed + 'static> Channels<C> {
 
     /// One packet from `from`: where it goes and from which relay address (rewritten in place
     /// for the peer), or why not.
-    pub fn forward(
-        &self,
-        p: &mut [u8],
-        from: SocketAddr,
-        now: Instant,
-    ) -> Result<(SocketAddr, Option<IpAddr>), Dropped> {
+    pub fn forward(&self, p: &mut [u8], from: SocketAddr, now: Instant) -> Result<Onward, Dropped> {
         let Some((token, payload)) = channel::parse(p) else {
             return Err(Dropped::Malformed);
         };
@@ -328,18 +341,21 @@ impl<C: Addressed + 'static> Channels<C> {
             }
             sides[1 - i]
         };
-        if !lock(&pair.budgets[i]).take(payload + PACKET_OVERHEAD, self.rate, now)
-            || !pair.legs[i].admit(payload)
-        {
+        let charge = (payload + PACKET_OVERHEAD).max(MIN_CHARGE);
+        if !lock(&pair.budgets[i]).take(charge, self.rate, now) || !pair.legs[i].admit(payload) {
             return Err(Dropped::RateLimited);
         }
         channel::write_header(p, pair.tokens[1 - i]);
-        Ok((to.addr, to.local))
+        Ok(Onward {
+            to: to.addr,
+            src: to.local,
+            batch: p.len() <= to.max_packet,
+        })
     }
 }
 
 impl<C: Addressed + 'static> tandem_net::tunnel::PacketTap for Channels<C> {
-    fn packet(&self, p: &mut [u8], from: SocketAddr) -> Option<(SocketAddr, Option<IpAddr>)> {
+    fn packet(&self, p: &mut [u8], from: SocketAddr) -> Option<Onward> {
         match self.forward(p, from, Instant::now()) {
             Ok(to) => Some(to),
             Err(d) => {
@@ -367,6 +383,9 @@ mod tests {
         }
         fn local_ip(&self) -> Option<IpAddr> {
             Some("192.0.2.100".parse().unwrap())
+        }
+        fn max_udp_payload(&self) -> usize {
+            1200
         }
     }
     fn at(s: &str) -> At {
@@ -412,7 +431,7 @@ mod tests {
     }
 
     fn go(t: &Channels<At>, p: &mut [u8], from: &str) -> Result<SocketAddr, Dropped> {
-        t.forward(p, addr(from), Instant::now()).map(|(a, _)| a)
+        t.forward(p, addr(from), Instant::now()).map(|o| o.to)
     }
 
     #[test]
@@ -421,13 +440,20 @@ mod tests {
         let (ba, bc) = (budget(1 << 20), budget(1 << 20));
         assert!(t.open([at(A), at(C)], [11, 22], [ba.clone(), bc.clone()]));
         let mut p = packet(11, b"inner packet");
-        let (to, src) = t.forward(&mut p, addr(A), Instant::now()).unwrap();
-        assert_eq!((to, src), (addr(C), Some("192.0.2.100".parse().unwrap())));
+        let o = t.forward(&mut p, addr(A), Instant::now()).unwrap();
+        assert_eq!(
+            (o.to, o.src),
+            (addr(C), Some("192.0.2.100".parse().unwrap()))
+        );
+        assert!(o.batch);
+        // Larger than the peer's path is known to carry: sent, but never in a batch.
+        let mut big = packet(11, &[7; 1300]);
+        assert!(!t.forward(&mut big, addr(A), Instant::now()).unwrap().batch);
         assert_eq!(channel::parse(&p), Some((22, &b"inner packet"[..])));
         let mut p = packet(22, b"back");
         assert_eq!(go(&t, &mut p, C), Ok(addr(A)));
         assert_eq!(channel::parse(&p).unwrap().0, 11);
-        assert_eq!(ba.taken.load(Ordering::SeqCst), 12);
+        assert_eq!(ba.taken.load(Ordering::SeqCst), 12 + 1300);
         assert_eq!(bc.taken.load(Ordering::SeqCst), 12);
         // An IPv4-mapped source is the same address.
         assert!(go(&t, &mut packet(11, b"x"), "[::ffff:198.51.100.1]:4000").is_ok());
@@ -512,7 +538,7 @@ mod tests {
         assert!(!t.open([at(A), at(C)], [44, 44], [budget(1), budget(1)]));
         assert_eq!(t.len(), 2);
         // The channel's own: tiny packets are charged their overhead too.
-        let rate = 10.0 * (MIN_PAYLOAD + PACKET_OVERHEAD) as f64;
+        let rate = 10.0 * MIN_CHARGE as f64;
         let t: Channels<At> = Channels::with_rate(DropCounters::default(), rate);
         assert!(t.open([at(A), at(C)], [11, 22], [budget(1 << 20), budget(1 << 20)]));
         let now = Instant::now();

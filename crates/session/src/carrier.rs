@@ -86,14 +86,105 @@ pub struct CarrierStats {
     pub sent_channel: AtomicU64,
 }
 
-/// Hellos on a channel until the peer answers (ten a second for three seconds, then one).
+/// Hellos on a channel until the peer answers: ten a second for [`FAST_HELLOS`], then one.
 const HELLO_EVERY: Duration = Duration::from_millis(100);
-/// After the peer was first heard on the channel, whole DATAGRAMs from it are not taken as a
-/// sign that it left the channel for this long (they were on their way).
-const ARMED_GRACE: Duration = Duration::from_millis(500);
+const FAST_HELLOS: u32 = 30;
+/// On a working channel, a hello once nothing came from the peer for this long...
+const PROBE_AFTER: Duration = Duration::from_millis(300);
+/// ...and back to DATAGRAMs once nothing came for this long.
+const DEAD_AFTER: Duration = Duration::from_millis(1500);
+
+/// Whether a relay channel works both ways. Inner packets go on it only once a hello of this
+/// side's was answered (the answer proves this side → relay → peer → relay → this side); while
+/// on it, a side that hears nothing from the peer for [`PROBE_AFTER`] asks again, and after
+/// [`DEAD_AFTER`] of silence goes back to DATAGRAM frames (a peer that resumed over TCP, a
+/// channel the relay closed, a NAT that moved the address). Pure: time comes in as arguments.
+#[derive(Debug, Default)]
+pub(crate) struct ChannelCheck {
+    armed: bool,
+    last_heard: Option<Instant>,
+    last_hello: Option<Instant>,
+    unanswered: u32,
+    last_answer: Option<Instant>,
+}
+
+impl ChannelCheck {
+    /// A new token: nothing is known about the peer on it.
+    fn reset(&mut self) {
+        *self = ChannelCheck::default();
+    }
+
+    /// Anything from the peer on the channel.
+    fn heard(&mut self, now: Instant) {
+        self.last_heard = Some(now);
+    }
+
+    /// The peer answered a hello: the channel works both ways.
+    fn answered(&mut self, now: Instant) {
+        self.heard(now);
+        self.armed = true;
+        self.unanswered = 0;
+    }
+
+    /// The peer's hello: whether to answer it (at most ten answers a second, whatever the peer
+    /// sends).
+    fn answer(&mut self, now: Instant) -> bool {
+        self.heard(now);
+        if self
+            .last_answer
+            .is_some_and(|t| now.saturating_duration_since(t) < HELLO_EVERY)
+        {
+            return false;
+        }
+        self.last_answer = Some(now);
+        true
+    }
+
+    /// Whether to send a hello now; leaves the channel when the peer went silent.
+    fn tick(&mut self, now: Instant, heard: Option<Instant>) -> bool {
+        if let Some(h) = heard
+            && self.last_heard.is_none_or(|l| h > l)
+        {
+            self.last_heard = Some(h);
+        }
+        let silent = |after: Duration| {
+            self.last_heard
+                .is_none_or(|h| now.saturating_duration_since(h) >= after)
+        };
+        if self.armed && silent(DEAD_AFTER) {
+            self.armed = false;
+            self.unanswered = 0;
+        }
+        let every = if self.armed {
+            if !silent(PROBE_AFTER) {
+                return false;
+            }
+            HELLO_EVERY * 3
+        } else if self.unanswered < FAST_HELLOS {
+            HELLO_EVERY
+        } else {
+            HELLO_EVERY * 10
+        };
+        if self
+            .last_hello
+            .is_some_and(|t| now.saturating_duration_since(t) < every)
+        {
+            return false;
+        }
+        self.last_hello = Some(now);
+        if !self.armed {
+            self.unanswered = self.unanswered.saturating_add(1);
+        }
+        true
+    }
+
+    fn armed(&self) -> bool {
+        self.armed
+    }
+}
 
 /// The channel's receiving end: on the socket's receive path, straight into the inner socket's
-/// queue. Hellos are answered; anything from the peer shows it takes channel packets.
+/// queue. Hellos are answered; answers arm the channel.
 struct ChannelIn(std::sync::Weak<Carrier>);
 
 impl ChannelReceiver for ChannelIn {
@@ -101,14 +192,22 @@ impl ChannelReceiver for ChannelIn {
         let Some(c) = self.0.upgrade() else {
             return false;
         };
-        c.peer_on_channel();
         if payload == channel::HELLO {
-            c.send_channel_control(channel::READY);
+            let answer = lock(&c.check).answer(Instant::now());
+            if answer {
+                c.send_channel_control(channel::READY);
+            }
             return true;
         }
         if payload == channel::READY {
+            let mut check = lock(&c.check);
+            check.answered(Instant::now());
+            c.armed.store(check.armed(), Ordering::SeqCst);
             return true;
         }
+        // Cheap per packet: the checker reads it at its next tick.
+        c.heard_ms
+            .store(c.epoch.elapsed().as_millis() as u64 + 1, Ordering::Relaxed);
         c.deliver(Bytes::copy_from_slice(payload));
         true
     }
@@ -210,10 +309,13 @@ pub struct Carrier {
     direct: Mutex<Option<(DirectPort, SocketAddr)>>,
     /// The relay channel of the current link, once the relay gave this side its token.
     channel: Mutex<Option<ChannelOut>>,
-    /// Whether the peer was heard on the channel (inner packets go there only then), and since
-    /// when.
+    /// Whether the channel works both ways (inner packets go there only then): a mirror of
+    /// `check`, read on every send.
     armed: AtomicBool,
-    armed_at: Mutex<Instant>,
+    check: Mutex<ChannelCheck>,
+    /// When an inner packet last came on the channel (ms since `epoch`, plus one; 0: never).
+    heard_ms: AtomicU64,
+    epoch: Instant,
     path: tokio::sync::watch::Sender<PathKind>,
     pub stats: CarrierStats,
 }
@@ -241,7 +343,9 @@ impl Carrier {
             direct: Mutex::new(None),
             channel: Mutex::new(None),
             armed: AtomicBool::new(false),
-            armed_at: Mutex::new(Instant::now()),
+            check: Mutex::new(ChannelCheck::default()),
+            heard_ms: AtomicU64::new(0),
+            epoch: Instant::now(),
             path: tokio::sync::watch::channel(PathKind::Relay).0,
             stats: CarrierStats::default(),
         })
@@ -262,41 +366,45 @@ impl Carrier {
             tasks.push(
                 tokio::spawn(async move {
                     let sink: Arc<dyn ChannelReceiver> = Arc::new(ChannelIn(Arc::downgrade(&me)));
-                    let mut hellos = 0u32;
                     let mut current: Option<u64> = None;
                     loop {
-                        // A new token comes when a side resumed on a new link: the peer must be
-                        // heard on the channel again before anything is sent on it.
+                        // A new token comes when a side resumed on a new link: the peer must
+                        // answer on the channel again before anything is sent on it.
                         let t = *token.borrow_and_update();
                         if t != current {
                             current = t;
                             if let Some(token) = t {
-                                port.set_channel(relay, token, sink.clone());
                                 me.armed.store(false, Ordering::SeqCst);
-                                hellos = 0;
+                                lock(&me.check).reset();
                                 let old = lock(&me.channel).replace(ChannelOut {
                                     port: port.clone(),
                                     relay,
                                     token,
                                 });
+                                port.set_channel(relay, token, sink.clone());
                                 if let Some(old) = old.filter(|o| o.token != token) {
                                     old.port.clear_channel(old.token);
                                 }
                             }
                         }
-                        if lock(&me.channel).is_some() && !me.armed.load(Ordering::SeqCst) {
-                            me.send_channel_control(channel::HELLO);
-                            hellos = hellos.saturating_add(1);
+                        if current.is_some() {
+                            let heard = match me.heard_ms.load(Ordering::Relaxed) {
+                                0 => None,
+                                ms => me.epoch.checked_add(Duration::from_millis(ms - 1)),
+                            };
+                            let (hello, armed) = {
+                                let mut check = lock(&me.check);
+                                let hello = check.tick(Instant::now(), heard);
+                                (hello, check.armed())
+                            };
+                            me.armed.store(armed, Ordering::SeqCst);
+                            if hello {
+                                me.send_channel_control(channel::HELLO);
+                            }
                         }
-                        // Quickly at first, then slowly (a peer that never answers has no channel).
-                        let every = if hellos < 30 {
-                            HELLO_EVERY
-                        } else {
-                            HELLO_EVERY * 10
-                        };
                         tokio::select! {
                             r = token.changed() => if r.is_err() { return },
-                            _ = tokio::time::sleep(every) => {}
+                            _ = tokio::time::sleep(HELLO_EVERY) => {}
                         }
                     }
                 })
@@ -310,9 +418,6 @@ impl Carrier {
             tokio::spawn(async move {
                 let mut reasm = Reassembly::default();
                 while let Ok(d) = c.read_datagram().await {
-                    if d.first() == Some(&KIND_WHOLE) {
-                        me.peer_off_channel();
-                    }
                     match decode_datagram(d, &mut reasm) {
                         Ok(Some(p)) => me.deliver(p),
                         Ok(None) => {}
@@ -376,27 +481,12 @@ impl Carrier {
             t.abort();
         }
         self.armed.store(false, Ordering::SeqCst);
+        lock(&self.check).reset();
         if let Some(c) = lock(&self.channel).take() {
             c.port.clear_channel(c.token);
         }
         *lock(&self.conn) = None;
         *lock(&self.stream_tx) = None;
-    }
-
-    /// The peer sent something on the channel: it takes channel packets.
-    fn peer_on_channel(&self) {
-        if !self.armed.swap(true, Ordering::SeqCst) {
-            *lock(&self.armed_at) = Instant::now();
-        }
-    }
-
-    /// The peer sent an inner packet as a whole DATAGRAM, which a side on the channel never does:
-    /// it has no channel (any more). Back to DATAGRAMs, and hellos again (past a moment for
-    /// packets that were on their way when it joined the channel).
-    fn peer_off_channel(&self) {
-        if self.armed.load(Ordering::SeqCst) && lock(&self.armed_at).elapsed() > ARMED_GRACE {
-            self.armed.store(false, Ordering::SeqCst);
-        }
     }
 
     /// Sends a hello or its answer on the channel, if there is one.
@@ -822,6 +912,43 @@ impl AsyncUdpSocket for VirtualSocket {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_channel_is_used_only_when_a_hello_was_answered_and_left_when_silent() {
+        let t0 = Instant::now();
+        let ms = |n: u64| t0 + Duration::from_millis(n);
+        let mut c = ChannelCheck::default();
+        // Hellos ten a second while unanswered; hearing the peer's own hello does not arm
+        // (it proves only the way from the peer).
+        assert!(c.tick(ms(0), None));
+        assert!(!c.tick(ms(50), None));
+        assert!(c.answer(ms(60)));
+        assert!(!c.answer(ms(70)), "at most ten answers a second");
+        assert!(!c.armed());
+        assert!(c.tick(ms(100), None));
+        c.answered(ms(120));
+        assert!(c.armed());
+        // Inner packets keep it alive; silence brings a hello, then the way back to DATAGRAMs.
+        assert!(!c.tick(ms(400), Some(ms(390))));
+        assert!(!c.tick(ms(600), None));
+        assert!(c.tick(ms(700), None), "300 ms of silence: ask");
+        assert!(!c.tick(ms(800), None));
+        c.answered(ms(850));
+        assert!(!c.tick(ms(1000), None));
+        assert!(c.armed());
+        c.tick(ms(2300), None);
+        assert!(c.armed(), "1.45 s of silence: still on it");
+        c.tick(ms(2400), None);
+        assert!(!c.armed(), "1.5 s without a word from the peer");
+        // Unanswered hellos slow down after the first burst.
+        let mut c = ChannelCheck::default();
+        let sent = (0..100).filter(|i| c.tick(ms(i * 100), None)).count();
+        assert_eq!(sent, FAST_HELLOS as usize + 7);
+        // A new token forgets everything.
+        c.answered(ms(10_000));
+        c.reset();
+        assert!(!c.armed());
+    }
 
     #[test]
     fn reassembly_in_any_order_with_duplicates() {
