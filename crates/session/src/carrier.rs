@@ -581,20 +581,10 @@ impl Carrier {
     /// Sends on the relay channel if there is one and the packet fits the path (true: sent, or
     /// lost there).
     fn send_channel(&self, pkt: &[u8], max_datagram: usize) -> bool {
-        let Some(ch) = self.sending_channel() else {
-            return false;
-        };
-        if pkt.len() > channel::max_payload(max_datagram) || pkt.len() > MAX_DIRECT_DATA {
-            return false;
+        match self.sending_channel() {
+            Some(ch) => self.channel_out(&ch, pkt, pkt.len(), max_datagram),
+            None => false,
         }
-        let mut buf = [0u8; MAX_DIRECT_DATA + CHANNEL_HEADER];
-        let b = &mut buf[..pkt.len() + CHANNEL_HEADER];
-        channel::write_header(b, ch.token);
-        b[CHANNEL_HEADER..].copy_from_slice(pkt);
-        // A full socket buffer or an unreachable relay: lost, as on any UDP path.
-        let _ = ch.port.send_to(ch.relay, b);
-        self.stats.sent_channel.fetch_add(1, Ordering::Relaxed);
-        true
     }
 
     /// Sends a batch of inner packets of `seg` bytes each (the last may be shorter) on the relay
@@ -611,12 +601,25 @@ impl Carrier {
             Some(c) => c.max_datagram_size().unwrap_or(0),
             None => return false,
         };
-        if seg > channel::max_payload(max) || seg > MAX_DIRECT_DATA {
+        self.channel_out(&ch, contents, seg, max)
+    }
+
+    /// Writes inner packets of `seg` bytes each (one, or a batch whose last may be shorter) with
+    /// the channel's header and sends them, as few sends as the socket allows; false (nothing sent)
+    /// if they do not fit a path whose DATAGRAM frames hold `max_datagram` bytes.
+    fn channel_out(
+        &self,
+        ch: &ChannelOut,
+        contents: &[u8],
+        seg: usize,
+        max_datagram: usize,
+    ) -> bool {
+        if seg == 0 || seg > channel::max_payload(max_datagram) || seg > MAX_DIRECT_DATA {
             return false;
         }
         let stride = seg + CHANNEL_HEADER;
         let per_send = ch.port.max_segments().clamp(1, GSO_SEGMENTS);
-        // On the stack: this runs for every batch of inner packets.
+        // On the stack: this runs for every inner packet or batch.
         let mut buf = [0u8; GSO_SEGMENTS * (MAX_DIRECT_DATA + CHANNEL_HEADER)];
         for group in contents.chunks(seg * per_send) {
             let mut len = 0;
