@@ -25,7 +25,8 @@ pub struct Tamper {
     pub duplicate_every: Option<u64>,
     /// Drop every n-th datagram.
     pub drop_every: Option<u64>,
-    /// Swap every pair of consecutive datagrams.
+    /// Swap every pair of consecutive datagrams (one left without a partner goes alone after
+    /// a few milliseconds).
     pub reorder: bool,
 }
 
@@ -297,6 +298,9 @@ async fn serve(
     }
 }
 
+/// How long a datagram held back for reordering waits for the next one before it goes alone.
+const REORDER_HOLD: Duration = Duration::from_millis(5);
+
 /// Forwards datagrams (and payload streams) from `from` to `to`, recording and tampering.
 async fn forward(
     from: quinn::Connection,
@@ -323,7 +327,25 @@ async fn forward(
     });
     let mut n: u64 = 0;
     let mut held: Option<Bytes> = None;
-    while let Ok(d) = from.read_datagram().await {
+    loop {
+        // A reordering network delays a packet; it does not keep it until the next one comes.
+        // Holding it without a bound turned a tail packet (and the ACK-only packet that answers
+        // it) into a loss that only a backed-off PTO ended: in a CI run on a loaded machine a
+        // 400 kB transfer did not finish in 30 s.
+        let next = match held.as_ref() {
+            Some(_) => tokio::time::timeout(REORDER_HOLD, from.read_datagram()).await,
+            None => Ok(from.read_datagram().await),
+        };
+        let d = match next {
+            Ok(Ok(d)) => d,
+            Ok(Err(_)) => return,
+            Err(_) => {
+                if let Some(h) = held.take() {
+                    let _ = to.send_datagram(h);
+                }
+                continue;
+            }
+        };
         n += 1;
         {
             let mut s = seen.lock().unwrap();
