@@ -149,7 +149,8 @@ typedef enum {
   ENCODER_OPTION_TANDEM_LOOP_FILTER_DISABLE_IDC, ///< (Tandem) int: overrides iLoopFilterDisableIdc of every later InitializeExt and ENCODER_OPTION_SVC_ENCODE_PARAM_EXT (not Initialize or ENCODER_OPTION_SVC_ENCODE_PARAM_BASE); may be set before InitializeExt
   ENCODER_OPTION_TANDEM_CROSS_SEARCH_FRAMES,  ///< (Tandem) int, GetOption only: P frames since initialisation on which the screen-content 16x16 cross search ran
   ENCODER_OPTION_TANDEM_QP_RANGE,             ///< (Tandem) int[4] {min, max, static fine, refine max SSE}, 0 <= min <= max <= 51, 0 <= static fine <= 51, refine max SSE >= -1: rate control's quantiser range from the next picture on, without re-initialising (no IDR); an unchanged screen-content macroblock whose reference was coded above "static fine" (upstream: 26) and more than 5 above the current quantiser is coded again; with refine max SSE >= 0 instead exactly those whose reference's luma differs from the picture by more than that sum of squared differences
-  ENCODER_OPTION_TANDEM_KEEP_MBS              ///< (Tandem) STandemKeepMbs*: the macroblocks the following P pictures keep from their reference as they are (the caller knows they did not change); set before each picture, NULL map for none
+  ENCODER_OPTION_TANDEM_KEEP_MBS,             ///< (Tandem) STandemKeepMbs*: the macroblocks the following P pictures keep from their reference as they are (the caller knows they did not change); set before each picture, NULL map for none
+  ENCODER_OPTION_TANDEM_ENTROPY_CODING        ///< (Tandem) int: -1 as the parameters say, 0 CAVLC, 1 CABAC (a baseline profile becomes high): overrides iEntropyCodingModeFlag of every later InitializeExt and ENCODER_OPTION_SVC_ENCODE_PARAM_EXT, like ENCODER_OPTION_TANDEM_LOOP_FILTER_DISABLE_IDC; may be set before InitializeExt
 } ENCODER_OPTION;
 
 /**

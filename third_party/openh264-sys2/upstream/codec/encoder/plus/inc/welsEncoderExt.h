@@ -111,6 +111,8 @@ class CWelsH264SVCEncoder : public ISVCEncoder {
   int32_t           m_iCspInternal;
   bool              m_bInitialFlag;
   int32_t           m_iTandemLoopFilterDisableIdc; // -1: as the parameters say
+  int32_t           m_iTandemEntropyCoding; // -1: as the parameters say, 0: CAVLC, 1: CABAC
+  void              TandemOverrides (SWelsSvcCodingParam* pConfig) const;
 
 #ifdef OUTPUT_BIT_STREAM
   FILE*             m_pFileBs;

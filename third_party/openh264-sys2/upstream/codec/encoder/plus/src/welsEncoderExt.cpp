@@ -66,7 +66,8 @@ CWelsH264SVCEncoder::CWelsH264SVCEncoder()
     m_iMaxPicHeight (0),
     m_iCspInternal (0),
     m_bInitialFlag (false),
-    m_iTandemLoopFilterDisableIdc (-1) {
+    m_iTandemLoopFilterDisableIdc (-1),
+    m_iTandemEntropyCoding (-1) {
 #ifdef REC_FRAME_COUNT
   int32_t m_uiCountFrameNum = 0;
 #endif//REC_FRAME_COUNT
@@ -231,10 +232,24 @@ int CWelsH264SVCEncoder::InitializeExt (const SEncParamExt* argv) {
     Uninitialize();
     return cmInitParaError;
   }
-  if (m_iTandemLoopFilterDisableIdc >= 0)
-    sConfig.iLoopFilterDisableIdc = m_iTandemLoopFilterDisableIdc;
+  TandemOverrides (&sConfig);
 
   return InitializeInternal (&sConfig);
+}
+
+// (Tandem) What the options remembered for every initialisation change in its parameters, after
+// ParamTranscode (which chose the profile from the entropy coding the caller's parameters named).
+void CWelsH264SVCEncoder::TandemOverrides (SWelsSvcCodingParam* pConfig) const {
+  if (m_iTandemLoopFilterDisableIdc >= 0)
+    pConfig->iLoopFilterDisableIdc = m_iTandemLoopFilterDisableIdc;
+  if (m_iTandemEntropyCoding >= 0) {
+    pConfig->iEntropyCodingModeFlag = m_iTandemEntropyCoding;
+    // ParamValidationExt turns CABAC off in a baseline profile; upstream picks high for CABAC.
+    for (int32_t i = 0; m_iTandemEntropyCoding == 1 && i < pConfig->iSpatialLayerNum; ++ i) {
+      if (pConfig->sSpatialLayers[i].uiProfileIdc == PRO_BASELINE)
+        pConfig->sSpatialLayers[i].uiProfileIdc = PRO_HIGH;
+    }
+  }
 }
 
 int CWelsH264SVCEncoder::InitializeInternal (SWelsSvcCodingParam* pCfg) {
@@ -706,6 +721,14 @@ int CWelsH264SVCEncoder::SetOption (ENCODER_OPTION eOptionId, void* pOption) {
     m_iTandemLoopFilterDisableIdc = iValue;
     return 0;
   }
+  if (eOptionId == ENCODER_OPTION_TANDEM_ENTROPY_CODING) {
+    int32_t iValue = * (static_cast<int32_t*> (pOption));
+    if (iValue < -1 || iValue > 1) {
+      return cmInitParaError;
+    }
+    m_iTandemEntropyCoding = iValue;
+    return 0;
+  }
 
   if ((NULL == m_pEncContext || false == m_bInitialFlag) && eOptionId != ENCODER_OPTION_TRACE_LEVEL
       && eOptionId != ENCODER_OPTION_TRACE_CALLBACK && eOptionId != ENCODER_OPTION_TRACE_CALLBACK_CONTEXT) {
@@ -829,8 +852,7 @@ int CWelsH264SVCEncoder::SetOption (ENCODER_OPTION eOptionId, void* pOption) {
                "CWelsH264SVCEncoder::SetOption():ENCODER_OPTION_SVC_ENCODE_PARAM_EXT, ParamTranscode failed!");
       return cmInitParaError;
     }
-    if (m_iTandemLoopFilterDisableIdc >= 0)
-      sConfig.iLoopFilterDisableIdc = m_iTandemLoopFilterDisableIdc;
+    TandemOverrides (&sConfig);
     if (sConfig.iSpatialLayerNum < 1) {
       WelsLog (&m_pWelsTrace->m_sLogCtx, WELS_LOG_ERROR,
                "CWelsH264SVCEncoder::SetOption():ENCODER_OPTION_SVC_ENCODE_PARAM_EXT, iSpatialLayerNum(%d) failed!",
