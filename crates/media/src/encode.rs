@@ -1005,12 +1005,8 @@ mod tests {
         10.0 * (255.0f64.powi(2) / (se / a.len() as f64).max(1e-9)).log10()
     }
 
-    /// CABAC (Tandem's entropy-coding option) decodes to what CAVLC decodes to: the same
-    /// pictures through a keyframe, a motion, a refinement and kept macroblocks, within a
-    /// fraction of a dB, in fewer bytes for the large pictures.
-    #[test]
-    fn cabac_decodes_like_cavlc_in_fewer_bytes() {
-        let (w, h) = (640u32, 360u32);
+    /// A page of text with some texture in its white, so that the quantiser shows.
+    fn textured_page(w: u32, h: u32) -> Frame {
         let mut src = page(w, h);
         for (i, px) in src.data.chunks_exact_mut(4).enumerate() {
             let (x, y) = ((i as u32 % w) as u8, (i as u32 / w) as u8);
@@ -1018,6 +1014,16 @@ mod tests {
                 px[..3].copy_from_slice(&[x.wrapping_mul(3) ^ y, 200u8.wrapping_add(y / 3), x / 2]);
             }
         }
+        src
+    }
+
+    /// CABAC (Tandem's entropy-coding option) decodes to what CAVLC decodes to: the same
+    /// pictures through a keyframe, a motion, a refinement and kept macroblocks, within a
+    /// fraction of a dB, in fewer bytes for the large pictures.
+    #[test]
+    fn cabac_decodes_like_cavlc_in_fewer_bytes() {
+        let (w, h) = (640u32, 360u32);
+        let src = textured_page(w, h);
         let mut moved = src.clone();
         moved.data.rotate_left(4 * 7 + 4 * w as usize * 3);
         let run = |cabac: bool| {
@@ -1058,14 +1064,7 @@ mod tests {
     #[test]
     fn motion_is_coarser_and_a_refinement_sharpens_it_in_place() {
         let (w, h) = (640u32, 360u32);
-        let mut src = page(w, h);
-        // Some texture besides the text, so that the quantiser shows.
-        for (i, px) in src.data.chunks_exact_mut(4).enumerate() {
-            let (x, y) = ((i as u32 % w) as u8, (i as u32 / w) as u8);
-            if px[0] == 255 {
-                px[..3].copy_from_slice(&[x.wrapping_mul(3) ^ y, 200u8.wrapping_add(y / 3), x / 2]);
-            }
-        }
+        let src = textured_page(w, h);
         let mut yuv = I420::default();
         crate::convert::bgrx_to_i420(&src, &mut yuv).unwrap();
         let mut dec = crate::decode::VideoDecoder::new().unwrap();
