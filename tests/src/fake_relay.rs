@@ -332,9 +332,10 @@ async fn forward(
         // Holding it without a bound turned a tail packet (and the ACK-only packet that answers
         // it) into a loss that only a backed-off PTO ended: in a CI run on a loaded machine a
         // 400 kB transfer did not finish in 30 s.
-        let next = match held.as_ref() {
-            Some(_) => tokio::time::timeout(REORDER_HOLD, from.read_datagram()).await,
-            None => Ok(from.read_datagram().await),
+        let next = if held.is_some() {
+            tokio::time::timeout(REORDER_HOLD, from.read_datagram()).await
+        } else {
+            Ok(from.read_datagram().await)
         };
         let d = match next {
             Ok(Ok(d)) => d,

@@ -612,18 +612,23 @@ const ENCODER_OPTION_TANDEM_CROSS_SEARCH_FRAMES: openh264_sys2::ENCODER_OPTION =
 /// 35.6 dB; at 500 kbit/s the same (29.3). Decoding is ≈8 % faster (6.4 → 5.9 ms p50), and the
 /// encoder no longer filters its reconstruction either. Returns whether the encoder took it (an
 /// OpenH264 without Tandem's patch refuses the unknown option and deblocks as upstream).
-#[allow(unsafe_code)]
 fn disable_loop_filter(enc: &mut Encoder) -> bool {
-    let mut idc: i32 = 1;
+    set_remembered_option(enc, ENCODER_OPTION_TANDEM_LOOP_FILTER_DISABLE_IDC, 1)
+}
+
+/// Sets one of Tandem's `int32_t` options that OpenH264 remembers for its initialisations to
+/// come (so also before the first); returns whether the encoder took it.
+#[allow(unsafe_code)]
+fn set_remembered_option(
+    enc: &mut Encoder,
+    option: openh264_sys2::ENCODER_OPTION,
+    value: i32,
+) -> bool {
+    let mut value = value;
     // SAFETY: the option reads one `int32_t` through the pointer, which points to a live `i32`
     // local for the whole call; Tandem's OpenH264 takes it before initialisation (it only stores
     // it), any other refuses it with an error code without reading.
-    unsafe {
-        enc.raw_api().set_option(
-            ENCODER_OPTION_TANDEM_LOOP_FILTER_DISABLE_IDC,
-            (&raw mut idc).cast(),
-        ) == 0
-    }
+    unsafe { enc.raw_api().set_option(option, (&raw mut value).cast()) == 0 }
 }
 
 /// Chooses H.264's entropy coding: CABAC (arithmetic coding, High profile) or CAVLC (Baseline).
@@ -638,17 +643,8 @@ fn disable_loop_filter(enc: &mut Encoder) -> bool {
 /// picture can choose (two picture parameter sets, CAVLC for small changes and CABAC for large
 /// ones, would keep both gains) and the writer is faster. Returns whether the encoder took the
 /// option (an OpenH264 without Tandem's patch refuses it and codes CAVLC).
-#[allow(unsafe_code)]
 fn set_entropy_coding(enc: &mut Encoder, cabac: bool) -> bool {
-    let mut mode: i32 = i32::from(cabac);
-    // SAFETY: the option reads one `int32_t` through the pointer, which points to a live `i32`
-    // local for the whole call; Tandem's OpenH264 takes it before initialisation (it only stores
-    // it), any other refuses it with an error code without reading.
-    unsafe {
-        enc.raw_api()
-            .set_option(ENCODER_OPTION_TANDEM_ENTROPY_CODING, (&raw mut mode).cast())
-            == 0
-    }
+    set_remembered_option(enc, ENCODER_OPTION_TANDEM_ENTROPY_CODING, i32::from(cabac))
 }
 
 /// Sets the feature-search policy; returns whether the encoder took it (an OpenH264 without
