@@ -1184,6 +1184,9 @@ async fn run(
                     }
                     CodeChange::Expired => Some("The code expired."),
                     CodeChange::SetupFailed(_) => Some("The connection attempt failed."),
+                    CodeChange::RelayLost => Some(
+                        "The connection to your IT provider's relay was lost; the old code no longer works.",
+                    ),
                 };
                 let prefix = if note.is_some() {
                     "Your new code"

@@ -6,6 +6,7 @@ use serde::{Deserialize, Serialize};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
+use tandem_relay_server::store::StoreLocation;
 use tandem_relay_server::{Limits, ServerConfig, TcpConfig};
 
 pub const DEFAULT_LISTEN: &str = "0.0.0.0:4433";
@@ -28,6 +29,19 @@ pub struct FileConfig {
     /// can; the relay carries only what cannot) or `relay-only` (the relay tells both sides to stay
     /// on it: networks where peer-to-peer traffic is forbidden). [default: auto]
     pub path: Option<String>,
+    /// Where technicians, devices and the audit log live: `sqlite:///path/relay.db` (default:
+    /// relay.db in data_dir) or `postgres://user:password@host:5432/database?sslmode=require`,
+    /// shared by the nodes of a cluster.
+    pub store: Option<String>,
+    /// PEM file of the CA that signed the PostgreSQL server's certificate (default: the system's).
+    pub store_ca: Option<PathBuf>,
+    /// This relay's name among the nodes that share a PostgreSQL store (in audit and device
+    /// rows). [default: the host name]
+    pub node: Option<String>,
+    /// With a PostgreSQL store: the address agents and consoles reach this node at (host:port),
+    /// where the other nodes send the consoles of codes this node holds. [default: the first of
+    /// `names` and the listen port]
+    pub advertise: Option<String>,
     #[serde(default)]
     pub limits: FileLimits,
     #[serde(default)]
@@ -118,6 +132,10 @@ pub struct Overrides {
     pub tcp_listen: Vec<String>,
     /// `--path`: `auto` or `relay-only`.
     pub path: Option<String>,
+    pub store: Option<String>,
+    pub store_ca: Option<PathBuf>,
+    pub node: Option<String>,
+    pub advertise: Option<String>,
 }
 
 /// The effective configuration.
@@ -137,6 +155,13 @@ pub struct Config {
     pub tcp: TcpConfig,
     /// Whether sessions may go direct (`path = "auto"`).
     pub allow_direct: bool,
+    pub store: StoreLocation,
+    /// `store_ca` as given (for print-config).
+    pub store_ca: Option<PathBuf>,
+    /// `store` as given, password and all (for print-config only; never logged).
+    store_text: Option<String>,
+    pub node: String,
+    pub advertise: Option<String>,
 }
 
 fn default_data_dir() -> PathBuf {
@@ -151,6 +176,14 @@ fn default_data_dir() -> PathBuf {
         return PathBuf::from(home).join(".local/share/tandem-relay");
     }
     PathBuf::from("tandem-relay-data")
+}
+
+/// This machine's host name (a node's default name); empty when it cannot be read.
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .or_else(|_| std::fs::read_to_string("/etc/hostname"))
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
 }
 
 fn parse_addr(what: &str, s: &str) -> Result<SocketAddr> {
@@ -291,7 +324,40 @@ impl Config {
             Some("relay-only") => false,
             Some(other) => bail!("path {other:?}: use auto or relay-only"),
         };
+        let store_ca = o.store_ca.or(file.store_ca);
+        let store_text = o.store.or(file.store).filter(|s| !s.trim().is_empty());
+        let store = match &store_text {
+            Some(s) => StoreLocation::parse(s, store_ca.clone()).context("invalid store")?,
+            None => StoreLocation::in_data_dir(&data_dir),
+        };
+        let node = match o.node.or(file.node) {
+            Some(n) => n.trim().to_string(),
+            None => host_name(),
+        };
+        if node.len() > 64 || node.chars().any(|c| c.is_control()) {
+            bail!("node {node:?}: at most 64 printable characters");
+        }
+        let advertise = match o.advertise.or(file.advertise) {
+            Some(a) => Some(a.trim().to_string()),
+            None if store.is_postgres() => names.first().map(|n| format!("{n}:{}", listen.port())),
+            None => None,
+        };
+        if let Some(a) = &advertise {
+            let ok = a
+                .rsplit_once(':')
+                .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p > 0))
+                && a.len() <= 200
+                && a.bytes().all(|b| b.is_ascii_graphic());
+            if !ok {
+                bail!("advertise {a:?}: give host:port, the address clients reach this node at");
+            }
+        }
         Ok(Config {
+            store,
+            store_ca,
+            store_text,
+            node,
+            advertise,
             allow_direct,
             listen,
             metrics_listen,
@@ -331,6 +397,9 @@ impl Config {
             tcp: self.tcp.clone(),
             devices: self.devices.clone(),
             allow_direct: self.allow_direct,
+            store: self.store.clone(),
+            node: self.node.clone(),
+            advertise: self.advertise.clone(),
         })
     }
 
@@ -389,6 +458,14 @@ impl Config {
                 links_per_address: Some(self.tcp.links_per_address),
                 handshake_timeout_secs: Some(self.tcp.handshake_timeout.as_secs()),
             },
+            // The password (if the address has one) is not printed.
+            store: Some(match &self.store_text {
+                Some(t) => tandem_relay_server::store::db::redact_password(t),
+                None => self.store.to_string(),
+            }),
+            store_ca: self.store_ca.clone(),
+            node: Some(self.node.clone()),
+            advertise: self.advertise.clone(),
             devices: FileDevices {
                 organisations: Some(self.device_organisations.clone()),
                 max_known: Some(self.devices.max_known),
@@ -579,6 +656,43 @@ mod tests {
         assert!(Config::resolve(bad, Overrides::default()).is_err());
         let bad: FileConfig = toml::from_str("[tcp]\nwebsocket_path = \"tandem\"").unwrap();
         assert!(Config::resolve(bad, Overrides::default()).is_err());
+    }
+
+    #[test]
+    fn a_cluster_nodes_store_and_address() {
+        let file: FileConfig = toml::from_str(
+            "store = \"postgres://tandem:hunter2@127.0.0.1:5432/tandem\"\nnames = [\"relay1.example.com\"]\nnode = \"relay-1\"",
+        )
+        .unwrap();
+        let c = Config::resolve(file.clone(), Overrides::default()).unwrap();
+        assert!(c.store.is_postgres());
+        assert_eq!(c.node, "relay-1");
+        // The advertised address defaults to the first name and the listen port.
+        assert_eq!(c.advertise.as_deref(), Some("relay1.example.com:4433"));
+        // print-config never shows the password.
+        let shown = c.to_toml().unwrap();
+        assert!(!shown.contains("hunter2"), "{shown}");
+        assert!(
+            shown.contains("postgres://tandem:…@127.0.0.1:5432/tandem"),
+            "{shown}"
+        );
+        let bad = Overrides {
+            advertise: Some("relay1.example.com".into()),
+            ..Overrides::default()
+        };
+        assert!(
+            Config::resolve(file, bad).is_err(),
+            "advertise needs a port"
+        );
+        // A remote database without TLS is refused.
+        let remote: FileConfig =
+            toml::from_str("store = \"postgres://tandem@db.example.com/tandem\"").unwrap();
+        let e = Config::resolve(remote, Overrides::default()).unwrap_err();
+        assert!(format!("{e:#}").contains("sslmode=require"), "{e:#}");
+        // The default stays SQLite in the data directory.
+        let lone = Config::resolve(FileConfig::default(), Overrides::default()).unwrap();
+        assert!(!lone.store.is_postgres());
+        assert_eq!(lone.advertise, None);
     }
 
     #[test]

@@ -82,6 +82,31 @@ struct Cli {
     #[arg(long, env = "TANDEM_RELAY_LOG_FORMAT", global = true)]
     log_format: Option<String>,
 
+    /// Where technicians, devices and the audit log live: sqlite:///path/relay.db, or
+    /// postgres://user:password@host:5432/database?sslmode=require for several relay nodes
+    /// sharing one database. [default: relay.db in the data directory]
+    #[arg(
+        long,
+        env = "TANDEM_RELAY_STORE",
+        global = true,
+        hide_env_values = true
+    )]
+    store: Option<String>,
+
+    /// PEM file of the CA that signed the PostgreSQL server's certificate. [default: the system's]
+    #[arg(long, env = "TANDEM_RELAY_STORE_CA", global = true)]
+    store_ca: Option<PathBuf>,
+
+    /// This relay's name among nodes sharing a PostgreSQL store. [default: the host name]
+    #[arg(long, env = "TANDEM_RELAY_NODE", global = true)]
+    node: Option<String>,
+
+    /// With a PostgreSQL store: the address (host:port) agents and consoles reach this node at;
+    /// other nodes send consoles here for the codes this node holds. [default: the first --name
+    /// and the listen port]
+    #[arg(long, env = "TANDEM_RELAY_ADVERTISE", global = true)]
+    advertise: Option<String>,
+
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -110,6 +135,10 @@ enum Command {
     Devices(DeviceCmd),
     /// Print the effective configuration as TOML.
     PrintConfig,
+    /// The store: where it is and what it holds, or copy a lone relay's SQLite store into the
+    /// PostgreSQL store a cluster shares.
+    #[command(subcommand)]
+    Store(StoreCmd),
     /// Make a ready agent for this relay: the tandem-agent program with this relay's address,
     /// its pin and your organisation key appended, as one file your users download and run.
     /// Nobody types a relay address or a pin; a ready agent altered after this does not run.
@@ -125,8 +154,9 @@ enum Command {
 
 #[derive(clap::Args, Debug)]
 struct BundleArgs {
-    /// Address the users' agents reach this relay at, HOST:PORT. [default: the first --name
-    /// (or `names` in the configuration) and the UDP listen port]
+    /// Address the users' agents reach this relay at, HOST:PORT; for a cluster, its nodes
+    /// separated by commas (agents try them in order). [default: the first --name (or `names` in
+    /// the configuration) and the UDP listen port]
     #[arg(long)]
     address: Option<String>,
     /// The tandem-agent program to use. [default: tandem-agent next to this program, else
@@ -144,6 +174,20 @@ struct BundleArgs {
     /// Where to write the ready agent. [default: tandem-agent-HOST in this folder]
     #[arg(long, short)]
     out: Option<PathBuf>,
+}
+
+#[derive(Subcommand, Debug)]
+enum StoreCmd {
+    /// Where the store is, whether it answers, its schema version and how many rows it holds.
+    Status,
+    /// Copy every technician, organisation, audit row and device of another store (e.g. this
+    /// relay's SQLite file before it joins a cluster) into the configured store, which must be
+    /// empty. Tokens keep working. Stop the relay that writes the source first.
+    Copy {
+        /// The store to copy from: sqlite:///var/lib/tandem-relay/relay.db (or postgres://…).
+        #[arg(long)]
+        from: String,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -226,6 +270,10 @@ fn run(cli: Cli) -> Result<()> {
             cert: cli.cert.clone(),
             key: cli.key.clone(),
             log_format: cli.log_format.clone(),
+            store: cli.store.clone(),
+            store_ca: cli.store_ca.clone(),
+            node: cli.node.clone(),
+            advertise: cli.advertise.clone(),
         },
     )?;
     init_logging(&cfg.log_format)?;
@@ -243,6 +291,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Technician(t) => technician(&cfg, t),
         Command::Audit { json, limit } => audit(&cfg, json, limit),
         Command::Devices(d) => devices(&cfg, d),
+        Command::Store(c) => store_cmd(&cfg, c),
         Command::AgentBundle(b) => agent_bundle(&cfg, b),
         Command::Health => health(&cfg),
         Command::Doctor => doctor(&cfg),
@@ -396,22 +445,39 @@ fn doctor(cfg: &Config) -> Result<()> {
         }
     }
 
-    // Database (opened only if it exists: the doctor makes nothing).
-    let db = dir.join(tandem_relay_server::store::DB_FILE);
-    if !dir_ok || !db.exists() {
-        d.line(
-            "WARN",
-            "database",
-            format!("{} does not exist yet", db.display()),
-        );
-    } else {
-        match Store::open(dir).and_then(|s| s.list_technicians()) {
-            Ok(t) => d.line(
-                "OK",
-                "database",
-                format!("{} ({} technicians)", db.display(), t.len()),
-            ),
-            Err(e) => d.line("FAIL", "database", format!("{}: {e}", db.display())),
+    // Database (a SQLite file is opened only if it exists: the doctor makes nothing).
+    match &cfg.store {
+        tandem_relay_server::store::StoreLocation::Sqlite(db) => {
+            if !dir_ok || !db.exists() {
+                d.line(
+                    "WARN",
+                    "database",
+                    format!("{} does not exist yet", db.display()),
+                );
+            } else {
+                match Store::open_at(&cfg.store).and_then(|s| s.list_technicians()) {
+                    Ok(t) => d.line(
+                        "OK",
+                        "database",
+                        format!("{} ({} technicians)", db.display(), t.len()),
+                    ),
+                    Err(e) => d.line("FAIL", "database", format!("{}: {e}", db.display())),
+                }
+            }
+        }
+        tandem_relay_server::store::StoreLocation::Postgres(pg) => {
+            match Store::open_at(&cfg.store).and_then(|s| s.list_technicians()) {
+                Ok(t) => d.line(
+                    "OK",
+                    "database",
+                    format!(
+                        "{pg} answers ({} technicians), node {:?}",
+                        t.len(),
+                        cfg.node
+                    ),
+                ),
+                Err(e) => d.line("FAIL", "database", e),
+            }
         }
     }
 
@@ -556,9 +622,24 @@ fn agent_bundle(cfg: &Config, args: BundleArgs) -> Result<()> {
             ),
         },
     };
-    let host = split_address(&address).with_context(|| {
-        format!("--address {address:?} is not HOST:PORT (for example relay.example.com:{port})")
-    })?;
+    // A cluster's nodes: HOST:PORT,HOST:PORT,… (agents try them in order; the first is the
+    // preferred node and names the TCP targets below).
+    let mut hosts = Vec::new();
+    for one in address.split(',').map(str::trim) {
+        hosts.push(split_address(one).with_context(|| {
+            format!(
+                "--address {one:?} is not HOST:PORT (for example relay.example.com:{port}; a \
+                 cluster's nodes separated by commas)"
+            )
+        })?);
+    }
+    let address = address
+        .split(',')
+        .map(str::trim)
+        .collect::<Vec<_>>()
+        .join(",");
+    let first = address.split(',').next().unwrap_or(&address).to_string();
+    let host = hosts.swap_remove(0);
     let agent = match args.agent {
         Some(p) => p,
         None => default_agent_program().context(
@@ -585,7 +666,7 @@ fn agent_bundle(cfg: &Config, args: BundleArgs) -> Result<()> {
         .iter()
         .map(|a| a.port())
         .filter(|p| *p != port)
-        .map(|p| format!("{}:{p}", host_for_port(&address, &host)).into())
+        .map(|p| format!("{}:{p}", host_for_port(&first, &host)).into())
         .collect();
     let mut table = toml::Table::new();
     table.insert("relay".into(), address.clone().into());
@@ -716,7 +797,61 @@ fn open_store(cfg: &Config) -> Result<Store> {
     // Readable by the relay's user only: it holds the relay's key and the technicians' database.
     tandem_certs::create_private_dir(&cfg.data_dir)
         .with_context(|| format!("cannot create data directory {}", cfg.data_dir.display()))?;
-    Store::open(&cfg.data_dir).context("cannot open the relay database")
+    Store::open_at(&cfg.store)
+        .map(|s| s.with_node(&cfg.node))
+        .with_context(|| format!("cannot open the store {}", cfg.store))
+}
+
+/// `tandem-relay store …`.
+fn store_cmd(cfg: &Config, cmd: StoreCmd) -> Result<()> {
+    match cmd {
+        StoreCmd::Status => {
+            let store = open_store(cfg)?;
+            store.ping().context("the store does not answer")?;
+            let technicians = store.list_technicians()?.len();
+            let devices = store.devices()?.len();
+            println!("store:          {}", cfg.store);
+            println!("engine:         {}", store.engine());
+            println!("node:           {}", cfg.node);
+            println!(
+                "schema version: {} (this relay writes {})",
+                store.schema_version()?,
+                tandem_relay_server::store::SCHEMA_VERSION
+            );
+            println!("technicians:    {technicians}");
+            println!("devices:        {devices}");
+            Ok(())
+        }
+        StoreCmd::Copy { from } => {
+            let src_loc =
+                tandem_relay_server::store::StoreLocation::parse(&from, cfg.store_ca.clone())
+                    .context("invalid --from")?;
+            if src_loc.to_string() == cfg.store.to_string() {
+                bail!("--from is the configured store itself; give the store to copy from");
+            }
+            if let tandem_relay_server::store::StoreLocation::Sqlite(p) = &src_loc
+                && !p.exists()
+            {
+                bail!("{} does not exist", p.display());
+            }
+            let src = Store::open_at(&src_loc)
+                .with_context(|| format!("cannot open the store to copy from, {src_loc}"))?;
+            let mut dst = open_store(cfg)?;
+            let report = dst
+                .copy_from(&src)
+                .with_context(|| format!("cannot copy {src_loc} into {}", cfg.store))?;
+            println!(
+                "copied {} organisations, {} technicians, {} audit rows and {} devices from {src_loc} into {}",
+                report.organisations,
+                report.technicians,
+                report.sessions,
+                report.devices,
+                cfg.store
+            );
+            println!("technicians' tokens keep working; point every relay node at the new store");
+            Ok(())
+        }
+    }
 }
 
 fn serve(cfg: Config) -> Result<()> {

@@ -156,8 +156,10 @@ pub async fn check(opts: &ConnectOptions) -> Report {
         summary: String::new(),
         reachable: false,
     };
+    // The first node of a cluster list (the others are checked the same way by naming them).
     let base = ConnectOptions {
         timeout: STEP_TIMEOUT,
+        alternates: Vec::new(),
         ..opts.clone()
     };
     let udp_port = crate::relay_host(&opts.relay).map(|(_, p)| p).ok();

@@ -35,6 +35,10 @@ pub use tandem_proto;
 pub struct ConnectOptions {
     /// `host:port` (host: DNS name or IP address; IPv6 in brackets): the relay's QUIC (UDP) address.
     pub relay: String,
+    /// Other nodes of the same relay cluster (`host:port` each; trusted exactly like `relay`),
+    /// tried when `relay` does not answer: [`ConnectOptions::new`] takes them from a
+    /// comma-separated list, `relay1.example.com:4433,relay2.example.com:4433`.
+    pub alternates: Vec<String>,
     pub trust: RelayTrust,
     /// Name and version of the program, for the relay's log.
     pub software: String,
@@ -81,17 +85,29 @@ pub enum ProxyChoice {
     Use(Proxy),
 }
 
+/// Time between the starts of attempts to two nodes of a relay cluster.
+pub const NODE_STAGGER: Duration = Duration::from_secs(1);
 /// Time between the starts of two TCP attempts to different targets.
 const TCP_STAGGER: Duration = Duration::from_millis(250);
 /// A TCP link with nothing received for this long is closed (QUIC's keep-alives run every 2 s).
 const LINK_IDLE: Duration = Duration::from_secs(30);
 
 impl ConnectOptions {
+    /// `relay`: one relay's `host:port`, or the nodes of a relay cluster separated by commas (the
+    /// first is tried first; see [`RelayLink::connect`]).
     pub fn new(relay: impl Into<String>, trust: RelayTrust) -> Self {
-        let relay = relay.into();
+        let given = relay.into();
+        let mut nodes = given
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(str::to_string);
+        let relay = nodes.next().unwrap_or(given.clone());
+        let alternates = nodes.collect();
         ConnectOptions {
             tcp: default_tcp_targets(&relay),
             relay,
+            alternates,
             trust,
             software: format!("tandem-client {}", env!("CARGO_PKG_VERSION")),
             timeout: Duration::from_secs(10),
@@ -100,6 +116,17 @@ impl ConnectOptions {
             race_delay: Duration::from_millis(300),
             quic_retry: Duration::from_secs(5),
             direct: true,
+        }
+    }
+
+    /// The same options for another node of the cluster, `relay`: its own default TCP targets
+    /// (targets given for the first node name that node), no alternates.
+    pub fn for_node(&self, relay: &str) -> ConnectOptions {
+        ConnectOptions {
+            relay: relay.to_string(),
+            alternates: Vec::new(),
+            tcp: default_tcp_targets(relay),
+            ..self.clone()
         }
     }
 
@@ -254,6 +281,9 @@ pub enum ClientError {
     RefusedBecause { code: ErrorCode, message: String },
     #[error("lost the connection to the relay: {0}")]
     Lost(String),
+    /// The relay sent the console to the node of its cluster holding the code.
+    #[error("the code waits on another node of the relay, {relay}")]
+    Redirected { relay: String },
     #[error("the relay sent something unexpected: {0}")]
     Protocol(String),
     #[error(transparent)]
@@ -683,7 +713,69 @@ fn worst(opts: &ConnectOptions, failures: Vec<Attempt>) -> ClientError {
 impl RelayLink {
     /// Dials and verifies the relay, and opens the control stream: QUIC first, TLS over TCP (or a
     /// WebSocket) in parallel when QUIC does not answer quickly, as [`ConnectOptions`] says.
+    ///
+    /// With [`ConnectOptions::alternates`] (a relay cluster), the first node is tried first, the
+    /// next one [`NODE_STAGGER`] later (at once when all tried so far failed), and so on; the first
+    /// link up wins, so a dead node costs a second, not a timeout. Every node is trusted exactly
+    /// as the first (same pin or CA). When none answers, the first node's error is returned.
     pub async fn connect(opts: &ConnectOptions) -> Result<RelayLink, ClientError> {
+        if opts.alternates.is_empty() {
+            return Self::connect_one(opts).await;
+        }
+        use futures_util::StreamExt;
+        let nodes: Vec<ConnectOptions> = std::iter::once(ConnectOptions {
+            alternates: Vec::new(),
+            ..opts.clone()
+        })
+        .chain(opts.alternates.iter().map(|a| opts.for_node(a)))
+        .collect();
+        type Attempting<'a> = std::pin::Pin<
+            Box<
+                dyn std::future::Future<Output = (usize, Result<RelayLink, ClientError>)>
+                    + Send
+                    + 'a,
+            >,
+        >;
+        let start = |i: usize| -> Attempting<'_> {
+            let o = &nodes[i];
+            Box::pin(async move { (i, Self::connect_one(o).await) })
+        };
+        let mut pending = futures_util::stream::FuturesUnordered::new();
+        let mut errors: Vec<(usize, ClientError)> = Vec::new();
+        let mut started = 1;
+        pending.push(start(0));
+        loop {
+            tokio::select! {
+                r = pending.next() => match r {
+                    Some((_, Ok(link))) => return Ok(link),
+                    Some((i, Err(e))) => {
+                        tracing::info!(relay = %nodes[i].relay, error = %e, "relay node did not answer");
+                        errors.push((i, e));
+                        if pending.is_empty() {
+                            if started == nodes.len() {
+                                break;
+                            }
+                            pending.push(start(started));
+                            started += 1;
+                        }
+                    }
+                    None => break,
+                },
+                _ = tokio::time::sleep(NODE_STAGGER), if started < nodes.len() => {
+                    pending.push(start(started));
+                    started += 1;
+                }
+            }
+        }
+        errors.sort_by_key(|(i, _)| *i);
+        match errors.into_iter().next() {
+            Some((_, e)) => Err(e),
+            None => Err(ClientError::BadAddress(opts.relay.clone())),
+        }
+    }
+
+    /// [`RelayLink::connect`] to one node.
+    async fn connect_one(opts: &ConnectOptions) -> Result<RelayLink, ClientError> {
         relay_host(&opts.relay)?;
         let won = race(opts).await?;
         let mut link = Self::start(won.endpoint, won.conn, won.addr, opts).await?;
@@ -987,11 +1079,14 @@ impl RelayLink {
         }
     }
 
+    /// Console: pairs with the agent waiting on `slot`. [`ClientError::Redirected`]: the agent
+    /// waits on another node of the relay's cluster (connect there and join again).
     pub async fn join(&mut self, slot: &Slot) -> Result<ResumeToken, ClientError> {
         self.send(&ClientMsg::Join { slot: slot.clone() }).await?;
         match self.reply().await? {
             RelayMsg::Joined { resume, .. } => Ok(resume),
             RelayMsg::Refused { code, .. } => Err(ClientError::Refused { code }),
+            RelayMsg::Redirect { relay } => Err(ClientError::Redirected { relay }),
             other => Err(unexpected(other)),
         }
     }

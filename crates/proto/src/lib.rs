@@ -5,9 +5,9 @@
 //! deterministically. The I/O lives in `tandem-relay-server` and `tandem-client`.
 //!
 //! # Wire format
-//! * The QUIC connection negotiates ALPN [`ALPN`] (`tandem-relay/3`); the number is the protocol version.
+//! * The QUIC connection negotiates ALPN [`ALPN`] (`tandem-relay/4`); the number is the protocol version.
 //!   Version 2 adds [`RelayMsg::PathInfo`] and [`ClientMsg::PathReport`] (direct paths), version 3
-//!   [`RelayMsg::Channel`] (relay channels). Relays and clients offer all of [`ALPNS`], and neither
+//!   [`RelayMsg::Channel`] (relay channels), version 4 [`RelayMsg::Redirect`] (relay clusters). Relays and clients offer all of [`ALPNS`], and neither
 //!   sends a message on a link that negotiated an older version than the message's (so an agent
 //!   download from before direct paths keeps working with a newer relay, and the other way round).
 //!   A peer speaking another version fails the TLS handshake instead of misreading messages.
@@ -25,24 +25,39 @@ use serde::{Deserialize, Serialize};
 use std::fmt;
 
 /// ALPN protocol name of the outer relay link; the trailing number is the protocol version.
-pub const ALPN: &[u8] = b"tandem-relay/3";
+pub const ALPN: &[u8] = b"tandem-relay/4";
+/// The version before relay clusters.
+pub const ALPN_V3: &[u8] = b"tandem-relay/3";
 /// The version before relay channels.
 pub const ALPN_V2: &[u8] = b"tandem-relay/2";
 /// The version before direct paths.
 pub const ALPN_V1: &[u8] = b"tandem-relay/1";
 /// What relays and clients offer, newest first.
-pub const ALPNS: [&[u8]; 3] = [ALPN, ALPN_V2, ALPN_V1];
+pub const ALPNS: [&[u8]; 4] = [ALPN, ALPN_V3, ALPN_V2, ALPN_V1];
 /// Version of the control protocol (also carried in [`ALPN`]).
-pub const PROTOCOL_VERSION: u16 = 3;
+pub const PROTOCOL_VERSION: u16 = 4;
+
+/// The protocol version a link that negotiated `alpn` speaks (`None`: not ours).
+pub fn version(alpn: Option<&[u8]>) -> Option<u16> {
+    let v = alpn?.strip_prefix(b"tandem-relay/")?;
+    let v: u16 = std::str::from_utf8(v).ok()?.parse().ok()?;
+    (1..=PROTOCOL_VERSION).contains(&v).then_some(v)
+}
 
 /// Whether a link that negotiated `alpn` speaks version 2 or later (direct-path messages).
 pub fn speaks_paths(alpn: Option<&[u8]>) -> bool {
-    alpn == Some(ALPN) || alpn == Some(ALPN_V2)
+    version(alpn).is_some_and(|v| v >= 2)
 }
 
-/// Whether a link that negotiated `alpn` speaks version 3 (relay channels).
+/// Whether a link that negotiated `alpn` speaks version 3 or later (relay channels).
 pub fn speaks_channels(alpn: Option<&[u8]>) -> bool {
-    alpn == Some(ALPN)
+    version(alpn).is_some_and(|v| v >= 3)
+}
+
+/// Whether a link that negotiated `alpn` speaks version 4 or later (redirects between the nodes
+/// of a relay cluster).
+pub fn speaks_redirects(alpn: Option<&[u8]>) -> bool {
+    version(alpn).is_some_and(|v| v >= 4)
 }
 /// Largest control frame body either side accepts.
 pub const MAX_CONTROL_FRAME: usize = 16 * 1024;
@@ -294,6 +309,13 @@ pub enum RelayMsg {
     Channel {
         token: u64,
     },
+    /// Console, answering [`ClientMsg::Join`] (version 4): the code's agent waits on another node
+    /// of this relay's cluster, reachable at `relay` (`host:port`). The console connects there
+    /// (trusting it exactly as it trusts this node: same pin or CA), authenticates and joins
+    /// again. The join counted here as an attempt; nothing else happened.
+    Redirect {
+        relay: String,
+    },
 }
 
 /// Longest revocation list a relay carries (its text form).
@@ -544,6 +566,13 @@ impl Validate for RelayMsg {
                 Err(ProtoError::Invalid("revocation list"))
             }
             RelayMsg::Online { device } => text_ok(device, 64),
+            RelayMsg::Redirect { relay }
+                if relay.is_empty()
+                    || relay.len() > MAX_TEXT
+                    || !relay.bytes().all(|b| b.is_ascii_graphic()) =>
+            {
+                Err(ProtoError::Invalid("redirect address"))
+            }
             RelayMsg::OrgProven {
                 organisation,
                 revocation,

@@ -79,12 +79,26 @@ fn route(view: &View, req: Request<Incoming>) -> Response<Full<Bytes>> {
             view.metrics_text(),
         ),
         "/health" => match view.health() {
-            Some((serving, stats)) => {
+            // A store that does not answer makes the relay "degraded", still 200: paired
+            // sessions go on and it will answer again; a load balancer or container runtime must
+            // not take every node out (or restart it) while the shared database restarts.
+            Some((serving, stats, store)) => {
+                let up = store.up();
+                let status = match (serving, up) {
+                    (false, _) => "draining",
+                    (true, true) => "ok",
+                    (true, false) => "degraded",
+                };
                 let body = serde_json::json!({
-                    "status": if serving { "ok" } else { "draining" },
+                    "status": status,
                     "connections": stats.connections,
                     "sessions": stats.sessions,
                     "agents_waiting": stats.agents_waiting,
+                    "store": {
+                        "engine": store.engine(),
+                        "state": if up { "ok" } else { "unavailable" },
+                        "error": store.error(),
+                    },
                 })
                 .to_string()
                     + "\n";

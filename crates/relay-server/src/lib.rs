@@ -2,7 +2,9 @@
 //! commands, signals.
 //!
 //! * [`registry`]: the pure pairing state machine (slots, sessions, limits), tested without I/O.
-//! * [`store`]: SQLite store of organisations, technicians (Argon2id token hashes) and the audit log.
+//! * [`store`]: the store of organisations, technicians (token hashes), devices and the audit log:
+//!   SQLite for a lone relay, PostgreSQL shared by the nodes of a cluster.
+//! * [`directory`]: a cluster's slot directory (which node holds a code), in the shared store.
 //! * [`server`]: the QUIC server (quinn) that drives the registry and forwards payloads blind.
 //! * [`tcp`]: the TCP front (TLS over TCP, WebSocket) for clients whose network drops UDP.
 //! * [`channel`]: relay channels, the session packets forwarded without the outer QUIC.
@@ -11,6 +13,7 @@
 
 pub mod channel;
 pub mod devices;
+pub mod directory;
 mod http;
 pub mod metrics;
 pub mod registry;

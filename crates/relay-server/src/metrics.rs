@@ -68,6 +68,11 @@ pub struct Metrics {
     pub slots_quarantined: Gauge,
     pub devices_online: Gauge,
     pub devices_known: Gauge,
+    pub store_up: Gauge,
+    pub store_errors: Counter,
+    pub audit_pending: Gauge,
+    pub audit_dropped: Counter,
+    pub directory_events: Family<Reason, Counter>,
 }
 
 impl Default for Metrics {
@@ -108,6 +113,11 @@ impl Metrics {
             slots_quarantined: Gauge::default(),
             devices_online: Gauge::default(),
             devices_known: Gauge::default(),
+            store_up: Gauge::default(),
+            store_errors: Counter::default(),
+            audit_pending: Gauge::default(),
+            audit_dropped: Counter::default(),
+            directory_events: Family::default(),
         };
         let r = &mut m.registry;
         r.register(
@@ -246,6 +256,31 @@ impl Metrics {
             "Enrolled devices the relay has seen (online or not)",
             m.devices_known.clone(),
         );
+        r.register(
+            "store_up",
+            "1 while the store (SQLite or PostgreSQL) answered its last check, 0 while it does not",
+            m.store_up.clone(),
+        );
+        r.register(
+            "store_errors",
+            "Store calls that failed because the database could not be reached",
+            m.store_errors.clone(),
+        );
+        r.register(
+            "audit_pending",
+            "Audit and device records waiting to be written (they wait while the store is unreachable)",
+            m.audit_pending.clone(),
+        );
+        r.register(
+            "audit_dropped",
+            "Audit and device records given up on (the waiting queue was full, or shutdown came while the store was unreachable)",
+            m.audit_dropped.clone(),
+        );
+        r.register(
+            "directory_events",
+            "Cluster slot directory: redirect (a console sent to the node holding its code), conflict (a fresh code another node held, replaced), unavailable (the directory did not answer)",
+            m.directory_events.clone(),
+        );
         m
     }
 
@@ -283,6 +318,14 @@ impl Metrics {
             })
             .inc();
     }
+    pub fn directory(&self, reason: &str) {
+        self.directory_events
+            .get_or_create(&Reason {
+                reason: reason.into(),
+            })
+            .inc();
+    }
+
     pub fn limit(&self, limit: &str) {
         self.limits_hit
             .get_or_create(&Limit {

@@ -879,6 +879,49 @@ impl Registry {
         self.register_inner(conn, now, rng, None)
     }
 
+    /// The code `conn` was just given turned out to be held by another node of the cluster (the
+    /// slot directory said so): it stays out of this node's allocation until it would have
+    /// expired, and `conn` gets another slot, with the same expiry, without counting as a
+    /// registration. `None` when `conn` no longer waits on `slot` (it registered again or left).
+    pub fn reallocate(
+        &mut self,
+        conn: ConnId,
+        slot: &Slot,
+        rng: &mut dyn SlotRng,
+    ) -> Result<Option<Slot>, Refusal> {
+        match self.conns.get(&conn).map(|c| &c.role) {
+            Some(Role::Agent {
+                slot: Some(s),
+                session: None,
+            }) if s == slot && !self.slot_devices.contains_key(slot) => {}
+            _ => return Ok(None),
+        }
+        let expires_at = match self.slots.get(slot) {
+            Some(SlotState::Waiting { agent, expires_at }) if *agent == conn => *expires_at,
+            _ => return Ok(None),
+        };
+        self.remove_slot(slot);
+        self.insert_tomb(slot.clone(), Tomb::Ended, expires_at, None);
+        let fresh = self
+            .allocate_slot(rng, SLOT_MIN_DIGITS)
+            .ok_or(Refusal::Limit(LimitHit::Connections))?;
+        self.insert_slot(
+            fresh.clone(),
+            SlotState::Waiting {
+                agent: conn,
+                expires_at,
+            },
+        );
+        self.set_role(
+            conn,
+            Role::Agent {
+                slot: Some(fresh.clone()),
+                session: None,
+            },
+        );
+        Ok(Some(fresh))
+    }
+
     /// An enrolled agent comes online as `device` (its id, checked by the caller). It takes a
     /// register from the same budgets as a code. Returns its (internal) slot, and the connection
     /// that was online as the same device before, if any (to be closed: the newer one wins, as a
@@ -1624,6 +1667,37 @@ mod tests {
         f.r.close(b, f.t0);
         assert_eq!(f.r.device_state("dev1"), None);
         assert_eq!(f.r.device_count(), 0);
+    }
+
+    #[test]
+    fn a_code_another_node_holds_is_replaced_without_counting_a_registration() {
+        let limits = Limits {
+            registers_per_minute_per_connection: 1,
+            ..Limits::default()
+        };
+        let mut f = Fixture::new(limits);
+        let (a, taken) = f.agent(1);
+        let fresh = f.r.reallocate(a, &taken, &mut f.rng).unwrap().unwrap();
+        assert_ne!(fresh, taken);
+        assert_eq!(fresh.as_str().len(), SLOT_MIN_DIGITS);
+        // The taken code is not this node's: a join to it is refused here (the relay then asks
+        // the directory), and it is never handed out again here before it expires.
+        let c = f.console(2, 1);
+        assert_eq!(
+            join(&mut f.r, c, &taken, f.t0),
+            Err(Refusal::Refused(ErrorCode::ExpiredSlot))
+        );
+        assert_eq!(join(&mut f.r, c, &fresh, f.t0).unwrap().session.agent, a);
+        // Only a waiting agent's current code is replaced; anything else is left alone.
+        assert_eq!(f.r.reallocate(a, &fresh, &mut f.rng), Ok(None));
+        let (b, other) = f.agent(3);
+        assert_eq!(f.r.reallocate(b, &taken, &mut f.rng), Ok(None));
+        // One registration per minute was allowed, and the replacement did not use it up.
+        assert!(f.r.reallocate(b, &other, &mut f.rng).unwrap().is_some());
+        assert_eq!(
+            f.r.register(b, f.t0, &mut f.rng),
+            Err(Refusal::Limit(LimitHit::RegistersPerConnection))
+        );
     }
 
     #[test]

@@ -23,19 +23,22 @@
 
 use crate::channel::{Channels, Dropped, Leg};
 use crate::devices::DeviceBook;
+use crate::directory::Directory;
 use crate::metrics::Metrics;
 use crate::registry::{
-    Bucket, Closed, ConnId, Ended, LimitHit, Limits, Paired, Refusal, Registry, Session, SessionId,
-    SlotRng, Technician,
+    Bucket, Closed, ConnId, Ended, LimitHit, Limits, Paired, Refusal, Registry, Role, Session,
+    SessionId, SlotRng, Technician,
 };
-use crate::store::{AuthOutcome, Candidate, SessionStart, Store, StoreError, TokenSecret};
+use crate::store::{
+    AuthOutcome, Candidate, SessionStart, Store, StoreError, StoreLocation, TokenSecret,
+};
 use bytes::Bytes;
 use prometheus_client::metrics::counter::Counter;
 use quinn::{Connection, RecvStream, SendStream, VarInt};
 use ring::rand::{SecureRandom, SystemRandom};
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -44,8 +47,8 @@ use tandem_net::Transport;
 use tandem_net::tunnel::{Hub, MuxSocket, QueueLimits};
 use tandem_proto::{
     ALPN, ClientMsg, EndReason, ErrorCode, FRAME_HEADER, FrameDecoder, MAX_CONTROL_FRAME,
-    MAX_PAYLOAD_FRAME, ProtoError, RelayMsg, ResumeToken, busy_reason, decode_body, encode_frame,
-    frame_len,
+    MAX_PAYLOAD_FRAME, ProtoError, RelayMsg, ResumeToken, Slot, busy_reason, decode_body,
+    encode_frame, frame_len,
 };
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::{AbortHandle, JoinHandle, JoinSet};
@@ -59,8 +62,17 @@ pub struct ServerConfig {
     pub tcp: crate::tcp::TcpConfig,
     /// TCP address of `/metrics` and `/health` (keep it local); `None` disables it.
     pub metrics_listen: Option<SocketAddr>,
-    /// Directory of the database.
+    /// The data directory (the published revocation list; the SQLite store by default).
     pub data_dir: PathBuf,
+    /// Where technicians, devices and the audit log live: SQLite (a lone relay) or PostgreSQL
+    /// (shared by the nodes of a cluster).
+    pub store: StoreLocation,
+    /// This relay's name among the nodes sharing a store (in audit and device rows); empty for a
+    /// lone relay.
+    pub node: String,
+    /// With a PostgreSQL store: this node's address for agents and consoles (`host:port`), where
+    /// other nodes send the consoles of codes this node holds. Required then.
+    pub advertise: Option<String>,
     pub limits: Limits,
     /// How long shutdown waits for peers to acknowledge the close.
     pub drain_timeout: Duration,
@@ -115,6 +127,8 @@ pub enum ServerError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error("{0}")]
+    Cluster(String),
 }
 
 /// A message other tasks queue for a connection (boxed: the queue's slots stay pointer-sized, which
@@ -165,6 +179,8 @@ struct SessionIo {
     bytes: Arc<SessionBytes>,
     /// The tokens of the session's relay channel, while it has one.
     channel: Option<[u64; 2]>,
+    /// The byte counts last written into the audit row (cluster nodes).
+    checkpointed: (u64, u64),
 }
 
 enum AuditOp {
@@ -180,6 +196,12 @@ enum AuditOp {
         slot: String,
         agent_addr: String,
         console_addr: String,
+    },
+    /// A running session's bytes so far (cluster nodes, every [`AUDIT_PROGRESS_EVERY`]).
+    Progress {
+        session: SessionId,
+        agent_to_console: u64,
+        console_to_agent: u64,
     },
     End {
         session: SessionId,
@@ -244,6 +266,91 @@ struct Shared {
     allow_direct: bool,
     /// Relay channels, forwarded by the endpoint socket's receive path.
     channels: Arc<Channels<Connection>>,
+    /// Whether the store answers (for `/health`).
+    store_health: Arc<StoreHealth>,
+    /// A cluster node's slot directory (PostgreSQL store); `None` for a lone relay.
+    directory: Option<Directory>,
+}
+
+/// The stores [`start`] opens, and what it read from them.
+struct OpenedStores {
+    audit: Store,
+    auth: Vec<Store>,
+    watch: Store,
+    dangling: u64,
+    devices: Vec<crate::store::DeviceRow>,
+    directory: Option<Directory>,
+}
+
+/// What a login is told to wait while the store does not answer.
+const STORE_RETRY_SECS: u32 = 5;
+/// How often the store is asked whether it answers.
+const STORE_CHECK_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Whether the store answered its last check. Forwarding never waits for the store: while it is
+/// unreachable, paired sessions go on, audit rows wait in the writer's queue, and only what needs
+/// it (logins, new audit rows) fails or waits.
+pub(crate) struct StoreHealth {
+    engine: &'static str,
+    up: AtomicBool,
+    error: Mutex<Option<String>>,
+}
+
+impl StoreHealth {
+    fn new(engine: &'static str) -> Self {
+        StoreHealth {
+            engine,
+            up: AtomicBool::new(true),
+            error: Mutex::new(None),
+        }
+    }
+
+    /// Checks the store every [`STORE_CHECK_INTERVAL`] on a thread of its own, until the relay
+    /// that holds `health` is gone.
+    fn watch(
+        health: Arc<StoreHealth>,
+        store: Store,
+        metrics: Arc<Metrics>,
+    ) -> Result<(), ServerError> {
+        metrics.store_up.set(1);
+        let weak = Arc::downgrade(&health);
+        drop(health);
+        std::thread::Builder::new()
+            .name("tandem-store-watch".into())
+            .spawn(move || {
+                loop {
+                    for _ in 0..STORE_CHECK_INTERVAL.as_secs() {
+                        std::thread::sleep(Duration::from_secs(1));
+                        if weak.strong_count() == 0 {
+                            return;
+                        }
+                    }
+                    let r = store.ping();
+                    let Some(h) = weak.upgrade() else { return };
+                    let up = r.is_ok();
+                    if h.up.swap(up, Ordering::SeqCst) != up {
+                        match &r {
+                            Ok(()) => tracing::info!("the store answers again"),
+                            Err(e) => tracing::error!(error = %e, "the store does not answer; sessions go on, logins fail until it is back"),
+                        }
+                    }
+                    *lock(&h.error) = r.err().map(|e| e.to_string());
+                    metrics.store_up.set(up as i64);
+                }
+            })
+            .map(|_| ())
+            .map_err(|e| ServerError::Quic(format!("cannot start the store's check thread: {e}")))
+    }
+
+    pub(crate) fn engine(&self) -> &'static str {
+        self.engine
+    }
+    pub(crate) fn up(&self) -> bool {
+        self.up.load(Ordering::SeqCst)
+    }
+    pub(crate) fn error(&self) -> Option<String> {
+        lock(&self.error).clone()
+    }
 }
 
 /// Log lines that strangers can cause (connections, refusals, registrations): at most
@@ -373,7 +480,7 @@ impl RelayHandle {
         // audit channel once they are gone, then the writer finishes.
         let audit_task = self.audit_task;
         drop(self.shared);
-        let _ = tokio::time::timeout(Duration::from_secs(5), audit_task).await;
+        let _ = tokio::time::timeout(AUDIT_FLUSH_GRACE + Duration::from_secs(2), audit_task).await;
         tracing::info!("relay stopped");
     }
 }
@@ -412,17 +519,63 @@ pub async fn start(
     identity: &RelayIdentity,
 ) -> Result<RelayHandle, ServerError> {
     let metrics = Arc::new(Metrics::new());
-    let auth = AuthPool::start(&cfg.data_dir, cfg.limits.auth_queue, metrics.clone())?;
-    let audit_store = Store::open(&cfg.data_dir)?;
-    let dangling = audit_store.close_dangling()?;
-    audit_store.devices_all_offline()?;
-    let devices = DeviceBook::load(audit_store.devices()?, cfg.devices.clone());
+    // Opening a PostgreSQL store blocks (connect, migrate): on a blocking thread. Every thread that
+    // uses the store gets a connection of its own.
+    let cluster = match (&cfg.store, &cfg.advertise) {
+        (StoreLocation::Postgres(_), Some(a)) if !cfg.node.is_empty() => Some(a.clone()),
+        (StoreLocation::Postgres(_), _) => {
+            return Err(ServerError::Cluster(
+                "a relay on a PostgreSQL store is a cluster node: give it a node name and the \
+                 address clients reach it at (node = \"relay-1\", advertise = \"relay1.example.com:4433\")"
+                    .into(),
+            ));
+        }
+        _ => None,
+    };
+    let (location, node) = (cfg.store.clone(), cfg.node.clone());
+    let opened = tokio::task::spawn_blocking(move || -> Result<OpenedStores, StoreError> {
+        let open = || Store::open_at(&location).map(|s| s.with_node(&node));
+        let directory = match &cluster {
+            Some(address) => Some(Directory::start(open()?, &node, address)?),
+            None => None,
+        };
+        let audit = open()?;
+        let dangling = audit.close_dangling()?;
+        audit.devices_all_offline()?;
+        let devices = audit.devices()?;
+        let auth = (0..=AUTH_THREADS)
+            .map(|_| open())
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(OpenedStores {
+            audit,
+            auth,
+            watch: open()?,
+            dangling,
+            devices,
+            directory,
+        })
+    })
+    .await
+    .map_err(|e| ServerError::Quic(format!("the store's thread failed: {e}")))??;
+    tracing::info!(store = %cfg.store, node = %cfg.node, "store open");
+    let OpenedStores {
+        audit: audit_store,
+        auth: auth_stores,
+        watch: watch_store,
+        dangling,
+        devices,
+        directory,
+    } = opened;
+    let auth = AuthPool::start(auth_stores, cfg.limits.auth_queue, metrics.clone())?;
+    let devices = DeviceBook::load(devices, cfg.devices.clone());
     if dangling > 0 {
         tracing::warn!(
             sessions = dangling,
             "closed audit rows left open by a relay that stopped without draining"
         );
     }
+    let store_health = Arc::new(StoreHealth::new(cfg.store.engine()));
+    StoreHealth::watch(store_health.clone(), watch_store, metrics.clone())?;
     let mut tls = tandem_certs::server_config(identity, ALPN)?;
     tls.alpn_protocols = tandem_proto::ALPNS.iter().map(|a| a.to_vec()).collect();
     let quic_tls = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
@@ -471,7 +624,9 @@ pub async fn start(
     }
 
     let (audit_tx, audit_rx) = mpsc::unbounded_channel();
-    let audit_task = tokio::task::spawn_blocking(move || audit_writer(audit_store, audit_rx));
+    let audit_metrics = metrics.clone();
+    let audit_task =
+        tokio::task::spawn_blocking(move || audit_writer(audit_store, audit_rx, audit_metrics));
     let shared = Arc::new(Shared {
         registry: Mutex::new(Registry::new(cfg.limits.clone())),
         conns: Mutex::new(HashMap::new()),
@@ -489,6 +644,8 @@ pub async fn start(
         devices: Mutex::new(devices),
         allow_direct: cfg.allow_direct,
         channels,
+        store_health,
+        directory,
     });
     let (stop_tx, stop_rx) = watch::channel(false);
 
@@ -541,9 +698,13 @@ impl View {
         }
         self.metrics.encode()
     }
-    pub(crate) fn health(&self) -> Option<(bool, Stats)> {
+    pub(crate) fn health(&self) -> Option<(bool, Stats, Arc<StoreHealth>)> {
         let s = self.shared.upgrade()?;
-        Some((!s.draining.load(Ordering::SeqCst), stats(&s)))
+        Some((
+            !s.draining.load(Ordering::SeqCst),
+            stats(&s),
+            s.store_health.clone(),
+        ))
     }
 }
 fn shared_view(shared: &Arc<Shared>) -> Arc<View> {
@@ -622,6 +783,7 @@ async fn ticker(shared: std::sync::Weak<Shared>, mut stop: watch::Receiver<bool>
     let mut iv = tokio::time::interval(Duration::from_millis(500));
     // Not at once: devices that were online before a restart come back first.
     let mut next_sweep = Instant::now() + DEVICE_SWEEP;
+    let mut next_progress = Instant::now() + AUDIT_PROGRESS_EVERY;
     loop {
         tokio::select! {
             _ = iv.tick() => {}
@@ -653,6 +815,10 @@ async fn ticker(shared: std::sync::Weak<Shared>, mut stop: watch::Receiver<bool>
         if Instant::now() >= next_sweep {
             next_sweep = Instant::now() + DEVICE_SWEEP;
             forget_stale_devices(&shared);
+        }
+        if shared.directory.is_some() && Instant::now() >= next_progress {
+            next_progress = Instant::now() + AUDIT_PROGRESS_EVERY;
+            audit_progress(&shared);
         }
         shared.channels.refresh(Instant::now());
         refresh_gauges(&shared);
@@ -1033,6 +1199,10 @@ async fn run_connection(
                     }
                     Err(r) => return Err(refusal_close(shared, r)),
                 };
+                let slot = match &shared.directory {
+                    Some(dir) => claim_slot(shared, dir, id, slot).await?,
+                    None => slot,
+                };
                 identified = true;
                 if let Some(suppressed) = may_log(shared) {
                     tracing::info!(conn = id, suppressed, "agent registered a slot");
@@ -1103,6 +1273,17 @@ async fn run_connection(
                 }
             }
             ClientMsg::Join { slot } => {
+                if let Some(dir) = &shared.directory
+                    && !cluster_join_allowed(shared, dir, id).await
+                {
+                    refuse_pairing(
+                        shared,
+                        &mut send,
+                        Refusal::Limit(LimitHit::JoinsPerTechnician),
+                    )
+                    .await?;
+                    continue;
+                }
                 // Lock order everywhere: `rng` before `registry` (Register holds both in that
                 // order; the other order deadlocked the relay under a register flood).
                 let res = pair(shared, |reg, tokens| reg.join(id, &slot, now, tokens));
@@ -1115,6 +1296,12 @@ async fn run_connection(
                             "session paired"
                         );
                     }
+                    Err(Refusal::Refused(
+                        code @ (ErrorCode::UnknownSlot | ErrorCode::ExpiredSlot),
+                    )) if shared.directory.is_some() => match elsewhere(shared, &slot).await {
+                        Some(holder) => redirect(shared, &mut send, conn, holder).await?,
+                        None => refuse_pairing(shared, &mut send, Refusal::Refused(code)).await?,
+                    },
                     Err(r) => refuse_pairing(shared, &mut send, r).await?,
                 }
             }
@@ -1483,6 +1670,114 @@ fn not_taken(shared: &Shared, why: crate::devices::NotTaken) -> Close {
 
 /// A join or a connection to a device was refused: a fatal refusal closes the connection, the
 /// others are answered (the connection stays) and counted.
+/// Tries claiming a fresh code in the cluster's directory: a code another node holds is replaced
+/// (a few tries), one the directory cannot answer for stays valid on this node only.
+async fn claim_slot(
+    shared: &Shared,
+    dir: &Directory,
+    conn: ConnId,
+    mut slot: Slot,
+) -> Result<Slot, Close> {
+    const TRIES: usize = 4;
+    for _ in 0..TRIES {
+        match dir.claim(slot.as_str(), shared.limits.slot_ttl).await {
+            Ok(true) => return Ok(slot),
+            Ok(false) => {
+                shared.metrics.directory("conflict");
+                let fresh = {
+                    let mut rng = lock(&shared.rng);
+                    lock(&shared.registry).reallocate(conn, &slot, &mut *rng)
+                };
+                match fresh {
+                    Ok(Some(s)) => slot = s,
+                    // Registered again or gone meanwhile: what it has now was claimed by that.
+                    Ok(None) => return Ok(slot),
+                    Err(r) => return Err(refusal_close(shared, r)),
+                }
+            }
+            Err(e) => {
+                shared.metrics.directory("unavailable");
+                tracing::warn!(error = %e, "the slot directory does not answer: this code works on this node only");
+                return Ok(slot);
+            }
+        }
+    }
+    tracing::warn!(
+        "no free code in the cluster after {TRIES} tries: this code works on this node only"
+    );
+    Ok(slot)
+}
+
+/// Whether the cluster's count of this console's technician's join attempts allows one more (the
+/// node's own buckets are checked by the registry as well). A store that cannot answer leaves it
+/// to the node's own limit.
+async fn cluster_join_allowed(shared: &Shared, dir: &Directory, conn: ConnId) -> bool {
+    let technician = match lock(&shared.registry).role(conn) {
+        Some(Role::Console { technician, .. }) => technician.id,
+        _ => return true,
+    };
+    match dir
+        .join_allowed(technician, shared.limits.joins_per_minute_per_technician)
+        .await
+    {
+        Ok(allowed) => allowed,
+        Err(e) => {
+            shared.metrics.directory("unavailable");
+            tracing::debug!(error = %e, "cluster join count unavailable; the node's own limit applies");
+            true
+        }
+    }
+}
+
+/// The node of the cluster holding `slot`, when it is another node.
+async fn elsewhere(shared: &Shared, slot: &Slot) -> Option<crate::directory::Holder> {
+    let dir = shared.directory.as_ref()?;
+    match dir.lookup(slot.as_str()).await {
+        Ok(Some(h)) if h.node != dir.node() => Some(h),
+        Ok(_) => None,
+        Err(e) => {
+            shared.metrics.directory("unavailable");
+            tracing::warn!(error = %e, "the slot directory does not answer; a join to a code of another node fails");
+            None
+        }
+    }
+}
+
+/// Sends a console to the node holding its code: a `Redirect` on links of version 4, otherwise a
+/// refusal that names the node's address.
+async fn redirect(
+    shared: &Shared,
+    send: &mut SendStream,
+    conn: &Connection,
+    holder: crate::directory::Holder,
+) -> Result<(), Close> {
+    shared.metrics.directory("redirect");
+    if tandem_proto::speaks_redirects(tandem_net::negotiated_alpn(conn).as_deref()) {
+        return write_msg(
+            send,
+            RelayMsg::Redirect {
+                relay: holder.address,
+            },
+        )
+        .await;
+    }
+    Metrics::inc(
+        &shared.metrics.joins_refused,
+        ErrorCode::UnknownSlot.label(),
+    );
+    write_msg(
+        send,
+        RelayMsg::Refused {
+            code: ErrorCode::UnknownSlot,
+            message: format!(
+                "that code waits on another relay node, {}; this console is too old to follow it there: update it or connect to that address",
+                holder.address
+            ),
+        },
+    )
+    .await
+}
+
 async fn refuse_pairing(shared: &Shared, send: &mut SendStream, r: Refusal) -> Result<(), Close> {
     if let Refusal::Fatal(code) = r {
         Metrics::inc(&shared.metrics.protocol_errors, code.label());
@@ -1610,8 +1905,9 @@ struct AuthPool {
 }
 
 impl AuthPool {
+    /// `stores`: one per verification thread and one for the lookup thread ([`AUTH_THREADS`] + 1).
     fn start(
-        data_dir: &Path,
+        mut stores: Vec<Store>,
         queue: usize,
         metrics: Arc<Metrics>,
     ) -> Result<AuthPool, ServerError> {
@@ -1623,12 +1919,16 @@ impl AuthPool {
                 .map(|_| ())
                 .map_err(|e| ServerError::Quic(format!("cannot start authentication thread: {e}")))
         };
+        let Some(lookup_store) = stores.pop() else {
+            return Err(ServerError::Quic(
+                "no store for the authentication threads".into(),
+            ));
+        };
         // Mean time of one verification (µs), for the "retry in N s" estimate.
         let mean_us = Arc::new(AtomicU64::new(50_000));
         let (verify_tx, verify_rx) = mpsc::channel::<VerifyJob>(queue);
         let verify_rx = Arc::new(Mutex::new(verify_rx));
-        for i in 0..AUTH_THREADS {
-            let store = Store::open(data_dir)?;
+        for (i, store) in stores.into_iter().enumerate() {
             let (rx, mean_us, metrics) = (verify_rx.clone(), mean_us.clone(), metrics.clone());
             spawn(
                 format!("tandem-auth-{i}"),
@@ -1651,7 +1951,7 @@ impl AuthPool {
             )?;
         }
         let (lookup_tx, mut lookup_rx) = mpsc::channel::<AuthJob>(LOOKUP_QUEUE);
-        let store = Store::open(data_dir)?;
+        let store = lookup_store;
         let vtx = verify_tx.clone();
         spawn(
             "tandem-auth-lookup".into(),
@@ -1711,6 +2011,16 @@ async fn authenticate(shared: &Arc<Shared>, token: String) -> Result<AuthReply, 
         .map_err(|_| Close::code(ErrorCode::ShuttingDown))?;
     match rx.await {
         Ok(Ok(o)) => Ok(o),
+        // The database restarts or cannot be reached: "busy, retry" (the console retries by
+        // itself), not an internal error; the login attempt is refunded.
+        Ok(Err(StoreError::Unavailable(e))) => {
+            tracing::warn!(error = %e, "cannot check a login: the store does not answer");
+            shared.metrics.store_errors.inc();
+            Err(Close::With(
+                ErrorCode::Busy,
+                format!("the relay's database does not answer; retry in {STORE_RETRY_SECS} s"),
+            ))
+        }
         Ok(Err(e)) => {
             tracing::error!(error = %e, "technician store failed");
             Err(Close::code(ErrorCode::Internal))
@@ -1754,6 +2064,7 @@ fn spawn_forwarders(
         tasks: Vec::new(),
         bytes: Arc::new(SessionBytes::default()),
         channel: None,
+        checkpointed: (0, 0),
     });
     for t in io.tasks.drain(..) {
         t.abort();
@@ -1928,6 +2239,29 @@ fn notify(shared: &Shared, conn: ConnId, m: RelayMsg) {
     }
 }
 
+/// How often a cluster node writes its running sessions' byte counts into their audit rows.
+const AUDIT_PROGRESS_EVERY: Duration = Duration::from_secs(10);
+
+/// Queues the byte counts of the sessions whose counts changed since the last checkpoint.
+fn audit_progress(shared: &Shared) {
+    let mut sessions = lock(&shared.sessions);
+    for (id, io) in sessions.iter_mut() {
+        let now = (
+            io.bytes.agent_to_console.load(Ordering::Relaxed),
+            io.bytes.console_to_agent.load(Ordering::Relaxed),
+        );
+        if now == io.checkpointed {
+            continue;
+        }
+        io.checkpointed = now;
+        let _ = shared.audit_tx.send(AuditOp::Progress {
+            session: *id,
+            agent_to_console: now.0,
+            console_to_agent: now.1,
+        });
+    }
+}
+
 /// Stops a session's forwarders and closes its audit row.
 fn finish_session_io(shared: &Shared, id: SessionId, reason: &EndReason) {
     let io = lock(&shared.sessions).remove(&id);
@@ -1980,58 +2314,133 @@ fn finish_session(shared: &Shared, e: Ended) {
     }
 }
 
-fn audit_writer(store: Store, mut rx: mpsc::UnboundedReceiver<AuditOp>) {
+/// Records waiting for the store at most; beyond it the oldest are dropped (and counted).
+const AUDIT_QUEUE_MAX: usize = 100_000;
+/// How long a stopping relay keeps trying to write what is waiting while the store is unreachable.
+const AUDIT_FLUSH_GRACE: Duration = Duration::from_secs(8);
+/// Longest wait between two tries while the store is unreachable.
+const AUDIT_RETRY_MAX: Duration = Duration::from_secs(2);
+
+/// Writes audit and device records in order. While the store is unreachable (PostgreSQL
+/// restarting), records wait, in order, and are written when it answers again; forwarding never
+/// waits for them. A record the store refuses for another reason is logged and skipped.
+fn audit_writer(store: Store, mut rx: mpsc::UnboundedReceiver<AuditOp>, metrics: Arc<Metrics>) {
     let mut rows: HashMap<SessionId, i64> = HashMap::new();
-    while let Some(op) = rx.blocking_recv() {
-        match op {
-            AuditOp::DeviceOnline(row) => {
-                if let Err(e) = store.device_online(&row) {
-                    tracing::error!(error = %e, "cannot record the device");
+    let mut pending: std::collections::VecDeque<AuditOp> = std::collections::VecDeque::new();
+    let mut closed = false;
+    let mut closed_at: Option<Instant> = None;
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        if pending.is_empty() {
+            if closed {
+                break;
+            }
+            match rx.blocking_recv() {
+                Some(op) => pending.push_back(op),
+                None => closed = true,
+            }
+        }
+        loop {
+            match rx.try_recv() {
+                Ok(op) => pending.push_back(op),
+                Err(mpsc::error::TryRecvError::Empty) => break,
+                Err(mpsc::error::TryRecvError::Disconnected) => {
+                    closed = true;
+                    break;
                 }
             }
-            AuditOp::ForgetDevices(ids) => {
-                for id in ids {
-                    if let Err(e) = store.remove_device(&id) {
-                        tracing::error!(error = %e, "cannot forget the device");
-                    }
+        }
+        while pending.len() > AUDIT_QUEUE_MAX {
+            pending.pop_front();
+            metrics.audit_dropped.inc();
+        }
+        while let Some(op) = pending.front() {
+            match write_audit_op(&store, &mut rows, op) {
+                Err(StoreError::Unavailable(e)) => {
+                    tracing::warn!(error = %e, waiting = pending.len(), "audit records wait for the store");
+                    metrics.store_errors.inc();
+                    break;
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot write an audit or device record; skipped");
+                    pending.pop_front();
+                }
+                Ok(()) => {
+                    pending.pop_front();
+                    backoff = Duration::from_millis(100);
                 }
             }
-            AuditOp::DeviceOffline { id, last_seen } => {
-                if let Err(e) = store.device_offline(&id, last_seen) {
-                    tracing::error!(error = %e, "cannot record the device offline");
-                }
+        }
+        metrics.audit_pending.set(pending.len() as i64);
+        if pending.is_empty() {
+            continue;
+        }
+        if closed && closed_at.get_or_insert_with(Instant::now).elapsed() >= AUDIT_FLUSH_GRACE {
+            tracing::error!(
+                records = pending.len(),
+                "stopping while the store is unreachable: audit records lost"
+            );
+            metrics.audit_dropped.inc_by(pending.len() as u64);
+            metrics.audit_pending.set(0);
+            break;
+        }
+        std::thread::sleep(backoff);
+        backoff = (backoff * 2).min(AUDIT_RETRY_MAX);
+    }
+}
+
+/// Writes one record; `Unavailable` means "try again later" (nothing was written).
+fn write_audit_op(
+    store: &Store,
+    rows: &mut HashMap<SessionId, i64>,
+    op: &AuditOp,
+) -> Result<(), StoreError> {
+    match op {
+        AuditOp::DeviceOnline(row) => store.device_online(row),
+        AuditOp::ForgetDevices(ids) => {
+            for id in ids {
+                store.remove_device(id)?;
             }
-            AuditOp::Start {
-                session,
+            Ok(())
+        }
+        AuditOp::DeviceOffline { id, last_seen } => store.device_offline(id, *last_seen),
+        AuditOp::Start {
+            session,
+            technician,
+            slot,
+            agent_addr,
+            console_addr,
+        } => {
+            let row = store.audit_start(&SessionStart {
                 technician,
                 slot,
-                agent_addr,
-                console_addr,
-            } => match store.audit_start(&SessionStart {
-                technician: &technician,
-                slot: &slot,
-                agent_addr,
-                console_addr,
-            }) {
-                Ok(row) => {
-                    rows.insert(session, row);
-                }
-                Err(e) => tracing::error!(error = %e, "cannot write audit row"),
-            },
-            AuditOp::End {
-                session,
-                agent_to_console,
-                console_to_agent,
-                reason,
-                direct,
-            } => {
-                if let Some(row) = rows.remove(&session)
-                    && let Err(e) =
-                        store.audit_end(row, agent_to_console, console_to_agent, &reason, direct)
-                {
-                    tracing::error!(error = %e, "cannot close audit row");
-                }
-            }
+                agent_addr: agent_addr.clone(),
+                console_addr: console_addr.clone(),
+            })?;
+            rows.insert(*session, row);
+            Ok(())
+        }
+        AuditOp::Progress {
+            session,
+            agent_to_console,
+            console_to_agent,
+        } => match rows.get(session) {
+            Some(&row) => store.audit_progress(row, *agent_to_console, *console_to_agent),
+            None => Ok(()),
+        },
+        AuditOp::End {
+            session,
+            agent_to_console,
+            console_to_agent,
+            reason,
+            direct,
+        } => {
+            let Some(&row) = rows.get(session) else {
+                return Ok(());
+            };
+            store.audit_end(row, *agent_to_console, *console_to_agent, reason, *direct)?;
+            rows.remove(session);
+            Ok(())
         }
     }
 }

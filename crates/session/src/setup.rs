@@ -19,7 +19,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 use tandem_client::{ClientError, ConnectOptions, RelayLink};
-use tandem_proto::{EndReason, ErrorCode, RelayMsg, ResumeToken, Secret, Slot};
+use tandem_proto::{EndReason, RelayMsg, ResumeToken, Secret, Slot};
 use tokio::sync::Notify;
 
 /// Placeholder addresses of the two ends on the virtual socket (never used on a network).
@@ -81,6 +81,10 @@ pub enum CodeChange {
     Requested,
     /// Attempts failed before this program was restarted; their count goes on.
     Remembered,
+    /// The connection to the relay was lost (the relay node stopped or the network dropped) and
+    /// this code comes from the relay reached again (another node of a cluster, perhaps): the
+    /// old code is gone with the old connection.
+    RelayLost,
 }
 
 /// What the agent's host reports.
@@ -275,7 +279,14 @@ impl AgentHost {
             .as_mut()
             .ok_or_else(|| SessionError::Setup("no relay link".into()))?;
         loop {
-            match link.recv().await? {
+            let msg = match link.recv().await {
+                Ok(m) => m,
+                Err(e) => {
+                    tracing::warn!(error = %e, "lost the relay while showing a code; getting a new one");
+                    return self.code_after_loss().await;
+                }
+            };
+            match msg {
                 RelayMsg::Paired {
                     technician,
                     organisation,
@@ -293,13 +304,38 @@ impl AgentHost {
                     persist_trust(&self.cfg);
                     continue;
                 }
+                // The relay node drains (a restart, an update): another node of a cluster, or the
+                // same one back, gives a new code.
                 RelayMsg::ShuttingDown => {
-                    return Err(SessionError::Relay(ClientError::Closed {
-                        code: Some(ErrorCode::ShuttingDown),
-                        reason: ErrorCode::ShuttingDown.explain().into(),
-                    }));
+                    tracing::info!("the relay is shutting down; getting a new code");
+                    return self.code_after_loss().await;
                 }
                 _ => continue,
+            }
+        }
+    }
+
+    /// After the relay link was lost while a code showed: the code is gone with it; connects again
+    /// (any node of the list) and registers, trying for about a minute before giving up.
+    async fn code_after_loss(&mut self) -> Result<AgentEvent, SessionError> {
+        const TRIES: u32 = 8;
+        if let Some(link) = self.link.take() {
+            link.close().await;
+        }
+        self.code = None;
+        let mut pause = Duration::from_millis(500);
+        let mut tries = 0;
+        loop {
+            match self.new_code(CodeChange::RelayLost).await {
+                Ok(ev) => return Ok(ev),
+                Err(e) if tries < TRIES => {
+                    tracing::warn!(error = %e, retry_in_ms = pause.as_millis() as u64, "no relay answers yet");
+                    self.link = None;
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_secs(10));
+                    tries += 1;
+                }
+                Err(e) => return Err(e),
             }
         }
     }
@@ -792,20 +828,45 @@ pub(crate) fn check_org(
     }
 }
 
-/// The console side: joins the agent holding `code`, authenticated as `token`.
+/// Most redirects a join follows: a relay cluster sends a console once, to the node holding the
+/// code; more would mean the nodes disagree, and the console stops rather than go round.
+const MAX_REDIRECTS: usize = 2;
+
+/// The console side: joins the agent holding `code`, authenticated as `token`. When the relay is
+/// a cluster and the agent waits on another node, the console follows the relay's redirect by
+/// itself: it connects to that node (trusting it exactly as the first: same pin or CA), logs in
+/// and joins there.
 pub async fn join(
     opts: &ConnectOptions,
     token: &Secret,
     code: &SessionCode,
     cfg: &SessionConfig,
 ) -> Result<Session, SessionError> {
-    let mut link = RelayLink::connect(opts).await?;
-    let (technician, organisation) = link.authenticate(token).await?;
-    let who = RelayIdentity {
-        technician,
-        organisation,
-    };
-    join_on(link, &who, opts, code, cfg).await
+    let mut node = opts.clone();
+    for hop in 0..=MAX_REDIRECTS {
+        let mut link = RelayLink::connect(&node).await?;
+        let (technician, organisation) = link.authenticate(token).await?;
+        let who = RelayIdentity {
+            technician,
+            organisation,
+        };
+        match link.join(code.slot()).await {
+            Ok(resume) => {
+                return console_setup(link, &who, &node, resume, cfg, ConsoleMode::Code(code))
+                    .await;
+            }
+            Err(ClientError::Redirected { relay }) if hop < MAX_REDIRECTS => {
+                tracing::info!(%relay, "the code waits on another relay node; connecting there");
+                link.close().await;
+                node = opts.for_node(&relay);
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Err(SessionError::Setup(
+        "the relay's nodes kept sending this console elsewhere; tell the relay's administrator"
+            .into(),
+    ))
 }
 
 /// Like [`join`], on an already authenticated relay link; `who` is what the relay answered to the

@@ -1,0 +1,207 @@
+//! The slot directory of a relay cluster: which node holds the agent waiting on a slot, kept in
+//! the shared PostgreSQL store so that a code is unique across the cluster and a console that
+//! reaches another node is redirected to the agent's.
+//!
+//! Decisions written down:
+//! * **Redirect, not node-to-node forwarding.** A console that joins on the wrong node is told the
+//!   agent's node ([`tandem_proto::RelayMsg::Redirect`]) and connects there itself: one more QUIC
+//!   handshake and login at join time, then the session costs one node's CPU and one hop, as on a
+//!   lone relay. Forwarding between nodes would cost two nodes' CPU and a second hop of latency for
+//!   the whole session, and an authenticated node-to-node link to run; the README's cluster
+//!   section has the measured join times.
+//! * **The directory is only asked at registration and at a join the node cannot serve itself.**
+//!   Forwarding never touches it. A registration whose claim the store cannot answer (PostgreSQL
+//!   restarting) goes on with the code valid on this node only (consoles that reach this node
+//!   join it; others are told the code is unknown), rather than keep the user without a code.
+//! * A row lives until the slot's expiry (at least [`MIN_ROW_LIFE`], the quarantine of an ended
+//!   code on a lone relay), whatever happens to the slot before: so no other node hands out the
+//!   same code while a late console could still type it. Rows older than an hour past expiry are
+//!   swept; a node that starts forgets the rows it left.
+//! * Join attempts per technician are counted across the cluster too (fixed one-minute windows in
+//!   the store, on top of each node's own bucket), so a technician's limit is not multiplied by the
+//!   number of nodes. While the store cannot answer, each node's own limit still holds.
+//! * Times compared across nodes (a code's expiry, a node's last heartbeat) are the database's
+//!   clock, never a node's: nodes whose clocks differ agree on them.
+//! * Every node says it is alive every [`HEARTBEAT`]; a node silent for [`NODE_LOST_AFTER`] died
+//!   without draining, and the others close its sessions' audit rows (`node_lost`, ended when it
+//!   was last seen) and forget its codes.
+//! * One thread with its own store connection serves the directory; requests wait at most
+//!   [`ANSWER_WITHIN`] and a full queue answers "unavailable" at once (never blocks a task).
+
+use crate::store::{Store, StoreError};
+use std::sync::mpsc as smpsc;
+use std::time::Duration;
+use tokio::sync::oneshot;
+
+/// Requests waiting for the directory thread at most.
+const QUEUE: usize = 1024;
+/// Longest a task waits for the directory.
+const ANSWER_WITHIN: Duration = Duration::from_secs(3);
+/// How often expired rows are swept.
+const SWEEP_EVERY: Duration = Duration::from_secs(60);
+/// How often a node says it is alive (the `nodes` table).
+const HEARTBEAT: Duration = Duration::from_secs(2);
+/// A node not heard of for this long is taken for dead: the other nodes close the audit rows of
+/// its sessions (as `node_lost`) and forget its codes.
+pub const NODE_LOST_AFTER: Duration = Duration::from_secs(15);
+/// A claimed slot stays reserved at least this long (a late join gets the right node).
+pub const MIN_ROW_LIFE: Duration = Duration::from_secs(60);
+
+/// Where a slot's agent waits.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Holder {
+    pub node: String,
+    /// The node's address for clients (`advertise`).
+    pub address: String,
+}
+
+enum Job {
+    Claim {
+        slot: String,
+        life: Duration,
+        reply: oneshot::Sender<Result<bool, StoreError>>,
+    },
+    Lookup {
+        slot: String,
+        reply: oneshot::Sender<Result<Option<Holder>, StoreError>>,
+    },
+    Join {
+        technician: i64,
+        per_minute: u32,
+        reply: oneshot::Sender<Result<bool, StoreError>>,
+    },
+}
+
+pub struct Directory {
+    tx: smpsc::SyncSender<Job>,
+    node: String,
+}
+
+impl Directory {
+    /// Starts the directory's thread on `store` (its own connection), after forgetting the rows
+    /// this node left behind. Blocks: call it from a blocking thread.
+    pub fn start(store: Store, node: &str, address: &str) -> Result<Directory, StoreError> {
+        let forgotten = store.slots_forget_node(node)?;
+        if forgotten > 0 {
+            tracing::info!(
+                slots = forgotten,
+                "forgot the codes this node held before it stopped"
+            );
+        }
+        let (tx, rx) = smpsc::sync_channel::<Job>(QUEUE);
+        let (node_s, address_s) = (node.to_string(), address.to_string());
+        std::thread::Builder::new()
+            .name("tandem-directory".into())
+            .spawn(move || serve(store, rx, &node_s, &address_s))
+            .map_err(|e| {
+                StoreError::Unavailable(format!("cannot start the directory thread: {e}"))
+            })?;
+        Ok(Directory {
+            tx,
+            node: node.to_string(),
+        })
+    }
+
+    /// This node's name.
+    pub fn node(&self) -> &str {
+        &self.node
+    }
+
+    async fn ask<T>(
+        &self,
+        job: impl FnOnce(oneshot::Sender<Result<T, StoreError>>) -> Job,
+    ) -> Result<T, StoreError> {
+        let (reply, answer) = oneshot::channel();
+        self.tx.try_send(job(reply)).map_err(|_| {
+            StoreError::Unavailable("the slot directory is overloaded or stopped".into())
+        })?;
+        match tokio::time::timeout(ANSWER_WITHIN, answer).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(_)) => Err(StoreError::Unavailable("the slot directory stopped".into())),
+            Err(_) => Err(StoreError::Unavailable(
+                "the slot directory did not answer in time".into(),
+            )),
+        }
+    }
+
+    /// Claims `slot` for this node for `life`: `false` when another node holds it.
+    pub async fn claim(&self, slot: &str, life: Duration) -> Result<bool, StoreError> {
+        let slot = slot.to_string();
+        self.ask(|reply| Job::Claim { slot, life, reply }).await
+    }
+
+    /// Counts a join attempt of `technician` across the cluster: whether it is within
+    /// `per_minute` (fixed one-minute windows shared by every node).
+    pub async fn join_allowed(&self, technician: i64, per_minute: u32) -> Result<bool, StoreError> {
+        self.ask(|reply| Job::Join {
+            technician,
+            per_minute,
+            reply,
+        })
+        .await
+    }
+
+    /// Which node holds `slot`, if any.
+    pub async fn lookup(&self, slot: &str) -> Result<Option<Holder>, StoreError> {
+        let slot = slot.to_string();
+        self.ask(|reply| Job::Lookup { slot, reply }).await
+    }
+}
+
+fn serve(store: Store, rx: smpsc::Receiver<Job>, node: &str, address: &str) {
+    let mut last_sweep = std::time::Instant::now();
+    let mut last_beat: Option<std::time::Instant> = None;
+    let mut last_watch = std::time::Instant::now();
+    loop {
+        match rx.recv_timeout(HEARTBEAT) {
+            Ok(Job::Claim { slot, life, reply }) => {
+                let life = life.max(MIN_ROW_LIFE).as_millis().min(i64::MAX as u128) as i64;
+                let _ = reply.send(store.slot_claim(&slot, node, address, life));
+            }
+            Ok(Job::Lookup { slot, reply }) => {
+                let _ = reply.send(
+                    store
+                        .slot_lookup(&slot)
+                        .map(|h| h.map(|(node, address)| Holder { node, address })),
+                );
+            }
+            Ok(Job::Join {
+                technician,
+                per_minute,
+                reply,
+            }) => {
+                let _ = reply.send(store.join_attempt(technician, per_minute));
+            }
+            Err(smpsc::RecvTimeoutError::Timeout) => {}
+            Err(smpsc::RecvTimeoutError::Disconnected) => {
+                // Drained: this node's codes and its place in the cluster go.
+                let _ = store.slots_forget_node(node);
+                let _ = store.node_leave(node);
+                return;
+            }
+        }
+        if last_beat.is_none_or(|t| t.elapsed() >= HEARTBEAT) {
+            last_beat = Some(std::time::Instant::now());
+            if let Err(e) = store.node_heartbeat(node, address) {
+                tracing::debug!(error = %e, "could not tell the cluster this node is alive");
+            }
+        }
+        if last_watch.elapsed() >= HEARTBEAT * 2 {
+            last_watch = std::time::Instant::now();
+            match store.close_lost_nodes(NODE_LOST_AFTER.as_millis() as i64) {
+                Ok(0) => {}
+                Ok(n) => tracing::warn!(
+                    sessions = n,
+                    "a relay node stopped answering; closed the audit rows of its sessions"
+                ),
+                Err(e) => tracing::debug!(error = %e, "could not look for lost nodes"),
+            }
+        }
+        if last_sweep.elapsed() >= SWEEP_EVERY {
+            last_sweep = std::time::Instant::now();
+            if let Err(e) = store.slots_sweep(3_600_000) {
+                tracing::debug!(error = %e, "could not sweep the slot directory");
+            }
+        }
+    }
+}
