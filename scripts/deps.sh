@@ -27,7 +27,9 @@ set -euo pipefail
 # ready agent's test a terminal.
 # fonts-dejavu-core: the text of the peer bench's content (tests/src/content.rs).
 # faketime (libfaketime): a relay whose clock is hours off, for "Check connection"'s clock step.
-PACKAGES=(faketime fonts-dejavu-core dpkg-dev debootstrap bsdutils build-essential pkg-config nasm clang xvfb x11-xserver-utils xclip libgl1 libegl1 libgl1-mesa-dri libxkbcommon-x11-0 libxcursor1 libxi6 libxrandr2
+# postgresql: relay clusters share their store in PostgreSQL; tests/tests/cluster.rs starts a
+# server of its own (initdb in a temporary directory), never the system's.
+PACKAGES=(postgresql faketime fonts-dejavu-core dpkg-dev debootstrap bsdutils build-essential pkg-config nasm clang xvfb x11-xserver-utils xclip libgl1 libegl1 libgl1-mesa-dri libxkbcommon-x11-0 libxcursor1 libxi6 libxrandr2
   iproute2 nftables tinyproxy nginx
   libxkbcommon-dev sway swaybg grim
   libpipewire-0.3-dev mutter pipewire wireplumber dbus libglib2.0-bin

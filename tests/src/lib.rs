@@ -10,6 +10,7 @@ pub mod nat;
 pub mod netns;
 pub mod nsprocs;
 pub mod org;
+pub mod postgres;
 pub mod scenes;
 pub mod wayland;
 pub mod x11;
@@ -72,6 +73,9 @@ impl TestRelay {
             tcp,
             metrics_listen: Some("127.0.0.1:0".parse().unwrap()),
             data_dir: dir.path().to_path_buf(),
+            store: tandem_relay_server::store::StoreLocation::in_data_dir(dir.path()),
+            node: String::new(),
+            advertise: None,
             limits,
             drain_timeout: Duration::from_secs(1),
             devices: Default::default(),
@@ -271,6 +275,12 @@ impl RelayProcess {
             .rsplit_once(':')
             .and_then(|(_, p)| p.parse().ok())
             .unwrap();
+        Self::start_on_port(data_dir, extra, port).await
+    }
+
+    /// Starts the relay binary on UDP `port` (a cluster node must know its address before it
+    /// starts: `--advertise`).
+    pub async fn start_on(data_dir: &Path, extra: &[&str], port: u16) -> RelayProcess {
         Self::start_on_port(data_dir, extra, port).await
     }
 
