@@ -12,6 +12,18 @@ use tandem_relay_server::{Limits, ServerConfig, TcpConfig};
 pub const DEFAULT_LISTEN: &str = "0.0.0.0:4433";
 pub const DEFAULT_METRICS: &str = "127.0.0.1:9733";
 
+/// A store address as given (`store = "…"`, `--store`): it may hold a password, so its `Debug`
+/// shows it without one.
+#[derive(Clone, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct StoreUrl(pub String);
+
+impl std::fmt::Debug for StoreUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&tandem_relay_server::store::db::redact_password(&self.0))
+    }
+}
+
 /// The file, as written. Unknown keys are errors (a typo must not silently fall back to a default).
 #[derive(Debug, Default, Deserialize, Serialize, Clone)]
 #[serde(deny_unknown_fields)]
@@ -32,7 +44,7 @@ pub struct FileConfig {
     /// Where technicians, devices and the audit log live: `sqlite:///path/relay.db` (default:
     /// relay.db in data_dir) or `postgres://user:password@host:5432/database?sslmode=require`,
     /// shared by the nodes of a cluster.
-    pub store: Option<String>,
+    pub store: Option<StoreUrl>,
     /// PEM file of the CA that signed the PostgreSQL server's certificate (default: the system's).
     pub store_ca: Option<PathBuf>,
     /// This relay's name among the nodes that share a PostgreSQL store (in audit and device
@@ -132,7 +144,7 @@ pub struct Overrides {
     pub tcp_listen: Vec<String>,
     /// `--path`: `auto` or `relay-only`.
     pub path: Option<String>,
-    pub store: Option<String>,
+    pub store: Option<StoreUrl>,
     pub store_ca: Option<PathBuf>,
     pub node: Option<String>,
     pub advertise: Option<String>,
@@ -159,7 +171,7 @@ pub struct Config {
     /// `store_ca` as given (for print-config).
     pub store_ca: Option<PathBuf>,
     /// `store` as given, password and all (for print-config only; never logged).
-    store_text: Option<String>,
+    store_text: Option<StoreUrl>,
     pub node: String,
     pub advertise: Option<String>,
 }
@@ -325,9 +337,9 @@ impl Config {
             Some(other) => bail!("path {other:?}: use auto or relay-only"),
         };
         let store_ca = o.store_ca.or(file.store_ca);
-        let store_text = o.store.or(file.store).filter(|s| !s.trim().is_empty());
+        let store_text = o.store.or(file.store).filter(|s| !s.0.trim().is_empty());
         let store = match &store_text {
-            Some(s) => StoreLocation::parse(s, store_ca.clone()).context("invalid store")?,
+            Some(s) => StoreLocation::parse(&s.0, store_ca.clone()).context("invalid store")?,
             None => StoreLocation::in_data_dir(&data_dir),
         };
         let node = match o.node.or(file.node) {
@@ -459,10 +471,10 @@ impl Config {
                 handshake_timeout_secs: Some(self.tcp.handshake_timeout.as_secs()),
             },
             // The password (if the address has one) is not printed.
-            store: Some(match &self.store_text {
-                Some(t) => tandem_relay_server::store::db::redact_password(t),
+            store: Some(StoreUrl(match &self.store_text {
+                Some(t) => tandem_relay_server::store::db::redact_password(&t.0),
                 None => self.store.to_string(),
-            }),
+            })),
             store_ca: self.store_ca.clone(),
             node: Some(self.node.clone()),
             advertise: self.advertise.clone(),

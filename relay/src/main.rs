@@ -270,7 +270,7 @@ fn run(cli: Cli) -> Result<()> {
             cert: cli.cert.clone(),
             key: cli.key.clone(),
             log_format: cli.log_format.clone(),
-            store: cli.store.clone(),
+            store: cli.store.clone().map(config::StoreUrl),
             store_ca: cli.store_ca.clone(),
             node: cli.node.clone(),
             advertise: cli.advertise.clone(),

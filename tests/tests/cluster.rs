@@ -87,16 +87,29 @@ fn exercise(mut s: Store) -> Vec<String> {
             slot: "417",
             agent_addr: "192.0.2.1:5000".into(),
             console_addr: "198.51.100.2:6000".into(),
+            key: None,
         })
         .unwrap();
     s.audit_end(row, 1_000_000, 2_000, "ended_by_user", Some(500))
         .unwrap();
+    // The same start written twice (a retry after the database went away mid-write): one row.
+    let keyed = SessionStart {
+        technician: &tech,
+        slot: "419",
+        agent_addr: "a".into(),
+        console_addr: "c".into(),
+        key: Some("run-1:7"),
+    };
+    let first = s.audit_start(&keyed).unwrap();
+    assert_eq!(s.audit_start(&keyed).unwrap(), first);
+    s.audit_end(first, 1, 1, "ended_by_user", None).unwrap();
     let open = s
         .audit_start(&SessionStart {
             technician: &tech,
             slot: "418",
             agent_addr: "a".into(),
             console_addr: "c".into(),
+            key: None,
         })
         .unwrap();
     assert_eq!(s.close_dangling().unwrap(), 1);
@@ -156,12 +169,26 @@ fn the_two_engines_read_back_the_same() {
             slot,
             agent_addr: "a".into(),
             console_addr: "c".into(),
+            key: None,
         })
         .unwrap()
     };
     let before = start("999");
     std::thread::sleep(Duration::from_millis(20));
-    s.node_heartbeat("relay-9", "n9:4433").unwrap();
+    assert_eq!(
+        s.node_join("relay-9", "n9:4433", "boot-a", 15_000).unwrap(),
+        Ok(())
+    );
+    // A second node of the same name is refused while the first is alive.
+    assert!(
+        s.node_join("relay-9", "n9:4433", "boot-b", 15_000)
+            .unwrap()
+            .is_err()
+    );
+    assert!(
+        s.node_heartbeat("relay-9", "n9:4433", "boot-a").unwrap(),
+        "known"
+    );
     assert!(s.slot_claim("555", "relay-9", "n9:4433", 600_000).unwrap());
     let after = start("998");
     assert_eq!(
@@ -183,8 +210,9 @@ fn the_two_engines_read_back_the_same() {
     );
     // A row started after the node's last heartbeat ends when it started, not before.
     assert_eq!(row(after).ended_at_ms, Some(row(after).started_at_ms));
-    // Its codes went with it.
+    // Its codes went with it; it was forgotten, and hears so at its next heartbeat.
     assert_eq!(s.slot_lookup("555").unwrap(), None);
+    assert!(!s.node_heartbeat("relay-9", "n9:4433", "boot-a").unwrap());
 }
 
 /// Where a node's programs and data are.
@@ -385,6 +413,7 @@ async fn a_lone_relays_sqlite_store_moves_into_postgres() {
                 slot: "123",
                 agent_addr: "a".into(),
                 console_addr: "c".into(),
+                key: None,
             })
             .unwrap();
         s.audit_end(row, 10, 20, "ended_by_user", None).unwrap();

@@ -130,6 +130,21 @@ impl ConnectOptions {
         }
     }
 
+    /// Whether a relay node may send this client to `relay` ([`ClientError::Redirected`]). With a
+    /// pin, yes: only holders of the cluster's key answer there, so a redirect cannot lead
+    /// anywhere else. With a CA (which may be a public one, vouching for any web server), only to
+    /// a node this client was given: a redirect must not take the technician's token to an
+    /// arbitrary host the CA vouches for.
+    pub fn accepts_redirect(&self, relay: &str) -> bool {
+        match self.trust {
+            RelayTrust::Pin(_) => true,
+            RelayTrust::Ca { .. } => {
+                let same = |a: &str| a.eq_ignore_ascii_case(relay);
+                same(&self.relay) || self.alternates.iter().any(|a| same(a))
+            }
+        }
+    }
+
     /// The proxy for a TCP link to `host`.
     fn proxy_for(&self, host: &str) -> Result<Option<Proxy>, ClientError> {
         match &self.proxy {

@@ -24,7 +24,12 @@
 //!   clock, never a node's: nodes whose clocks differ agree on them.
 //! * Every node says it is alive every [`HEARTBEAT`]; a node silent for [`NODE_LOST_AFTER`] died
 //!   without draining, and the others close its sessions' audit rows (`node_lost`, ended when it
-//!   was last seen) and forget its codes.
+//!   was last seen) and forget its codes. A node judges others only once its own heartbeats have
+//!   gone through for longer than that (after a database outage all are silent for a while); a
+//!   node that was taken for lost while it could not reach the database claims its codes again
+//!   (an audit row closed as `node_lost` meanwhile gets its real end when the session ends).
+//! * Each start of a node has a random id: a second node started with the name of a live one is
+//!   refused (it would close the first one's sessions and take its codes).
 //! * One thread with its own store connection serves the directory; requests wait at most
 //!   [`ANSWER_WITHIN`] and a full queue answers "unavailable" at once (never blocks a task).
 
@@ -81,6 +86,15 @@ impl Directory {
     /// Starts the directory's thread on `store` (its own connection), after forgetting the rows
     /// this node left behind. Blocks: call it from a blocking thread.
     pub fn start(store: Store, node: &str, address: &str) -> Result<Directory, StoreError> {
+        let boot = boot_id()?;
+        let lost_after = NODE_LOST_AFTER.as_millis() as i64;
+        if let Err(ago) = store.node_join(node, address, &boot, lost_after)? {
+            return Err(StoreError::NodeTaken {
+                node: node.to_string(),
+                secs: ago / 1000,
+                wait: (lost_after - ago).max(0) / 1000 + 1,
+            });
+        }
         let forgotten = store.slots_forget_node(node)?;
         if forgotten > 0 {
             tracing::info!(
@@ -92,7 +106,7 @@ impl Directory {
         let (node_s, address_s) = (node.to_string(), address.to_string());
         std::thread::Builder::new()
             .name("tandem-directory".into())
-            .spawn(move || serve(store, rx, &node_s, &address_s))
+            .spawn(move || serve(store, rx, &node_s, &address_s, &boot))
             .map_err(|e| {
                 StoreError::Unavailable(format!("cannot start the directory thread: {e}"))
             })?;
@@ -148,15 +162,41 @@ impl Directory {
     }
 }
 
-fn serve(store: Store, rx: smpsc::Receiver<Job>, node: &str, address: &str) {
-    let mut last_sweep = std::time::Instant::now();
-    let mut last_beat: Option<std::time::Instant> = None;
-    let mut last_watch = std::time::Instant::now();
+/// A random id of this start of the node (tells a node from another of the same name).
+fn boot_id() -> Result<String, StoreError> {
+    use ring::rand::SecureRandom;
+    let mut b = [0u8; 8];
+    ring::rand::SystemRandom::new()
+        .fill(&mut b)
+        .map_err(|_| StoreError::Random)?;
+    Ok(b.iter().map(|x| format!("{x:02x}")).collect())
+}
+
+fn serve(store: Store, rx: smpsc::Receiver<Job>, node: &str, address: &str, boot: &str) {
+    use std::time::Instant;
+    let mut last_sweep = Instant::now();
+    let mut last_beat: Option<Instant> = None;
+    let mut last_watch = Instant::now();
+    // Since when this node's heartbeats have gone through without a gap: it judges others only
+    // after being heard itself for longer than they may be silent (after a database outage every
+    // node is silent for a while, and the first one back must not take the others for dead).
+    let mut heard_since: Option<Instant> = Some(Instant::now());
+    // The codes this node claimed, until they expire: claimed again if the others took this node
+    // for dead (and deleted its codes) while it could not reach the database.
+    let mut claimed: std::collections::HashMap<String, Instant> = Default::default();
     loop {
         match rx.recv_timeout(HEARTBEAT) {
+            // Askers that gave up (their wait is over) are not served: a backlog drains fast.
+            Ok(Job::Claim { reply, .. }) | Ok(Job::Join { reply, .. }) if reply.is_closed() => {}
+            Ok(Job::Lookup { reply, .. }) if reply.is_closed() => {}
             Ok(Job::Claim { slot, life, reply }) => {
-                let life = life.max(MIN_ROW_LIFE).as_millis().min(i64::MAX as u128) as i64;
-                let _ = reply.send(store.slot_claim(&slot, node, address, life));
+                let life = life.max(MIN_ROW_LIFE);
+                let ms = life.as_millis().min(i64::MAX as u128) as i64;
+                let r = store.slot_claim(&slot, node, address, ms);
+                if matches!(r, Ok(true)) {
+                    claimed.insert(slot, Instant::now() + life);
+                }
+                let _ = reply.send(r);
             }
             Ok(Job::Lookup { slot, reply }) => {
                 let _ = reply.send(
@@ -181,13 +221,32 @@ fn serve(store: Store, rx: smpsc::Receiver<Job>, node: &str, address: &str) {
             }
         }
         if last_beat.is_none_or(|t| t.elapsed() >= HEARTBEAT) {
-            last_beat = Some(std::time::Instant::now());
-            if let Err(e) = store.node_heartbeat(node, address) {
-                tracing::debug!(error = %e, "could not tell the cluster this node is alive");
+            last_beat = Some(Instant::now());
+            match store.node_heartbeat(node, address, boot) {
+                Ok(known) => {
+                    heard_since.get_or_insert_with(Instant::now);
+                    if !known {
+                        claimed.retain(|_, until| *until > Instant::now());
+                        tracing::warn!(
+                            codes = claimed.len(),
+                            "the other nodes took this node for lost while it could not reach the database; claiming its codes again"
+                        );
+                        for (slot, until) in &claimed {
+                            let left = until.saturating_duration_since(Instant::now());
+                            let ms = left.as_millis().min(i64::MAX as u128) as i64;
+                            let _ = store.slot_claim(slot, node, address, ms);
+                        }
+                    }
+                }
+                Err(e) => {
+                    heard_since = None;
+                    tracing::debug!(error = %e, "could not tell the cluster this node is alive");
+                }
             }
         }
-        if last_watch.elapsed() >= HEARTBEAT * 2 {
-            last_watch = std::time::Instant::now();
+        let judged = heard_since.is_some_and(|t| t.elapsed() > NODE_LOST_AFTER + HEARTBEAT);
+        if judged && last_watch.elapsed() >= HEARTBEAT * 2 {
+            last_watch = Instant::now();
             match store.close_lost_nodes(NODE_LOST_AFTER.as_millis() as i64) {
                 Ok(0) => {}
                 Ok(n) => tracing::warn!(
@@ -198,7 +257,8 @@ fn serve(store: Store, rx: smpsc::Receiver<Job>, node: &str, address: &str) {
             }
         }
         if last_sweep.elapsed() >= SWEEP_EVERY {
-            last_sweep = std::time::Instant::now();
+            last_sweep = Instant::now();
+            claimed.retain(|_, until| *until > Instant::now());
             if let Err(e) = store.slots_sweep(3_600_000) {
                 tracing::debug!(error = %e, "could not sweep the slot directory");
             }

@@ -883,10 +883,14 @@ impl Registry {
     /// slot directory said so): it stays out of this node's allocation until it would have
     /// expired, and `conn` gets another slot, with the same expiry, without counting as a
     /// registration. `None` when `conn` no longer waits on `slot` (it registered again or left).
+    ///
+    /// The new slot is at least `min_digits` long: a cluster whose shortest codes are taken on
+    /// other nodes (each node sizes codes by its own use) moves to longer ones.
     pub fn reallocate(
         &mut self,
         conn: ConnId,
         slot: &Slot,
+        min_digits: usize,
         rng: &mut dyn SlotRng,
     ) -> Result<Option<Slot>, Refusal> {
         match self.conns.get(&conn).map(|c| &c.role) {
@@ -903,7 +907,7 @@ impl Registry {
         self.remove_slot(slot);
         self.insert_tomb(slot.clone(), Tomb::Ended, expires_at, None);
         let fresh = self
-            .allocate_slot(rng, SLOT_MIN_DIGITS)
+            .allocate_slot(rng, min_digits.clamp(SLOT_MIN_DIGITS, SLOT_MAX_DIGITS))
             .ok_or(Refusal::Limit(LimitHit::Connections))?;
         self.insert_slot(
             fresh.clone(),
@@ -1677,7 +1681,7 @@ mod tests {
         };
         let mut f = Fixture::new(limits);
         let (a, taken) = f.agent(1);
-        let fresh = f.r.reallocate(a, &taken, &mut f.rng).unwrap().unwrap();
+        let fresh = f.r.reallocate(a, &taken, 3, &mut f.rng).unwrap().unwrap();
         assert_ne!(fresh, taken);
         assert_eq!(fresh.as_str().len(), SLOT_MIN_DIGITS);
         // The taken code is not this node's: a join to it is refused here (the relay then asks
@@ -1689,11 +1693,13 @@ mod tests {
         );
         assert_eq!(join(&mut f.r, c, &fresh, f.t0).unwrap().session.agent, a);
         // Only a waiting agent's current code is replaced; anything else is left alone.
-        assert_eq!(f.r.reallocate(a, &fresh, &mut f.rng), Ok(None));
+        assert_eq!(f.r.reallocate(a, &fresh, 3, &mut f.rng), Ok(None));
         let (b, other) = f.agent(3);
-        assert_eq!(f.r.reallocate(b, &taken, &mut f.rng), Ok(None));
-        // One registration per minute was allowed, and the replacement did not use it up.
-        assert!(f.r.reallocate(b, &other, &mut f.rng).unwrap().is_some());
+        assert_eq!(f.r.reallocate(b, &taken, 3, &mut f.rng), Ok(None));
+        // One registration per minute was allowed, and the replacement did not use it up; asked
+        // for longer codes, it gets one.
+        let longer = f.r.reallocate(b, &other, 5, &mut f.rng).unwrap().unwrap();
+        assert_eq!(longer.as_str().len(), 5);
         assert_eq!(
             f.r.register(b, f.t0, &mut f.rng),
             Err(Refusal::Limit(LimitHit::RegistersPerConnection))

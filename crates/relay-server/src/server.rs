@@ -854,7 +854,12 @@ fn forget_stale_devices(shared: &Shared) {
             devices = gone.len(),
             "forgot devices not seen for the retention period"
         );
-        let _ = shared.audit_tx.send(AuditOp::ForgetDevices(gone));
+        // A cluster node forgets them for itself only: the shared rows are other nodes' too (a
+        // device may be online on another node, or of an organisation another node hosts); an
+        // administrator removes them with `tandem-relay devices remove`.
+        if shared.directory.is_none() {
+            let _ = shared.audit_tx.send(AuditOp::ForgetDevices(gone));
+        }
     }
 }
 
@@ -1678,15 +1683,18 @@ async fn claim_slot(
     conn: ConnId,
     mut slot: Slot,
 ) -> Result<Slot, Close> {
-    const TRIES: usize = 4;
-    for _ in 0..TRIES {
+    const TRIES: usize = 6;
+    for attempt in 0..TRIES {
         match dir.claim(slot.as_str(), shared.limits.slot_ttl).await {
             Ok(true) => return Ok(slot),
             Ok(false) => {
                 shared.metrics.directory("conflict");
+                // Taken elsewhere twice in a row: this length is crowded across the cluster
+                // (each node sizes codes by its own use); one digit more.
+                let min_digits = slot.as_str().len() + usize::from(attempt >= 1);
                 let fresh = {
                     let mut rng = lock(&shared.rng);
-                    lock(&shared.registry).reallocate(conn, &slot, &mut *rng)
+                    lock(&shared.registry).reallocate(conn, &slot, min_digits, &mut *rng)
                 };
                 match fresh {
                     Ok(Some(s)) => slot = s,
@@ -2326,6 +2334,14 @@ const AUDIT_RETRY_MAX: Duration = Duration::from_secs(2);
 /// waits for them. A record the store refuses for another reason is logged and skipped.
 fn audit_writer(store: Store, mut rx: mpsc::UnboundedReceiver<AuditOp>, metrics: Arc<Metrics>) {
     let mut rows: HashMap<SessionId, i64> = HashMap::new();
+    // This relay start's id: with the session id it keys each audit row's start, so a start
+    // written twice (retried after the database went away mid-write) stays one row.
+    let run = {
+        let mut b = [0u8; 8];
+        let _ = SystemRandom::new().fill(&mut b);
+        let r: String = b.iter().map(|x| format!("{x:02x}")).collect();
+        format!("{:x}-{r}", crate::store::now_ms())
+    };
     let mut pending: std::collections::VecDeque<AuditOp> = std::collections::VecDeque::new();
     let mut closed = false;
     let mut closed_at: Option<Instant> = None;
@@ -2350,12 +2366,17 @@ fn audit_writer(store: Store, mut rx: mpsc::UnboundedReceiver<AuditOp>, metrics:
                 }
             }
         }
+        if pending.len() > 1 {
+            // Waiting for the store: a running session's checkpoint is superseded by its end (or
+            // the next checkpoint); only the records that matter wait.
+            pending.retain(|op| !matches!(op, AuditOp::Progress { .. }));
+        }
         while pending.len() > AUDIT_QUEUE_MAX {
             pending.pop_front();
             metrics.audit_dropped.inc();
         }
         while let Some(op) = pending.front() {
-            match write_audit_op(&store, &mut rows, op) {
+            match write_audit_op(&store, &run, &mut rows, op) {
                 Err(StoreError::Unavailable(e)) => {
                     tracing::warn!(error = %e, waiting = pending.len(), "audit records wait for the store");
                     metrics.store_errors.inc();
@@ -2392,6 +2413,7 @@ fn audit_writer(store: Store, mut rx: mpsc::UnboundedReceiver<AuditOp>, metrics:
 /// Writes one record; `Unavailable` means "try again later" (nothing was written).
 fn write_audit_op(
     store: &Store,
+    run: &str,
     rows: &mut HashMap<SessionId, i64>,
     op: &AuditOp,
 ) -> Result<(), StoreError> {
@@ -2411,11 +2433,13 @@ fn write_audit_op(
             agent_addr,
             console_addr,
         } => {
+            let key = format!("{run}:{session}");
             let row = store.audit_start(&SessionStart {
                 technician,
                 slot,
                 agent_addr: agent_addr.clone(),
                 console_addr: console_addr.clone(),
+                key: Some(&key),
             })?;
             rows.insert(*session, row);
             Ok(())

@@ -66,6 +66,10 @@ pub enum StoreError {
     )]
     NotEmpty { table: String, rows: i64 },
     #[error(
+        "another relay node named {node:?} is running (heard of {secs} s ago): give each node its own name (node = \"…\"); if that was this node before a crash, it starts once it has been silent for {wait} s"
+    )]
+    NodeTaken { node: String, secs: i64, wait: i64 },
+    #[error(
         "database schema version {found} is newer than this relay understands ({known}); upgrade tandem-relay"
     )]
     TooNew { found: i64, known: i64 },
@@ -129,6 +133,9 @@ pub struct SessionStart<'a> {
     pub slot: &'a str,
     pub agent_addr: String,
     pub console_addr: String,
+    /// Unique per session and relay start: writing the same start twice (a retry after the
+    /// database went away mid-write) gives back the same row instead of a second one.
+    pub key: Option<&'a str>,
 }
 
 /// SQLite's schema, one numbered migration each (tracked in `PRAGMA user_version`).
@@ -204,6 +211,7 @@ const SQLITE_MIGRATIONS: &[&str] = &[
     CREATE TABLE nodes (
         node TEXT PRIMARY KEY,
         address TEXT NOT NULL,
+        boot TEXT NOT NULL,
         seen_at_ms INTEGER NOT NULL
     );
     CREATE TABLE join_attempts (
@@ -211,7 +219,9 @@ const SQLITE_MIGRATIONS: &[&str] = &[
         minute INTEGER NOT NULL,
         attempts INTEGER NOT NULL,
         PRIMARY KEY (technician_id, minute)
-    );",
+    );
+    ALTER TABLE sessions ADD COLUMN start_key TEXT;
+    CREATE UNIQUE INDEX sessions_start_key ON sessions (start_key);",
 ];
 
 /// PostgreSQL's schema: the same tables and the same numbered steps as SQLite's (tracked in
@@ -279,6 +289,7 @@ const POSTGRES_MIGRATIONS: &[&str] = &[
     CREATE TABLE nodes (
         node TEXT PRIMARY KEY,
         address TEXT NOT NULL,
+        boot TEXT NOT NULL,
         seen_at_ms BIGINT NOT NULL
     );
     CREATE TABLE join_attempts (
@@ -286,7 +297,9 @@ const POSTGRES_MIGRATIONS: &[&str] = &[
         minute BIGINT NOT NULL,
         attempts BIGINT NOT NULL,
         PRIMARY KEY (technician_id, minute)
-    );",
+    );
+    ALTER TABLE sessions ADD COLUMN start_key TEXT;
+    CREATE UNIQUE INDEX sessions_start_key ON sessions (start_key);",
 ];
 
 /// The schema version this relay writes (both engines).
@@ -859,8 +872,9 @@ impl Store {
     /// Records the start of a session; returns the audit row id.
     pub fn audit_start(&self, s: &SessionStart<'_>) -> Result<i64, StoreError> {
         let rows = self.query(
-            "INSERT INTO sessions (technician_id, technician, organisation, slot, agent_addr, console_addr, started_at_ms, node)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8) RETURNING id",
+            "INSERT INTO sessions (technician_id, technician, organisation, slot, agent_addr, console_addr, started_at_ms, node, start_key)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
+             ON CONFLICT (start_key) DO UPDATE SET start_key = excluded.start_key RETURNING id",
             &[
                 Val::I64(s.technician.id),
                 Val::Text(&s.technician.name),
@@ -870,6 +884,7 @@ impl Store {
                 Val::Text(&s.console_addr),
                 Val::I64(now_ms()),
                 Val::Text(&self.node),
+                Val::OptText(s.key),
             ],
         )?;
         rows.first()
@@ -1049,17 +1064,57 @@ impl Store {
         self.execute("DELETE FROM slots WHERE node = ?1", &[Val::Text(node)])
     }
 
-    /// Says that `node` (reachable at `address`) is alive now.
-    pub fn node_heartbeat(&self, node: &str, address: &str) -> Result<(), StoreError> {
+    /// A node joins the cluster's list as `boot` (random, per start). Refused (with the seconds
+    /// since it was last heard of) while another start of a node of the same name is alive: two
+    /// nodes of one name would close each other's sessions and take each other's codes.
+    pub fn node_join(
+        &self,
+        node: &str,
+        address: &str,
+        boot: &str,
+        lost_after_ms: i64,
+    ) -> Result<Result<(), i64>, StoreError> {
         let now = self.db.borrow().now_sql();
+        let rows = self.query(
+            &format!("SELECT boot, {now} - seen_at_ms FROM nodes WHERE node = ?1"),
+            &[Val::Text(node)],
+        )?;
+        if let Some(r) = rows.first() {
+            let (other, ago) = (r.text(0)?, r.i64(1)?);
+            if other != boot && ago < lost_after_ms {
+                return Ok(Err(ago));
+            }
+        }
+        self.node_heartbeat(node, address, boot)?;
+        Ok(Ok(()))
+    }
+
+    /// Says that `node` (this start of it, `boot`) is alive now. `false` when its row had gone
+    /// (the other nodes took it for dead while it could not reach the database).
+    pub fn node_heartbeat(
+        &self,
+        node: &str,
+        address: &str,
+        boot: &str,
+    ) -> Result<bool, StoreError> {
+        let now = self.db.borrow().now_sql();
+        let n = self.execute(
+            &format!(
+                "UPDATE nodes SET address = ?2, seen_at_ms = {now} WHERE node = ?1 AND boot = ?3"
+            ),
+            &[Val::Text(node), Val::Text(address), Val::Text(boot)],
+        )?;
+        if n > 0 {
+            return Ok(true);
+        }
         self.execute(
             &format!(
-                "INSERT INTO nodes (node, address, seen_at_ms) VALUES (?1, ?2, {now})
-                 ON CONFLICT (node) DO UPDATE SET address = ?2, seen_at_ms = {now}"
+                "INSERT INTO nodes (node, address, boot, seen_at_ms) VALUES (?1, ?2, ?3, {now})
+                 ON CONFLICT (node) DO UPDATE SET address = ?2, boot = ?3, seen_at_ms = {now}"
             ),
-            &[Val::Text(node), Val::Text(address)],
+            &[Val::Text(node), Val::Text(address), Val::Text(boot)],
         )?;
-        Ok(())
+        Ok(false)
     }
 
     /// A node that stopped cleanly leaves the cluster's list.
@@ -1457,6 +1512,7 @@ mod tests {
                 slot: "417",
                 agent_addr: "10.0.0.1:5000".into(),
                 console_addr: "10.0.0.2:6000".into(),
+                key: None,
             })
             .unwrap();
         let open = s.audit(10).unwrap();
@@ -1491,6 +1547,7 @@ mod tests {
                 slot: "123",
                 agent_addr: "a".into(),
                 console_addr: "c".into(),
+                key: None,
             })
             .unwrap();
         }

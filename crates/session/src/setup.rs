@@ -152,6 +152,10 @@ pub struct AgentHost {
     /// Whether the current pause or lock was reported.
     announced: bool,
     requests: CodeRequester,
+    /// When the relay link was last lost while a code showed, and the wait before reconnecting
+    /// that loss got.
+    last_loss: Option<Instant>,
+    loss_pause: Duration,
 }
 
 impl AgentHost {
@@ -166,6 +170,8 @@ impl AgentHost {
             tries: Tries::new(cfg.guesses),
             cfg,
             link: Some(link),
+            last_loss: None,
+            loss_pause: Duration::ZERO,
             code: None,
             pending: None,
             next_why: CodeChange::New,
@@ -323,6 +329,17 @@ impl AgentHost {
             link.close().await;
         }
         self.code = None;
+        // A relay that drops the agent again and again (right after each code) is not dialled
+        // in a tight loop: losses close together wait longer and longer, up to 30 s.
+        let now = Instant::now();
+        self.loss_pause = match self.last_loss {
+            Some(t) if now.duration_since(t) < Duration::from_secs(60) => {
+                (self.loss_pause * 2).clamp(Duration::from_secs(1), Duration::from_secs(30))
+            }
+            _ => Duration::ZERO,
+        };
+        self.last_loss = Some(now);
+        tokio::time::sleep(self.loss_pause).await;
         let mut pause = Duration::from_millis(500);
         let mut tries = 0;
         loop {
@@ -854,6 +871,14 @@ pub async fn join(
             Ok(resume) => {
                 return console_setup(link, &who, &node, resume, cfg, ConsoleMode::Code(code))
                     .await;
+            }
+            Err(ClientError::Redirected { relay }) if !opts.accepts_redirect(&relay) => {
+                link.close().await;
+                return Err(SessionError::Setup(format!(
+                    "the relay sent this console to {relay:?}, which is not one of the relay \
+                     addresses it was given; with a relay trusted by its CA, give every node \
+                     (--relay node1:4433,node2:4433,…)"
+                )));
             }
             Err(ClientError::Redirected { relay }) if hop < MAX_REDIRECTS => {
                 tracing::info!(%relay, "the code waits on another relay node; connecting there");

@@ -21,7 +21,7 @@ use super::StoreError;
 
 /// Longest a single database call may take before the connection is dropped and the call fails
 /// as "unavailable" (a store on the other side of a dead network must not hang a relay thread).
-pub const PG_CALL_TIMEOUT: Duration = Duration::from_secs(15);
+pub const PG_CALL_TIMEOUT: Duration = Duration::from_secs(5);
 /// Longest a connection attempt may take.
 const PG_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -121,8 +121,10 @@ impl fmt::Debug for StoreLocation {
     }
 }
 
-/// An address as given, with any password replaced by `…`.
+/// An address as given, with any password (in the user part or as `password=` among the
+/// parameters) replaced by `…`.
 pub fn redact_password(s: &str) -> String {
+    let s = &redact_param(s);
     match (s.find("://"), s.rfind('@')) {
         (Some(scheme), Some(at)) if at > scheme && s[scheme + 3..at].contains(':') => {
             let userinfo = &s[scheme + 3..at];
@@ -131,6 +133,21 @@ pub fn redact_password(s: &str) -> String {
         }
         _ => s.to_string(),
     }
+}
+
+/// `password=…` among a URL's query parameters (or key=value words) replaced by `password=…`.
+fn redact_param(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut rest = s;
+    while let Some(i) = rest.to_ascii_lowercase().find("password=") {
+        out.push_str(&rest[..i + "password=".len()]);
+        out.push('…');
+        let after = &rest[i + "password=".len()..];
+        let end = after.find(['&', ' ']).unwrap_or(after.len());
+        rest = &after[end..];
+    }
+    out.push_str(rest);
+    out
 }
 
 impl PgLocation {
@@ -153,9 +170,13 @@ impl PgLocation {
             .join(",")
     }
 
-    /// Every host is a Unix socket or a loopback name/address.
+    /// Every host is a Unix socket or a loopback name/address (and so is every `hostaddr`, which
+    /// is where the connection really goes when given).
     fn is_local(&self) -> bool {
         use tokio_postgres::config::Host;
+        if self.config.get_hostaddrs().iter().any(|a| !a.is_loopback()) {
+            return false;
+        }
         self.config.get_hosts().iter().all(|h| match h {
             Host::Tcp(name) => {
                 name == "localhost"
@@ -437,7 +458,13 @@ impl PgConn {
                     }
                     return Err(self.unavailable(e));
                 }
-                Ok(Err(e)) => return Err(pg_error(e)),
+                Ok(Err(e)) => {
+                    let e = pg_error(e);
+                    if matches!(e, StoreError::Unavailable(_)) {
+                        self.client = None;
+                    }
+                    return Err(e);
+                }
                 Err(_) => {
                     // The connection's state is unknown after a call that did not finish.
                     self.client = None;
@@ -449,15 +476,34 @@ impl PgConn {
     }
 }
 
-/// A database error, or "unavailable" when the cause is the connection.
+/// A database error, or "unavailable" when the cause is the connection or the server's state
+/// (shutting down, starting, too many connections, a read-only standby after a failover, a
+/// serialization conflict): worth trying again later, on a new connection.
 fn pg_error(e: tokio_postgres::Error) -> StoreError {
     if e.is_closed() {
         return StoreError::Unavailable(format!("PostgreSQL store: {e}"));
     }
     match e.as_db_error() {
+        Some(db) if transient(db.code().code()) => StoreError::Unavailable(format!(
+            "PostgreSQL store: {} ({})",
+            db.message(),
+            db.code().code()
+        )),
         Some(db) => StoreError::Postgres(format!("{}: {}", db.code().code(), db.message())),
         None => StoreError::Postgres(e.to_string()),
     }
+}
+
+/// SQLSTATEs after which the same statement may succeed later: connection exceptions (class
+/// 08), admin/crash shutdown and "cannot connect now" (57P01–57P03), too many connections
+/// (53300), a read-only transaction (25006: a standby after failover), serialization failure and
+/// deadlock (40001, 40P01).
+fn transient(code: &str) -> bool {
+    code.starts_with("08")
+        || matches!(
+            code,
+            "57P01" | "57P02" | "57P03" | "53300" | "25006" | "40001" | "40P01"
+        )
 }
 
 fn sqlite_params<'a>(params: &'a [Val<'a>]) -> Vec<&'a dyn rusqlite::ToSql> {
@@ -684,6 +730,18 @@ mod tests {
             .to_string();
         assert!(!e.contains("hunter2"), "{e}");
         assert!(StoreLocation::parse("sqlite:", None).is_err());
+        // hostaddr is where the connection goes: a remote one needs TLS whatever the host says.
+        assert!(
+            StoreLocation::parse("postgres://t@localhost/relay?hostaddr=203.0.113.5", None)
+                .is_err()
+        );
+        assert!(
+            StoreLocation::parse("postgres://t@localhost/relay?hostaddr=127.0.0.1", None).is_ok()
+        );
+        assert_eq!(
+            redact_password("postgres://t@db/relay?sslmode=require&password=hunter2&x=1"),
+            "postgres://t@db/relay?sslmode=require&password=…&x=1"
+        );
     }
 
     #[test]
