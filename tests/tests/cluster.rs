@@ -145,7 +145,7 @@ fn exercise(mut s: Store) -> Vec<String> {
     assert!(s.slot_claim("417", "relay-2", "n2:4433", 60_000).unwrap());
     seen.push(format!("{:?}", s.slot_lookup("417").unwrap()));
     // The cluster-wide join count.
-    let allowed: Vec<bool> = (0..4).map(|_| s.join_attempt(7, 3).unwrap()).collect();
+    let allowed: Vec<i64> = (0..4).map(|_| s.join_attempt(7).unwrap()).collect();
     seen.push(format!("{allowed:?}"));
     seen
 }

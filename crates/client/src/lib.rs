@@ -1500,3 +1500,32 @@ fn unix_ms() -> u64 {
 fn unix_ms_now_after(t0: u64) -> u64 {
     unix_ms().max(t0)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_node_list_is_split_and_redirects_are_trusted_like_the_relay() {
+        let pin = RelayTrust::Pin(tandem_certs::Fingerprint::of(b"relay"));
+        let o = ConnectOptions::new("n1.example.com:4433, n2.example.com:4433,", pin);
+        assert_eq!(o.relay, "n1.example.com:4433");
+        assert_eq!(o.alternates, vec!["n2.example.com:4433".to_string()]);
+        let n2 = o.for_node("n2.example.com:4433");
+        assert_eq!(
+            (n2.relay.as_str(), n2.alternates.len()),
+            ("n2.example.com:4433", 0)
+        );
+        assert_eq!(n2.tcp, default_tcp_targets("n2.example.com:4433"));
+        // Pinned: only the cluster's key answers anywhere, so any node may be named.
+        assert!(o.accepts_redirect("n9.example.com:4433"));
+        // A CA (perhaps a public one): only the nodes the client was given.
+        let ca = RelayTrust::Ca {
+            path: "ca.pem".into(),
+            roots: Vec::new(),
+        };
+        let o = ConnectOptions::new("n1.example.com:4433,n2.example.com:4433", ca);
+        assert!(o.accepts_redirect("N2.example.com:4433"));
+        assert!(!o.accepts_redirect("attacker.example.net:4433"));
+    }
+}

@@ -70,16 +70,19 @@ enum Job {
         slot: String,
         reply: oneshot::Sender<Result<Option<Holder>, StoreError>>,
     },
-    Join {
-        technician: i64,
-        per_minute: u32,
-        reply: oneshot::Sender<Result<bool, StoreError>>,
-    },
+    /// A join attempt to count; the cluster-wide count comes back in [`Directory::joins`].
+    Join { technician: i64 },
 }
+
+/// Cluster-wide join attempts per technician in the current minute, as the store last counted
+/// them, and when.
+type JoinCounts =
+    std::sync::Arc<std::sync::Mutex<std::collections::HashMap<i64, (std::time::Instant, i64)>>>;
 
 pub struct Directory {
     tx: smpsc::SyncSender<Job>,
     node: String,
+    joins: JoinCounts,
 }
 
 impl Directory {
@@ -104,15 +107,18 @@ impl Directory {
         }
         let (tx, rx) = smpsc::sync_channel::<Job>(QUEUE);
         let (node_s, address_s) = (node.to_string(), address.to_string());
+        let joins = JoinCounts::default();
+        let counts = joins.clone();
         std::thread::Builder::new()
             .name("tandem-directory".into())
-            .spawn(move || serve(store, rx, &node_s, &address_s, &boot))
+            .spawn(move || serve(store, rx, &node_s, &address_s, &boot, &counts))
             .map_err(|e| {
                 StoreError::Unavailable(format!("cannot start the directory thread: {e}"))
             })?;
         Ok(Directory {
             tx,
             node: node.to_string(),
+            joins,
         })
     }
 
@@ -144,15 +150,18 @@ impl Directory {
         self.ask(|reply| Job::Claim { slot, life, reply }).await
     }
 
-    /// Counts a join attempt of `technician` across the cluster: whether it is within
-    /// `per_minute` (fixed one-minute windows shared by every node).
-    pub async fn join_allowed(&self, technician: i64, per_minute: u32) -> Result<bool, StoreError> {
-        self.ask(|reply| Job::Join {
-            technician,
-            per_minute,
-            reply,
-        })
-        .await
+    /// Counts a join attempt of `technician` across the cluster, without waiting for the store:
+    /// whether the cluster's count as the store last gave it (within the last minute) leaves room
+    /// for it. The count goes to the store in the background, so a join never waits on the
+    /// database; a burst over several nodes at once may pass a few more than `per_minute` before
+    /// the counts come back (each node's own limit holds regardless).
+    pub fn join_allowed(&self, technician: i64, per_minute: u32) -> bool {
+        let allowed = match lock(&self.joins).get(&technician) {
+            Some((at, n)) => at.elapsed() >= JOIN_WINDOW || *n < i64::from(per_minute),
+            None => true,
+        };
+        let _ = self.tx.try_send(Job::Join { technician });
+        allowed
     }
 
     /// Which node holds `slot`, if any.
@@ -172,7 +181,21 @@ fn boot_id() -> Result<String, StoreError> {
     Ok(b.iter().map(|x| format!("{x:02x}")).collect())
 }
 
-fn serve(store: Store, rx: smpsc::Receiver<Job>, node: &str, address: &str, boot: &str) {
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// How long a cluster-wide join count is taken as current.
+const JOIN_WINDOW: Duration = Duration::from_secs(60);
+
+fn serve(
+    store: Store,
+    rx: smpsc::Receiver<Job>,
+    node: &str,
+    address: &str,
+    boot: &str,
+    joins: &JoinCounts,
+) {
     use std::time::Instant;
     let mut last_sweep = Instant::now();
     let mut last_beat: Option<Instant> = None;
@@ -187,7 +210,7 @@ fn serve(store: Store, rx: smpsc::Receiver<Job>, node: &str, address: &str, boot
     loop {
         match rx.recv_timeout(HEARTBEAT) {
             // Askers that gave up (their wait is over) are not served: a backlog drains fast.
-            Ok(Job::Claim { reply, .. }) | Ok(Job::Join { reply, .. }) if reply.is_closed() => {}
+            Ok(Job::Claim { reply, .. }) if reply.is_closed() => {}
             Ok(Job::Lookup { reply, .. }) if reply.is_closed() => {}
             Ok(Job::Claim { slot, life, reply }) => {
                 let life = life.max(MIN_ROW_LIFE);
@@ -205,13 +228,14 @@ fn serve(store: Store, rx: smpsc::Receiver<Job>, node: &str, address: &str, boot
                         .map(|h| h.map(|(node, address)| Holder { node, address })),
                 );
             }
-            Ok(Job::Join {
-                technician,
-                per_minute,
-                reply,
-            }) => {
-                let _ = reply.send(store.join_attempt(technician, per_minute));
-            }
+            Ok(Job::Join { technician }) => match store.join_attempt(technician) {
+                Ok(n) => {
+                    let mut counts = lock(joins);
+                    counts.retain(|_, (at, _)| at.elapsed() < JOIN_WINDOW);
+                    counts.insert(technician, (Instant::now(), n));
+                }
+                Err(e) => tracing::debug!(error = %e, "could not count a join in the cluster"),
+            },
             Err(smpsc::RecvTimeoutError::Timeout) => {}
             Err(smpsc::RecvTimeoutError::Disconnected) => {
                 // Drained: this node's codes and its place in the cluster go.

@@ -190,6 +190,11 @@ enum AuditOp {
         last_seen: i64,
     },
     ForgetDevices(Vec<String>),
+    /// A technician logged in (its `last_login_at`).
+    Login {
+        technician: crate::registry::TechnicianId,
+        unix_secs: i64,
+    },
     Start {
         session: SessionId,
         technician: Technician,
@@ -543,8 +548,9 @@ pub async fn start(
         let dangling = audit.close_dangling()?;
         audit.devices_all_offline()?;
         let devices = audit.devices()?;
+        // Login times are written from the audit queue, off the login's path.
         let auth = (0..=AUTH_THREADS)
-            .map(|_| open())
+            .map(|_| open().map(Store::with_deferred_logins))
             .collect::<Result<Vec<_>, _>>()?;
         Ok(OpenedStores {
             audit,
@@ -1246,6 +1252,10 @@ async fn run_connection(
                 };
                 match outcome {
                     AuthOutcome::Ok(tech) => {
+                        let _ = shared.audit_tx.send(AuditOp::Login {
+                            technician: tech.id,
+                            unix_secs: tandem_org::unix_now() as i64,
+                        });
                         lock(&shared.registry)
                             .authenticated(id, tech.clone())
                             .map_err(|r| refusal_close(shared, r))?;
@@ -1279,7 +1289,7 @@ async fn run_connection(
             }
             ClientMsg::Join { slot } => {
                 if let Some(dir) = &shared.directory
-                    && !cluster_join_allowed(shared, dir, id).await
+                    && !cluster_join_allowed(shared, dir, id)
                 {
                     refuse_pairing(
                         shared,
@@ -1717,24 +1727,14 @@ async fn claim_slot(
 }
 
 /// Whether the cluster's count of this console's technician's join attempts allows one more (the
-/// node's own buckets are checked by the registry as well). A store that cannot answer leaves it
-/// to the node's own limit.
-async fn cluster_join_allowed(shared: &Shared, dir: &Directory, conn: ConnId) -> bool {
+/// node's own buckets are checked by the registry as well); counted without waiting for the
+/// store ([`Directory::join_allowed`]).
+fn cluster_join_allowed(shared: &Shared, dir: &Directory, conn: ConnId) -> bool {
     let technician = match lock(&shared.registry).role(conn) {
         Some(Role::Console { technician, .. }) => technician.id,
         _ => return true,
     };
-    match dir
-        .join_allowed(technician, shared.limits.joins_per_minute_per_technician)
-        .await
-    {
-        Ok(allowed) => allowed,
-        Err(e) => {
-            shared.metrics.directory("unavailable");
-            tracing::debug!(error = %e, "cluster join count unavailable; the node's own limit applies");
-            true
-        }
-    }
+    dir.join_allowed(technician, shared.limits.joins_per_minute_per_technician)
 }
 
 /// The node of the cluster holding `slot`, when it is another node.
@@ -2426,6 +2426,10 @@ fn write_audit_op(
             Ok(())
         }
         AuditOp::DeviceOffline { id, last_seen } => store.device_offline(id, *last_seen),
+        AuditOp::Login {
+            technician,
+            unix_secs,
+        } => store.record_login(*technician, *unix_secs),
         AuditOp::Start {
             session,
             technician,

@@ -849,23 +849,61 @@ pub(crate) fn check_org(
 /// code; more would mean the nodes disagree, and the console stops rather than go round.
 const MAX_REDIRECTS: usize = 2;
 
+/// A console's link, logged in.
+type LoggedIn = Result<(RelayLink, RelayIdentity), ClientError>;
+
+async fn log_in(node: ConnectOptions, token: Secret) -> LoggedIn {
+    let mut link = RelayLink::connect(&node).await?;
+    let (technician, organisation) = link.authenticate(&token).await?;
+    Ok((
+        link,
+        RelayIdentity {
+            technician,
+            organisation,
+        },
+    ))
+}
+
 /// The console side: joins the agent holding `code`, authenticated as `token`. When the relay is
 /// a cluster and the agent waits on another node, the console follows the relay's redirect by
 /// itself: it connects to that node (trusting it exactly as the first: same pin or CA), logs in
-/// and joins there.
+/// and joins there. Given the cluster's nodes ([`ConnectOptions::alternates`]), it logs in on the
+/// others at the same time as on the first, so that a redirect finds its node's link ready: the
+/// join then takes one connect and login, not two in a row (the spare links are closed).
 pub async fn join(
     opts: &ConnectOptions,
     token: &Secret,
     code: &SessionCode,
     cfg: &SessionConfig,
 ) -> Result<Session, SessionError> {
+    let mut spare: std::collections::HashMap<String, tokio::task::JoinHandle<LoggedIn>> = opts
+        .alternates
+        .iter()
+        .map(|a| {
+            let task = tokio::spawn(log_in(opts.for_node(a), token.clone()));
+            (a.to_ascii_lowercase(), task)
+        })
+        .collect();
+    let result = join_following(opts, token, code, cfg, &mut spare).await;
+    for (_, task) in spare {
+        task.abort();
+    }
+    result
+}
+
+async fn join_following(
+    opts: &ConnectOptions,
+    token: &Secret,
+    code: &SessionCode,
+    cfg: &SessionConfig,
+    spare: &mut std::collections::HashMap<String, tokio::task::JoinHandle<LoggedIn>>,
+) -> Result<Session, SessionError> {
     let mut node = opts.clone();
+    let mut ready: Option<(RelayLink, RelayIdentity)> = None;
     for hop in 0..=MAX_REDIRECTS {
-        let mut link = RelayLink::connect(&node).await?;
-        let (technician, organisation) = link.authenticate(token).await?;
-        let who = RelayIdentity {
-            technician,
-            organisation,
+        let (mut link, who) = match ready.take() {
+            Some(x) => x,
+            None => log_in(node.clone(), token.clone()).await?,
         };
         match link.join(code.slot()).await {
             Ok(resume) => {
@@ -882,8 +920,14 @@ pub async fn join(
             }
             Err(ClientError::Redirected { relay }) if hop < MAX_REDIRECTS => {
                 tracing::info!(%relay, "the code waits on another relay node; connecting there");
-                link.close().await;
+                // Closed in the background: a graceful close waits for the relay's goodbye.
+                tokio::spawn(link.close());
                 node = opts.for_node(&relay);
+                if let Some(task) = spare.remove(&relay.to_ascii_lowercase())
+                    && let Ok(Ok(x)) = task.await
+                {
+                    ready = Some(x);
+                }
             }
             Err(e) => return Err(e.into()),
         }
