@@ -33,6 +33,7 @@
 //! * One thread with its own store connection serves the directory; requests wait at most
 //!   [`ANSWER_WITHIN`] and a full queue answers "unavailable" at once (never blocks a task).
 
+use crate::server::lock;
 use crate::store::{Store, StoreError};
 use std::sync::mpsc as smpsc;
 use std::time::Duration;
@@ -179,10 +180,6 @@ fn boot_id() -> Result<String, StoreError> {
         .fill(&mut b)
         .map_err(|_| StoreError::Random)?;
     Ok(b.iter().map(|x| format!("{x:02x}")).collect())
-}
-
-fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// How long a cluster-wide join count is taken as current.

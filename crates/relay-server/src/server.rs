@@ -404,7 +404,7 @@ fn loggable(s: &str) -> &str {
 }
 
 /// Locks a mutex, recovering from poisoning (a panicking task must not take the relay down).
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 

@@ -850,9 +850,9 @@ pub(crate) fn check_org(
 const MAX_REDIRECTS: usize = 2;
 
 /// A console's link, logged in.
-type LoggedIn = Result<(RelayLink, RelayIdentity), ClientError>;
+pub(crate) type LoggedIn = Result<(RelayLink, RelayIdentity), ClientError>;
 
-async fn log_in(node: ConnectOptions, token: Secret) -> LoggedIn {
+pub(crate) async fn log_in(node: ConnectOptions, token: Secret) -> LoggedIn {
     let mut link = RelayLink::connect(&node).await?;
     let (technician, organisation) = link.authenticate(&token).await?;
     Ok((

@@ -483,22 +483,14 @@ async fn proven_link(
     cfg: &SessionConfig,
 ) -> Result<(RelayLink, RelayIdentity, Option<String>), SessionError> {
     let creds = cfg.credentials.as_ref().ok_or_else(no_certificate)?;
-    let mut link = RelayLink::connect(opts).await?;
-    let (technician, organisation) = link.authenticate(token).await?;
+    let (mut link, who) = crate::setup::log_in(opts.clone(), token.clone()).await?;
     let mut exporter = [0u8; 32];
     link.connection()
         .export_keying_material(&mut exporter, tandem_org::MEMBERSHIP_EXPORTER_LABEL, b"")
         .map_err(|_| SessionError::Setup("TLS exporter unavailable".into()))?;
     let proof = tandem_org::prove_membership(&creds.key, &creds.cert, &exporter);
     let (_, carried) = link.prove_org(creds.cert.to_text(), proof).await?;
-    Ok((
-        link,
-        RelayIdentity {
-            technician,
-            organisation,
-        },
-        carried,
-    ))
+    Ok((link, who, carried))
 }
 
 /// A device of the list, as checked by this console.

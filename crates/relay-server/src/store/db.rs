@@ -536,6 +536,14 @@ fn pg_params(params: &[Val<'_>]) -> Vec<PgParam> {
         .collect()
 }
 
+/// The parameters as tokio-postgres takes them.
+fn pg_refs(params: &[PgParam]) -> Vec<&(dyn tokio_postgres::types::ToSql + Sync)> {
+    params
+        .iter()
+        .map(|p| p.as_ref() as &(dyn tokio_postgres::types::ToSql + Sync))
+        .collect()
+}
+
 fn pg_row(r: &tokio_postgres::Row) -> Result<Row, StoreError> {
     use tokio_postgres::types::Type;
     let mut cells = Vec::with_capacity(r.len());
@@ -609,10 +617,7 @@ impl Db {
                 let params = pg_params(params);
                 pg.call(|client| {
                     let sql = sql.clone();
-                    let refs: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = params
-                        .iter()
-                        .map(|p| p.as_ref() as &(dyn tokio_postgres::types::ToSql + Sync))
-                        .collect();
+                    let refs = pg_refs(&params);
                     async move { client.execute(sql.as_str(), &refs).await }
                 })
             }
@@ -635,10 +640,7 @@ impl Db {
                 let params = pg_params(params);
                 let rows = pg.call(|client| {
                     let sql = sql.clone();
-                    let refs: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = params
-                        .iter()
-                        .map(|p| p.as_ref() as &(dyn tokio_postgres::types::ToSql + Sync))
-                        .collect();
+                    let refs = pg_refs(&params);
                     async move { client.query(sql.as_str(), &refs).await }
                 })?;
                 rows.iter().map(pg_row).collect()
